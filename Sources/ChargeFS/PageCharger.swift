@@ -1,0 +1,41 @@
+import CFuse
+import Glibc
+import SystemPackage
+
+/// Who pays for the pages of the arena.
+///
+/// The page store keeps all file data in one memfd (the arena). The kernel charges a shmem page
+/// to the memory cgroup of the process that instantiates it, and keeps it there until the page is
+/// freed; so whoever calls `fallocate` on a range of the arena decides who pays. A charger does
+/// exactly that, and nothing else: the page store calls `charge` before it hands out a page, and
+/// punches the range itself when the page is freed (which gives the charge back, whoever punches).
+public protocol PageCharger: AnyObject, Sendable {
+    /// Instantiates bytes [offset, offset+length) of `arena` so that its pages are charged to this
+    /// charger's cgroup. Throws `Errno.noSpace` when the cgroup (or an ancestor) has no room for
+    /// them; nothing is charged then. Other errors (the helper died, the cgroup vanished) are
+    /// thrown as they are and logged by the charger.
+    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno)
+
+    /// A one-line description for logs and the per-mount status (`memcg=... (v2)` or `daemon`).
+    var summary: String { get }
+
+    /// Stops whatever the charger runs (helper process, leaf cgroup). Idempotent.
+    func shutdown()
+}
+
+/// Pages are charged to the daemon's own cgroup, as any tmpfs page would be to its writer.
+public final class DaemonCharger: PageCharger {
+    public init() {}
+
+    public func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+        while true {
+            if cfuse_fallocate(arena.rawValue, 0, offset, length) == 0 { return }
+            let err = Errno(rawValue: errno)
+            if err == .interrupted { continue }
+            throw err == .noMemory ? .noSpace : err
+        }
+    }
+
+    public var summary: String { "daemon" }
+    public func shutdown() {}
+}

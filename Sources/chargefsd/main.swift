@@ -1,0 +1,2 @@
+import ChargeFS
+print("chargefsd")

@@ -1,0 +1,3 @@
+import XCTest
+@testable import ChargeFS
+final class SmokeTests: XCTestCase { func testNothing() {} }
