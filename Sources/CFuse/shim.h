@@ -43,7 +43,7 @@ static inline void cfuse_fi_set_nonseekable(struct fuse_file_info *fi, int on) {
 static inline int cfuse_fi_writepage(const struct fuse_file_info *fi) { return fi->writepage; }
 
 static inline int cfuse_memfd_create(const char *name, unsigned flags) { return memfd_create(name, flags); }
-static inline int cfuse_fallocate(int fd, int mode, off_t offset, off_t len) { return fallocate(fd, mode, offset, len); }
+static inline int cfuse_fallocate(int fd, int mode, int64_t offset, int64_t len) { return fallocate(fd, mode, offset, len); }
 
 enum {
     CFUSE_RENAME_NOREPLACE = RENAME_NOREPLACE,
