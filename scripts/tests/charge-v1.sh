@@ -1,0 +1,453 @@
+#!/usr/bin/env bash
+# Charging tests of chargefsd on a real kernel's memory cgroups.
+# Usage: scripts/tests/charge-v1.sh [TEST...]        (all tests when none given; root only)
+#        scripts/tests/charge-v1.sh --list
+# Uses cgroup v1 (this host) unless CHARGEFS_CGROUP_VERSION=2 (charge-v2.sh sets it inside UML).
+# Env: CHARGEFSD=path to the daemon (default .build/debug/chargefsd), CFS_TEST_TIMEOUT=seconds
+# per test (default 240), CFS_CG_PARENT=where to create test cgroups (default: below our own).
+# Prints "N passed, N failed" and exits non-zero when any test failed.
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+
+export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
+SLACK=$((1 * MiB))          # the documented slack: charged reserve + per-CPU charge batching
+DAEMON_SLACK=$((4 * MiB))   # the daemon's own cgroup may grow by this much (buffers, metadata)
+LIMIT=$((48 * MiB))         # limit of the target cgroup in most tests
+TESTS=(background size_only fill_dd fill_small_files fill_fallocate fill_ftruncate
+       kernel_patch mmap_over_limit service_charges_target ancestor_limit nonroot_refused
+       sigkill_returns_charge)
+
+# --- per-test setup ------------------------------------------------------------------------------
+# new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
+new_env() {
+  SCR=$(cfs_tempdir cfstest)
+  CFS_LOGDIR=$SCR
+  PARENT=$(cg_parent)
+  T=$PARENT/cfstest-$$-target
+  D=$PARENT/cfstest-$$-daemon
+  MNT=$SCR/mnt
+  mkdir -p "$MNT"
+  write_helper "$SCR/h.py"
+  PY=("$CFS_PYTHON" "$SCR/h.py")
+}
+
+# mount_target: mounts (extra options in MOUNT_EXTRA) $MNT charged to $T with the daemon in $D; records the baselines.
+mount_target() {
+  local extra=${MOUNT_EXTRA:-}
+  [ -d "$D" ] || cg_create "$D"
+  PRE=$(cg_usage "$T")
+  cfs_mount "$MNT" "memcg=$T,size=1g${extra:+,$extra}" "$D"
+  DPID=$CFS_PID
+  DCG=$(cg_of_pid "$DPID")
+  sleep 0.3
+  BASE=$(cg_usage "$T")
+  DBASE=$(cg_usage "$DCG")
+  OOM_T=$(cg_oom_kills "$T"); OOM_D=$(cg_oom_kills "$DCG")
+  log "  target $T: before mount $(fmt_mib "$PRE"), after $(fmt_mib "$BASE"); daemon pid $DPID in $DCG ($(fmt_mib "$DBASE"))"
+}
+
+# wait_usage CG OP VALUE [SECS]: polls until usage OP VALUE holds (charges settle asynchronously).
+wait_usage() {
+  local cg=$1 op=$2 val=$3 secs=${4:-5} i u
+  for ((i = 0; i < secs * 10; i++)); do
+    u=$(cg_usage "$cg")
+    test "$u" "$op" "$val" && return 0
+    sleep 0.1
+  done
+  log "    usage of $cg is $u ($(fmt_mib "$u")), wanted $op $val ($(fmt_mib "$val"))"
+  return 1
+}
+
+# The checks shared by every fill test, after WRITTEN bytes were stored and ENOSPC was seen.
+# $1: bytes written; $2: granularity of the writer (one write that may fail whole).
+check_fill() {
+  local written=$1 gran=$2 expect rise
+  expect=$(( $(cg_limit "$T") - BASE ))
+  log "  wrote $(fmt_mib "$written") before ENOSPC; expected about $(fmt_mib "$expect")"
+  check "ENOSPC at limit minus baseline (±1 MiB + one write)" near "$written" "$expect" $((SLACK + gran))
+  rise=$(( $(cg_usage "$T") - BASE ))
+  log "  target rose by $(fmt_mib "$rise")"
+  check "target usage rose by the data size (±1 MiB)" near "$rise" "$written" "$SLACK"
+  local drise=$(( $(cg_usage "$DCG") - DBASE ))
+  log "  daemon's cgroup changed by $(fmt_mib "$drise")"
+  check "daemon's cgroup unchanged (≤ $(fmt_mib $DAEMON_SLACK))" le "$drise" "$DAEMON_SLACK"
+  check "no OOM kill in the target" [ "$(cg_oom_kills "$T")" = "$OOM_T" ]
+  check "no OOM kill in the daemon's cgroup" [ "$(cg_oom_kills "$DCG")" = "$OOM_D" ]
+  check "daemon still running" kill -0 "$DPID"
+}
+
+# After the data was verified: rm gives the charge back, unmount gives it all back.
+check_release() {
+  rm -rf "${MNT:?}"/*
+  check "charge returned after rm (±1 MiB)" wait_usage "$T" -le $((BASE + SLACK))
+  check "unmounted cleanly" cfs_umount "$MNT" "$DPID"
+  check "charge back to the pre-mount baseline after unmount (±1 MiB)" wait_usage "$T" -le $((PRE + SLACK))
+  check "no chargefs-* cgroup left below the target" [ -z "$(find "$T" -mindepth 1 -type d -name 'chargefs-*')" ]
+}
+
+write_helper() {
+  cat > "$1" <<'EOF'
+import errno, hashlib, mmap, os, sys
+
+def small_files(d, size, manifest):
+    """Writes SIZE-byte files into D until ENOSPC; removes the partial one; prints bytes kept."""
+    kept, n = 0, 0
+    with open(manifest, "w") as man:
+        while n < 200000:
+            p = os.path.join(d, "f%06d" % n)
+            data = os.urandom(size)
+            try:
+                with open(p, "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                if os.path.exists(p):
+                    os.unlink(p)
+                print(kept)
+                sys.exit(0 if e.errno == errno.ENOSPC else 3)
+            man.write("%s %s\n" % (p, hashlib.sha256(data).hexdigest()))
+            kept += size
+            n += 1
+    print(kept)
+    sys.exit(4)
+
+def verify(manifest):
+    bad = 0
+    for line in open(manifest):
+        p, h = line.split()
+        with open(p, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != h:
+                bad += 1
+    print("%d bad" % bad)
+    sys.exit(1 if bad else 0)
+
+def truncate_write(p, size, chunk):
+    """ftruncate to SIZE (sparse), then write CHUNKs from 0 until ENOSPC. Prints bytes, sha256."""
+    h, done = hashlib.sha256(), 0
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, size)
+    err = None
+    while done < size:
+        data = os.urandom(chunk)
+        try:
+            n = os.write(fd, data)
+        except OSError as e:
+            err = e
+            break
+        h.update(data[:n])
+        done += n
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        err = err or e
+    os.close(fd)
+    print(done, h.hexdigest())
+    sys.exit(0 if err is not None and err.errno == errno.ENOSPC else 3)
+
+def sha_prefix(p, n):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(n))
+    print(h.hexdigest())
+
+def mmap_write(p, size):
+    """Writes SIZE bytes through a shared mapping; exit 0 if all of it was stored, 2 on a loud
+    error (msync/fsync/close), 1 never."""
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    block = os.urandom(1 << 20)
+    for off in range(0, size, 1 << 20):
+        n = min(1 << 20, size - off)
+        m[off:off + n] = block[:n]
+    try:
+        m.flush()
+        m.close()
+        os.fsync(fd)
+        os.close(fd)
+    except OSError as e:
+        print("error:", e)
+        sys.exit(2)
+    print("stored")
+    sys.exit(0)
+
+cmd, args = sys.argv[1], sys.argv[2:]
+if cmd == "small":
+    small_files(args[0], int(args[1]), args[2])
+elif cmd == "verify":
+    verify(args[0])
+elif cmd == "truncwrite":
+    truncate_write(args[0], int(args[1]), int(args[2]))
+elif cmd == "shaprefix":
+    sha_prefix(args[0], int(args[1]))
+elif cmd == "mmap":
+    mmap_write(args[0], int(args[1]))
+EOF
+}
+
+# --- tests ---------------------------------------------------------------------------------------
+
+# Default (background) mode returns once mounted; type, df and the status xattr.
+t_background() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  local bin; bin=$(cfs_daemon_bin)
+  CFS_MOUNTS+=("$MNT")
+  check "chargefsd returns 0 in background mode" "$bin" "$MNT" -o "memcg=$T,size=32m"
+  # the daemon forked away: find it by its (unique) mountpoint, so cleanup can end it by pid
+  local p
+  for p in $(pgrep -f -- "$MNT" || true); do [ "$p" != $$ ] && CFS_PIDS+=("$p"); done
+  check "mounted when the command returned" is_mounted "$MNT"
+  check "type is fuse.chargefsd" [ "$(mount_type "$MNT")" = fuse.chargefsd ]
+  local size; size=$(df -B1 --output=size "$MNT" | tail -1 | tr -d ' ')
+  log "  df size: $size"
+  check "df shows min(size=, headroom) = 32 MiB (±1 MiB)" near "$size" $((32 * MiB)) "$SLACK"
+  local st; st=$(getfattr --only-values -n user.chargefs.status "$MNT" 2>&1 || true)
+  log "  status: $st"
+  check "status xattr names the target cgroup" grep -qF -- "$T" <<<"$st"
+  check "fusermount3 -u unmounts" cfs_umount "$MNT"
+  for p in "${CFS_PIDS[@]}"; do
+    check "daemon $p exits after unmount" bash -c "for i in \$(seq 50); do kill -0 $p 2>/dev/null || exit 0; sleep 0.1; done; exit 1"
+  done
+}
+
+# size= alone (no memcg): tmpfs semantics, ENOSPC exactly at size.
+t_size_only() {
+  new_env
+  head -c $((16 * MiB)) /dev/urandom > "$SCR/src"
+  cfs_mount "$MNT" "size=8m"
+  local rc=0
+  dd if="$SCR/src" of="$MNT/f" bs=64k conv=fsync 2>"$SCR/dd.err" || rc=$?
+  check "dd fails" [ "$rc" != 0 ]
+  check "with ENOSPC" grep -q "No space left" "$SCR/dd.err"
+  local w; w=$(stat -c %s "$MNT/f")
+  log "  stored $w bytes"
+  check "exactly size= stored (8 MiB, ±64 KiB)" near "$w" $((8 * MiB)) $((64 * 1024))
+  check "data intact" cmp -n "$w" "$SCR/src" "$MNT/f"
+  check "unmounted" cfs_umount "$MNT" "$CFS_PID"
+}
+
+t_fill_dd() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  head -c $((LIMIT + 16 * MiB)) /dev/urandom > "$SCR/src"
+  mount_target
+  local rc=0
+  dd if="$SCR/src" of="$MNT/big" bs=256k conv=fsync 2>"$SCR/dd.err" || rc=$?
+  check "dd fails" [ "$rc" != 0 ]
+  check "with ENOSPC" grep -q "No space left" "$SCR/dd.err"
+  local w; w=$(stat -c %s "$MNT/big")
+  check_fill "$w" $((256 * 1024))
+  check "data read back intact" cmp -n "$w" "$SCR/src" "$MNT/big"
+  check_release
+}
+
+t_fill_small_files() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  mount_target
+  mkdir "$MNT/d"
+  local rc=0 w
+  w=$("${PY[@]}" small "$MNT/d" 16384 "$SCR/manifest") || rc=$?
+  check "small files end in ENOSPC" [ "$rc" = 0 ]
+  log "  $(wc -l < "$SCR/manifest") files of 16 KiB"
+  check_fill "$w" 16384
+  check "data read back intact" "${PY[@]}" verify "$SCR/manifest"
+  check_release
+}
+
+t_fill_fallocate() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  mount_target
+  local i=0 rc=0 step=$((4 * MiB))
+  : > "$MNT/fa"
+  while [ $i -lt 64 ]; do
+    fallocate -o $((i * step)) -l "$step" "$MNT/fa" 2>"$SCR/fa.err" || { rc=$?; break; }
+    i=$((i + 1))
+  done
+  check "fallocate fails" [ "$rc" != 0 ]
+  check "with ENOSPC" grep -q "No space left" "$SCR/fa.err"
+  local w; w=$(stat -c %s "$MNT/fa")
+  check "file size = successful allocations" [ "$w" = $((i * step)) ]
+  check_fill "$w" "$step"
+  check "allocated range reads back as zeros" cmp -n "$w" /dev/zero "$MNT/fa"
+  check_release
+}
+
+t_fill_ftruncate() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  mount_target
+  local out rc=0 w sha
+  # the sparse ftruncate itself must charge nothing
+  "$CFS_PYTHON" -c "import os; f=os.open('$MNT/sparse', os.O_RDWR|os.O_CREAT); os.ftruncate(f, $((2 * LIMIT))); os.close(f)"
+  local r0=$(( $(cg_usage "$T") - BASE ))
+  check "ftruncate to 2x the limit charges nothing (±1 MiB)" le "$r0" "$SLACK"
+  rm "$MNT/sparse"
+  out=$("${PY[@]}" truncwrite "$MNT/grown" $((2 * LIMIT)) 262144) || rc=$?
+  check "writes into the grown file end in ENOSPC" [ "$rc" = 0 ]
+  read -r w sha <<<"$out"
+  check "file keeps its ftruncate size" [ "$(stat -c %s "$MNT/grown")" = $((2 * LIMIT)) ]
+  check_fill "$w" 262144
+  check "data read back intact" [ "$("${PY[@]}" shaprefix "$MNT/grown" "$w")" = "$sha" ]
+  check_release
+}
+
+# The test of the kernel patch (tmpfs memcg=), carried over.
+t_kernel_patch() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  mount_target
+  check "target starts at ~0 charged (≤ 1 MiB)" le "$BASE" "$SLACK"
+  echo hello > "$MNT/hello"
+  check "echo hello > file charges ≥ 4096" wait_usage "$T" -ge $((PRE + 4096))
+  local before; before=$(cg_usage "$T")
+  "${PY[@]}" mmap "$MNT/mapped" "$MiB" >/dev/null
+  check "1 MiB shared-mmap write charges ≥ 1 MiB" wait_usage "$T" -ge $((PRE + MiB))
+  log "  after mmap: $(fmt_mib "$(cg_usage "$T")") (was $(fmt_mib "$before"))"
+  rm -f "$MNT/hello" "$MNT/mapped"
+  local rc=0
+  timeout 120 bash -c "cat /dev/urandom > '$MNT/random'" 2>"$SCR/cat.err" || rc=$?
+  check "cat /dev/urandom > file ends in ENOSPC" grep -q "No space left" "$SCR/cat.err"
+  check "(not by timeout)" [ "$rc" != 124 ]
+  check "no OOM kill in the target" [ "$(cg_oom_kills "$T")" = "$OOM_T" ]
+  check_release
+}
+
+# An 11 MiB shared-mmap write under a 10 MiB limit must fail loudly.
+t_mmap_over_limit() {
+  new_env
+  cg_create "$T" $((10 * MiB))
+  mount_target
+  local rc=0 out
+  out=$("${PY[@]}" mmap "$MNT/m" $((11 * MiB)) 2>&1) || rc=$?
+  log "  writer: exit $rc: $out"
+  case "$rc" in
+    2) check "11 MiB mmap write under 10 MiB fails at msync/fsync/close" true ;;
+    135|138) check "11 MiB mmap write under 10 MiB fails (by SIGBUS, not an error return)" true ;;
+    0) check "11 MiB mmap write under 10 MiB fails loudly (it reported success)" false ;;
+    *) check "11 MiB mmap write under 10 MiB fails loudly (exit $rc)" false ;;
+  esac
+  check "no OOM kill in the target" [ "$(cg_oom_kills "$T")" = "$OOM_T" ]
+  check "target within its limit" le "$(cg_usage "$T")" $((10 * MiB))
+  check "daemon still running" kill -0 "$DPID"
+  check "mount still usable" bash -c "echo ok > '$MNT/after' && rm '$MNT/after'"
+  check_release
+}
+
+# A service in cgroup S writes to a mount charged to T: T pays, S does not.
+t_service_charges_target() {
+  new_env
+  cg_create "$T" $((64 * MiB))
+  local S=$PARENT/cfstest-$$-service
+  cg_create "$S"
+  head -c $((16 * MiB)) /dev/urandom > "$SCR/src"
+  mount_target
+  local s0 sh0; s0=$(cg_usage "$S"); sh0=$(cg_shmem "$S")
+  cg_run_in "$S" dd if="$SCR/src" of="$MNT/svc" bs=1M conv=fsync status=none
+  local rise=$(( $(cg_usage "$T") - BASE ))
+  log "  target rose by $(fmt_mib "$rise"); service's shmem rose by $(fmt_mib $(( $(cg_shmem "$S") - sh0 )))"
+  check "target charged the 16 MiB (±1 MiB)" near "$rise" $((16 * MiB)) "$SLACK"
+  check "service's cgroup holds no shmem of it (≤ 1 MiB)" le $(( $(cg_shmem "$S") - sh0 )) "$SLACK"
+  cg_reclaim "$S"
+  log "  service after reclaim of its page cache: $(fmt_mib "$(cg_usage "$S")") (was $(fmt_mib "$s0"))"
+  check "service's usage back after reclaiming its (FUSE) page cache (±1 MiB)" le "$(cg_usage "$S")" $((s0 + SLACK))
+  check "target still holds the data" near $(( $(cg_usage "$T") - BASE )) $((16 * MiB)) "$SLACK"
+  check "data read back intact" cmp "$SCR/src" "$MNT/svc"
+  check_release
+}
+
+# A lower limit on an ancestor of the target wins.
+t_ancestor_limit() {
+  new_env
+  local P=$T
+  cg_create "$P" $((24 * MiB))
+  T=$P/child
+  cg_create "$T" $((64 * MiB))
+  head -c $((40 * MiB)) /dev/urandom > "$SCR/src"
+  mount_target
+  local size; size=$(df -B1 --output=size "$MNT" | tail -1 | tr -d ' ')
+  log "  df size $(fmt_mib "$size")"
+  check "df shows the ancestor's headroom (≤ 24 MiB)" le "$size" $((24 * MiB))
+  local rc=0
+  dd if="$SCR/src" of="$MNT/big" bs=256k conv=fsync 2>"$SCR/dd.err" || rc=$?
+  check "dd ends in ENOSPC" grep -q "No space left" "$SCR/dd.err"
+  local w; w=$(stat -c %s "$MNT/big")
+  log "  wrote $(fmt_mib "$w"); ancestor headroom was $(fmt_mib $((24 * MiB - BASE)))"
+  check "ENOSPC at the ancestor's limit (±1 MiB + one write)" near "$w" $((24 * MiB - BASE)) $((SLACK + 262144))
+  check "no OOM kill" [ "$(cg_oom_kills "$P")" = 0 ]
+  check "data read back intact" cmp -n "$w" "$SCR/src" "$MNT/big"
+  check_release
+}
+
+# Without delegation (no write access to the target's cgroup.procs) a user is refused at mount.
+t_nonroot_refused() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  local bin; bin=$(cfs_daemon_bin)
+  if ! setpriv --reuid=65534 --regid=65534 --clear-groups test -x "$bin"; then
+    log "  cannot run: uid 65534 cannot execute $bin (a parent directory is not searchable)"
+    check "uid 65534 can run the daemon" false
+    return
+  fi
+  chmod 755 "$SCR"
+  chown 65534:65534 "$MNT"
+  local pre; pre=$(cg_usage "$T")
+  setpriv --reuid=65534 --regid=65534 --clear-groups -- "$bin" "$MNT" -o "memcg=$T" -f \
+    >"$SCR/out" 2>"$SCR/err" &
+  local pid=$! rc=0 i
+  CFS_PIDS+=("$pid"); CFS_MOUNTS+=("$MNT")
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; is_mounted "$MNT" && break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then rc=running; else wait "$pid" || rc=$?; fi
+  log "  exit: $rc; stderr: $(cat "$SCR/err")"
+  check "refused (non-zero exit, not left running)" test "$rc" != 0 -a "$rc" != running
+  check "not mounted" bash -c "! awk -v m='$MNT' '\$2 == m {f=1} END {exit !f}' /proc/mounts"
+  check "a one-line error" [ "$(grep -c . "$SCR/err")" = 1 ]
+  check "the error names the cgroup or memcg" grep -qiE "memcg|cgroup|$T" "$SCR/err"
+  check "nothing created below the target" [ -z "$(find "$T" -mindepth 1 -type d)" ]
+  check "nothing charged to the target (±1 MiB)" le "$(cg_usage "$T")" $((pre + SLACK))
+}
+
+# SIGKILL of the daemon gives every byte back; the dead mount and leftovers can be cleared.
+t_sigkill_returns_charge() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  head -c $((16 * MiB)) /dev/urandom > "$SCR/src"
+  mount_target
+  dd if="$SCR/src" of="$MNT/data" bs=1M conv=fsync status=none
+  check "16 MiB charged (±1 MiB)" near $(( $(cg_usage "$T") - BASE )) $((16 * MiB)) "$SLACK"
+  kill -9 "$DPID"
+  wait "$DPID" 2>/dev/null || true
+  check "every byte given back after SIGKILL (±1 MiB of the pre-mount baseline)" wait_usage "$T" -le $((PRE + SLACK)) 10
+  check "no OOM kill" [ "$(cg_oom_kills "$T")" = "$OOM_T" ]
+  check "the dead mount is still listed" is_mounted "$MNT"
+  check "fusermount3 -u clears the dead mount" fusermount3 -u "$MNT"
+  check "not mounted any more" bash -c "! awk -v m='$MNT' '\$2 == m {f=1} END {exit !f}' /proc/mounts"
+  local bin; bin=$(cfs_daemon_bin)
+  check "chargefsd --cleanup succeeds" "$bin" --cleanup "$T"
+  check "no chargefs-* cgroup left after --cleanup" [ -z "$(find "$T" -mindepth 1 -type d -name 'chargefs-*')" ]
+  # the next start on the same target works and leaves nothing either
+  mount_target
+  dd if="$SCR/src" of="$MNT/again" bs=1M count=4 conv=fsync status=none
+  check "next start charges the target again" wait_usage "$T" -ge $((BASE + 3 * MiB))
+  check_release
+}
+
+# --- main ----------------------------------------------------------------------------------------
+if [ "${1:-}" = --one ]; then
+  run_one "$2"
+  exit
+fi
+if [ "${1:-}" = --list ]; then printf '%s\n' "${TESTS[@]}"; exit 0; fi
+if [ "$(id -u)" != 0 ]; then echo "charge tests need root (cgroups, mounts)"; echo "0 passed, 1 failed"; exit 1; fi
+if ! cg_available "$CHARGEFS_CGROUP_VERSION"; then
+  echo "cannot run: no cgroup v$CHARGEFS_CGROUP_VERSION memory controller on this kernel"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
+log "chargefs charge tests: cgroup v$CHARGEFS_CGROUP_VERSION, daemon $bin, cgroups below $(cg_parent)"
+if [ $# -gt 0 ]; then sel=("$@"); else sel=("${TESTS[@]}"); fi
+run_tests "$SELF" "${CFS_TEST_TIMEOUT:-240}" "${sel[@]}"

@@ -1,0 +1,295 @@
+# shellcheck shell=bash
+# Shared helpers for chargefs shell tests, the demo and the benchmark.
+# Usage: source scripts/tests/lib.sh   (from a bash script with set -euo pipefail)
+#
+# Works on cgroup v1 (memory controller at /sys/fs/cgroup/memory, this host) and cgroup v2
+# (memory in /sys/fs/cgroup/cgroup.controllers, e.g. inside User-Mode Linux). The version is
+# detected from the filesystem; CHARGEFS_CGROUP_VERSION=1|2 forces one.
+#
+# Everything a script creates through these helpers is recorded and undone by cfs_cleanup
+# (call it from an EXIT trap): mounts are unmounted, only pids we started are killed, only
+# cgroups we created are removed.
+
+CFS_REPO=${CFS_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+export MiB=$((1024 * 1024))
+CFS_PYTHON=${CFS_PYTHON:-$(if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3 || echo python3; fi)}
+
+# State for cleanup.
+CFS_MOUNTS=()   # mountpoints we mounted
+CFS_PIDS=()     # daemon pids we started
+CFS_CGROUPS=()  # cgroups we created (removed in reverse order)
+CFS_DIRS=()     # temp dirs we created
+
+log() { printf '%s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# --- the daemon binary -----------------------------------------------------------------------
+cfs_daemon_bin() {
+  if [ -n "${CHARGEFSD:-}" ]; then echo "$CHARGEFSD"; return; fi
+  local b
+  for b in "$CFS_REPO/.build/debug/chargefsd" "$CFS_REPO/.build/release/chargefsd"; do
+    [ -x "$b" ] && { echo "$b"; return; }
+  done
+  command -v chargefsd || die "chargefsd not found: build it (swift build) or set CHARGEFSD"
+}
+
+# --- cgroups ---------------------------------------------------------------------------------
+# Prints 1 or 2: which cgroup version carries the memory controller here.
+cg_version() {
+  if [ -n "${CHARGEFS_CGROUP_VERSION:-}" ]; then echo "$CHARGEFS_CGROUP_VERSION"; return; fi
+  if [ -r /sys/fs/cgroup/cgroup.controllers ] && grep -qw memory /sys/fs/cgroup/cgroup.controllers; then
+    echo 2
+  elif [ -r /sys/fs/cgroup/memory/memory.limit_in_bytes ]; then
+    echo 1
+  else
+    echo 0
+  fi
+}
+
+# True when cgroup version $1 has a usable memory controller here.
+cg_available() {
+  case "$1" in
+    1) [ -w /sys/fs/cgroup/memory/cgroup.procs ] || [ -r /sys/fs/cgroup/memory/memory.limit_in_bytes ] ;;
+    2) [ -r /sys/fs/cgroup/cgroup.controllers ] && grep -qw memory /sys/fs/cgroup/cgroup.controllers ;;
+    *) return 1 ;;
+  esac
+}
+
+# Absolute path of the memory cgroup of pid $1 (default: this shell).
+cg_of_pid() {
+  local pid=${1:-$BASHPID} rel
+  if [ "$(cg_version)" = 1 ]; then
+    rel=$(awk -F: '$2 ~ /(^|,)memory(,|$)/ {print $3; exit}' "/proc/$pid/cgroup")
+    echo "/sys/fs/cgroup/memory${rel%/}"
+  else
+    rel=$(awk -F: '$1 == "0" {print $3; exit}' "/proc/$pid/cgroup")
+    echo "/sys/fs/cgroup${rel%/}"
+  fi
+}
+
+# Where our test cgroups go: CFS_CG_PARENT, else below our own memory cgroup.
+# On v2 our own cgroup can hold no children with memory enabled while it holds processes
+# (no internal processes) unless it is the root; then its parent is used.
+cg_parent() {
+  if [ -n "${CFS_CG_PARENT:-}" ]; then echo "$CFS_CG_PARENT"; return; fi
+  local own; own=$(cg_of_pid "$BASHPID")
+  if [ "$(cg_version)" = 2 ] && [ "$own" != /sys/fs/cgroup ]; then
+    if ! grep -qw memory "$own/cgroup.subtree_control" 2>/dev/null &&
+       ! echo +memory > "$own/cgroup.subtree_control" 2>/dev/null; then
+      own=$(dirname "$own")
+    fi
+  fi
+  echo "$own"
+}
+
+# cg_create PATH [LIMIT_BYTES]: mkdir a memory cgroup (recorded for cleanup), set its limit.
+cg_create() {
+  local path=$1 limit=${2:-}
+  if [ "$(cg_version)" = 2 ]; then
+    local parent; parent=$(dirname "$path")
+    grep -qw memory "$parent/cgroup.subtree_control" 2>/dev/null ||
+      echo +memory > "$parent/cgroup.subtree_control" ||
+      die "cannot enable the memory controller in $parent"
+  fi
+  mkdir "$path" || die "cannot create cgroup $path"
+  CFS_CGROUPS+=("$path")
+  [ -z "$limit" ] || cg_set_limit "$path" "$limit"
+}
+
+cg_set_limit() {
+  if [ "$(cg_version)" = 1 ]; then echo "$2" > "$1/memory.limit_in_bytes"
+  else echo "$2" > "$1/memory.max"; fi
+}
+
+# Counters (bytes). Usage is hierarchical in both versions.
+cg_usage() {
+  if [ "$(cg_version)" = 1 ]; then cat "$1/memory.usage_in_bytes"; else cat "$1/memory.current"; fi
+}
+cg_limit() {
+  local v
+  if [ "$(cg_version)" = 1 ]; then v=$(cat "$1/memory.limit_in_bytes"); else v=$(cat "$1/memory.max"); fi
+  echo "$v"
+}
+cg_oom_kills() {
+  if [ "$(cg_version)" = 1 ]; then
+    awk '$1 == "oom_kill" {print $2; f=1} END {if (!f) print 0}' "$1/memory.oom_control"
+  else
+    awk '$1 == "oom_kill" {print $2; f=1} END {if (!f) print 0}' "$1/memory.events"
+  fi
+}
+# shmem bytes charged to the cgroup and its descendants.
+cg_shmem() {
+  if [ "$(cg_version)" = 1 ]; then
+    awk '$1 == "total_shmem" {print $2; f=1} END {if (!f) print 0}' "$1/memory.stat"
+  else
+    awk '$1 == "shmem" {print $2; f=1} END {if (!f) print 0}' "$1/memory.stat"
+  fi
+}
+# Reclaims what can be reclaimed (page cache) from a cgroup with no tasks; best effort.
+cg_reclaim() {
+  if [ "$(cg_version)" = 1 ]; then echo 0 > "$1/memory.force_empty" 2>/dev/null || true
+  else echo 1G > "$1/memory.reclaim" 2>/dev/null || true; fi
+}
+cg_procs() { cat "$1/cgroup.procs" 2>/dev/null || true; }
+# One line: usage, limit, oom kills.
+cg_describe() {
+  local lim; lim=$(cg_limit "$1")
+  case "$lim" in max|9223372036854*) lim=unlimited ;; *) lim="$(fmt_mib "$lim")" ;; esac
+  printf 'usage %s  limit %s  oom_kill %s' "$(fmt_mib "$(cg_usage "$1")")" "$lim" "$(cg_oom_kills "$1")"
+}
+
+# Removes a cgroup and any child cgroups below it (deepest first). Children left by a daemon
+# (chargefs-*) are removed too; processes still inside block removal and are reported.
+cg_remove() {
+  local path=$1 d i
+  [ -d "$path" ] || return 0
+  while IFS= read -r d; do
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+      [ "$(cg_version)" = 1 ] && echo 0 > "$d/memory.force_empty" 2>/dev/null
+      rmdir "$d" 2>/dev/null && break
+      sleep 0.2
+    done
+    [ -d "$d" ] && log "warning: could not remove cgroup $d (procs: $(cg_procs "$d" | tr '\n' ' '))"
+  done < <(find "$path" -depth -type d)
+  [ ! -d "$path" ]
+}
+
+# Runs "$@" with its process placed in cgroup $1 first.
+cg_run_in() {
+  local cg=$1; shift
+  ( echo "$BASHPID" > "$cg/cgroup.procs" && exec "$@" )
+}
+
+# --- numbers ---------------------------------------------------------------------------------
+fmt_mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
+abs() { local v=$1; echo $(( v < 0 ? -v : v )); }
+
+# --- mounts ----------------------------------------------------------------------------------
+is_mounted() { awk -v m="$1" '$2 == m {f=1} END {exit !f}' /proc/mounts; }
+mount_type() { awk -v m="$1" '$2 == m {print $3; exit}' /proc/mounts; }
+
+# wait_mounted MNT [SECONDS] [PID]: waits until MNT shows in /proc/mounts; fails if PID dies.
+wait_mounted() {
+  local mnt=$1 secs=${2:-20} pid=${3:-} i
+  for ((i = 0; i < secs * 10; i++)); do
+    is_mounted "$mnt" && return 0
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# cfs_mount MNT OPTS [DAEMON_CGROUP]: starts chargefsd in the foreground (-f) as a child of this
+# shell (so we know its pid), optionally inside DAEMON_CGROUP, and waits for the mount.
+# Sets CFS_PID. Daemon output goes to $CFS_LOGDIR/chargefsd-<n>.log (printed on failure).
+CFS_PID=
+CFS_LOG=
+cfs_mount() {
+  local mnt=$1 opts=$2 dcg=${3:-} bin
+  bin=$(cfs_daemon_bin)
+  mkdir -p "$mnt"
+  CFS_LOG="${CFS_LOGDIR:-${TMPDIR:-/tmp}}/chargefsd-$$-${#CFS_PIDS[@]}.log"
+  if [ -n "$dcg" ]; then
+    ( echo "$BASHPID" > "$dcg/cgroup.procs" && exec "$bin" "$mnt" -o "$opts" -f ) >"$CFS_LOG" 2>&1 &
+  else
+    "$bin" "$mnt" -o "$opts" -f >"$CFS_LOG" 2>&1 &
+  fi
+  CFS_PID=$!
+  CFS_PIDS+=("$CFS_PID")
+  CFS_MOUNTS+=("$mnt")
+  if ! wait_mounted "$mnt" 20 "$CFS_PID"; then
+    log "chargefsd did not mount $mnt (opts $opts); its output:"
+    sed 's/^/  | /' "$CFS_LOG" >&2 || true
+    return 1
+  fi
+}
+
+# cfs_umount MNT [PID]: unmounts and waits for the daemon to exit (kills it after 10 s).
+cfs_umount() {
+  local mnt=$1 pid=${2:-} i
+  if is_mounted "$mnt"; then
+    fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || umount -l "$mnt" || true
+  fi
+  if [ -n "$pid" ]; then
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "warning: chargefsd $pid still running 10 s after unmount; killing it"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  fi
+  ! is_mounted "$mnt"
+}
+
+cfs_tempdir() {
+  local d; d=$(mktemp -d "${TMPDIR:-/tmp}/${1:-chargefs-test}.XXXXXX")
+  CFS_DIRS+=("$d")
+  echo "$d"
+}
+
+# Undo everything recorded above. Safe to call more than once.
+cfs_cleanup() {
+  local i m p
+  for ((i = ${#CFS_MOUNTS[@]} - 1; i >= 0; i--)); do
+    m=${CFS_MOUNTS[i]}
+    if is_mounted "$m"; then
+      fusermount3 -u "$m" 2>/dev/null || umount "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    fi
+  done
+  for p in "${CFS_PIDS[@]}"; do
+    kill -0 "$p" 2>/dev/null || continue
+    for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  for ((i = ${#CFS_CGROUPS[@]} - 1; i >= 0; i--)); do
+    cg_remove "${CFS_CGROUPS[i]}" || true
+  done
+  for m in "${CFS_DIRS[@]}"; do
+    # never recurse into something still mounted
+    if ! awk -v d="$m" 'index($2, d) == 1 {f=1} END {exit !f}' /proc/mounts; then rm -rf "$m"; fi
+  done
+  CFS_MOUNTS=(); CFS_PIDS=(); CFS_CGROUPS=(); CFS_DIRS=()
+}
+
+# --- a tiny test harness -----------------------------------------------------------------------
+# Each test is a function t_NAME run in its own bash process under `timeout`, with its own
+# EXIT trap; the file prints "N passed, N failed" at the end.
+CFS_FAILS=0
+check() {  # check "description" COMMAND...
+  local what=$1; shift
+  if "$@"; then log "  ok: $what"; else log "  FAIL: $what"; CFS_FAILS=$((CFS_FAILS + 1)); fi
+}
+# near A B TOL: |A-B| <= TOL
+near() { [ "$(abs $(($1 - $2)))" -le "$3" ]; }
+ge() { [ "$1" -ge "$2" ]; }
+le() { [ "$1" -le "$2" ]; }
+
+# run_tests FILE TIMEOUT NAME...: runs each test in a fresh process, prints the summary line.
+run_tests() {
+  local file=$1 tmo=$2 passed=0 failed=0 name rc; shift 2
+  local failed_names=()
+  for name in "$@"; do
+    log "=== $name"
+    rc=0
+    timeout --kill-after=15 "$tmo" bash "$file" --one "$name" || rc=$?
+    if [ "$rc" = 0 ]; then
+      passed=$((passed + 1)); log "--- PASS $name"
+    else
+      failed=$((failed + 1)); failed_names+=("$name")
+      if [ "$rc" = 124 ]; then log "--- FAIL $name (timed out after ${tmo}s)"; else log "--- FAIL $name (exit $rc)"; fi
+    fi
+  done
+  [ "$failed" = 0 ] || log "failed: ${failed_names[*]}"
+  echo "$passed passed, $failed failed"
+  [ "$failed" = 0 ]
+}
+
+# Runs one test function in this process with cleanup traps.
+run_one() {
+  local name=$1
+  trap cfs_cleanup EXIT
+  trap 'log "  interrupted"; exit 143' TERM INT
+  "t_$name"
+  [ "$CFS_FAILS" = 0 ]
+}
