@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Prepares a machine to build, test, demo and benchmark chargefs. Idempotent.
+# Usage: scripts/setup.sh [--release] [--no-build]
+#   installs the Debian packages that are missing (apt-get update only then), checks /dev/fuse,
+#   builds debug (`swift build`), and release too with --release. --no-build only installs.
+# Env: SWIFT_SCRATCH=DIR builds into DIR instead of .build (--scratch-path).
+set -euo pipefail
+usage() { sed -n '2,6s/^# \{0,1\}//p' "$0"; }
+release=0 build=1
+for a in "$@"; do
+  case "$a" in
+    --release) release=1 ;;
+    --no-build) build=0 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+# Build: libfuse3-dev pkg-config gcc (metabench). Run: fuse3 (fusermount3, mount.fuse3).
+# Tests: user-mode-linux busybox-static kmod (cgroup v2 in UML), attr (getfattr), util-linux
+# (fallocate, setpriv, taskset), procps (pgrep), psmisc (fuser), python3, fio, coreutils.
+packages=(libfuse3-dev fuse3 pkg-config gcc libc6-dev user-mode-linux busybox-static kmod fio attr
+          util-linux procps psmisc python3 coreutils findutils gawk)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=(); [ "$(id -u)" = 0 ] || SUDO=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "setup: Debian packages present"
+fi
+
+# /dev/fuse
+if [ ! -c /dev/fuse ]; then
+  modprobe fuse 2>/dev/null || true
+  [ -c /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
+fi
+[ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be created" >&2; exit 1; }
+echo "setup: /dev/fuse present"
+
+[ "$build" = 1 ] || exit 0
+if ! command -v swift >/dev/null; then
+  [ -x /opt/swift/usr/bin/swift ] && export PATH=$PATH:/opt/swift/usr/bin
+fi
+command -v swift >/dev/null || { echo "setup: swift not found (expected /opt/swift)" >&2; exit 1; }
+scratch=(); [ -z "${SWIFT_SCRATCH:-}" ] || scratch=(--scratch-path "$SWIFT_SCRATCH")
+echo "setup: swift build -c debug ${scratch[*]}"
+swift build -c debug "${scratch[@]}"
+if [ "$release" = 1 ]; then
+  echo "setup: swift build -c release ${scratch[*]}"
+  swift build -c release "${scratch[@]}"
+fi

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The test command: setup, build, every XCTest suite, the shell tests on this host, and the
+# cgroup v2 tests inside User-Mode Linux. Ends with one line "N passed, N failed" counting test
+# groups, and exits non-zero when any group failed. A group that cannot run here says why and
+# counts as failed; nothing is skipped silently.
+# Usage: scripts/test.sh [GROUP...]    groups: setup build swift-test <name of scripts/tests/*.sh> uml-v2
+# Env: SWIFT_SCRATCH=DIR builds into DIR (--scratch-path) instead of .build.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+case "${1:-}" in -h|--help) sed -n '2,7s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+[ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH=$PATH:/opt/swift/usr/bin
+scratch=(); [ -z "${SWIFT_SCRATCH:-}" ] || scratch=(--scratch-path "$SWIFT_SCRATCH")
+
+want=("$@")
+wanted() { [ ${#want[@]} = 0 ] || printf '%s\n' "${want[@]}" | grep -qxF "$1"; }
+
+passed=0 failed=0
+results=()
+# group NAME TIMEOUT_SECONDS COMMAND...: runs one group with a time limit and records its result.
+group() {
+  local name=$1 tmo=$2 rc=0 t0=$SECONDS; shift 2
+  wanted "$name" || return 0
+  echo
+  echo "######## $name (limit ${tmo}s): $*"
+  timeout --kill-after=30 "$tmo" "$@" </dev/null || rc=$?
+  local took=$((SECONDS - t0))
+  if [ "$rc" = 0 ]; then
+    passed=$((passed + 1)); results+=("PASS  $name (${took}s)")
+  else
+    failed=$((failed + 1))
+    if [ "$rc" = 124 ]; then results+=("FAIL  $name (timed out after ${tmo}s)")
+    else results+=("FAIL  $name (exit $rc, ${took}s)"); fi
+  fi
+  return 0
+}
+# cannot NAME REASON: a group that cannot run here counts as failed.
+cannot() {
+  wanted "$1" || return 0
+  echo; echo "######## $1: cannot run: $2"
+  failed=$((failed + 1)); results+=("FAIL  $1 (cannot run: $2)")
+}
+
+group setup 1200 bash scripts/setup.sh --no-build
+group build 1800 swift build "${scratch[@]}"
+if bin_dir=$(swift build "${scratch[@]}" --show-bin-path 2>/dev/null) && [ -x "$bin_dir/chargefsd" ]; then
+  export CHARGEFSD=$bin_dir/chargefsd
+fi
+# XCTest suites (they mount for real, so they run as root with /dev/fuse).
+group swift-test 1800 swift test "${scratch[@]}"
+
+# Shell tests on this host: each file prints its own "N passed, N failed".
+export CFS_TEST_TIMEOUT=${CFS_TEST_TIMEOUT:-180}
+for t in scripts/tests/*.sh; do
+  name=$(basename "$t" .sh)
+  [ "$name" = lib ] && continue
+  if [ -z "${CHARGEFSD:-}" ]; then cannot "$name" "chargefsd was not built"; continue; fi
+  group "$name" 1800 bash "$t"
+done
+
+# HOOK: the cgroup v2 suite of the VM owner, run inside User-Mode Linux. charge-v2.sh above
+# already runs the charge tests in UML; this runs the other engineer's suite when it exists.
+if [ -f scripts/tests/v2/run.sh ]; then
+  if [ -f scripts/uml-run.sh ]; then
+    group uml-v2 1800 bash scripts/uml-run.sh --timeout 1500 -- bash "$repo/scripts/tests/v2/run.sh"
+  else
+    cannot uml-v2 "scripts/tests/v2/run.sh exists but scripts/uml-run.sh does not"
+  fi
+elif wanted uml-v2; then
+  echo; echo "######## uml-v2: scripts/tests/v2/run.sh not in the repository yet (cgroup v2 is covered by charge-v2)"
+fi
+
+echo
+echo "######## summary"
+printf '%s\n' "${results[@]}"
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
