@@ -21,6 +21,15 @@ public protocol PageCharger: AnyObject, Sendable {
 
     /// Stops whatever the charger runs (helper process, leaf cgroup). Idempotent.
     func shutdown()
+
+    /// The bytes that can still be charged (the effective headroom, for statfs/df); nil when
+    /// nothing limits it.
+    func availableBytes() -> Int64?
+}
+
+extension PageCharger {
+    /// Chargers that know no limit need not say so.
+    public func availableBytes() -> Int64? { nil }
 }
 
 /// Pages are charged to the daemon's own cgroup, as any tmpfs page would be to its writer.
@@ -38,4 +47,5 @@ public final class DaemonCharger: PageCharger {
 
     public var summary: String { "daemon" }
     public func shutdown() {}
+    public func availableBytes() -> Int64? { nil }
 }
