@@ -180,7 +180,8 @@ wait_mounted() {
 }
 
 # cfs_mount MNT OPTS [DAEMON_CGROUP]: starts chargefsd in the foreground (-f) as a child of this
-# shell (so we know its pid), optionally inside DAEMON_CGROUP, and waits for the mount.
+# shell (so we know its pid), optionally inside DAEMON_CGROUP and under the command prefix
+# CFS_WRAP (e.g. "taskset -c 1": it must exec the daemon), and waits for the mount.
 # Sets CFS_PID. Daemon output goes to $CFS_LOGDIR/chargefsd-<n>.log (printed on failure).
 CFS_PID=
 CFS_LOG=
@@ -189,10 +190,12 @@ cfs_mount() {
   bin=$(cfs_daemon_bin)
   mkdir -p "$mnt"
   CFS_LOG="${CFS_LOGDIR:-${TMPDIR:-/tmp}}/chargefsd-$$-${#CFS_PIDS[@]}.log"
+  local wrap=()
+  [ -z "${CFS_WRAP:-}" ] || read -ra wrap <<<"$CFS_WRAP"   # e.g. CFS_WRAP="taskset -c 1"
   if [ -n "$dcg" ]; then
-    ( echo "$BASHPID" > "$dcg/cgroup.procs" && exec "$bin" "$mnt" -o "$opts" -f ) >"$CFS_LOG" 2>&1 &
+    ( echo "$BASHPID" > "$dcg/cgroup.procs" && exec "${wrap[@]}" "$bin" "$mnt" -o "$opts" -f ) >"$CFS_LOG" 2>&1 &
   else
-    "$bin" "$mnt" -o "$opts" -f >"$CFS_LOG" 2>&1 &
+    "${wrap[@]}" "$bin" "$mnt" -o "$opts" -f >"$CFS_LOG" 2>&1 &
   fi
   CFS_PID=$!
   CFS_PIDS+=("$CFS_PID")

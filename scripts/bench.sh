@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup,
+# side by side, same pinning, each workload on each in alternation, medians of 3 runs.
+# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--no-setup]
+#   --quick  small sizes and one repetition (a smoke run of a minute or two)
+#   --scale  adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
+# Env: BENCH_DAEMON_CPU (default 1), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
+#      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp).
+# Root only. Leaves nothing mounted, running or created.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+quick=0 scale=0 reps=3 setup=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; reps=1 ;;
+    --scale) scale=1 ;;
+    --reps) reps=$2; shift ;;
+    --no-setup) setup=0 ;;
+    -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) sed -n '4s/^# //p' "$0" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
+unset CHARGEFS_CGROUP_VERSION
+# shellcheck source=scripts/tests/lib.sh
+source "$here/tests/lib.sh"
+trap cfs_cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "$setup" = 1 ] && [ -z "${CHARGEFSD:-}" ]; then
+  SWIFT_SCRATCH=${SWIFT_SCRATCH:-$repo/.build-bench} bash "$here/setup.sh" --release
+fi
+[ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH=$PATH:/opt/swift/usr/bin
+if [ -z "${CHARGEFSD:-}" ]; then
+  CHARGEFSD=$(cd "$repo" && swift build -c release --scratch-path "${SWIFT_SCRATCH:-$repo/.build-bench}" --show-bin-path)/chargefsd
+fi
+[ -x "$CHARGEFSD" ] || die "no daemon at $CHARGEFSD"
+export CHARGEFSD
+for t in fio taskset cc; do command -v "$t" >/dev/null || die "$t missing (scripts/setup.sh installs it)"; done
+
+# --- sizes ---------------------------------------------------------------------------------------
+if [ "$quick" = 1 ]; then
+  SEQ=128M; SEQ_B=$((128 * MiB)); RAND=32M; RUNTIME=3; NMETA=2000; NDIR=10000; PAR=16M
+else
+  SEQ=1G; SEQ_B=$((1024 * MiB)); RAND=256M; RUNTIME=20; NMETA=20000; NDIR=100000; PAR=128M
+fi
+FSSIZE=4G; [ "$scale" = 1 ] && FSSIZE=18G
+
+ncpu=$(nproc)
+DCPU=${BENCH_DAEMON_CPU:-$(( ncpu > 1 ? 1 : 0 ))}
+CCPU=${BENCH_CLIENT_CPU:-0}
+W=$(cfs_tempdir chargefs-bench)
+CFS_LOGDIR=$W
+MB=$W/metabench
+cc -O2 -o "$MB" "$here/bench/metabench.c"
+
+PARENT=$(cg_parent)
+CGW=$PARENT/cfsbench-$$-workload   # fio and metabench run here
+CGD=$PARENT/cfsbench-$$-daemon     # both daemons run here (one at a time is measured)
+CGT=$PARENT/cfsbench-$$-target     # memcg= target
+cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSIZE")"
+
+FS=(tmpfs cfs cfsm)
+declare -A MNT PID
+MNT[tmpfs]=$W/tmpfs; MNT[cfs]=$W/cfs; MNT[cfsm]=$W/cfsm
+mkdir -p "${MNT[tmpfs]}"
+mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
+CFS_WRAP="taskset -c $DCPU"
+cfs_mount "${MNT[cfs]}" "size=$FSSIZE" "$CGD"; PID[cfs]=$CFS_PID
+cfs_mount "${MNT[cfsm]}" "size=$FSSIZE,memcg=$CGT" "$CGD"; PID[cfsm]=$CFS_PID
+PID[tmpfs]=
+
+echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_version), $reps repetition(s)$([ "$quick" = 1 ] && echo ", quick sizes")"
+echo "daemon: $CHARGEFSD"
+echo "pinning: daemons on CPU $DCPU (taskset -c $DCPU), fio/metabench on CPU $CCPU (taskset -c $CCPU), same for every filesystem"
+for f in cfs cfsm; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
+echo "mounts: tmpfs ${MNT[tmpfs]} | chargefs ${MNT[cfs]} | chargefs memcg=$CGT ${MNT[cfsm]}"
+echo
+
+# run in the workload cgroup, pinned
+run() { cg_run_in "$CGW" taskset -c "$CCPU" "$@"; }
+# fio_val MNT METRIC FIO-ARGS...: one fio job, prints bw (MiB/s) or iops
+fio_val() {
+  local dir=$1 metric=$2; shift 2
+  run fio --directory="$dir" --ioengine=psync --iodepth=1 --fallocate=none --output-format=json "$@" > "$W/fio.json"
+  "$CFS_PYTHON" - "$W/fio.json" "$metric" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+io = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+print("%.1f" % (io["bw_bytes"] / 1048576.0 if sys.argv[2] == "bw" else io["iops"]))
+EOF
+}
+rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
+mb_val() { run "$MB" "$1" "$2" "$3" | awk '{print $4}'; }
+
+declare -A R   # R[workload|fs] = "v1 v2 v3"
+declare -A UNIT
+WLS=()
+add() { R["$1|$2"]="${R["$1|$2"]:-} $3"; }
+wl() { WLS+=("$1"); UNIT[$1]=$2; }
+
+# One workload on one filesystem; appends to R.
+do_wl() {
+  local w=$1 f=$2 m=${MNT[$2]} v
+  case "$w" in
+    seqwrite) v=$(fio_val "$m" bw --name=seq --rw=write --bs=1M --size="$SEQ" --end_fsync=1) ;;
+    seqread)  v=$(fio_val "$m" bw --name=seq --rw=read --bs=1M --size="$SEQ"); rm -f "$m"/seq.* ;;
+    randwrite) v=$(fio_val "$m" iops --name=rnd --rw=randwrite --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
+    randread) v=$(fio_val "$m" iops --name=rnd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME"); rm -f "$m"/rnd.* ;;
+    create|stat|unlink)
+      [ "$w" != create ] || { rm -rf "$m/meta"; mkdir "$m/meta"; }
+      v=$(mb_val "$w" "$m/meta" "$NMETA")
+      [ "$w" != unlink ] || rmdir "$m/meta" ;;
+    readdir)
+      rm -rf "$m/dir"; mkdir "$m/dir"; run "$MB" mkempty "$m/dir" "$NDIR" >/dev/null
+      v=$(mb_val readdir "$m/dir" "$NDIR")
+      run "$MB" unlink "$m/dir" "$NDIR" >/dev/null; rmdir "$m/dir" ;;
+    par8) v=$(fio_val "$m" bw --name=par --rw=write --bs=1M --size="$PAR" --numjobs=8 --group_reporting --end_fsync=1)
+          rm -f "$m"/par.* ;;
+  esac
+  add "$w" "$f" "$v"
+}
+
+wl seqwrite MiB/s; wl seqread MiB/s; wl randwrite IOPS; wl randread IOPS
+wl create ops/s; wl stat ops/s; wl unlink ops/s; wl readdir entries/s; wl par8 MiB/s
+# order matters: seqread reads seqwrite's file, randread randwrite's, stat/unlink create's
+groups=("seqwrite seqread" "randwrite randread" "create stat unlink" "readdir" "par8")
+for g in "${groups[@]}"; do
+  for ((r = 1; r <= reps; r++)); do
+    for f in "${FS[@]}"; do
+      for w in $g; do do_wl "$w" "$f"; done
+    done
+    echo "  [$g] repetition $r done" >&2
+  done
+done
+
+# --- memory: daemon RSS per GiB stored / per 100,000 empty files, charge per GiB ----------------
+declare -A MEM
+mem_probe() {  # fills $SEQ_B bytes then $NDIR empty files on fs $1; records where the charge went
+  local f=$1 m=${MNT[$1]} pid=${PID[$1]} r0 w0 d0 t0 r1
+  sync
+  w0=$(cg_usage "$CGW"); d0=$(cg_usage "$CGD"); t0=$(cg_usage "$CGT")
+  r0=0; [ -z "$pid" ] || r0=$(rss_kib "$pid")
+  run fio --directory="$m" --name=mem --rw=write --bs=1M --size="$SEQ_B" --ioengine=psync --end_fsync=1 --output-format=terse >/dev/null
+  local gib; gib=$(awk -v b="$SEQ_B" 'BEGIN {print b / 1073741824}')
+  MEM["$f|w"]=$(awk -v a="$(cg_usage "$CGW")" -v b="$w0" -v g="$gib" 'BEGIN {printf "%.0f", (a - b) / g / 1048576}')
+  MEM["$f|d"]=$(awk -v a="$(cg_usage "$CGD")" -v b="$d0" -v g="$gib" 'BEGIN {printf "%.0f", (a - b) / g / 1048576}')
+  MEM["$f|t"]=$(awk -v a="$(cg_usage "$CGT")" -v b="$t0" -v g="$gib" 'BEGIN {printf "%.0f", (a - b) / g / 1048576}')
+  if [ -n "$pid" ]; then
+    r1=$(rss_kib "$pid")
+    MEM["$f|rssgib"]=$(awk -v a="$r1" -v b="$r0" -v g="$gib" 'BEGIN {printf "%.1f", (a - b) / g / 1024}')
+  else MEM["$f|rssgib"]=-; fi
+  rm -f "$m"/mem.*
+  mkdir "$m/empty"
+  [ -z "$pid" ] || r0=$(rss_kib "$pid")
+  run "$MB" mkempty "$m/empty" "$NDIR" >/dev/null
+  if [ -n "$pid" ]; then
+    r1=$(rss_kib "$pid")
+    MEM["$f|rssfiles"]=$(awk -v a="$r1" -v b="$r0" -v n="$NDIR" 'BEGIN {printf "%.1f", (a - b) / 1024 * 100000 / n}')
+  else MEM["$f|rssfiles"]=-; fi
+  run "$MB" unlink "$m/empty" "$NDIR" >/dev/null; rmdir "$m/empty"
+}
+for f in "${FS[@]}"; do mem_probe "$f"; done
+
+# --- report --------------------------------------------------------------------------------------
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
+echo
+echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
+printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s |\n' workload unit tmpfs chargefs "chargefs+memcg" chargefs/tmpfs memcg/no-memcg
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ---------------- --------------- -----------------
+for w in "${WLS[@]}"; do
+  t=$(median <<<"${R["$w|tmpfs"]}"); c=$(median <<<"${R["$w|cfs"]}"); cm=$(median <<<"${R["$w|cfsm"]}")
+  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")"
+done
+echo
+echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"
+printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' fs "daemon RSS/GiB" "daemon RSS/100k files" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB"
+printf '|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------ ------------------------ ------------------ ------------------ ------------------
+for f in "${FS[@]}"; do
+  printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
+done
+echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT; writer cg = fio's cgroup, which also pays for the FUSE page cache)"
+# --- scale: per-op cost at 1k/100k/1M files, 16 GiB stored ---------------------------------------
+declare -A SC
+if [ "$scale" = 1 ]; then
+  echo
+  echo "scale runs (1k/100k/1M files, 16 GiB stored)..." >&2
+  for n in 1000 100000 1000000; do
+    for f in "${FS[@]}"; do
+      m=${MNT[$f]}; mkdir "$m/scale"
+      for op in create stat unlink; do
+        SC["$n|$f|$op"]=$(run "$MB" "$op" "$m/scale" "$n" | awk '{print $5}')
+      done
+      rmdir "$m/scale"
+    done
+    echo "  [scale $n files] done" >&2
+  done
+  SEQ_B=$((16 * 1024 * MiB))
+  for f in "${FS[@]}"; do mem_probe "$f"; SC["16g|$f"]="${MEM["$f|rssgib"]} ${MEM["$f|t"]} ${MEM["$f|d"]} ${MEM["$f|w"]}"; done
+fi
+
+if [ "$scale" = 1 ]; then
+  echo
+  echo "Per-op cost (µs) by directory size:"
+  printf '| %-8s | %-7s | %10s | %10s | %10s |\n' files op tmpfs chargefs chargefs+memcg
+  for n in 1000 100000 1000000; do
+    for op in create stat unlink; do
+      printf '| %-8s | %-7s | %10s | %10s | %10s |\n' "$n" "$op" "${SC["$n|tmpfs|$op"]}" "${SC["$n|cfs|$op"]}" "${SC["$n|cfsm|$op"]}"
+    done
+  done
+  echo
+  echo "16 GiB stored (MiB per GiB: daemon RSS, target cg, daemon cg, writer cg):"
+  for f in "${FS[@]}"; do echo "  $f: ${SC["16g|$f"]}"; done
+fi
