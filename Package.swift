@@ -27,7 +27,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "chargefsd",
-            dependencies: ["ChargeFS"]
+            dependencies: ["ChargeFS", "CFuse"]
         ),
         .testTarget(
             name: "ChargeFSTests",

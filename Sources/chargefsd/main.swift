@@ -1,2 +1,48 @@
+import CFuse
 import ChargeFS
-print("chargefsd")
+import Glibc
+
+// chargefsd: parse, check, (background: fork and wait for readiness), build the store and its
+// charger, mount, serve, then tear down in reverse order.
+
+func fail(_ message: String, status: Int32 = 1) -> Never {
+    Daemon.printError(message)
+    exit(status)
+}
+
+let options: MountOptions
+do throws(UsageError) {
+    options = try MountOptions.parse(Array(CommandLine.arguments.dropFirst()))
+} catch {
+    fail(error.description, status: 2)
+}
+if options.showHelp {
+    print(MountOptions.usage)
+    exit(0)
+}
+if options.showVersion {
+    print("chargefsd \(chargefsVersion) (libfuse \(String(cString: fuse_pkgversion())))")
+    exit(0)
+}
+if let target = options.cleanupTarget {
+    exit(chargefsdCleanupCommand(target))
+}
+
+do throws(UsageError) {
+    try Daemon.checkMountpoint(options.mountpoint)
+} catch {
+    fail(error.description)
+}
+// Resolved once, before anything starts, so a bad target mounts nothing.
+var target: CgroupTarget?
+if let memcg = options.memcg {
+    do throws(CgroupError) {
+        target = try CgroupTarget.resolve(memcg)
+    } catch {
+        fail(error.description)
+    }
+}
+
+let readiness = options.foreground ? nil : Daemon.detach()
+let status = Daemon.run(options: options, target: target, readiness: readiness)
+exit(status)

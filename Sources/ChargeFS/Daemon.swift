@@ -1,0 +1,171 @@
+import CFuse
+import Glibc
+import SystemPackage
+
+public let chargefsVersion = "0.1.0"
+
+/// The daemon's lifecycle: detach, build store and charger, mount, serve, tear down.
+public enum Daemon {
+    /// One line on stderr, prefixed with the program's name.
+    public static func printError(_ message: String) {
+        let line = "chargefsd: \(message)\n"
+        _ = line.withCString { write(STDERR_FILENO, $0, strlen($0)) }
+    }
+
+    /// A mountpoint must be an existing directory that is not already a chargefs mount.
+    public static func checkMountpoint(_ path: String) throws(UsageError) {
+        var st = stat()
+        if stat(path, &st) != 0 {
+            let err = Errno(rawValue: errno)
+            if err == .socketNotConnected {
+                throw UsageError("mountpoint \(path): a dead FUSE mount is still there; run fusermount3 -u \(path)")
+            }
+            throw UsageError("mountpoint \(path): \(err == .noSuchFileOrDirectory ? "does not exist" : "\(err)")")
+        }
+        if st.st_mode & 0o170000 != 0o040000 { throw UsageError("mountpoint \(path): not a directory") }
+        if isChargefsMount(path) { throw UsageError("mountpoint \(path): busy (chargefs is already mounted there)") }
+    }
+
+    static func isChargefsMount(_ path: String) -> Bool {
+        guard let resolved = realpath(path, nil) else { return false }
+        defer { free(resolved) }
+        let want = String(cString: resolved)
+        guard let file = fopen("/proc/self/mountinfo", "r") else { return false }
+        defer { fclose(file) }
+        var line: UnsafeMutablePointer<CChar>?
+        var capacity = 0
+        defer { free(line) }
+        while getline(&line, &capacity, file) > 0, let line {
+            let fields = String(cString: line).split(separator: " ")
+            guard fields.count > 8, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
+            if unescapeMountField(fields[4]) == want && fields[dash + 1] == "fuse.chargefsd" { return true }
+        }
+        return false
+    }
+
+    static func unescapeMountField(_ field: Substring) -> String {
+        var bytes: [UInt8] = []
+        var chars = Array(field.utf8)[...]
+        while let c = chars.first {
+            chars = chars.dropFirst()
+            if c == UInt8(ascii: "\\"), chars.count >= 3,
+               let v = UInt8(String(decoding: chars.prefix(3), as: UTF8.self), radix: 8) {
+                bytes.append(v)
+                chars = chars.dropFirst(3)
+            } else {
+                bytes.append(c)
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Background mode: the parent waits until the child reports the mount ready (exit 0) or an
+    /// error (printed, exit 1), so `chargefsd ... && ls MOUNTPOINT` works. Returns, in the child,
+    /// the pipe to report on.
+    public static func detach() -> Int32 {
+        var fds: [Int32] = [0, 0]
+        guard pipe2(&fds, O_CLOEXEC) == 0 else {
+            printError("cannot create a pipe: \(Errno(rawValue: errno))")
+            exit(1)
+        }
+        let pid = fork()
+        if pid < 0 {
+            printError("cannot fork: \(Errno(rawValue: errno))")
+            exit(1)
+        }
+        if pid > 0 {
+            close(fds[1])
+            var message: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 512)
+            while true {
+                let n = read(fds[0], &buffer, buffer.count)
+                if n > 0 { message += buffer[0..<n]; continue }
+                if n < 0 && errno == EINTR { continue }
+                break
+            }
+            let text = String(decoding: message, as: UTF8.self)
+            if text == "ready" { exit(0) }
+            if text.isEmpty {
+                // The child died before saying anything; reap it so its status shows.
+                var status: Int32 = 0
+                waitpid(pid, &status, 0)
+                printError("the daemon exited during startup")
+            } else {
+                printError("\(text)")
+            }
+            exit(1)
+        }
+        close(fds[0])
+        setsid()
+        return fds[1]
+    }
+
+    static func report(_ readiness: Int32?, _ message: String) {
+        guard let readiness else {
+            if message != "ready" { printError("\(message)") }
+            return
+        }
+        _ = message.withCString { write(readiness, $0, strlen($0)) }
+        close(readiness)
+        if message == "ready" {
+            // Detached from the terminal: logs go nowhere rather than to a closed pipe.
+            let null = open("/dev/null", O_RDWR)
+            if null >= 0 {
+                dup2(null, 0)
+                dup2(null, 1)
+                dup2(null, 2)
+                if null > 2 { close(null) }
+            }
+        }
+    }
+
+    /// Mounts and serves until unmounted or signalled; returns the exit status.
+    public static func run(options: MountOptions, target: CgroupTarget?, readiness: Int32?) -> Int32 {
+        let config = options.fileSystemConfig
+        let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
+        let store: PageStore
+        do {
+            store = try PageStore(capacityPages: capacity ?? Int(UInt32.max) - 1) { arena in
+                if let target { return try CgroupCharger(target: target, arena: arena) }
+                return DaemonCharger()
+            }
+        } catch {
+            report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
+            return 1
+        }
+        let charger = store.charger
+        defer { charger.shutdown() }
+        let fs = FileSystem(config: config, store: store)
+
+        var arguments = ["chargefsd", "-o", options.fuseOptionList]
+        if options.debug { arguments.append("-d") }
+        var cArguments = arguments.map { strdup($0) }
+        defer { cArguments.forEach { free($0) } }
+        var ops = FuseBridge.makeOperations()
+        let userdata = Unmanaged.passRetained(fs)
+        defer { userdata.release() }
+        let session: OpaquePointer? = cArguments.withUnsafeMutableBufferPointer { argv in
+            var args = fuse_args(argc: Int32(argv.count), argv: argv.baseAddress, allocated: 0)
+            defer { fuse_opt_free_args(&args) }
+            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata.toOpaque())
+        }
+        guard let session else {
+            report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
+            return 1
+        }
+        defer { fuse_session_destroy(session) }
+        guard fuse_set_signal_handlers(session) == 0 else {
+            report(readiness, "cannot install signal handlers")
+            return 1
+        }
+        defer { fuse_remove_signal_handlers(session) }
+        guard fuse_session_mount(session, options.mountpoint) == 0 else {
+            report(readiness, "cannot mount on \(options.mountpoint) (is /dev/fuse available, and may you mount there?)")
+            return 1
+        }
+        report(readiness, "ready")
+        let status = cfuse_session_loop_mt(session, 0, 8)
+        fuse_session_unmount(session)
+        return status == 0 ? 0 : 1
+    }
+}

@@ -1,0 +1,84 @@
+/// The entries of one directory, in insertion order, each with a cookie that never changes.
+///
+/// readdir resumes from a cookie, so an entry that stays in the directory is listed exactly once
+/// however many entries are added or removed between two readdir calls. Removal leaves a tombstone
+/// that a later compaction drops (cookies are kept, so positions found by binary search stay right).
+final class Directory {
+    struct Entry {
+        var name: FileName
+        var ino: UInt64
+        var cookie: UInt64
+        var type: UInt8
+    }
+
+    private var entries: [Entry] = []
+    private var index: [FileName: Int] = [:]
+    private var tombstones = 0
+    /// Cookies 0 and 1 are "." and ".." in readdir offsets.
+    private var nextCookie: UInt64 = 2
+    /// The parent directory's inode (itself for the root).
+    var parent: UInt64
+    /// Subdirectories, for st_nlink.
+    var subdirectories: UInt32 = 0
+
+    init(parent: UInt64) { self.parent = parent }
+
+    var count: Int { index.count }
+    var isEmpty: Bool { index.isEmpty }
+
+    func lookup(_ name: FileName) -> UInt64? {
+        guard let i = index[name] else { return nil }
+        return entries[i].ino
+    }
+
+    func entryType(_ name: FileName) -> UInt8? {
+        guard let i = index[name] else { return nil }
+        return entries[i].type
+    }
+
+    func insert(_ name: FileName, ino: UInt64, type: UInt8) {
+        index[name] = entries.count
+        entries.append(Entry(name: name, ino: ino, cookie: nextCookie, type: type))
+        nextCookie += 1
+    }
+
+    /// Points an existing name at another inode (rename over an existing entry). The entry
+    /// keeps its cookie, as the name never left the directory.
+    func replace(_ name: FileName, ino: UInt64, type: UInt8) {
+        guard let i = index[name] else { return insert(name, ino: ino, type: type) }
+        entries[i].ino = ino
+        entries[i].type = type
+    }
+
+    func remove(_ name: FileName) {
+        guard let i = index.removeValue(forKey: name) else { return }
+        entries[i].ino = 0
+        entries[i].name = []
+        tombstones += 1
+        if tombstones > 32 && tombstones > index.count { compact() }
+    }
+
+    private func compact() {
+        entries.removeAll { $0.ino == 0 }
+        tombstones = 0
+        index.removeAll(keepingCapacity: true)
+        for (i, e) in entries.enumerated() { index[e.name] = i }
+    }
+
+    /// Calls `body` with each live entry whose cookie is >= `cookie`, in cookie order, until it
+    /// returns false. The offset to resume after an entry is its cookie + 1.
+    func forEach(from cookie: UInt64, _ body: (Entry) -> Bool) {
+        var lo = 0
+        var hi = entries.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if entries[mid].cookie < cookie { lo = mid + 1 } else { hi = mid }
+        }
+        var i = lo
+        while i < entries.count {
+            let e = entries[i]
+            if e.ino != 0 && !body(e) { return }
+            i += 1
+        }
+    }
+}

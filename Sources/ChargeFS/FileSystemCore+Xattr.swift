@@ -1,0 +1,77 @@
+import CFuse
+import Glibc
+import SystemPackage
+
+/// Extended attributes, in the user., trusted. and security. namespaces as tmpfs keeps them.
+extension FileSystemCore {
+    static let xattrNamespaces: [[UInt8]] = ["user.", "trusted.", "security."].map { Array($0.utf8) }
+
+    private static func checkName(_ name: FileName) throws(Errno) {
+        if name.count > FileSystem.xattrNameMax { throw .outOfRange }
+        guard Self.xattrNamespaces.contains(where: { name.starts(with: $0) && name.count > $0.count }) else {
+            throw .notSupported
+        }
+    }
+
+    func setxattr(_ ino: UInt64, name: FileName, value: [UInt8], flags: Int32) throws(Errno) {
+        let inode = try inode(ino)
+        try Self.checkName(name)
+        if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
+        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { throw .notPermitted }
+        let exists = inode.xattrs?[name] != nil
+        if flags & Int32(CFUSE_XATTR_CREATE) != 0 && exists { throw .fileExists }
+        if flags & Int32(CFUSE_XATTR_REPLACE) != 0 && !exists { throw .noData }
+        if inode.xattrs == nil { inode.xattrs = [:] }
+        inode.xattrs?[name] = value
+        inode.ctime = .now
+    }
+
+    func getxattr(_ ino: UInt64, name: FileName) throws(Errno) -> [UInt8] {
+        let inode = try inode(ino)
+        if name.count > FileSystem.xattrNameMax { throw .outOfRange }
+        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText().utf8) }
+        guard let value = inode.xattrs?[name] else {
+            try Self.checkName(name)
+            throw .noData
+        }
+        return value
+    }
+
+    func listxattr(_ ino: UInt64) throws(Errno) -> [UInt8] {
+        let inode = try inode(ino)
+        var list: [UInt8] = []
+        for name in (inode.xattrs?.keys.sorted { $0.lexicographicallyPrecedes($1) }) ?? [] {
+            list += name
+            list.append(0)
+        }
+        return list
+    }
+
+    func removexattr(_ ino: UInt64, name: FileName) throws(Errno) {
+        let inode = try inode(ino)
+        try Self.checkName(name)
+        guard inode.xattrs?.removeValue(forKey: name) != nil else { throw .noData }
+        if inode.xattrs?.isEmpty == true { inode.xattrs = nil }
+        inode.ctime = .now
+    }
+
+    /// What `getfattr -n user.chargefs.status MOUNTPOINT` shows: who pays, and how much.
+    func statusText() -> String {
+        let page = Int64(PageStore.pageSize)
+        let used = Int64(store.pagesInUse) * page
+        let charged = Int64(store.pagesCharged) * page
+        var lines = [
+            "charger=\(store.charger.summary)",
+            "stored_bytes=\(used)",
+            "charged_bytes=\(charged)",
+            "size_limit_bytes=\(config.maxBytes.map(String.init) ?? "unlimited")",
+        ]
+        if let headroom = store.charger.availableBytes() {
+            lines.append("cgroup_headroom_bytes=\(max(0, headroom))")
+        }
+        let usage = usage()
+        lines.append("effective_limit_bytes=\(usage.totalPages * page)")
+        lines.append("available_bytes=\(usage.freePages * page)")
+        return lines.joined(separator: "\n") + "\n"
+    }
+}

@@ -1,0 +1,377 @@
+import CFuse
+import Glibc
+import SystemPackage
+
+/// The tree itself: inode table, names, links, rename rules. Only `FileSystem` calls it, under
+/// its lock. Errors are the errno tmpfs gives in the same case.
+final class FileSystemCore {
+    let config: FileSystemConfig
+    let store: PageStore
+    private(set) var inodes: [UInt64: Inode] = [:]
+    private var nextIno: UInt64 = FileSystem.rootIno + 1
+    /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
+    private var inodeSlots: Int64 = 1
+    let maxPages: Int?
+
+    init(config: FileSystemConfig, store: PageStore) {
+        self.config = config
+        self.store = store
+        if let bytes = config.maxBytes {
+            maxPages = Int((bytes + Int64(PageStore.pageSize) - 1) / Int64(PageStore.pageSize))
+        } else {
+            maxPages = nil
+        }
+        let root = Inode(ino: FileSystem.rootIno, mode: ModeBits.directory | (config.rootMode & 0o7777),
+                         uid: config.rootUid, gid: config.rootGid, now: .now)
+        root.nlink = 2
+        root.directory = Directory(parent: FileSystem.rootIno)
+        root.lookups = 1  // the kernel's reference to the root, never forgotten
+        inodes[root.ino] = root
+    }
+
+    // MARK: lookup and lifetime
+
+    func inode(_ ino: UInt64) throws(Errno) -> Inode {
+        guard let inode = inodes[ino] else { throw .noSuchFileOrDirectory }
+        return inode
+    }
+
+    func directory(_ ino: UInt64) throws(Errno) -> (Inode, Directory) {
+        let inode = try inode(ino)
+        guard let dir = inode.directory else { throw .notDirectory }
+        return (inode, dir)
+    }
+
+    static func validate(_ name: FileName) throws(Errno) {
+        if name.count > FileSystem.nameMax { throw .fileNameTooLong }
+        if name.isEmpty || name.contains(0) || name.contains(UInt8(ascii: "/")) { throw .invalidArgument }
+    }
+
+    func lookup(parent: UInt64, name: FileName) throws(Errno) -> Attributes {
+        let (dirInode, dir) = try directory(parent)
+        if name.count > FileSystem.nameMax { throw .fileNameTooLong }
+        let ino: UInt64
+        if name == [UInt8(ascii: ".")] {
+            ino = dirInode.ino
+        } else if name == [UInt8(ascii: "."), UInt8(ascii: ".")] {
+            ino = dir.parent
+        } else {
+            guard let found = dir.lookup(name) else { throw .noSuchFileOrDirectory }
+            ino = found
+        }
+        let target = try inode(ino)
+        target.lookups += 1
+        return target.attributes
+    }
+
+    func forget(_ ino: UInt64, count: UInt64) {
+        guard let inode = inodes[ino] else { return }
+        // The kernel never forgets more than it looked up; if it claims to, drop what we have
+        // rather than wrap around and keep the inode forever.
+        inode.lookups -= min(count, inode.lookups)
+        evictIfUnused(inode)
+    }
+
+    /// Frees an inode once no name and no kernel reference is left (an unlinked file stays
+    /// readable through open handles until then).
+    func evictIfUnused(_ inode: Inode) {
+        guard inode.nlink == 0, inode.lookups == 0, inode.ino != FileSystem.rootIno else { return }
+        inodes[inode.ino] = nil
+        inodeSlots -= 1
+        releaseAllPages(of: inode)
+    }
+
+    func releaseAllPages(of inode: Inode) {
+        guard inode.pages.count > 0 else { return }
+        var freed: [UInt32] = []
+        freed.reserveCapacity(inode.pages.count)
+        inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
+        store.free(freed)
+    }
+
+    func destroy() {
+        for inode in inodes.values { releaseAllPages(of: inode) }
+        store.trimReserve()
+        inodes.removeAll()
+    }
+
+    // MARK: creating names
+
+    private func reserveInodeSlot() throws(Errno) {
+        if let max = config.maxInodes, inodeSlots >= max { throw .noSpace }
+        inodeSlots += 1
+    }
+
+    func create(parent: UInt64, name: FileName, mode: UInt32, rdev: UInt64, target: [UInt8]?,
+                caller: Caller) throws(Errno) -> Attributes {
+        let (dirInode, dir) = try directory(parent)
+        try Self.validate(name)
+        if dirInode.nlink == 0 { throw .noSuchFileOrDirectory }  // parent was removed
+        if dir.lookup(name) != nil { throw .fileExists }
+        try reserveInodeSlot()
+        let now = timespec.now
+        var gid = caller.gid
+        var newMode = mode
+        // A setgid directory hands its group down, and its setgid bit to subdirectories.
+        if dirInode.mode & ModeBits.setgid != 0 {
+            gid = dirInode.gid
+            if newMode & ModeBits.typeMask == ModeBits.directory { newMode |= ModeBits.setgid }
+        }
+        let inode = Inode(ino: nextIno, mode: newMode, uid: caller.uid, gid: gid, now: now)
+        nextIno += 1
+        inode.rdev = rdev
+        if inode.isDirectory {
+            inode.nlink = 2
+            inode.directory = Directory(parent: dirInode.ino)
+            dirInode.nlink += 1
+            dir.subdirectories += 1
+        } else if let target {
+            inode.symlinkTarget = target
+            inode.size = Int64(target.count)
+        }
+        inodes[inode.ino] = inode
+        dir.insert(name, ino: inode.ino, type: inode.directoryEntryType)
+        dirInode.mtime = now
+        dirInode.ctime = now
+        inode.lookups += 1
+        return inode.attributes
+    }
+
+    func link(_ ino: UInt64, newParent: UInt64, newName: FileName) throws(Errno) -> Attributes {
+        let inode = try inode(ino)
+        let (dirInode, dir) = try directory(newParent)
+        try Self.validate(newName)
+        if inode.isDirectory { throw .notPermitted }
+        if dirInode.nlink == 0 || inode.nlink == 0 { throw .noSuchFileOrDirectory }
+        if dir.lookup(newName) != nil { throw .fileExists }
+        try reserveInodeSlot()
+        let now = timespec.now
+        inode.nlink += 1
+        inode.ctime = now
+        dir.insert(newName, ino: inode.ino, type: inode.directoryEntryType)
+        dirInode.mtime = now
+        dirInode.ctime = now
+        inode.lookups += 1
+        return inode.attributes
+    }
+
+    func readlink(_ ino: UInt64) throws(Errno) -> [UInt8] {
+        let inode = try inode(ino)
+        guard let target = inode.symlinkTarget else { throw .invalidArgument }
+        return target
+    }
+
+    // MARK: removing names
+
+    /// Drops one name of `victim` (the entry itself is removed by the caller).
+    private func dropLink(_ victim: Inode, from dirInode: Inode, _ dir: Directory, now: timespec) {
+        if victim.isDirectory {
+            victim.nlink = 0
+            dirInode.nlink -= 1
+            dir.subdirectories -= 1
+        } else {
+            victim.nlink -= 1
+            if victim.nlink > 0 { inodeSlots -= 1 }  // an extra link's slot; the last goes at eviction
+        }
+        victim.ctime = now
+        evictIfUnused(victim)
+    }
+
+    func remove(parent: UInt64, name: FileName, directory wantDirectory: Bool) throws(Errno) {
+        let (dirInode, dir) = try directory(parent)
+        if name.count > FileSystem.nameMax { throw .fileNameTooLong }
+        guard let ino = dir.lookup(name), let victim = inodes[ino] else { throw .noSuchFileOrDirectory }
+        if wantDirectory {
+            guard let victimDir = victim.directory else { throw .notDirectory }
+            if !victimDir.isEmpty { throw .directoryNotEmpty }
+        } else if victim.isDirectory {
+            throw .isDirectory
+        }
+        let now = timespec.now
+        dir.remove(name)
+        dirInode.mtime = now
+        dirInode.ctime = now
+        dropLink(victim, from: dirInode, dir, now: now)
+    }
+
+    /// True when `ino` is `ancestor` or lies below it.
+    private func isWithin(_ ino: UInt64, _ ancestor: UInt64) -> Bool {
+        var current = ino
+        while true {
+            if current == ancestor { return true }
+            guard current != FileSystem.rootIno, let dir = inodes[current]?.directory else { return false }
+            current = dir.parent
+        }
+    }
+
+    func rename(parent: UInt64, name: FileName, newParent: UInt64, newName: FileName, flags: UInt32) throws(Errno) {
+        let noReplace = flags & UInt32(CFUSE_RENAME_NOREPLACE) != 0
+        let exchange = flags & UInt32(CFUSE_RENAME_EXCHANGE) != 0
+        if flags & ~UInt32(CFUSE_RENAME_NOREPLACE | CFUSE_RENAME_EXCHANGE) != 0 || (noReplace && exchange) {
+            throw .invalidArgument
+        }
+        let (fromInode, fromDir) = try directory(parent)
+        let (toInode, toDir) = try directory(newParent)
+        if name.count > FileSystem.nameMax || newName.count > FileSystem.nameMax { throw .fileNameTooLong }
+        try Self.validate(newName)
+        guard let ino = fromDir.lookup(name), let moving = inodes[ino] else { throw .noSuchFileOrDirectory }
+        let existingIno = toDir.lookup(newName)
+        let existing = existingIno.flatMap { inodes[$0] }
+        let now = timespec.now
+
+        if exchange {
+            guard let existing else { throw .noSuchFileOrDirectory }
+            if moving === existing { return }
+            // Neither may end up inside itself.
+            if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
+            if existing.isDirectory && isWithin(fromInode.ino, existing.ino) { throw .invalidArgument }
+            fromDir.replace(name, ino: existing.ino, type: existing.directoryEntryType)
+            toDir.replace(newName, ino: moving.ino, type: moving.directoryEntryType)
+            if fromInode !== toInode {
+                if moving.isDirectory != existing.isDirectory {
+                    let (gain, lose) = moving.isDirectory ? (toInode, fromInode) : (fromInode, toInode)
+                    gain.nlink += 1
+                    lose.nlink -= 1
+                    gain.directory?.subdirectories += 1
+                    lose.directory?.subdirectories -= 1
+                }
+                moving.directory?.parent = toInode.ino
+                existing.directory?.parent = fromInode.ino
+            }
+            for inode in [fromInode, toInode, moving, existing] { inode.ctime = now }
+            fromInode.mtime = now
+            toInode.mtime = now
+            return
+        }
+
+        if let existing {
+            if noReplace { throw .fileExists }
+            if moving === existing { return }  // two names of one inode: nothing to do
+            if moving.isDirectory {
+                guard let existingDir = existing.directory else { throw .notDirectory }
+                if !existingDir.isEmpty { throw .directoryNotEmpty }
+            } else if existing.isDirectory {
+                throw .isDirectory
+            }
+        }
+        if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
+
+        fromDir.remove(name)
+        if let existing {
+            toDir.replace(newName, ino: moving.ino, type: moving.directoryEntryType)
+            dropLink(existing, from: toInode, toDir, now: now)
+        } else {
+            toDir.insert(newName, ino: moving.ino, type: moving.directoryEntryType)
+        }
+        if let movingDir = moving.directory, fromInode !== toInode {
+            movingDir.parent = toInode.ino
+            fromInode.nlink -= 1
+            fromDir.subdirectories -= 1
+            toInode.nlink += 1
+            toDir.subdirectories += 1
+        }
+        moving.ctime = now
+        fromInode.mtime = now
+        fromInode.ctime = now
+        toInode.mtime = now
+        toInode.ctime = now
+    }
+
+    // MARK: attributes
+
+    func setattr(_ ino: UInt64, _ changes: AttributeChanges) throws(Errno) -> Attributes {
+        let inode = try inode(ino)
+        let now = timespec.now
+        var changed = false
+        if let size = changes.size {
+            guard inode.isRegular else { throw inode.isDirectory ? .isDirectory : .invalidArgument }
+            if size < 0 { throw .invalidArgument }
+            if size != inode.size {
+                truncate(inode, to: size)
+                inode.mtime = now
+            }
+            changed = true
+        }
+        if let mode = changes.mode {
+            inode.mode = (inode.mode & ModeBits.typeMask) | (mode & 0o7777)
+            changed = true
+        }
+        if let uid = changes.uid {
+            inode.uid = uid
+            changed = true
+        }
+        if let gid = changes.gid {
+            inode.gid = gid
+            changed = true
+        }
+        switch changes.atime {
+        case .now?: inode.atime = now; changed = true
+        case .set(let t)?: inode.atime = t; changed = true
+        case nil: break
+        }
+        switch changes.mtime {
+        case .now?: inode.mtime = now; changed = true
+        case .set(let t)?: inode.mtime = t; changed = true
+        case nil: break
+        }
+        if let ctime = changes.ctime {
+            inode.ctime = ctime
+        } else if changed {
+            inode.ctime = now
+        }
+        return inode.attributes
+    }
+
+    func open(_ ino: UInt64, flags: Int32) throws(Errno) {
+        let inode = try inode(ino)
+        if flags & O_TRUNC != 0, inode.isRegular, flags & O_ACCMODE != O_RDONLY, inode.size != 0 {
+            truncate(inode, to: 0)
+            let now = timespec.now
+            inode.mtime = now
+            inode.ctime = now
+        }
+    }
+
+    // MARK: directories
+
+    func readdir(_ ino: UInt64, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
+        let (dirInode, dir) = try directory(ino)
+        if offset == 0 { touchAtime(dirInode, noatime: false) }
+        func emit(_ name: FileName, _ inode: Inode, next: Int64, counted: Bool) -> Bool {
+            let entry = DirectoryEntry(name: name, ino: inode.ino, type: inode.directoryEntryType,
+                                       nextOffset: next, attributes: plus ? inode.attributes : nil)
+            guard body(entry) else { return false }
+            if plus && counted { inode.lookups += 1 }
+            return true
+        }
+        if offset <= 0, !emit([UInt8(ascii: ".")], dirInode, next: 1, counted: false) { return }
+        if offset <= 1, let parent = inodes[dir.parent],
+           !emit([UInt8(ascii: "."), UInt8(ascii: ".")], parent, next: 2, counted: false) { return }
+        dir.forEach(from: UInt64(max(offset, 2))) { entry in
+            guard let inode = inodes[entry.ino] else { return true }
+            return emit(entry.name, inode, next: Int64(entry.cookie + 1), counted: true)
+        }
+    }
+
+    /// relatime, as tmpfs mounts by default: atime moves when it is older than mtime or ctime,
+    /// or a day old.
+    func touchAtime(_ inode: Inode, noatime: Bool) {
+        guard !noatime, !config.noatime else { return }
+        let now = timespec.now
+        if inode.atime <= inode.mtime || inode.atime <= inode.ctime || now.tv_sec - inode.atime.tv_sec >= 86400 {
+            inode.atime = now
+        }
+    }
+
+    func usage() -> FileSystemUsage {
+        let used = Int64(store.pagesInUse)
+        var total = maxPages.map { Int64($0) } ?? Int64.max / 4096
+        if let headroom = store.charger.availableBytes() {
+            // With memcg=, what can still be stored is bounded by the cgroup's headroom too.
+            total = min(total, used + max(0, headroom) / Int64(PageStore.pageSize))
+        }
+        let totalInodes = config.maxInodes ?? Int64(UInt32.max)
+        return FileSystemUsage(totalPages: total, freePages: max(0, total - used),
+                               totalInodes: totalInodes, freeInodes: max(0, totalInodes - inodeSlots))
+    }
+}

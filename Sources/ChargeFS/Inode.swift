@@ -1,0 +1,114 @@
+import Glibc
+
+/// A file name: any bytes but '/' and NUL, not necessarily UTF-8.
+public typealias FileName = [UInt8]
+
+/// One file, directory, symlink or special node. It lives in the `InodeTable` until both its
+/// link count and the kernel's lookup count are zero.
+final class Inode {
+    let ino: UInt64
+    /// Type and permission bits, as st_mode.
+    var mode: UInt32
+    var uid: UInt32
+    var gid: UInt32
+    var nlink: UInt32
+    var rdev: UInt64 = 0
+    var size: Int64 = 0
+    var atime: timespec
+    var mtime: timespec
+    var ctime: timespec
+    /// References the kernel holds (lookup replies minus forgets).
+    var lookups: UInt64 = 0
+
+    /// Data pages of a regular file.
+    var pages = PageMap()
+    /// Entries of a directory.
+    var directory: Directory?
+    /// Target of a symlink.
+    var symlinkTarget: [UInt8]?
+    /// Extended attributes; nil until the first one is set.
+    var xattrs: [[UInt8]: [UInt8]]?
+
+    init(ino: UInt64, mode: UInt32, uid: UInt32, gid: UInt32, now: timespec) {
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.nlink = 1
+        self.atime = now
+        self.mtime = now
+        self.ctime = now
+    }
+
+    var fileType: UInt32 { mode & ModeBits.typeMask }
+    var isDirectory: Bool { fileType == ModeBits.directory }
+    var isRegular: Bool { fileType == ModeBits.regular }
+    var isSymlink: Bool { fileType == ModeBits.symlink }
+
+    /// d_type for readdir.
+    var directoryEntryType: UInt8 { UInt8(truncatingIfNeeded: fileType >> 12) }
+
+    var attributes: Attributes {
+        Attributes(
+            ino: ino, mode: mode, nlink: nlink, uid: uid, gid: gid, rdev: rdev, size: size,
+            blocks: Int64(pages.count) * Int64(PageStore.pageSize / 512),
+            atime: atime, mtime: mtime, ctime: ctime)
+    }
+}
+
+/// What stat shows of an inode.
+public struct Attributes: Sendable, Equatable {
+    public var ino: UInt64
+    public var mode: UInt32
+    public var nlink: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var rdev: UInt64
+    public var size: Int64
+    public var blocks: Int64
+    public var atime: timespec
+    public var mtime: timespec
+    public var ctime: timespec
+
+    public var stat: stat {
+        var st = Glibc.stat()
+        st.st_ino = UInt(ino)
+        st.st_mode = mode
+        st.st_nlink = UInt(nlink)
+        st.st_uid = uid
+        st.st_gid = gid
+        st.st_rdev = UInt(rdev)
+        st.st_size = Int(size)
+        st.st_blocks = Int(blocks)
+        st.st_blksize = PageStore.pageSize
+        st.st_atim = atime
+        st.st_mtim = mtime
+        st.st_ctim = ctime
+        return st
+    }
+}
+
+extension timespec: @retroactive Equatable {
+    public static func == (a: timespec, b: timespec) -> Bool { a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec }
+    static func < (a: timespec, b: timespec) -> Bool {
+        a.tv_sec < b.tv_sec || (a.tv_sec == b.tv_sec && a.tv_nsec < b.tv_nsec)
+    }
+    static func <= (a: timespec, b: timespec) -> Bool { !(b < a) }
+
+    static var now: timespec {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return ts
+    }
+}
+
+/// st_mode bits, spelled once (Glibc's and the kernel headers' macros clash in Swift).
+enum ModeBits {
+    static let typeMask: UInt32 = 0o170000
+    static let directory: UInt32 = 0o040000
+    static let regular: UInt32 = 0o100000
+    static let symlink: UInt32 = 0o120000
+    static let setuid: UInt32 = 0o4000
+    static let setgid: UInt32 = 0o2000
+    static let groupExecute: UInt32 = 0o0010
+}

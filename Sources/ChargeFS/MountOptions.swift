@@ -1,0 +1,221 @@
+import Glibc
+
+/// A bad command line or mount option: one line that names the problem.
+public struct UsageError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// What the command line asks for: `chargefsd [SOURCE] MOUNTPOINT [-o OPT[,OPT...]] [-f] [-d]`.
+public struct MountOptions: Sendable, Equatable {
+    public var source = "chargefs"
+    public var mountpoint = ""
+    public var foreground = false
+    public var debug = false
+    public var showHelp = false
+    public var showVersion = false
+    /// `--cleanup CGROUP`: remove what a killed daemon left in that cgroup, then exit.
+    public var cleanupTarget: String?
+
+    /// size=: bytes; 0 means unlimited, as tmpfs. Default: half of RAM.
+    public var sizeBytes: Int64?
+    /// nr_inodes=; 0 means unlimited. Default: half of RAM's pages, as tmpfs.
+    public var maxInodes: Int64?
+    public var rootMode: UInt32 = 0o1777
+    public var rootUid: UInt32?
+    public var rootGid: UInt32?
+    public var memcg: String?
+    public var noatime = false
+    /// Options handed to the kernel mount through libfuse, as given.
+    public var passthrough: [String] = []
+
+    public init() {}
+
+    /// Options libfuse or the kernel mount understand, taken as they are.
+    static let fuseFlags: Set<String> = [
+        "allow_other", "allow_root", "default_permissions", "ro", "rw", "nosuid", "suid", "nodev",
+        "dev", "noexec", "exec", "sync", "async", "dirsync", "atime", "relatime", "strictatime",
+        "nodiratime", "diratime", "lazytime", "nolazytime", "auto_unmount",
+    ]
+    /// fstab words that mean something to mount(8), not to a file system.
+    static let mountWords: Set<String> = ["auto", "noauto", "user", "nouser", "users", "owner", "nofail", "_netdev", "defaults"]
+
+    public static func parse(_ arguments: [String]) throws(UsageError) -> MountOptions {
+        var o = MountOptions()
+        var positional: [String] = []
+        var i = 0
+        while i < arguments.count {
+            let arg = arguments[i]
+            i += 1
+            switch arg {
+            case "-f", "--foreground": o.foreground = true
+            case "-d", "--debug": o.debug = true; o.foreground = true
+            case "-h", "--help": o.showHelp = true
+            case "-V", "--version": o.showVersion = true
+            case "-s": break  // single-threaded: accepted for mount.fuse compatibility
+            case "-o":
+                guard i < arguments.count else { throw UsageError("-o needs a list of options") }
+                try o.apply(arguments[i])
+                i += 1
+            case "--cleanup":
+                guard i < arguments.count else { throw UsageError("--cleanup needs a cgroup path") }
+                o.cleanupTarget = arguments[i]
+                i += 1
+            default:
+                if arg.hasPrefix("-o") && arg.count > 2 {
+                    try o.apply(String(arg.dropFirst(2)))
+                } else if arg.hasPrefix("-") && arg != "-" {
+                    throw UsageError("unknown argument '\(arg)' (see chargefsd -h)")
+                } else {
+                    positional.append(arg)
+                }
+            }
+        }
+        if o.showHelp || o.showVersion || o.cleanupTarget != nil { return o }
+        switch positional.count {
+        case 1: o.mountpoint = positional[0]
+        case 2: o.source = positional[0]; o.mountpoint = positional[1]
+        case 0: throw UsageError("missing mountpoint (usage: chargefsd [SOURCE] MOUNTPOINT [-o OPTIONS])")
+        default: throw UsageError("too many arguments: '\(positional[2])' (usage: chargefsd [SOURCE] MOUNTPOINT [-o OPTIONS])")
+        }
+        if o.mountpoint.isEmpty { throw UsageError("empty mountpoint") }
+        return o
+    }
+
+    mutating func apply(_ list: String) throws(UsageError) {
+        for option in list.split(separator: ",", omittingEmptySubsequences: true).map(String.init) {
+            let parts = option.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(parts[0])
+            let value = parts.count > 1 ? String(parts[1]) : nil
+            func required() throws(UsageError) -> String {
+                guard let value, !value.isEmpty else { throw UsageError("mount option '\(key)' needs a value") }
+                return value
+            }
+            switch key {
+            case "size": sizeBytes = try Self.parseSize(try required(), option: "size")
+            case "nr_inodes": maxInodes = try Self.parseCount(try required(), option: "nr_inodes")
+            case "mode":
+                let v = try required()
+                guard let mode = UInt32(v, radix: 8), mode <= 0o7777 else {
+                    throw UsageError("mode=\(v): not an octal mode (0000 to 7777)")
+                }
+                rootMode = mode
+            case "uid": rootUid = try Self.parseID(try required(), option: "uid")
+            case "gid": rootGid = try Self.parseID(try required(), option: "gid")
+            case "memcg":
+                let v = try required()
+                guard v.hasPrefix("/") else { throw UsageError("memcg=\(v): must be an absolute path under /sys/fs/cgroup") }
+                memcg = v
+            case "noatime":
+                noatime = true
+                passthrough.append(option)
+            case "fsname", "subtype":
+                break  // chargefsd sets these itself
+            case _ where Self.fuseFlags.contains(key) && value == nil:
+                passthrough.append(option)
+            case "max_read", "blksize":
+                _ = try Self.parseCount(try required(), option: key)
+                passthrough.append(option)
+            case _ where Self.mountWords.contains(key) && value == nil:
+                break
+            case _ where key.hasPrefix("x-") || key.hasPrefix("comment="):
+                break  // fstab annotations for other tools
+            default:
+                throw UsageError("unknown mount option '\(option)'")
+            }
+        }
+    }
+
+    static func parseID(_ text: String, option: String) throws(UsageError) -> UInt32 {
+        guard let id = UInt32(text), id != UInt32.max else { throw UsageError("\(option)=\(text): not a numeric id") }
+        return id
+    }
+
+    /// A number with an optional k, m, g, t, p or e suffix (powers of 1024), as tmpfs reads it.
+    static func parseCount(_ text: String, option: String) throws(UsageError) -> Int64 {
+        var digits = Substring(text)
+        var shift: Int64 = 0
+        if let last = digits.last, let s = "kmgtpe".firstIndex(of: Character(last.lowercased())) {
+            shift = Int64(10 * ("kmgtpe".distance(from: "kmgtpe".startIndex, to: s) + 1))
+            digits = digits.dropLast()
+        }
+        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int64(digits) else {
+            throw UsageError("\(option)=\(text): not a number (use digits with an optional k, m or g suffix)")
+        }
+        let (value, overflow) = n.multipliedReportingOverflow(by: Int64(1) << shift)
+        guard !overflow else { throw UsageError("\(option)=\(text): too large") }
+        return value
+    }
+
+    /// size=: like parseCount, or N% of physical memory.
+    static func parseSize(_ text: String, option: String) throws(UsageError) -> Int64 {
+        if text.hasSuffix("%") {
+            let digits = text.dropLast()
+            guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let percent = Int64(digits),
+                  percent <= 100_000 else {
+                throw UsageError("\(option)=\(text): not a percentage of RAM")
+            }
+            return physicalMemory / 100 * percent
+        }
+        return try parseCount(text, option: option)
+    }
+
+    public static var physicalMemory: Int64 {
+        Int64(sysconf(Int32(_SC_PHYS_PAGES))) * Int64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
+    /// size= as the file system takes it: nil for unlimited.
+    public var effectiveMaxBytes: Int64? {
+        let bytes = sizeBytes ?? Self.physicalMemory / 2
+        return bytes == 0 ? nil : bytes
+    }
+
+    public var effectiveMaxInodes: Int64? {
+        let count = maxInodes ?? Self.physicalMemory / Int64(sysconf(Int32(_SC_PAGESIZE))) / 2
+        return count == 0 ? nil : count
+    }
+
+    public var fileSystemConfig: FileSystemConfig {
+        var c = FileSystemConfig()
+        c.maxBytes = effectiveMaxBytes
+        c.maxInodes = effectiveMaxInodes
+        c.rootMode = rootMode
+        c.rootUid = rootUid ?? getuid()
+        c.rootGid = rootGid ?? getgid()
+        c.noatime = noatime
+        return c
+    }
+
+    /// The -o list libfuse gets: kernel-side options plus ours.
+    public var fuseOptionList: String {
+        var list = ["fsname=\(fsname)", "subtype=chargefsd", "default_permissions"]
+        list += passthrough.filter { $0 != "default_permissions" }
+        return list.joined(separator: ",")
+    }
+
+    /// The source column of /proc/mounts and findmnt: names the cgroup that pays.
+    public var fsname: String {
+        let base = String(source.map { $0 == "," ? "_" : $0 })
+        guard let memcg else { return base }
+        return "\(base):memcg=\(String(memcg.map { $0 == "," ? "_" : $0 }))"
+    }
+
+    public static let usage = """
+    usage: chargefsd [SOURCE] MOUNTPOINT [-o OPTION[,OPTION...]] [-f] [-d] [-h] [-V]
+           chargefsd --cleanup CGROUP_PATH
+
+    A RAM-backed file system like tmpfs, whose pages can be charged to a chosen memory cgroup.
+
+    options (-o):
+      size=BYTES        limit of data stored (k/m/g suffixes, or N% of RAM; 0: unlimited; default 50%)
+      nr_inodes=N       limit of inodes (k/m/g suffixes; 0: unlimited; default: half of RAM's pages)
+      mode=OCTAL        permissions of the root directory (default 1777)
+      uid=N, gid=N      owner of the root directory (default: the caller's)
+      memcg=PATH        charge every stored page to this memory cgroup (v1 or v2); writes that
+                        would pass its memory limit (or an ancestor's) get ENOSPC
+      allow_other, ro, noatime, nosuid, nodev, noexec, ...  as for any FUSE mount
+    flags:
+      -f  stay in the foreground     -d  foreground with FUSE debug output
+      -h  this help                  -V  version
+    """
+}

@@ -1,0 +1,92 @@
+/// Which arena page holds each page of one file: a sparse two-level table.
+///
+/// Chunks of 512 slots (2 MiB of file) are created only where data exists, so a file truncated
+/// to 2^62 bytes costs nothing, and a dense file costs 4 bytes per 4 KiB page (0.1%).
+/// Slot value 0 is a hole.
+struct PageMap {
+    static let chunkShift = 9
+    static let chunkSlots = 1 << chunkShift
+
+    final class Chunk {
+        var slots = [UInt32](repeating: 0, count: PageMap.chunkSlots)
+        var used = 0
+    }
+
+    private(set) var chunks: [Int: Chunk] = [:]
+    /// Pages held, for st_blocks.
+    private(set) var count = 0
+
+    @inline(__always)
+    func page(at index: Int) -> UInt32 {
+        guard let chunk = chunks[index >> Self.chunkShift] else { return 0 }
+        return chunk.slots[index & (Self.chunkSlots - 1)]
+    }
+
+    /// Stores `page` at a slot that must be a hole.
+    mutating func set(_ page: UInt32, at index: Int) {
+        let key = index >> Self.chunkShift
+        let chunk: Chunk
+        if let existing = chunks[key] {
+            chunk = existing
+        } else {
+            chunk = Chunk()
+            chunks[key] = chunk
+        }
+        chunk.slots[index & (Self.chunkSlots - 1)] = page
+        chunk.used += 1
+        count += 1
+    }
+
+    /// Empties slots [from, to) and returns the pages they held.
+    mutating func remove(from: Int, to: Int, into freed: inout [UInt32]) {
+        guard from < to, count > 0 else { return }
+        let firstKey = from >> Self.chunkShift
+        let lastKey = (to - 1) >> Self.chunkShift
+        // Visit only existing chunks when the range is wider than the map.
+        let keys: [Int] = (lastKey - firstKey) > chunks.count
+            ? chunks.keys.filter { $0 >= firstKey && $0 <= lastKey }
+            : Array(firstKey...lastKey)
+        for key in keys {
+            guard let chunk = chunks[key] else { continue }
+            let lo = max(from, key << Self.chunkShift) & (Self.chunkSlots - 1)
+            let hiIndex = min(to, (key + 1) << Self.chunkShift)
+            let hi = hiIndex - (key << Self.chunkShift)
+            for slot in lo..<hi where chunk.slots[slot] != 0 {
+                freed.append(chunk.slots[slot])
+                chunk.slots[slot] = 0
+                chunk.used -= 1
+                count -= 1
+            }
+            if chunk.used == 0 { chunks[key] = nil }
+        }
+    }
+
+    /// First page index >= `index` that holds data, if any.
+    func nextData(from index: Int) -> Int? {
+        let startKey = index >> Self.chunkShift
+        var best: Int?
+        for (key, chunk) in chunks where key >= startKey {
+            let lo = key == startKey ? index & (Self.chunkSlots - 1) : 0
+            for slot in lo..<Self.chunkSlots where chunk.slots[slot] != 0 {
+                let found = (key << Self.chunkShift) + slot
+                if best.map({ found < $0 }) ?? true { best = found }
+                break
+            }
+        }
+        return best
+    }
+
+    /// First page index >= `index` that is a hole.
+    func nextHole(from index: Int) -> Int {
+        var i = index
+        while true {
+            guard let chunk = chunks[i >> Self.chunkShift] else { return i }
+            var slot = i & (Self.chunkSlots - 1)
+            while slot < Self.chunkSlots {
+                if chunk.slots[slot] == 0 { return ((i >> Self.chunkShift) << Self.chunkShift) + slot }
+                slot += 1
+            }
+            i = ((i >> Self.chunkShift) + 1) << Self.chunkShift
+        }
+    }
+}

@@ -1,0 +1,192 @@
+import CFuse
+import Glibc
+import SystemPackage
+
+/// All file data of a mount, as 4 KiB pages of one memfd (the arena) mapped into the daemon.
+///
+/// Every page comes from `allocate` and goes back through `free`; those are the only places that
+/// touch the arena's backing memory, so they are where a page is charged (through the
+/// `PageCharger`, which decides which cgroup pays) and where the charge is given back (punching
+/// the page out of the memfd). Pages are numbered from 1; 0 means "no page" in page maps.
+///
+/// Not thread-safe: the file system calls it under its own lock.
+public final class PageStore {
+    public static let pageSize = 4096
+    /// Charged pages kept free for reuse, so that small writes do not each cost a charge round
+    /// trip. This is the store's part of the slack between bytes stored and bytes charged.
+    public static let reserveLimit = 64  // 256 KiB
+    /// Fresh pages are charged in runs of at least this many (64 KiB), then kept in the reserve.
+    static let chargeBatch = 16
+
+    public let charger: PageCharger
+    let arena: FileDescriptor
+    let base: UnsafeMutableRawPointer
+    let capacityPages: Int
+
+    /// Next never-used page number; pages below it were handed out at least once.
+    private var nextFresh: Int = 1
+    /// Freed pages already punched out of the arena (uncharged); reusing one charges it again.
+    private var punched: [UInt32] = []
+    /// Freed pages still charged and holding stale data; zeroed when handed out again.
+    private var reserve: [UInt32] = []
+    /// Pages that belong to files right now.
+    public private(set) var pagesInUse = 0
+
+    /// Pages charged to the charger's cgroup (in use plus the reserve).
+    public var pagesCharged: Int { pagesInUse + reserve.count }
+
+    /// A store whose pages the given charger pays for.
+    public convenience init(charger: PageCharger, capacityPages: Int = Int(UInt32.max) - 1) throws {
+        try self.init(capacityPages: capacityPages) { _ in charger }
+    }
+
+    /// A store with a charger made for its arena (a cgroup charger's helper needs the memfd).
+    public init(capacityPages requested: Int = Int(UInt32.max) - 1,
+                charger makeCharger: (FileDescriptor) throws -> PageCharger) throws {
+        let capacity = max(2, min(requested, Int(UInt32.max) - 1))
+        let fd = cfuse_memfd_create("chargefs-arena", UInt32(CFUSE_MFD_CLOEXEC))
+        guard fd >= 0 else { throw Errno(rawValue: errno) }
+        let bytes = (capacity + 1) * Self.pageSize
+        guard ftruncate(fd, off_t(bytes)) == 0 else {
+            let err = Errno(rawValue: errno)
+            close(fd)
+            throw err
+        }
+        // MAP_NORESERVE: the mapping is address space only; memory exists once a page is charged.
+        let mapped = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+        guard let mapped, mapped != MAP_FAILED else {
+            let err = Errno(rawValue: errno)
+            close(fd)
+            throw err
+        }
+        do {
+            self.charger = try makeCharger(FileDescriptor(rawValue: fd))
+        } catch {
+            munmap(mapped, bytes)
+            close(fd)
+            throw error
+        }
+        self.arena = FileDescriptor(rawValue: fd)
+        self.base = mapped
+        self.capacityPages = capacity
+    }
+
+    deinit {
+        munmap(base, (capacityPages + 1) * Self.pageSize)
+        try? arena.close()
+    }
+
+    /// The arena memfd, for chargers that instantiate pages from another process.
+    public var arenaDescriptor: FileDescriptor { arena }
+
+    @inline(__always)
+    public func address(of page: UInt32) -> UnsafeMutableRawPointer {
+        base + Int(page) &* Self.pageSize
+    }
+
+    /// Hands out up to `count` zero-filled pages, appending them to `pages`. Returns how many it
+    /// got: fewer than asked only when the charger refused (ENOSPC), so a caller can store what
+    /// fits. Throws only when it got none.
+    @discardableResult
+    public func allocate(_ count: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
+        var got = 0
+        while got < count, let page = reserve.popLast() {
+            memset(address(of: page), 0, Self.pageSize)
+            pages.append(page)
+            got += 1
+        }
+        var failure: Errno?
+        while got < count {
+            do {
+                got += try chargeMore(count - got, into: &pages)
+            } catch {
+                failure = error
+                break
+            }
+        }
+        pagesInUse += got
+        if got == 0, let failure { throw failure }
+        return got
+    }
+
+    /// Charges at least one page; extra pages of a batch go to the reserve.
+    private func chargeMore(_ wanted: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
+        if let page = punched.last {
+            // Reuse punched pages one run at a time, longest run at the end of the stack first.
+            var run = 1
+            while run < wanted, run < punched.count, punched[punched.count - 1 - run] == page &+ UInt32(run) {
+                run += 1
+            }
+            do {
+                try chargeRun(first: Int(page), count: run)
+            } catch where error == .noSpace && run > 1 {
+                run = 1
+                try chargeRun(first: Int(page), count: 1)
+            }
+            punched.removeLast(run)
+            for p in page..<(page &+ UInt32(run)) { pages.append(p) }
+            return run
+        }
+        let batch = max(wanted, Self.chargeBatch)
+        let available = capacityPages + 1 - nextFresh
+        guard available > 0 else { throw .noSpace }
+        var run = min(batch, available)
+        while true {
+            do {
+                try chargeRun(first: nextFresh, count: run)
+                break
+            } catch where error == .noSpace && run > 1 {
+                // Near the limit: settle for less, so a write can store the part that fits.
+                run = run > wanted ? wanted : run / 2
+            }
+        }
+        let first = nextFresh
+        nextFresh += run
+        let used = min(run, wanted)
+        for p in first..<(first + used) { pages.append(UInt32(p)) }
+        for p in (first + used)..<(first + run) { reserve.append(UInt32(p)) }
+        return used
+    }
+
+    private func chargeRun(first: Int, count: Int) throws(Errno) {
+        try charger.charge(arena: arena, offset: Int64(first * Self.pageSize), length: Int64(count * Self.pageSize))
+    }
+
+    /// Gives pages back. Up to `reserveLimit` stay charged for reuse; the rest are punched out of
+    /// the arena, which frees their memory and uncharges them.
+    public func free<S: Sequence>(_ freed: S) where S.Element == UInt32 {
+        var toPunch: [UInt32] = []
+        for page in freed {
+            pagesInUse -= 1
+            if reserve.count < Self.reserveLimit {
+                reserve.append(page)
+            } else {
+                toPunch.append(page)
+            }
+        }
+        punch(&toPunch)
+    }
+
+    /// Releases the whole reserve (used when the mount must hand every byte back).
+    public func trimReserve() {
+        var all = reserve
+        reserve.removeAll()
+        punch(&all)
+    }
+
+    private func punch(_ pages: inout [UInt32]) {
+        guard !pages.isEmpty else { return }
+        pages.sort()
+        var i = 0
+        while i < pages.count {
+            var j = i + 1
+            while j < pages.count, pages[j] == pages[j - 1] &+ 1 { j += 1 }
+            let offset = Int64(Int(pages[i]) * Self.pageSize)
+            let length = Int64((j - i) * Self.pageSize)
+            _ = cfuse_fallocate(arena.rawValue, Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset, length)
+            i = j
+        }
+        // Descending, so that popping from the end reuses ascending runs.
+        punched.append(contentsOf: pages.reversed())
+    }
+}
