@@ -68,7 +68,6 @@ enum {
 // only raw syscalls (async-signal-safe: the parent is a multithreaded Swift process).
 #include <signal.h>
 #include <sys/wait.h>
-#include <sys/resource.h>
 
 enum { CFUSE_HELPER_ARENA_FD = 3, CFUSE_HELPER_SOCK_FD = 4 };
 struct cfuse_charge_request { int64_t offset; int64_t length; };
@@ -99,9 +98,9 @@ static inline __attribute__((noreturn)) void cfuse_charge_helper_main(pid_t pare
     // Every other fd goes, /dev/fuse above all: a helper holding it would keep a dead daemon's
     // mount from ever reporting ENOTCONN.
     if (syscall(SYS_close_range, 5U, ~0U, 0U) != 0) {
-        struct rlimit rl;
+        struct { uint64_t cur, max; } rl;  // struct rlimit64, without <sys/resource.h>
         unsigned long max = 65536;
-        if (syscall(SYS_prlimit64, 0, RLIMIT_NOFILE, NULL, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) max = rl.rlim_cur;
+        if (syscall(SYS_prlimit64, 0, 7 /* RLIMIT_NOFILE */, NULL, &rl) == 0 && rl.cur < (1UL << 24)) max = rl.cur;
         for (unsigned long fd = 5; fd < max; fd++) (void)close((int)fd);
     }
     (void)close(0); (void)close(1); (void)close(2);

@@ -148,6 +148,9 @@ public final class CgroupCharger: PageCharger {
         return s
     }
 
+    /// The current helper's pid (tests, diagnostics).
+    var helperPID: pid_t? { state.withLock { $0.helper?.pid } }
+
     // MARK: internals
 
     private func checkRoom(_ st: inout State, _ length: Int64) throws(Errno) {

@@ -130,4 +130,18 @@ struct ChargeHelper: Sendable {
         if cfuse_wifsignaled(st) != 0 { return .signaled(cfuse_wtermsig(st)) }
         return .exited(cfuse_wexitstatus(st))
     }
+
+    // Raw access for tests (which cannot import CFuse next to Foundation).
+
+    /// Forks a helper that waits for "go" (never sent here); nil on failure.
+    static func forkUnstarted(arena: Int32) -> (pid: pid_t, socket: Int32)? {
+        var sock: Int32 = -1
+        let pid = cfuse_spawn_charge_helper(arena, &sock)
+        return pid > 0 ? (pid, sock) : nil
+    }
+
+    /// The signal that ended a process, from a waitpid status; nil if it exited.
+    static func terminationSignal(_ status: Int32) -> Int32? {
+        cfuse_wifsignaled(status) != 0 ? cfuse_wtermsig(status) : nil
+    }
 }

@@ -1,0 +1,364 @@
+// Real-kernel tests of cgroup charging: cgroup v1 memory on this host, cgroup v2 when it is mounted
+// with memory on /sys/fs/cgroup (User-Mode Linux: scripts/uml-run.sh). Root only; no fake files.
+// Every test removes the cgroups it made in tearDown, failure or not.
+
+import Glibc
+import Synchronization
+import SystemPackage
+import XCTest
+@testable import ChargeFS
+
+private let KiB: Int64 = 1024
+private let MiB: Int64 = 1024 * 1024
+private let testCounter = Mutex(0)
+
+/// memfd_create and fallocate are hidden from Swift's Glibc (_GNU_SOURCE); CFuse cannot be
+/// imported next to XCTest's Foundation, so look them up.
+private enum CgSys {
+    static var handle: UnsafeMutableRawPointer? { dlopen(nil, RTLD_NOW) }  // refcounted, cheap
+    static func memfd(_ name: String) -> Int32 {
+        typealias F = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
+        guard let p = dlsym(handle, "memfd_create") else { return -1 }
+        return unsafeBitCast(p, to: F.self)(name, 1 /* MFD_CLOEXEC */)
+    }
+    /// fallocate(PUNCH_HOLE | KEEP_SIZE): frees the pages, which refunds whoever was charged.
+    static func punch(_ fd: Int32, _ offset: Int64, _ length: Int64) -> Int32 {
+        typealias F = @convention(c) (Int32, Int32, Int64, Int64) -> Int32
+        guard let p = dlsym(handle, "fallocate") else { return -1 }
+        return unsafeBitCast(p, to: F.self)(fd, 0x02 | 0x01, offset, length)
+    }
+}
+
+final class CgroupChargerTests: XCTestCase {
+    private var made: [String] = []      // cgroups to remove, deepest last
+    private var chargers: [CgroupCharger] = []
+    private var fds: [Int32] = []
+
+    override func setUpWithError() throws {
+        try XCTSkipUnless(getuid() == 0, "needs root")
+        try XCTSkipUnless(Self.memoryParent() != nil, "no memory cgroup hierarchy here")
+    }
+
+    override func tearDown() {
+        for c in chargers { c.shutdown() }
+        chargers = []
+        for fd in fds { close(fd) }
+        fds = []
+        for dir in made.reversed() {
+            // Whatever is left below it first (a leaf from a failed test).
+            if let d = opendir(dir) {
+                while let e = readdir(d) {
+                    let name = withUnsafePointer(to: e.pointee.d_name) {
+                        $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+                    }
+                    if name.hasPrefix("chargefs-") || name.hasPrefix("sub") {
+                        try? CgroupTarget.removeLeafDir(dir + "/" + name, killHelpers: true)
+                    }
+                }
+                closedir(d)
+            }
+            do { try CgroupTarget.removeLeafDir(dir, killHelpers: true) } catch { XCTFail("cleanup: \(error)") }
+        }
+        made = []
+    }
+
+    // MARK: environment
+
+    /// Where test cgroups go: below our own memory cgroup on v1; the v2 root when cgroup2 with
+    /// memory is mounted on /sys/fs/cgroup (a v2 cgroup holding processes cannot have memory
+    /// enabled for its children, the root can).
+    static func memoryParent() -> (path: String, version: CgroupVersion)? {
+        if let c = try? cgReadFile("/sys/fs/cgroup/cgroup.controllers"), c.split(separator: " ").contains(where: { $0.cgTrimmed == "memory" }) {
+            return ("/sys/fs/cgroup", .v2)
+        }
+        guard let lines = try? cgReadFile("/proc/self/cgroup") else { return nil }
+        for line in lines.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            if parts.count == 3, parts[1].split(separator: ",").contains("memory") {
+                let p = "/sys/fs/cgroup/memory" + (parts[2] == "/" ? "" : String(parts[2]))
+                if access(p + "/memory.limit_in_bytes", F_OK) == 0 { return (p, .v1) }
+            }
+        }
+        return nil
+    }
+
+    /// Our own memory cgroup's usage file (to show our cgroup is not charged), if it has one.
+    static func ownUsageFile() -> String? {
+        guard let (parent, version) = memoryParent() else { return nil }
+        let f = parent + (version == .v1 ? "/memory.usage_in_bytes" : "/memory.current")
+        return access(f, R_OK) == 0 ? f : nil
+    }
+
+    func makeCgroup(limit: Int64?) throws -> String {
+        let (parent, version) = try XCTUnwrap(Self.memoryParent())
+        let n = testCounter.withLock { n in n += 1; return n }
+        let path = "\(parent)/chargefs-test-\(getpid())-\(n)"
+        XCTAssertEqual(mkdir(path, 0o755), 0, "mkdir \(path): \(String(cString: strerror(errno)))")
+        made.append(path)
+        if let limit {
+            let file = version == .v1 ? "memory.limit_in_bytes" : "memory.max"
+            XCTAssertEqual(cgWriteFile(path + "/" + file, "\(limit)\n"), 0)
+        }
+        return path
+    }
+
+    func usage(_ cg: String) throws -> Int64 {
+        let v = try XCTUnwrap(Self.memoryParent()).version
+        let text = try cgReadFile(cg + (v == .v1 ? "/memory.usage_in_bytes" : "/memory.current"))
+        return try XCTUnwrap(Int64(text.cgTrimmed))
+    }
+
+    func makeArena(size: Int64 = 512 * MiB) throws -> FileDescriptor {
+        let fd = CgSys.memfd("chargefs-test-arena")
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        fds.append(fd)
+        XCTAssertEqual(ftruncate(fd, off_t(size)), 0)
+        return FileDescriptor(rawValue: fd)
+    }
+
+    func makeCharger(_ cg: String, _ arena: FileDescriptor) throws -> CgroupCharger {
+        let c = try CgroupCharger(target: CgroupTarget.resolve(cg), arena: arena)
+        chargers.append(c)
+        return c
+    }
+
+    func assertNear(_ a: Int64, _ b: Int64, _ tol: Int64 = 512 * KiB, _ what: String, line: UInt = #line) {
+        XCTAssertLessThanOrEqual(abs(a - b), tol, "\(what): \(a) vs expected \(b) (tolerance \(tol))", line: line)
+    }
+
+    // MARK: tests
+
+    func testChargesGoToTargetNotToUsAndPunchRefunds() throws {
+        let cg = try makeCgroup(limit: 256 * MiB)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        let before = try usage(cg)
+        let ownFile = Self.ownUsageFile()
+        let ownBefore = try ownFile.map { try XCTUnwrap(Int64(cgReadFile($0).cgTrimmed)) }
+
+        // 16 MiB in 1 MiB calls, then 16 MiB in 64 KiB calls (the page store's batch sizes).
+        var t0 = ContinuousClock.now
+        for i in 0..<16 { try charger.charge(arena: arena, offset: Int64(i) * MiB, length: MiB) }
+        let big = (ContinuousClock.now - t0) / 16
+        t0 = ContinuousClock.now
+        for i in 0..<256 { try charger.charge(arena: arena, offset: 16 * MiB + Int64(i) * 64 * KiB, length: 64 * KiB) }
+        let small = (ContinuousClock.now - t0) / 256
+        print("charge latency (\(charger.summary)): 1 MiB \(big), 64 KiB \(small)")
+
+        let after = try usage(cg)
+        assertNear(after - before, 32 * MiB, 512 * KiB, "target charged")
+        let leaf = try XCTUnwrap(charger.chargedBytesInLeaf)
+        XCTAssertGreaterThanOrEqual(leaf, 32 * MiB - 512 * KiB)
+        if let ownFile, let ownBefore {
+            let ownAfter = try XCTUnwrap(Int64(cgReadFile(ownFile).cgTrimmed))
+            // Our cgroup is the target's parent on v1: hierarchical usage includes the target's.
+            let ownDelta = ownAfter - ownBefore - (ownFile.hasPrefix(cgParent(cg)) ? after - before : 0)
+            XCTAssertLessThan(ownDelta, 4 * MiB, "our own cgroup was charged \(ownDelta) bytes")
+        }
+        print("status: \(charger.statusLine)")
+
+        // Punching the range in *this* process refunds the target.
+        XCTAssertEqual(CgSys.punch(arena.rawValue, 0, 32 * MiB), 0)
+        assertNear(try usage(cg), before, 512 * KiB, "after punch")
+    }
+
+    func testPastTheLimitIsENOSPCWithoutOOMKill() throws {
+        let limit = 24 * MiB
+        let cg = try makeCgroup(limit: limit)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        let target = try CgroupTarget.resolve(cg)
+        let ooms = try target.oomKillCount()
+        var charged: Int64 = 0
+        var failure: Errno?
+        while charged < 2 * limit {
+            do throws(Errno) {
+                try charger.charge(arena: arena, offset: charged, length: MiB)
+                charged += MiB
+            } catch {
+                failure = error
+                break
+            }
+        }
+        XCTAssertEqual(failure, .noSpace)
+        XCTAssertGreaterThanOrEqual(charged, limit - 4 * MiB, "stopped too early")
+        XCTAssertLessThanOrEqual(try usage(cg), limit)
+        XCTAssertEqual(try target.oomKillCount(), ooms, "the kernel OOM-killed something")
+        let room = try XCTUnwrap(charger.availableBytes())
+        XCTAssertLessThan(room, MiB)
+        print("filled \(charged / MiB) MiB of a \(limit / MiB) MiB limit; room left \(room)")
+        // Free some and the same helper charges again.
+        XCTAssertEqual(CgSys.punch(arena.rawValue, 0, 4 * MiB), 0)
+        try charger.charge(arena: arena, offset: 0, length: MiB)
+    }
+
+    func testAncestorLimitCounts() throws {
+        let parent = try makeCgroup(limit: 16 * MiB)
+        let (_, version) = try XCTUnwrap(Self.memoryParent())
+        if version == .v2 { XCTAssertEqual(cgWriteFile(parent + "/cgroup.subtree_control", "+memory\n"), 0) }
+        let child = parent + "/sub"
+        XCTAssertEqual(mkdir(child, 0o755), 0)
+        made.append(child)
+        let arena = try makeArena()
+        let charger = try makeCharger(child, arena)
+        var charged: Int64 = 0
+        do throws(Errno) {
+            while charged < 64 * MiB {
+                try charger.charge(arena: arena, offset: charged, length: MiB)
+                charged += MiB
+            }
+        } catch {
+            XCTAssertEqual(error, .noSpace)
+        }
+        XCTAssertGreaterThanOrEqual(charged, 12 * MiB)
+        XCTAssertLessThan(charged, 16 * MiB)
+        XCTAssertLessThanOrEqual(try usage(parent), 16 * MiB)
+    }
+
+    func testHelperKilledIsRespawned() throws {
+        let cg = try makeCgroup(limit: 128 * MiB)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        try charger.charge(arena: arena, offset: 0, length: MiB)
+        let pid = try XCTUnwrap(charger.helperPID)
+        XCTAssertEqual((try cgReadFile("/proc/\(pid)/oom_score_adj")).cgTrimmed, "1000")
+        XCTAssertTrue((try cgReadFile(charger.leaf.procsPath)).split(separator: "\n").contains(Substring("\(pid)")))
+        XCTAssertEqual(kill(pid, SIGKILL), 0)
+        usleep(50_000)
+        let before = try usage(cg)
+        try charger.charge(arena: arena, offset: MiB, length: 4 * MiB)
+        let newPID = try XCTUnwrap(charger.helperPID)
+        XCTAssertNotEqual(newPID, pid)
+        XCTAssertGreaterThanOrEqual(try usage(cg) - before, 4 * MiB - 512 * KiB)
+        // The helper holds nothing but the arena and its socket (never /dev/fuse or our fds).
+        let fdsOpen = try XCTUnwrap(Self.listFDs(newPID))
+        XCTAssertEqual(fdsOpen, [0, 1, 2, 3, 4])
+    }
+
+    func testTargetRemovedGivesEIO() throws {
+        let cg = try makeCgroup(limit: 64 * MiB)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        try charger.charge(arena: arena, offset: 0, length: MiB)
+        XCTAssertEqual(CgSys.punch(arena.rawValue, 0, MiB), 0)
+        let pid = try XCTUnwrap(charger.helperPID)
+        XCTAssertEqual(kill(pid, SIGKILL), 0)
+        // Wait for it to leave the leaf, then remove leaf and target behind the charger's back.
+        var tries = 0
+        while rmdir(charger.leaf.path) != 0 && errno == EBUSY && tries < 200 { usleep(10_000); tries += 1 }
+        XCTAssertEqual(rmdir(cg), 0, String(cString: strerror(errno)))
+        XCTAssertThrowsError(try charger.charge(arena: arena, offset: MiB, length: MiB)) { e in
+            XCTAssertEqual(e as? Errno, .ioError)
+        }
+    }
+
+    func testInvalidTargets() throws {
+        func kind(_ p: String) -> CgroupError.Kind? {
+            do { _ = try CgroupTarget.resolve(p); return nil } catch { return error.kind }
+        }
+        XCTAssertEqual(kind("/nonexistent/chargefs"), .notFound)
+        XCTAssertEqual(kind("/tmp"), .notCgroup)
+        XCTAssertEqual(kind("/proc/self/status"), .notDirectory)
+        let link = "/tmp/chargefs-test-link-\(getpid())"
+        unlink(link)
+        XCTAssertEqual(symlink("/tmp", link), 0)
+        defer { unlink(link) }
+        XCTAssertEqual(kind(link), .notCgroup)
+        do {
+            _ = try CgroupTarget.resolve(link)
+        } catch {
+            XCTAssertTrue(error.description.hasPrefix("memcg=\(link): not a cgroup"), error.description)
+        }
+        let (parent, version) = try XCTUnwrap(Self.memoryParent())
+        switch version {
+        case .v1:
+            // `..` out of the memory hierarchy into another v1 hierarchy.
+            XCTAssertEqual(kind("/sys/fs/cgroup/memory/../pids"), .noMemoryController)
+            if access("/sys/fs/cgroup/pids", F_OK) == 0 { XCTAssertEqual(kind("/sys/fs/cgroup/pids"), .noMemoryController) }
+        case .v2:
+            // A grandchild whose parent does not enable memory for its children.
+            let cg = try makeCgroup(limit: nil)
+            XCTAssertEqual(mkdir(cg + "/sub", 0o755), 0)
+            made.append(cg + "/sub")
+            XCTAssertEqual(kind(cg + "/sub"), .noMemoryController)
+        }
+        XCTAssertNil(kind(parent))
+    }
+
+    func testPermissionIsCheckedForTheCaller() throws {
+        let cg = try makeCgroup(limit: nil)
+        do {
+            _ = try CgroupTarget.resolve(cg, accessAs: (65534, 65534))
+            XCTFail("nobody was allowed")
+        } catch {
+            XCTAssertEqual(error.kind, .permissionDenied)
+            XCTAssertEqual(error.description, "memcg=\(cg): permission denied: you may not move processes into this cgroup")
+        }
+        // Delegated to nobody: now allowed (so the refusal above was the kernel's answer).
+        XCTAssertEqual(chown(cg + "/cgroup.procs", 65534, 65534), 0)
+        XCTAssertNoThrow(try CgroupTarget.resolve(cg, accessAs: (65534, 65534)))
+    }
+
+    func testCleanupStaleLeaves() throws {
+        let cg = try makeCgroup(limit: nil)
+        // A dead daemon's leaf with its (orphaned) helper still in it.
+        let dead = Self.deadPID()
+        let stale = cg + "/chargefs-\(dead)"
+        XCTAssertEqual(mkdir(stale, 0o755), 0)
+        let arena = try makeArena(size: MiB)
+        let (helper, sock) = try XCTUnwrap(ChargeHelper.forkUnstarted(arena: arena.rawValue))
+        defer { close(sock); var s: Int32 = 0; waitpid(helper, &s, WNOHANG) }
+        var tries = 0
+        while ((try? cgReadFile("/proc/\(helper)/comm")) ?? "").cgTrimmed != "chargefs-helper" && tries < 400 {
+            usleep(5000); tries += 1
+        }
+        XCTAssertEqual(cgWriteFile(stale + "/cgroup.procs", "\(helper)\n"), 0)
+        // Something else that happens to be named like a leaf but is not ours to judge.
+        XCTAssertEqual(mkdir(cg + "/chargefs-other", 0o755), 0)
+        made.append(cg + "/chargefs-other")
+
+        XCTAssertEqual(try CgroupTarget.cleanupStale(target: cg), [stale])
+        XCTAssertNotEqual(access(stale, F_OK), 0)
+        XCTAssertEqual(access(cg + "/chargefs-other", F_OK), 0)
+        var s: Int32 = 0
+        XCTAssertEqual(waitpid(helper, &s, 0), helper)
+        XCTAssertEqual(ChargeHelper.terminationSignal(s), SIGKILL)
+
+        // A daemon starting cleans up as well; a live daemon's leaf survives a cleanup.
+        XCTAssertEqual(mkdir(stale, 0o755), 0)
+        let charger = try makeCharger(cg, try makeArena())
+        XCTAssertNotEqual(access(stale, F_OK), 0)
+        XCTAssertEqual(chargefsdCleanupCommand(cg), 0)
+        XCTAssertEqual(access(charger.leaf.path, F_OK), 0)
+        charger.shutdown()
+        XCTAssertNotEqual(access(charger.leaf.path, F_OK), 0, "shutdown leaves the leaf")
+    }
+
+    /// A pid that no process has now (a child that has exited and been reaped).
+    static func deadPID() -> pid_t {
+        let child = fork()
+        if child == 0 { _exit(0) }
+        var st: Int32 = 0
+        waitpid(child, &st, 0)
+        return child
+    }
+
+    // MARK: helpers
+
+    static func listFDs(_ pid: pid_t) -> [Int]? {
+        guard let d = opendir("/proc/\(pid)/fd") else { return nil }
+        defer { closedir(d) }
+        var out: [Int] = []
+        while let e = readdir(d) {
+            let name = withUnsafePointer(to: e.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if let n = Int(name) { out.append(n) }
+        }
+        return out.sorted()
+    }
+
+    func cgParent(_ p: String) -> String {
+        String(p[..<(p.lastIndex(of: "/") ?? p.endIndex)])
+    }
+}
