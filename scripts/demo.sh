@@ -109,7 +109,7 @@ echo "   stored $(fmt_mib "$stored"); target charged $(fmt_mib $(( $(cg_usage "$
 echo "== df $MNT"
 df -h "$MNT" | sed 's/^/   /'
 echo "== getfattr -n user.chargefs.status $MNT"
-getfattr --only-values -n user.chargefs.status "$MNT" 2>&1 | sed 's/^/   /' || true
+getfattr --absolute-names --only-values -n user.chargefs.status "$MNT" 2>&1 | sed 's/^/   /' || true
 echo
 
 echo "== reading back (O_DIRECT, so the data comes from the daemon, not the page cache)"
