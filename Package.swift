@@ -33,6 +33,7 @@ let package = Package(
             name: "ChargeFSTests",
             dependencies: [
                 "ChargeFS",
+                "CFuse",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),

@@ -3,10 +3,9 @@
 
 // libfuse 3.12+ API (Debian's 3.14). Everything Swift cannot reach directly (macros, bitfields,
 // versioned symbols) gets a small inline function here, prefixed cfuse_.
+// No _GNU_SOURCE: it changes glibc's struct layouts (fd_set) from what Swift's Glibc module
+// sees, and the two then clash in any file that imports both. GNU-only calls go through syscall().
 #define FUSE_USE_VERSION 312
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <fuse_lowlevel.h>
 #include <fcntl.h>
 #include <errno.h>
@@ -25,6 +24,9 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <linux/magic.h>
+#include <linux/memfd.h>
+
+extern pid_t _Fork(void);  /* glibc 2.34+, declared only under _GNU_SOURCE */
 
 static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, unsigned max_threads) {
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
@@ -42,8 +44,8 @@ static inline void cfuse_fi_set_keep_cache(struct fuse_file_info *fi, int on) { 
 static inline void cfuse_fi_set_nonseekable(struct fuse_file_info *fi, int on) { fi->nonseekable = on ? 1 : 0; }
 static inline int cfuse_fi_writepage(const struct fuse_file_info *fi) { return fi->writepage; }
 
-static inline int cfuse_memfd_create(const char *name, unsigned flags) { return memfd_create(name, flags); }
-static inline int cfuse_fallocate(int fd, int mode, int64_t offset, int64_t len) { return fallocate(fd, mode, offset, len); }
+static inline int cfuse_memfd_create(const char *name, unsigned flags) { return (int)syscall(SYS_memfd_create, name, flags); }
+static inline int cfuse_fallocate(int fd, int mode, int64_t offset, int64_t len) { return (int)syscall(SYS_fallocate, fd, mode, offset, len); }
 
 enum {
     CFUSE_RENAME_NOREPLACE = RENAME_NOREPLACE,
@@ -53,8 +55,8 @@ enum {
     CFUSE_XATTR_REPLACE = XATTR_REPLACE,
     CFUSE_FALLOC_KEEP_SIZE = FALLOC_FL_KEEP_SIZE,
     CFUSE_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE,
-    CFUSE_SEEK_DATA = SEEK_DATA,
-    CFUSE_SEEK_HOLE = SEEK_HOLE,
+    CFUSE_SEEK_DATA = 3,  /* SEEK_DATA */
+    CFUSE_SEEK_HOLE = 4,  /* SEEK_HOLE */
     CFUSE_MFD_CLOEXEC = MFD_CLOEXEC,
     CFUSE_TMPFS_MAGIC = TMPFS_MAGIC,
     CFUSE_CGROUP_SUPER_MAGIC = CGROUP_SUPER_MAGIC,
@@ -117,7 +119,7 @@ static inline __attribute__((noreturn)) void cfuse_charge_helper_main(pid_t pare
         if (n < 0) { if (errno == EINTR) continue; _exit(125); }
         struct cfuse_charge_reply rp = { 0 };
         if (n != (ssize_t)sizeof rq || rq.offset < 0 || rq.length <= 0) rp.err = EINVAL;
-        else while (fallocate(CFUSE_HELPER_ARENA_FD, 0, rq.offset, rq.length) != 0) {
+        else while (cfuse_fallocate(CFUSE_HELPER_ARENA_FD, 0, rq.offset, rq.length) != 0) {
             if (errno == EINTR) continue;
             rp.err = errno;
             break;

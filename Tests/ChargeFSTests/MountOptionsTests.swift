@@ -1,0 +1,52 @@
+import XCTest
+@testable import ChargeFS
+
+final class MountOptionsTests: XCTestCase {
+    func testParsesTmpfsOptions() throws {
+        let o = try MountOptions.parse(["src", "/mnt", "-o", "size=1G,nr_inodes=10k,mode=0755,uid=5,gid=6,memcg=/sys/fs/cgroup/pod,allow_other,noatime"])
+        XCTAssertEqual(o.source, "src")
+        XCTAssertEqual(o.mountpoint, "/mnt")
+        XCTAssertEqual(o.sizeBytes, 1 << 30)
+        XCTAssertEqual(o.maxInodes, 10 * 1024)
+        XCTAssertEqual(o.rootMode, 0o755)
+        XCTAssertEqual(o.rootUid, 5)
+        XCTAssertEqual(o.rootGid, 6)
+        XCTAssertEqual(o.memcg, "/sys/fs/cgroup/pod")
+        XCTAssertTrue(o.noatime)
+        XCTAssertTrue(o.fuseOptionList.contains("allow_other"))
+        XCTAssertTrue(o.fsname.contains("memcg=/sys/fs/cgroup/pod"))
+    }
+
+    func testSizeForms() throws {
+        XCTAssertEqual(try MountOptions.parseSize("4096", option: "size"), 4096)
+        XCTAssertEqual(try MountOptions.parseSize("2k", option: "size"), 2048)
+        XCTAssertEqual(try MountOptions.parseSize("3M", option: "size"), 3 << 20)
+        XCTAssertEqual(try MountOptions.parseSize("50%", option: "size"), MountOptions.physicalMemory / 100 * 50)
+        let zero = try MountOptions.parse(["/m", "-o", "size=0,nr_inodes=0"])
+        XCTAssertNil(zero.effectiveMaxBytes)
+        XCTAssertNil(zero.effectiveMaxInodes)
+    }
+
+    func testBadInputNamesTheProblem() {
+        let cases: [([String], String)] = [
+            (["/m", "-o", "size=12q"], "size=12q"),
+            (["/m", "-o", "size=-1"], "size=-1"),
+            (["/m", "-o", "size=99999999999e"], "too large"),
+            (["/m", "-o", "mode=9"], "mode=9"),
+            (["/m", "-o", "uid=bob"], "uid=bob"),
+            (["/m", "-o", "bogus"], "unknown mount option 'bogus'"),
+            (["/m", "-o", "memcg=relative"], "memcg=relative"),
+            (["/m", "-o"], "-o needs"),
+            ([], "missing mountpoint"),
+            (["a", "b", "c"], "too many arguments"),
+            (["/m", "--frobnicate"], "unknown argument"),
+        ]
+        for (args, needle) in cases {
+            XCTAssertThrowsError(try MountOptions.parse(args), "\(args)") { error in
+                let text = (error as? UsageError)?.description ?? ""
+                XCTAssertTrue(text.contains(needle), "\(args): \(text)")
+                XCTAssertFalse(text.contains("\n"))
+            }
+        }
+    }
+}

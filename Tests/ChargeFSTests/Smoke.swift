@@ -1,3 +1,0 @@
-import XCTest
-@testable import ChargeFS
-final class SmokeTests: XCTestCase { func testNothing() {} }
