@@ -278,6 +278,7 @@ extension CgroupTarget {
     /// Creates this process's leaf, first cleaning up stale ones.
     public func createLeaf() throws(CgroupError) -> CgroupLeaf {
         _ = try? Self.cleanupStale(resolved: resolvedPath, userPath: path)
+        if version == .v2 { enableMemoryForChildren() }
         let pid = getpid()
         var n = 0
         while true {
@@ -305,6 +306,17 @@ extension CgroupTarget {
             }
             throw cgErrnoError(path, e, what: "mkdir \(leaf)")
         }
+    }
+
+    /// v2: best effort `+memory` in the target's subtree_control, so the leaf gets its own
+    /// counters (chargedBytesInLeaf). Totals do not change either way: without it the leaf's pages
+    /// are charged to the target directly. The kernel refuses (EBUSY) while the target itself
+    /// holds processes; then we leave it be. Pod cgroups have it enabled already.
+    func enableMemoryForChildren() {
+        let control = resolvedPath + "/cgroup.subtree_control"
+        let current = (try? cgReadFile(control)) ?? ""
+        if current.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("memory") { return }
+        _ = cgWriteFile(control, "+memory\n")
     }
 
     /// Removes the leaf (waiting up to ~2 s for its exiting helper). The charge of pages the
