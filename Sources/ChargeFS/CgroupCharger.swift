@@ -83,6 +83,7 @@ public final class CgroupCharger: PageCharger {
         "memcg=\(target.path) (cgroup \(target.version == .v1 ? "v1" : "v2"))"
     }
 
+    /// `arena` must be the fd given to init: the helper works on its own copy of it.
     public func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
         guard length > 0 else { return }
         try state.withLock { (st: inout State) throws(Errno) in

@@ -4,6 +4,13 @@ import Glibc
 /// One charge helper process: a fork of the daemon (see cfuse_spawn_charge_helper in shim.h) that
 /// sits in the leaf cgroup and fallocates arena ranges on request, so their pages are charged to
 /// that cgroup. Not thread-safe: the charger serialises all use under its lock.
+///
+/// It ends when the daemon does: its socket reads EOF once the daemon's end closes (process exit
+/// closes it). PR_SET_PDEATHSIG is only a second line: it fires when the *thread* that forked
+/// exits, so a helper (re)spawned from a FUSE worker thread that later ends is killed; the next
+/// charge then sees it gone, respawns it and retries (one log line).
+/// v1 caveat: with memory.move_charge_at_immigrate set on the target, moving the helper in could
+/// move charges of pages mapped in the address space it inherited; v2 has no such thing.
 struct ChargeHelper: Sendable {
     let pid: pid_t
     let socket: Int32

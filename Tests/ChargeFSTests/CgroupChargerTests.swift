@@ -143,7 +143,13 @@ final class CgroupChargerTests: XCTestCase {
         t0 = ContinuousClock.now
         for i in 0..<256 { try charger.charge(arena: arena, offset: 16 * MiB + Int64(i) * 64 * KiB, length: 64 * KiB) }
         let small = (ContinuousClock.now - t0) / 256
-        print("charge latency (\(charger.summary)): 1 MiB \(big), 64 KiB \(small)")
+        t0 = ContinuousClock.now
+        for _ in 0..<100 { _ = try charger.target.headroom(reclaimable: false) }
+        let cheap = (ContinuousClock.now - t0) / 100
+        t0 = ContinuousClock.now
+        for _ in 0..<100 { _ = try charger.target.headroom(reclaimable: true) }
+        let full = (ContinuousClock.now - t0) / 100
+        print("charge latency (\(charger.summary)): 1 MiB \(big), 64 KiB \(small); counter read \(cheap), with memory.stat \(full); margin \(charger.marginBytes)")
 
         let after = try usage(cg)
         assertNear(after - before, 32 * MiB, 512 * KiB, "target charged")
