@@ -64,7 +64,7 @@ public enum Daemon {
     /// the pipe to report on.
     public static func detach() -> Int32 {
         var fds: [Int32] = [0, 0]
-        guard pipe2(&fds, O_CLOEXEC) == 0 else {
+        guard pipe(&fds) == 0, fcntl(fds[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(fds[1], F_SETFD, FD_CLOEXEC) == 0 else {
             printError("cannot create a pipe: \(Errno(rawValue: errno))")
             exit(1)
         }

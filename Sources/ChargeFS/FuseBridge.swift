@@ -212,7 +212,7 @@ enum FuseBridge {
             }
         }
         ops.read = { req, ino, size, offset, fi in
-            let noatime = fi.map { Int32(truncatingIfNeeded: $0.pointee.fh) & O_NOATIME != 0 } ?? false
+            let noatime = fi.map { Int32(truncatingIfNeeded: $0.pointee.fh) & Int32(CFUSE_O_NOATIME) != 0 } ?? false
             do throws(Errno) {
                 try FuseBridge.fileSystem(req).read(UInt64(ino), offset: Int64(offset), count: size, noatime: noatime) { vectors in
                     _ = fuse_reply_iov(req, vectors.baseAddress, Int32(vectors.count))

@@ -161,7 +161,7 @@ public struct MountOptions: Sendable, Equatable {
     }
 
     public static var physicalMemory: Int64 {
-        Int64(sysconf(Int32(_SC_PHYS_PAGES))) * Int64(sysconf(Int32(_SC_PAGESIZE)))
+        Int64(sysconf(Int32(_SC_PHYS_PAGES))) * Int64(getpagesize())
     }
 
     /// size= as the file system takes it: nil for unlimited.
@@ -171,7 +171,7 @@ public struct MountOptions: Sendable, Equatable {
     }
 
     public var effectiveMaxInodes: Int64? {
-        let count = maxInodes ?? Self.physicalMemory / Int64(sysconf(Int32(_SC_PAGESIZE))) / 2
+        let count = maxInodes ?? Self.physicalMemory / Int64(getpagesize()) / 2
         return count == 0 ? nil : count
     }
 
