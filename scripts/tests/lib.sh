@@ -141,8 +141,10 @@ cg_describe() {
 # Removes a cgroup and any child cgroups below it (deepest first). Children left by a daemon
 # (chargefs-*) are removed too; processes still inside block removal and are reported.
 cg_remove() {
-  local path=$1 d i
+  local path=$1 d i dirs
   [ -d "$path" ] || return 0
+  dirs=$(find "$path" -depth -type d)
+  # (a here-string, not < <(...): UML guests have no /dev/fd)
   while IFS= read -r d; do
     for i in 1 2 3 4 5 6 7 8 9 10; do
       [ "$(cg_version)" = 1 ] && echo 0 > "$d/memory.force_empty" 2>/dev/null
@@ -150,7 +152,7 @@ cg_remove() {
       sleep 0.2
     done
     [ -d "$d" ] && log "warning: could not remove cgroup $d (procs: $(cg_procs "$d" | tr '\n' ' '))"
-  done < <(find "$path" -depth -type d)
+  done <<<"$dirs"
   [ ! -d "$path" ]
 }
 
