@@ -149,6 +149,11 @@ public final class CgroupCharger: PageCharger {
         return s
     }
 
+    /// OOM kills in the target, the leaf included (v1 counts a kill only in the victim's cgroup).
+    public func oomKillCount() throws(CgroupError) -> Int64 {
+        try Self.oomCount(target, leaf)
+    }
+
     /// The current helper's pid (tests, diagnostics).
     var helperPID: pid_t? { state.withLock { $0.helper?.pid } }
 

@@ -174,7 +174,8 @@ final class CgroupChargerTests: XCTestCase {
         let arena = try makeArena()
         let charger = try makeCharger(cg, arena)
         let target = try CgroupTarget.resolve(cg)
-        let ooms = try target.oomKillCount()
+        let ooms = try charger.oomKillCount()
+        XCTAssertEqual(try target.oomKillCount(), 0)
         var charged: Int64 = 0
         var failure: Errno?
         while charged < 2 * limit {
@@ -189,7 +190,8 @@ final class CgroupChargerTests: XCTestCase {
         XCTAssertEqual(failure, .noSpace)
         XCTAssertGreaterThanOrEqual(charged, limit - 4 * MiB, "stopped too early")
         XCTAssertLessThanOrEqual(try usage(cg), limit)
-        XCTAssertEqual(try target.oomKillCount(), ooms, "the kernel OOM-killed something")
+        XCTAssertEqual(try charger.oomKillCount(), ooms, "the kernel OOM-killed something")
+        XCTAssertEqual(try target.oomKillCount(), 0)
         let room = try XCTUnwrap(charger.availableBytes())
         XCTAssertLessThan(room, MiB)
         print("filled \(charged / MiB) MiB of a \(limit / MiB) MiB limit; room left \(room)")
@@ -239,6 +241,31 @@ final class CgroupChargerTests: XCTestCase {
         // The helper holds nothing but the arena and its socket (never /dev/fuse or our fds).
         let fdsOpen = try XCTUnwrap(Self.listFDs(newPID))
         XCTAssertEqual(fdsOpen, [0, 1, 2, 3, 4])
+    }
+
+    /// The race the headroom check cannot close (the limit drops, or a workload grows, between
+    /// our check and the fallocate): the kernel OOM-kills the helper, never us; we say ENOSPC.
+    func testKernelOOMKillOfHelperGivesENOSPC() throws {
+        let (_, version) = try XCTUnwrap(Self.memoryParent())
+        let limitFile = version == .v1 ? "/memory.limit_in_bytes" : "/memory.max"
+        let cg = try makeCgroup(limit: 256 * MiB)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        try charger.charge(arena: arena, offset: 0, length: MiB)  // reads and caches the headroom
+        let pid = try XCTUnwrap(charger.helperPID)
+        let ooms = try charger.oomKillCount()
+        // Behind the charger's cached reading: leave 256 KiB of room.
+        XCTAssertEqual(cgWriteFile(cg + limitFile, "\(try usage(cg) + 256 * KiB)\n"), 0)
+        XCTAssertThrowsError(try charger.charge(arena: arena, offset: MiB, length: 8 * MiB)) { e in
+            XCTAssertEqual(e as? Errno, .noSpace)
+        }
+        XCTAssertGreaterThan(try charger.oomKillCount(), ooms, "the kernel did not OOM-kill (test did not race)")
+        let newPID = try XCTUnwrap(charger.helperPID)
+        XCTAssertNotEqual(newPID, pid)
+        XCTAssertEqual(kill(getpid(), 0), 0)  // we are alive, obviously; the helper paid
+        // With room again, the respawned helper charges.
+        XCTAssertEqual(cgWriteFile(cg + limitFile, "\(256 * MiB)\n"), 0)
+        try charger.charge(arena: arena, offset: MiB, length: 8 * MiB)
     }
 
     func testTargetRemovedGivesEIO() throws {
