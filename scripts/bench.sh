@@ -92,7 +92,8 @@ io = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
 print("%.1f" % (io["bw_bytes"] / 1048576.0 if sys.argv[2] == "bw" else io["iops"]))
 EOF
 }
-rss_kib() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
+# the daemon's own resident memory: RssAnon + RssFile (RssShmem, the mapped arena, is the data)
+rss_kib() { awk '$1 == "RssAnon:" || $1 == "RssFile:" {s += $2} END {print s}' "/proc/$1/status"; }
 mb_val() { run "$MB" "$1" "$2" "$3" | awk '{print $4}'; }
 
 declare -A R   # R[workload|fs] = "v1 v2 v3"
@@ -177,12 +178,13 @@ for w in "${WLS[@]}"; do
 done
 echo
 echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"
-printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' fs "daemon RSS/GiB" "daemon RSS/100k files" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB"
+printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' fs "daemon RSS/GiB*" "daemon RSS/100k files*" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB"
 printf '|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------ ------------------------ ------------------ ------------------ ------------------
 for f in "${FS[@]}"; do
   printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
 done
-echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT; writer cg = fio's cgroup, which also pays for the FUSE page cache)"
+echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT; writer cg = fio's cgroup, which also pays for the FUSE page cache;"
+echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"
 # --- scale: per-op cost at 1k/100k/1M files, 16 GiB stored ---------------------------------------
 declare -A SC
 if [ "$scale" = 1 ]; then
