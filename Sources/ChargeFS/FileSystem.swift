@@ -1,5 +1,4 @@
 import Glibc
-import Synchronization
 import SystemPackage
 
 /// Who asks: the kernel tells us the uid/gid of the process behind each request.
@@ -65,7 +64,8 @@ public struct DirectoryEntry {
 /// The file system: inodes, names, data. Every operation is a method that takes plain values and
 /// returns attributes or an errno, so it runs the same in-process (tests) and behind FUSE.
 ///
-/// One lock guards the whole tree. Lock order: FileSystem's lock, then the charger's own.
+/// One reader-writer lock guards the whole tree: reads of data and attributes share it, anything
+/// that changes the tree or a count holds it alone. Lock order: this lock, then the charger's.
 public final class FileSystem: Sendable {
     public static let rootIno: UInt64 = 1
     public static let nameMax = 255
@@ -74,31 +74,36 @@ public final class FileSystem: Sendable {
     /// The root's read-only status attribute (getfattr -n user.chargefs.status MOUNTPOINT).
     public static let statusXattr: FileName = Array("user.chargefs.status".utf8)
 
-    private let core: Mutex<FileSystemCore>
+    private let core: ReadWriteLock<FileSystemCore>
 
     public init(config: FileSystemConfig, store: sending PageStore) {
-        core = Mutex(FileSystemCore(config: config, store: store))
+        core = ReadWriteLock(FileSystemCore(config: config, store: store))
     }
 
     @inline(__always)
-    private func locked<T: Sendable>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
-        try core.withLock { (c: inout FileSystemCore) throws(Errno) -> T in try body(c) }
+    private func locked<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
+        try core.withWriteLock(body)
+    }
+
+    @inline(__always)
+    private func shared<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
+        try core.withReadLock(body)
     }
 
     public func lookup(parent: UInt64, name: FileName) throws(Errno) -> Attributes {
         try locked { c throws(Errno) in try c.lookup(parent: parent, name: name) }
     }
     public func forget(_ ino: UInt64, count: UInt64) {
-        core.withLock { c in c.forget(ino, count: count) }
+        core.withWriteLock { c in c.forget(ino, count: count) }
     }
     public func getattr(_ ino: UInt64) throws(Errno) -> Attributes {
-        try locked { c throws(Errno) in try c.inode(ino).attributes }
+        try shared { c throws(Errno) in try c.inode(ino).attributes }
     }
     public func setattr(_ ino: UInt64, _ changes: AttributeChanges) throws(Errno) -> Attributes {
         try locked { c throws(Errno) in try c.setattr(ino, changes) }
     }
     public func readlink(_ ino: UInt64) throws(Errno) -> [UInt8] {
-        try locked { c throws(Errno) in try c.readlink(ino) }
+        try shared { c throws(Errno) in try c.readlink(ino) }
     }
     public func mknod(parent: UInt64, name: FileName, mode: UInt32, rdev: UInt64, caller: Caller) throws(Errno) -> Attributes {
         try locked { c throws(Errno) in try c.create(parent: parent, name: name, mode: mode, rdev: rdev, target: nil, caller: caller) }
@@ -133,52 +138,56 @@ public final class FileSystem: Sendable {
     /// reused under it. An empty list means end of file.
     public func read(_ ino: UInt64, offset: Int64, count: Int, noatime: Bool = false,
                      _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
-        try core.withLock { (c: inout FileSystemCore) throws(Errno) -> Void in
-            try c.read(ino, offset: offset, count: count, noatime: noatime, body)
+        let touch = try core.withReadLock { (c: FileSystemCore) throws(Errno) -> Bool in
+            try c.read(ino, offset: offset, count: count, body)
+            return !noatime && c.atimeIsStale(ino)
         }
+        // relatime moves atime rarely (after a change, or daily), so the exclusive lock is taken
+        // only then, after the reply.
+        if touch { core.withWriteLock { c in c.touchAtime(ino) } }
     }
     /// Writes; returns the bytes stored (fewer than given when only part fits).
     public func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(Errno) -> Int {
-        try core.withLock { (c: inout FileSystemCore) throws(Errno) -> Int in try c.write(ino, offset: offset, data: data) }
+        try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> Int in try c.write(ino, offset: offset, data: data) }
     }
     public func fallocate(_ ino: UInt64, mode: Int32, offset: Int64, length: Int64) throws(Errno) {
         try locked { c throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length) }
     }
     /// SEEK_DATA and SEEK_HOLE.
     public func seek(_ ino: UInt64, offset: Int64, whence: Int32) throws(Errno) -> Int64 {
-        try locked { c throws(Errno) in try c.seek(ino, offset: offset, whence: whence) }
+        try shared { c throws(Errno) in try c.seek(ino, offset: offset, whence: whence) }
     }
     /// Lists from `offset`; `body` returns false when its buffer is full (the entry it was given
     /// is then not counted). With `plus`, each listed entry but "." and ".." counts as a lookup.
     public func readdir(_ ino: UInt64, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
-        try core.withLock { (c: inout FileSystemCore) throws(Errno) -> Void in try c.readdir(ino, offset: offset, plus: plus, body) }
+        try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> Void in try c.readdir(ino, offset: offset, plus: plus, body) }
     }
     public func usage() -> FileSystemUsage {
-        core.withLock { c in c.usage() }
+        core.withReadLock { c in c.usage() }
     }
     public func setxattr(_ ino: UInt64, name: FileName, value: [UInt8], flags: Int32) throws(Errno) {
         try locked { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
     public func getxattr(_ ino: UInt64, name: FileName) throws(Errno) -> [UInt8] {
-        try locked { c throws(Errno) in try c.getxattr(ino, name: name) }
+        try shared { c throws(Errno) in try c.getxattr(ino, name: name) }
     }
     /// Names, each NUL-terminated, as listxattr returns them.
     public func listxattr(_ ino: UInt64) throws(Errno) -> [UInt8] {
-        try locked { c throws(Errno) in try c.listxattr(ino) }
+        try shared { c throws(Errno) in try c.listxattr(ino) }
     }
     public func removexattr(_ ino: UInt64, name: FileName) throws(Errno) {
         try locked { c throws(Errno) in try c.removexattr(ino, name: name) }
     }
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
     public func storedBytes() -> (used: Int64, charged: Int64) {
-        core.withLock { c in
+        core.withWriteLock { c in
             (Int64(c.store.pagesInUse * PageStore.pageSize), Int64(c.store.pagesCharged * PageStore.pageSize))
         }
     }
     /// Frees everything (unmount): every page goes back to the store and is uncharged.
     public func destroy() {
-        core.withLock { c in c.destroy() }
+        core.withWriteLock { c in c.destroy() }
     }
     /// Live inodes, for tests that look for leaks.
-    public var inodeCount: Int { core.withLock { c in c.inodes.count } }
+    public var inodeCount: Int { core.withReadLock { c in c.inodes.count } }
 }

@@ -21,11 +21,10 @@ extension FileSystemCore {
         return inode
     }
 
-    func read(_ ino: UInt64, offset: Int64, count: Int, noatime: Bool,
-              _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+    /// Runs under the shared lock: changes nothing (atime is the caller's business).
+    func read(_ ino: UInt64, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
         let inode = try regularFile(ino)
         if offset < 0 { throw .invalidArgument }
-        touchAtime(inode, noatime: noatime)
         guard offset < inode.size, count > 0 else {
             return body(UnsafeBufferPointer(start: nil, count: 0))
         }

@@ -356,11 +356,21 @@ final class FileSystemCore {
     /// relatime, as tmpfs mounts by default: atime moves when it is older than mtime or ctime,
     /// or a day old.
     func touchAtime(_ inode: Inode, noatime: Bool) {
-        guard !noatime, !config.noatime else { return }
-        let now = timespec.now
-        if inode.atime <= inode.mtime || inode.atime <= inode.ctime || now.tv_sec - inode.atime.tv_sec >= 86400 {
-            inode.atime = now
-        }
+        guard !noatime, atimeIsStale(inode) else { return }
+        inode.atime = .now
+    }
+
+    func touchAtime(_ ino: UInt64) {
+        if let inode = inodes[ino], atimeIsStale(inode) { inode.atime = .now }
+    }
+
+    func atimeIsStale(_ ino: UInt64) -> Bool {
+        inodes[ino].map(atimeIsStale) ?? false
+    }
+
+    func atimeIsStale(_ inode: Inode) -> Bool {
+        guard !config.noatime else { return false }
+        return inode.atime <= inode.mtime || inode.atime <= inode.ctime || timespec.now.tv_sec - inode.atime.tv_sec >= 86400
     }
 
     func usage() -> FileSystemUsage {
