@@ -1,0 +1,237 @@
+// File data: truncate, holes, st_blocks, SEEK_DATA/SEEK_HOLE, fallocate, fsync, locks.
+
+import Foundation
+import Glibc
+import XCTest
+
+final class MountDataTests: MountTestCase {
+    func testTruncateGrowShrinkReadsZeros() throws {
+        let f = p("t")
+        try FS.create(f, [UInt8](repeating: 0xAA, count: 10_000))
+        try sys("truncate", truncate(f, 3_000))
+        XCTAssertEqual(try FS.statOf(f).st_size, 3_000)
+        try sys("truncate", truncate(f, 20_000))
+        let data = try FS.contents(f)
+        XCTAssertEqual(data.count, 20_000)
+        XCTAssertEqual(Array(data[0..<3_000]), [UInt8](repeating: 0xAA, count: 3_000))
+        XCTAssertEqual(Array(data[3_000...]), [UInt8](repeating: 0, count: 17_000), "no stale bytes after shrink+grow")
+        // ftruncate in the middle of a page, then write beyond: the gap reads zero.
+        let fd = try FS.open(f, O_RDWR)
+        defer { close(fd) }
+        try sys("ftruncate", ftruncate(fd, 1_001))
+        XCTAssertEqual(try FS.write(fd, [1], at: 5_000), 1)
+        let after = try FS.read(fd, count: 10_000, at: 0)
+        XCTAssertEqual(after.count, 5_001)
+        XCTAssertEqual(Array(after[1_001..<5_000]), [UInt8](repeating: 0, count: 3_999))
+        XCTAssertErrno(EINVAL, ftruncate(fd, -1))
+        try sys("ftruncate", ftruncate(fd, 0))
+        XCTAssertEqual(try FS.fstatOf(fd).st_blocks, 0, "empty file holds no blocks")
+        // Very large sparse size.
+        try sys("ftruncate", ftruncate(fd, 1 << 40))
+        XCTAssertEqual(try FS.fstatOf(fd).st_size, 1 << 40)
+        XCTAssertEqual(try FS.read(fd, count: 4096, at: (1 << 40) - 4096), [UInt8](repeating: 0, count: 4096))
+    }
+
+    func testSparseFilesAndBlocksMatchTmpfs() throws {
+        try assertSameAsTmpfs("sparse st_blocks") { dir, t in
+            let cases: [(String, [(Int64, Int)])] = [
+                ("one byte", [(0, 1)]),
+                ("4096", [(0, 4096)]),
+                ("4097", [(0, 4097)]),
+                ("far byte", [(1 << 30, 1)]),
+                ("two islands", [(0, 100), (10 << 20, 5000)]),
+                ("straddle", [(4095, 2)]),
+            ]
+            for (name, writes) in cases {
+                let fd = try FS.open(dir + "/" + name, O_CREAT | O_RDWR)
+                for (off, len) in writes { _ = try FS.write(fd, [UInt8](repeating: 7, count: len), at: off) }
+                let st = try FS.fstatOf(fd)
+                t.append("\(name): size=\(st.st_size) blocks=\(st.st_blocks)")
+                let hole = try FS.read(fd, count: 16, at: (1 << 20))
+                t.append("\(name): read in hole=\(hole.allSatisfy { $0 == 0 }) n=\(hole.count)")
+                close(fd)
+            }
+            let fd = try FS.open(dir + "/grow", O_CREAT | O_RDWR)
+            ftruncate(fd, 100 << 20)
+            t.append("truncated 100MiB: blocks=\((try? FS.fstatOf(fd).st_blocks) ?? -1)")
+            close(fd)
+        }
+        // Hard check independent of tmpfs.
+        let fd = try FS.open(p("sparse"), O_CREAT | O_RDWR)
+        defer { close(fd) }
+        XCTAssertEqual(try FS.write(fd, [1, 2, 3], at: 1 << 30), 3)
+        let st = try FS.fstatOf(fd)
+        XCTAssertEqual(st.st_size, (1 << 30) + 3)
+        XCTAssertLessThanOrEqual(st.st_blocks, 16, "a 1 GiB hole must not be allocated")
+        XCTAssertEqual(try FS.read(fd, count: 8, at: 12345), [UInt8](repeating: 0, count: 8))
+        XCTAssertEqual(try FS.read(fd, count: 3, at: 1 << 30), [1, 2, 3])
+    }
+
+    func testSeekDataSeekHoleMatchTmpfs() throws {
+        let sdir = try assertSameAsTmpfs("SEEK_DATA/SEEK_HOLE") { dir, t in
+            let fd = try FS.open(dir + "/f", O_CREAT | O_RDWR)
+            defer { close(fd) }
+            _ = try FS.write(fd, [UInt8](repeating: 1, count: 4096), at: 0)
+            _ = try FS.write(fd, [UInt8](repeating: 2, count: 100), at: 1 << 20)
+            _ = try FS.write(fd, [UInt8](repeating: 3, count: 8192), at: 3 << 20)
+            ftruncate(fd, 5 << 20)
+            for off in [0, 100, 4096, 5000, (1 << 20) - 1, 1 << 20, (1 << 20) + 4096, 2 << 20, (3 << 20) + 8191, 4 << 20, (5 << 20) - 1, 5 << 20, 6 << 20] as [Int] {
+                errno = 0
+                let d = lseek(fd, off_t(off), LinuxConst.SEEK_DATA)
+                let de = d < 0 ? errnoName(errno) : "\(d)"
+                errno = 0
+                let h = lseek(fd, off_t(off), LinuxConst.SEEK_HOLE)
+                let he = h < 0 ? errnoName(errno) : "\(h)"
+                t.append("off \(off): SEEK_DATA=\(de) SEEK_HOLE=\(he)")
+            }
+            // Punched hole becomes a hole for SEEK_HOLE.
+            _ = Sys.fallocate(fd, LinuxConst.FALLOC_FL_PUNCH_HOLE | LinuxConst.FALLOC_FL_KEEP_SIZE, 3 << 20, 4096)
+            t.append("after punch: SEEK_HOLE(3M)=\(lseek(fd, 3 << 20, LinuxConst.SEEK_HOLE)) SEEK_DATA(3M)=\(lseek(fd, 3 << 20, LinuxConst.SEEK_DATA))")
+            let e = try FS.open(dir + "/empty", O_CREAT | O_RDWR)
+            errno = 0
+            t.append("empty: SEEK_DATA(0)=\(lseek(e, 0, LinuxConst.SEEK_DATA)) \(errnoName(errno))")
+            errno = 0
+            t.append("empty: SEEK_HOLE(0)=\(lseek(e, 0, LinuxConst.SEEK_HOLE)) \(errnoName(errno))")
+            close(e)
+        }
+        let fd = try FS.open(sdir + "/f", O_RDONLY)
+        defer { close(fd) }
+        XCTAssertEqual(lseek(fd, 4096, LinuxConst.SEEK_DATA), 1 << 20, "next data after the first hole")
+        XCTAssertEqual(lseek(fd, 0, LinuxConst.SEEK_HOLE), 4096)
+        XCTAssertEqual(lseek(fd, 6 << 20, LinuxConst.SEEK_DATA), -1)
+        XCTAssertEqual(errnoName(errno), "ENXIO")
+    }
+
+    func testFallocateModesMatchTmpfs() throws {
+        try assertSameAsTmpfs("fallocate") { dir, t in
+            let fd = try FS.open(dir + "/f", O_CREAT | O_RDWR)
+            defer { close(fd) }
+            func state(_ label: String) {
+                let st = (try? FS.fstatOf(fd)) ?? StatBuf()
+                t.append("  \(label): size=\(st.st_size) blocks=\(st.st_blocks)")
+            }
+            record(&t, "mode 0 [0,64K)", Sys.fallocate(fd, 0, 0, 65_536)); state("after mode 0")
+            t.append("  reads zero: \(((try? FS.read(fd, count: 65_536, at: 0)) ?? []).allSatisfy { $0 == 0 })")
+            record(&t, "KEEP_SIZE [64K,128K)", Sys.fallocate(fd, LinuxConst.FALLOC_FL_KEEP_SIZE, 65_536, 65_536)); state("after keep size")
+            _ = try FS.write(fd, [UInt8](repeating: 9, count: 20_000), at: 1000)
+            record(&t, "PUNCH|KEEP [4K,12K)", Sys.fallocate(fd, LinuxConst.FALLOC_FL_PUNCH_HOLE | LinuxConst.FALLOC_FL_KEEP_SIZE, 4096, 8192)); state("after punch")
+            let r = (try? FS.read(fd, count: 20_000, at: 1000)) ?? []
+            t.append("  punched zero: \(r.count == 20_000 && r[3096..<11288].allSatisfy { $0 == 0 }) kept: \(r.count == 20_000 && r[0..<3096].allSatisfy { $0 == 9 } && r[11288...].allSatisfy { $0 == 9 })")
+            record(&t, "PUNCH|KEEP unaligned [100,5000)", Sys.fallocate(fd, LinuxConst.FALLOC_FL_PUNCH_HOLE | LinuxConst.FALLOC_FL_KEEP_SIZE, 100, 4900)); state("after unaligned punch")
+            let r2 = (try? FS.read(fd, count: 6000, at: 0)) ?? []
+            t.append("  unaligned: \(r2.count) \(r2.count == 6000 ? "\(r2[99]) \(r2[100]) \(r2[4999]) \(r2[5000])" : "")")
+            record(&t, "PUNCH without KEEP_SIZE", Sys.fallocate(fd, LinuxConst.FALLOC_FL_PUNCH_HOLE, 0, 4096))
+            record(&t, "ZERO_RANGE", Sys.fallocate(fd, LinuxConst.FALLOC_FL_ZERO_RANGE, 0, 4096))
+            record(&t, "COLLAPSE_RANGE", Sys.fallocate(fd, LinuxConst.FALLOC_FL_COLLAPSE_RANGE, 0, 4096))
+            record(&t, "INSERT_RANGE", Sys.fallocate(fd, LinuxConst.FALLOC_FL_INSERT_RANGE, 0, 4096))
+            record(&t, "len 0", Sys.fallocate(fd, 0, 0, 0))
+            record(&t, "negative offset", Sys.fallocate(fd, 0, -1, 10))
+            record(&t, "mode 0 beyond EOF [1M,1M+4K)", Sys.fallocate(fd, 0, 1 << 20, 4096)); state("after extend")
+            let ro = open(dir + "/f", O_RDONLY)
+            record(&t, "on O_RDONLY fd", Sys.fallocate(ro, 0, 0, 4096))
+            close(ro)
+            state("final")
+        }
+    }
+
+    func testFsyncFdatasyncSucceed() throws {
+        let fd = try FS.open(p("s"), O_CREAT | O_RDWR)
+        defer { close(fd) }
+        _ = try FS.write(fd, pattern(50_000), at: 0)
+        XCTAssertErrno(0, fsync(fd))
+        XCTAssertErrno(0, fdatasync(fd))
+        let dfd = try FS.open(root, O_RDONLY | O_DIRECTORY)
+        defer { close(dfd) }
+        XCTAssertErrno(0, fsync(dfd), "fsync on a directory")
+        sync()
+        XCTAssertEqual(try FS.read(fd, count: 50_000, at: 0), pattern(50_000))
+    }
+
+    func testFlockAndOFDLocksConflictLikeTmpfs() throws {
+        try FS.create(p("lock"), [1])
+        let a = try FS.open(p("lock"), O_RDWR)
+        let b = try FS.open(p("lock"), O_RDWR)
+        defer { close(a); close(b) }
+        XCTAssertErrno(0, flock(a, LOCK_EX | LOCK_NB))
+        XCTAssertErrno(EWOULDBLOCK, flock(b, LOCK_EX | LOCK_NB), "second open file description conflicts")
+        XCTAssertErrno(EWOULDBLOCK, flock(b, LOCK_SH | LOCK_NB))
+        XCTAssertErrno(0, flock(a, LOCK_UN))
+        XCTAssertErrno(0, flock(b, LOCK_SH | LOCK_NB))
+        XCTAssertErrno(0, flock(a, LOCK_SH | LOCK_NB), "shared locks coexist")
+        flock(a, LOCK_UN); flock(b, LOCK_UN)
+        // OFD byte-range locks (per open file description, so they conflict within one process).
+        var wl = Glibc.flock()
+        wl.l_type = Int16(F_WRLCK); wl.l_whence = Int16(SEEK_SET); wl.l_start = 0; wl.l_len = 100
+        XCTAssertErrno(0, fcntl(a, LinuxConst.F_OFD_SETLK, &wl))
+        var other = Glibc.flock()
+        other.l_type = Int16(F_WRLCK); other.l_whence = Int16(SEEK_SET); other.l_start = 50; other.l_len = 10
+        XCTAssertErrno(EAGAIN, fcntl(b, LinuxConst.F_OFD_SETLK, &other))
+        var probe = other
+        XCTAssertErrno(0, fcntl(b, LinuxConst.F_OFD_GETLK, &probe))
+        XCTAssertEqual(Int32(probe.l_type), Int32(F_WRLCK), "GETLK reports the conflicting lock")
+        XCTAssertEqual(probe.l_start, 0)
+        XCTAssertEqual(probe.l_len, 100)
+        var free = Glibc.flock()
+        free.l_type = Int16(F_WRLCK); free.l_whence = Int16(SEEK_SET); free.l_start = 100; free.l_len = 10
+        XCTAssertErrno(0, fcntl(b, LinuxConst.F_OFD_SETLK, &free), "non-overlapping range")
+        // Classic POSIX locks: same process never conflicts with itself.
+        var pl = Glibc.flock()
+        pl.l_type = Int16(F_WRLCK); pl.l_whence = Int16(SEEK_SET); pl.l_start = 500; pl.l_len = 0
+        XCTAssertErrno(0, fcntl(a, F_SETLK, &pl))
+        XCTAssertErrno(0, fcntl(b, F_SETLK, &pl))
+        // Another process sees our POSIX lock: flock(1) uses flock(2), so use a shell `exec` with
+        // a tiny helper instead: util-linux `flock -n` on the same file must fail while `a` holds
+        // an flock lock.
+        XCTAssertErrno(0, flock(a, LOCK_EX | LOCK_NB))
+        let r = try Child.run(["/usr/bin/flock", "-n", "-E", "42", p("lock"), "true"], logDir: try scratch.path, timeout: 5)
+        XCTAssertEqual(r.code, 42, "another process must see the flock lock: \(r.err)")
+        flock(a, LOCK_UN)
+        let r2 = try Child.run(["/usr/bin/flock", "-n", "-E", "42", p("lock"), "true"], logDir: try scratch.path, timeout: 5)
+        XCTAssertEqual(r2.code, 0, "lock released: \(r2.err)")
+    }
+
+    /// fio write+verify jobs (psync with unaligned block sizes, and mmap engine). Each job is
+    /// first run on a kernel tmpfs so a bad fio invocation cannot masquerade as a chargefs bug.
+    func testLargeRandomIOIntegrityWithFio() throws {
+        guard access("/usr/bin/fio", X_OK) == 0 else { throw XCTSkip("fio not installed") }
+        let t = try mountTmpfs()
+        let jobs: [[String]] = [
+            ["--name=randwrite4k", "--size=24m", "--bs=4k", "--rw=randwrite", "--ioengine=psync", "--verify=crc32c",
+             "--numjobs=2", "--randseed=1234"],
+            ["--name=unaligned", "--size=8m", "--bsrange=512-70k", "--bs_unaligned", "--rw=randwrite",
+             "--ioengine=psync", "--verify=md5", "--randseed=99"],
+            ["--name=mmap", "--size=8m", "--bsrange=512-70k", "--bs_unaligned", "--rw=randwrite",
+             "--ioengine=mmap", "--verify=md5", "--randseed=7"],
+        ]
+        for job in jobs {
+            for (label, dir) in [("tmpfs", t.mountpoint), ("chargefs", root)] {
+                let argv = ["/usr/bin/fio"] + job + ["--directory=\(dir)", "--verify_fatal=1", "--do_verify=1", "--minimal"]
+                let r = try Child.run(argv, logDir: try scratch.path, timeout: 60)
+                XCTAssertEqual(r.code, 0, "fio \(job[0]) on \(label) failed: \(r.err.suffix(1500)) \(r.out.prefix(200))")
+                if r.code != 0 { return }
+            }
+        }
+    }
+
+    func testConcurrentWritersToDisjointRanges() throws {
+        let f = p("shared")
+        try FS.create(f)
+        let fd = try FS.open(f, O_RDWR)
+        defer { close(fd) }
+        let chunk = 64 * 1024
+        DispatchQueue.concurrentPerform(iterations: 8) { i in
+            let data = [UInt8](repeating: UInt8(i + 1), count: chunk)
+            for rep in 0..<4 {
+                _ = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, chunk, off_t((i * 4 + rep) * chunk)) }
+            }
+        }
+        let all = try FS.read(fd, count: 32 * chunk, at: 0)
+        XCTAssertEqual(all.count, 32 * chunk)
+        for i in 0..<8 {
+            for rep in 0..<4 {
+                let s = (i * 4 + rep) * chunk
+                XCTAssertTrue(all[s..<(s + chunk)].allSatisfy { $0 == UInt8(i + 1) }, "chunk \(i)/\(rep) corrupted")
+            }
+        }
+    }
+}
