@@ -75,6 +75,10 @@ extension FileSystemCore {
         var freshIterator = fresh.makeIterator()
         var written = 0
         var position = offset
+        // Copy in runs of consecutive arena pages: one pwrite each.
+        var runPage: UInt32 = 0
+        var runInner = 0
+        var runLength = 0
         while position < end {
             let index = Int(position / pageSize)
             var page = inode.pages.page(at: index)
@@ -85,9 +89,21 @@ extension FileSystemCore {
             }
             let inner = Int(position % pageSize)
             let length = Int(min(pageSize - Int64(inner), end - position))
-            memcpy(store.address(of: page) + inner, data.baseAddress! + written, length)
+            if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / Self.pageSize) {
+                runLength += length
+            } else {
+                if runLength > 0 {
+                    store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
+                }
+                runPage = page
+                runInner = inner
+                runLength = length
+            }
             written += length
             position += Int64(length)
+        }
+        if runLength > 0 {
+            store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
         if written == 0 { throw .noSpace }
         if position > inode.size { inode.size = position }

@@ -27,7 +27,7 @@ public final class PageStore {
     private var nextFresh: Int = 1
     /// Freed pages already punched out of the arena (uncharged); reusing one charges it again.
     private var punched: [UInt32] = []
-    /// Freed pages still charged and holding stale data; zeroed when handed out again.
+    /// Freed pages still charged, already zeroed.
     private var reserve: [UInt32] = []
     /// Pages that belong to files right now.
     public private(set) var pagesInUse = 0
@@ -91,8 +91,7 @@ public final class PageStore {
     public func allocate(_ count: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
         var got = 0
         while got < count, let page = reserve.popLast() {
-            memset(address(of: page), 0, Self.pageSize)
-            pages.append(page)
+            pages.append(page)  // zeroed when it entered the reserve
             got += 1
         }
         var failure: Errno?
@@ -159,12 +158,41 @@ public final class PageStore {
         for page in freed {
             pagesInUse -= 1
             if reserve.count < Self.reserveLimit {
+                zero(page)
                 reserve.append(page)
             } else {
                 toPunch.append(page)
             }
         }
         punch(&toPunch)
+    }
+
+    /// Stale data must never reach another file: a page is zeroed before it can be reused.
+    /// pwrite rather than memset, so the daemon does not fault the page into its own mapping.
+    private func zero(_ page: UInt32) {
+        _ = pwrite(arena.rawValue, FileSystemCore.zeroPage, Self.pageSize, off_t(Int(page) * Self.pageSize))
+    }
+
+    /// Copies `length` bytes into the arena at `page` + `inner` (within consecutive pages).
+    /// pwrite into the memfd copies straight into the pages the charger instantiated, without a
+    /// page fault per page as a copy through the mapping would take.
+    @inline(__always)
+    func store(_ source: UnsafeRawPointer, length: Int, page: UInt32, inner: Int) {
+        var done = 0
+        let offset = Int(page) * Self.pageSize + inner
+        while done < length {
+            let n = pwrite(arena.rawValue, source + done, length - done, off_t(offset + done))
+            if n > 0 {
+                done += n
+            } else if n < 0 && errno == EINTR {
+                continue
+            } else {
+                // The pages are already instantiated, so only a bug gets here; copy through the
+                // mapping rather than lose data.
+                memcpy(address(of: page) + inner + done, source + done, length - done)
+                return
+            }
+        }
     }
 
     /// Releases the whole reserve (used when the mount must hand every byte back).
