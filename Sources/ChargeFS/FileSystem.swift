@@ -23,6 +23,9 @@ public struct FileSystemConfig: Sendable {
     public var rootGid: UInt32 = 0
     /// noatime: reads never update atime.
     public var noatime = false
+    /// Open files with FOPEN_DIRECT_IO: no FUSE page cache, whose pages the kernel would charge
+    /// to whichever cgroup reads or writes. libfuse 3.14 cannot allow shared mmap with it.
+    public var directIO = false
     public init() {}
 }
 
@@ -75,8 +78,10 @@ public final class FileSystem: Sendable {
     public static let statusXattr: FileName = Array("user.chargefs.status".utf8)
 
     private let core: ReadWriteLock<FileSystemCore>
+    public let config: FileSystemConfig
 
     public init(config: FileSystemConfig, store: sending PageStore) {
+        self.config = config
         core = ReadWriteLock(FileSystemCore(config: config, store: store))
     }
 

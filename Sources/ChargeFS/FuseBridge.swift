@@ -95,6 +95,18 @@ enum FuseBridge {
         return c
     }
 
+    /// Every change to the data comes through this kernel, so its page cache stays valid across
+    /// opens (keep_cache), unless the mount asked for direct_io. The open flags ride in fh, for
+    /// O_NOATIME on read.
+    static func setCaching(_ fi: UnsafeMutablePointer<fuse_file_info>, _ fs: FileSystem) {
+        if fs.config.directIO {
+            cfuse_fi_set_direct_io(fi, 1)
+        } else {
+            cfuse_fi_set_keep_cache(fi, 1)
+        }
+        fi.pointee.fh = UInt64(UInt32(bitPattern: fi.pointee.flags))
+    }
+
     static func makeOperations() -> fuse_lowlevel_ops {
         var ops = fuse_lowlevel_ops()
         ops.`init` = { _, conn in
@@ -189,10 +201,7 @@ enum FuseBridge {
             guard let fi else { return FuseBridge.reply(req, .invalidArgument) }
             do throws(Errno) {
                 try FuseBridge.fileSystem(req).open(UInt64(ino), flags: fi.pointee.flags)
-                // Every change to the data comes through this kernel, so its page cache stays valid
-                // across opens.
-                cfuse_fi_set_keep_cache(fi, 1)
-                fi.pointee.fh = UInt64(UInt32(bitPattern: fi.pointee.flags))
+                FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
                 fuse_reply_open(req, fi)
             } catch {
                 FuseBridge.reply(req, error)
@@ -204,8 +213,7 @@ enum FuseBridge {
                 let attributes = try FuseBridge.fileSystem(req).mknod(parent: UInt64(parent), name: FuseBridge.name(name),
                                                            mode: mode, rdev: 0, caller: FuseBridge.caller(req))
                 var e = FuseBridge.entry(attributes)
-                cfuse_fi_set_keep_cache(fi, 1)
-                fi.pointee.fh = UInt64(UInt32(bitPattern: fi.pointee.flags))
+                FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
                 fuse_reply_create(req, &e, fi)
             } catch {
                 FuseBridge.reply(req, error)

@@ -26,6 +26,8 @@ public struct MountOptions: Sendable, Equatable {
     public var rootGid: UInt32?
     public var memcg: String?
     public var noatime = false
+    /// direct_io: file data bypasses the kernel's page cache (see FileSystemConfig.directIO).
+    public var directIO = false
     /// Options handed to the kernel mount through libfuse, as given.
     public var passthrough: [String] = []
 
@@ -109,6 +111,8 @@ public struct MountOptions: Sendable, Equatable {
             case "noatime":
                 noatime = true
                 passthrough.append(option)
+            case "direct_io" where value == nil:
+                directIO = true
             case "fsname", "subtype":
                 break  // chargefsd sets these itself
             case _ where Self.fuseFlags.contains(key) && value == nil:
@@ -183,6 +187,7 @@ public struct MountOptions: Sendable, Equatable {
         c.rootUid = rootUid ?? getuid()
         c.rootGid = rootGid ?? getgid()
         c.noatime = noatime
+        c.directIO = directIO
         return c
     }
 
@@ -213,6 +218,8 @@ public struct MountOptions: Sendable, Equatable {
       uid=N, gid=N      owner of the root directory (default: the caller's)
       memcg=PATH        charge every stored page to this memory cgroup (v1 or v2); writes that
                         would pass its memory limit (or an ancestor's) get ENOSPC
+      direct_io         read and write bypass the kernel's page cache, so a reader or writer's
+                        cgroup is not charged for a cached copy (shared mmap is then refused)
       allow_other, ro, noatime, nosuid, nodev, noexec, ...  as for any FUSE mount
     flags:
       -f  stay in the foreground     -d  foreground with FUSE debug output
