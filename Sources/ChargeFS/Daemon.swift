@@ -8,7 +8,7 @@ public let chargefsVersion = "0.1.0"
 public enum Daemon {
     /// One line on stderr, prefixed with the program's name.
     public static func printError(_ message: String) {
-        let line = "chargefsd: \(message)\n"
+        let line = "chargefsd: \(String(String.UnicodeScalarView(message.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })))\n"
         _ = line.withCString { write(STDERR_FILENO, $0, strlen($0)) }
     }
 

@@ -3,7 +3,7 @@ import Glibc
 /// A bad command line or mount option: one line that names the problem.
 public struct UsageError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    public init(_ description: String) { self.description = String(String.UnicodeScalarView(description.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })) }
 }
 
 /// What the command line asks for: `chargefsd [SOURCE] MOUNTPOINT [-o OPT[,OPT...]] [-f] [-d]`.
@@ -108,7 +108,7 @@ public struct MountOptions: Sendable, Equatable {
                 let v = try required()
                 guard v.hasPrefix("/") else { throw UsageError("memcg=\(v): must be an absolute path under /sys/fs/cgroup") }
                 memcg = v
-            case "noatime":
+            case "noatime" where value == nil:
                 noatime = true
                 passthrough.append(option)
             case "direct_io" where value == nil:
@@ -193,7 +193,7 @@ public struct MountOptions: Sendable, Equatable {
 
     /// The -o list libfuse gets: kernel-side options plus ours.
     public var fuseOptionList: String {
-        var list = ["fsname=\(fsname)", "subtype=chargefsd", "default_permissions"]
+        var list = ["fsname=\(fsname.replacing("\\", with: "\\\\"))", "subtype=chargefsd", "default_permissions"]
         list += passthrough.filter { $0 != "default_permissions" }
         return list.joined(separator: ",")
     }
