@@ -180,7 +180,7 @@ let errnoNames: [Int32: String] = [
     EROFS: "EROFS", EMLINK: "EMLINK", ERANGE: "ERANGE", EDEADLK: "EDEADLK", ENAMETOOLONG: "ENAMETOOLONG",
     ENOLCK: "ENOLCK", ENOSYS: "ENOSYS", ENOTEMPTY: "ENOTEMPTY", ELOOP: "ELOOP", ENODATA: "ENODATA",
     EOPNOTSUPP: "EOPNOTSUPP", ENOTCONN: "ENOTCONN", EDQUOT: "EDQUOT", EILSEQ: "EILSEQ",
-    EOVERFLOW: "EOVERFLOW", ENOTTY: "ENOTTY",
+    EOVERFLOW: "EOVERFLOW", ENOTTY: "ENOTTY", ECONNABORTED: "ECONNABORTED", ETIMEDOUT: "ETIMEDOUT",
 ]
 
 func errnoName(_ e: Int32) -> String { errnoNames[e] ?? "errno(\(e))" }
@@ -807,6 +807,13 @@ class MountTestCase: XCTestCase {
 
     override func tearDownWithError() throws {
         watchdog?.cancel()
+        // A daemon that crashed during the test is a failure even if the assertions passed.
+        let crashSignals: Set<Int32> = [SIGSEGV, SIGABRT, SIGILL, SIGBUS, SIGFPE, SIGTRAP, SIGSYS]
+        for m in ([_fs].compactMap { $0 } + extraMounts) where m.daemon.poll() && !expectDaemonDeath {
+            if let sig = m.daemon.termSignal, crashSignals.contains(sig) {
+                XCTFail("chargefsd (\(m.mountpoint)) crashed with signal \(sig); stderr: \(m.daemon.stderrText.suffix(2000))")
+            }
+        }
         for c in cleanups.reversed() { c() }
         cleanups = []
         _fs?.stop()
@@ -815,21 +822,19 @@ class MountTestCase: XCTestCase {
         if let w = watchdog, w.fired {
             XCTFail("watchdog: test ran longer than \(w.budget)s (daemon SIGKILLed; probable FUSE hang)")
         }
-        if let s = _fs {
-            // A daemon that crashed during the test is a failure even if the assertions passed.
-            if let sig = s.daemon.termSignal, sig != SIGTERM, !(watchdog?.fired ?? false) {
-                XCTFail("chargefsd died with signal \(sig); stderr: \(s.daemon.stderrText.suffix(2000))")
-            }
-        }
         _scratch?.remove()
         _fs = nil
         extraMounts = []
         tmpfsMounts = []
         _scratch = nil
+        expectDaemonDeath = false
         try super.tearDownWithError()
     }
 
     func addCleanup(_ body: @escaping () -> Void) { cleanups.append(body) }
+
+    /// Set by tests that kill the daemon on purpose.
+    var expectDaemonDeath = false
 
     /// Mounts another chargefs (torn down automatically).
     @discardableResult
