@@ -8,7 +8,6 @@ final class Directory {
         var name: FileName
         var ino: UInt64
         var cookie: UInt64
-        var type: UInt8
     }
 
     private var entries: [Entry] = []
@@ -31,23 +30,17 @@ final class Directory {
         return entries[i].ino
     }
 
-    func entryType(_ name: FileName) -> UInt8? {
-        guard let i = index[name] else { return nil }
-        return entries[i].type
-    }
-
-    func insert(_ name: FileName, ino: UInt64, type: UInt8) {
+    func insert(_ name: FileName, ino: UInt64) {
         index[name] = entries.count
-        entries.append(Entry(name: name, ino: ino, cookie: nextCookie, type: type))
+        entries.append(Entry(name: name, ino: ino, cookie: nextCookie))
         nextCookie += 1
     }
 
     /// Points an existing name at another inode (rename over an existing entry). The entry
     /// keeps its cookie, as the name never left the directory.
-    func replace(_ name: FileName, ino: UInt64, type: UInt8) {
-        guard let i = index[name] else { return insert(name, ino: ino, type: type) }
+    func replace(_ name: FileName, ino: UInt64) {
+        guard let i = index[name] else { return insert(name, ino: ino) }
         entries[i].ino = ino
-        entries[i].type = type
     }
 
     func remove(_ name: FileName) {

@@ -24,7 +24,7 @@ final class FileSystemCore {
         let root = Inode(ino: FileSystem.rootIno, mode: ModeBits.directory | (config.rootMode & 0o7777),
                          uid: config.rootUid, gid: config.rootGid, now: .now)
         root.nlink = 2
-        root.directory = Directory(parent: FileSystem.rootIno)
+        root.payload = .directory(Directory(parent: FileSystem.rootIno))
         root.lookups = 1  // the kernel's reference to the root, never forgotten
         inodes[root.ino] = root
     }
@@ -122,15 +122,15 @@ final class FileSystemCore {
         inode.rdev = rdev
         if inode.isDirectory {
             inode.nlink = 2
-            inode.directory = Directory(parent: dirInode.ino)
+            inode.payload = .directory(Directory(parent: dirInode.ino))
             dirInode.nlink += 1
             dir.subdirectories += 1
         } else if let target {
-            inode.symlinkTarget = target
+            inode.payload = .symlink(target)
             inode.size = Int64(target.count)
         }
         inodes[inode.ino] = inode
-        dir.insert(name, ino: inode.ino, type: inode.directoryEntryType)
+        dir.insert(name, ino: inode.ino)
         dirInode.mtime = now
         dirInode.ctime = now
         inode.lookups += 1
@@ -148,7 +148,7 @@ final class FileSystemCore {
         let now = timespec.now
         inode.nlink += 1
         inode.ctime = now
-        dir.insert(newName, ino: inode.ino, type: inode.directoryEntryType)
+        dir.insert(newName, ino: inode.ino)
         dirInode.mtime = now
         dirInode.ctime = now
         inode.lookups += 1
@@ -225,8 +225,8 @@ final class FileSystemCore {
             // Neither may end up inside itself.
             if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
             if existing.isDirectory && isWithin(fromInode.ino, existing.ino) { throw .invalidArgument }
-            fromDir.replace(name, ino: existing.ino, type: existing.directoryEntryType)
-            toDir.replace(newName, ino: moving.ino, type: moving.directoryEntryType)
+            fromDir.replace(name, ino: existing.ino)
+            toDir.replace(newName, ino: moving.ino)
             if fromInode !== toInode {
                 if moving.isDirectory != existing.isDirectory {
                     let (gain, lose) = moving.isDirectory ? (toInode, fromInode) : (fromInode, toInode)
@@ -258,10 +258,10 @@ final class FileSystemCore {
 
         fromDir.remove(name)
         if let existing {
-            toDir.replace(newName, ino: moving.ino, type: moving.directoryEntryType)
+            toDir.replace(newName, ino: moving.ino)
             dropLink(existing, from: toInode, toDir, now: now)
         } else {
-            toDir.insert(newName, ino: moving.ino, type: moving.directoryEntryType)
+            toDir.insert(newName, ino: moving.ino)
         }
         if let movingDir = moving.directory, fromInode !== toInode {
             movingDir.parent = toInode.ino

@@ -12,7 +12,8 @@ final class Inode {
     var uid: UInt32
     var gid: UInt32
     var nlink: UInt32
-    var rdev: UInt64 = 0
+    /// Device number of a device node.
+    private var rdevEncoded: UInt32 = 0
     var size: Int64 = 0
     var atime: timespec
     var mtime: timespec
@@ -22,10 +23,13 @@ final class Inode {
 
     /// Data pages of a regular file.
     var pages = PageMap()
-    /// Entries of a directory.
-    var directory: Directory?
-    /// Target of a symlink.
-    var symlinkTarget: [UInt8]?
+    /// What only some kinds of inode have; one field, since an inode is at most one kind.
+    enum Payload {
+        case none
+        case directory(Directory)
+        case symlink([UInt8])
+    }
+    var payload = Payload.none
     /// Extended attributes; nil until the first one is set.
     var xattrs: [[UInt8]: [UInt8]]?
 
@@ -38,6 +42,24 @@ final class Inode {
         self.atime = now
         self.mtime = now
         self.ctime = now
+    }
+
+    /// Entries of a directory.
+    var directory: Directory? {
+        if case .directory(let d) = payload { return d }
+        return nil
+    }
+
+    /// Target of a symlink.
+    var symlinkTarget: [UInt8]? {
+        if case .symlink(let t) = payload { return t }
+        return nil
+    }
+
+    /// FUSE carries device numbers in the kernel's 32-bit encoding both ways; kept as given.
+    var rdev: UInt64 {
+        get { UInt64(rdevEncoded) }
+        set { rdevEncoded = UInt32(truncatingIfNeeded: newValue) }
     }
 
     var fileType: UInt32 { mode & ModeBits.typeMask }
