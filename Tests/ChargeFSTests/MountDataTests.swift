@@ -134,6 +134,21 @@ final class MountDataTests: MountTestCase {
         }
     }
 
+    /// Found by the exerciser: a punch that runs past EOF must free the page holding EOF when it
+    /// covers that page's in-file part entirely (tmpfs does).
+    func testPunchHolePastEOFFreesTailPageLikeTmpfs() throws {
+        try assertSameAsTmpfs("punch past EOF") { dir, t in
+            try FS.create(dir + "/f", pattern(10_000))
+            let fd = try FS.open(dir + "/f", O_RDWR)
+            defer { close(fd) }
+            record(&t, "punch [6000,14000)", Sys.fallocate(fd, LinuxConst.FALLOC_FL_PUNCH_HOLE | LinuxConst.FALLOC_FL_KEEP_SIZE, 6000, 8000))
+            let st = try FS.fstatOf(fd)
+            t.append("size=\(st.st_size) blocks=\(st.st_blocks)")
+            let tail = try FS.read(fd, count: 10_000, at: 0)
+            t.append("head intact=\(Array(tail.prefix(6000)) == Array(pattern(10_000).prefix(6000))) tail zero=\(tail.dropFirst(6000).allSatisfy { $0 == 0 })")
+        }
+    }
+
     func testFsyncFdatasyncSucceed() throws {
         let fd = try FS.open(p("s"), O_CREAT | O_RDWR)
         defer { close(fd) }
