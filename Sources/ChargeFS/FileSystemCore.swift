@@ -7,8 +7,7 @@ import SystemPackage
 final class FileSystemCore {
     let config: FileSystemConfig
     let store: PageStore
-    private(set) var inodes: [UInt64: Inode] = [:]
-    private var nextIno: UInt64 = FileSystem.rootIno + 1
+    private(set) var inodes = InodeTable()
     /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
     private var inodeSlots: Int64 = 1
     let maxPages: Int?
@@ -21,12 +20,13 @@ final class FileSystemCore {
         } else {
             maxPages = nil
         }
-        let root = Inode(ino: FileSystem.rootIno, mode: ModeBits.directory | (config.rootMode & 0o7777),
-                         uid: config.rootUid, gid: config.rootGid, now: .now)
+        let root = inodes.insert { ino in
+            Inode(ino: ino, mode: ModeBits.directory | (config.rootMode & 0o7777),
+                  uid: config.rootUid, gid: config.rootGid, now: .now)
+        }
         root.nlink = 2
-        root.payload = .directory(Directory(parent: FileSystem.rootIno))
+        root.payload = .directory(Directory(parent: root.ino))
         root.lookups = 1  // the kernel's reference to the root, never forgotten
-        inodes[root.ino] = root
     }
 
     // MARK: lookup and lifetime
@@ -76,7 +76,7 @@ final class FileSystemCore {
     /// readable through open handles until then).
     func evictIfUnused(_ inode: Inode) {
         guard inode.nlink == 0, inode.lookups == 0, inode.ino != FileSystem.rootIno else { return }
-        inodes[inode.ino] = nil
+        inodes.remove(inode.ino)
         inodeSlots -= 1
         releaseAllPages(of: inode)
     }
@@ -90,7 +90,7 @@ final class FileSystemCore {
     }
 
     func destroy() {
-        for inode in inodes.values { releaseAllPages(of: inode) }
+        for inode in inodes.all { releaseAllPages(of: inode) }
         store.trimReserve()
         inodes.removeAll()
     }
@@ -117,8 +117,7 @@ final class FileSystemCore {
             gid = dirInode.gid
             if newMode & ModeBits.typeMask == ModeBits.directory { newMode |= ModeBits.setgid }
         }
-        let inode = Inode(ino: nextIno, mode: newMode, uid: caller.uid, gid: gid, now: now)
-        nextIno += 1
+        let inode = inodes.insert { Inode(ino: $0, mode: newMode, uid: caller.uid, gid: gid, now: now) }
         inode.rdev = rdev
         if inode.isDirectory {
             inode.nlink = 2
@@ -129,7 +128,6 @@ final class FileSystemCore {
             inode.payload = .symlink(target)
             inode.size = Int64(target.count)
         }
-        inodes[inode.ino] = inode
         dir.insert(name, ino: inode.ino)
         dirInode.mtime = now
         dirInode.ctime = now

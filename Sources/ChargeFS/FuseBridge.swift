@@ -32,7 +32,7 @@ enum FuseBridge {
     static func entry(_ attributes: Attributes) -> fuse_entry_param {
         var e = fuse_entry_param()
         e.ino = fuse_ino_t(attributes.ino)
-        e.generation = 1
+        e.generation = UInt64(attributes.generation)
         e.attr = attributes.stat
         e.attr_timeout = cacheSeconds
         e.entry_timeout = cacheSeconds

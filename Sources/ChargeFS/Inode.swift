@@ -14,6 +14,8 @@ final class Inode {
     var nlink: UInt32
     /// Device number of a device node.
     private var rdevEncoded: UInt32 = 0
+    /// Bumped each time the inode number is reused.
+    var generation: UInt32 = 1
     var size: Int64 = 0
     var atime: timespec
     var mtime: timespec
@@ -72,7 +74,7 @@ final class Inode {
 
     var attributes: Attributes {
         Attributes(
-            ino: ino, mode: mode, nlink: nlink, uid: uid, gid: gid, rdev: rdev, size: size,
+            ino: ino, generation: generation, mode: mode, nlink: nlink, uid: uid, gid: gid, rdev: rdev, size: size,
             blocks: Int64(pages.count) * Int64(PageStore.pageSize / 512),
             atime: atime, mtime: mtime, ctime: ctime)
     }
@@ -81,6 +83,7 @@ final class Inode {
 /// What stat shows of an inode.
 public struct Attributes: Sendable, Equatable {
     public var ino: UInt64
+    public var generation: UInt32
     public var mode: UInt32
     public var nlink: UInt32
     public var uid: UInt32

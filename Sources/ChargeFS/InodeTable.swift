@@ -1,0 +1,48 @@
+/// Where an inode lives: a slot per inode number, numbers reused after the kernel forgets them.
+///
+/// An array beats a hash map here on both counts that matter at a million files: 8 bytes a
+/// slot instead of ~32, and no hashing on every request. A reused number gets a new generation,
+/// so the kernel (and NFS export) never confuses the new inode with the old.
+struct InodeTable {
+    private var slots: [Inode?] = [nil]  // number 0 is never an inode
+    /// Numbers free for reuse, with the generation their last inode had.
+    private var freeNumbers: [(ino: UInt64, generation: UInt32)] = []
+    private(set) var count = 0
+
+    subscript(ino: UInt64) -> Inode? {
+        ino < UInt64(slots.count) ? slots[Int(ino)] : nil
+    }
+
+    /// Stores the inode `make` builds for the next free number.
+    mutating func insert(_ make: (UInt64) -> Inode) -> Inode {
+        let ino: UInt64
+        var generation: UInt32 = 1
+        if let reused = freeNumbers.popLast() {
+            ino = reused.ino
+            generation = reused.generation &+ 1
+        } else {
+            ino = UInt64(slots.count)
+            slots.append(nil)
+        }
+        let inode = make(ino)
+        inode.generation = generation
+        slots[Int(ino)] = inode
+        count += 1
+        return inode
+    }
+
+    mutating func remove(_ ino: UInt64) {
+        guard ino < UInt64(slots.count), let inode = slots[Int(ino)] else { return }
+        slots[Int(ino)] = nil
+        freeNumbers.append((ino, inode.generation))
+        count -= 1
+    }
+
+    var all: [Inode] { slots.compactMap { $0 } }
+
+    mutating func removeAll() {
+        slots = [nil]
+        freeNumbers = []
+        count = 0
+    }
+}
