@@ -8,6 +8,8 @@ extension FileSystemCore {
     /// tmpfs's s_maxbytes (MAX_LFS_FILESIZE).
     static let maxFileSize = Int64.max
 
+    static let physicalPages = Int(sysconf(Int32(_SC_PHYS_PAGES)))
+
     /// Shared page of zeros that holes are read from, so reading a hole allocates nothing.
     nonisolated(unsafe) static let zeroPage: UnsafeMutableRawPointer = {
         let page = UnsafeMutableRawPointer.allocate(byteCount: PageStore.pageSize, alignment: PageStore.pageSize)
@@ -120,7 +122,8 @@ extension FileSystemCore {
         if size < inode.size {
             let keepPages = Int((size + pageSize - 1) / pageSize)
             var freed: [UInt32] = []
-            inode.pages.remove(from: keepPages, to: Int((inode.size + pageSize - 1) / pageSize), into: &freed)
+            // To the end of the map: pages fallocated with KEEP_SIZE lie past the old size.
+            inode.pages.remove(from: keepPages, to: Int.max >> 1, into: &freed)
             store.free(freed)
             let inner = Int(size % pageSize)
             if inner != 0 {
@@ -144,8 +147,8 @@ extension FileSystemCore {
         let pageSize = Int64(Self.pageSize)
         let now = timespec.now
         if punch {
-            guard offset < inode.size else { return }
-            let punchEnd = min(end, inode.size)
+            // Whole pages inside the range go, even past EOF (KEEP_SIZE allocations live there).
+            let punchEnd = end
             let firstFull = Int((offset + pageSize - 1) / pageSize)
             let lastFull = Int(punchEnd / pageSize)  // exclusive
             zero(inode, from: offset, to: min(punchEnd, Int64(firstFull) * pageSize))
@@ -164,6 +167,10 @@ extension FileSystemCore {
         // Allocate every hole in the range, all or nothing.
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
+        // Refuse what can never fit before walking the range: it may span 2^50 pages.
+        let atLeastMissing = (lastIndex - firstIndex + 1) - inode.pages.count
+        let available = maxPages.map { $0 - store.pagesInUse } ?? Self.physicalPages
+        if atLeastMissing > available { throw .noSpace }
         var holes: [Int] = []
         var index = inode.pages.nextHole(from: firstIndex)
         while index <= lastIndex {

@@ -254,3 +254,23 @@ final class FileSystemTests: XCTestCase {
         for i in 0..<50 { XCTAssertTrue(seen.contains(n("f\(i)"))) }
     }
 }
+
+extension FileSystemTests {
+    func testPunchAndTruncateReachPagesPastEOF() throws {
+        let ino = try file("k")
+        _ = try write(ino, [UInt8](repeating: 5, count: 10_000), at: 0)
+        // Like tmpfs: a punch past EOF frees the page holding EOF when it covers it whole.
+        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset: 6000, length: 8000)
+        XCTAssertEqual(try fs.getattr(ino).blocks, 2 * 8)
+        // KEEP_SIZE pages past EOF go when the file shrinks.
+        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_KEEP_SIZE), offset: 0, length: 64 * 4096)
+        XCTAssertEqual(try fs.getattr(ino).blocks, 64 * 8)
+        var c = AttributeChanges()
+        c.size = 4096
+        XCTAssertEqual(try fs.setattr(ino, c).blocks, 8)
+        // A range that can never fit is refused without walking it.
+        assertErrno(.noSpace) { try self.fs.fallocate(ino, mode: 0, offset: 0, length: Int64(1) << 60) }
+        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset: 0, length: Int64(1) << 60)
+        XCTAssertEqual(try fs.getattr(ino).blocks, 0)
+    }
+}
