@@ -207,6 +207,49 @@ final class MountDataTests: MountTestCase {
 
     /// fio write+verify jobs (psync with unaligned block sizes, and mmap engine). Each job is
     /// first run on a kernel tmpfs so a bad fio invocation cannot masquerade as a chargefs bug.
+    /// Classic POSIX (fcntl) locks between processes: a python3 child takes a write lock on a
+    /// byte range; this process must see the conflict via F_GETLK/F_SETLK, and get the lock
+    /// once the child is gone. Compared with tmpfs.
+    func testPosixLocksAcrossProcessesMatchTmpfs() throws {
+        guard access("/usr/bin/python3", X_OK) == 0 else { throw XCTSkip("python3 not installed") }
+        let t = try mountTmpfs()
+        for (label, dir) in [("tmpfs", t.mountpoint), ("chargefs", root)] {
+            let f = dir + "/plock"
+            try FS.create(f, [UInt8](repeating: 0, count: 100))
+            let ready = dir + "/plock.ready"
+            let script = """
+            import fcntl, os, time
+            fd = os.open('\(f)', os.O_RDWR)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 20)
+            open('\(ready)', 'w').close()
+            time.sleep(30)
+            """
+            let child = try Child(argv: ["/usr/bin/python3", "-c", script], logDir: try scratch.path, tag: "plock-\(label)")
+            defer { child.signal(SIGKILL); child.wait(timeout: 5) }
+            var waited = 0
+            while !FS.exists(ready) && waited < 500 && !child.poll() { usleep(10_000); waited += 1 }
+            XCTAssertTrue(FS.exists(ready), "\(label): lock holder did not start: \(child.stderrText)")
+            let fd = try FS.open(f, O_RDWR)
+            defer { close(fd) }
+            var probe = Glibc.flock()
+            probe.l_type = Int16(F_WRLCK); probe.l_whence = Int16(SEEK_SET); probe.l_start = 25; probe.l_len = 1
+            XCTAssertErrno(0, fcntl(fd, F_GETLK, &probe), label)
+            XCTAssertEqual(Int32(probe.l_type), Int32(F_WRLCK), "\(label): GETLK sees the other process's lock")
+            XCTAssertEqual(probe.l_pid, child.pid, label)
+            XCTAssertEqual(probe.l_start, 20, label)
+            XCTAssertEqual(probe.l_len, 10, label)
+            var want = Glibc.flock()
+            want.l_type = Int16(F_RDLCK); want.l_whence = Int16(SEEK_SET); want.l_start = 0; want.l_len = 0
+            XCTAssertErrno(EAGAIN, fcntl(fd, F_SETLK, &want), "\(label): conflicting read lock")
+            var disjoint = Glibc.flock()
+            disjoint.l_type = Int16(F_WRLCK); disjoint.l_whence = Int16(SEEK_SET); disjoint.l_start = 0; disjoint.l_len = 20
+            XCTAssertErrno(0, fcntl(fd, F_SETLK, &disjoint), "\(label): disjoint range")
+            child.signal(SIGKILL)
+            child.wait(timeout: 5)
+            XCTAssertErrno(0, fcntl(fd, F_SETLK, &want), "\(label): lock free after the holder died")
+        }
+    }
+
     func testLargeRandomIOIntegrityWithFio() throws {
         guard access("/usr/bin/fio", X_OK) == 0 else { throw XCTSkip("fio not installed") }
         let t = try mountTmpfs()
