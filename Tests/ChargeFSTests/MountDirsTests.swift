@@ -165,6 +165,41 @@ final class MountDirsTests: MountTestCase {
         }
     }
 
+    /// Several threads create, rename, link and unlink in one directory at once; afterwards every
+    /// listed entry must stat, link counts must be consistent, and the daemon must still be alive.
+    func testConcurrentNamespaceChurnStaysConsistent() throws {
+        let dir = p("race")
+        try FS.mkdir(dir)
+        DispatchQueue.concurrentPerform(iterations: 4) { w in
+            var rng = SplitMix64(seed: UInt64(w + 1))
+            for i in 0..<400 {
+                let a = dir + "/n\(rng.next() % 40)", b = dir + "/n\(rng.next() % 40)"
+                switch rng.next() % 6 {
+                case 0: _ = openClose(a, O_CREAT | O_WRONLY)
+                case 1: rename(a, b)
+                case 2: link(a, b)
+                case 3: unlink(a)
+                case 4: _ = Sys.renameat2(a, b, LinuxConst.RENAME_EXCHANGE)
+                default: mkdir(a, 0o755); rmdir(b)
+                }
+                if i % 100 == 0 { _ = try? FS.list(dir) }
+            }
+        }
+        let names = try FS.list(dir)
+        var inodeLinks: [ino_t: (nlink: nlink_t, seen: Int)] = [:]
+        var subdirs = 0
+        for n in names {
+            let st = try FS.lstatOf(dir + "/" + n)
+            if st.fileType == S_IFDIR { subdirs += 1; continue }
+            inodeLinks[st.st_ino, default: (st.st_nlink, 0)].seen += 1
+        }
+        for (ino, v) in inodeLinks {
+            XCTAssertEqual(Int(v.nlink), v.seen, "inode \(ino): st_nlink \(v.nlink) but \(v.seen) names in the only directory")
+        }
+        XCTAssertEqual(Int(try FS.statOf(dir).st_nlink), 2 + subdirs)
+        XCTAssertFalse(try fs.daemon.poll(), "daemon died")
+    }
+
     /// seekdir/telldir: resuming a listing at a remembered position continues where it stopped.
     func testTelldirSeekdirResume() throws {
         try FS.mkdir(p("s"))
