@@ -154,6 +154,8 @@ public enum Daemon {
             return 1
         }
         defer { fuse_session_destroy(session) }
+        FuseBridge.session = session
+        defer { FuseBridge.session = nil }
         guard fuse_set_signal_handlers(session) == 0 else {
             report(readiness, "cannot install signal handlers")
             return 1
@@ -166,6 +168,7 @@ public enum Daemon {
         report(readiness, "ready")
         let status = cfuse_session_loop_mt(session, 0, 8)
         fuse_session_unmount(session)
-        return status == 0 ? 0 : 1
+        // libfuse returns the number of the signal that ended the loop: a requested stop.
+        return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1
     }
 }

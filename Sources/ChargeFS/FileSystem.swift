@@ -5,11 +5,18 @@ import SystemPackage
 public struct Caller: Sendable {
     public var uid: UInt32
     public var gid: UInt32
-    public init(uid: UInt32, gid: UInt32) {
+    /// Supplementary groups, asked for only when needed (reading them costs a /proc read).
+    public var supplementaryGroups: @Sendable () -> [UInt32]
+    public init(uid: UInt32, gid: UInt32, supplementaryGroups: @escaping @Sendable () -> [UInt32] = { [] }) {
         self.uid = uid
         self.gid = gid
+        self.supplementaryGroups = supplementaryGroups
     }
     public static let root = Caller(uid: 0, gid: 0)
+
+    func isMember(_ group: UInt32) -> Bool {
+        gid == group || supplementaryGroups().contains(group)
+    }
 }
 
 /// tmpfs's mount-time settings.
@@ -104,8 +111,13 @@ public final class FileSystem: Sendable {
     public func getattr(_ ino: UInt64) throws(Errno) -> Attributes {
         try shared { c throws(Errno) in try c.inode(ino).attributes }
     }
-    public func setattr(_ ino: UInt64, _ changes: AttributeChanges) throws(Errno) -> Attributes {
-        try locked { c throws(Errno) in try c.setattr(ino, changes) }
+    public func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller = .root) throws(Errno) -> Attributes {
+        try locked { c throws(Errno) in
+            if changes.size != nil, changes.mode == nil, let inode = try? c.inode(ino) {
+                _ = c.dropSetgidIfOutsider(inode, caller)
+            }
+            return try c.setattr(ino, changes)
+        }
     }
     public func readlink(_ ino: UInt64) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.readlink(ino) }
@@ -138,6 +150,18 @@ public final class FileSystem: Sendable {
     public func open(_ ino: UInt64, flags: Int32) throws(Errno) {
         try locked { c throws(Errno) in try c.open(ino, flags: flags) }
     }
+    /// Creates a regular file and opens it (create(2) with O_CREAT).
+    public func create(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
+        try locked { c throws(Errno) in
+            let attributes = try c.create(parent: parent, name: name, mode: mode, rdev: 0, target: nil, caller: caller)
+            try c.open(attributes.ino, flags: O_RDWR)
+            return attributes
+        }
+    }
+    /// The last close of one open (or create) handle.
+    public func release(_ ino: UInt64) {
+        core.withWriteLock { c in c.release(ino) }
+    }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
     /// (and a shared zero page for holes), while the lock is held, so no page can be freed or
     /// reused under it. An empty list means end of file.
@@ -151,9 +175,15 @@ public final class FileSystem: Sendable {
         // only then, after the reply.
         if touch { core.withWriteLock { c in c.touchAtime(ino) } }
     }
-    /// Writes; returns the bytes stored (fewer than given when only part fits).
-    public func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(Errno) -> Int {
-        try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> Int in try c.write(ino, offset: offset, data: data) }
+    /// Writes; returns the bytes stored (fewer than given when only part fits), and whether the
+    /// write dropped a setgid bit (the kernel's cached mode is then stale).
+    public func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer,
+                      caller: Caller = .root) throws(Errno) -> (written: Int, modeChanged: Bool) {
+        try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> (written: Int, modeChanged: Bool) in
+            let written = try c.write(ino, offset: offset, data: data)
+            let inode = try c.inode(ino)
+            return (written, c.dropSetgidIfOutsider(inode, caller))
+        }
     }
     public func fallocate(_ ino: UInt64, mode: Int32, offset: Int64, length: Int64) throws(Errno) {
         try locked { c throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length) }

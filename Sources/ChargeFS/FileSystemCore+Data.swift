@@ -53,6 +53,16 @@ extension FileSystemCore {
         vectors.withUnsafeBufferPointer { body($0) }
     }
 
+    /// tmpfs drops setgid (without group-exec) when a writer outside the file's group changes
+    /// it; FUSE's kernel side applies only the older group-exec rule, so the rest is done here.
+    /// Returns true when the mode changed behind the kernel's back.
+    func dropSetgidIfOutsider(_ inode: Inode, _ caller: Caller) -> Bool {
+        guard inode.mode & (ModeBits.setgid | ModeBits.groupExecute) == ModeBits.setgid,
+              caller.uid != 0, !caller.isMember(inode.gid) else { return false }
+        inode.mode &= ~ModeBits.setgid
+        return true
+    }
+
     func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(Errno) -> Int {
         let inode = try regularFile(ino)
         if offset < 0 { throw .invalidArgument }

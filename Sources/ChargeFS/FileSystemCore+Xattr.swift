@@ -8,6 +8,7 @@ extension FileSystemCore {
 
     private static func checkName(_ name: FileName) throws(Errno) {
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
+        if Self.xattrNamespaces.contains(name) { throw .invalidArgument }  // "user." alone
         guard Self.xattrNamespaces.contains(where: { name.starts(with: $0) && name.count > $0.count }) else {
             throw .notSupported
         }

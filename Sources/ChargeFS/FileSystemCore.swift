@@ -172,6 +172,9 @@ final class FileSystemCore {
             if victim.nlink > 0 { inodeSlots -= 1 }  // an extra link's slot; the last goes at eviction
         }
         victim.ctime = now
+        // No name and no open handle: the data goes now, as on tmpfs, not when the kernel
+        // forgets the inode (that FORGET is asynchronous and could come after the next write).
+        if victim.nlink == 0 && victim.openCount == 0 { releaseAllPages(of: victim) }
         evictIfUnused(victim)
     }
 
@@ -284,10 +287,9 @@ final class FileSystemCore {
         if let size = changes.size {
             guard inode.isRegular else { throw inode.isDirectory ? .isDirectory : .invalidArgument }
             if size < 0 { throw .invalidArgument }
-            if size != inode.size {
-                truncate(inode, to: size)
-                inode.mtime = now
-            }
+            if size != inode.size { truncate(inode, to: size) }
+            // tmpfs moves mtime on every truncate, to the same size too.
+            inode.mtime = now
             changed = true
         }
         if let mode = changes.mode {
@@ -322,12 +324,20 @@ final class FileSystemCore {
 
     func open(_ ino: UInt64, flags: Int32) throws(Errno) {
         let inode = try inode(ino)
-        if flags & O_TRUNC != 0, inode.isRegular, flags & O_ACCMODE != O_RDONLY, inode.size != 0 {
+        if flags & O_TRUNC != 0, inode.isRegular, flags & O_ACCMODE != O_RDONLY {
+            // Times move even when the file was empty already, as tmpfs's O_TRUNC does.
             truncate(inode, to: 0)
             let now = timespec.now
             inode.mtime = now
             inode.ctime = now
         }
+        inode.openCount += 1
+    }
+
+    func release(_ ino: UInt64) {
+        guard let inode = inodes[ino], inode.openCount > 0 else { return }
+        inode.openCount -= 1
+        if inode.openCount == 0 && inode.nlink == 0 { releaseAllPages(of: inode) }
     }
 
     // MARK: directories

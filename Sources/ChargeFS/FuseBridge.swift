@@ -17,8 +17,17 @@ enum FuseBridge {
 
     static func caller(_ req: fuse_req_t?) -> Caller {
         guard let ctx = fuse_req_ctx(req) else { return .root }
-        return Caller(uid: ctx.pointee.uid, gid: ctx.pointee.gid)
+        nonisolated(unsafe) let request = req
+        return Caller(uid: ctx.pointee.uid, gid: ctx.pointee.gid) {
+            // Valid only while the request is being handled, which is when the core asks.
+            var groups = [gid_t](repeating: 0, count: 256)
+            let n = fuse_req_getgroups(request, Int32(groups.count), &groups)
+            return n > 0 ? Array(groups.prefix(min(Int(n), groups.count))) : []
+        }
     }
+
+    /// The session, for notifications the kernel did not ask for.
+    nonisolated(unsafe) static var session: OpaquePointer?
 
     static func name(_ cString: UnsafePointer<CChar>?) -> FileName {
         guard let cString else { return [] }
@@ -96,15 +105,13 @@ enum FuseBridge {
     }
 
     /// Every change to the data comes through this kernel, so its page cache stays valid across
-    /// opens (keep_cache), unless the mount asked for direct_io. The open flags ride in fh, for
-    /// O_NOATIME on read.
+    /// opens (keep_cache), unless the mount asked for direct_io.
     static func setCaching(_ fi: UnsafeMutablePointer<fuse_file_info>, _ fs: FileSystem) {
         if fs.config.directIO {
             cfuse_fi_set_direct_io(fi, 1)
         } else {
             cfuse_fi_set_keep_cache(fi, 1)
         }
-        fi.pointee.fh = UInt64(UInt32(bitPattern: fi.pointee.flags))
     }
 
     static func makeOperations() -> fuse_lowlevel_ops {
@@ -151,7 +158,9 @@ enum FuseBridge {
         ops.setattr = { req, ino, attr, toSet, _ in
             guard let attr else { return FuseBridge.reply(req, .invalidArgument) }
             let c = FuseBridge.changes(from: attr, toSet)
-            FuseBridge.replyAttr(req) { () throws(Errno) in try FuseBridge.fileSystem(req).setattr(UInt64(ino), c) }
+            FuseBridge.replyAttr(req) { () throws(Errno) in
+                try FuseBridge.fileSystem(req).setattr(UInt64(ino), c, caller: FuseBridge.caller(req))
+            }
         }
         ops.readlink = { req, ino in
             do throws(Errno) {
@@ -197,6 +206,8 @@ enum FuseBridge {
                                            newName: FuseBridge.name(newName), flags: UInt32(flags))
             }
         }
+        // Files keep open/release: an unlinked file's data must go at its last close, which only
+        // release tells (FORGET comes later, and asynchronously).
         ops.open = { req, ino, fi in
             guard let fi else { return FuseBridge.reply(req, .invalidArgument) }
             do throws(Errno) {
@@ -210,8 +221,8 @@ enum FuseBridge {
         ops.create = { req, parent, name, mode, fi in
             guard let fi else { return FuseBridge.reply(req, .invalidArgument) }
             do throws(Errno) {
-                let attributes = try FuseBridge.fileSystem(req).mknod(parent: UInt64(parent), name: FuseBridge.name(name),
-                                                           mode: mode, rdev: 0, caller: FuseBridge.caller(req))
+                let attributes = try FuseBridge.fileSystem(req).create(parent: UInt64(parent), name: FuseBridge.name(name),
+                                                                        mode: mode, caller: FuseBridge.caller(req))
                 var e = FuseBridge.entry(attributes)
                 FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
                 fuse_reply_create(req, &e, fi)
@@ -220,7 +231,8 @@ enum FuseBridge {
             }
         }
         ops.read = { req, ino, size, offset, fi in
-            let noatime = fi.map { Int32(truncatingIfNeeded: $0.pointee.fh) & Int32(CFUSE_O_NOATIME) != 0 } ?? false
+            // The read request carries the file's open flags, with or without an open.
+            let noatime = fi.map { $0.pointee.flags & Int32(CFUSE_O_NOATIME) != 0 } ?? false
             do throws(Errno) {
                 try FuseBridge.fileSystem(req).read(UInt64(ino), offset: Int64(offset), count: size, noatime: noatime) { vectors in
                     _ = fuse_reply_iov(req, vectors.baseAddress, Int32(vectors.count))
@@ -231,24 +243,27 @@ enum FuseBridge {
         }
         ops.write = { req, ino, buf, size, offset, _ in
             do throws(Errno) {
-                let written = try FuseBridge.fileSystem(req).write(UInt64(ino), offset: Int64(offset),
-                                                        data: UnsafeRawBufferPointer(start: buf, count: size))
-                fuse_reply_write(req, written)
+                let result = try FuseBridge.fileSystem(req).write(UInt64(ino), offset: Int64(offset),
+                                                                  data: UnsafeRawBufferPointer(start: buf, count: size),
+                                                                  caller: FuseBridge.caller(req))
+                fuse_reply_write(req, result.written)
+                if result.modeChanged, let session = FuseBridge.session {
+                    // Attributes only (negative offset): takes no inode lock the writer holds.
+                    _ = fuse_lowlevel_notify_inval_inode(session, ino, -1, 0)
+                }
             } catch {
                 FuseBridge.reply(req, error)
             }
         }
-        ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
-        ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+        // No flush: libfuse answers ENOSYS once and the kernel stops sending it on every close.
+        ops.release = { req, ino, _ in
+            FuseBridge.fileSystem(req).release(UInt64(ino))
+            fuse_reply_err(req, 0)
+        }
         ops.fsync = { req, _, _, _ in fuse_reply_err(req, 0) }
-        ops.opendir = { req, ino, fi in
-            do throws(Errno) {
-                _ = try FuseBridge.fileSystem(req).getattr(UInt64(ino))
-                fuse_reply_open(req, fi)
-            } catch {
-                FuseBridge.reply(req, error)
-            }
-        }
+        // Directories keep no per-open state: ENOSYS tells the kernel to stop sending opendir
+        // and releasedir, and to cache listings (every change comes through it).
+        ops.opendir = { req, _, _ in FuseBridge.reply(req, .noFunction) }
         ops.readdir = { req, ino, size, offset, _ in
             FuseBridge.readdir(req, ino: ino, size: size, offset: offset, plus: false)
         }

@@ -16,6 +16,8 @@ final class Inode {
     private var rdevEncoded: UInt32 = 0
     /// Bumped each time the inode number is reused.
     var generation: UInt32 = 1
+    /// Open handles; an unlinked file's data is freed when the last one closes.
+    var openCount: UInt32 = 0
     var size: Int64 = 0
     var atime: timespec
     var mtime: timespec

@@ -27,7 +27,7 @@ final class FileSystemTests: XCTestCase {
     }
 
     func write(_ ino: UInt64, _ bytes: [UInt8], at offset: Int64) throws -> Int {
-        try bytes.withUnsafeBytes { try fs.write(ino, offset: offset, data: $0) }
+        try bytes.withUnsafeBytes { try fs.write(ino, offset: offset, data: $0).written }
     }
 
     func read(_ ino: UInt64, _ offset: Int64, _ count: Int) throws -> [UInt8] {
@@ -191,15 +191,22 @@ final class FileSystemTests: XCTestCase {
         XCTAssertEqual(usage.freeInodes, 0)
     }
 
-    func testUnlinkedFileLivesUntilForget() throws {
-        let ino = try file("u")
+    func testUnlinkedFileLivesUntilLastCloseAndForget() throws {
+        let ino = try fs.create(parent: root, name: n("u"), mode: 0o100644, caller: me).ino  // open handle
         _ = try write(ino, [UInt8](repeating: 3, count: 8192), at: 0)
         try fs.unlink(parent: root, name: n("u"))
-        XCTAssertEqual(try read(ino, 0, 2), [3, 3])  // still open through the kernel's reference
+        XCTAssertEqual(try read(ino, 0, 2), [3, 3])  // still readable through the open handle
         XCTAssertEqual(fs.storedBytes().used, 8192)
-        fs.forget(ino, count: 1)
+        fs.release(ino)  // last close: the data goes
         XCTAssertEqual(fs.storedBytes().used, 0)
+        XCTAssertNoThrow(try fs.getattr(ino))  // the inode waits for the kernel's forget
+        fs.forget(ino, count: 1)
         assertErrno(.noSuchFileOrDirectory) { _ = try self.fs.getattr(ino) }
+        // Without an open handle, unlink frees the data at once.
+        let other = try file("v")
+        _ = try write(other, [1], at: 0)
+        try fs.unlink(parent: root, name: n("v"))
+        XCTAssertEqual(fs.storedBytes().used, 0)
     }
 
     func testHardLinks() throws {
