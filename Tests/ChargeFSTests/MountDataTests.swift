@@ -263,7 +263,7 @@ final class MountDataTests: MountTestCase {
         ]
         for job in jobs {
             for (label, dir) in [("tmpfs", t.mountpoint), ("chargefs", root)] {
-                let argv = ["/usr/bin/fio"] + job + ["--directory=\(dir)", "--verify_fatal=1", "--do_verify=1", "--minimal"]
+                let argv = ["/usr/bin/fio"] + job + ["--directory=\(dir)", "--verify_fatal=1", "--do_verify=1", "--minimal", "--verify_state_save=0"]
                 let r = try Child.run(argv, logDir: try scratch.path, timeout: 60)
                 XCTAssertEqual(r.code, 0, "fio \(job[0]) on \(label) failed: \(r.err.suffix(1500)) \(r.out.prefix(200))")
                 if r.code != 0 { return }
