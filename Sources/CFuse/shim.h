@@ -44,6 +44,7 @@ static inline void cfuse_fi_set_keep_cache(struct fuse_file_info *fi, int on) { 
 static inline void cfuse_fi_set_nonseekable(struct fuse_file_info *fi, int on) { fi->nonseekable = on ? 1 : 0; }
 static inline int cfuse_fi_writepage(const struct fuse_file_info *fi) { return fi->writepage; }
 
+static inline int64_t cfuse_physical_memory(void) { return (int64_t)sysconf(_SC_PHYS_PAGES) * (int64_t)sysconf(_SC_PAGESIZE); }
 static inline int cfuse_memfd_create(const char *name, unsigned flags) { return (int)syscall(SYS_memfd_create, name, flags); }
 static inline int cfuse_fallocate(int fd, int mode, int64_t offset, int64_t len) { return (int)syscall(SYS_fallocate, fd, mode, offset, len); }
 

@@ -8,7 +8,7 @@ extension FileSystemCore {
     /// tmpfs's s_maxbytes (MAX_LFS_FILESIZE).
     static let maxFileSize = Int64.max
 
-    static let physicalPages = Int(sysconf(Int32(_SC_PHYS_PAGES)))
+    static let physicalPages = Int(cfuse_physical_memory()) / PageStore.pageSize
 
     /// Shared page of zeros that holes are read from, so reading a hole allocates nothing.
     nonisolated(unsafe) static let zeroPage: UnsafeMutableRawPointer = {

@@ -1,3 +1,4 @@
+import CFuse
 import Glibc
 
 /// A bad command line or mount option: one line that names the problem.
@@ -165,7 +166,7 @@ public struct MountOptions: Sendable, Equatable {
     }
 
     public static var physicalMemory: Int64 {
-        Int64(sysconf(Int32(_SC_PHYS_PAGES))) * Int64(getpagesize())
+        cfuse_physical_memory()
     }
 
     /// size= as the file system takes it: nil for unlimited.
