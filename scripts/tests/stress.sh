@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Load test: scripts/tests/stress.py against a real chargefsd mount charged to a test memcg.
+#   mixed     STRESS_WORKERS (4) processes of mixed data+metadata operations on one shared tree
+#             for STRESS_SECONDS (20); then every file's content and metadata is checked against
+#             the workers' models, df against st_blocks; the daemon must be alive, the charge back
+#             at baseline once the tree is removed, and the unmount clean
+# Usage: scripts/tests/stress.sh [mixed] | --list     Env: CHARGEFSD, STRESS_WORKERS, STRESS_SECONDS,
+#        STRESS_SEED (1), CFS_TEST_TIMEOUT (120), STRESS_MEMCG=0 to mount without memcg=
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
+TESTS=(mixed)
+
+t_mixed() {
+  local SCR; SCR=$(cfs_tempdir cfsstress)
+  CFS_LOGDIR=$SCR
+  local MNT=$SCR/mnt opts="size=1g" T=""
+  if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$CHARGEFS_CGROUP_VERSION"; then
+    T=$(cg_parent)/cfsstress-$$-target
+    cg_create "$T" $((768 * MiB))
+    opts="$opts,memcg=$T"
+  fi
+  local base=0; [ -z "$T" ] || base=$(cg_usage "$T")
+  cfs_mount "$MNT" "$opts"
+  local dpid=$CFS_PID
+  local rss0; rss0=$(awk '/^VmRSS/ {print $2}' "/proc/$dpid/status")
+  check "stress: no errors, tree consistent with the model" \
+    "$CFS_PYTHON" "$(dirname "$SELF")/stress.py" "$MNT" --workers "${STRESS_WORKERS:-4}" \
+      --seconds "${STRESS_SECONDS:-20}" --seed "${STRESS_SEED:-1}"
+  log "  daemon RSS: $rss0 KiB before, $(awk '/^VmRSS/ {print $2}' "/proc/$dpid/status") KiB after"
+  check "daemon alive" kill -0 "$dpid"
+  check "df used 0 after the tree was removed" [ "$(df -B1 --output=used "$MNT" | tail -1 | tr -d ' ')" = 0 ]
+  if [ -n "$T" ]; then
+    check "target charge back at its baseline (±1 MiB)" \
+      bash -c "for i in \$(seq 50); do [ \$(cat '$T/memory.usage_in_bytes' 2>/dev/null || cat '$T/memory.current') -le $((base + MiB)) ] && exit 0; sleep 0.1; done; exit 1"
+  fi
+  check "clean unmount" cfs_umount "$MNT" "$dpid"
+  if grep -qE "ThreadSanitizer|AddressSanitizer|LeakSanitizer|Fatal error" "$CFS_LOG"; then
+    sed 's/^/  | /' "$CFS_LOG" | head -80 >&2
+    check "daemon log free of sanitizer reports and fatal errors" false
+  else
+    check "daemon log free of sanitizer reports and fatal errors" true
+  fi
+}
+
+if [ "${1:-}" = --one ]; then run_one "$2"; exit; fi
+if [ "${1:-}" = --list ]; then printf '%s\n' "${TESTS[@]}"; exit 0; fi
+if [ "$(id -u)" != 0 ]; then echo "stress test needs root"; echo "0 passed, 1 failed"; exit 1; fi
+if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
+log "chargefs stress test: daemon $bin"
+if [ $# -gt 0 ]; then sel=("$@"); else sel=("${TESTS[@]}"); fi
+run_tests "$SELF" "${CFS_TEST_TIMEOUT:-120}" "${sel[@]}"
