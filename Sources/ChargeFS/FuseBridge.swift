@@ -9,7 +9,7 @@ import SystemPackage
 enum FuseBridge {
     /// Everything comes through this kernel, so cached entries and attributes stay right; the
     /// timeout bounds how stale atime (which only we update) can look.
-    static let cacheSeconds = 1.0
+    static let cacheSeconds = 3600.0
 
     static func fileSystem(_ req: fuse_req_t?) -> FileSystem {
         Unmanaged<FileSystem>.fromOpaque(UnsafeRawPointer(fuse_req_userdata(req)!)).takeUnretainedValue()

@@ -21,7 +21,7 @@ DAEMON_SLACK=$((4 * MiB))   # the daemon's own cgroup may grow by this much (lib
 LIMIT=$((48 * MiB))         # limit of the target cgroup in most tests
 TESTS=(background size_only fill_dd fill_small_files fill_fallocate fill_ftruncate
        kernel_patch mmap_over_limit service_charges_target ancestor_limit nonroot_refused
-       sigkill_returns_charge)
+       sigkill_returns_charge pod)
 
 # --- per-test setup ------------------------------------------------------------------------------
 # new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
@@ -440,6 +440,52 @@ t_sigkill_returns_charge() {
   mount_target
   dd if="$SCR/src" of="$MNT/again" bs=1M count=4 conv=fsync status=none
   check "next start charges the target again" wait_usage "$T" -ge $((BASE + 3 * MiB))
+  check_release
+}
+
+# A pod (64 MiB) with two containers sharing one mount charged to the pod: the pod holds the
+# data, the containers only their (reclaimable) page cache; a container's death, removal and
+# re-creation leaves files and charge with the pod; the pod at its limit gives ENOSPC, no kill.
+t_pod() {
+  new_env
+  cg_create "$T" $((64 * MiB))
+  local A=$T/container-a B=$T/container-b
+  cg_create "$A"; cg_create "$B"
+  head -c $((12 * MiB)) /dev/urandom > "$SCR/a.src"
+  head -c $((12 * MiB)) /dev/urandom > "$SCR/b.src"
+  mount_target
+  local a0 b0 ash0 bsh0; a0=$(cg_usage "$A"); b0=$(cg_usage "$B"); ash0=$(cg_shmem "$A"); bsh0=$(cg_shmem "$B")
+  cg_run_in "$A" sleep 600 & local sleeper=$!
+  CFS_PIDS+=("$sleeper")
+  cg_run_in "$A" dd if="$SCR/a.src" of="$MNT/a" bs=1M conv=fsync status=none
+  cg_run_in "$B" dd if="$SCR/b.src" of="$MNT/b" bs=1M conv=fsync status=none
+  log "  pod rose by $(fmt_mib $(( $(cg_usage "$T") - BASE ))); container a: $(cg_describe "$A"); b: $(cg_describe "$B")"
+  check "containers hold no shmem of the data (≤ 1 MiB each)" \
+    le $(( $(cg_shmem "$A") - ash0 + $(cg_shmem "$B") - bsh0 )) $((2 * SLACK))
+  cg_reclaim "$B"
+  log "  container b after reclaiming its page cache: $(fmt_mib "$(cg_usage "$B")") (was $(fmt_mib "$b0"))"
+  check "container b's usage is only reclaimable page cache (back within 1 MiB)" le "$(cg_usage "$B")" $((b0 + SLACK))
+  # Container a dies, its cgroup is removed and created anew (a restart).
+  kill "$sleeper"; wait "$sleeper" 2>/dev/null || true
+  cg_reclaim "$A"
+  check "container a's cgroup removed" rmdir "$A"
+  mkdir "$A"
+  local rise=$(( $(cg_usage "$T") - BASE ))
+  log "  after container a's restart the pod holds $(fmt_mib "$rise") above its baseline"
+  check "the pod still holds both files' 24 MiB (±1 MiB + counter fuzz)" near "$rise" $((24 * MiB)) $((SLACK + FUZZ))
+  check "a's data intact after its container's restart" cmp "$SCR/a.src" "$MNT/a"
+  check "b's data intact" cmp "$SCR/b.src" "$MNT/b"
+  # Fill the pod from the new container a until ENOSPC.
+  local rc=0
+  cg_run_in "$A" dd if=/dev/zero of="$MNT/fill" bs=256k 2>"$SCR/dd.err" || rc=$?
+  check "the pod at its limit gives ENOSPC" grep -q "No space left" "$SCR/dd.err"
+  local filled; filled=$(stat -c %s "$MNT/fill")
+  log "  filled $(fmt_mib "$filled") more; pod: $(cg_describe "$T")"
+  check "the fill reached the pod's limit (within 2 MiB + fuzz)" \
+    near "$filled" $(( 64 * MiB - BASE - 24 * MiB )) $((2 * SLACK + FUZZ))
+  check "no OOM kill in the pod" [ "$(cg_oom_kills "$T")" = "$OOM_T" ]
+  check "daemon still running" kill -0 "$DPID"
+  check "earlier data intact at the limit" cmp "$SCR/a.src" "$MNT/a"
   check_release
 }
 
