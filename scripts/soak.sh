@@ -24,7 +24,7 @@ finish() { local p; for p in "${BG[@]}"; do kill "$p" 2>/dev/null || true; done;
 trap finish EXIT
 trap 'exit 143' TERM INT
 
-SCR=$(cfs_tempdir cfssoak); CFS_LOGDIR=$SCR
+SCR=$(cfs_tempdir cfssoak); CFS_DIRS+=("$SCR"); CFS_LOGDIR=$SCR  # (recorded here: cfs_tempdir ran in a subshell)
 MNT=$SCR/mnt
 T=""
 opts="size=2g"

@@ -32,7 +32,7 @@ TESTS=(sigkill_writers sigterm_busy helper_sigkill oom_hog limit_lowered target_
        size_exhaustion inode_exhaustion)
 
 new_env() {
-  SCR=$(cfs_tempdir cfsfault)
+  SCR=$(cfs_tempdir cfsfault); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   CFS_LOGDIR=$SCR
   PARENT=$(cg_parent)
   T=$PARENT/cfsfault-$$-target

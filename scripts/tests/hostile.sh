@@ -24,7 +24,7 @@ TESTS=(names deep sizes zero holes xattrs links renames fuzzbin)
 
 # Both mounts below one scratch dir: $MNT (chargefs, memcg= a fresh test cgroup), $TMP (tmpfs).
 two_mounts() {
-  SCR=$(cfs_tempdir cfshostile)
+  SCR=$(cfs_tempdir cfshostile); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   CFS_LOGDIR=$SCR
   MNT=$SCR/cfs TMPM=$SCR/tmpfs
   mkdir -p "$MNT" "$TMPM"
@@ -71,7 +71,7 @@ t_holes() {
 }
 
 t_fuzzbin() {
-  SCR=$(cfs_tempdir cfsfuzzbin)
+  SCR=$(cfs_tempdir cfsfuzzbin); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   MNT=$SCR/mnt
   mkdir -p "$MNT"
   CFS_MOUNTS+=("$MNT")

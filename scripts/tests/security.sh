@@ -22,7 +22,8 @@ SLACK=$((1 * MiB))
 TESTS=(modes no_allow_other memcg_refused memcg_delegated helper_private)
 
 as() { local u=$1; shift; setpriv --reuid="$u" --regid="$u" --clear-groups -- "$@"; }
-new_scratch() { SCR=$(cfs_tempdir cfssec); chmod 755 "$SCR"; CFS_LOGDIR=$SCR; }
+# (cfs_tempdir runs in a subshell, so its dir is recorded for cleanup here)
+new_scratch() { SCR=$(cfs_tempdir cfssec); CFS_DIRS+=("$SCR"); chmod 755 "$SCR"; CFS_LOGDIR=$SCR; }
 usable_by_nobody() {
   local bin; bin=$(cfs_daemon_bin)
   as 65534 test -x "$bin" && as 65534 test -r "$SECPY" && as 65534 test -x "$PY"

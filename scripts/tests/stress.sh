@@ -14,7 +14,7 @@ export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
 TESTS=(mixed)
 
 t_mixed() {
-  local SCR; SCR=$(cfs_tempdir cfsstress)
+  local SCR; SCR=$(cfs_tempdir cfsstress); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   CFS_LOGDIR=$SCR
   local MNT=$SCR/mnt opts="size=1g" T=""
   if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$CHARGEFS_CGROUP_VERSION"; then
