@@ -54,7 +54,7 @@ ncpu=$(nproc)
 # 37.8k randwrite). The kernel's tmpfs runs under the same pinning.
 DCPU=${BENCH_DAEMON_CPU:-0}
 CCPU=${BENCH_CLIENT_CPU:-0}
-W=$(cfs_tempdir chargefs-bench)
+W=$(cfs_tempdir chargefs-bench); CFS_DIRS+=("$W")  # (recorded here: cfs_tempdir ran in a subshell)
 CFS_LOGDIR=$W
 MB=$W/metabench
 cc -O2 -o "$MB" "$here/bench/metabench.c"

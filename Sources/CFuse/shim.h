@@ -39,6 +39,10 @@ static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, u
     return rc;
 }
 
+static void cfuse_discard_log(enum fuse_log_level level, const char *fmt, va_list ap) { (void)level; (void)fmt; (void)ap; }
+/* libfuse prints its own lines on stderr; chargefsd reports every failure in one line itself. */
+static inline void cfuse_silence_libfuse(void) { fuse_set_log_func(cfuse_discard_log); }
+
 static inline void cfuse_fi_set_direct_io(struct fuse_file_info *fi, int on) { fi->direct_io = on ? 1 : 0; }
 static inline void cfuse_fi_set_keep_cache(struct fuse_file_info *fi, int on) { fi->keep_cache = on ? 1 : 0; }
 static inline void cfuse_fi_set_nonseekable(struct fuse_file_info *fi, int on) { fi->nonseekable = on ? 1 : 0; }

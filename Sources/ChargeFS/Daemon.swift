@@ -137,6 +137,7 @@ public enum Daemon {
         defer { charger.shutdown() }
         let fs = FileSystem(config: config, store: store)
 
+        if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         var cArguments = arguments.map { strdup($0) }

@@ -118,9 +118,11 @@ public struct MountOptions: Sendable, Equatable {
                 break  // chargefsd sets these itself
             case _ where Self.fuseFlags.contains(key) && value == nil:
                 passthrough.append(option)
-            case "max_read", "blksize":
-                _ = try Self.parseCount(try required(), option: key)
-                passthrough.append(option)
+            case "max_read":
+                // libfuse 3.14 then fails its INIT against our 1 MiB requests, after the mount.
+                throw UsageError("mount option 'max_read' is not supported (chargefsd sets 1 MiB requests)")
+            case "blksize":
+                throw UsageError("mount option 'blksize' applies only to block-device FUSE mounts")
             case _ where Self.mountWords.contains(key) && value == nil:
                 break
             case _ where key.hasPrefix("x-") || key.hasPrefix("comment="):

@@ -40,7 +40,7 @@ final class OptionFuzzTests: XCTestCase {
         "size=1g", "size=0", "size=50%", "size=4096", "size=3M", "nr_inodes=10k", "nr_inodes=0",
         "mode=1777", "mode=0755", "uid=0", "gid=0", "uid=65534", "memcg=/sys/fs/cgroup/memory/x",
         "memcg=/sys/fs/cgroup/pod", "allow_other", "noatime", "ro", "rw", "nosuid", "nodev", "noexec",
-        "default_permissions", "auto_unmount", "max_read=131072", "fsname=x", "subtype=y", "defaults",
+        "default_permissions", "auto_unmount", "nodiratime", "fsname=x", "subtype=y", "defaults",
         "noauto", "x-systemd.requires=foo", "comment=hello", "relatime", "strictatime", "sync", "dirsync",
     ]
     static let keys = ["size", "nr_inodes", "mode", "uid", "gid", "memcg", "max_read", "blksize", "fsname",

@@ -26,7 +26,7 @@ TESTS=(background size_only fill_dd fill_small_files fill_fallocate fill_ftrunca
 # --- per-test setup ------------------------------------------------------------------------------
 # new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
 new_env() {
-  SCR=$(cfs_tempdir cfstest)
+  SCR=$(cfs_tempdir cfstest); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   CFS_LOGDIR=$SCR
   PARENT=$(cg_parent)
   T=$PARENT/cfstest-$$-target
@@ -455,7 +455,7 @@ t_pod() {
   head -c $((12 * MiB)) /dev/urandom > "$SCR/b.src"
   mount_target
   local a0 b0 ash0 bsh0; a0=$(cg_usage "$A"); b0=$(cg_usage "$B"); ash0=$(cg_shmem "$A"); bsh0=$(cg_shmem "$B")
-  cg_run_in "$A" sleep 600 & local sleeper=$!
+  ( echo "$BASHPID" > "$A/cgroup.procs" && exec sleep 600 ) & local sleeper=$!
   CFS_PIDS+=("$sleeper")
   cg_run_in "$A" dd if="$SCR/a.src" of="$MNT/a" bs=1M conv=fsync status=none
   cg_run_in "$B" dd if="$SCR/b.src" of="$MNT/b" bs=1M conv=fsync status=none

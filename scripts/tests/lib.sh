@@ -226,6 +226,8 @@ cfs_umount() {
   ! is_mounted "$mnt"
 }
 
+# cfs_tempdir PREFIX: prints a new temp dir. Called as $(...) it runs in a subshell, so the
+# caller must add it to CFS_DIRS itself for cleanup.
 cfs_tempdir() {
   local d; d=$(mktemp -d "${TMPDIR:-/tmp}/${1:-chargefs-test}.XXXXXX")
   CFS_DIRS+=("$d")
