@@ -54,7 +54,7 @@ BG+=($!)
 ( while [ $SECONDS -lt $((END - 5)) ]; do
     rc=0
     fio --name=soak --directory="$MNT/fio" --numjobs=2 --size=32m --bs=4k --rw=randwrite --ioengine=psync \
-      --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting --minimal >> "$LOG" 2>&1 || rc=$?
+      --verify=crc32c --verify_state_save=0 --do_verify=1 --verify_fatal=1 --group_reporting --minimal >> "$LOG" 2>&1 || rc=$?
     rm -f "$MNT"/fio/soak.*
     echo "$rc" >> "$SCR/fio.rounds"
   done ) &
