@@ -53,7 +53,6 @@ work=$work
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t hostfs -o \$work none \$work
 # fuse.ko before anything is mounted over /tmp (notes/vm.md); /dev/fuse then appears in devtmpfs.
 $busybox insmod $fuse_ko || echo 'uml-run: insmod fuse.ko failed' >/dev/console
 mkdir -p /dev/shm /dev/pts
@@ -61,6 +60,9 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 mount -t devpts devpts /dev/pts 2>/dev/null
+# A repository under one of those (a CI clone in /tmp) would now be hidden: bring it back.
+case $repo/ in /tmp/*|/run/*|/dev/shm/*) mkdir -p $repo && mount -t hostfs -o $repo none $repo ;; esac
+mkdir -p \$work && mount -t hostfs -o \$work none \$work
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 echo +memory >/sys/fs/cgroup/cgroup.subtree_control
 cd $repo && bash \$work/cmd </dev/null >/dev/console 2>&1
