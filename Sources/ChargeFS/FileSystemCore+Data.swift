@@ -17,6 +17,20 @@ extension FileSystemCore {
         return page
     }()
 
+    /// Splits the byte range [from, to) at page boundaries and calls `body` with each piece's
+    /// page index, offset inside the page and length, until it returns false.
+    @inline(__always)
+    func forEachPageSpan(from: Int64, to: Int64, _ body: (_ index: Int, _ inner: Int, _ length: Int) -> Bool) {
+        let pageSize = Int64(Self.pageSize)
+        var position = from
+        while position < to {
+            let inner = Int(position % pageSize)
+            let length = Int(min(pageSize - Int64(inner), to - position))
+            guard body(Int(position / pageSize), inner, length) else { return }
+            position += Int64(length)
+        }
+    }
+
     func regularFile(_ ino: UInt64) throws(Errno) -> Inode {
         let inode = try inode(ino)
         guard inode.isRegular else { throw inode.isDirectory ? .isDirectory : .invalidArgument }
@@ -34,11 +48,7 @@ extension FileSystemCore {
         let pageSize = Int64(Self.pageSize)
         var vectors: [iovec] = []
         vectors.reserveCapacity(Int((end - offset) / pageSize) + 2)
-        var position = offset
-        while position < end {
-            let index = Int(position / pageSize)
-            let inner = Int(position % pageSize)
-            let length = Int(min(pageSize - Int64(inner), end - position))
+        forEachPageSpan(from: offset, to: end) { index, inner, length in
             let page = inode.pages.page(at: index)
             let source = page == 0 ? Self.zeroPage + inner : store.address(of: page) + inner
             // Consecutive arena pages (the usual case for data written in order) make one vector.
@@ -48,7 +58,7 @@ extension FileSystemCore {
             } else {
                 vectors.append(iovec(iov_base: source, iov_len: length))
             }
-            position += Int64(length)
+            return true
         }
         vectors.withUnsafeBufferPointer { body($0) }
     }
@@ -86,21 +96,17 @@ extension FileSystemCore {
         }
         var freshIterator = fresh.makeIterator()
         var written = 0
-        var position = offset
         // Copy in runs of consecutive arena pages: one pwrite each.
         var runPage: UInt32 = 0
         var runInner = 0
         var runLength = 0
-        while position < end {
-            let index = Int(position / pageSize)
+        forEachPageSpan(from: offset, to: end) { index, inner, length in
             var page = inode.pages.page(at: index)
             if page == 0 {
-                guard let next = freshIterator.next() else { break }
+                guard let next = freshIterator.next() else { return false }
                 page = next
                 inode.pages.set(page, at: index)
             }
-            let inner = Int(position % pageSize)
-            let length = Int(min(pageSize - Int64(inner), end - position))
             if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / Self.pageSize) {
                 runLength += length
             } else {
@@ -112,13 +118,14 @@ extension FileSystemCore {
                 runLength = length
             }
             written += length
-            position += Int64(length)
+            return true
         }
         if runLength > 0 {
             store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
         if written == 0 { throw .noSpace }
-        if position > inode.size { inode.size = position }
+        let stored = offset + Int64(written)
+        if stored > inode.size { inode.size = stored }
         let now = timespec.now
         inode.mtime = now
         inode.ctime = now
@@ -205,15 +212,10 @@ extension FileSystemCore {
 
     /// Writes zeros over [from, to) where pages exist (holes already read as zero).
     private func zero(_ inode: Inode, from: Int64, to: Int64) {
-        let pageSize = Int64(Self.pageSize)
-        var position = from
-        while position < to {
-            let index = Int(position / pageSize)
-            let inner = Int(position % pageSize)
-            let length = Int(min(pageSize - Int64(inner), to - position))
+        forEachPageSpan(from: from, to: to) { index, inner, length in
             let page = inode.pages.page(at: index)
             if page != 0 { memset(store.address(of: page) + inner, 0, length) }
-            position += Int64(length)
+            return true
         }
     }
 
