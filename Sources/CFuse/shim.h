@@ -25,6 +25,7 @@
 #include <linux/fs.h>
 #include <linux/magic.h>
 #include <linux/memfd.h>
+#include <syslog.h>
 
 extern pid_t _Fork(void);  /* glibc 2.34+, declared only under _GNU_SOURCE */
 
@@ -47,6 +48,11 @@ static inline void cfuse_fi_set_direct_io(struct fuse_file_info *fi, int on) { f
 static inline void cfuse_fi_set_keep_cache(struct fuse_file_info *fi, int on) { fi->keep_cache = on ? 1 : 0; }
 static inline void cfuse_fi_set_nonseekable(struct fuse_file_info *fi, int on) { fi->nonseekable = on ? 1 : 0; }
 static inline int cfuse_fi_writepage(const struct fuse_file_info *fi) { return fi->writepage; }
+
+/* syslog is variadic, which Swift cannot call. */
+static inline void cfuse_syslog(int priority, const char *line) { syslog(priority, "%s", line); }
+static inline void cfuse_openlog(void) { openlog("chargefsd", LOG_PID, LOG_DAEMON); }
+enum { CFUSE_LOG_ERR = LOG_ERR, CFUSE_LOG_WARNING = LOG_WARNING };
 
 static inline int64_t cfuse_physical_memory(void) { return (int64_t)sysconf(_SC_PHYS_PAGES) * (int64_t)sysconf(_SC_PAGESIZE); }
 static inline int cfuse_memfd_create(const char *name, unsigned flags) { return (int)syscall(SYS_memfd_create, name, flags); }

@@ -409,9 +409,8 @@ public func chargefsdCleanupCommand(_ path: String) -> Int32 {
 // MARK: - small helpers
 
 func cgLog(_ line: String) {
-    var s = line
-    s.append("\n")
-    s.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+    // Lines already start with "chargefs: "; Log adds the program's name itself.
+    Log.line(line.hasPrefix("chargefs: ") ? String(line.dropFirst(10)) : line)
 }
 
 func cgErrnoError(_ path: String, _ e: Int32, what: String? = nil) -> CgroupError {

@@ -108,7 +108,8 @@ public enum Daemon {
         _ = message.withCString { write(readiness, $0, strlen($0)) }
         close(readiness)
         if message == "ready" {
-            // Detached from the terminal: logs go nowhere rather than to a closed pipe.
+            // Detached from the terminal: stdio to /dev/null, the log to syslog.
+            Log.detach()
             let null = open("/dev/null", O_RDWR)
             if null >= 0 {
                 dup2(null, 0)

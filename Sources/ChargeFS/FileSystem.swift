@@ -113,7 +113,7 @@ public final class FileSystem: Sendable {
     }
     public func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller = .root) throws(Errno) -> Attributes {
         try locked { c throws(Errno) in
-            if changes.size != nil, changes.mode == nil, let inode = try? c.inode(ino) {
+            if changes.size != nil, changes.mode == nil, let inode = try? c.inode(ino), inode.isRegular {
                 _ = c.dropSetgidIfOutsider(inode, caller)
             }
             return try c.setattr(ino, changes)
