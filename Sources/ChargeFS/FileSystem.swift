@@ -167,13 +167,18 @@ public final class FileSystem: Sendable {
     /// reused under it. An empty list means end of file.
     public func read(_ ino: UInt64, offset: Int64, count: Int, noatime: Bool = false,
                      _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
-        let touch = try core.withReadLock { (c: FileSystemCore) throws(Errno) -> Bool in
+        // relatime moves atime rarely (after a change, or daily): then the read runs under the
+        // exclusive lock and atime moves before the reply, so a stat right after sees it.
+        let done = try core.withReadLock { (c: FileSystemCore) throws(Errno) -> Bool in
+            if !noatime && c.atimeIsStale(ino) { return false }
             try c.read(ino, offset: offset, count: count, body)
-            return !noatime && c.atimeIsStale(ino)
+            return true
         }
-        // relatime moves atime rarely (after a change, or daily), so the exclusive lock is taken
-        // only then, after the reply.
-        if touch { core.withWriteLock { c in c.touchAtime(ino) } }
+        if done { return }
+        try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> Void in
+            c.touchAtime(ino)
+            try c.read(ino, offset: offset, count: count, body)
+        }
     }
     /// Writes; returns the bytes stored (fewer than given when only part fits), and whether the
     /// write dropped a setgid bit (the kernel's cached mode is then stale).
