@@ -84,10 +84,4 @@ t_fuzzbin() {
 }
 
 # --- main ----------------------------------------------------------------------------------------
-if [ "${1:-}" = --one ]; then run_one "$2"; exit; fi
-if [ "${1:-}" = --list ]; then printf '%s\n' "${TESTS[@]}"; exit 0; fi
-if [ "$(id -u)" != 0 ]; then echo "hostile-input tests need root"; echo "0 passed, 1 failed"; exit 1; fi
-if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
-log "chargefs hostile-input tests: daemon $bin"
-if [ $# -gt 0 ]; then sel=("$@"); else sel=("${TESTS[@]}"); fi
-run_tests "$SELF" "${CFS_TEST_TIMEOUT:-120}" "${sel[@]}"
+test_main "hostile-input tests" 120 "$@"

@@ -300,3 +300,18 @@ run_one() {
   "t_$name"
   [ "$CFS_FAILS" = 0 ]
 }
+
+# test_main WHAT DEFAULT_TIMEOUT ARGS...: the entry point of a test file that defines TESTS and
+# t_NAME functions and sets SELF: --one NAME, --list, or run the named (default: all) tests.
+test_main() {
+  local what=$1 tmo=$2 bin
+  shift 2
+  if [ "${1:-}" = --one ]; then run_one "$2"; exit; fi
+  if [ "${1:-}" = --list ]; then printf '%s\n' "${TESTS[@]}"; exit 0; fi
+  if [ "$(id -u)" != 0 ]; then echo "$what need root"; echo "0 passed, 1 failed"; exit 1; fi
+  if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
+  log "chargefs $what: daemon $bin"
+  local sel=("${TESTS[@]}")
+  [ $# = 0 ] || sel=("$@")
+  run_tests "$SELF" "${CFS_TEST_TIMEOUT:-$tmo}" "${sel[@]}"
+}
