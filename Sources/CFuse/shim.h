@@ -29,6 +29,15 @@
 
 extern pid_t _Fork(void);  /* glibc 2.34+, declared only under _GNU_SOURCE */
 
+/* CPUs this process may run on (its affinity mask), at least 1. */
+static inline unsigned cfuse_affinity_cpu_count(void) {
+    unsigned long mask[16] = {0};  /* 1024 CPUs */
+    long n = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
+    unsigned count = 0;
+    for (long i = 0; n > 0 && i < n / (long)sizeof mask[0]; i++) count += (unsigned)__builtin_popcountl(mask[i]);
+    return count ? count : 1;
+}
+
 static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, unsigned max_threads) {
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
     if (cfg == NULL) return -ENOMEM;
@@ -39,6 +48,10 @@ static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, u
     fuse_loop_cfg_destroy(cfg);
     return rc;
 }
+
+/* The kernel's side of the protocol (newer than libfuse 3.14's): FuseKillPriv.swift reads it. */
+#include <linux/fuse.h>
+#include <sys/uio.h>
 
 static void cfuse_discard_log(enum fuse_log_level level, const char *fmt, va_list ap) { (void)level; (void)fmt; (void)ap; }
 /* libfuse prints its own lines on stderr; chargefsd reports every failure in one line itself. */

@@ -111,10 +111,14 @@ public final class FileSystem: Sendable {
     public func getattr(_ ino: UInt64) throws(Errno) -> Attributes {
         try shared { c throws(Errno) in try c.inode(ino).attributes }
     }
-    public func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller = .root) throws(Errno) -> Attributes {
+    /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
+    public func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller = .root,
+                        clearSetIDAsked: Bool = false) throws(Errno) -> Attributes {
         try locked { c throws(Errno) in
-            if changes.size != nil, changes.mode == nil, let inode = try? c.inode(ino), inode.isRegular {
-                _ = c.dropSetgidIfOutsider(inode, caller)
+            let clears = clearSetIDAsked || changes.size != nil || changes.uid != nil || changes.gid != nil
+            // An explicit mode wins: it is a chmod, or an older kernel clearing the bits itself.
+            if clears, changes.mode == nil, let inode = try? c.inode(ino) {
+                _ = c.clearSetID(inode, caller, kernelAsked: clearSetIDAsked)
             }
             return try c.setattr(ino, changes)
         }
@@ -147,8 +151,10 @@ public final class FileSystem: Sendable {
         try locked { c throws(Errno) in try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
     }
     /// Open of an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc).
-    public func open(_ ino: UInt64, flags: Int32) throws(Errno) {
-        try locked { c throws(Errno) in try c.open(ino, flags: flags) }
+    /// Returns true when truncating cleared setuid/setgid (the kernel's cached mode is then stale).
+    @discardableResult
+    public func open(_ ino: UInt64, flags: Int32, caller: Caller = .root, clearSetIDAsked: Bool = false) throws(Errno) -> Bool {
+        try locked { c throws(Errno) in try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked) }
     }
     /// Creates a regular file and opens it (create(2) with O_CREAT).
     public func create(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
@@ -181,13 +187,14 @@ public final class FileSystem: Sendable {
         }
     }
     /// Writes; returns the bytes stored (fewer than given when only part fits), and whether the
-    /// write dropped a setgid bit (the kernel's cached mode is then stale).
-    public func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer,
-                      caller: Caller = .root) throws(Errno) -> (written: Int, modeChanged: Bool) {
+    /// write cleared setuid/setgid (the kernel's cached mode is then stale). `clearSetIDAsked`:
+    /// the kernel flagged the write (its caller lacks CAP_FSETID).
+    public func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller = .root,
+                      clearSetIDAsked: Bool = false) throws(Errno) -> (written: Int, modeChanged: Bool) {
         try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> (written: Int, modeChanged: Bool) in
             let written = try c.write(ino, offset: offset, data: data)
             let inode = try c.inode(ino)
-            return (written, c.dropSetgidIfOutsider(inode, caller))
+            return (written, c.clearSetID(inode, caller, kernelAsked: clearSetIDAsked))
         }
     }
     public func fallocate(_ ino: UInt64, mode: Int32, offset: Int64, length: Int64) throws(Errno) {

@@ -63,13 +63,26 @@ extension FileSystemCore {
         vectors.withUnsafeBufferPointer { body($0) }
     }
 
-    /// tmpfs drops setgid (without group-exec) when a writer outside the file's group changes
-    /// it; FUSE's kernel side applies only the older group-exec rule, so the rest is done here.
-    /// Returns true when the mode changed behind the kernel's back.
-    func dropSetgidIfOutsider(_ inode: Inode, _ caller: Caller) -> Bool {
-        guard inode.mode & (ModeBits.setgid | ModeBits.groupExecute) == ModeBits.setgid,
-              caller.uid != 0, !caller.isMember(inode.gid) else { return false }
-        inode.mode &= ~ModeBits.setgid
+    /// Clears setuid/setgid as the VFS does when a file is written, truncated or chowned
+    /// (should_remove_suid, setattr_should_drop_sgid). `kernelAsked`: the kernel flagged the
+    /// request (with FUSE_HANDLE_KILLPRIV_V2: a caller without CAP_FSETID, or any chown); then
+    /// setuid goes, and setgid with group-exec. Setgid without group-exec goes when the caller is
+    /// outside the file's group and not root, a rule FUSE's kernel side never applies itself.
+    /// Returns true when the mode changed.
+    func clearSetID(_ inode: Inode, _ caller: Caller, kernelAsked: Bool) -> Bool {
+        let mode = inode.mode
+        guard mode & (ModeBits.setuid | ModeBits.setgid) != 0, !inode.isDirectory else { return false }
+        var clear: UInt32 = 0
+        if kernelAsked {
+            clear |= ModeBits.setuid
+            if mode & ModeBits.groupExecute != 0 { clear |= ModeBits.setgid }
+        }
+        if mode & (ModeBits.setgid | ModeBits.groupExecute) == ModeBits.setgid,
+           caller.uid != 0, !caller.isMember(inode.gid) {
+            clear |= ModeBits.setgid
+        }
+        guard mode & clear != 0 else { return false }
+        inode.mode = mode & ~clear
         return true
     }
 

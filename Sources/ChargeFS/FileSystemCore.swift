@@ -77,7 +77,7 @@ final class FileSystemCore {
     func evictIfUnused(_ inode: Inode) {
         guard inode.nlink == 0, inode.lookups == 0, inode.ino != FileSystem.rootIno else { return }
         inodes.remove(inode.ino)
-        inodeSlots -= 1
+        if inode.openCount > 0 { inodeSlots -= 1 }  // no release will come for it now
         releaseAllPages(of: inode)
     }
 
@@ -169,12 +169,17 @@ final class FileSystemCore {
             dir.subdirectories -= 1
         } else {
             victim.nlink -= 1
-            if victim.nlink > 0 { inodeSlots -= 1 }  // an extra link's slot; the last goes at eviction
         }
         victim.ctime = now
-        // No name and no open handle: the data goes now, as on tmpfs, not when the kernel
-        // forgets the inode (that FORGET is asynchronous and could come after the next write).
-        if victim.nlink == 0 && victim.openCount == 0 { releaseAllPages(of: victim) }
+        // An extra link gives its slot back at once. The last name with no open handle gives back
+        // the data and the inode's slot now, as on tmpfs, not when the kernel forgets the inode
+        // (that FORGET is asynchronous and could come after the next write or create).
+        if victim.nlink > 0 {
+            inodeSlots -= 1
+        } else if victim.openCount == 0 {
+            inodeSlots -= 1
+            releaseAllPages(of: victim)
+        }
         evictIfUnused(victim)
     }
 
@@ -322,22 +327,33 @@ final class FileSystemCore {
         return inode.attributes
     }
 
-    func open(_ ino: UInt64, flags: Int32) throws(Errno) {
+    /// Returns true when O_TRUNC cleared setuid/setgid (see `clearSetID`).
+    @discardableResult
+    func open(_ ino: UInt64, flags: Int32, caller: Caller = .root, clearSetIDAsked: Bool = false) throws(Errno) -> Bool {
         let inode = try inode(ino)
+        var modeChanged = false
         if flags & O_TRUNC != 0, inode.isRegular, flags & O_ACCMODE != O_RDONLY {
+            modeChanged = clearSetID(inode, caller, kernelAsked: clearSetIDAsked)
             // Times move even when the file was empty already, as tmpfs's O_TRUNC does.
             truncate(inode, to: 0)
             let now = timespec.now
             inode.mtime = now
             inode.ctime = now
         }
+        // Reopening an unlinked file (through /proc/PID/fd) takes back the slot its last close
+        // will give back.
+        if inode.nlink == 0 && inode.openCount == 0 { inodeSlots += 1 }
         inode.openCount += 1
+        return modeChanged
     }
 
     func release(_ ino: UInt64) {
         guard let inode = inodes[ino], inode.openCount > 0 else { return }
         inode.openCount -= 1
-        if inode.openCount == 0 && inode.nlink == 0 { releaseAllPages(of: inode) }
+        if inode.openCount == 0 && inode.nlink == 0 {
+            inodeSlots -= 1
+            releaseAllPages(of: inode)
+        }
     }
 
     // MARK: directories

@@ -29,6 +29,12 @@ enum FuseBridge {
     /// The session, for notifications the kernel did not ask for.
     nonisolated(unsafe) static var session: OpaquePointer?
 
+    /// Tells the kernel its cached attributes of `ino` are stale (a mode changed behind its back).
+    /// Attributes only (negative offset): takes no inode lock a writer may hold.
+    static func invalidateAttributes(_ ino: fuse_ino_t) {
+        if let session { _ = fuse_lowlevel_notify_inval_inode(session, ino, -1, 0) }
+    }
+
     static func name(_ cString: UnsafePointer<CChar>?) -> FileName {
         guard let cString else { return [] }
         return Array(UnsafeRawBufferPointer(start: cString, count: strlen(cString)))
@@ -122,6 +128,10 @@ enum FuseBridge {
             conn.pointee.max_write = 1 << 20
             conn.pointee.max_readahead = 1 << 20
             conn.pointee.want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
+            // Every change to the data comes through this kernel, which keeps its page cache right
+            // (write-through, truncate, punch); a newer mtime seen in a getattr is our own write,
+            // not a reason to drop the cache (auto_inval_data did so after every write).
+            conn.pointee.want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
         }
         ops.destroy = { userdata in
             guard let userdata else { return }
@@ -158,8 +168,11 @@ enum FuseBridge {
         ops.setattr = { req, ino, attr, toSet, _ in
             guard let attr else { return FuseBridge.reply(req, .invalidArgument) }
             let c = FuseBridge.changes(from: attr, toSet)
+            // With the kill-privilege handover, a setattr that sets nothing is the kernel's own
+            // "clear setuid/setgid" (a chown to -1:-1, or the first write to a setuid file).
+            let clears = FuseKillPriv.requestClearsSetID || (FuseKillPriv.granted && toSet == 0)
             FuseBridge.replyAttr(req) { () throws(Errno) in
-                try FuseBridge.fileSystem(req).setattr(UInt64(ino), c, caller: FuseBridge.caller(req))
+                try FuseBridge.fileSystem(req).setattr(UInt64(ino), c, caller: FuseBridge.caller(req), clearSetIDAsked: clears)
             }
         }
         ops.readlink = { req, ino in
@@ -211,9 +224,11 @@ enum FuseBridge {
         ops.open = { req, ino, fi in
             guard let fi else { return FuseBridge.reply(req, .invalidArgument) }
             do throws(Errno) {
-                try FuseBridge.fileSystem(req).open(UInt64(ino), flags: fi.pointee.flags)
+                let modeChanged = try FuseBridge.fileSystem(req).open(UInt64(ino), flags: fi.pointee.flags, caller: FuseBridge.caller(req),
+                                                                      clearSetIDAsked: FuseKillPriv.requestClearsSetID)
                 FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
                 fuse_reply_open(req, fi)
+                if modeChanged { FuseBridge.invalidateAttributes(ino) }
             } catch {
                 FuseBridge.reply(req, error)
             }
@@ -245,12 +260,10 @@ enum FuseBridge {
             do throws(Errno) {
                 let result = try FuseBridge.fileSystem(req).write(UInt64(ino), offset: Int64(offset),
                                                                   data: UnsafeRawBufferPointer(start: buf, count: size),
-                                                                  caller: FuseBridge.caller(req))
+                                                                  caller: FuseBridge.caller(req),
+                                                                  clearSetIDAsked: FuseKillPriv.requestClearsSetID)
                 fuse_reply_write(req, result.written)
-                if result.modeChanged, let session = FuseBridge.session {
-                    // Attributes only (negative offset): takes no inode lock the writer holds.
-                    _ = fuse_lowlevel_notify_inval_inode(session, ino, -1, 0)
-                }
+                if result.modeChanged { FuseBridge.invalidateAttributes(ino) }
             } catch {
                 FuseBridge.reply(req, error)
             }

@@ -74,6 +74,40 @@ final class FileSystemTests: XCTestCase {
         XCTAssertEqual(f.gid, 50)
     }
 
+    /// The VFS rules for clearing setuid/setgid, as the kernel hands them over with
+    /// FUSE_HANDLE_KILLPRIV_V2 (flag = caller lacks CAP_FSETID, or a chown).
+    func testSetIDClearingRules() throws {
+        func mode(_ ino: UInt64) throws -> UInt32 { try fs.getattr(ino).mode & 0o7777 }
+        let f = try file("f")
+        func set(_ m: UInt32) throws { var c = AttributeChanges(); c.mode = m; _ = try fs.setattr(f, c) }
+        let data: [UInt8] = [1]
+        try set(0o6755)
+        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: .root) }
+        XCTAssertEqual(try mode(f), 0o6755, "a capable writer (no flag) keeps both")
+        let w = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: me, clearSetIDAsked: true) }
+        XCTAssertEqual(try mode(f), 0o755, "flagged write: setuid, and setgid with group-exec")
+        XCTAssertTrue(w.modeChanged)
+        try set(0o6745)
+        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: Caller(uid: 1000, gid: 1000), clearSetIDAsked: true) }
+        XCTAssertEqual(try mode(f), 0o2745, "setgid without group-exec stays for a member of the group")
+        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: Caller(uid: 7, gid: 7), clearSetIDAsked: false) }
+        XCTAssertEqual(try mode(f), 0o745, "and goes for an outsider, flagged or not")
+        try set(0o4755)
+        var truncate = AttributeChanges(); truncate.size = 0
+        _ = try fs.setattr(f, truncate, caller: me, clearSetIDAsked: true)
+        XCTAssertEqual(try mode(f), 0o755, "flagged truncate")
+        try set(0o4755)
+        XCTAssertTrue(try fs.open(f, flags: O_WRONLY | O_TRUNC, caller: me, clearSetIDAsked: true), "flagged O_TRUNC")
+        fs.release(f)
+        XCTAssertEqual(try mode(f), 0o755)
+        try set(0o6755)
+        _ = try fs.setattr(f, AttributeChanges(), caller: .root, clearSetIDAsked: true)
+        XCTAssertEqual(try mode(f), 0o755, "a chown (flagged) clears even for root")
+        let d = try fs.mkdir(parent: root, name: n("d"), mode: 0o2755, caller: me)
+        _ = try fs.setattr(d.ino, AttributeChanges(), caller: me, clearSetIDAsked: true)
+        XCTAssertEqual(try mode(d.ino), 0o2755, "directories keep theirs")
+    }
+
     func testDirectoryLinkCountsAndRmdir() throws {
         let d = try fs.mkdir(parent: root, name: n("d"), mode: 0o755, caller: me)
         XCTAssertEqual(d.nlink, 2)

@@ -86,6 +86,30 @@ final class MountAttrsTests: MountTestCase {
         XCTAssertEqual(try FS.statOf(f).perm, 0o755, "chown clears setuid and setgid (group-exec)")
     }
 
+    /// File capabilities go when the file is written or truncated, even by root, as on tmpfs.
+    func testWriteRemovesFileCapabilitiesLikeTmpfs() throws {
+        // vfs_cap_data revision 2, effective, permitted CAP_NET_RAW (bit 13).
+        let caps: [UInt8] = [0x01, 0, 0, 0x02, 0x00, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        try assertSameAsTmpfs("security.capability on write") { dir, t in
+            for how in ["write", "truncate", "chown"] {
+                let f = dir + "/" + how
+                try FS.create(f, [1, 2, 3])
+                record(&t, "\(how): set capability", Sys.setxattr(f, "security.capability", caps))
+                t.append("  before: \(Sys.getxattr(f, "security.capability", size: 64).0)")
+                switch how {
+                case "write":
+                    let fd = open(f, O_WRONLY)
+                    var b: UInt8 = 1
+                    recordInt(&t, "write", Glibc.write(fd, &b, 1))
+                    close(fd)
+                case "truncate": record(&t, "truncate", truncate(f, 1))
+                default: record(&t, "chown", chown(f, 1000, 1000))
+                }
+                t.append("  after: \(Sys.getxattr(f, "security.capability", size: 64).0)")
+            }
+        }
+    }
+
     func testCreatedFilesOwnedByCallerAndUmaskApplied() throws {
         try FS.create(p("f"), [], mode: 0o666)
         let st = try FS.statOf(p("f"))

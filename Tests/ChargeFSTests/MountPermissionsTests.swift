@@ -169,7 +169,39 @@ final class MountPermissionsTests: MountTestCase {
                 chmod(d + "/" + name, mode)
                 t.append(asNobody("truncate \(name)") { truncate(d + "/" + name, 1) })
                 t.append("  \(name) mode after nobody's truncate=\(modeString(d + "/" + name))")
+                chmod(d + "/" + name, mode)
+                t.append(asNobody("open O_TRUNC \(name)") { openClose(d + "/" + name, O_WRONLY | O_TRUNC) })
+                t.append("  \(name) mode after nobody's O_TRUNC=\(modeString(d + "/" + name))")
+                // The bits set again must go again: the kernel must not keep thinking the file
+                // has nothing to clear (S_NOSEC) after the first write.
+                chmod(d + "/" + name, mode)
+                t.append(asNobody("second write \(name)") { () -> Int32 in
+                    let fd = open(d + "/" + name, O_WRONLY)
+                    if fd < 0 { return -1 }
+                    defer { close(fd) }
+                    var b: UInt8 = 7
+                    return Glibc.pwrite(fd, &b, 1, 2) == 1 ? 0 : -1
+                })
+                t.append("  \(name) mode after nobody's second write=\(modeString(d + "/" + name))")
             }
+            // One open descriptor across a chmod u+s by the owner: the next write still clears it.
+            try FS.create(d + "/held", [1]); chown(d + "/held", nobody, nobody); chmod(d + "/held", 0o666)
+            t.append(asNobody("write, chmod u+s, write on one fd") { () -> Int32 in
+                let fd = open(d + "/held", O_WRONLY)
+                if fd < 0 { return -1 }
+                defer { close(fd) }
+                var b: UInt8 = 1
+                if Glibc.write(fd, &b, 1) != 1 { return -1 }
+                if chmod(d + "/held", 0o4766) != 0 { return -1 }
+                return Glibc.write(fd, &b, 1) == 1 ? 0 : -1
+            })
+            t.append("  held mode=\(modeString(d + "/held"))")
+            t.append(asNobody("chown own setuid file to self") { () -> Int32 in
+                chown(d + "/held", nobody, nobody)
+            })
+            chmod(d + "/held", 0o6777)
+            t.append(asNobody("chown own file to self again") { chown(d + "/held", nobody, nobody) })
+            t.append("  held mode after chown=\(modeString(d + "/held"))")
         }
     }
 
