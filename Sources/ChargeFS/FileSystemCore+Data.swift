@@ -46,21 +46,25 @@ extension FileSystemCore {
         }
         let end = offset + min(Int64(count), inode.size - offset)
         let pageSize = Int64(Self.pageSize)
-        var vectors: [iovec] = []
-        vectors.reserveCapacity(Int((end - offset) / pageSize) + 2)
-        forEachPageSpan(from: offset, to: end) { index, inner, length in
-            let page = inode.pages.page(at: index)
-            let source = page == 0 ? Self.zeroPage + inner : store.address(of: page) + inner
-            // Consecutive arena pages (the usual case for data written in order) make one vector.
-            if let last = vectors.last, let lastBase = last.iov_base, page != 0,
-               lastBase + last.iov_len == source {
-                vectors[vectors.count - 1].iov_len += length
-            } else {
-                vectors.append(iovec(iov_base: source, iov_len: length))
+        // On the stack for small reads (the common 4 KiB case): no allocation per request.
+        let capacity = Int((end - offset) / pageSize) + 2
+        withUnsafeTemporaryAllocation(of: iovec.self, capacity: capacity) { vectors in
+            var count = 0
+            forEachPageSpan(from: offset, to: end) { index, inner, length in
+                let page = inode.pages.page(at: index)
+                let source = page == 0 ? Self.zeroPage + inner : store.address(of: page) + inner
+                // Consecutive arena pages (the usual case for data written in order) make one vector.
+                if count > 0, let lastBase = vectors[count - 1].iov_base, page != 0,
+                   lastBase + vectors[count - 1].iov_len == source {
+                    vectors[count - 1].iov_len += length
+                } else {
+                    vectors[count] = iovec(iov_base: source, iov_len: length)
+                    count += 1
+                }
+                return true
             }
-            return true
+            body(UnsafeBufferPointer(rebasing: vectors[0..<count]))
         }
-        vectors.withUnsafeBufferPointer { body($0) }
     }
 
     /// Clears setuid/setgid as the VFS does when a file is written, truncated or chowned

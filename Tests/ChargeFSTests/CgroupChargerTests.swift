@@ -193,7 +193,9 @@ final class CgroupChargerTests: XCTestCase {
         XCTAssertEqual(try charger.oomKillCount(), ooms, "the kernel OOM-killed something")
         XCTAssertEqual(try target.oomKillCount(), 0)
         let room = try XCTUnwrap(charger.availableBytes())
-        XCTAssertLessThan(room, MiB)
+        // Refused because 1 MiB did not fit; the counters move a little after (per-CPU charge
+        // batches, kernel memory), so allow one more MiB of drift.
+        XCTAssertLessThan(room, 2 * MiB)
         print("filled \(charged / MiB) MiB of a \(limit / MiB) MiB limit; room left \(room)")
         // Free some and the same helper charges again.
         XCTAssertEqual(CgSys.punch(arena.rawValue, 0, 4 * MiB), 0)
