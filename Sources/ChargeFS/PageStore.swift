@@ -15,8 +15,10 @@ public final class PageStore {
     /// Charged pages kept free for reuse, so that small writes do not each cost a charge round
     /// trip. This is the store's part of the slack between bytes stored and bytes charged.
     public static let reserveLimit = 64  // 256 KiB
-    /// Fresh pages are charged in runs of at least this many (64 KiB), then kept in the reserve.
-    static let chargeBatch = 16
+    /// Pages are charged in runs of at least this many (256 KiB); the extras wait in the reserve.
+    /// A run is charged only when the reserve is empty, so the reserve never holds more than
+    /// `reserveLimit` pages either way, and one charge round trip serves 64 single-page writes.
+    static let chargeBatch = reserveLimit
 
     public let charger: PageCharger
     let arena: FileDescriptor
@@ -111,20 +113,30 @@ public final class PageStore {
     /// Charges at least one page; extra pages of a batch go to the reserve.
     private func chargeMore(_ wanted: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
         if let page = punched.last {
-            // Reuse punched pages one run at a time, longest run at the end of the stack first.
+            // Reuse punched pages one consecutive run at a time (the stack holds ascending runs),
+            // batched like fresh pages: a 4 KiB write must not cost a charge round trip each.
+            let batch = max(wanted, Self.chargeBatch)
             var run = 1
-            while run < wanted, run < punched.count, punched[punched.count - 1 - run] == page &+ UInt32(run) {
+            while run < batch, run < punched.count, punched[punched.count - 1 - run] == page &+ UInt32(run) {
                 run += 1
             }
             do {
                 try chargeRun(first: Int(page), count: run)
             } catch where error == .noSpace && run > 1 {
-                run = 1
-                try chargeRun(first: Int(page), count: 1)
+                // Near the limit: settle for what was asked for, then for one page.
+                run = min(run, wanted)
+                do {
+                    try chargeRun(first: Int(page), count: run)
+                } catch where error == .noSpace && run > 1 {
+                    run = 1
+                    try chargeRun(first: Int(page), count: 1)
+                }
             }
             punched.removeLast(run)
-            for p in page..<(page &+ UInt32(run)) { pages.append(p) }
-            return run
+            let used = min(run, wanted)
+            for p in page..<(page &+ UInt32(used)) { pages.append(p) }
+            for p in (page &+ UInt32(used))..<(page &+ UInt32(run)) { reserve.append(p) }
+            return used
         }
         let batch = max(wanted, Self.chargeBatch)
         let available = capacityPages + 1 - nextFresh
