@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup,
 # side by side, same pinning, each workload on each in alternation, medians of 3 runs.
-# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--no-setup]
+# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--no-setup]
 #   --quick  small sizes and one repetition (a smoke run of a minute or two)
 #   --scale  adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
+#   --only   runs one group of workloads (seq, rand, meta, readdir, par8) and no memory probe
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
 #      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp).
 # Root only. Leaves nothing mounted, running or created.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-quick=0 scale=0 reps=3 setup=1
+quick=0 scale=0 reps=3 setup=1 only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
     --scale) scale=1 ;;
     --reps) reps=$2; shift ;;
+    --only) only=$2; shift ;;
     --no-setup) setup=0 ;;
     -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '4s/^# //p' "$0" >&2; exit 2 ;;
@@ -47,6 +49,7 @@ else
   SEQ=1G; SEQ_B=$((1024 * MiB)); RAND=256M; RUNTIME=20; NMETA=20000; NDIR=100000; PAR=128M
 fi
 FSSIZE=4G; [ "$scale" = 1 ] && FSSIZE=18G
+PREFAULT_MIB=3072; [ "$quick" = 1 ] && PREFAULT_MIB=512
 
 ncpu=$(nproc)
 # Daemon and client share one CPU by default: on this VM a wakeup across CPUs (an IPI) costs
@@ -86,6 +89,7 @@ wait_mounted "${MNT[floor]}" 20 "${PID[floor]}" || die "floorfs did not mount: $
 
 echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_version), $reps repetition(s)$([ "$quick" = 1 ] && echo ", quick sizes")"
 echo "daemon: $CHARGEFSD"
+grep -q page_reporting /proc/cmdline && echo "free page reporting is on: $PREFAULT_MIB MiB of memory touched before every run"
 echo "pinning: daemons on CPU $DCPU (taskset -c $DCPU), fio/metabench on CPU $CCPU (taskset -c $CCPU), same for every filesystem"
 for f in cfs cfsm; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
 echo "mounts: tmpfs ${MNT[tmpfs]} | chargefs ${MNT[cfs]} | chargefs memcg=$CGT ${MNT[cfsm]}"
@@ -114,9 +118,21 @@ WLS=()
 add() { R["$1|$2"]="${R["$1|$2"]:-} $3"; }
 wl() { WLS+=("$1"); UNIT[$1]=$2; }
 
+# This VM reports free memory to its host (page_reporting): memory left free for a few seconds
+# is given back, and touching it again costs a host page fault per page. Whichever run came
+# first after a quiet moment paid that (a 1 GiB write at 190-450 MiB/s instead of 700-900), so
+# every run starts from memory touched just before.
+prefault() {
+  "$CFS_PYTHON" -c 'import mmap, sys
+n = int(sys.argv[1]) << 20
+m = mmap.mmap(-1, n)
+for i in range(0, n, 4096): m[i] = 1' "$PREFAULT_MIB"
+}
+
 # One workload on one filesystem; appends to R.
 do_wl() {
   local w=$1 f=$2 m=${MNT[$2]} v
+  prefault
   case "$w" in
     seqwrite) v=$(fio_val "$m" bw --name=seq --rw=write --bs=1M --size="$SEQ" --end_fsync=1) ;;
     seqread)  v=$(fio_val "$m" bw --name=seq --rw=read --bs=1M --size="$SEQ"); rm -f "$m"/seq.* ;;
@@ -140,6 +156,14 @@ wl seqwrite MiB/s; wl seqread MiB/s; wl randwrite IOPS; wl randread IOPS
 wl create ops/s; wl stat ops/s; wl unlink ops/s; wl readdir entries/s; wl par8 MiB/s
 # order matters: seqread reads seqwrite's file, randread randwrite's, stat/unlink create's
 groups=("seqwrite seqread" "randwrite randread" "create stat unlink" "readdir" "par8")
+case "$only" in
+  "") ;;
+  seq) groups=("seqwrite seqread") ;;
+  rand) groups=("randwrite randread") ;;
+  meta) groups=("create stat unlink") ;;
+  readdir|par8) groups=("$only") ;;
+  *) die "--only: one of seq, rand, meta, readdir, par8" ;;
+esac
 for g in "${groups[@]}"; do
   for ((r = 1; r <= reps; r++)); do
     # The two chargefs mounts swap places every repetition, so neither always runs right after
@@ -149,7 +173,7 @@ for g in "${groups[@]}"; do
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
     done
-    echo "  [$g] repetition $r done" >&2
+    echo "  [$g] repetition $r done:$(for f in "${order[@]}"; do for w in $g; do printf ' %s/%s=%s' "$f" "$w" "$(awk '{print $NF}' <<<"${R["$w|$f"]}")"; done; done)" >&2
   done
 done
 
@@ -191,10 +215,12 @@ remount_fresh() {
   cfs_umount "${MNT[$f]}" "${PID[$f]}" || die "cannot unmount ${MNT[$f]}"
   cfs_mount "${MNT[$f]}" "$opts" "$CGD"; PID[$f]=$CFS_PID
 }
-for f in "${FS[@]}"; do
-  [ "$f" = tmpfs ] || remount_fresh "$f"
-  mem_probe "$f"
-done
+if [ -z "$only" ]; then
+  for f in "${FS[@]}"; do
+    [ "$f" = tmpfs ] || remount_fresh "$f"
+    mem_probe "$f"
+  done
+fi
 
 # --- report --------------------------------------------------------------------------------------
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
@@ -204,21 +230,23 @@ echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memc
 printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %12s |\n' workload unit tmpfs chargefs "chargefs+memcg" chargefs/tmpfs memcg/no-memcg "floor*" floor/tmpfs
 printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ---------------- --------------- ----------------- -------------- --------------
 for w in "${WLS[@]}"; do
-  t=$(median <<<"${R["$w|tmpfs"]}"); c=$(median <<<"${R["$w|cfs"]}"); cm=$(median <<<"${R["$w|cfsm"]}")
+  t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); cm=$(median <<<"${R["$w|cfsm"]:-}")
   fl=$(median <<<"${R["$w|floor"]:-}")
   printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")" "$fl" "$(ratio "$fl" "$t")"
 done
 echo "* floor: scripts/bench/floorfs.c, a minimal single-threaded C FUSE file system (one memfd, no"
 echo "  inodes, locks, permissions, xattrs or charging), pinned like chargefs: the FUSE round trip alone."
-echo
-echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"
-printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' fs "daemon RSS/GiB*" "daemon RSS/100k files*" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB"
-printf '|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------ ------------------------ ------------------ ------------------ ------------------
-for f in "${FS[@]}"; do
-  printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
-done
-echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT; writer cg = fio's cgroup, which also pays for the FUSE page cache;"
-echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"
+if [ -z "$only" ]; then
+  echo
+  echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"
+  printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' fs "daemon RSS/GiB*" "daemon RSS/100k files*" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB"
+  printf '|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------ ------------------------ ------------------ ------------------ ------------------
+  for f in "${FS[@]}"; do
+    printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
+  done
+  echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT; writer cg = fio's cgroup, which also pays for the FUSE page cache;"
+  echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"
+fi
 # --- scale: per-op cost at 1k/100k/1M files, 16 GiB stored ---------------------------------------
 declare -A SC
 if [ "$scale" = 1 ]; then
