@@ -20,6 +20,15 @@ func asNobody(_ label: String, _ op: @escaping @Sendable () -> Int32) -> String 
     }
 }
 
+/// Opens `path` for writing and writes one byte at `offset`: 0, or -1 with errno set.
+func writeByte(_ path: String, at offset: off_t) -> Int32 {
+    let fd = open(path, O_WRONLY)
+    if fd < 0 { return -1 }
+    defer { close(fd) }
+    var b: UInt8 = 9
+    return Glibc.pwrite(fd, &b, 1, offset) == 1 ? 0 : -1
+}
+
 final class MountPermissionsTests: MountTestCase {
     override class var mountOptions: [String] { ["allow_other"] }
 
@@ -158,13 +167,7 @@ final class MountPermissionsTests: MountTestCase {
             for (name, mode) in [("ug-gx", 0o6777), ("g-nogx", 0o2767), ("u-only", 0o4777), ("dir-sgid-file", 0o2777)] as [(String, mode_t)] {
                 try FS.create(d + "/" + name, [1, 2, 3])
                 chmod(d + "/" + name, mode)
-                t.append(asNobody("write \(name)") { () -> Int32 in
-                    let fd = open(d + "/" + name, O_WRONLY)
-                    if fd < 0 { return -1 }
-                    defer { close(fd) }
-                    var b: UInt8 = 9
-                    return Glibc.write(fd, &b, 1) == 1 ? 0 : -1
-                })
+                t.append(asNobody("write \(name)") { writeByte(d + "/" + name, at: 0) })
                 t.append("  \(name) mode after nobody's write=\(modeString(d + "/" + name))")
                 chmod(d + "/" + name, mode)
                 t.append(asNobody("truncate \(name)") { truncate(d + "/" + name, 1) })
@@ -175,13 +178,7 @@ final class MountPermissionsTests: MountTestCase {
                 // The bits set again must go again: the kernel must not keep thinking the file
                 // has nothing to clear (S_NOSEC) after the first write.
                 chmod(d + "/" + name, mode)
-                t.append(asNobody("second write \(name)") { () -> Int32 in
-                    let fd = open(d + "/" + name, O_WRONLY)
-                    if fd < 0 { return -1 }
-                    defer { close(fd) }
-                    var b: UInt8 = 7
-                    return Glibc.pwrite(fd, &b, 1, 2) == 1 ? 0 : -1
-                })
+                t.append(asNobody("second write \(name)") { writeByte(d + "/" + name, at: 2) })
                 t.append("  \(name) mode after nobody's second write=\(modeString(d + "/" + name))")
             }
             // One open descriptor across a chmod u+s by the owner: the next write still clears it.
