@@ -77,8 +77,8 @@ MNT[tmpfs]=$W/tmpfs; MNT[cfs]=$W/cfs; MNT[cfsm]=$W/cfsm
 mkdir -p "${MNT[tmpfs]}"
 mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
 CFS_WRAP="taskset -c $DCPU"
-cfs_mount "${MNT[cfs]}" "size=$FSSIZE" "$CGD"; PID[cfs]=$CFS_PID
-cfs_mount "${MNT[cfsm]}" "size=$FSSIZE,memcg=$CGT" "$CGD"; PID[cfsm]=$CFS_PID
+declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT")
+for f in cfs cfsm; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
 PID[tmpfs]=
 # The floor: a minimal C FUSE file system (scripts/bench/floorfs.c), for the random and sequential
 # I/O rows only: what the FUSE round trip itself allows on this machine, under the same pinning.
@@ -210,10 +210,8 @@ mem_probe() {  # fills $SEQ_B bytes then $NDIR empty files on fs $1; records whe
 # The probes run on fresh daemons: a daemon's heap keeps (and reuses) what earlier workloads
 # freed, which hid the cost of 100,000 new inodes (0.0 MiB measured on the used daemons).
 remount_fresh() {
-  local f=$1 opts="size=$FSSIZE"
-  [ "$f" = cfsm ] && opts+=",memcg=$CGT"
-  cfs_umount "${MNT[$f]}" "${PID[$f]}" || die "cannot unmount ${MNT[$f]}"
-  cfs_mount "${MNT[$f]}" "$opts" "$CGD"; PID[$f]=$CFS_PID
+  cfs_umount "${MNT[$1]}" "${PID[$1]}" || die "cannot unmount ${MNT[$1]}"
+  cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"; PID[$1]=$CFS_PID
 }
 if [ -z "$only" ]; then
   for f in "${FS[@]}"; do

@@ -75,7 +75,7 @@ public final class CgroupCharger: PageCharger {
         }
         state = Mutex(st)
         if target.version == .v2, (try? cgReadFile(target.resolvedPath + "/memory.oom.group"))?.cgTrimmed == "1" {
-            cgLog("chargefs: warning: \(target.path) has memory.oom.group=1: an OOM kill of the charge helper would take every process in it")
+            Log.line("warning: \(target.path) has memory.oom.group=1: an OOM kill of the charge helper would take every process in it")
         }
     }
 
@@ -116,7 +116,7 @@ public final class CgroupCharger: PageCharger {
         do throws(CgroupError) {
             try target.removeLeaf(leaf)
         } catch {
-            cgLog("chargefs: \(error)")
+            Log.line("\(error)")
         }
         close(arenaFD)
     }
@@ -229,11 +229,11 @@ public final class CgroupCharger: PageCharger {
                     respawned = "respawn failed: \(error)"
                 }
                 if oomKilled {
-                    cgLog("chargefs: \(summary): charge helper pid \(helper.pid) was OOM-killed (\(death)); \(respawned); returning ENOSPC")
+                    Log.line("\(summary): charge helper pid \(helper.pid) was OOM-killed (\(death)); \(respawned); returning ENOSPC")
                     throw Errno.noSpace
                 }
                 let retry = attempt == 0 && st.helper != nil
-                cgLog("chargefs: \(summary): charge helper pid \(helper.pid) \(death); \(respawned); \(retry ? "retrying" : "returning EIO")")
+                Log.line("\(summary): charge helper pid \(helper.pid) \(death); \(respawned); \(retry ? "retrying" : "returning EIO")")
                 if !retry { throw Errno.ioError }
             }
         }
@@ -245,10 +245,10 @@ public final class CgroupCharger: PageCharger {
         if error.kind == .gone {
             if !st.goneLogged {
                 st.goneLogged = true
-                cgLog("chargefs: \(summary): the target cgroup disappeared while mounted (\(error)); writes fail with EIO")
+                Log.line("\(summary): the target cgroup disappeared while mounted (\(error)); writes fail with EIO")
             }
         } else {
-            cgLog("chargefs: \(summary): \(error)")
+            Log.line("\(summary): \(error)")
         }
         return Errno.ioError
     }

@@ -401,17 +401,12 @@ public func chargefsdCleanupCommand(_ path: String) -> Int32 {
         if removed.isEmpty { print("nothing to clean below \(path)") }
         return 0
     } catch {
-        cgLog("chargefsd: \(error)")
+        Log.line("\(error)")
         return 1
     }
 }
 
 // MARK: - small helpers
-
-func cgLog(_ line: String) {
-    // Lines already start with "chargefs: "; Log adds the program's name itself.
-    Log.line(line.hasPrefix("chargefs: ") ? String(line.dropFirst(10)) : line)
-}
 
 func cgErrnoError(_ path: String, _ e: Int32, what: String? = nil) -> CgroupError {
     let msg = String(cString: strerror(e))

@@ -79,7 +79,7 @@ struct ChargeHelper: Sendable {
             if r > 0 { break }
             if r < 0 && errno == EINTR { continue }
             if r == 0 {
-                cgLog("chargefs: charge helper pid \(pid) did not answer within \(timeoutMs / 1000) s; killing it")
+                Log.line("charge helper pid \(pid) did not answer within \(timeoutMs / 1000) s; killing it")
                 return .died(kill())
             }
             return .died(gone())

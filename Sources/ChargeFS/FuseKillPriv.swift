@@ -11,21 +11,17 @@ import Glibc
 /// flag in a per-thread slot before libfuse decodes it (libfuse handles a request on the thread
 /// that read it), and `writev` adds the flag to the INIT reply if the kernel offered it.
 enum FuseKillPriv {
-    private struct InitState {
-        var unique: UInt64 = 0
-        var seen = false
-        var offered = false
-        var granted = false
-    }
-    /// Written by the one thread that reads INIT, before any other request exists.
-    nonisolated(unsafe) private static var initState = InitState()
+    /// The INIT request's id and whether the kernel offered the flag; written by the one thread
+    /// that reads INIT, before any other request exists.
+    nonisolated(unsafe) private static var initRequest: (unique: UInt64, offered: Bool)?
+    nonisolated(unsafe) private static var grantedFlag = false
     private static let slot: pthread_key_t? = {
         var key = pthread_key_t()
         return pthread_key_create(&key, nil) == 0 ? key : nil
     }()
 
     /// Whether the kernel took the handover: then all clearing is ours.
-    static var granted: Bool { initState.granted }
+    static var granted: Bool { grantedFlag }
 
     /// The kernel asked the request being handled on this thread to clear setuid/setgid.
     static var requestClearsSetID: Bool {
@@ -55,22 +51,23 @@ enum FuseKillPriv {
         var clears = false
         let headerSize = MemoryLayout<fuse_in_header>.size
         if let request, length >= headerSize {
-            let opcode = request.load(fromByteOffset: MemoryLayout<fuse_in_header>.offset(of: \.opcode)!, as: UInt32.self)
-            let arg = request + headerSize, argLength = length - headerSize
-            func flag<T>(_ type: T.Type, _ field: KeyPath<T, UInt32>, _ bit: Int32) -> Bool {
-                guard argLength >= MemoryLayout<T>.size, let offset = MemoryLayout<T>.offset(of: field) else { return false }
-                return arg.loadUnaligned(fromByteOffset: offset, as: UInt32.self) & UInt32(bit) != 0
+            let header = request.loadUnaligned(as: fuse_in_header.self)
+            let arg = UnsafeRawBufferPointer(start: request + headerSize, count: length - headerSize)
+            func argument<T>(_ type: T.Type) -> T? {
+                arg.count >= MemoryLayout<T>.size ? arg.loadUnaligned(as: T.self) : nil
             }
-            switch opcode {
-            case FUSE_WRITE.rawValue: clears = flag(fuse_write_in.self, \.write_flags, FUSE_WRITE_KILL_SUIDGID)
-            case FUSE_SETATTR.rawValue: clears = flag(fuse_setattr_in.self, \.valid, FATTR_KILL_SUIDGID)
-            case FUSE_OPEN.rawValue: clears = flag(fuse_open_in.self, \.open_flags, FUSE_OPEN_KILL_SUIDGID)
+            switch header.opcode {
+            case FUSE_WRITE.rawValue:
+                clears = argument(fuse_write_in.self).map { $0.write_flags & UInt32(FUSE_WRITE_KILL_SUIDGID) != 0 } ?? false
+            case FUSE_SETATTR.rawValue:
+                clears = argument(fuse_setattr_in.self).map { $0.valid & UInt32(FATTR_KILL_SUIDGID) != 0 } ?? false
+            case FUSE_OPEN.rawValue:
+                clears = argument(fuse_open_in.self).map { $0.open_flags & UInt32(FUSE_OPEN_KILL_SUIDGID) != 0 } ?? false
             case FUSE_INIT.rawValue:
-                if let flagsOffset = MemoryLayout<fuse_init_in>.offset(of: \.flags), argLength >= flagsOffset + 4 {
-                    let flags = arg.loadUnaligned(fromByteOffset: flagsOffset, as: UInt32.self)
-                    initState.unique = request.load(fromByteOffset: MemoryLayout<fuse_in_header>.offset(of: \.unique)!, as: UInt64.self)
-                    initState.seen = true
-                    initState.offered = flags & UInt32(FUSE_HANDLE_KILLPRIV_V2) != 0
+                // Older kernels send a shorter fuse_init_in; its first four fields never changed.
+                if arg.count >= 16 {
+                    let flags = arg.loadUnaligned(fromByteOffset: 12, as: UInt32.self)
+                    initRequest = (header.unique, flags & UInt32(FUSE_HANDLE_KILLPRIV_V2) != 0)
                 }
             default: break
             }
@@ -79,15 +76,14 @@ enum FuseKillPriv {
     }
 
     private static func grantIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
-        guard initState.seen, initState.offered, !initState.granted, count >= 2,
+        guard let initRequest, initRequest.offered, !grantedFlag, count >= 2,
               iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
-              let flagsOffset = MemoryLayout<fuse_init_out>.offset(of: \.flags),
-              iov[1].iov_len >= flagsOffset + 4, let reply = iov[1].iov_base else { return }
-        let unique = header.load(fromByteOffset: MemoryLayout<fuse_out_header>.offset(of: \.unique)!, as: UInt64.self)
-        let error = header.load(fromByteOffset: MemoryLayout<fuse_out_header>.offset(of: \.error)!, as: Int32.self)
-        guard unique == initState.unique, error == 0 else { return }
-        let flags = reply.loadUnaligned(fromByteOffset: flagsOffset, as: UInt32.self)
-        reply.storeBytes(of: flags | UInt32(FUSE_HANDLE_KILLPRIV_V2), toByteOffset: flagsOffset, as: UInt32.self)
-        initState.granted = true
+              iov[1].iov_len >= 16, let reply = iov[1].iov_base else { return }
+        let out = header.loadUnaligned(as: fuse_out_header.self)
+        guard out.unique == initRequest.unique, out.error == 0 else { return }
+        // fuse_init_out: major, minor, max_readahead, flags (the first four fields of every version).
+        let flags = reply.loadUnaligned(fromByteOffset: 12, as: UInt32.self)
+        reply.storeBytes(of: flags | UInt32(FUSE_HANDLE_KILLPRIV_V2), toByteOffset: 12, as: UInt32.self)
+        grantedFlag = true
     }
 }

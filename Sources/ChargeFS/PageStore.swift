@@ -110,49 +110,34 @@ public final class PageStore {
         return got
     }
 
-    /// Charges at least one page; extra pages of a batch go to the reserve.
+    /// Charges at least one page; extra pages of a batch go to the reserve. Punched pages are
+    /// reused first, one consecutive run at a time (the stack holds ascending runs), batched like
+    /// fresh pages: a 4 KiB write must not cost a charge round trip each.
     private func chargeMore(_ wanted: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
+        let batch = max(wanted, Self.chargeBatch)
+        let first: Int, available: Int
+        let reusing = !punched.isEmpty
         if let page = punched.last {
-            // Reuse punched pages one consecutive run at a time (the stack holds ascending runs),
-            // batched like fresh pages: a 4 KiB write must not cost a charge round trip each.
-            let batch = max(wanted, Self.chargeBatch)
             var run = 1
             while run < batch, run < punched.count, punched[punched.count - 1 - run] == page &+ UInt32(run) {
                 run += 1
             }
-            do {
-                try chargeRun(first: Int(page), count: run)
-            } catch where error == .noSpace && run > 1 {
-                // Near the limit: settle for what was asked for, then for one page.
-                run = min(run, wanted)
-                do {
-                    try chargeRun(first: Int(page), count: run)
-                } catch where error == .noSpace && run > 1 {
-                    run = 1
-                    try chargeRun(first: Int(page), count: 1)
-                }
-            }
-            punched.removeLast(run)
-            let used = min(run, wanted)
-            for p in page..<(page &+ UInt32(used)) { pages.append(p) }
-            for p in (page &+ UInt32(used))..<(page &+ UInt32(run)) { reserve.append(p) }
-            return used
+            (first, available) = (Int(page), run)
+        } else {
+            (first, available) = (nextFresh, capacityPages + 1 - nextFresh)
+            guard available > 0 else { throw .noSpace }
         }
-        let batch = max(wanted, Self.chargeBatch)
-        let available = capacityPages + 1 - nextFresh
-        guard available > 0 else { throw .noSpace }
         var run = min(batch, available)
         while true {
             do {
-                try chargeRun(first: nextFresh, count: run)
+                try chargeRun(first: first, count: run)
                 break
             } catch where error == .noSpace && run > 1 {
                 // Near the limit: settle for less, so a write can store the part that fits.
                 run = run > wanted ? wanted : run / 2
             }
         }
-        let first = nextFresh
-        nextFresh += run
+        if reusing { punched.removeLast(run) } else { nextFresh += run }
         let used = min(run, wanted)
         for p in first..<(first + used) { pages.append(UInt32(p)) }
         for p in (first + used)..<(first + run) { reserve.append(UInt32(p)) }

@@ -8,10 +8,8 @@ import XCTest
 final class CountingCharger: PageCharger, @unchecked Sendable {
     private let inner = DaemonCharger()
     var calls = 0
-    var pagesCharged = 0
     func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
         calls += 1
-        pagesCharged += Int(length) / PageStore.pageSize
         try inner.charge(arena: arena, offset: offset, length: length)
     }
     var summary: String { "counting" }
