@@ -49,7 +49,7 @@ static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, u
     return rc;
 }
 
-/* The kernel's side of the protocol (newer than libfuse 3.14's): FuseKillPriv.swift reads it. */
+/* The kernel's side of the protocol (newer than libfuse 3.14's): FuseKernelFeatures.swift reads it. */
 #include <linux/fuse.h>
 #include <sys/uio.h>
 

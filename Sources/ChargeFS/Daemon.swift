@@ -167,8 +167,8 @@ public enum Daemon {
             report(readiness, "cannot mount on \(options.mountpoint) (is /dev/fuse available, and may you mount there?)")
             return 1
         }
-        // Our own clearing of setuid/setgid (FuseKillPriv) spares a getxattr round trip per write.
-        guard FuseKillPriv.install(on: session) else {
+        // Our own clearing of setuid/setgid (FuseKernelFeatures) spares a getxattr round trip per write.
+        guard FuseKernelFeatures.install(on: session) else {
             fuse_session_unmount(session)
             report(readiness, "cannot set up the FUSE session's I/O")
             return 1

@@ -30,10 +30,21 @@ public struct FileSystemConfig: Sendable {
     public var rootGid: UInt32 = 0
     /// noatime: reads never update atime.
     public var noatime = false
-    /// Open files with FOPEN_DIRECT_IO: no FUSE page cache, whose pages the kernel would charge
-    /// to whichever cgroup reads or writes. libfuse 3.14 cannot allow shared mmap with it.
-    public var directIO = false
+    public var caching = FileCaching.automatic
     public init() {}
+}
+
+/// How read(2) and write(2) reach a file's data.
+public enum FileCaching: String, Sendable {
+    /// Straight to chargefsd (FOPEN_DIRECT_IO): no FUSE page cache, whose pages the kernel would
+    /// charge to whichever cgroup reads or writes, and one round trip fewer per cached write (the
+    /// kernel's getxattr before it). Mappings still go through the page cache, kept coherent.
+    case direct
+    /// Through the kernel's page cache, kept across opens: re-reads cost no round trip.
+    case page
+    /// `direct` if the kernel can still map such files shared (FUSE_DIRECT_IO_ALLOW_MMAP,
+    /// Linux 6.6), else `page`. The default.
+    case automatic
 }
 
 /// Attribute changes asked by setattr; nil fields stay.
@@ -194,6 +205,9 @@ public final class FileSystem: Sendable {
         try core.withWriteLock { (c: FileSystemCore) throws(Errno) -> (written: Int, modeChanged: Bool) in
             let written = try c.write(ino, offset: offset, data: data)
             let inode = try c.inode(ino)
+            // A written file loses its capabilities, as on tmpfs. The kernel removes them itself
+            // before a cached write, but a direct-I/O write reaches us without that.
+            c.removeFileCapabilities(inode)
             return (written, c.clearSetID(inode, caller, kernelAsked: clearSetIDAsked))
         }
     }

@@ -27,6 +27,14 @@ extension FileSystemCore {
         inode.ctime = .now
     }
 
+    static let capabilityXattr = Array("security.capability".utf8)
+
+    func removeFileCapabilities(_ inode: Inode) {
+        guard inode.xattrs?[Self.capabilityXattr] != nil else { return }
+        inode.xattrs?[Self.capabilityXattr] = nil
+        if inode.xattrs?.isEmpty == true { inode.xattrs = nil }
+    }
+
     func getxattr(_ ino: UInt64, name: FileName) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }

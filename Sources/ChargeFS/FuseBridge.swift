@@ -110,13 +110,14 @@ enum FuseBridge {
         return c
     }
 
-    /// Every change to the data comes through this kernel, so its page cache stays valid across
-    /// opens (keep_cache), unless the mount asked for direct_io.
+    /// Direct I/O, or the page cache; every change to the data comes through this kernel, so a
+    /// page cache stays valid across opens (keep_cache).
     static func setCaching(_ fi: UnsafeMutablePointer<fuse_file_info>, _ fs: FileSystem) {
-        if fs.config.directIO {
-            cfuse_fi_set_direct_io(fi, 1)
-        } else {
-            cfuse_fi_set_keep_cache(fi, 1)
+        switch fs.config.caching {
+        case .direct: cfuse_fi_set_direct_io(fi, 1)
+        case .page: cfuse_fi_set_keep_cache(fi, 1)
+        case .automatic:
+            if FuseKernelFeatures.mmapWithDirectIO { cfuse_fi_set_direct_io(fi, 1) } else { cfuse_fi_set_keep_cache(fi, 1) }
         }
     }
 
@@ -170,7 +171,7 @@ enum FuseBridge {
             let c = FuseBridge.changes(from: attr, toSet)
             // With the kill-privilege handover, a setattr that sets nothing is the kernel's own
             // "clear setuid/setgid" (a chown to -1:-1, or the first write to a setuid file).
-            let clears = FuseKillPriv.requestClearsSetID || (FuseKillPriv.granted && toSet == 0)
+            let clears = FuseKernelFeatures.requestClearsSetID || (FuseKernelFeatures.granted && toSet == 0)
             FuseBridge.replyAttr(req) { () throws(Errno) in
                 try FuseBridge.fileSystem(req).setattr(UInt64(ino), c, caller: FuseBridge.caller(req), clearSetIDAsked: clears)
             }
@@ -225,7 +226,7 @@ enum FuseBridge {
             guard let fi else { return FuseBridge.reply(req, .invalidArgument) }
             do throws(Errno) {
                 let modeChanged = try FuseBridge.fileSystem(req).open(UInt64(ino), flags: fi.pointee.flags, caller: FuseBridge.caller(req),
-                                                                      clearSetIDAsked: FuseKillPriv.requestClearsSetID)
+                                                                      clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
                 FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
                 fuse_reply_open(req, fi)
                 if modeChanged { FuseBridge.invalidateAttributes(ino) }
@@ -261,7 +262,7 @@ enum FuseBridge {
                 let result = try FuseBridge.fileSystem(req).write(UInt64(ino), offset: Int64(offset),
                                                                   data: UnsafeRawBufferPointer(start: buf, count: size),
                                                                   caller: FuseBridge.caller(req),
-                                                                  clearSetIDAsked: FuseKillPriv.requestClearsSetID)
+                                                                  clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
                 fuse_reply_write(req, result.written)
                 if result.modeChanged { FuseBridge.invalidateAttributes(ino) }
             } catch {

@@ -27,8 +27,8 @@ public struct MountOptions: Sendable, Equatable {
     public var rootGid: UInt32?
     public var memcg: String?
     public var noatime = false
-    /// direct_io: file data bypasses the kernel's page cache (see FileSystemConfig.directIO).
-    public var directIO = false
+    /// cache=direct|page (direct_io: cache=direct); see FileCaching.
+    public var caching = FileCaching.automatic
     /// Options handed to the kernel mount through libfuse, as given.
     public var passthrough: [String] = []
 
@@ -113,7 +113,13 @@ public struct MountOptions: Sendable, Equatable {
                 noatime = true
                 passthrough.append(option)
             case "direct_io" where value == nil:
-                directIO = true
+                caching = .direct
+            case "cache":
+                let v = try required()
+                guard let c = FileCaching(rawValue: v), c != .automatic else {
+                    throw UsageError("cache=\(v): must be direct or page")
+                }
+                caching = c
             case "fsname", "subtype":
                 break  // chargefsd sets these itself
             case _ where Self.fuseFlags.contains(key) && value == nil:
@@ -190,7 +196,7 @@ public struct MountOptions: Sendable, Equatable {
         c.rootUid = rootUid ?? getuid()
         c.rootGid = rootGid ?? getgid()
         c.noatime = noatime
-        c.directIO = directIO
+        c.caching = caching
         return c
     }
 
@@ -221,8 +227,11 @@ public struct MountOptions: Sendable, Equatable {
       uid=N, gid=N      owner of the root directory (default: the caller's)
       memcg=PATH        charge every stored page to this memory cgroup (v1 or v2); writes that
                         would pass its memory limit (or an ancestor's) get ENOSPC
-      direct_io         read and write bypass the kernel's page cache, so a reader or writer's
-                        cgroup is not charged for a cached copy (shared mmap is then refused)
+      cache=direct      (default on Linux 6.6+) read(2) and write(2) go to chargefsd, bypassing the
+                        kernel's page cache, so no reader or writer is charged for a cached copy;
+                        mmap still works (through the page cache, kept coherent). direct_io: same
+      cache=page        reads are served from the kernel's page cache, kept across opens: faster
+                        re-reads, but the reader or writer's cgroup is charged for the cached copy
       allow_other, ro, noatime, nosuid, nodev, noexec, ...  as for any FUSE mount
     flags:
       -f  stay in the foreground     -d  foreground with FUSE debug output

@@ -35,7 +35,30 @@ func directRead(_ path: String, count: Int, at offset: Int) throws -> [UInt8] {
     return Array(UnsafeRawBufferPointer(start: buf, count: n))
 }
 
-final class MountMmapTests: MountTestCase {
+class MountMmapTests: MountTestCase {
+    /// Whether data written with write(2) stays in the kernel's page cache (cache=page).
+    class var writesStayInPageCache: Bool { false }
+
+    /// The default (cache=direct) keeps no cached copy of written data, which the kernel would
+    /// charge to the writer's cgroup; cache=page keeps it. mincore(2) shows which it was.
+    func testWrittenDataIsCachedOnlyWithPageCache() throws {
+        let f = p("resident")
+        let size = 16 * 4096
+        try FS.create(f, [UInt8](repeating: 7, count: size))
+        let fd = try FS.open(f, O_RDONLY)
+        defer { close(fd) }
+        let m = try Mapping(fd: fd, length: size, prot: PROT_READ)
+        var vec = [UInt8](repeating: 0, count: size / 4096)
+        XCTAssertErrno(0, mincore(m.base, size, &vec))
+        let resident = vec.filter { $0 & 1 != 0 }.count
+        if Self.writesStayInPageCache {
+            XCTAssertEqual(resident, vec.count, "cache=page: written pages stay cached")
+        } else {
+            XCTAssertEqual(resident, 0, "cache=direct: no page cache copy of written data")
+        }
+        XCTAssertEqual(m[size - 1], 7)
+    }
+
     func testSharedWritableMappingCoherentWithReadWrite() throws {
         let f = p("m")
         let size = 5 * 4096
@@ -143,4 +166,17 @@ final class MountMmapTests: MountTestCase {
         XCTAssertEqual(m[50], 3)
         XCTAssertEqual(try FS.read(fd, count: 1, at: 200), [0])
     }
+}
+
+/// The same mappings under cache=page, where read(2) and write(2) go through the page cache too.
+final class MountMmapPageCacheTests: MountMmapTests {
+    override class var mountOptions: [String] { ["cache=page"] }
+    override class var writesStayInPageCache: Bool { true }
+    // Declared again so that test discovery on Linux finds them in this class.
+    override func testWrittenDataIsCachedOnlyWithPageCache() throws { try super.testWrittenDataIsCachedOnlyWithPageCache() }
+    override func testSharedWritableMappingCoherentWithReadWrite() throws { try super.testSharedWritableMappingCoherentWithReadWrite() }
+    override func testMappedDataPersistsAfterUnmapAndClose() throws { try super.testMappedDataPersistsAfterUnmapAndClose() }
+    override func testWriteThroughODirectInvalidatesMapping() throws { try super.testWriteThroughODirectInvalidatesMapping() }
+    override func testPrivateMappingIsIsolated() throws { try super.testPrivateMappingIsIsolated() }
+    override func testMappingAfterTruncateAndExtend() throws { try super.testMappingAfterTruncateAndExtend() }
 }

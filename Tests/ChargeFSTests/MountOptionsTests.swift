@@ -17,6 +17,13 @@ final class MountOptionsTests: XCTestCase {
         XCTAssertTrue(o.fsname.contains("memcg=/sys/fs/cgroup/pod"))
     }
 
+    func testCacheModes() throws {
+        XCTAssertEqual(try MountOptions.parse(["/m"]).fileSystemConfig.caching, .automatic)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "cache=page"]).fileSystemConfig.caching, .page)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "cache=direct"]).fileSystemConfig.caching, .direct)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "direct_io"]).fileSystemConfig.caching, .direct)
+    }
+
     func testSizeForms() throws {
         XCTAssertEqual(try MountOptions.parseSize("4096", option: "size"), 4096)
         XCTAssertEqual(try MountOptions.parseSize("2k", option: "size"), 2048)
@@ -36,6 +43,8 @@ final class MountOptionsTests: XCTestCase {
             (["/m", "-o", "uid=bob"], "uid=bob"),
             (["/m", "-o", "bogus"], "unknown mount option 'bogus'"),
             (["/m", "-o", "memcg=relative"], "memcg=relative"),
+            (["/m", "-o", "cache=automatic"], "cache=automatic: must be direct or page"),
+            (["/m", "-o", "cache"], "cache"),
             (["/m", "-o"], "-o needs"),
             ([], "missing mountpoint"),
             (["a", "b", "c"], "too many arguments"),

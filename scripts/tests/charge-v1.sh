@@ -359,6 +359,8 @@ t_service_charges_target() {
   log "  target rose by $(fmt_mib "$rise"); service's shmem rose by $(fmt_mib $(( $(cg_shmem "$S") - sh0 )))"
   check "target charged the 16 MiB (±1 MiB)" near "$rise" $((16 * MiB)) "$SLACK"
   check "service's cgroup holds no shmem of it (≤ 1 MiB)" le $(( $(cg_shmem "$S") - sh0 )) "$SLACK"
+  # cache=direct (the default): no FUSE page cache either, so nothing is charged to the writer.
+  check "service's usage did not rise (no cached copy, ≤ 1 MiB)" le "$(cg_usage "$S")" $((s0 + SLACK))
   cg_reclaim "$S"
   log "  service after reclaim of its page cache: $(fmt_mib "$(cg_usage "$S")") (was $(fmt_mib "$s0"))"
   check "service's usage back after reclaiming its (FUSE) page cache (±1 MiB)" le "$(cg_usage "$S")" $((s0 + SLACK))
@@ -462,6 +464,9 @@ t_pod() {
   log "  pod rose by $(fmt_mib $(( $(cg_usage "$T") - BASE ))); container a: $(cg_describe "$A"); b: $(cg_describe "$B")"
   check "containers hold no shmem of the data (≤ 1 MiB each)" \
     le $(( $(cg_shmem "$A") - ash0 + $(cg_shmem "$B") - bsh0 )) $((2 * SLACK))
+  # With the page cache (cache=page) the pod rose by 49 MiB: 24 of data, 12 of cache per container.
+  check "the pod rose by the data alone (24 MiB ±1 MiB + counter fuzz)" \
+    near $(( $(cg_usage "$T") - BASE )) $((24 * MiB)) $((SLACK + FUZZ))
   cg_reclaim "$B"
   log "  container b after reclaiming its page cache: $(fmt_mib "$(cg_usage "$B")") (was $(fmt_mib "$b0"))"
   check "container b's usage is only reclaimable page cache (back within 1 MiB)" le "$(cg_usage "$B")" $((b0 + SLACK))

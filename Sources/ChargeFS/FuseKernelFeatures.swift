@@ -1,0 +1,128 @@
+import CFuse
+import Glibc
+
+/// Two features of the kernel's FUSE protocol that libfuse 3.14 (FUSE 7.31 in its own headers)
+/// cannot negotiate, added to the session through its custom I/O hooks on /dev/fuse:
+///
+/// - FUSE_HANDLE_KILLPRIV_V2: clearing setuid/setgid is ours. Without it the kernel asks
+///   getxattr("security.capability") before every cached write, a second round trip per write(2).
+///   With it the kernel marks inodes S_NOSEC and flags each write, truncate or open whose caller
+///   lacks CAP_FSETID; `read` notes that flag in a per-thread slot before libfuse decodes the
+///   request (libfuse handles a request on the thread that read it).
+/// - FUSE_DIRECT_IO_ALLOW_MMAP (7.39): files opened with direct I/O can still be mapped shared.
+///   The kernel then writes back and drops cached pages of a range before each direct read or
+///   write of it, so read(2), write(2) and a mapping stay coherent.
+///
+/// `writev` adds the flags the kernel offered to the INIT reply.
+enum FuseKernelFeatures {
+    /// The INIT request's id and whether the kernel offered the flag; written by the one thread
+    /// that reads INIT, before any other request exists.
+    nonisolated(unsafe) private static var initRequest: (unique: UInt64, flags: UInt64)?
+    nonisolated(unsafe) private static var grantedFlag = false
+    nonisolated(unsafe) private static var mmapWithDirectIOFlag = false
+    nonisolated(unsafe) private static var initPatched = false
+
+    /// FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 (bit 36 of the 64-bit flags); newer than the headers.
+    static let directIOAllowMmap: UInt64 = 1 << 36
+    private static let slot: pthread_key_t? = {
+        var key = pthread_key_t()
+        return pthread_key_create(&key, nil) == 0 ? key : nil
+    }()
+
+    /// Whether the kernel took the handover: then all clearing is ours.
+    static var granted: Bool { grantedFlag }
+    /// Whether direct-I/O files may be mapped shared (else mmap(MAP_SHARED) fails with ENODEV).
+    static var mmapWithDirectIO: Bool { mmapWithDirectIOFlag }
+
+    /// The kernel asked the request being handled on this thread to clear setuid/setgid.
+    static var requestClearsSetID: Bool {
+        guard let slot else { return false }
+        return pthread_getspecific(slot) != nil
+    }
+
+    /// Routes the session's traffic through the hooks; call after fuse_session_mount.
+    static func install(on session: OpaquePointer) -> Bool {
+        guard slot != nil else { return false }
+        var io = fuse_custom_io()
+        io.read = { fd, buf, len, _ in
+            let n = Glibc.read(fd, buf, len)
+            FuseKernelFeatures.note(request: buf, length: n)
+            return n
+        }
+        io.writev = { fd, iov, count, _ in
+            if let iov { FuseKernelFeatures.patchIfInitReply(iov, Int(count)) }
+            return Glibc.writev(fd, iov, count)
+        }
+        return fuse_session_custom_io(session, &io, fuse_session_fd(session)) == 0
+    }
+
+    private static func note(request: UnsafeMutableRawPointer?, length: Int) {
+        let errnoSaved = errno
+        defer { errno = errnoSaved }
+        var clears = false
+        let headerSize = MemoryLayout<fuse_in_header>.size
+        if let request, length >= headerSize {
+            let header = request.loadUnaligned(as: fuse_in_header.self)
+            let arg = UnsafeRawBufferPointer(start: request + headerSize, count: length - headerSize)
+            func argument<T>(_ type: T.Type) -> T? {
+                arg.count >= MemoryLayout<T>.size ? arg.loadUnaligned(as: T.self) : nil
+            }
+            switch header.opcode {
+            case FUSE_WRITE.rawValue:
+                clears = argument(fuse_write_in.self).map { $0.write_flags & UInt32(FUSE_WRITE_KILL_SUIDGID) != 0 } ?? false
+            case FUSE_SETATTR.rawValue:
+                clears = argument(fuse_setattr_in.self).map { $0.valid & UInt32(FATTR_KILL_SUIDGID) != 0 } ?? false
+            case FUSE_OPEN.rawValue:
+                clears = argument(fuse_open_in.self).map { $0.open_flags & UInt32(FUSE_OPEN_KILL_SUIDGID) != 0 } ?? false
+            case FUSE_INIT.rawValue:
+                // Older kernels send a shorter fuse_init_in; its first four fields never changed.
+                if arg.count >= 16 {
+                    var flags = UInt64(arg.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+                    if flags & UInt64(FUSE_INIT_EXT) != 0, arg.count >= 20 {
+                        flags |= UInt64(arg.loadUnaligned(fromByteOffset: 16, as: UInt32.self)) << 32
+                    }
+                    initRequest = (header.unique, flags)
+                }
+            default: break
+            }
+        }
+        if let slot { pthread_setspecific(slot, clears ? UnsafeRawPointer(bitPattern: 1) : nil) }
+    }
+
+    /// Flags this patch may add to the INIT reply, if the kernel offered them.
+    static let addedFlags = UInt64(FUSE_HANDLE_KILLPRIV_V2) | directIOAllowMmap
+
+    private static func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
+        guard let initRequest, !initPatched, initRequest.flags & addedFlags != 0,
+              count >= 2, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
+              let reply = iov[1].iov_base else { return }
+        let out = header.loadUnaligned(as: fuse_out_header.self)
+        guard out.unique == initRequest.unique, out.error == 0 else { return }
+        initPatched = true
+        let replyFlags = patchInitReply(UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len),
+                                        offered: initRequest.flags)
+        grantedFlag = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
+        mmapWithDirectIOFlag = replyFlags & directIOAllowMmap != 0
+    }
+
+    /// Adds what the kernel offered of `addedFlags` to a fuse_init_out, whose flags sit at byte 12
+    /// and flags2 (read by the kernel only with FUSE_INIT_EXT) at byte 32. Returns the flags the
+    /// reply now carries.
+    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64) -> UInt64 {
+        guard reply.count >= 16, let base = reply.baseAddress else { return 0 }
+        var flags = UInt64(base.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+        let hasFlags2 = reply.count >= 36
+        if hasFlags2, flags & UInt64(FUSE_INIT_EXT) != 0 {
+            flags |= UInt64(base.loadUnaligned(fromByteOffset: 32, as: UInt32.self)) << 32
+        }
+        var add = offered & addedFlags
+        if !hasFlags2 || offered & UInt64(FUSE_INIT_EXT) == 0 { add &= 0xFFFF_FFFF }
+        if add >> 32 != 0 { add |= UInt64(FUSE_INIT_EXT) }
+        flags |= add
+        base.storeBytes(of: UInt32(truncatingIfNeeded: flags), toByteOffset: 12, as: UInt32.self)
+        if flags & UInt64(FUSE_INIT_EXT) != 0, hasFlags2 {
+            base.storeBytes(of: UInt32(truncatingIfNeeded: flags >> 32), toByteOffset: 32, as: UInt32.self)
+        }
+        return flags
+    }
+}
