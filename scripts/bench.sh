@@ -71,14 +71,14 @@ CGD=$PARENT/cfsbench-$$-daemon     # both daemons run here (one at a time is mea
 CGT=$PARENT/cfsbench-$$-target     # memcg= target
 cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSIZE")"
 
-FS=(tmpfs cfs cfsm)
+FS=(tmpfs cfs cfsm cfsp)
 declare -A MNT PID
-MNT[tmpfs]=$W/tmpfs; MNT[cfs]=$W/cfs; MNT[cfsm]=$W/cfsm
+MNT[tmpfs]=$W/tmpfs; MNT[cfs]=$W/cfs; MNT[cfsm]=$W/cfsm; MNT[cfsp]=$W/cfsp
 mkdir -p "${MNT[tmpfs]}"
 mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
 CFS_WRAP="taskset -c $DCPU"
-declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT")
-for f in cfs cfsm; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
+declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page")
+for f in cfs cfsm cfsp; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
 PID[tmpfs]=
 # The floor: a minimal C FUSE file system (scripts/bench/floorfs.c), for the random and sequential
 # I/O rows only: what the FUSE round trip itself allows on this machine, under the same pinning.
@@ -91,7 +91,7 @@ echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_v
 echo "daemon: $CHARGEFSD"
 grep -q page_reporting /proc/cmdline && echo "free page reporting is on: $PREFAULT_MIB MiB of memory touched before every run"
 echo "pinning: daemons on CPU $DCPU (taskset -c $DCPU), fio/metabench on CPU $CCPU (taskset -c $CCPU), same for every filesystem"
-for f in cfs cfsm; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
+for f in cfs cfsm cfsp; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
 echo "mounts: tmpfs ${MNT[tmpfs]} | chargefs ${MNT[cfs]} | chargefs memcg=$CGT ${MNT[cfsm]}"
 echo
 
@@ -137,7 +137,10 @@ do_wl() {
     seqwrite) v=$(fio_val "$m" bw --name=seq --rw=write --bs=1M --size="$SEQ" --end_fsync=1) ;;
     seqread)  v=$(fio_val "$m" bw --name=seq --rw=read --bs=1M --size="$SEQ"); rm -f "$m"/seq.* ;;
     randwrite) v=$(fio_val "$m" iops --name=rnd --rw=randwrite --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
-    randread) v=$(fio_val "$m" iops --name=rnd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME"); rm -f "$m"/rnd.* ;;
+    randread) v=$(fio_val "$m" iops --name=rnd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
+    # The same file read again without dropping the cache: hot data, where a page cache wins.
+    reread) v=$(fio_val "$m" iops --name=rnd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME" --invalidate=0)
+            rm -f "$m"/rnd.* ;;
     create|stat|unlink)
       [ "$w" != create ] || { rm -rf "$m/meta"; mkdir "$m/meta"; }
       v=$(mb_val "$w" "$m/meta" "$NMETA")
@@ -152,14 +155,14 @@ do_wl() {
   add "$w" "$f" "$v"
 }
 
-wl seqwrite MiB/s; wl seqread MiB/s; wl randwrite IOPS; wl randread IOPS
+wl seqwrite MiB/s; wl seqread MiB/s; wl randwrite IOPS; wl randread IOPS; wl reread IOPS
 wl create ops/s; wl stat ops/s; wl unlink ops/s; wl readdir entries/s; wl par8 MiB/s
-# order matters: seqread reads seqwrite's file, randread randwrite's, stat/unlink create's
-groups=("seqwrite seqread" "randwrite randread" "create stat unlink" "readdir" "par8")
+# order matters: seqread reads seqwrite's file, randread and reread randwrite's, stat/unlink create's
+groups=("seqwrite seqread" "randwrite randread reread" "create stat unlink" "readdir" "par8")
 case "$only" in
   "") ;;
   seq) groups=("seqwrite seqread") ;;
-  rand) groups=("randwrite randread") ;;
+  rand) groups=("randwrite randread reread") ;;
   meta) groups=("create stat unlink") ;;
   readdir|par8) groups=("$only") ;;
   *) die "--only: one of seq, rand, meta, readdir, par8" ;;
@@ -168,7 +171,7 @@ for g in "${groups[@]}"; do
   for ((r = 1; r <= reps; r++)); do
     # The two chargefs mounts swap places every repetition, so neither always runs right after
     # the other's workload (the memcg/no-memcg ratio was skewed by that order).
-    order=(tmpfs cfs cfsm); [ $((r % 2)) = 0 ] && order=(tmpfs cfsm cfs)
+    order=(tmpfs cfs cfsm cfsp); [ $((r % 2)) = 0 ] && order=(tmpfs cfsm cfs cfsp)
     case "$g" in seqwrite*|randwrite*) order+=(floor) ;; esac
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
@@ -225,12 +228,13 @@ median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR] = $1}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
 echo
 echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
-printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %12s |\n' workload unit tmpfs chargefs "chargefs+memcg" chargefs/tmpfs memcg/no-memcg "floor*" floor/tmpfs
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ---------------- --------------- ----------------- -------------- --------------
+echo "chargefs = the default (cache=direct); cache=page = chargefs -o cache=page, without memcg=."
+printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s |\n' workload unit tmpfs chargefs "chargefs+memcg" chargefs/tmpfs memcg/no-memcg cache=page page/tmpfs "floor*" floor/tmpfs
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ---------------- --------------- ----------------- -------------- ------------- -------------- --------------
 for w in "${WLS[@]}"; do
   t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); cm=$(median <<<"${R["$w|cfsm"]:-}")
-  fl=$(median <<<"${R["$w|floor"]:-}")
-  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")" "$fl" "$(ratio "$fl" "$t")"
+  cp=$(median <<<"${R["$w|cfsp"]:-}"); fl=$(median <<<"${R["$w|floor"]:-}")
+  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")" "$cp" "$(ratio "$cp" "$t")" "$fl" "$(ratio "$fl" "$t")"
 done
 echo "* floor: scripts/bench/floorfs.c, a minimal single-threaded C FUSE file system (one memfd, no"
 echo "  inodes, locks, permissions, xattrs or charging), pinned like chargefs: the FUSE round trip alone."
@@ -242,7 +246,8 @@ if [ -z "$only" ]; then
   for f in "${FS[@]}"; do
     printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
   done
-  echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT; writer cg = fio's cgroup, which also pays for the FUSE page cache;"
+  echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT, cfsp = chargefs cache=page;"
+  echo " writer cg = fio's cgroup, which pays for any FUSE page cache;"
   echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"
 fi
 # --- scale: per-op cost at 1k/100k/1M files, 16 GiB stored ---------------------------------------
@@ -250,8 +255,9 @@ declare -A SC
 if [ "$scale" = 1 ]; then
   echo
   echo "scale runs (1k/100k/1M files, 16 GiB stored)..." >&2
+  SCALE_FS=(tmpfs cfs cfsm)
   for n in 1000 100000 1000000; do
-    for f in "${FS[@]}"; do
+    for f in "${SCALE_FS[@]}"; do
       m=${MNT[$f]}; mkdir "$m/scale"
       for op in create stat unlink; do
         SC["$n|$f|$op"]=$(run "$MB" "$op" "$m/scale" "$n" | awk '{print $5}')
@@ -261,7 +267,7 @@ if [ "$scale" = 1 ]; then
     echo "  [scale $n files] done" >&2
   done
   SEQ_B=$((16 * 1024 * MiB))
-  for f in "${FS[@]}"; do mem_probe "$f"; SC["16g|$f"]="${MEM["$f|rssgib"]} ${MEM["$f|t"]} ${MEM["$f|d"]} ${MEM["$f|w"]}"; done
+  for f in "${SCALE_FS[@]}"; do mem_probe "$f"; SC["16g|$f"]="${MEM["$f|rssgib"]} ${MEM["$f|t"]} ${MEM["$f|d"]} ${MEM["$f|w"]}"; done
 fi
 
 if [ "$scale" = 1 ]; then
@@ -275,5 +281,5 @@ if [ "$scale" = 1 ]; then
   done
   echo
   echo "16 GiB stored (MiB per GiB: daemon RSS, target cg, daemon cg, writer cg):"
-  for f in "${FS[@]}"; do echo "  $f: ${SC["16g|$f"]}"; done
+  for f in "${SCALE_FS[@]}"; do echo "  $f: ${SC["16g|$f"]}"; done
 fi

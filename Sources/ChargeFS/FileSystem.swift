@@ -119,6 +119,10 @@ public final class FileSystem: Sendable {
     public func forget(_ ino: UInt64, count: UInt64) {
         core.withWriteLock { c in c.forget(ino, count: count) }
     }
+    /// What `cache=` came to (the default depends on the kernel), for the status xattr.
+    public func noteCachingInEffect(_ caching: FileCaching) {
+        core.withWriteLock { c in c.cachingInEffect = caching }
+    }
     public func getattr(_ ino: UInt64) throws(Errno) -> Attributes {
         try shared { c throws(Errno) in try c.inode(ino).attributes }
     }

@@ -74,6 +74,7 @@ extension FileSystemCore {
             "stored_bytes=\(used)",
             "charged_bytes=\(charged)",
             "size_limit_bytes=\(config.maxBytes.map(String.init) ?? "unlimited")",
+            "cache=\(cachingInEffect.rawValue)",
         ]
         if let headroom = store.charger.availableBytes() {
             lines.append("cgroup_headroom_bytes=\(max(0, headroom))")

@@ -6,6 +6,8 @@ import SystemPackage
 /// its lock. Errors are the errno tmpfs gives in the same case.
 final class FileSystemCore {
     let config: FileSystemConfig
+    /// `config.caching` as the mount resolved it (set at INIT).
+    var cachingInEffect: FileCaching
     let store: PageStore
     private(set) var inodes = InodeTable()
     /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
@@ -14,6 +16,7 @@ final class FileSystemCore {
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
+        cachingInEffect = config.caching
         self.store = store
         if let bytes = config.maxBytes {
             maxPages = Int((bytes + Int64(PageStore.pageSize) - 1) / Int64(PageStore.pageSize))

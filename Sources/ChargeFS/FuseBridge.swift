@@ -110,21 +110,26 @@ enum FuseBridge {
         return c
     }
 
-    /// Direct I/O, or the page cache; every change to the data comes through this kernel, so a
-    /// page cache stays valid across opens (keep_cache).
-    static func setCaching(_ fi: UnsafeMutablePointer<fuse_file_info>, _ fs: FileSystem) {
-        switch fs.config.caching {
-        case .direct: cfuse_fi_set_direct_io(fi, 1)
-        case .page: cfuse_fi_set_keep_cache(fi, 1)
-        case .automatic:
-            if FuseKernelFeatures.mmapWithDirectIO { cfuse_fi_set_direct_io(fi, 1) } else { cfuse_fi_set_keep_cache(fi, 1) }
-        }
+    /// Direct I/O for every open file, or the page cache; decided once, at INIT.
+    nonisolated(unsafe) static var directIO = false
+
+    /// Every change to the data comes through this kernel, so a page cache stays valid across
+    /// opens (keep_cache).
+    static func setCaching(_ fi: UnsafeMutablePointer<fuse_file_info>) {
+        if directIO { cfuse_fi_set_direct_io(fi, 1) } else { cfuse_fi_set_keep_cache(fi, 1) }
     }
 
     static func makeOperations() -> fuse_lowlevel_ops {
         var ops = fuse_lowlevel_ops()
-        ops.`init` = { _, conn in
-            guard let conn else { return }
+        ops.`init` = { userdata, conn in
+            guard let conn, let userdata else { return }
+            let fs = Unmanaged<FileSystem>.fromOpaque(userdata).takeUnretainedValue()
+            var caching = fs.config.caching
+            if caching == .automatic {
+                caching = FuseKernelFeatures.kernelOffersMmapWithDirectIO ? .direct : .page
+            }
+            FuseBridge.directIO = caching == .direct
+            fs.noteCachingInEffect(caching)
             // 1 MiB requests: fewer round trips for streams.
             conn.pointee.max_write = 1 << 20
             conn.pointee.max_readahead = 1 << 20
@@ -227,7 +232,7 @@ enum FuseBridge {
             do throws(Errno) {
                 let modeChanged = try FuseBridge.fileSystem(req).open(UInt64(ino), flags: fi.pointee.flags, caller: FuseBridge.caller(req),
                                                                       clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
-                FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
+                FuseBridge.setCaching(fi)
                 fuse_reply_open(req, fi)
                 if modeChanged { FuseBridge.invalidateAttributes(ino) }
             } catch {
@@ -240,7 +245,7 @@ enum FuseBridge {
                 let attributes = try FuseBridge.fileSystem(req).create(parent: UInt64(parent), name: FuseBridge.name(name),
                                                                         mode: mode, caller: FuseBridge.caller(req))
                 var e = FuseBridge.entry(attributes)
-                FuseBridge.setCaching(fi, FuseBridge.fileSystem(req))
+                FuseBridge.setCaching(fi)
                 fuse_reply_create(req, &e, fi)
             } catch {
                 FuseBridge.reply(req, error)

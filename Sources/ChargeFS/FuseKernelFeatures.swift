@@ -19,7 +19,6 @@ enum FuseKernelFeatures {
     /// that reads INIT, before any other request exists.
     nonisolated(unsafe) private static var initRequest: (unique: UInt64, flags: UInt64)?
     nonisolated(unsafe) private static var grantedFlag = false
-    nonisolated(unsafe) private static var mmapWithDirectIOFlag = false
     nonisolated(unsafe) private static var initPatched = false
 
     /// FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 (bit 36 of the 64-bit flags); newer than the headers.
@@ -31,8 +30,11 @@ enum FuseKernelFeatures {
 
     /// Whether the kernel took the handover: then all clearing is ours.
     static var granted: Bool { grantedFlag }
-    /// Whether direct-I/O files may be mapped shared (else mmap(MAP_SHARED) fails with ENODEV).
-    static var mmapWithDirectIO: Bool { mmapWithDirectIOFlag }
+    /// Whether the INIT request offered it (Linux 6.6+); known before libfuse's init callback.
+    static var kernelOffersMmapWithDirectIO: Bool {
+        let needed = directIOAllowMmap | UInt64(FUSE_INIT_EXT)
+        return (initRequest?.flags ?? 0) & needed == needed
+    }
 
     /// The kernel asked the request being handled on this thread to clear setuid/setgid.
     static var requestClearsSetID: Bool {
@@ -102,7 +104,6 @@ enum FuseKernelFeatures {
         let replyFlags = patchInitReply(UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len),
                                         offered: initRequest.flags)
         grantedFlag = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
-        mmapWithDirectIOFlag = replyFlags & directIOAllowMmap != 0
     }
 
     /// Adds what the kernel offered of `addedFlags` to a fuse_init_out, whose flags sit at byte 12
