@@ -74,6 +74,18 @@ final class FileSystemTests: XCTestCase {
         XCTAssertEqual(f.gid, 50)
     }
 
+    /// Any write drops file capabilities, even root's, as tmpfs's write does: a direct-I/O write
+    /// reaches the daemon without the kernel having removed them first. Other xattrs stay.
+    func testWriteDropsFileCapabilitiesOnly() throws {
+        let f = try file("caps")
+        try fs.setxattr(f, name: n("security.capability"), value: [1, 0, 0, 2], flags: 0)
+        try fs.setxattr(f, name: n("user.keep"), value: [7], flags: 0)
+        let data: [UInt8] = [1]
+        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: .root) }
+        assertErrno(.noData) { _ = try self.fs.getxattr(f, name: self.n("security.capability")) }
+        XCTAssertEqual(try fs.getxattr(f, name: n("user.keep")), [7])
+    }
+
     /// The VFS rules for clearing setuid/setgid, as the kernel hands them over with
     /// FUSE_HANDLE_KILLPRIV_V2 (flag = caller lacks CAP_FSETID, or a chown).
     func testSetIDClearingRules() throws {
