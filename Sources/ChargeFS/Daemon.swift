@@ -167,7 +167,8 @@ public enum Daemon {
             report(readiness, "cannot mount on \(options.mountpoint) (is /dev/fuse available, and may you mount there?)")
             return 1
         }
-        // Our own clearing of setuid/setgid (FuseKernelFeatures) spares a getxattr round trip per write.
+        // Protocol features libfuse 3.14 cannot negotiate (FuseKernelFeatures): our own clearing of
+        // setuid/setgid, and shared mmap of direct-I/O files.
         guard FuseKernelFeatures.install(on: session) else {
             fuse_session_unmount(session)
             report(readiness, "cannot set up the FUSE session's I/O")

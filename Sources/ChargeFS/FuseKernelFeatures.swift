@@ -15,8 +15,8 @@ import Glibc
 ///
 /// `writev` adds the flags the kernel offered to the INIT reply.
 enum FuseKernelFeatures {
-    /// The INIT request's id and whether the kernel offered the flag; written by the one thread
-    /// that reads INIT, before any other request exists.
+    /// The INIT request's id and the flags the kernel offered (flags2 in the high half); written
+    /// by the one thread that reads INIT, before any other request exists.
     nonisolated(unsafe) private static var initRequest: (unique: UInt64, flags: UInt64)?
     nonisolated(unsafe) private static var grantedFlag = false
     nonisolated(unsafe) private static var initPatched = false
