@@ -72,13 +72,14 @@ CGT=$PARENT/cfsbench-$$-target     # memcg= target
 cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSIZE")"
 
 FS=(tmpfs cfs cfsm cfsp)
+CFS=("${FS[@]:1}")   # the chargefs mounts
 declare -A MNT PID
 MNT[tmpfs]=$W/tmpfs; MNT[cfs]=$W/cfs; MNT[cfsm]=$W/cfsm; MNT[cfsp]=$W/cfsp
 mkdir -p "${MNT[tmpfs]}"
 mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
 CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page")
-for f in cfs cfsm cfsp; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
+for f in "${CFS[@]}"; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
 PID[tmpfs]=
 # The floor: a minimal C FUSE file system (scripts/bench/floorfs.c), for the random and sequential
 # I/O rows only: what the FUSE round trip itself allows on this machine, under the same pinning.
@@ -91,7 +92,7 @@ echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_v
 echo "daemon: $CHARGEFSD"
 grep -q page_reporting /proc/cmdline && echo "free page reporting is on: $PREFAULT_MIB MiB of memory touched before every run"
 echo "pinning: daemons on CPU $DCPU (taskset -c $DCPU), fio/metabench on CPU $CCPU (taskset -c $CCPU), same for every filesystem"
-for f in cfs cfsm cfsp; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
+for f in "${CFS[@]}"; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
 echo "mounts: tmpfs ${MNT[tmpfs]} | chargefs ${MNT[cfs]} | chargefs memcg=$CGT ${MNT[cfsm]}"
 echo
 

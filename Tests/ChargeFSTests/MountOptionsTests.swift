@@ -44,7 +44,7 @@ final class MountOptionsTests: XCTestCase {
             (["/m", "-o", "bogus"], "unknown mount option 'bogus'"),
             (["/m", "-o", "memcg=relative"], "memcg=relative"),
             (["/m", "-o", "cache=automatic"], "cache=automatic: must be direct or page"),
-            (["/m", "-o", "cache"], "cache"),
+            (["/m", "-o", "cache"], "mount option 'cache' needs a value"),
             (["/m", "-o"], "-o needs"),
             ([], "missing mountpoint"),
             (["a", "b", "c"], "too many arguments"),

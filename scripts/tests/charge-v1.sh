@@ -370,10 +370,11 @@ t_service_charges_target() {
   check "service's cgroup holds no shmem of it (≤ 1 MiB)" le $(( $(cg_shmem "$S") - sh0 )) "$SLACK"
   # cache=direct (the default where the kernel allows it): no FUSE page cache either, so nothing
   # is charged to the writer; with cache=page the writer pays for a reclaimable copy (below).
-  if [ "$(cache_mode)" = direct ]; then
+  local mode; mode=$(cache_mode)
+  if [ "$mode" = direct ]; then
     check "cache=direct: service's usage did not rise (no cached copy, ≤ 1 MiB)" le "$(cg_usage "$S")" $((s0 + SLACK))
   else
-    log "  cache=$(cache_mode) on Linux $(uname -r): the service holds a reclaimable cached copy"
+    log "  cache=$mode on Linux $(uname -r): the service holds a reclaimable cached copy"
   fi
   cg_reclaim "$S"
   log "  service after reclaim of its page cache: $(fmt_mib "$(cg_usage "$S")") (was $(fmt_mib "$s0"))"
