@@ -81,12 +81,22 @@ CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page")
 for f in "${CFS[@]}"; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
 PID[tmpfs]=
-# The floor: a minimal C FUSE file system (scripts/bench/floorfs.c), for the random and sequential
-# I/O rows only: what the FUSE round trip itself allows on this machine, under the same pinning.
-MNT[floor]=$W/floor; mkdir -p "${MNT[floor]}"
-( echo "$BASHPID" > "$CGD/cgroup.procs" && exec taskset -c "$DCPU" "$FLOOR" "${MNT[floor]}" ) >"$W/floorfs.log" 2>&1 &
-PID[floor]=$!; CFS_PIDS+=("${PID[floor]}"); CFS_MOUNTS+=("${MNT[floor]}")
-wait_mounted "${MNT[floor]}" 20 "${PID[floor]}" || die "floorfs did not mount: $(cat "$W/floorfs.log")"
+# The floors: a minimal C FUSE file system (scripts/bench/floorfs.c), for the random and
+# sequential I/O rows only: what the FUSE round trip itself allows on this machine, under the same
+# pinning (floor), and what reads cost when the kernel serves them without the daemon (pass).
+FLOORS=()
+start_floor() {
+  local f=$1; shift
+  MNT[$f]=$W/$f; mkdir -p "${MNT[$f]}"
+  ( echo "$BASHPID" > "$CGD/cgroup.procs" && exec taskset -c "$DCPU" "$FLOOR" "$@" "${MNT[$f]}" ) >"$W/$f.log" 2>&1 &
+  PID[$f]=$!; CFS_PIDS+=("${PID[$f]}"); CFS_MOUNTS+=("${MNT[$f]}")
+  wait_mounted "${MNT[$f]}" 20 "${PID[$f]}" || die "floorfs $* did not mount: $(cat "$W/$f.log")"
+  FLOORS+=("$f")
+}
+start_floor floor
+start_floor pass --passthrough
+grep -q "passthrough negotiated" "$W/pass.log" ||
+  { echo "no passthrough floor: $(cat "$W/pass.log")"; FLOORS=(floor); }
 
 echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_version), $reps repetition(s)$([ "$quick" = 1 ] && echo ", quick sizes")"
 echo "daemon: $CHARGEFSD"
@@ -173,7 +183,7 @@ for g in "${groups[@]}"; do
     # The two chargefs mounts swap places every repetition, so neither always runs right after
     # the other's workload (the memcg/no-memcg ratio was skewed by that order).
     order=(tmpfs cfs cfsm cfsp); [ $((r % 2)) = 0 ] && order=(tmpfs cfsm cfs cfsp)
-    case "$g" in seqwrite*|randwrite*) order+=(floor) ;; esac
+    case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
     done
@@ -230,15 +240,18 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0 || a == "-" || b == "-") pr
 echo
 echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
 echo "chargefs = the default (cache=direct); cache=page = chargefs -o cache=page, without memcg=."
-printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s |\n' workload unit tmpfs chargefs "chargefs+memcg" chargefs/tmpfs memcg/no-memcg cache=page page/tmpfs "floor*" floor/tmpfs
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ---------------- --------------- ----------------- -------------- ------------- -------------- --------------
+printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s | %12s | %12s |\n' workload unit tmpfs chargefs "chargefs+memcg" chargefs/tmpfs memcg/no-memcg cache=page page/tmpfs "floor*" floor/tmpfs "pass**" pass/tmpfs
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ---------------- --------------- ----------------- -------------- ------------- -------------- -------------- -------------- --------------
 for w in "${WLS[@]}"; do
   t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); cm=$(median <<<"${R["$w|cfsm"]:-}")
-  cp=$(median <<<"${R["$w|cfsp"]:-}"); fl=$(median <<<"${R["$w|floor"]:-}")
-  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")" "$cp" "$(ratio "$cp" "$t")" "$fl" "$(ratio "$fl" "$t")"
+  cp=$(median <<<"${R["$w|cfsp"]:-}"); fl=$(median <<<"${R["$w|floor"]:-}"); pa=$(median <<<"${R["$w|pass"]:-}")
+  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")" "$cp" "$(ratio "$cp" "$t")" "$fl" "$(ratio "$fl" "$t")" "$pa" "$(ratio "$pa" "$t")"
 done
 echo "* floor: scripts/bench/floorfs.c, a minimal single-threaded C FUSE file system (one memfd, no"
-echo "  inodes, locks, permissions, xattrs or charging), pinned like chargefs: the FUSE round trip alone."
+echo "  inodes, locks, permissions, xattrs or charging, direct I/O like chargefs), pinned like chargefs:"
+echo "  the FUSE round trip alone."
+echo "** pass: floorfs --passthrough, whose read-only opens the kernel serves from the memfd itself"
+echo "  (FUSE passthrough); writes as floor: reads without a round trip to any daemon."
 if [ -z "$only" ]; then
   echo
   echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"

@@ -4,21 +4,31 @@
  *
  * Every name in the root is the same regular file, kept in one memfd: no inodes, no locks, no
  * permissions, no xattrs (getxattr is not implemented, so the kernel never asks before a write),
- * no charging. libfuse's low-level API, the same options chargefs uses (1 MiB requests,
- * keep_cache, no auto_inval_data), single-threaded. Not a file system to use: a floor to
- * measure against (scripts/bench.sh prints it beside chargefs).
+ * no charging. libfuse's low-level API, the same options chargefs uses by default (1 MiB
+ * requests, direct I/O on every open, no auto_inval_data), single-threaded. Not a file system
+ * to use: a floor to measure against (scripts/bench.sh prints it beside chargefs).
  *
- * Usage: floorfs MOUNTPOINT   (foreground; unmount to stop)
+ * --passthrough: read-only opens are handed to the kernel (FUSE passthrough, Linux 6.9+), which
+ * then reads the memfd itself and never asks the daemon: what reads would cost if chargefs kept
+ * each file in a file of its own. libfuse 3.14 knows nothing of passthrough, so its custom I/O
+ * hooks add FUSE_PASSTHROUGH to the INIT reply and a backing file to each read-only OPEN reply.
+ * Needs CAP_SYS_ADMIN.
+ *
+ * Usage: floorfs [--passthrough] MOUNTPOINT   (foreground; unmount to stop)
  * Built by scripts/bench.sh with cc at run time.
  */
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <linux/fuse.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define FILE_INO 2
@@ -27,6 +37,62 @@
 static int data_fd = -1;
 static char *data_map;
 static off_t file_size;
+
+/* FUSE passthrough (protocol 7.40), newer than the installed <linux/fuse.h> */
+#define INIT_PASSTHROUGH (1ULL << 37)
+#define OPEN_PASSTHROUGH (1u << 7)
+struct backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
+#define DEV_IOC_BACKING_OPEN _IOW(229, 1, struct backing_map)
+
+static int passthrough;
+/* single-threaded loop: the hooks see one request at a time */
+static uint64_t init_unique, init_offered, open_unique = UINT64_MAX;
+static int open_read_only, backing_id;
+
+static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata) {
+    (void)userdata;
+    ssize_t n = read(fd, buf, len);
+    if (n < (ssize_t)sizeof(struct fuse_in_header)) return n;
+    const struct fuse_in_header *h = buf;
+    if (h->opcode == FUSE_INIT && n >= (ssize_t)(sizeof *h + 20)) {
+        const uint32_t *in = (const uint32_t *)(h + 1);  /* major, minor, max_readahead, flags, flags2 */
+        init_unique = h->unique;
+        init_offered = in[3] | ((in[3] & FUSE_INIT_EXT) ? (uint64_t)in[4] << 32 : 0);
+    } else if (h->opcode == FUSE_OPEN && n >= (ssize_t)(sizeof *h + sizeof(struct fuse_open_in))) {
+        const struct fuse_open_in *in = (const void *)(h + 1);
+        open_unique = h->unique;
+        open_read_only = (in->flags & O_ACCMODE) == O_RDONLY;
+    }
+    return n;
+}
+
+static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata) {
+    (void)userdata;
+    const struct fuse_out_header *h = iov[0].iov_base;
+    if (count >= 2 && h->error == 0 && h->unique == init_unique && iov[1].iov_len >= 40) {
+        if (!(init_offered & INIT_PASSTHROUGH)) {
+            fprintf(stderr, "floorfs: the kernel does not offer FUSE passthrough\n");
+        } else {
+            uint32_t *out = iov[1].iov_base;  /* flags at [3], flags2 at [8], max_stack_depth at [9] */
+            out[3] |= FUSE_INIT_EXT;
+            out[8] |= (uint32_t)(INIT_PASSTHROUGH >> 32);
+            out[9] = 1;  /* the backing memfd is on tmpfs, stacking depth 0 */
+            fprintf(stderr, "floorfs: passthrough negotiated\n");
+        }
+    } else if (count >= 2 && h->error == 0 && h->unique == open_unique && open_read_only) {
+        if (backing_id == 0) {
+            struct backing_map map = { .fd = data_fd };
+            backing_id = ioctl(fd, DEV_IOC_BACKING_OPEN, &map);
+            if (backing_id <= 0) perror("floorfs: FUSE_DEV_IOC_BACKING_OPEN");
+        }
+        if (backing_id > 0) {
+            struct fuse_open_out *out = iov[1].iov_base;
+            out->open_flags = (out->open_flags & ~FOPEN_DIRECT_IO) | OPEN_PASSTHROUGH;
+            out->padding = (uint32_t)backing_id;  /* backing_id in 7.40 */
+        }
+    }
+    return writev(fd, iov, count);
+}
 
 static void attr_of(fuse_ino_t ino, struct stat *st) {
     memset(st, 0, sizeof *st);
@@ -46,7 +112,7 @@ static void reply_file_entry(fuse_req_t req, struct fuse_file_info *fi) {
     struct fuse_entry_param e = { .ino = FILE_INO, .attr_timeout = 3600, .entry_timeout = 3600 };
     attr_of(FILE_INO, &e.attr);
     if (fi) {
-        fi->keep_cache = 1;
+        fi->direct_io = 1;
         fuse_reply_create(req, &e, fi);
     } else {
         fuse_reply_entry(req, &e);
@@ -85,7 +151,7 @@ static void ff_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 static void ff_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)ino;
     if (fi->flags & O_TRUNC) file_size = 0;
-    fi->keep_cache = 1;
+    fi->direct_io = 1;
     fuse_reply_open(req, fi);
 }
 
@@ -129,10 +195,12 @@ static const struct fuse_lowlevel_ops ops = {
 };
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: floorfs MOUNTPOINT\n");
+    passthrough = argc == 3 && strcmp(argv[1], "--passthrough") == 0;
+    if (argc != 2 + passthrough) {
+        fprintf(stderr, "usage: floorfs [--passthrough] MOUNTPOINT\n");
         return 2;
     }
+    const char *mountpoint = argv[1 + passthrough];
     data_fd = memfd_create("floorfs", MFD_CLOEXEC);
     if (data_fd < 0 || ftruncate(data_fd, MAX_SIZE) != 0) { perror("floorfs: memfd"); return 1; }
     data_map = mmap(NULL, MAX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, data_fd, 0);
@@ -143,8 +211,10 @@ int main(int argc, char **argv) {
     if (!se) return 1;
     int rc = 1;
     if (fuse_set_signal_handlers(se) == 0) {
-        if (fuse_session_mount(se, argv[1]) == 0) {
-            rc = fuse_session_loop(se) == 0 ? 0 : 1;
+        if (fuse_session_mount(se, mountpoint) == 0) {
+            struct fuse_custom_io io = { .read = hook_read, .writev = hook_writev };
+            if (!passthrough || fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0)
+                rc = fuse_session_loop(se) == 0 ? 0 : 1;
             fuse_session_unmount(se);
         }
         fuse_remove_signal_handlers(se);
