@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup,
-# side by side, same pinning, each workload on each in alternation, medians of 3 runs.
+# side by side, same pinning, each workload on each in alternation, medians of 4 runs.
 # Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--no-setup]
 #   --quick  small sizes and one repetition (a smoke run of a minute or two)
 #   --scale  adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
@@ -11,19 +11,23 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-quick=0 scale=0 reps=3 setup=1 only=
+# 4 repetitions by default: the two chargefs mounts swap order every repetition, and an even
+# count gives each order the same weight in the memcg/no-memcg ratio (whichever ran second lost
+# 5-18% in some 3-repetition runs, on rows where memcg= runs no code at all).
+quick=0 scale=0 reps=4 setup=1 only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
     --scale) scale=1 ;;
-    --reps) reps=$2; shift ;;
-    --only) only=$2; shift ;;
+    --reps) reps=${2:-}; shift $(($# > 1)) ;;
+    --only) only=${2:-}; shift $(($# > 1)) ;;
     --no-setup) setup=0 ;;
     -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '4s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
 done
+[[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
 unset CHARGEFS_CGROUP_VERSION
 # shellcheck source=scripts/tests/lib.sh
@@ -193,6 +197,8 @@ done
 
 # --- memory: daemon RSS per GiB stored / per 100,000 empty files, charge per GiB ----------------
 declare -A MEM
+# mib_per_gib AFTER BEFORE GIB: a charge delta in MiB per GiB stored, whole MiB ("0", never "-0")
+mib_per_gib() { awk -v a="$1" -v b="$2" -v g="$3" 'BEGIN {v = sprintf("%.0f", (a - b) / g / 1048576); print (v == "-0" ? "0" : v)}'; }
 mem_probe() {  # fills $SEQ_B bytes then $NDIR empty files on fs $1; records where the charge went
   local f=$1 m=${MNT[$1]} pid=${PID[$1]} r0 w0 d0 t0 r1
   # Warm up first: the first 1 MiB request makes a fresh daemon touch its 1 MiB receive buffer,
@@ -204,9 +210,9 @@ mem_probe() {  # fills $SEQ_B bytes then $NDIR empty files on fs $1; records whe
   r0=0; [ -z "$pid" ] || r0=$(rss_kib "$pid")
   run fio --directory="$m" --name=mem --rw=write --bs=1M --size="$SEQ_B" --ioengine=psync --end_fsync=1 --output-format=terse >/dev/null
   local gib; gib=$(awk -v b="$SEQ_B" 'BEGIN {print b / 1073741824}')
-  MEM["$f|w"]=$(awk -v a="$(cg_usage "$CGW")" -v b="$w0" -v g="$gib" 'BEGIN {printf "%.0f", (a - b) / g / 1048576}')
-  MEM["$f|d"]=$(awk -v a="$(cg_usage "$CGD")" -v b="$d0" -v g="$gib" 'BEGIN {printf "%.0f", (a - b) / g / 1048576}')
-  MEM["$f|t"]=$(awk -v a="$(cg_usage "$CGT")" -v b="$t0" -v g="$gib" 'BEGIN {printf "%.0f", (a - b) / g / 1048576}')
+  MEM["$f|w"]=$(mib_per_gib "$(cg_usage "$CGW")" "$w0" "$gib")
+  MEM["$f|d"]=$(mib_per_gib "$(cg_usage "$CGD")" "$d0" "$gib")
+  MEM["$f|t"]=$(mib_per_gib "$(cg_usage "$CGT")" "$t0" "$gib")
   if [ -n "$pid" ]; then
     r1=$(rss_kib "$pid")
     MEM["$f|rssgib"]=$(awk -v a="$r1" -v b="$r0" -v g="$gib" 'BEGIN {printf "%.1f", (a - b) / g / 1024}')
