@@ -14,19 +14,22 @@ repo=$(cd "$here/.." && pwd)
 # 4 repetitions by default: the two chargefs mounts swap order every repetition, and an even
 # count gives each order the same weight in the memcg/no-memcg ratio (whichever ran second lost
 # 5-18% in some 3-repetition runs, on rows where memcg= runs no code at all).
-quick=0 scale=0 reps=4 setup=1 only=
+quick=0 scale=0 reps=4 setup=1 only= only_given=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
     --scale) scale=1 ;;
     --reps) reps=${2:-}; shift $(($# > 1)) ;;
-    --only) only=${2:-}; shift $(($# > 1)) ;;
+    --only) only=${2:-}; only_given=1; shift $(($# > 1)) ;;
     --no-setup) setup=0 ;;
     -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '4s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
 done
+case "$only_given:$only" in 0:|1:seq|1:rand|1:meta|1:readdir|1:par8) ;;
+  *) echo "bench.sh: --only needs one of seq, rand, meta, readdir, par8, not '$only'" >&2; exit 2 ;;
+esac
 [[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
 unset CHARGEFS_CGROUP_VERSION
@@ -180,7 +183,6 @@ case "$only" in
   rand) groups=("randwrite randread reread") ;;
   meta) groups=("create stat unlink") ;;
   readdir|par8) groups=("$only") ;;
-  *) die "--only: one of seq, rand, meta, readdir, par8" ;;
 esac
 for g in "${groups[@]}"; do
   for ((r = 1; r <= reps; r++)); do
