@@ -12,7 +12,8 @@
  * then reads the memfd itself and never asks the daemon: what reads would cost if chargefs kept
  * each file in a file of its own. libfuse 3.14 knows nothing of passthrough, so its custom I/O
  * hooks add FUSE_PASSTHROUGH to the INIT reply and a backing file to each read-only OPEN reply.
- * Needs CAP_SYS_ADMIN.
+ * Needs CAP_SYS_ADMIN. The kernel then reads up to the memfd's size (4 GiB), not the file's: a
+ * read past the end sees zeros, which fio never asks for.
  *
  * Usage: floorfs [--passthrough] MOUNTPOINT   (foreground; unmount to stop)
  * Built by scripts/bench.sh with cc at run time.
