@@ -45,7 +45,6 @@ static off_t file_size;
 struct backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
 #define DEV_IOC_BACKING_OPEN _IOW(229, 1, struct backing_map)
 
-static int passthrough;
 /* single-threaded loop: the hooks see one request at a time */
 static uint64_t init_unique, init_offered, open_unique = UINT64_MAX;
 static int open_read_only, backing_id;
@@ -196,7 +195,7 @@ static const struct fuse_lowlevel_ops ops = {
 };
 
 int main(int argc, char **argv) {
-    passthrough = argc == 3 && strcmp(argv[1], "--passthrough") == 0;
+    int passthrough = argc == 3 && strcmp(argv[1], "--passthrough") == 0;
     if (argc != 2 + passthrough) {
         fprintf(stderr, "usage: floorfs [--passthrough] MOUNTPOINT\n");
         return 2;
