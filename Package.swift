@@ -3,7 +3,6 @@ import PackageDescription
 
 let package = Package(
     name: "chargefs",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "chargefsd", targets: ["chargefsd"]),
         .library(name: "ChargeFS", targets: ["ChargeFS"]),
@@ -29,11 +28,25 @@ let package = Package(
             name: "chargefsd",
             dependencies: ["ChargeFS", "CFuse"]
         ),
+        // Helpers every test target shares (no XCTest, no root).
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // No root, no mount: the tree, pages, options, page map, directories, inode table.
         .testTarget(
-            name: "ChargeFSTests",
+            name: "ChargeFSUnitTests",
             dependencies: [
+                "TestSupport",
                 "ChargeFS",
                 "CFuse",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // Black box through a real mount of the built chargefsd (root, /dev/fuse).
+        .testTarget(name: "ChargeFSMountTests", dependencies: ["TestSupport"]),
+        // Real kernel charging: cgroups of this host (root).
+        .testTarget(
+            name: "ChargeFSCgroupTests",
+            dependencies: [
+                "ChargeFS",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),

@@ -10,6 +10,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 // MARK: - Linux constants Swift's Glibc does not export (x86_64 / generic values)
@@ -897,19 +898,6 @@ func record(_ t: inout [String], _ label: String, _ r: @autoclosure () -> Int32)
 
 func recordInt(_ t: inout [String], _ label: String, _ r: @autoclosure () -> Int) {
     t.append("\(label) -> \(errnoName(errnoOfInt(r)))")
-}
-
-/// Deterministic PRNG (SplitMix64).
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }
 
 func pattern(_ count: Int, seed: UInt8 = 1) -> [UInt8] {

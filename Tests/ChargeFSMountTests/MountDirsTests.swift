@@ -2,6 +2,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class MountDirsTests: MountTestCase {

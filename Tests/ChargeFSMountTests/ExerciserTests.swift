@@ -6,6 +6,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 /// One random operation, applied identically to both roots.

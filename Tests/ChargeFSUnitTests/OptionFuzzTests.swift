@@ -14,6 +14,7 @@
 // Runs in a few seconds; the corpus size and seed are printed.
 
 import XCTest
+import TestSupport
 @testable import ChargeFS
 
 /// The harness's SplitMix64, with the choices the fuzzer makes.
