@@ -176,6 +176,12 @@ final class MountCapacityTests: MountTestCase {
         XCTAssertEqual(Sys.statfs(ours.mountpoint).1.blocks * Sys.statfs(ours.mountpoint).1.bsize,
                        Sys.statfs(ref.mountpoint).1.blocks * Sys.statfs(ref.mountpoint).1.bsize, "default size")
         let unlimited = try mountChargeFS(options: ["size=0", "nr_inodes=0"], name: "unl")
+        // Unlimited: tmpfs reports no totals at all (0 blocks, 0 inodes), and so must we.
+        let refUnlimited = try mountTmpfs(options: "size=0,nr_inodes=0", name: "tunl")
+        let (_, u) = Sys.statfs(unlimited.mountpoint), (_, r) = Sys.statfs(refUnlimited.mountpoint)
+        XCTAssertEqual([u.blocks, u.bfree, u.bavail, u.files, u.ffree], [r.blocks, r.bfree, r.bavail, r.files, r.ffree],
+                       "size=0,nr_inodes=0: statfs totals as tmpfs")
+        refUnlimited.stop()
         let (n, e) = try bigWrite(unlimited.mountpoint + "/big", 48 << 20)
         XCTAssertEqual(n, 48 << 20, "size=0 is unlimited (\(errnoName(e)))")
         for i in 0..<300 { try FS.create(unlimited.mountpoint + "/f\(i)") }

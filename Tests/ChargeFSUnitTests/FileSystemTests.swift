@@ -27,12 +27,12 @@ final class FileSystemTests: XCTestCase {
     }
 
     func write(_ ino: UInt64, _ bytes: [UInt8], at offset: Int64) throws -> Int {
-        try bytes.withUnsafeBytes { try fs.write(ino, offset: offset, data: $0).written }
+        try bytes.withUnsafeBytes { try fs.write(ino, offset: offset, data: $0, caller: me, clearSetIDAsked: false).written }
     }
 
     func read(_ ino: UInt64, _ offset: Int64, _ count: Int) throws -> [UInt8] {
         var out: [UInt8] = []
-        try fs.read(ino, offset: offset, count: count) { vectors in
+        try fs.read(ino, offset: offset, count: count, noatime: false) { vectors in
             for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
         }
         return out
@@ -78,10 +78,10 @@ final class FileSystemTests: XCTestCase {
     /// reaches the daemon without the kernel having removed them first. Other xattrs stay.
     func testWriteDropsFileCapabilitiesOnly() throws {
         let f = try file("caps")
-        try fs.setxattr(f, name: n("security.capability"), value: [1, 0, 0, 2], flags: 0)
-        try fs.setxattr(f, name: n("user.keep"), value: [7], flags: 0)
+        try fs.setxattr(f, name: n("security.capability"), value: [1, 0, 0, 2], flags: [])
+        try fs.setxattr(f, name: n("user.keep"), value: [7], flags: [])
         let data: [UInt8] = [1]
-        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: .root) }
+        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: .root, clearSetIDAsked: false) }
         assertErrno(.noData) { _ = try self.fs.getxattr(f, name: self.n("security.capability")) }
         XCTAssertEqual(try fs.getxattr(f, name: n("user.keep")), [7])
     }
@@ -91,10 +91,10 @@ final class FileSystemTests: XCTestCase {
     func testSetIDClearingRules() throws {
         func mode(_ ino: UInt64) throws -> UInt32 { try fs.getattr(ino).mode & 0o7777 }
         let f = try file("f")
-        func set(_ m: UInt32) throws { var c = AttributeChanges(); c.mode = m; _ = try fs.setattr(f, c) }
+        func set(_ m: UInt32) throws { var c = AttributeChanges(); c.mode = m; _ = try fs.setattr(f, c, caller: .root, clearSetIDAsked: false) }
         let data: [UInt8] = [1]
         try set(0o6755)
-        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: .root) }
+        _ = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: .root, clearSetIDAsked: false) }
         XCTAssertEqual(try mode(f), 0o6755, "a capable writer (no flag) keeps both")
         let w = try data.withUnsafeBytes { try fs.write(f, offset: 0, data: $0, caller: me, clearSetIDAsked: true) }
         XCTAssertEqual(try mode(f), 0o755, "flagged write: setuid, and setgid with group-exec")
@@ -109,7 +109,7 @@ final class FileSystemTests: XCTestCase {
         _ = try fs.setattr(f, truncate, caller: me, clearSetIDAsked: true)
         XCTAssertEqual(try mode(f), 0o755, "flagged truncate")
         try set(0o4755)
-        XCTAssertTrue(try fs.open(f, flags: O_WRONLY | O_TRUNC, caller: me, clearSetIDAsked: true), "flagged O_TRUNC")
+        XCTAssertTrue(try fs.open(f, flags: OpenFlags(rawValue: O_WRONLY | O_TRUNC), caller: me, clearSetIDAsked: true), "flagged O_TRUNC")
         fs.release(f)
         XCTAssertEqual(try mode(f), 0o755)
         try set(0o6755)
@@ -140,30 +140,30 @@ final class FileSystemTests: XCTestCase {
         _ = try file("f")
         _ = try file("g")
         // A directory into its own subtree.
-        assertErrno(.invalidArgument) { try self.fs.rename(parent: self.root, name: self.n("a"), newParent: b.ino, newName: self.n("x"), flags: 0) }
-        assertErrno(.isDirectory) { try self.fs.rename(parent: self.root, name: self.n("f"), newParent: self.root, newName: self.n("a"), flags: 0) }
-        assertErrno(.notDirectory) { try self.fs.rename(parent: self.root, name: self.n("a"), newParent: self.root, newName: self.n("f"), flags: 0) }
+        assertErrno(.invalidArgument) { try self.fs.rename(parent: self.root, name: self.n("a"), newParent: b.ino, newName: self.n("x"), flags: []) }
+        assertErrno(.isDirectory) { try self.fs.rename(parent: self.root, name: self.n("f"), newParent: self.root, newName: self.n("a"), flags: []) }
+        assertErrno(.notDirectory) { try self.fs.rename(parent: self.root, name: self.n("a"), newParent: self.root, newName: self.n("f"), flags: []) }
         assertErrno(.fileExists) {
-            try self.fs.rename(parent: self.root, name: self.n("f"), newParent: self.root, newName: self.n("g"), flags: UInt32(CFUSE_RENAME_NOREPLACE))
+            try self.fs.rename(parent: self.root, name: self.n("f"), newParent: self.root, newName: self.n("g"), flags: .noReplace)
         }
         // Over a non-empty directory.
         let c = try fs.mkdir(parent: root, name: n("c"), mode: 0o755, caller: me)
-        assertErrno(.directoryNotEmpty) { try self.fs.rename(parent: self.root, name: self.n("c"), newParent: self.root, newName: self.n("a"), flags: 0) }
+        assertErrno(.directoryNotEmpty) { try self.fs.rename(parent: self.root, name: self.n("c"), newParent: self.root, newName: self.n("a"), flags: []) }
         // Plain replace drops the old target.
         let gIno = try fs.lookup(parent: root, name: n("g")).ino
-        try fs.rename(parent: root, name: n("f"), newParent: root, newName: n("g"), flags: 0)
+        try fs.rename(parent: root, name: n("f"), newParent: root, newName: n("g"), flags: [])
         assertErrno(.noSuchFileOrDirectory) { _ = try self.fs.lookup(parent: self.root, name: self.n("f")) }
         XCTAssertNotEqual(try fs.lookup(parent: root, name: n("g")).ino, gIno)
         // Exchange a file and a directory across parents: link counts follow the directory.
-        try fs.rename(parent: root, name: n("c"), newParent: a.ino, newName: n("b"), flags: UInt32(CFUSE_RENAME_EXCHANGE))
+        try fs.rename(parent: root, name: n("c"), newParent: a.ino, newName: n("b"), flags: .exchange)
         XCTAssertEqual(try fs.lookup(parent: a.ino, name: n("b")).ino, c.ino)
         XCTAssertEqual(try fs.lookup(parent: root, name: n("c")).ino, b.ino)
         assertErrno(.noSuchFileOrDirectory) {
-            try self.fs.rename(parent: self.root, name: self.n("g"), newParent: self.root, newName: self.n("zz"), flags: UInt32(CFUSE_RENAME_EXCHANGE))
+            try self.fs.rename(parent: self.root, name: self.n("g"), newParent: self.root, newName: self.n("zz"), flags: .exchange)
         }
         // Moving a directory to another parent moves a link count.
         let rootLinks = try fs.getattr(root).nlink
-        try fs.rename(parent: a.ino, name: n("b"), newParent: root, newName: n("moved"), flags: 0)
+        try fs.rename(parent: a.ino, name: n("b"), newParent: root, newName: n("moved"), flags: [])
         XCTAssertEqual(try fs.getattr(root).nlink, rootLinks + 1)
         XCTAssertEqual(try fs.getattr(a.ino).nlink, 2)
         XCTAssertEqual(try fs.lookup(parent: c.ino, name: n("..")).ino, root)
@@ -180,9 +180,9 @@ final class FileSystemTests: XCTestCase {
         XCTAssertEqual(Array(bytes[0..<10_000]), [UInt8](repeating: 0, count: 10_000))
         XCTAssertEqual(Array(bytes[10_000...]), Array("hello".utf8))
         XCTAssertEqual(try read(ino, 20_000, 10), [])
-        XCTAssertEqual(try fs.seek(ino, offset: 0, whence: Int32(CFUSE_SEEK_DATA)), 8192)
-        XCTAssertEqual(try fs.seek(ino, offset: 8192, whence: Int32(CFUSE_SEEK_HOLE)), 10_005)
-        assertErrno(.noSuchAddressOrDevice) { _ = try self.fs.seek(ino, offset: 20_000, whence: Int32(CFUSE_SEEK_DATA)) }
+        XCTAssertEqual(try fs.seek(ino, offset: 0, whence: .data), 8192)
+        XCTAssertEqual(try fs.seek(ino, offset: 8192, whence: .hole), 10_005)
+        assertErrno(.noSuchAddressOrDevice) { _ = try self.fs.seek(ino, offset: 20_000, whence: .data) }
     }
 
     func testTruncateZeroesTailAndFreesPages() throws {
@@ -190,9 +190,9 @@ final class FileSystemTests: XCTestCase {
         _ = try write(ino, [UInt8](repeating: 7, count: 3 * 4096), at: 0)
         var c = AttributeChanges()
         c.size = 100
-        XCTAssertEqual(try fs.setattr(ino, c).blocks, 8)
+        XCTAssertEqual(try fs.setattr(ino, c, caller: me, clearSetIDAsked: false).blocks, 8)
         c.size = 8192
-        _ = try fs.setattr(ino, c)
+        _ = try fs.setattr(ino, c, caller: me, clearSetIDAsked: false)
         let bytes = try read(ino, 0, 8192)
         XCTAssertEqual(Array(bytes[0..<100]), [UInt8](repeating: 7, count: 100))
         XCTAssertEqual(Array(bytes[100...]), [UInt8](repeating: 0, count: 8092))
@@ -202,7 +202,7 @@ final class FileSystemTests: XCTestCase {
     func testPunchHoleAndFallocate() throws {
         let ino = try file("p")
         _ = try write(ino, [UInt8](repeating: 1, count: 4 * 4096), at: 0)
-        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset: 100, length: 3 * 4096)
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 100, length: 3 * 4096)
         let attr = try fs.getattr(ino)
         XCTAssertEqual(attr.size, 4 * 4096)
         XCTAssertEqual(attr.blocks, 2 * 8)  // pages 1 and 2 freed; 0 and 3 partly zeroed
@@ -210,14 +210,14 @@ final class FileSystemTests: XCTestCase {
         XCTAssertEqual(Array(bytes[0..<100]), [UInt8](repeating: 1, count: 100))
         XCTAssertTrue(bytes[100..<(100 + 3 * 4096)].allSatisfy { $0 == 0 })
         XCTAssertTrue(bytes[(100 + 3 * 4096)...].allSatisfy { $0 == 1 })
-        try fs.fallocate(ino, mode: 0, offset: 0, length: 40_000)
+        try fs.fallocate(ino, mode: .allocate, offset: 0, length: 40_000)
         XCTAssertEqual(try fs.getattr(ino).size, 40_000)
-        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_KEEP_SIZE), offset: 0, length: 80_000)
+        try fs.fallocate(ino, mode: .keepSize, offset: 0, length: 80_000)
         XCTAssertEqual(try fs.getattr(ino).size, 40_000)
         XCTAssertEqual(try fs.getattr(ino).blocks, Int64((80_000 + 4095) / 4096 * 8))
-        assertErrno(.notSupported) { try self.fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_PUNCH_HOLE), offset: 0, length: 1) }
-        assertErrno(.notSupported) { try self.fs.fallocate(ino, mode: 0x10 /* ZERO_RANGE */, offset: 0, length: 1) }
-        assertErrno(.fileTooLarge) { try self.fs.fallocate(ino, mode: 0, offset: Int64.max - 10, length: 100) }
+        assertErrno(.notSupported) { try self.fs.fallocate(ino, mode: .punchHole, offset: 0, length: 1) }
+        assertErrno(.notSupported) { try self.fs.fallocate(ino, mode: FallocateMode(rawValue: 0x10) /* ZERO_RANGE */, offset: 0, length: 1) }
+        assertErrno(.fileTooLarge) { try self.fs.fallocate(ino, mode: .allocate, offset: Int64.max - 10, length: 100) }
     }
 
     func testCapacityPartialWriteAndInodes() throws {
@@ -267,13 +267,13 @@ final class FileSystemTests: XCTestCase {
 
     func testXattrs() throws {
         let ino = try file("x")
-        try fs.setxattr(ino, name: n("user.a"), value: [1, 2], flags: 0)
+        try fs.setxattr(ino, name: n("user.a"), value: [1, 2], flags: [])
         XCTAssertEqual(try fs.getxattr(ino, name: n("user.a")), [1, 2])
-        assertErrno(.fileExists) { try self.fs.setxattr(ino, name: self.n("user.a"), value: [], flags: Int32(CFUSE_XATTR_CREATE)) }
-        assertErrno(.noData) { try self.fs.setxattr(ino, name: self.n("user.b"), value: [], flags: Int32(CFUSE_XATTR_REPLACE)) }
+        assertErrno(.fileExists) { try self.fs.setxattr(ino, name: self.n("user.a"), value: [], flags: .create) }
+        assertErrno(.noData) { try self.fs.setxattr(ino, name: self.n("user.b"), value: [], flags: .replace) }
         assertErrno(.noData) { _ = try self.fs.getxattr(ino, name: self.n("user.zz")) }
-        assertErrno(.notSupported) { try self.fs.setxattr(ino, name: self.n("os2.x"), value: [], flags: 0) }
-        try fs.setxattr(ino, name: n("trusted.t"), value: [], flags: 0)
+        assertErrno(.notSupported) { try self.fs.setxattr(ino, name: self.n("os2.x"), value: [], flags: []) }
+        try fs.setxattr(ino, name: n("trusted.t"), value: [], flags: [])
         XCTAssertEqual(try fs.listxattr(ino), Array("trusted.t".utf8) + [0] + Array("user.a".utf8) + [0])
         try fs.removexattr(ino, name: n("user.a"))
         assertErrno(.noData) { try self.fs.removexattr(ino, name: self.n("user.a")) }
@@ -313,17 +313,17 @@ extension FileSystemTests {
         let ino = try file("k")
         _ = try write(ino, [UInt8](repeating: 5, count: 10_000), at: 0)
         // Like tmpfs: a punch past EOF frees the page holding EOF when it covers it whole.
-        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset: 6000, length: 8000)
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 6000, length: 8000)
         XCTAssertEqual(try fs.getattr(ino).blocks, 2 * 8)
         // KEEP_SIZE pages past EOF go when the file shrinks.
-        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_KEEP_SIZE), offset: 0, length: 64 * 4096)
+        try fs.fallocate(ino, mode: .keepSize, offset: 0, length: 64 * 4096)
         XCTAssertEqual(try fs.getattr(ino).blocks, 64 * 8)
         var c = AttributeChanges()
         c.size = 4096
-        XCTAssertEqual(try fs.setattr(ino, c).blocks, 8)
+        XCTAssertEqual(try fs.setattr(ino, c, caller: me, clearSetIDAsked: false).blocks, 8)
         // A range that can never fit is refused without walking it.
-        assertErrno(.noSpace) { try self.fs.fallocate(ino, mode: 0, offset: 0, length: Int64(1) << 60) }
-        try fs.fallocate(ino, mode: Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset: 0, length: Int64(1) << 60)
+        assertErrno(.noSpace) { try self.fs.fallocate(ino, mode: .allocate, offset: 0, length: Int64(1) << 60) }
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 0, length: Int64(1) << 60)
         XCTAssertEqual(try fs.getattr(ino).blocks, 0)
     }
 }

@@ -28,7 +28,10 @@ final class MountOptionsTests: XCTestCase {
         XCTAssertEqual(try MountOptions.parseSize("4096", option: "size"), 4096)
         XCTAssertEqual(try MountOptions.parseSize("2k", option: "size"), 2048)
         XCTAssertEqual(try MountOptions.parseSize("3M", option: "size"), 3 << 20)
-        XCTAssertEqual(try MountOptions.parseSize("50%", option: "size"), MountOptions.physicalMemory / 100 * 50)
+        // tmpfs: RAM's pages times the percentage, rounded up to a page.
+        let halfOfRAM = MountOptions.physicalPages * 4096 * 50 / 100
+        XCTAssertEqual(try MountOptions.parseSize("50%", option: "size"), (halfOfRAM + 4095) / 4096 * 4096)
+        XCTAssertEqual(try MountOptions.parse(["/m"]).effectiveMaxBytes, MountOptions.physicalPages / 2 * 4096)
         let zero = try MountOptions.parse(["/m", "-o", "size=0,nr_inodes=0"])
         XCTAssertNil(zero.effectiveMaxBytes)
         XCTAssertNil(zero.effectiveMaxInodes)

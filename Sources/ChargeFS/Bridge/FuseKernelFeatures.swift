@@ -13,13 +13,15 @@ import Glibc
 ///   The kernel then writes back and drops cached pages of a range before each direct read or
 ///   write of it, so read(2), write(2) and a mapping stay coherent.
 ///
-/// `writev` adds the flags the kernel offered to the INIT reply.
-enum FuseKernelFeatures {
+/// `writev` adds the flags the kernel offered to the INIT reply. One instance per session (its
+/// `FuseSession` owns it); the hooks find it through the session's userdata.
+final class FuseKernelFeatures {
     /// The INIT request's id and the flags the kernel offered (flags2 in the high half); written
     /// by the one thread that reads INIT, before any other request exists.
-    nonisolated(unsafe) private static var initRequest: (unique: UInt64, flags: UInt64)?
-    nonisolated(unsafe) private static var grantedFlag = false
-    nonisolated(unsafe) private static var initPatched = false
+    private var initRequest: (unique: UInt64, flags: UInt64)?
+    private var initPatched = false
+    /// Whether the kernel took the handover: then all clearing is ours.
+    private(set) var granted = false
 
     /// FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 (bit 36 of the 64-bit flags); newer than the headers.
     static let directIOAllowMmap: UInt64 = 1 << 36
@@ -28,11 +30,9 @@ enum FuseKernelFeatures {
         return pthread_key_create(&key, nil) == 0 ? key : nil
     }()
 
-    /// Whether the kernel took the handover: then all clearing is ours.
-    static var granted: Bool { grantedFlag }
     /// Whether the INIT request offered it (Linux 6.6+); known before libfuse's init callback.
-    static var kernelOffersMmapWithDirectIO: Bool {
-        let needed = directIOAllowMmap | UInt64(FUSE_INIT_EXT)
+    var kernelOffersMmapWithDirectIO: Bool {
+        let needed = Self.directIOAllowMmap | UInt64(FUSE_INIT_EXT)
         return (initRequest?.flags ?? 0) & needed == needed
     }
 
@@ -43,22 +43,22 @@ enum FuseKernelFeatures {
     }
 
     /// Routes the session's traffic through the hooks; call after fuse_session_mount.
-    static func install(on session: OpaquePointer) -> Bool {
-        guard slot != nil else { return false }
+    static func install(on session: FuseSession) -> Bool {
+        guard slot != nil, let handle = session.handle else { return false }
         var io = fuse_custom_io()
-        io.read = { fd, buf, len, _ in
+        io.read = { fd, buf, len, userdata in
             let n = Glibc.read(fd, buf, len)
-            FuseKernelFeatures.note(request: buf, length: n)
+            FuseSession.of(userdata)?.features.note(request: buf, length: n)
             return n
         }
-        io.writev = { fd, iov, count, _ in
-            if let iov { FuseKernelFeatures.patchIfInitReply(iov, Int(count)) }
+        io.writev = { fd, iov, count, userdata in
+            if let iov { FuseSession.of(userdata)?.features.patchIfInitReply(iov, Int(count)) }
             return Glibc.writev(fd, iov, count)
         }
-        return fuse_session_custom_io(session, &io, fuse_session_fd(session)) == 0
+        return fuse_session_custom_io(handle, &io, fuse_session_fd(handle)) == 0
     }
 
-    private static func note(request: UnsafeMutableRawPointer?, length: Int) {
+    private func note(request: UnsafeMutableRawPointer?, length: Int) {
         let errnoSaved = errno
         defer { errno = errnoSaved }
         var clears = false
@@ -88,22 +88,22 @@ enum FuseKernelFeatures {
             default: break
             }
         }
-        if let slot { pthread_setspecific(slot, clears ? UnsafeRawPointer(bitPattern: 1) : nil) }
+        if let slot = Self.slot { pthread_setspecific(slot, clears ? UnsafeRawPointer(bitPattern: 1) : nil) }
     }
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
     static let addedFlags = UInt64(FUSE_HANDLE_KILLPRIV_V2) | directIOAllowMmap
 
-    private static func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
-        guard let initRequest, !initPatched, initRequest.flags & addedFlags != 0,
+    private func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
+        guard let initRequest, !initPatched, initRequest.flags & Self.addedFlags != 0,
               count >= 2, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
               let reply = iov[1].iov_base else { return }
         let out = header.loadUnaligned(as: fuse_out_header.self)
         guard out.unique == initRequest.unique, out.error == 0 else { return }
         initPatched = true
-        let replyFlags = patchInitReply(UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len),
+        let replyFlags = Self.patchInitReply(UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len),
                                         offered: initRequest.flags)
-        grantedFlag = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
+        granted = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
     }
 
     /// Adds what the kernel offered of `addedFlags` to a fuse_init_out, whose flags sit at byte 12

@@ -108,8 +108,10 @@ public enum Daemon {
         _ = message.withCString { write(readiness, $0, strlen($0)) }
         close(readiness)
         if message == "ready" {
-            // Detached from the terminal: stdio to /dev/null, the log to syslog.
+            // Detached from the terminal: stdio to /dev/null, the log to syslog, and out of the
+            // directory we were started from, which would otherwise stay busy (unmountable).
             Log.detach()
+            _ = chdir("/")
             let null = open("/dev/null", O_RDWR)
             if null >= 0 {
                 dup2(null, 0)
@@ -134,30 +136,18 @@ public enum Daemon {
             report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
             return 1
         }
-        let charger = store.charger
-        defer { charger.shutdown() }
         let fs = FileSystem(config: config, store: store)
+        defer { fs.stopCharging() }
 
         if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
-        var cArguments = arguments.map { strdup($0) }
-        defer { cArguments.forEach { free($0) } }
-        var ops = FuseBridge.makeOperations()
-        let userdata = Unmanaged.passRetained(fs)
-        defer { userdata.release() }
-        let session: OpaquePointer? = cArguments.withUnsafeMutableBufferPointer { argv in
-            var args = fuse_args(argc: Int32(argv.count), argv: argv.baseAddress, allocated: 0)
-            defer { fuse_opt_free_args(&args) }
-            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata.toOpaque())
-        }
-        guard let session else {
+        let fuse = FuseSession(fileSystem: fs)
+        guard fuse.start(arguments: arguments), let session = fuse.handle else {
             report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1
         }
         defer { fuse_session_destroy(session) }
-        FuseBridge.session = session
-        defer { FuseBridge.session = nil }
         guard fuse_set_signal_handlers(session) == 0 else {
             report(readiness, "cannot install signal handlers")
             return 1
@@ -169,7 +159,7 @@ public enum Daemon {
         }
         // Protocol features libfuse 3.14 cannot negotiate (FuseKernelFeatures): our own clearing of
         // setuid/setgid, and shared mmap of direct-I/O files.
-        guard FuseKernelFeatures.install(on: session) else {
+        guard FuseKernelFeatures.install(on: fuse) else {
             fuse_session_unmount(session)
             report(readiness, "cannot set up the FUSE session's I/O")
             return 1

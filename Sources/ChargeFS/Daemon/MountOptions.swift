@@ -168,23 +168,29 @@ public struct MountOptions: Sendable, Equatable {
                   percent <= 100_000 else {
                 throw UsageError("\(option)=\(text): not a percentage of RAM")
             }
-            return physicalMemory / 100 * percent
+            // tmpfs's arithmetic (shmem_parse_one): bytes of RAM times percent / 100, rounded up
+            // to whole pages.
+            let pageSize = Int64(PageStore.pageSize)
+            let bytes = physicalPages * pageSize * percent / 100
+            return (bytes + pageSize - 1) / pageSize * pageSize
         }
         return try parseCount(text, option: option)
     }
 
-    public static var physicalMemory: Int64 {
-        cfuse_physical_memory()
+    /// RAM in pages, as tmpfs counts it (totalram_pages).
+    public static var physicalPages: Int64 {
+        cfuse_physical_memory() / Int64(PageStore.pageSize)
     }
 
-    /// size= as the file system takes it: nil for unlimited.
+    /// size= as the file system takes it: nil for unlimited. The default is tmpfs's: half of
+    /// RAM's pages (not half of its bytes, which differs by a page when the count is odd).
     public var effectiveMaxBytes: Int64? {
-        let bytes = sizeBytes ?? Self.physicalMemory / 2
+        let bytes = sizeBytes ?? Self.physicalPages / 2 * Int64(PageStore.pageSize)
         return bytes == 0 ? nil : bytes
     }
 
     public var effectiveMaxInodes: Int64? {
-        let count = maxInodes ?? Self.physicalMemory / Int64(getpagesize()) / 2
+        let count = maxInodes ?? Self.physicalPages / 2
         return count == 0 ? nil : count
     }
 

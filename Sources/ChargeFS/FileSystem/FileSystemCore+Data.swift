@@ -90,26 +90,51 @@ extension FileSystemCore {
         return true
     }
 
-    func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(Errno) -> Int {
+    /// Stores `data`, then drops what a write drops: file capabilities, and setuid/setgid by
+    /// `clearSetID`'s rules.
+    func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller, clearSetIDAsked: Bool,
+               wholeOrNothing: Bool) throws(Errno) -> WriteResult {
         let inode = try regularFile(ino)
+        let written = try storeData(data, in: inode, at: offset, wholeOrNothing: wholeOrNothing)
+        // A written file loses its capabilities, as on tmpfs. The kernel removes them itself
+        // before a cached write, but a direct-I/O write reaches us without that.
+        removeFileCapabilities(inode)
+        return WriteResult(written: written, modeChanged: clearSetID(inode, caller, kernelAsked: clearSetIDAsked))
+    }
+
+    /// Copies `data` into the file's pages, allocating (and charging) missing ones first. A write
+    /// that only partly fits stores the leading part that does, as tmpfs does, unless
+    /// `wholeOrNothing`: a writeback of mapped pages, where older kernels (6.1) take a short count
+    /// as success and silently drop the rest, so that must fail whole with ENOSPC.
+    private func storeData(_ data: UnsafeRawBufferPointer, in inode: Inode, at offset: Int64, wholeOrNothing: Bool) throws(Errno) -> Int {
         if offset < 0 { throw .invalidArgument }
-        guard data.count > 0 else { return 0 }
+        guard data.count > 0, let source = data.baseAddress else { return 0 }
         let (end, overflow) = offset.addingReportingOverflow(Int64(data.count))
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
         let pageSize = Int64(Self.pageSize)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
 
-        // Pages are instantiated (and charged) before any byte is copied; a write that only
-        // partly fits stores the leading part, as tmpfs does.
+        // Pages are instantiated (and charged) before any byte is copied. When none can be had,
+        // the leading part that lands on pages the file already has is still written.
         var missing = 0
         for index in firstIndex...lastIndex where inode.pages.page(at: index) == 0 { missing += 1 }
         var fresh: [UInt32] = []
         if missing > 0 {
             let allowed = maxPages.map { max(0, $0 - store.pagesInUse) } ?? missing
-            if allowed == 0 { throw .noSpace }
-            fresh.reserveCapacity(min(missing, allowed))
-            try store.allocate(min(missing, allowed), into: &fresh)
+            if wholeOrNothing && allowed < missing { throw .noSpace }
+            if allowed > 0 {
+                fresh.reserveCapacity(min(missing, allowed))
+                do {
+                    try store.allocate(min(missing, allowed), into: &fresh)
+                } catch where error == .noSpace {
+                    // Nothing to add: store what fits on existing pages, below.
+                }
+            }
+            if wholeOrNothing && fresh.count < missing {
+                store.free(fresh)
+                throw .noSpace
+            }
         }
         var freshIterator = fresh.makeIterator()
         var written = 0
@@ -128,7 +153,7 @@ extension FileSystemCore {
                 runLength += length
             } else {
                 if runLength > 0 {
-                    store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
+                    store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
                 }
                 runPage = page
                 runInner = inner
@@ -138,7 +163,7 @@ extension FileSystemCore {
             return true
         }
         if runLength > 0 {
-            store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
+            store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
         if written == 0 { throw .noSpace }
         let stored = offset + Int64(written)
@@ -168,10 +193,10 @@ extension FileSystemCore {
         inode.size = size
     }
 
-    func fallocate(_ ino: UInt64, mode: Int32, offset: Int64, length: Int64) throws(Errno) {
-        let keepSize = mode & Int32(CFUSE_FALLOC_KEEP_SIZE) != 0
-        let punch = mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0
-        if mode & ~Int32(CFUSE_FALLOC_KEEP_SIZE | CFUSE_FALLOC_PUNCH_HOLE) != 0 || (punch && !keepSize) {
+    func fallocate(_ ino: UInt64, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+        let keepSize = mode.contains(.keepSize)
+        let punch = mode.contains(.punchHole)
+        if !mode.subtracting([.keepSize, .punchHole]).isEmpty || (punch && !keepSize) {
             throw .notSupported
         }
         let inode = try regularFile(ino)
@@ -236,23 +261,21 @@ extension FileSystemCore {
         }
     }
 
-    func seek(_ ino: UInt64, offset: Int64, whence: Int32) throws(Errno) -> Int64 {
+    func seek(_ ino: UInt64, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
         let inode = try regularFile(ino)
         if offset < 0 || offset >= inode.size { throw .noSuchAddressOrDevice }
         let pageSize = Int64(Self.pageSize)
         let index = Int(offset / pageSize)
         switch whence {
-        case Int32(CFUSE_SEEK_DATA):
+        case .data:
             if inode.pages.page(at: index) != 0 { return offset }
             guard let next = inode.pages.nextData(from: index) else { throw .noSuchAddressOrDevice }
             let position = Int64(next) * pageSize
             if position >= inode.size { throw .noSuchAddressOrDevice }
             return position
-        case Int32(CFUSE_SEEK_HOLE):
+        case .hole:
             if inode.pages.page(at: index) == 0 { return offset }
             return min(inode.size, Int64(inode.pages.nextHole(from: index)) * pageSize)
-        default:
-            throw .invalidArgument
         }
     }
 }

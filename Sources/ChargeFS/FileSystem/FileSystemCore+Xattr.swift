@@ -14,14 +14,14 @@ extension FileSystemCore {
         }
     }
 
-    func setxattr(_ ino: UInt64, name: FileName, value: [UInt8], flags: Int32) throws(Errno) {
+    func setxattr(_ ino: UInt64, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
         let inode = try inode(ino)
         try Self.checkName(name)
         if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
         if ino == FileSystem.rootIno && name == FileSystem.statusXattr { throw .notPermitted }
         let exists = inode.xattrs?[name] != nil
-        if flags & Int32(CFUSE_XATTR_CREATE) != 0 && exists { throw .fileExists }
-        if flags & Int32(CFUSE_XATTR_REPLACE) != 0 && !exists { throw .noData }
+        if flags.contains(.create) && exists { throw .fileExists }
+        if flags.contains(.replace) && !exists { throw .noData }
         if inode.xattrs == nil { inode.xattrs = [:] }
         inode.xattrs?[name] = value
         inode.ctime = .now
@@ -35,10 +35,11 @@ extension FileSystemCore {
         if inode.xattrs?.isEmpty == true { inode.xattrs = nil }
     }
 
-    func getxattr(_ ino: UInt64, name: FileName) throws(Errno) -> [UInt8] {
+    /// `caching`: the mount's resolved cache mode, which the status attribute shows.
+    func getxattr(_ ino: UInt64, name: FileName, caching: FileCaching) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
-        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText().utf8) }
+        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching).utf8) }
         guard let value = inode.xattrs?[name] else {
             try Self.checkName(name)
             throw .noData
@@ -65,18 +66,18 @@ extension FileSystemCore {
     }
 
     /// What `getfattr -n user.chargefs.status MOUNTPOINT` shows: who pays, and how much.
-    func statusText() -> String {
+    func statusText(caching: FileCaching) -> String {
         let page = Int64(PageStore.pageSize)
         let used = Int64(store.pagesInUse) * page
         let charged = Int64(store.pagesCharged) * page
         var lines = [
-            "charger=\(store.charger.summary)",
+            "charger=\(store.chargeSummary)",
             "stored_bytes=\(used)",
             "charged_bytes=\(charged)",
             "size_limit_bytes=\(config.maxBytes.map(String.init) ?? "unlimited")",
-            "cache=\(cachingInEffect.rawValue)",
+            "cache=\(caching.rawValue)",
         ]
-        if let headroom = store.charger.availableBytes() {
+        if let headroom = store.availableBytes() {
             lines.append("cgroup_headroom_bytes=\(max(0, headroom))")
         }
         let usage = usage()

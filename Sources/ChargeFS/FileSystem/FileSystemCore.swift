@@ -6,8 +6,6 @@ import SystemPackage
 /// its lock. Errors are the errno tmpfs gives in the same case.
 final class FileSystemCore {
     let config: FileSystemConfig
-    /// `config.caching` as the mount resolved it (set at INIT).
-    var cachingInEffect: FileCaching
     let store: PageStore
     private(set) var inodes = InodeTable()
     /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
@@ -16,7 +14,6 @@ final class FileSystemCore {
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
-        cachingInEffect = config.caching
         self.store = store
         if let bytes = config.maxBytes {
             maxPages = Int((bytes + Int64(PageStore.pageSize) - 1) / Int64(PageStore.pageSize))
@@ -69,8 +66,12 @@ final class FileSystemCore {
 
     func forget(_ ino: UInt64, count: UInt64) {
         guard let inode = inodes[ino] else { return }
-        // The kernel never forgets more than it looked up; if it claims to, drop what we have
-        // rather than wrap around and keep the inode forever.
+        // The kernel never forgets more than it looked up. If it claims to, the count is wrong
+        // somewhere: say so, and drop what we have rather than wrap around and keep the inode
+        // forever (stopping would lose every file of the mount).
+        if count > inode.lookups {
+            Log.line("forget of inode \(ino) by \(count) exceeds its \(inode.lookups) lookups")
+        }
         inode.lookups -= min(count, inode.lookups)
         evictIfUnused(inode)
     }
@@ -90,6 +91,11 @@ final class FileSystemCore {
         freed.reserveCapacity(inode.pages.count)
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
         store.free(freed)
+    }
+
+    /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
+    func storedBytes() -> (used: Int64, charged: Int64) {
+        (Int64(store.pagesInUse * PageStore.pageSize), Int64(store.pagesCharged * PageStore.pageSize))
     }
 
     func destroy() {
@@ -126,7 +132,6 @@ final class FileSystemCore {
             inode.nlink = 2
             inode.payload = .directory(Directory(parent: dirInode.ino))
             dirInode.nlink += 1
-            dir.subdirectories += 1
         } else if let target {
             inode.payload = .symlink(target)
             inode.size = Int64(target.count)
@@ -136,6 +141,21 @@ final class FileSystemCore {
         dirInode.ctime = now
         inode.lookups += 1
         return inode.attributes
+    }
+
+    func mkdir(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
+        try create(parent: parent, name: name, mode: (mode & 0o7777) | ModeBits.directory, rdev: 0, target: nil, caller: caller)
+    }
+
+    func symlink(target: [UInt8], parent: UInt64, name: FileName, caller: Caller) throws(Errno) -> Attributes {
+        try create(parent: parent, name: name, mode: ModeBits.symlink | 0o777, rdev: 0, target: target, caller: caller)
+    }
+
+    /// create(2) with O_CREAT: a new regular file, opened.
+    func createAndOpen(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
+        let attributes = try create(parent: parent, name: name, mode: mode, rdev: 0, target: nil, caller: caller)
+        try open(attributes.ino, flags: .readWrite, caller: caller, clearSetIDAsked: false)
+        return attributes
     }
 
     func link(_ ino: UInt64, newParent: UInt64, newName: FileName) throws(Errno) -> Attributes {
@@ -169,7 +189,6 @@ final class FileSystemCore {
         if victim.isDirectory {
             victim.nlink = 0
             dirInode.nlink -= 1
-            dir.subdirectories -= 1
         } else {
             victim.nlink -= 1
         }
@@ -213,10 +232,11 @@ final class FileSystemCore {
         }
     }
 
-    func rename(parent: UInt64, name: FileName, newParent: UInt64, newName: FileName, flags: UInt32) throws(Errno) {
-        let noReplace = flags & UInt32(CFUSE_RENAME_NOREPLACE) != 0
-        let exchange = flags & UInt32(CFUSE_RENAME_EXCHANGE) != 0
-        if flags & ~UInt32(CFUSE_RENAME_NOREPLACE | CFUSE_RENAME_EXCHANGE) != 0 || (noReplace && exchange) {
+    func rename(parent: UInt64, name: FileName, newParent: UInt64, newName: FileName, flags: RenameFlags) throws(Errno) {
+        let noReplace = flags.contains(.noReplace)
+        let exchange = flags.contains(.exchange)
+        // RENAME_WHITEOUT (overlayfs's) and unknown flags: EINVAL, as tmpfs without whiteouts.
+        if !flags.subtracting([.noReplace, .exchange]).isEmpty || (noReplace && exchange) {
             throw .invalidArgument
         }
         let (fromInode, fromDir) = try directory(parent)
@@ -241,8 +261,6 @@ final class FileSystemCore {
                     let (gain, lose) = moving.isDirectory ? (toInode, fromInode) : (fromInode, toInode)
                     gain.nlink += 1
                     lose.nlink -= 1
-                    gain.directory?.subdirectories += 1
-                    lose.directory?.subdirectories -= 1
                 }
                 moving.directory?.parent = toInode.ino
                 existing.directory?.parent = fromInode.ino
@@ -275,9 +293,7 @@ final class FileSystemCore {
         if let movingDir = moving.directory, fromInode !== toInode {
             movingDir.parent = toInode.ino
             fromInode.nlink -= 1
-            fromDir.subdirectories -= 1
             toInode.nlink += 1
-            toDir.subdirectories += 1
         }
         moving.ctime = now
         fromInode.mtime = now
@@ -288,8 +304,14 @@ final class FileSystemCore {
 
     // MARK: attributes
 
-    func setattr(_ ino: UInt64, _ changes: AttributeChanges) throws(Errno) -> Attributes {
+    /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
+    func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Attributes {
         let inode = try inode(ino)
+        let clears = clearSetIDAsked || changes.size != nil || changes.uid != nil || changes.gid != nil
+        // An explicit mode wins: it is a chmod, or an older kernel clearing the bits itself.
+        if clears, changes.mode == nil {
+            _ = clearSetID(inode, caller, kernelAsked: clearSetIDAsked)
+        }
         let now = timespec.now
         var changed = false
         if let size = changes.size {
@@ -332,10 +354,10 @@ final class FileSystemCore {
 
     /// Returns true when O_TRUNC cleared setuid/setgid (see `clearSetID`).
     @discardableResult
-    func open(_ ino: UInt64, flags: Int32, caller: Caller = .root, clearSetIDAsked: Bool = false) throws(Errno) -> Bool {
+    func open(_ ino: UInt64, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Bool {
         let inode = try inode(ino)
         var modeChanged = false
-        if flags & O_TRUNC != 0, inode.isRegular, flags & O_ACCMODE != O_RDONLY {
+        if flags.truncates, inode.isRegular, flags.mayWrite {
             modeChanged = clearSetID(inode, caller, kernelAsked: clearSetIDAsked)
             // Times move even when the file was empty already, as tmpfs's O_TRUNC does.
             truncate(inode, to: 0)
@@ -363,7 +385,7 @@ final class FileSystemCore {
 
     func readdir(_ ino: UInt64, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
         let (dirInode, dir) = try directory(ino)
-        if offset == 0 { touchAtime(dirInode, noatime: false) }
+        if offset == 0 { touchAtime(dirInode) }
         func emit(_ name: FileName, _ inode: Inode, next: Int64, counted: Bool) -> Bool {
             let entry = DirectoryEntry(name: name, ino: inode.ino, type: inode.directoryEntryType,
                                        nextOffset: next, attributes: plus ? inode.attributes : nil)
@@ -382,13 +404,12 @@ final class FileSystemCore {
 
     /// relatime, as tmpfs mounts by default: atime moves when it is older than mtime or ctime,
     /// or a day old.
-    func touchAtime(_ inode: Inode, noatime: Bool) {
-        guard !noatime, atimeIsStale(inode) else { return }
-        inode.atime = .now
+    func touchAtime(_ inode: Inode) {
+        if atimeIsStale(inode) { inode.atime = .now }
     }
 
     func touchAtime(_ ino: UInt64) {
-        if let inode = inodes[ino], atimeIsStale(inode) { inode.atime = .now }
+        if let inode = inodes[ino] { touchAtime(inode) }
     }
 
     func atimeIsStale(_ ino: UInt64) -> Bool {
@@ -400,15 +421,16 @@ final class FileSystemCore {
         return inode.atime <= inode.mtime || inode.atime <= inode.ctime || timespec.now.tv_sec - inode.atime.tv_sec >= 86400
     }
 
+    /// statfs's figures, as tmpfs gives them: no totals where nothing limits (size=0,
+    /// nr_inodes=0); with memcg=, what can still be stored is bounded by the cgroup's headroom.
     func usage() -> FileSystemUsage {
         let used = Int64(store.pagesInUse)
-        var total = maxPages.map { Int64($0) } ?? Int64.max / 4096
-        if let headroom = store.charger.availableBytes() {
-            // With memcg=, what can still be stored is bounded by the cgroup's headroom too.
-            total = min(total, used + max(0, headroom) / Int64(PageStore.pageSize))
+        var total = maxPages.map { Int64($0) }
+        if let headroom = store.availableBytes() {
+            total = min(total ?? .max, used + max(0, headroom) / Int64(PageStore.pageSize))
         }
-        let totalInodes = config.maxInodes ?? Int64(UInt32.max)
-        return FileSystemUsage(totalPages: total, freePages: max(0, total - used),
-                               totalInodes: totalInodes, freeInodes: max(0, totalInodes - inodeSlots))
+        let freeInodes = config.maxInodes.map { max(0, $0 - inodeSlots) } ?? 0
+        return FileSystemUsage(totalPages: total ?? 0, freePages: total.map { max(0, $0 - used) } ?? 0,
+                               totalInodes: config.maxInodes ?? 0, freeInodes: freeInodes)
     }
 }

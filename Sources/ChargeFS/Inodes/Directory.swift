@@ -17,12 +17,9 @@ final class Directory {
     private var nextCookie: UInt64 = 2
     /// The parent directory's inode (itself for the root).
     var parent: UInt64
-    /// Subdirectories, for st_nlink.
-    var subdirectories: UInt32 = 0
 
     init(parent: UInt64) { self.parent = parent }
 
-    var count: Int { index.count }
     var isEmpty: Bool { index.isEmpty }
 
     func lookup(_ name: FileName) -> UInt64? {

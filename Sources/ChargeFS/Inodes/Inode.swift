@@ -69,7 +69,6 @@ final class Inode {
     var fileType: UInt32 { mode & ModeBits.typeMask }
     var isDirectory: Bool { fileType == ModeBits.directory }
     var isRegular: Bool { fileType == ModeBits.regular }
-    var isSymlink: Bool { fileType == ModeBits.symlink }
 
     /// d_type for readdir.
     var directoryEntryType: UInt8 { UInt8(truncatingIfNeeded: fileType >> 12) }

@@ -20,7 +20,7 @@ public final class PageStore {
     /// `reserveLimit` pages either way, and one charge round trip serves 64 single-page writes.
     static let chargeBatch = reserveLimit
 
-    public let charger: PageCharger
+    private let charger: PageCharger
     let arena: FileDescriptor
     let base: UnsafeMutableRawPointer
     let capacityPages: Int
@@ -78,8 +78,14 @@ public final class PageStore {
         try? arena.close()
     }
 
-    /// The arena memfd, for chargers that instantiate pages from another process.
-    public var arenaDescriptor: FileDescriptor { arena }
+    /// Bytes that can still be charged (the cgroup's headroom); nil when nothing limits it.
+    public func availableBytes() -> Int64? { charger.availableBytes() }
+
+    /// Where charges go, for logs and the status attribute.
+    public var chargeSummary: String { charger.summary }
+
+    /// Stops the charger (its helper and leaf cgroup); the pages stay readable.
+    public func shutdownCharger() { charger.shutdown() }
 
     @inline(__always)
     public func address(of page: UInt32) -> UnsafeMutableRawPointer {

@@ -1,0 +1,105 @@
+import Glibc
+import SystemPackage
+import XCTest
+@testable import ChargeFS
+
+/// A charger with a budget of pages, then ENOSPC: the cgroup at its limit, without a cgroup.
+final class BudgetCharger: PageCharger, @unchecked Sendable {
+    private let inner = DaemonCharger()
+    var pagesLeft: Int
+    init(pages: Int) { pagesLeft = pages }
+    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+        let pages = Int(length) / PageStore.pageSize
+        guard pages <= pagesLeft else { throw .noSpace }
+        try inner.charge(arena: arena, offset: offset, length: length)
+        pagesLeft -= pages
+    }
+    var summary: String { "budget" }
+    func shutdown() {}
+}
+
+/// Writes that meet a limit (size= or the charger's): what is stored, what is returned.
+final class WriteAtLimitTests: XCTestCase {
+    let me = Caller(uid: 1000, gid: 1000)
+    let page = PageStore.pageSize
+
+    func makeFS(maxBytes: Int64?, chargerPages: Int) throws -> FileSystem {
+        var config = FileSystemConfig()
+        config.maxBytes = maxBytes
+        let store = try PageStore(charger: BudgetCharger(pages: chargerPages), capacityPages: 1 << 16)
+        return FileSystem(config: config, store: store)
+    }
+
+    func newFile(_ fs: FileSystem) throws -> UInt64 {
+        try fs.create(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o100644, caller: me).ino
+    }
+
+    func write(_ fs: FileSystem, _ ino: UInt64, _ bytes: [UInt8], at offset: Int64, writeback: Bool = false) throws -> Int {
+        try bytes.withUnsafeBytes { buffer in
+            try fs.write(ino, offset: offset, data: buffer, caller: me, clearSetIDAsked: false, wholeOrNothing: writeback).written
+        }
+    }
+
+    func read(_ fs: FileSystem, _ ino: UInt64, count: Int) throws -> [UInt8] {
+        var out: [UInt8] = []
+        try fs.read(ino, offset: 0, count: count, noatime: true) { vectors in
+            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
+        }
+        return out
+    }
+
+    /// A write whose leading page exists and whose rest needs pages the limit refuses returns the
+    /// bytes that fit (tmpfs returns a short count), for size= and for a full cgroup alike.
+    func testStraddlingWriteStoresWhatFits() throws {
+        for (name, fs) in [("size=", try makeFS(maxBytes: Int64(page), chargerPages: 1000)),
+                           ("cgroup", try makeFS(maxBytes: nil, chargerPages: 64))] {
+            let ino = try newFile(fs)
+            let first = [UInt8](repeating: 1, count: page)
+            // Fill whatever the limit allows, one page at a time, then overwrite from the start.
+            var filled = 0
+            while (try? write(fs, ino, first, at: Int64(filled * page))) == page { filled += 1 }
+            XCTAssertGreaterThan(filled, 0, name)
+            let twice = [UInt8](repeating: 2, count: (filled + 1) * page)
+            XCTAssertEqual(try write(fs, ino, twice, at: 0), filled * page, "\(name): the part on existing pages is written")
+            XCTAssertEqual(try read(fs, ino, count: twice.count), [UInt8](repeating: 2, count: filled * page), name)
+        }
+    }
+
+    /// A writeback of mapped pages stores everything or nothing: older kernels take a short count
+    /// there as success and would drop the rest silently.
+    func testWritebackIsWholeOrNothing() throws {
+        for (name, fs) in [("size=", try makeFS(maxBytes: Int64(2 * page), chargerPages: 1000)),
+                           ("cgroup", try makeFS(maxBytes: nil, chargerPages: 64))] {
+            let ino = try newFile(fs)
+            var filled = 0
+            while (try? write(fs, ino, [UInt8](repeating: 1, count: page), at: Int64(filled * page))) == page { filled += 1 }
+            let before = fs.storedBytes()
+            let big = [UInt8](repeating: 3, count: (filled + 1) * page)
+            XCTAssertThrowsError(try write(fs, ino, big, at: 0, writeback: true), name) { error in
+                XCTAssertEqual(error as? Errno, .noSpace, name)
+            }
+            XCTAssertEqual(try read(fs, ino, count: filled * page), [UInt8](repeating: 1, count: filled * page),
+                           "\(name): nothing of the failed writeback is stored")
+            XCTAssertEqual(fs.storedBytes().used, before.used, "\(name): no page kept")
+            // One that fits goes through whole.
+            XCTAssertEqual(try write(fs, ino, [UInt8](repeating: 4, count: page), at: 0, writeback: true), page, name)
+        }
+    }
+}
+
+/// cache= automatic: direct only where shared mmap of direct-I/O files is known to work.
+final class CacheModeChoiceTests: XCTestCase {
+    func testAutomaticChoice() {
+        func choose(_ offered: Bool, _ release: String, _ asked: FileCaching = .automatic) -> FileCaching {
+            CacheModeChoice.resolve(asked, kernelOffersMmapWithDirectIO: offered, kernelRelease: release)
+        }
+        XCTAssertEqual(choose(true, "6.18.0-1-amd64"), .direct)
+        XCTAssertEqual(choose(true, "6.9.0"), .direct)
+        XCTAssertEqual(choose(true, "6.8.12-generic"), .page, "6.6-6.8 may lack the VM_MAYSHARE fix")
+        XCTAssertEqual(choose(true, "6.6.30"), .page)
+        XCTAssertEqual(choose(false, "6.18.0"), .page, "no FUSE_DIRECT_IO_ALLOW_MMAP offered")
+        XCTAssertEqual(choose(true, "garbage"), .page)
+        XCTAssertEqual(choose(true, "6.6.30", .direct), .direct, "an explicit choice stands")
+        XCTAssertEqual(choose(true, "6.18.0", .page), .page)
+    }
+}
