@@ -12,7 +12,6 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/tests/lib.sh"
-export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
 DURATION=${1:-600}
 INTERVAL=${INTERVAL:-10}
 ROUND=${STRESS_ROUND:-60}
@@ -28,7 +27,7 @@ SCR=$(cfs_tempdir cfssoak); CFS_DIRS+=("$SCR"); CFS_LOGDIR=$SCR  # (recorded her
 MNT=$SCR/mnt
 T=""
 opts="size=2g"
-if cg_available "$CHARGEFS_CGROUP_VERSION"; then
+if cg_available "$(cg_version)"; then
   T=$(cg_parent)/cfssoak-$$-target
   cg_create "$T" $((1536 * MiB))
   opts="$opts,memcg=$T"

@@ -411,9 +411,10 @@ t_ancestor_limit() {
 t_nonroot_refused() {
   new_env
   cg_create "$T" "$LIMIT"
-  local bin; bin=$(cfs_daemon_bin)
+  cfs_stage_for_others
+  local bin=$CFS_PUBLIC/chargefsd
   if ! setpriv --reuid=65534 --regid=65534 --clear-groups test -x "$bin"; then
-    log "  cannot run: uid 65534 cannot execute $bin (a parent directory is not searchable)"
+    log "  cannot run: uid 65534 cannot execute $bin"
     check "uid 65534 can run the daemon" false
     return
   fi

@@ -234,6 +234,22 @@ cfs_tempdir() {
   echo "$d"
 }
 
+# cfs_stage_for_others [FILE...]: copies the daemon (with the programs beside it that it runs)
+# and FILEs into a fresh directory every user can enter, and sets CFS_PUBLIC to it. A checkout
+# may live where other users cannot search (root's 0700 home, a mktemp -d), and tests that run
+# as uid 65534 must not depend on where it lives. Removed by cfs_cleanup.
+cfs_stage_for_others() {
+  local bin f
+  bin=$(cfs_daemon_bin)
+  CFS_PUBLIC=$(mktemp -d /tmp/chargefs-public.XXXXXX) || die "cannot create a public directory in /tmp"
+  CFS_DIRS+=("$CFS_PUBLIC")
+  chmod 755 "$CFS_PUBLIC"
+  for f in "$bin" "$(dirname "$bin")"/chargefs-charge-helper "$@"; do
+    [ -e "$f" ] || continue
+    cp "$f" "$CFS_PUBLIC/" && chmod a+rX "$CFS_PUBLIC/$(basename "$f")"
+  done
+}
+
 # Undo everything recorded above. Safe to call more than once.
 cfs_cleanup() {
   local i m p

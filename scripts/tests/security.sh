@@ -24,9 +24,12 @@ TESTS=(modes no_allow_other memcg_refused memcg_delegated helper_private)
 as() { local u=$1; shift; setpriv --reuid="$u" --regid="$u" --clear-groups -- "$@"; }
 # (cfs_tempdir runs in a subshell, so its dir is recorded for cleanup here)
 new_scratch() { SCR=$(cfs_tempdir cfssec); CFS_DIRS+=("$SCR"); chmod 755 "$SCR"; CFS_LOGDIR=$SCR; }
+# Copies of the daemon and security.py that uid 65534 can reach wherever the checkout lives;
+# sets BIN (the daemon) and SECPY to them.
 usable_by_nobody() {
-  local bin; bin=$(cfs_daemon_bin)
-  as 65534 test -x "$bin" && as 65534 test -r "$SECPY" && as 65534 test -x "$PY"
+  cfs_stage_for_others "$SECPY"
+  BIN=$CFS_PUBLIC/chargefsd SECPY=$CFS_PUBLIC/security.py
+  as 65534 test -x "$BIN" && as 65534 test -r "$SECPY" && as 65534 test -x "$PY"
 }
 
 t_modes() {
@@ -35,6 +38,7 @@ t_modes() {
   mkdir -p "$MNT" "$TMPM"
   cfs_mount "$MNT" "allow_other,size=64m"
   mount -t tmpfs -o size=64m,mode=0755 tmpfs "$TMPM"; CFS_MOUNTS+=("$TMPM")
+  usable_by_nobody || { check "uid 65534 can run python and security.py (searchable paths)" false; return; }
   local d
   for d in "$MNT" "$TMPM"; do
     "$PY" "$SECPY" prepare "$d"
@@ -91,13 +95,13 @@ t_memcg_refused() {
   local pre; pre=$(cg_usage "$T")
   CFS_MOUNTS+=("$MNT")
   local rc=0
-  as 65534 timeout 20 "$(cfs_daemon_bin)" "$MNT" -o "memcg=$T,size=16m" >"$SCR/out" 2>"$SCR/err" || rc=$?
+  as 65534 timeout 20 "$BIN" "$MNT" -o "memcg=$T,size=16m" >"$SCR/out" 2>"$SCR/err" || rc=$?
   log "  exit $rc; stderr: $(cat "$SCR/err")"
   check "refused with a non-zero exit (not a timeout)" [ "$rc" != 0 -a "$rc" != 124 ]
   check "a one-line error" [ "$(grep -c . "$SCR/err")" = 1 ]
   check "it names the cgroup" grep -qF "$T" "$SCR/err"
   check "nothing mounted" bash -c "! awk -v m='$MNT' '\$2 == m {f=1} END {exit !f}' /proc/mounts"
-  check "no daemon left" [ -z "$(pgrep -f -- "$(cfs_daemon_bin) $MNT" || true)" ]
+  check "no daemon left" [ -z "$(pgrep -f -- "$BIN $MNT" || true)" ]
   check "nothing created below the target" [ -z "$(find "$T" -mindepth 1 -type d)" ]
   check "nothing charged (±1 MiB)" le "$(cg_usage "$T")" $((pre + SLACK))
 }
@@ -120,7 +124,7 @@ t_memcg_delegated() {
   local pre; pre=$(cg_usage "$T")
   CFS_MOUNTS+=("$MNT")
   local rc=0
-  as 65534 timeout 20 "$(cfs_daemon_bin)" "$MNT" -o "memcg=$T,size=32m" >"$SCR/out" 2>"$SCR/err" || rc=$?
+  as 65534 timeout 20 "$BIN" "$MNT" -o "memcg=$T,size=32m" >"$SCR/out" 2>"$SCR/err" || rc=$?
   log "  exit $rc; stderr: $(cat "$SCR/err")"
   check "uid 65534 mounts with a delegated target" [ "$rc" = 0 ]
   check "mounted" is_mounted "$MNT"

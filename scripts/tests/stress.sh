@@ -10,14 +10,13 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
 TESTS=(mixed)
 
 t_mixed() {
   local SCR; SCR=$(cfs_tempdir cfsstress); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   CFS_LOGDIR=$SCR
   local MNT=$SCR/mnt opts="size=1g" T=""
-  if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$CHARGEFS_CGROUP_VERSION"; then
+  if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$(cg_version)"; then
     T=$(cg_parent)/cfsstress-$$-target
     cg_create "$T" $((768 * MiB))
     opts="$opts,memcg=$T"

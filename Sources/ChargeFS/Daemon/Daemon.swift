@@ -77,11 +77,8 @@ public enum Daemon {
             close(fds[1])
             var message: [UInt8] = []
             var buffer = [UInt8](repeating: 0, count: 512)
-            while true {
-                let n = read(fds[0], &buffer, buffer.count)
-                if n > 0 { message += buffer[0..<n]; continue }
-                if n < 0 && errno == EINTR { continue }
-                break
+            while let n = try? retryingInterrupts({ read(fds[0], &buffer, buffer.count) }), n > 0 {
+                message += buffer[0..<n]
             }
             let text = String(decoding: message, as: UTF8.self)
             if text == "ready" { exit(0) }

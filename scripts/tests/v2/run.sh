@@ -18,11 +18,12 @@ if [ ! -x "$bundle" ]; then
   echo "0 passed, 1 failed"; exit 1
 fi
 out=$(mktemp)
-"$bundle" ChargeFSTests.CgroupChargerTests 2>&1 | tee "$out"
+"$bundle" ChargeFSCgroupTests.CgroupChargerTests 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 pass=$(grep -c "^Test Case .* passed" "$out")
 fail=$(grep -c "^Test Case .* failed" "$out")
 rm -f "$out"
 [ "$rc" = 0 ] || [ "$fail" != 0 ] || fail=1   # a crash counts
+[ "$pass" != 0 ] || { echo "no test ran: the filter names no test"; fail=$((fail + 1)); }
 echo "$pass passed, $fail failed"
-[ "$rc" = 0 ]
+[ "$rc" = 0 ] && [ "$fail" = 0 ]
