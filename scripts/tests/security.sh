@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# Security tests of chargefsd (root only; other users via setpriv):
-#   modes            uid 65534 (and 65533) on an allow_other mount: read/write/list/unlink what
-#                    modes forbid, sticky-dir rules, setuid/setgid cleared on write by a non-owner
-#                    and on chown -- every outcome compared with a kernel tmpfs given the same steps
-#   no_allow_other   without allow_other (the default) another user gets EACCES on everything
+# Security tests of chargefsd (root only; other users via setpriv). POSIX permissions on a mount
+# (modes, sticky directories, setuid/setgid, allow_other) are compared with tmpfs in
+# Tests/ChargeFSMountTests/MountPermissionsTests.swift; these are the charging's own:
 #   memcg_refused    uid 65534 without delegation: memcg= refused at mount, one-line error,
 #                    nothing mounted, nothing created or charged
 #   memcg_delegated  uid 65534 with a delegated target (dir + cgroup.procs chowned): mounts,
@@ -15,80 +13,22 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
-PY=/usr/bin/python3   # readable by every user (a pyenv shim under /root is not)
-SECPY=$(dirname "$SELF")/security.py
 SLACK=$((1 * MiB))
-TESTS=(modes no_allow_other memcg_refused memcg_delegated helper_private)
+TESTS=(memcg_refused memcg_delegated helper_private)
 
 as() { local u=$1; shift; setpriv --reuid="$u" --regid="$u" --clear-groups -- "$@"; }
 # (cfs_tempdir runs in a subshell, so its dir is recorded for cleanup here)
 new_scratch() { SCR=$(cfs_tempdir cfssec); CFS_DIRS+=("$SCR"); chmod 755 "$SCR"; CFS_LOGDIR=$SCR; }
-# Copies of the daemon and security.py that uid 65534 can reach wherever the checkout lives;
-# sets BIN (the daemon) and SECPY to them.
+# A copy of the daemon that uid 65534 can reach wherever the checkout lives; sets BIN to it.
 usable_by_nobody() {
-  cfs_stage_for_others "$SECPY"
-  BIN=$CFS_PUBLIC/chargefsd SECPY=$CFS_PUBLIC/security.py
-  as 65534 test -x "$BIN" && as 65534 test -r "$SECPY" && as 65534 test -x "$PY"
-}
-
-t_modes() {
-  new_scratch
-  local MNT=$SCR/cfs TMPM=$SCR/tmpfs
-  mkdir -p "$MNT" "$TMPM"
-  cfs_mount "$MNT" "allow_other,size=64m"
-  mount -t tmpfs -o size=64m,mode=0755 tmpfs "$TMPM"; CFS_MOUNTS+=("$TMPM")
-  usable_by_nobody || { check "uid 65534 can run python and security.py (searchable paths)" false; return; }
-  local d
-  for d in "$MNT" "$TMPM"; do
-    "$PY" "$SECPY" prepare "$d"
-    as 65534 "$PY" "$SECPY" user "$d" > "$d.user" 2>&1 || true
-    as 65533 "$PY" "$SECPY" other "$d" > "$d.other" 2>&1 || true
-    "$PY" "$SECPY" after "$d" > "$d.after" 2>&1 || true
-  done
-  local n; n=$(cat "$MNT.user" "$MNT.other" "$MNT.after" | wc -l)
-  log "  $n outcomes each; chargefs vs tmpfs differences:"
-  diff <(cat "$MNT".{user,other,after}) <(cat "$TMPM".{user,other,after}) | sed 's/^/    /' >&2 || true
-  check "uid 65534 outcomes identical to tmpfs" cmp -s "$MNT.user" "$TMPM.user"
-  check "uid 65533 (sticky dir) outcomes identical to tmpfs" cmp -s "$MNT.other" "$TMPM.other"
-  check "modes after (setuid/setgid clearing) identical to tmpfs" cmp -s "$MNT.after" "$TMPM.after"
-  # the essentials, independent of tmpfs
-  check "65534 cannot read a 0600 root file" grep -qE '^read f600 +EACCES' "$MNT.user"
-  check "65534 cannot list a 0700 dir" grep -qE '^list d700 +EACCES' "$MNT.user"
-  check "65534 cannot unlink in a 0755 root dir" grep -qE '^unlink d755/x +EACCES' "$MNT.user"
-  check "sticky: 65534 cannot unlink root's file" grep -qE '^unlink sticky/root-file +EPERM' "$MNT.user"
-  check "sticky: 65533 cannot unlink 65534's file" grep -qE '^65533 unlink sticky/new +EPERM' "$MNT.other"
-  check "setuid/setgid cleared by a non-owner's write" grep -qE '^suid +mode 777 ' "$MNT.after"
-  check "cleared by chown" grep -qE '^own-suid +mode 755 after chown' "$MNT.after"
-  check "clean unmount" cfs_umount "$MNT" "$CFS_PID"
-}
-
-t_no_allow_other() {
-  new_scratch
-  local MNT=$SCR/cfs
-  mkdir -p "$MNT"
-  cfs_mount "$MNT" "size=16m,mode=0777"
-  echo hi > "$MNT/f"; chmod 666 "$MNT/f"
-  local out
-  out=$(as 65534 "$PY" -c "
-import os, errno
-for label, fn in [('stat', lambda: os.stat('$MNT/f')), ('list', lambda: os.listdir('$MNT')),
-                  ('read', lambda: open('$MNT/f').read()), ('create', lambda: open('$MNT/new', 'w'))]:
-    try:
-        fn(); print(label, 'ok')
-    except OSError as e:
-        print(label, errno.errorcode[e.errno])
-" 2>&1)
-  log "  uid 65534 on a mount without allow_other: $(tr '\n' ' ' <<<"$out")"
-  check "every access by another user is EACCES" [ "$(grep -c ' EACCES$' <<<"$out")" = 4 ]
-  check "the mount says no allow_other" bash -c "! grep -F '$MNT' /proc/mounts | grep -q allow_other"
-  check "root (the mounter) still reads it" [ "$(cat "$MNT/f")" = hi ]
-  check "clean unmount" cfs_umount "$MNT" "$CFS_PID"
+  cfs_stage_for_others
+  BIN=$CFS_PUBLIC/chargefsd
+  as 65534 test -x "$BIN"
 }
 
 t_memcg_refused() {
   new_scratch
-  usable_by_nobody || { check "uid 65534 can run the daemon and python (searchable paths)" false; return; }
+  usable_by_nobody || { check "uid 65534 can run the daemon (searchable paths)" false; return; }
   local MNT=$SCR/mnt T; T=$(cg_parent)/cfssec-$$-target
   mkdir -p "$MNT"; chown 65534:65534 "$MNT"
   cg_create "$T" $((64 * MiB))
@@ -108,7 +48,7 @@ t_memcg_refused() {
 
 t_memcg_delegated() {
   new_scratch
-  usable_by_nobody || { check "uid 65534 can run the daemon and python (searchable paths)" false; return; }
+  usable_by_nobody || { check "uid 65534 can run the daemon (searchable paths)" false; return; }
   # An unprivileged FUSE mount needs /dev/fuse open to all (its usual 0666); some containers make
   # it 0600. Widen it for this test only and put the old mode back on exit.
   local fmode; fmode=$(stat -c %a /dev/fuse)
