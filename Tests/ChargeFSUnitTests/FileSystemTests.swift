@@ -22,15 +22,15 @@ final class FileSystemTests: XCTestCase {
 
     func n(_ s: String) -> FileName { Array(s.utf8) }
 
-    func file(_ name: String, in parent: UInt64? = nil) throws -> UInt64 {
+    func file(_ name: String, in parent: InodeNumber? = nil) throws -> InodeNumber {
         try fs.mknod(parent: parent ?? root, name: n(name), mode: 0o100644, rdev: 0, caller: me).ino
     }
 
-    func write(_ ino: UInt64, _ bytes: [UInt8], at offset: Int64) throws -> Int {
+    func write(_ ino: InodeNumber, _ bytes: [UInt8], at offset: Int64) throws -> Int {
         try bytes.withUnsafeBytes { try fs.write(ino, offset: offset, data: $0, caller: me, clearSetIDAsked: false).written }
     }
 
-    func read(_ ino: UInt64, _ offset: Int64, _ count: Int) throws -> [UInt8] {
+    func read(_ ino: InodeNumber, _ offset: Int64, _ count: Int) throws -> [UInt8] {
         var out: [UInt8] = []
         try fs.read(ino, offset: offset, count: count, noatime: false) { vectors in
             for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
@@ -89,7 +89,7 @@ final class FileSystemTests: XCTestCase {
     /// The VFS rules for clearing setuid/setgid, as the kernel hands them over with
     /// FUSE_HANDLE_KILLPRIV_V2 (flag = caller lacks CAP_FSETID, or a chown).
     func testSetIDClearingRules() throws {
-        func mode(_ ino: UInt64) throws -> UInt32 { try fs.getattr(ino).mode & 0o7777 }
+        func mode(_ ino: InodeNumber) throws -> UInt32 { try fs.getattr(ino).mode & 0o7777 }
         let f = try file("f")
         func set(_ m: UInt32) throws { var c = AttributeChanges(); c.mode = m; _ = try fs.setattr(f, c, caller: .root, clearSetIDAsked: false) }
         let data: [UInt8] = [1]

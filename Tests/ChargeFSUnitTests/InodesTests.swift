@@ -5,15 +5,15 @@ import XCTest
 final class DirectoryTests: XCTestCase {
     func name(_ i: Int) -> FileName { Array("n\(i)".utf8) }
 
-    func listed(_ d: Directory, from cookie: UInt64 = 0) -> [(FileName, UInt64, UInt64)] {
-        var out: [(FileName, UInt64, UInt64)] = []
+    func listed(_ d: Directory, from cookie: UInt64 = 0) -> [(FileName, InodeNumber, UInt64)] {
+        var out: [(FileName, InodeNumber, UInt64)] = []
         d.forEach(from: cookie) { out.append(($0.name, $0.ino, $0.cookie)); return true }
         return out
     }
 
     func testCookiesSurviveRemovalsAndCompaction() {
         let d = Directory(parent: 1)
-        for i in 0..<200 { d.insert(name(i), ino: UInt64(100 + i)) }
+        for i in 0..<200 { d.insert(name(i), ino: InodeNumber(rawValue: UInt64(100 + i))) }
         let cookieOf150 = listed(d).first { $0.0 == name(150) }?.2
         // Enough removals to compact (more than 32 tombstones and more than the live entries).
         for i in 0..<120 { d.remove(name(i)) }

@@ -30,17 +30,17 @@ final class WriteAtLimitTests: XCTestCase {
         return FileSystem(config: config, store: store)
     }
 
-    func newFile(_ fs: FileSystem) throws -> UInt64 {
+    func newFile(_ fs: FileSystem) throws -> InodeNumber {
         try fs.create(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o100644, caller: me).ino
     }
 
-    func write(_ fs: FileSystem, _ ino: UInt64, _ bytes: [UInt8], at offset: Int64, writeback: Bool = false) throws -> Int {
+    func write(_ fs: FileSystem, _ ino: InodeNumber, _ bytes: [UInt8], at offset: Int64, writeback: Bool = false) throws -> Int {
         try bytes.withUnsafeBytes { buffer in
             try fs.write(ino, offset: offset, data: buffer, caller: me, clearSetIDAsked: false, wholeOrNothing: writeback).written
         }
     }
 
-    func read(_ fs: FileSystem, _ ino: UInt64, count: Int) throws -> [UInt8] {
+    func read(_ fs: FileSystem, _ ino: InodeNumber, count: Int) throws -> [UInt8] {
         var out: [UInt8] = []
         try fs.read(ino, offset: 0, count: count, noatime: true) { vectors in
             for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }

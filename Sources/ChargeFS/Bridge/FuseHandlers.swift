@@ -64,7 +64,7 @@ enum FuseHandlers {
 
     static func lookup(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
         do throws(Errno) {
-            reply.entry(try s.fileSystem.lookup(parent: UInt64(parent), name: Self.name(name)))
+            reply.entry(try s.fileSystem.lookup(parent: InodeNumber(parent), name: Self.name(name)))
         } catch where error == .noSuchFileOrDirectory {
             reply.noEntry()
         } catch {
@@ -73,13 +73,13 @@ enum FuseHandlers {
     }
 
     static func forget(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, count: UInt64) {
-        s.fileSystem.forget(UInt64(ino), count: count)
+        s.fileSystem.forget(InodeNumber(ino), count: count)
         reply.none()
     }
 
     static func forgetMulti(_ s: FuseSession, _ reply: consuming Reply, count: Int, forgets: UnsafeMutablePointer<fuse_forget_data>?) {
         if let forgets {
-            for i in 0..<count { s.fileSystem.forget(UInt64(forgets[i].ino), count: forgets[i].nlookup) }
+            for i in 0..<count { s.fileSystem.forget(InodeNumber(forgets[i].ino), count: forgets[i].nlookup) }
         }
         reply.none()
     }
@@ -87,7 +87,7 @@ enum FuseHandlers {
     static func mknod(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?,
                       mode: mode_t, rdev: dev_t) {
         do throws(Errno) {
-            reply.entry(try s.fileSystem.mknod(parent: UInt64(parent), name: Self.name(name), mode: mode,
+            reply.entry(try s.fileSystem.mknod(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode),
                                                rdev: UInt64(rdev), caller: caller(reply)))
         } catch {
             reply.error(error)
@@ -96,7 +96,7 @@ enum FuseHandlers {
 
     static func mkdir(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t) {
         do throws(Errno) {
-            reply.entry(try s.fileSystem.mkdir(parent: UInt64(parent), name: Self.name(name), mode: mode, caller: caller(reply)))
+            reply.entry(try s.fileSystem.mkdir(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller(reply)))
         } catch {
             reply.error(error)
         }
@@ -105,7 +105,7 @@ enum FuseHandlers {
     static func symlink(_ s: FuseSession, _ reply: consuming Reply, target: UnsafePointer<CChar>?, parent: fuse_ino_t,
                         name: UnsafePointer<CChar>?) {
         do throws(Errno) {
-            reply.entry(try s.fileSystem.symlink(target: Self.name(target), parent: UInt64(parent), name: Self.name(name),
+            reply.entry(try s.fileSystem.symlink(target: Self.name(target), parent: InodeNumber(parent), name: Self.name(name),
                                                  caller: caller(reply)))
         } catch {
             reply.error(error)
@@ -114,7 +114,7 @@ enum FuseHandlers {
 
     static func link(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, newParent: fuse_ino_t, newName: UnsafePointer<CChar>?) {
         do throws(Errno) {
-            reply.entry(try s.fileSystem.link(UInt64(ino), newParent: UInt64(newParent), newName: Self.name(newName)))
+            reply.entry(try s.fileSystem.link(InodeNumber(ino), newParent: InodeNumber(newParent), newName: Self.name(newName)))
         } catch {
             reply.error(error)
         }
@@ -122,7 +122,7 @@ enum FuseHandlers {
 
     static func unlink(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
         do throws(Errno) {
-            try s.fileSystem.unlink(parent: UInt64(parent), name: Self.name(name))
+            try s.fileSystem.unlink(parent: InodeNumber(parent), name: Self.name(name))
             reply.success()
         } catch {
             reply.error(error)
@@ -131,7 +131,7 @@ enum FuseHandlers {
 
     static func rmdir(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
         do throws(Errno) {
-            try s.fileSystem.rmdir(parent: UInt64(parent), name: Self.name(name))
+            try s.fileSystem.rmdir(parent: InodeNumber(parent), name: Self.name(name))
             reply.success()
         } catch {
             reply.error(error)
@@ -141,7 +141,7 @@ enum FuseHandlers {
     static func rename(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?,
                        newParent: fuse_ino_t, newName: UnsafePointer<CChar>?, flags: UInt32) {
         do throws(Errno) {
-            try s.fileSystem.rename(parent: UInt64(parent), name: Self.name(name), newParent: UInt64(newParent),
+            try s.fileSystem.rename(parent: InodeNumber(parent), name: Self.name(name), newParent: InodeNumber(newParent),
                                     newName: Self.name(newName), flags: RenameFlags(rawValue: flags))
             reply.success()
         } catch {
@@ -151,7 +151,7 @@ enum FuseHandlers {
 
     static func readlink(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t) {
         do throws(Errno) {
-            reply.link(target: try s.fileSystem.readlink(UInt64(ino)))
+            reply.link(target: try s.fileSystem.readlink(InodeNumber(ino)))
         } catch {
             reply.error(error)
         }
@@ -161,7 +161,7 @@ enum FuseHandlers {
 
     static func getattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t) {
         do throws(Errno) {
-            reply.attributes(try s.fileSystem.getattr(UInt64(ino)))
+            reply.attributes(try s.fileSystem.getattr(InodeNumber(ino)))
         } catch {
             reply.error(error)
         }
@@ -173,7 +173,7 @@ enum FuseHandlers {
         // "clear setuid/setgid" (a chown to -1:-1, or the first write to a setuid file).
         let clears = FuseKernelFeatures.requestClearsSetID || (s.features.granted && toSet == 0)
         do throws(Errno) {
-            reply.attributes(try s.fileSystem.setattr(UInt64(ino), changes(from: attr.pointee, toSet), caller: caller(reply),
+            reply.attributes(try s.fileSystem.setattr(InodeNumber(ino), changes(from: attr.pointee, toSet), caller: caller(reply),
                                                       clearSetIDAsked: clears))
         } catch {
             reply.error(error)
@@ -202,7 +202,7 @@ enum FuseHandlers {
     static func open(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
         do throws(Errno) {
-            let modeChanged = try s.fileSystem.open(UInt64(ino), flags: OpenFlags(rawValue: fi.pointee.flags),
+            let modeChanged = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags),
                                                     caller: caller(reply), clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
             setCaching(s, fi)
             reply.opened(fi)
@@ -216,7 +216,7 @@ enum FuseHandlers {
                        fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
         do throws(Errno) {
-            let attributes = try s.fileSystem.create(parent: UInt64(parent), name: Self.name(name), mode: mode, caller: caller(reply))
+            let attributes = try s.fileSystem.create(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller(reply))
             setCaching(s, fi)
             reply.created(attributes, fi)
         } catch {
@@ -229,7 +229,7 @@ enum FuseHandlers {
         // The read request carries the file's open flags, with or without an open.
         let noatime = fi.map { OpenFlags(rawValue: $0.pointee.flags).noatime } ?? false
         reply.vectors { (send) throws(Errno) in
-            try s.fileSystem.read(UInt64(ino), offset: Int64(offset), count: size, noatime: noatime, send)
+            try s.fileSystem.read(InodeNumber(ino), offset: Int64(offset), count: size, noatime: noatime, send)
         }
     }
 
@@ -239,7 +239,7 @@ enum FuseHandlers {
         // as success and drop the rest, so it must store all or fail whole.
         let writeback = fi.map { cfuse_fi_writepage($0) != 0 } ?? false
         do throws(Errno) {
-            let result = try s.fileSystem.write(UInt64(ino), offset: Int64(offset), data: UnsafeRawBufferPointer(start: buf, count: size),
+            let result = try s.fileSystem.write(InodeNumber(ino), offset: Int64(offset), data: UnsafeRawBufferPointer(start: buf, count: size),
                                                 caller: caller(reply), clearSetIDAsked: FuseKernelFeatures.requestClearsSetID,
                                                 wholeOrNothing: writeback)
             reply.written(result.written)
@@ -250,13 +250,13 @@ enum FuseHandlers {
     }
 
     static func release(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t) {
-        s.fileSystem.release(UInt64(ino))
+        s.fileSystem.release(InodeNumber(ino))
         reply.success()
     }
 
     static func fallocate(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, mode: Int32, offset: off_t, length: off_t) {
         do throws(Errno) {
-            try s.fileSystem.fallocate(UInt64(ino), mode: FallocateMode(rawValue: mode), offset: Int64(offset), length: Int64(length))
+            try s.fileSystem.fallocate(InodeNumber(ino), mode: FallocateMode(rawValue: mode), offset: Int64(offset), length: Int64(length))
             reply.success()
         } catch {
             reply.error(error)
@@ -266,7 +266,7 @@ enum FuseHandlers {
     static func lseek(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, offset: off_t, whence: Int32) {
         guard let whence = SeekWhence(rawValue: whence) else { return reply.error(.invalidArgument) }
         do throws(Errno) {
-            reply.position(try s.fileSystem.seek(UInt64(ino), offset: Int64(offset), whence: whence))
+            reply.position(try s.fileSystem.seek(InodeNumber(ino), offset: Int64(offset), whence: whence))
         } catch {
             reply.error(error)
         }
@@ -280,7 +280,7 @@ enum FuseHandlers {
         let req = reply.request
         var used = 0
         do throws(Errno) {
-            try s.fileSystem.readdir(UInt64(ino), offset: Int64(offset), plus: plus) { entry in
+            try s.fileSystem.readdir(InodeNumber(ino), offset: Int64(offset), plus: plus) { entry in
                 var cName = entry.name
                 cName.append(0)
                 let needed: Int = cName.withUnsafeBufferPointer { nameBuf in
@@ -290,7 +290,7 @@ enum FuseHandlers {
                             return fuse_add_direntry_plus(req, buffer + used, size - used, n.baseAddress, &e, off_t(entry.nextOffset))
                         }
                         var st = stat()
-                        st.st_ino = UInt(entry.ino)
+                        st.st_ino = UInt(entry.ino.rawValue)
                         st.st_mode = UInt32(entry.type) << 12
                         return fuse_add_direntry(req, buffer + used, size - used, n.baseAddress, &st, off_t(entry.nextOffset))
                     }
@@ -311,7 +311,7 @@ enum FuseHandlers {
                          value: UnsafePointer<CChar>?, size: Int, flags: Int32) {
         let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
         do throws(Errno) {
-            try s.fileSystem.setxattr(UInt64(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags))
+            try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags))
             reply.success()
         } catch {
             reply.error(error)
@@ -320,7 +320,7 @@ enum FuseHandlers {
 
     static func getxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?, size: Int) {
         do throws(Errno) {
-            reply.xattr(try s.fileSystem.getxattr(UInt64(ino), name: Self.name(name)), bufferSize: size)
+            reply.xattr(try s.fileSystem.getxattr(InodeNumber(ino), name: Self.name(name)), bufferSize: size)
         } catch {
             reply.error(error)
         }
@@ -328,7 +328,7 @@ enum FuseHandlers {
 
     static func listxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, size: Int) {
         do throws(Errno) {
-            reply.xattr(try s.fileSystem.listxattr(UInt64(ino)), bufferSize: size)
+            reply.xattr(try s.fileSystem.listxattr(InodeNumber(ino)), bufferSize: size)
         } catch {
             reply.error(error)
         }
@@ -336,7 +336,7 @@ enum FuseHandlers {
 
     static func removexattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?) {
         do throws(Errno) {
-            try s.fileSystem.removexattr(UInt64(ino), name: Self.name(name))
+            try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name))
             reply.success()
         } catch {
             reply.error(error)

@@ -41,3 +41,8 @@ final class FuseSession: @unchecked Sendable {
         if let handle { _ = fuse_lowlevel_notify_inval_inode(handle, ino, -1, 0) }
     }
 }
+
+extension InodeNumber {
+    /// The kernel's nodeid is our inode number.
+    init(_ nodeid: fuse_ino_t) { self.init(rawValue: UInt64(nodeid)) }
+}

@@ -129,7 +129,7 @@ struct Reply: ~Copyable {
 
     static func entryParameters(_ attributes: Attributes) -> fuse_entry_param {
         var e = fuse_entry_param()
-        e.ino = fuse_ino_t(attributes.ino)
+        e.ino = fuse_ino_t(attributes.ino.rawValue)
         e.generation = UInt64(attributes.generation)
         e.attr = attributes.stat
         e.attr_timeout = cacheSeconds

@@ -10,7 +10,7 @@ import SystemPackage
 /// tree or a count holds it alone. Lock order: this lock, then the page store's, then the
 /// charger's.
 public final class FileSystem: Sendable {
-    public static let rootIno: UInt64 = 1
+    public static let rootIno = InodeNumber.root
     public static let nameMax = 255
     public static let xattrSizeMax = 65536
     public static let xattrNameMax = 255
@@ -49,62 +49,62 @@ public final class FileSystem: Sendable {
         try core.withReadLock(body)
     }
 
-    public func lookup(parent: UInt64, name: FileName) throws(Errno) -> Attributes {
+    public func lookup(parent: InodeNumber, name: FileName) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.lookup(parent: parent, name: name) }
     }
-    public func forget(_ ino: UInt64, count: UInt64) {
+    public func forget(_ ino: InodeNumber, count: UInt64) {
         core.withWriteLock { c in c.forget(ino, count: count) }
     }
-    public func getattr(_ ino: UInt64) throws(Errno) -> Attributes {
+    public func getattr(_ ino: InodeNumber) throws(Errno) -> Attributes {
         try shared { c throws(Errno) in try c.inode(ino).attributes }
     }
     /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
-    public func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller,
+    public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, caller: Caller,
                         clearSetIDAsked: Bool) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.setattr(ino, changes, caller: caller, clearSetIDAsked: clearSetIDAsked) }
     }
-    public func readlink(_ ino: UInt64) throws(Errno) -> [UInt8] {
+    public func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.readlink(ino) }
     }
-    public func mknod(parent: UInt64, name: FileName, mode: UInt32, rdev: UInt64, caller: Caller) throws(Errno) -> Attributes {
+    public func mknod(parent: InodeNumber, name: FileName, mode: FileMode, rdev: UInt64, caller: Caller) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.create(parent: parent, name: name, mode: mode, rdev: rdev, target: nil, caller: caller) }
     }
-    public func mkdir(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
+    public func mkdir(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.mkdir(parent: parent, name: name, mode: mode, caller: caller) }
     }
-    public func symlink(target: [UInt8], parent: UInt64, name: FileName, caller: Caller) throws(Errno) -> Attributes {
+    public func symlink(target: [UInt8], parent: InodeNumber, name: FileName, caller: Caller) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.symlink(target: target, parent: parent, name: name, caller: caller) }
     }
-    public func link(_ ino: UInt64, newParent: UInt64, newName: FileName) throws(Errno) -> Attributes {
+    public func link(_ ino: InodeNumber, newParent: InodeNumber, newName: FileName) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.link(ino, newParent: newParent, newName: newName) }
     }
-    public func unlink(parent: UInt64, name: FileName) throws(Errno) {
+    public func unlink(parent: InodeNumber, name: FileName) throws(Errno) {
         try exclusive { c throws(Errno) in try c.remove(parent: parent, name: name, directory: false) }
     }
-    public func rmdir(parent: UInt64, name: FileName) throws(Errno) {
+    public func rmdir(parent: InodeNumber, name: FileName) throws(Errno) {
         try exclusive { c throws(Errno) in try c.remove(parent: parent, name: name, directory: true) }
     }
-    public func rename(parent: UInt64, name: FileName, newParent: UInt64, newName: FileName, flags: RenameFlags) throws(Errno) {
+    public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags) throws(Errno) {
         try exclusive { c throws(Errno) in try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
     }
     /// Open of an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc).
     /// Returns true when truncating cleared setuid/setgid (the kernel's cached mode is then stale).
     @discardableResult
-    public func open(_ ino: UInt64, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Bool {
+    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Bool {
         try exclusive { c throws(Errno) in try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked) }
     }
     /// Creates a regular file and opens it (create(2) with O_CREAT).
-    public func create(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
+    public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller) }
     }
     /// The last close of one open (or create) handle.
-    public func release(_ ino: UInt64) {
+    public func release(_ ino: InodeNumber) {
         core.withWriteLock { c in c.release(ino) }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
     /// (and a shared zero page for holes), while the lock is held, so no page can be freed or
     /// reused under it. An empty list means end of file.
-    public func read(_ ino: UInt64, offset: Int64, count: Int, noatime: Bool,
+    public func read(_ ino: InodeNumber, offset: Int64, count: Int, noatime: Bool,
                      _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
         // relatime moves atime rarely (after a change, or daily): then the read runs under the
         // exclusive lock and atime moves before the reply, so a stat right after sees it.
@@ -122,40 +122,40 @@ public final class FileSystem: Sendable {
     /// Writes. `clearSetIDAsked`: the kernel flagged the write (its caller lacks CAP_FSETID).
     /// `wholeOrNothing`: a writeback of mapped pages, which must store every byte or none (the
     /// kernel ignores a short count there; see `FileSystemCore.write`).
-    public func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
+    public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
                       clearSetIDAsked: Bool, wholeOrNothing: Bool = false) throws(Errno) -> WriteResult {
         try exclusive { c throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
                         wholeOrNothing: wholeOrNothing)
         }
     }
-    public func fallocate(_ ino: UInt64, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
         try exclusive { c throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length) }
     }
     /// SEEK_DATA and SEEK_HOLE.
-    public func seek(_ ino: UInt64, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
+    public func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
         try shared { c throws(Errno) in try c.seek(ino, offset: offset, whence: whence) }
     }
     /// Lists from `offset`; `body` returns false when its buffer is full (the entry it was given
     /// is then not counted). With `plus`, each listed entry but "." and ".." counts as a lookup.
-    public func readdir(_ ino: UInt64, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
+    public func readdir(_ ino: InodeNumber, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
         try exclusive { c throws(Errno) in try c.readdir(ino, offset: offset, plus: plus, body) }
     }
     public func usage() -> FileSystemUsage {
         core.withReadLock { c in c.usage() }
     }
-    public func setxattr(_ ino: UInt64, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
+    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
         try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
-    public func getxattr(_ ino: UInt64, name: FileName) throws(Errno) -> [UInt8] {
+    public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
         let caching = caching
         return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching) }
     }
     /// Names, each NUL-terminated, as listxattr returns them.
-    public func listxattr(_ ino: UInt64) throws(Errno) -> [UInt8] {
+    public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.listxattr(ino) }
     }
-    public func removexattr(_ ino: UInt64, name: FileName) throws(Errno) {
+    public func removexattr(_ ino: InodeNumber, name: FileName) throws(Errno) {
         try exclusive { c throws(Errno) in try c.removexattr(ino, name: name) }
     }
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).

@@ -31,14 +31,14 @@ extension FileSystemCore {
         }
     }
 
-    func regularFile(_ ino: UInt64) throws(Errno) -> Inode {
+    func regularFile(_ ino: InodeNumber) throws(Errno) -> Inode {
         let inode = try inode(ino)
         guard inode.isRegular else { throw inode.isDirectory ? .isDirectory : .invalidArgument }
         return inode
     }
 
     /// Runs under the shared lock: changes nothing (atime is the caller's business).
-    func read(_ ino: UInt64, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+    func read(_ ino: InodeNumber, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
         let inode = try regularFile(ino)
         if offset < 0 { throw .invalidArgument }
         guard offset < inode.size, count > 0 else {
@@ -92,7 +92,7 @@ extension FileSystemCore {
 
     /// Stores `data`, then drops what a write drops: file capabilities, and setuid/setgid by
     /// `clearSetID`'s rules.
-    func write(_ ino: UInt64, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller, clearSetIDAsked: Bool,
+    func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller, clearSetIDAsked: Bool,
                wholeOrNothing: Bool) throws(Errno) -> WriteResult {
         let inode = try regularFile(ino)
         let written = try storeData(data, in: inode, at: offset, wholeOrNothing: wholeOrNothing)
@@ -193,7 +193,7 @@ extension FileSystemCore {
         inode.size = size
     }
 
-    func fallocate(_ ino: UInt64, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
         let keepSize = mode.contains(.keepSize)
         let punch = mode.contains(.punchHole)
         if !mode.subtracting([.keepSize, .punchHole]).isEmpty || (punch && !keepSize) {
@@ -261,7 +261,7 @@ extension FileSystemCore {
         }
     }
 
-    func seek(_ ino: UInt64, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
+    func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
         let inode = try regularFile(ino)
         if offset < 0 || offset >= inode.size { throw .noSuchAddressOrDevice }
         let pageSize = Int64(Self.pageSize)

@@ -14,7 +14,7 @@ extension FileSystemCore {
         }
     }
 
-    func setxattr(_ ino: UInt64, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
+    func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
         let inode = try inode(ino)
         try Self.checkName(name)
         if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
@@ -36,7 +36,7 @@ extension FileSystemCore {
     }
 
     /// `caching`: the mount's resolved cache mode, which the status attribute shows.
-    func getxattr(_ ino: UInt64, name: FileName, caching: FileCaching) throws(Errno) -> [UInt8] {
+    func getxattr(_ ino: InodeNumber, name: FileName, caching: FileCaching) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
         if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching).utf8) }
@@ -47,7 +47,7 @@ extension FileSystemCore {
         return value
     }
 
-    func listxattr(_ ino: UInt64) throws(Errno) -> [UInt8] {
+    func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         var list: [UInt8] = []
         for name in (inode.xattrs?.keys.sorted { $0.lexicographicallyPrecedes($1) }) ?? [] {
@@ -57,7 +57,7 @@ extension FileSystemCore {
         return list
     }
 
-    func removexattr(_ ino: UInt64, name: FileName) throws(Errno) {
+    func removexattr(_ ino: InodeNumber, name: FileName) throws(Errno) {
         let inode = try inode(ino)
         try Self.checkName(name)
         guard inode.xattrs?.removeValue(forKey: name) != nil else { throw .noData }

@@ -31,12 +31,12 @@ final class FileSystemCore {
 
     // MARK: lookup and lifetime
 
-    func inode(_ ino: UInt64) throws(Errno) -> Inode {
+    func inode(_ ino: InodeNumber) throws(Errno) -> Inode {
         guard let inode = inodes[ino] else { throw .noSuchFileOrDirectory }
         return inode
     }
 
-    func directory(_ ino: UInt64) throws(Errno) -> (Inode, Directory) {
+    func directory(_ ino: InodeNumber) throws(Errno) -> (Inode, Directory) {
         let inode = try inode(ino)
         guard let dir = inode.directory else { throw .notDirectory }
         return (inode, dir)
@@ -47,10 +47,10 @@ final class FileSystemCore {
         if name.isEmpty || name.contains(0) || name.contains(UInt8(ascii: "/")) { throw .invalidArgument }
     }
 
-    func lookup(parent: UInt64, name: FileName) throws(Errno) -> Attributes {
+    func lookup(parent: InodeNumber, name: FileName) throws(Errno) -> Attributes {
         let (dirInode, dir) = try directory(parent)
         if name.count > FileSystem.nameMax { throw .fileNameTooLong }
-        let ino: UInt64
+        let ino: InodeNumber
         if name == [UInt8(ascii: ".")] {
             ino = dirInode.ino
         } else if name == [UInt8(ascii: "."), UInt8(ascii: ".")] {
@@ -64,7 +64,7 @@ final class FileSystemCore {
         return target.attributes
     }
 
-    func forget(_ ino: UInt64, count: UInt64) {
+    func forget(_ ino: InodeNumber, count: UInt64) {
         guard let inode = inodes[ino] else { return }
         // The kernel never forgets more than it looked up. If it claims to, the count is wrong
         // somewhere: say so, and drop what we have rather than wrap around and keep the inode
@@ -111,7 +111,7 @@ final class FileSystemCore {
         inodeSlots += 1
     }
 
-    func create(parent: UInt64, name: FileName, mode: UInt32, rdev: UInt64, target: [UInt8]?,
+    func create(parent: InodeNumber, name: FileName, mode: FileMode, rdev: UInt64, target: [UInt8]?,
                 caller: Caller) throws(Errno) -> Attributes {
         let (dirInode, dir) = try directory(parent)
         try Self.validate(name)
@@ -120,7 +120,7 @@ final class FileSystemCore {
         try reserveInodeSlot()
         let now = timespec.now
         var gid = caller.gid
-        var newMode = mode
+        var newMode = mode.rawValue
         // A setgid directory hands its group down, and its setgid bit to subdirectories.
         if dirInode.mode & ModeBits.setgid != 0 {
             gid = dirInode.gid
@@ -143,22 +143,24 @@ final class FileSystemCore {
         return inode.attributes
     }
 
-    func mkdir(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
-        try create(parent: parent, name: name, mode: (mode & 0o7777) | ModeBits.directory, rdev: 0, target: nil, caller: caller)
+    func mkdir(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
+        try create(parent: parent, name: name, mode: FileMode(rawValue: mode.permissions | ModeBits.directory), rdev: 0,
+                   target: nil, caller: caller)
     }
 
-    func symlink(target: [UInt8], parent: UInt64, name: FileName, caller: Caller) throws(Errno) -> Attributes {
-        try create(parent: parent, name: name, mode: ModeBits.symlink | 0o777, rdev: 0, target: target, caller: caller)
+    func symlink(target: [UInt8], parent: InodeNumber, name: FileName, caller: Caller) throws(Errno) -> Attributes {
+        try create(parent: parent, name: name, mode: FileMode(rawValue: ModeBits.symlink | 0o777), rdev: 0, target: target,
+                   caller: caller)
     }
 
     /// create(2) with O_CREAT: a new regular file, opened.
-    func createAndOpen(parent: UInt64, name: FileName, mode: UInt32, caller: Caller) throws(Errno) -> Attributes {
+    func createAndOpen(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
         let attributes = try create(parent: parent, name: name, mode: mode, rdev: 0, target: nil, caller: caller)
         try open(attributes.ino, flags: .readWrite, caller: caller, clearSetIDAsked: false)
         return attributes
     }
 
-    func link(_ ino: UInt64, newParent: UInt64, newName: FileName) throws(Errno) -> Attributes {
+    func link(_ ino: InodeNumber, newParent: InodeNumber, newName: FileName) throws(Errno) -> Attributes {
         let inode = try inode(ino)
         let (dirInode, dir) = try directory(newParent)
         try Self.validate(newName)
@@ -176,7 +178,7 @@ final class FileSystemCore {
         return inode.attributes
     }
 
-    func readlink(_ ino: UInt64) throws(Errno) -> [UInt8] {
+    func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         guard let target = inode.symlinkTarget else { throw .invalidArgument }
         return target
@@ -205,7 +207,7 @@ final class FileSystemCore {
         evictIfUnused(victim)
     }
 
-    func remove(parent: UInt64, name: FileName, directory wantDirectory: Bool) throws(Errno) {
+    func remove(parent: InodeNumber, name: FileName, directory wantDirectory: Bool) throws(Errno) {
         let (dirInode, dir) = try directory(parent)
         if name.count > FileSystem.nameMax { throw .fileNameTooLong }
         guard let ino = dir.lookup(name), let victim = inodes[ino] else { throw .noSuchFileOrDirectory }
@@ -223,7 +225,7 @@ final class FileSystemCore {
     }
 
     /// True when `ino` is `ancestor` or lies below it.
-    private func isWithin(_ ino: UInt64, _ ancestor: UInt64) -> Bool {
+    private func isWithin(_ ino: InodeNumber, _ ancestor: InodeNumber) -> Bool {
         var current = ino
         while true {
             if current == ancestor { return true }
@@ -232,7 +234,7 @@ final class FileSystemCore {
         }
     }
 
-    func rename(parent: UInt64, name: FileName, newParent: UInt64, newName: FileName, flags: RenameFlags) throws(Errno) {
+    func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags) throws(Errno) {
         let noReplace = flags.contains(.noReplace)
         let exchange = flags.contains(.exchange)
         // RENAME_WHITEOUT (overlayfs's) and unknown flags: EINVAL, as tmpfs without whiteouts.
@@ -305,7 +307,7 @@ final class FileSystemCore {
     // MARK: attributes
 
     /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
-    func setattr(_ ino: UInt64, _ changes: AttributeChanges, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Attributes {
+    func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Attributes {
         let inode = try inode(ino)
         let clears = clearSetIDAsked || changes.size != nil || changes.uid != nil || changes.gid != nil
         // An explicit mode wins: it is a chmod, or an older kernel clearing the bits itself.
@@ -354,7 +356,7 @@ final class FileSystemCore {
 
     /// Returns true when O_TRUNC cleared setuid/setgid (see `clearSetID`).
     @discardableResult
-    func open(_ ino: UInt64, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Bool {
+    func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Bool {
         let inode = try inode(ino)
         var modeChanged = false
         if flags.truncates, inode.isRegular, flags.mayWrite {
@@ -372,7 +374,7 @@ final class FileSystemCore {
         return modeChanged
     }
 
-    func release(_ ino: UInt64) {
+    func release(_ ino: InodeNumber) {
         guard let inode = inodes[ino], inode.openCount > 0 else { return }
         inode.openCount -= 1
         if inode.openCount == 0 && inode.nlink == 0 {
@@ -383,7 +385,7 @@ final class FileSystemCore {
 
     // MARK: directories
 
-    func readdir(_ ino: UInt64, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
+    func readdir(_ ino: InodeNumber, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
         let (dirInode, dir) = try directory(ino)
         if offset == 0 { touchAtime(dirInode) }
         func emit(_ name: FileName, _ inode: Inode, next: Int64, counted: Bool) -> Bool {
@@ -408,11 +410,11 @@ final class FileSystemCore {
         if atimeIsStale(inode) { inode.atime = .now }
     }
 
-    func touchAtime(_ ino: UInt64) {
+    func touchAtime(_ ino: InodeNumber) {
         if let inode = inodes[ino] { touchAtime(inode) }
     }
 
-    func atimeIsStale(_ ino: UInt64) -> Bool {
+    func atimeIsStale(_ ino: InodeNumber) -> Bool {
         inodes[ino].map(atimeIsStale) ?? false
     }
 

@@ -77,7 +77,7 @@ public struct FileSystemUsage: Sendable {
 /// One readdir entry.
 public struct DirectoryEntry {
     public var name: FileName
-    public var ino: UInt64
+    public var ino: InodeNumber
     public var type: UInt8
     /// Offset to pass to resume after this entry.
     public var nextOffset: Int64

@@ -58,3 +58,14 @@ public struct OpenFlags: Sendable {
 
     public static func | (a: OpenFlags, b: Int32) -> OpenFlags { OpenFlags(rawValue: a.rawValue | b) }
 }
+
+/// The mode a create asks for: file type and permission bits, as st_mode (the kernel has already
+/// applied the caller's umask).
+public struct FileMode: RawRepresentable, Sendable, ExpressibleByIntegerLiteral {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public init(integerLiteral value: UInt32) { rawValue = value }
+
+    /// Permissions with setuid, setgid and sticky.
+    public var permissions: UInt32 { rawValue & 0o7777 }
+}

@@ -6,7 +6,7 @@
 final class Directory {
     struct Entry {
         var name: FileName
-        var ino: UInt64
+        var ino: InodeNumber
         var cookie: UInt64
     }
 
@@ -16,18 +16,18 @@ final class Directory {
     /// Cookies 0 and 1 are "." and ".." in readdir offsets.
     private var nextCookie: UInt64 = 2
     /// The parent directory's inode (itself for the root).
-    var parent: UInt64
+    var parent: InodeNumber
 
-    init(parent: UInt64) { self.parent = parent }
+    init(parent: InodeNumber) { self.parent = parent }
 
     var isEmpty: Bool { index.isEmpty }
 
-    func lookup(_ name: FileName) -> UInt64? {
+    func lookup(_ name: FileName) -> InodeNumber? {
         guard let i = index[name] else { return nil }
         return entries[i].ino
     }
 
-    func insert(_ name: FileName, ino: UInt64) {
+    func insert(_ name: FileName, ino: InodeNumber) {
         index[name] = entries.count
         entries.append(Entry(name: name, ino: ino, cookie: nextCookie))
         nextCookie += 1
@@ -35,7 +35,7 @@ final class Directory {
 
     /// Points an existing name at another inode (rename over an existing entry). The entry
     /// keeps its cookie, as the name never left the directory.
-    func replace(_ name: FileName, ino: UInt64) {
+    func replace(_ name: FileName, ino: InodeNumber) {
         guard let i = index[name] else { return insert(name, ino: ino) }
         entries[i].ino = ino
     }

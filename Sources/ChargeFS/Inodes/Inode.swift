@@ -6,7 +6,7 @@ public typealias FileName = [UInt8]
 /// One file, directory, symlink or special node. It lives in the `InodeTable` until both its
 /// link count and the kernel's lookup count are zero.
 final class Inode {
-    let ino: UInt64
+    let ino: InodeNumber
     /// Type and permission bits, as st_mode.
     var mode: UInt32
     var uid: UInt32
@@ -37,7 +37,7 @@ final class Inode {
     /// Extended attributes; nil until the first one is set.
     var xattrs: [[UInt8]: [UInt8]]?
 
-    init(ino: UInt64, mode: UInt32, uid: UInt32, gid: UInt32, now: timespec) {
+    init(ino: InodeNumber, mode: UInt32, uid: UInt32, gid: UInt32, now: timespec) {
         self.ino = ino
         self.mode = mode
         self.uid = uid
@@ -83,7 +83,7 @@ final class Inode {
 
 /// What stat shows of an inode.
 public struct Attributes: Sendable, Equatable {
-    public var ino: UInt64
+    public var ino: InodeNumber
     public var generation: UInt32
     public var mode: UInt32
     public var nlink: UInt32
@@ -98,7 +98,7 @@ public struct Attributes: Sendable, Equatable {
 
     public var stat: stat {
         var st = Glibc.stat()
-        st.st_ino = UInt(ino)
+        st.st_ino = UInt(ino.rawValue)
         st.st_mode = mode
         st.st_nlink = UInt(nlink)
         st.st_uid = uid

@@ -6,34 +6,34 @@
 struct InodeTable {
     private var slots: [Inode?] = [nil]  // number 0 is never an inode
     /// Numbers free for reuse, with the generation their last inode had.
-    private var freeNumbers: [(ino: UInt64, generation: UInt32)] = []
+    private var freeNumbers: [(ino: InodeNumber, generation: UInt32)] = []
     private(set) var count = 0
 
-    subscript(ino: UInt64) -> Inode? {
-        ino < UInt64(slots.count) ? slots[Int(ino)] : nil
+    subscript(ino: InodeNumber) -> Inode? {
+        ino.rawValue < UInt64(slots.count) ? slots[Int(ino.rawValue)] : nil
     }
 
     /// Stores the inode `make` builds for the next free number.
-    mutating func insert(_ make: (UInt64) -> Inode) -> Inode {
-        let ino: UInt64
+    mutating func insert(_ make: (InodeNumber) -> Inode) -> Inode {
+        let ino: InodeNumber
         var generation: UInt32 = 1
         if let reused = freeNumbers.popLast() {
             ino = reused.ino
             generation = reused.generation &+ 1
         } else {
-            ino = UInt64(slots.count)
+            ino = InodeNumber(rawValue: UInt64(slots.count))
             slots.append(nil)
         }
         let inode = make(ino)
         inode.generation = generation
-        slots[Int(ino)] = inode
+        slots[Int(ino.rawValue)] = inode
         count += 1
         return inode
     }
 
-    mutating func remove(_ ino: UInt64) {
-        guard ino < UInt64(slots.count), let inode = slots[Int(ino)] else { return }
-        slots[Int(ino)] = nil
+    mutating func remove(_ ino: InodeNumber) {
+        guard ino.rawValue < UInt64(slots.count), let inode = slots[Int(ino.rawValue)] else { return }
+        slots[Int(ino.rawValue)] = nil
         freeNumbers.append((ino, inode.generation))
         count -= 1
     }
