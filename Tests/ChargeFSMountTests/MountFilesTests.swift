@@ -60,11 +60,8 @@ final class MountFilesTests: MountTestCase {
         XCTAssertGreaterThanOrEqual(fd, 0, "O_DIRECT open: \(errnoName(errno))")
         if fd >= 0 {
             // Aligned buffer, aligned offset.
-            var raw: UnsafeMutableRawPointer?
-            XCTAssertEqual(posix_memalign(&raw, 4096, 4096), 0)
-            let buf = try XCTUnwrap(raw)
-            defer { free(buf) }
-            memset(buf, 0x5A, 4096)
+            let aligned = try AlignedBuffer(count: 4096, filledWith: 0x5A)
+            let buf = aligned.base
             XCTAssertEqual(pwrite(fd, buf, 4096, 4096), 4096)
             memset(buf, 0, 4096)
             XCTAssertEqual(pread(fd, buf, 4096, 4096), 4096)

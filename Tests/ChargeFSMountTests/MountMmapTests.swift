@@ -28,11 +28,9 @@ final class Mapping {
 func directRead(_ path: String, count: Int, at offset: Int) throws -> [UInt8] {
     let fd = try FS.open(path, O_RDONLY | LinuxConst.O_DIRECT)
     defer { close(fd) }
-    var raw: UnsafeMutableRawPointer?
-    guard posix_memalign(&raw, 4096, count) == 0, let buf = raw else { throw SysError(op: "posix_memalign", code: ENOMEM) }
-    defer { free(buf) }
-    let n = try sys("pread O_DIRECT", pread(fd, buf, count, off_t(offset)))
-    return Array(UnsafeRawBufferPointer(start: buf, count: n))
+    let buf = try AlignedBuffer(count: count)
+    let n = try sys("pread O_DIRECT", pread(fd, buf.base, count, off_t(offset)))
+    return Array(buf.bytes.prefix(n))
 }
 
 class MountMmapTests: MountTestCase {
@@ -122,11 +120,8 @@ class MountMmapTests: MountTestCase {
         XCTAssertEqual(m[5000], 1)
         let dfd = try FS.open(f, O_RDWR | LinuxConst.O_DIRECT)
         defer { close(dfd) }
-        var raw: UnsafeMutableRawPointer?
-        XCTAssertEqual(posix_memalign(&raw, 4096, 4096), 0)
-        let buf = try XCTUnwrap(raw)
-        defer { free(buf) }
-        memset(buf, 9, 4096)
+        let aligned = try AlignedBuffer(count: 4096, filledWith: 9)
+        let buf = aligned.base
         XCTAssertEqual(pwrite(dfd, buf, 4096, 4096), 4096)
         XCTAssertEqual(m[5000], 9, "mapping must see an O_DIRECT write")
         XCTAssertEqual(try FS.read(fd, count: 1, at: 5000), [9], "buffered read must see an O_DIRECT write")

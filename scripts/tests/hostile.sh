@@ -17,7 +17,6 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
 HOSTILE=("$CFS_PYTHON" "$(dirname "$SELF")/hostile.py")
 SLACK=$((1 * MiB))
 TESTS=(names deep sizes zero holes xattrs links renames fuzzbin)

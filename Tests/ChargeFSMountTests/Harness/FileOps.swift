@@ -161,3 +161,18 @@ private func runOnCredThread<T: Sendable>(uid: uid_t, gid: gid_t, _ body: @escap
     guard let v = out.value else { throw SysError(op: "credential thread produced no result", code: EIO) }
     return v
 }
+
+/// Page-aligned memory filled with one byte, as O_DIRECT I/O needs; freed at deinit.
+final class AlignedBuffer {
+    let base: UnsafeMutableRawPointer
+    let count: Int
+    init(count: Int, filledWith byte: UInt8 = 0) throws {
+        var raw: UnsafeMutableRawPointer?
+        guard posix_memalign(&raw, 4096, count) == 0, let raw else { throw SysError(op: "posix_memalign", code: ENOMEM) }
+        base = raw
+        self.count = count
+        memset(base, Int32(byte), count)
+    }
+    deinit { free(base) }
+    var bytes: [UInt8] { Array(UnsafeRawBufferPointer(start: base, count: count)) }
+}
