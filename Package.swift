@@ -17,12 +17,16 @@ let package = Package(
             pkgConfig: "fuse3",
             providers: [.apt(["libfuse3-dev"])]
         ),
+        // Folders by layer, each with a README saying what lives there and what it may call:
+        // Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup -> Support (Daemon on top).
         .target(
             name: "ChargeFS",
             dependencies: [
                 "CFuse",
                 .product(name: "SystemPackage", package: "swift-system"),
-            ]
+            ],
+            exclude: ["Bridge", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support"]
+                .map { "\($0)/README.md" }
         ),
         .executableTarget(
             name: "chargefsd",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup,
 # side by side, same pinning, each workload on each in alternation, medians of 4 runs.
-# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--no-setup]
-#   --quick  small sizes and one repetition (a smoke run of a minute or two)
-#   --scale  adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
-#   --only   runs one group of workloads (seq, rand, meta, readdir, par8) and no memory probe
+# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-setup]
+#   --quick     small sizes and one repetition (a smoke run of a minute or two)
+#   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
+#   --only      runs one group of workloads (seq, rand, meta, readdir, par8) and no memory probe
+#   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
+#               options, in the same run, and prints chargefs/baseline per workload
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
 #      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp).
 # Root only. Leaves nothing mounted, running or created.
@@ -14,15 +16,17 @@ repo=$(cd "$here/.." && pwd)
 # 4 repetitions by default: the two chargefs mounts swap order every repetition, and an even
 # count gives each order the same weight in the memcg/no-memcg ratio (whichever ran second lost
 # 5-18% in some 3-repetition runs, on rows where memcg= runs no code at all).
-quick=0 scale=0 reps=4 setup=1 only= only_given=0
+quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
     --scale) scale=1 ;;
     --reps) reps=${2:-}; shift $(($# > 1)) ;;
     --only) only=${2:-}; only_given=1; shift $(($# > 1)) ;;
+    --baseline) baseline=${2:-}; shift $(($# > 1)); [ -x "$baseline" ] ||
+      { echo "bench.sh: --baseline needs an executable chargefsd, not '$baseline'" >&2; exit 2; } ;;
     --no-setup) setup=0 ;;
-    -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '4s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
@@ -79,14 +83,22 @@ CGT=$PARENT/cfsbench-$$-target     # memcg= target
 cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSIZE")"
 
 FS=(tmpfs cfs cfsm cfsp)
+[ -z "$baseline" ] || FS+=(base)
 CFS=("${FS[@]:1}")   # the chargefs mounts
 declare -A MNT PID
-MNT[tmpfs]=$W/tmpfs; MNT[cfs]=$W/cfs; MNT[cfsm]=$W/cfsm; MNT[cfsp]=$W/cfsp
+for f in "${FS[@]}"; do MNT[$f]=$W/$f; done
 mkdir -p "${MNT[tmpfs]}"
 mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
 CFS_WRAP="taskset -c $DCPU"
-declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page")
-for f in "${CFS[@]}"; do cfs_mount "${MNT[$f]}" "${OPTS[$f]}" "$CGD"; PID[$f]=$CFS_PID; done
+declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page"
+                 [base]="size=$FSSIZE")
+# mount_cfs F: mounts chargefs mount F with its options, from the baseline build for "base".
+mount_cfs() {
+  if [ "$1" = base ]; then CHARGEFSD=$baseline cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"
+  else cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"; fi
+  PID[$1]=$CFS_PID
+}
+for f in "${CFS[@]}"; do mount_cfs "$f"; done
 PID[tmpfs]=
 # The floors: a minimal C FUSE file system (scripts/bench/floorfs.c), for the random and
 # sequential I/O rows only: what the FUSE round trip itself allows on this machine, under the same
@@ -107,6 +119,7 @@ grep -q "passthrough negotiated" "$W/pass.log" ||
 
 echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_version), $reps repetition(s)$([ "$quick" = 1 ] && echo ", quick sizes")"
 echo "daemon: $CHARGEFSD"
+[ -z "$baseline" ] || echo "baseline daemon (mount base, default options): $baseline"
 grep -q page_reporting /proc/cmdline && echo "free page reporting is on: $PREFAULT_MIB MiB of memory touched before every run"
 echo "pinning: daemons on CPU $DCPU (taskset -c $DCPU), fio/metabench on CPU $CCPU (taskset -c $CCPU), same for every filesystem"
 for f in "${CFS[@]}"; do echo "  $f pid ${PID[$f]}: $(taskset -cp "${PID[$f]}" | sed 's/.*: //') ($(cg_of_pid "${PID[$f]}"))"; done
@@ -188,7 +201,11 @@ for g in "${groups[@]}"; do
   for ((r = 1; r <= reps; r++)); do
     # The two chargefs mounts swap places every repetition, so neither always runs right after
     # the other's workload (the memcg/no-memcg ratio was skewed by that order).
+    # The baseline build takes the default mount's place in the other order.
     order=(tmpfs cfs cfsm cfsp); [ $((r % 2)) = 0 ] && order=(tmpfs cfsm cfs cfsp)
+    if [ -n "$baseline" ]; then
+      order=(tmpfs cfs cfsm cfsp base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs cfsp)
+    fi
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
@@ -233,7 +250,7 @@ mem_probe() {  # fills $SEQ_B bytes then $NDIR empty files on fs $1; records whe
 # freed, which hid the cost of 100,000 new inodes (0.0 MiB measured on the used daemons).
 remount_fresh() {
   cfs_umount "${MNT[$1]}" "${PID[$1]}" || die "cannot unmount ${MNT[$1]}"
-  cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"; PID[$1]=$CFS_PID
+  mount_cfs "$1"
 }
 if [ -z "$only" ]; then
   for f in "${FS[@]}"; do
@@ -260,6 +277,16 @@ echo "  inodes, locks, permissions, xattrs or charging, direct I/O like chargefs
 echo "  the FUSE round trip alone."
 echo "** pass: floorfs --passthrough, whose read-only opens the kernel serves from the memfd itself"
 echo "  (FUSE passthrough); writes as floor: reads without a round trip to any daemon."
+if [ -n "$baseline" ]; then
+  echo
+  echo "This build against the baseline build ($baseline), both with the default options, same run:"
+  printf '| %-10s | %-9s | %12s | %12s | %17s |\n' workload unit baseline chargefs chargefs/baseline
+  printf '|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- -------------------
+  for w in "${WLS[@]}"; do
+    b=$(median <<<"${R["$w|base"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}")
+    printf '| %-10s | %-9s | %12s | %12s | %17s |\n' "$w" "${UNIT[$w]}" "$b" "$c" "$(ratio "$c" "$b")"
+  done
+fi
 if [ -z "$only" ]; then
   echo
   echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"
@@ -268,7 +295,8 @@ if [ -z "$only" ]; then
   for f in "${FS[@]}"; do
     printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
   done
-  echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT, cfsp = chargefs cache=page;"
+  echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT, cfsp = chargefs cache=page,"
+  echo " base = the --baseline build;"
   echo " writer cg = fio's cgroup, which pays for any FUSE page cache;"
   echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"
 fi
