@@ -117,6 +117,7 @@ extension FileSystemCore {
         var runPage: UInt32 = 0
         var runInner = 0
         var runLength = 0
+        var storeFailure: Errno?
         forEachPageSpan(from: offset, to: end) { index, inner, length in
             var page = inode.pages.page(at: index)
             if page == 0 {
@@ -128,7 +129,12 @@ extension FileSystemCore {
                 runLength += length
             } else {
                 if runLength > 0 {
-                    store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
+                    do throws(Errno) {
+                        try store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
+                    } catch {
+                        storeFailure = error
+                        return false
+                    }
                 }
                 runPage = page
                 runInner = inner
@@ -137,8 +143,9 @@ extension FileSystemCore {
             written += length
             return true
         }
+        if let storeFailure { throw storeFailure }
         if runLength > 0 {
-            store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
+            try store.store(data.baseAddress! + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
         if written == 0 { throw .noSpace }
         let stored = offset + Int64(written)
