@@ -4,8 +4,9 @@
 # Usage: scripts/tests/arena.sh [TEST...]        (all tests when none given)
 #        scripts/tests/arena.sh --list
 # Env: CHARGEFSD=path to the daemon (default .build/debug/chargefsd), CFS_TEST_TIMEOUT=seconds
-# per test (default 120). Every host knob a test changes (THP, core_pattern) is put back by its
-# EXIT trap, whatever happens; the change lasts only while the test writes.
+# per test (default 120). Every host knob a test changes (THP, core_pattern, a swap file where the
+# host has no swap) is put back by its EXIT trap, whatever happens; the change lasts only while
+# the test writes.
 # Prints "N passed, N failed" and exits non-zero when any test failed.
 set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
@@ -14,7 +15,7 @@ source "$(dirname "$SELF")/lib.sh"
 
 SLACK=$((1 * MiB))
 THP=/sys/kernel/mm/transparent_hugepage
-TESTS=(thp_always thp_within_size_and_mthp thp_force_refused core_dump)
+TESTS=(thp_always thp_within_size_and_mthp thp_force_refused core_dump swap)
 
 # --- knobs, put back by the EXIT trap ----------------------------------------------------------
 KNOBS=()   # "path<TAB>old value"
@@ -35,7 +36,17 @@ restore_knobs() {
   done
   KNOBS=()
 }
-arena_cleanup() { restore_knobs; cfs_cleanup; }
+SWAPFILES=()  # swap files a test turned on
+arena_cleanup() {
+  local f
+  restore_knobs
+  for f in "${SWAPFILES[@]}"; do
+    swapon --noheadings --show=NAME | grep -qxF "$f" || continue
+    swapoff "$f" 2>/dev/null || { sleep 1; swapoff "$f"; } || log "warning: could not swapoff $f"
+  done
+  SWAPFILES=()
+  cfs_cleanup
+}
 
 new_env() {
   trap arena_cleanup EXIT
@@ -169,6 +180,66 @@ t_core_dump() {
   log "  core: $(fmt_mib "$size") (allocated $(du -k "$core" | awk '{print $1}') KiB) for a process of $(fmt_mib "$vsz"); secrets found in it: $found of 64"
   check "the core holds none of the 64 files' contents" [ "$found" = 0 ]
   check "the core is far smaller than the arena (< 64 MiB for a 1 GiB arena)" le "$size" $((64 * MiB))
+}
+
+kernel_at_least() {  # MAJOR MINOR
+  local v; v=$(uname -r); local ma=${v%%.*} rest=${v#*.}; local mi=${rest%%[!0-9]*}
+  [ "$ma" -gt "$1" ] || { [ "$ma" = "$1" ] && [ "$mi" -ge "$2" ]; }
+}
+stat_of() { awk -v k="$2" '$1 == k {print $2; f=1} END {if (!f) print 0}' "$1/memory.stat"; }
+
+# Swap (case 4): under memory pressure in the target, the arena's pages stay in RAM (tmpfs
+# noswap, Linux 6.4+) and the target's own anonymous memory is swapped instead. Where the host
+# has no swap, a 64 MiB swap file of the test's own is on for the test's few seconds.
+t_swap() {
+  new_env
+  kernel_at_least 6 4 || { log "  cannot run: $(uname -r) has no tmpfs noswap (6.4+): there the arena can be swapped (README)"; return 1; }
+  [ "$(cg_version)" = 1 ] || { log "  cannot run: written for cgroup v1's memory.stat (total_swap)"; return 1; }
+  new_cgroups
+  cg_set_limit "$T" $((64 * MiB))
+  if [ -z "$(swapon --noheadings --show=NAME)" ]; then
+    local sw=$SCR/swap
+    dd if=/dev/zero of="$sw" bs=1M count=64 status=none
+    chmod 600 "$sw"
+    mkswap "$sw" >/dev/null
+    SWAPFILES+=("$sw")
+    swapon -p -2 "$sw"
+    log "  no swap on this host: a 64 MiB swap file is on for this test"
+  fi
+  cfs_mount "$MNT" "memcg=$T,size=1g" "$D"
+  local dpid=$CFS_PID sum
+  head -c $((40 * MiB)) /dev/urandom > "$SCR/data"
+  sum=$(sha256sum < "$SCR/data")
+  cp "$SCR/data" "$MNT/data"
+  rm -f "$SCR/data"
+  log "  stored 40 MiB; target: $(cg_describe "$T"), shmem $(fmt_mib "$(stat_of "$T" total_shmem)")"
+  # 48 MiB of anonymous memory in the 64 MiB target: 24 MiB must go to swap.
+  # It holds its memory until killed; the counters are read while it does.
+  ( echo "$BASHPID" > "$T/cgroup.procs" && exec "$CFS_PYTHON" -c 'import sys, time
+b = bytearray(48 << 20)
+for i in range(0, len(b), 4096): b[i] = 1
+open(sys.argv[1], "w").close()
+time.sleep(60)' "$SCR/touched" ) &
+  local hog=$! i shmem swap
+  for ((i = 0; i < 300; i++)); do
+    [ ! -e "$SCR/touched" ] && kill -0 "$hog" 2>/dev/null || break
+    sleep 0.1
+  done
+  shmem=$(stat_of "$T" total_shmem); swap=$(stat_of "$T" total_swap)
+  check "the memory hog ran to its end" [ -e "$SCR/touched" ]
+  kill "$hog" 2>/dev/null || true
+  wait "$hog" 2>/dev/null || true
+  log "  after 48 MiB of anonymous memory ran in the target: shmem $(fmt_mib "$shmem"), swap used by the target $(fmt_mib "$swap")"
+  check "the pressure was real: the target swapped" ge "$swap" $((16 * MiB))
+  check "every arena page stayed in RAM (shmem ≥ 40 MiB)" ge "$shmem" $((40 * MiB))
+  check "the file reads back whole" [ "$(sha256sum < "$MNT/data")" = "$sum" ]
+  check "no OOM kill in the target" [ "$(cg_oom_kills "$T")" = 0 ]
+  check "unmounted cleanly" cfs_umount "$MNT" "$dpid"
+  local f
+  for f in "${SWAPFILES[@]}"; do
+    for ((i = 0; i < 20; i++)); do swapoff "$f" 2>/dev/null && break; sleep 0.5; done
+    if swapon --noheadings --show=NAME | grep -qxF "$f"; then log "  warning: $f still on; the EXIT trap tries again"; fi
+  done
 }
 
 test_main "arena tests" 120 "$@"
