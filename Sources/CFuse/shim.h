@@ -89,6 +89,29 @@ enum {
 };
 
 
+// ---- Arena (Sources/ChargeFS/Pages/Arena.swift) ----------------------------------------------
+// A private tmpfs instance through the new mount API (Linux 5.2+): fsopen, fsconfig, fsmount.
+// The mount is never attached anywhere; it lives as long as a file opened in it.
+static inline int cfuse_fsopen(const char *fs_name, unsigned flags) { return (int)syscall(SYS_fsopen, fs_name, flags); }
+static inline int cfuse_fsconfig(int fs_fd, unsigned cmd, const char *key, const char *value) {
+    return (int)syscall(SYS_fsconfig, fs_fd, cmd, key, value, 0);
+}
+static inline int cfuse_fsmount(int fs_fd, unsigned flags, unsigned attr_flags) { return (int)syscall(SYS_fsmount, fs_fd, flags, attr_flags); }
+static inline int cfuse_open_tmpfile(int dir_fd, mode_t mode) {
+    return openat(dir_fd, ".", (020000000 | O_DIRECTORY) /* O_TMPFILE, GNU-only */ | O_RDWR | O_CLOEXEC, mode);
+}
+static inline int cfuse_madvise(void *addr, size_t length, int advice) { return madvise(addr, length, advice); }
+enum {
+    CFUSE_FSOPEN_CLOEXEC = FSOPEN_CLOEXEC,
+    CFUSE_FSCONFIG_SET_FLAG = FSCONFIG_SET_FLAG,
+    CFUSE_FSCONFIG_SET_STRING = FSCONFIG_SET_STRING,
+    CFUSE_FSCONFIG_CMD_CREATE = FSCONFIG_CMD_CREATE,
+    CFUSE_FSMOUNT_CLOEXEC = FSMOUNT_CLOEXEC,
+    CFUSE_MOUNT_ATTR_PRIVATE_DATA = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+    CFUSE_MADV_NOHUGEPAGE = 15,  /* MADV_NOHUGEPAGE */
+    CFUSE_MADV_DONTDUMP = 16,    /* MADV_DONTDUMP */
+};
+
 // ---- Charge helper (cgroup charging) --------------------------------------------------------
 // A forked (never exec'd) child that sits in a leaf cgroup of the memcg= target and instantiates
 // arena ranges with fallocate, so the kernel charges those pages to that cgroup. The child runs

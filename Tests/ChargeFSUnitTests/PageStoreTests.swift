@@ -26,7 +26,7 @@ final class PageStoreTests: XCTestCase {
         for _ in 0..<256 { try store.allocate(1, into: &pages) }
         XCTAssertLessThanOrEqual(charger.calls, 256 / PageStore.chargeBatch + 1, "fresh pages")
         var ones = [UInt8](repeating: 0xff, count: PageStore.pageSize)
-        for page in pages { store.store(&ones, length: ones.count, page: page, inner: 0) }
+        for page in pages { try store.store(&ones, length: ones.count, page: page, inner: 0) }
         store.free(pages)  // 64 stay in the reserve, the rest are punched
         XCTAssertEqual(store.pagesCharged, PageStore.reserveLimit)
         charger.calls = 0
@@ -37,5 +37,105 @@ final class PageStoreTests: XCTestCase {
                                  "punched pages reused one charge per page")
         // Reused pages read back as zeros.
         for page in pages { XCTAssertEqual(store.address(of: page).load(as: UInt64.self), 0) }
+    }
+
+    // MARK: - Stale data never reaches another file (issue 11, case 4)
+
+    /// Fills `pages` with a byte no fresh page holds.
+    func fillStale(_ store: PageStore, _ pages: [UInt32]) throws {
+        var stale = [UInt8](repeating: 0xAB, count: PageStore.pageSize)
+        for page in pages { try store.store(&stale, length: stale.count, page: page, inner: 0) }
+    }
+
+    /// Takes every page the store can still hand out.
+    func allocateAll(_ store: PageStore) -> [UInt32] {
+        var all: [UInt32] = []
+        while (try? store.allocate(64, into: &all)) != nil {}
+        return all
+    }
+
+    func assertZero(_ store: PageStore, _ pages: [UInt32], file: StaticString = #filePath, line: UInt = #line) {
+        let dirty = pages.filter { memcmp(store.address(of: $0), Arena.zeros, PageStore.pageSize) != 0 }
+        XCTAssertEqual(dirty, [], "pages handed out with stale bytes", file: file, line: line)
+    }
+
+    /// Zeroing for the reserve fails (a pwrite error): the page must be punched instead, and the
+    /// next file that gets it reads zeros.
+    func testPageThatCannotBeZeroedIsPunchedNotReused() throws {
+        let store = try PageStore(charger: DaemonCharger(), capacityPages: 512)
+        var pages: [UInt32] = []
+        try store.allocate(8, into: &pages)
+        try fillStale(store, pages)
+        store.arena.syscalls.pwrite = { fd, source, count, offset in
+            if source == Arena.zeros { errno = EIO; return -1 }
+            return Glibc.pwrite(fd, source, count, off_t(offset))
+        }
+        store.free(pages)
+        store.arena.syscalls = .kernel
+        XCTAssertEqual(store.pagesLost, 0, "the punch worked")
+        XCTAssertEqual(store.pagesCharged, PageStore.chargeBatch - 8, "the 8 pages were uncharged, not kept")
+        let all = allocateAll(store)
+        XCTAssertEqual(all.count, 512)
+        XCTAssertTrue(Set(all).isSuperset(of: pages), "punched pages are reused")
+        assertZero(store, all)
+    }
+
+    /// Neither zeroing nor punching works: the page is never handed out again.
+    func testPageThatCanBeNeitherZeroedNorPunchedIsNeverReused() throws {
+        let store = try PageStore(charger: DaemonCharger(), capacityPages: 512)
+        var pages: [UInt32] = []
+        try store.allocate(8, into: &pages)
+        try fillStale(store, pages)
+        store.arena.syscalls.pwrite = { _, _, _, _ in errno = EIO; return -1 }
+        store.arena.syscalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { errno = EIO; return -1 }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        store.free(pages)
+        store.arena.syscalls = .kernel
+        XCTAssertEqual(store.pagesLost, 8)
+        let all = allocateAll(store)
+        XCTAssertEqual(all.count, 512 - 8, "every other page is still available")
+        XCTAssertTrue(Set(all).isDisjoint(with: pages), "a page that could not be cleaned stays out")
+        assertZero(store, all)
+    }
+
+    /// Over the reserve limit pages are punched; a punch that fails for one page of a run loses
+    /// that page only.
+    func testFailedPunchLosesOnlyThePagesItFailedFor() throws {
+        let store = try PageStore(charger: DaemonCharger(), capacityPages: 1024)
+        var pages: [UInt32] = []
+        try store.allocate(256, into: &pages)
+        try fillStale(store, pages)
+        let bad = pages[200]
+        let badOffset = Int64(bad) * Int64(PageStore.pageSize)
+        store.arena.syscalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0, offset <= badOffset, badOffset < offset + length {
+                errno = EIO
+                return -1
+            }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        store.free(pages)  // 64 are zeroed into the reserve, 192 punched in one run
+        store.arena.syscalls = .kernel
+        XCTAssertEqual(store.pagesLost, 1)
+        let all = allocateAll(store)
+        XCTAssertEqual(all.count, 1024 - 1)
+        XCTAssertFalse(all.contains(bad))
+        assertZero(store, all)
+    }
+
+    /// A failed copy into the arena is an error for the write, not a copy through the mapping.
+    func testFailedStoreIsReported() throws {
+        let store = try PageStore(charger: DaemonCharger(), capacityPages: 64)
+        var pages: [UInt32] = []
+        try store.allocate(1, into: &pages)
+        store.arena.syscalls.pwrite = { _, _, _, _ in errno = ENOMEM; return -1 }
+        var bytes = [UInt8](repeating: 1, count: 100)
+        XCTAssertThrowsError(try store.store(&bytes, length: bytes.count, page: pages[0], inner: 0)) {
+            XCTAssertEqual($0 as? Errno, .noMemory)
+        }
+        store.arena.syscalls = .kernel
+        XCTAssertEqual(store.address(of: pages[0]).load(as: UInt8.self), 0, "nothing was copied behind the error")
     }
 }

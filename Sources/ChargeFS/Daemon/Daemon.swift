@@ -123,12 +123,18 @@ public enum Daemon {
     public static func run(options: MountOptions, target: CgroupTarget?, readiness: Int32?) -> Int32 {
         let config = options.fileSystemConfig
         let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
+        let arena: Arena
+        do {
+            // Huge pages are refused only where they would break a target's charge.
+            arena = try Arena(capacityPages: capacity ?? Int(UInt32.max) - 1, allowHugePages: target == nil)
+        } catch {
+            report(readiness, "\(error)")
+            return 1
+        }
         let store: PageStore
         do {
-            store = try PageStore(capacityPages: capacity ?? Int(UInt32.max) - 1) { arena in
-                if let target { return try CgroupCharger(target: target, arena: arena) }
-                return DaemonCharger()
-            }
+            let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger()
+            store = PageStore(arena: arena, charger: charger)
         } catch {
             report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
             return 1

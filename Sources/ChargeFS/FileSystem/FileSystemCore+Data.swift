@@ -142,6 +142,7 @@ extension FileSystemCore {
         var runPage: UInt32 = 0
         var runInner = 0
         var runLength = 0
+        var storeFailure: Errno?
         forEachPageSpan(from: offset, to: end) { index, inner, length in
             var page = inode.pages.page(at: index)
             if page == 0 {
@@ -153,7 +154,12 @@ extension FileSystemCore {
                 runLength += length
             } else {
                 if runLength > 0 {
-                    store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
+                    do throws(Errno) {
+                        try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
+                    } catch {
+                        storeFailure = error
+                        return false
+                    }
                 }
                 runPage = page
                 runInner = inner
@@ -162,8 +168,9 @@ extension FileSystemCore {
             written += length
             return true
         }
+        if let storeFailure { throw storeFailure }
         if runLength > 0 {
-            store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
+            try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
         if written == 0 { throw .noSpace }
         let stored = offset + Int64(written)

@@ -2,16 +2,21 @@ import CFuse
 import Glibc
 import SystemPackage
 
-/// All file data of a mount, as 4 KiB pages of one memfd (the arena) mapped into the daemon.
+/// All file data of a mount, as 4 KiB pages of the arena (`Arena`), and who pays for them.
 ///
 /// Every page comes from `allocate` and goes back through `free`; those are the only places that
 /// touch the arena's backing memory, so they are where a page is charged (through the
 /// `PageCharger`, which decides which cgroup pays) and where the charge is given back (punching
-/// the page out of the memfd). Pages are numbered from 1; 0 means "no page" in page maps.
+/// the page out of the arena). Pages are numbered from 1; 0 means "no page" in page maps.
+///
+/// Stale data must never reach another file. A page is handed out only from one of three
+/// places, each holding only pages known to read as zeros: never-used pages (holes), `punched`
+/// (a punch that succeeded: holes again), and `reserve` (a zero-fill that wrote every byte). A
+/// page whose zeroing fails is punched instead; a page whose punch fails too is never used again.
 ///
 /// Not thread-safe: the file system calls it under its own lock.
 public final class PageStore {
-    public static let pageSize = 4096
+    public static let pageSize = Arena.pageSize
     /// Charged pages kept free for reuse, so that small writes do not each cost a charge round
     /// trip. This is the store's part of the slack between bytes stored and bytes charged.
     public static let reserveLimit = 64  // 256 KiB
@@ -21,61 +26,34 @@ public final class PageStore {
     static let chargeBatch = reserveLimit
 
     private let charger: PageCharger
-    let arena: FileDescriptor
-    let base: UnsafeMutableRawPointer
-    let capacityPages: Int
+    let arena: Arena
+    var capacityPages: Int { arena.capacityPages }
 
     /// Next never-used page number; pages below it were handed out at least once.
     private var nextFresh: Int = 1
-    /// Freed pages already punched out of the arena (uncharged); reusing one charges it again.
+    /// Freed pages punched out of the arena (holes, uncharged); reusing one charges it again.
     private var punched: [UInt32] = []
-    /// Freed pages still charged, already zeroed.
+    /// Freed pages still charged, zero-filled.
     private var reserve: [UInt32] = []
     /// Pages that belong to files right now.
     public private(set) var pagesInUse = 0
+    /// Freed pages whose punch failed (and which were not zero-filled into the reserve): never
+    /// handed out again, and still charged.
+    public private(set) var pagesLost = 0
 
-    /// Pages charged to the charger's cgroup (in use plus the reserve).
-    public var pagesCharged: Int { pagesInUse + reserve.count }
+    /// Pages charged to the charger's cgroup (in use, the reserve, and any lost).
+    public var pagesCharged: Int { pagesInUse + reserve.count + pagesLost }
 
-    /// A store whose pages the given charger pays for.
-    public convenience init(charger: PageCharger, capacityPages: Int = Int(UInt32.max) - 1) throws {
-        try self.init(capacityPages: capacityPages) { _ in charger }
+    /// A store on `arena` whose pages `charger` pays for (a charger that instantiates pages from
+    /// another process was built from the same arena's `fileDescriptor`).
+    public init(arena: Arena, charger: PageCharger) {
+        self.arena = arena
+        self.charger = charger
     }
 
-    /// A store with a charger made for its arena (a cgroup charger's helper needs the memfd).
-    public init(capacityPages requested: Int = Int(UInt32.max) - 1,
-                charger makeCharger: (FileDescriptor) throws -> PageCharger) throws {
-        let capacity = max(2, min(requested, Int(UInt32.max) - 1))
-        let fd = cfuse_memfd_create("chargefs-arena", UInt32(CFUSE_MFD_CLOEXEC))
-        guard fd >= 0 else { throw Errno(rawValue: errno) }
-        let bytes = (capacity + 1) * Self.pageSize
-        guard ftruncate(fd, off_t(bytes)) == 0 else {
-            let err = Errno(rawValue: errno)
-            close(fd)
-            throw err
-        }
-        // MAP_NORESERVE: the mapping is address space only; memory exists once a page is charged.
-        let mapped = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
-        guard let mapped, mapped != MAP_FAILED else {
-            let err = Errno(rawValue: errno)
-            close(fd)
-            throw err
-        }
-        do {
-            self.charger = try makeCharger(FileDescriptor(rawValue: fd))
-        } catch {
-            munmap(mapped, bytes)
-            close(fd)
-            throw error
-        }
-        self.arena = FileDescriptor(rawValue: fd)
-        self.base = mapped
-        self.capacityPages = capacity
-    }
-
-    deinit {
-        munmap(base, (capacityPages + 1) * Self.pageSize)
-        try? arena.close()
+    /// A store on an arena of its own.
+    public convenience init(charger: PageCharger, capacityPages: Int = Int(UInt32.max) - 1) throws(ArenaError) {
+        self.init(arena: try Arena(capacityPages: capacityPages), charger: charger)
     }
 
     /// Bytes that can still be charged (the cgroup's headroom); nil when nothing limits it.
@@ -89,7 +67,7 @@ public final class PageStore {
 
     @inline(__always)
     public func address(of page: UInt32) -> UnsafeMutableRawPointer {
-        base + Int(page) &* Self.pageSize
+        arena.address(of: page)
     }
 
     /// Hands out up to `count` zero-filled pages, appending them to `pages`. Returns how many it
@@ -151,17 +129,18 @@ public final class PageStore {
     }
 
     private func chargeRun(first: Int, count: Int) throws(Errno) {
-        try charger.charge(arena: arena, offset: Int64(first * Self.pageSize), length: Int64(count * Self.pageSize))
+        try charger.charge(arena: arena.fileDescriptor, offset: Int64(first * Self.pageSize), length: Int64(count * Self.pageSize))
     }
 
-    /// Gives pages back. Up to `reserveLimit` stay charged for reuse; the rest are punched out of
-    /// the arena, which frees their memory and uncharges them.
+    /// Gives pages back. Up to `reserveLimit` stay charged for reuse (zero-filled); the rest, and
+    /// any page that could not be zeroed, are punched out of the arena, which frees their memory
+    /// and uncharges them.
     public func free<S: Sequence>(_ freed: S) where S.Element == UInt32 {
         var toPunch: [UInt32] = []
         for page in freed {
             pagesInUse -= 1
-            if reserve.count < Self.reserveLimit {
-                zero(page)
+            // zero() writes through the file, so the daemon does not fault the page into its mapping.
+            if reserve.count < Self.reserveLimit, arena.zero(page) {
                 reserve.append(page)
             } else {
                 toPunch.append(page)
@@ -170,32 +149,12 @@ public final class PageStore {
         punch(&toPunch)
     }
 
-    /// Stale data must never reach another file: a page is zeroed before it can be reused.
-    /// pwrite rather than memset, so the daemon does not fault the page into its own mapping.
-    private func zero(_ page: UInt32) {
-        _ = pwrite(arena.rawValue, FileSystemCore.zeroPage, Self.pageSize, off_t(Int(page) * Self.pageSize))
-    }
-
     /// Copies `length` bytes into the arena at `page` + `inner` (within consecutive pages).
-    /// pwrite into the memfd copies straight into the pages the charger instantiated, without a
-    /// page fault per page as a copy through the mapping would take.
+    /// The pages are already charged; a failure (none is expected with noswap) is reported, not
+    /// papered over by a copy through the mapping, whose fault could charge or kill.
     @inline(__always)
-    func store(_ source: UnsafeRawPointer, length: Int, page: UInt32, inner: Int) {
-        var done = 0
-        let offset = Int(page) * Self.pageSize + inner
-        while done < length {
-            let n = pwrite(arena.rawValue, source + done, length - done, off_t(offset + done))
-            if n > 0 {
-                done += n
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else {
-                // The pages are already instantiated, so only a bug gets here; copy through the
-                // mapping rather than lose data.
-                memcpy(address(of: page) + inner + done, source + done, length - done)
-                return
-            }
-        }
+    func store(_ source: UnsafeRawPointer, length: Int, page: UInt32, inner: Int) throws(Errno) {
+        try arena.write(source, length: length, at: Arena.offset(of: page) + Int64(inner))
     }
 
     /// Releases the whole reserve (used when the mount must hand every byte back).
@@ -205,19 +164,28 @@ public final class PageStore {
         punch(&all)
     }
 
+    /// Punches `pages` out of the arena in consecutive runs. Only pages whose punch succeeded
+    /// become reusable; a run that fails is retried page by page, and a page that fails alone is
+    /// lost rather than handed to another file with its old contents.
     private func punch(_ pages: inout [UInt32]) {
         guard !pages.isEmpty else { return }
         pages.sort()
+        var holes: [UInt32] = []
+        holes.reserveCapacity(pages.count)
         var i = 0
         while i < pages.count {
             var j = i + 1
             while j < pages.count, pages[j] == pages[j - 1] &+ 1 { j += 1 }
-            let offset = Int64(Int(pages[i]) * Self.pageSize)
-            let length = Int64((j - i) * Self.pageSize)
-            _ = cfuse_fallocate(arena.rawValue, Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE), offset, length)
+            if arena.punch(first: pages[i], count: j - i) {
+                holes.append(contentsOf: pages[i..<j])
+            } else {
+                for page in pages[i..<j] {
+                    if arena.punch(first: page, count: 1) { holes.append(page) } else { pagesLost += 1 }
+                }
+            }
             i = j
         }
         // Descending, so that popping from the end reuses ascending runs.
-        punched.append(contentsOf: pages.reversed())
+        punched.append(contentsOf: holes.reversed())
     }
 }
