@@ -38,12 +38,14 @@ static inline unsigned cfuse_affinity_cpu_count(void) {
     return count ? count : 1;
 }
 
-static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, unsigned max_threads) {
+/* libfuse starts a worker when a request arrives and none is idle, up to max_threads, and ends
+   workers beyond idle_threads once they are idle again. */
+static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, unsigned idle_threads, unsigned max_threads) {
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
     if (cfg == NULL) return -ENOMEM;
     fuse_loop_cfg_set_clone_fd(cfg, (unsigned)clone_fd);
     fuse_loop_cfg_set_max_threads(cfg, max_threads);
-    fuse_loop_cfg_set_idle_threads(cfg, max_threads);
+    fuse_loop_cfg_set_idle_threads(cfg, idle_threads);
     int rc = fuse_session_loop_mt(se, cfg);
     fuse_loop_cfg_destroy(cfg);
     return rc;

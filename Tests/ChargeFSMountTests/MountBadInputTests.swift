@@ -15,7 +15,12 @@ final class MountBadInputTests: MountTestCase {
         let logDir = try scratch.path
         for variant in [args, args + ["-f"]] {
             let label = "chargefsd \(variant.joined(separator: " "))"
-            let mountsBefore = MountTable.entries().filter { $0.fsType == "fuse.chargefsd" }.count
+            // Mounts under this test's scratch directory: other chargefs mounts on the machine
+            // (another test run) are not this test's business.
+            func ourMounts() -> Int {
+                MountTable.entries().filter { $0.fsType == "fuse.chargefsd" && $0.mountPoint.hasPrefix(logDir + "/") }.count
+            }
+            let mountsBefore = ourMounts()
             let before = Daemon.runningPids()
             let watchedBefore = mountpoints.map { MountTable.entries(at: $0).count }
             let r: (code: Int32?, out: String, err: String)
@@ -33,7 +38,7 @@ final class MountBadInputTests: MountTestCase {
             XCTAssertTrue(mentions.contains { lower.contains($0.lowercased()) },
                           "\(label): stderr should name the problem (one of \(mentions)); got: \(r.err.debugDescription)", file: file, line: line)
             // Nothing mounted.
-            let mountsAfter = MountTable.entries().filter { $0.fsType == "fuse.chargefsd" }.count
+            let mountsAfter = ourMounts()
             XCTAssertEqual(mountsAfter, mountsBefore, "\(label): a mount was left behind", file: file, line: line)
             for (m, n) in zip(mountpoints, watchedBefore) {
                 XCTAssertEqual(MountTable.entries(at: m).count, n, "\(label): \(m) got mounted", file: file, line: line)

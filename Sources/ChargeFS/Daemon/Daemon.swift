@@ -6,6 +6,10 @@ public let chargefsVersion = "0.1.0"
 
 /// The daemon's lifecycle: detach, build store and charger, mount, serve, tear down.
 public enum Daemon {
+    /// Workers at most: as many requests can wait on a charge (a frozen target) at once while
+    /// the others are still served.
+    static let maxWorkers: UInt32 = 64
+
     /// One line on stderr, prefixed with the program's name.
     public static func printError(_ message: String) {
         let line = "chargefsd: \(String(String.UnicodeScalarView(message.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })))\n"
@@ -168,10 +172,12 @@ public enum Daemon {
             return 1
         }
         report(readiness, "ready")
-        // One worker per CPU we may run on (up to 8): requests wake the longest-waiting worker,
-        // so spare idle workers only rotate cold stacks and buffers (8 workers on one CPU made
-        // 4 KiB creates 25-35% slower than one).
-        let status = cfuse_session_loop_mt(session, 0, min(8, cfuse_affinity_cpu_count()))
+        // One idle worker per CPU we may run on (up to 8): requests wake the longest-waiting
+        // worker, so spare idle workers only rotate cold stacks and buffers (8 workers on one CPU
+        // made 4 KiB creates 25-35% slower than one). More start only while every worker is busy:
+        // writers waiting for a frozen target's pages must not leave none for other requests.
+        let idleWorkers = min(8, cfuse_affinity_cpu_count())
+        let status = cfuse_session_loop_mt(session, 0, idleWorkers, max(Self.maxWorkers, idleWorkers))
         fuse_session_unmount(session)
         // libfuse returns the number of the signal that ended the loop: a requested stop.
         return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1

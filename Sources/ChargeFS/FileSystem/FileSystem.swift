@@ -124,13 +124,40 @@ public final class FileSystem: Sendable {
     /// kernel ignores a short count there; see `FileSystemCore.write`).
     public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
                       clearSetIDAsked: Bool, wholeOrNothing: Bool = false) throws(Errno) -> WriteResult {
-        try exclusive { c throws(Errno) in
+        try charging { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
-                        wholeOrNothing: wholeOrNothing)
+                        wholeOrNothing: wholeOrNothing, supply: supply)
         }
     }
     public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length) }
+        try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
+    }
+
+    /// Attempts before an operation takes what is charged even if others keep taking the pages
+    /// charged for it (each attempt charges for it anew).
+    static let chargeAttempts = 8
+
+    /// Runs an operation that may need pages charged first. The charge runs with no lock held:
+    /// a target that is frozen (docker pause, cgroup.freeze) or slow stalls only the operations
+    /// that need its new pages; stat, reads, deletes and writes into existing pages go on.
+    private func charging<T>(_ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
+        var supply = PageSupply.askForMore
+        for attempt in 0...Self.chargeAttempts {
+            if attempt == Self.chargeAttempts { supply = .useWhatIsCharged }
+            let pending: PendingCharge
+            switch try exclusive({ c throws(Errno) in try operation(c, supply) }) {
+            case .done(let result): return result
+            case .charge(let p): pending = p
+            }
+            var charged = 0
+            var failure: Errno?
+            do { charged = try pending.charge() } catch { failure = error }
+            core.withWriteLock { c in c.store.settle(pending, charged: charged) }
+            if let failure { throw failure }
+            // The charger refused part of it: store what fits.
+            if charged < pending.wanted { supply = .useWhatIsCharged }
+        }
+        throw .noSpace  // not reached: the last attempt never asks for a charge
     }
     /// SEEK_DATA and SEEK_HOLE.
     public func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {

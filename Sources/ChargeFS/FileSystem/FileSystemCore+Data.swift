@@ -93,44 +93,46 @@ extension FileSystemCore {
     /// Stores `data`, then drops what a write drops: file capabilities, and setuid/setgid by
     /// `clearSetID`'s rules.
     func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller, clearSetIDAsked: Bool,
-               wholeOrNothing: Bool) throws(Errno) -> WriteResult {
+               wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<WriteResult> {
         let inode = try regularFile(ino)
-        let written = try storeData(data, in: inode, at: offset, wholeOrNothing: wholeOrNothing)
+        let written: Int
+        switch try storeData(data, in: inode, at: offset, wholeOrNothing: wholeOrNothing, supply: supply) {
+        case .done(let n): written = n
+        case .charge(let pending): return .charge(pending)
+        }
         // A written file loses its capabilities, as on tmpfs. The kernel removes them itself
         // before a cached write, but a direct-I/O write reaches us without that.
         removeFileCapabilities(inode)
-        return WriteResult(written: written, modeChanged: clearSetID(inode, caller, kernelAsked: clearSetIDAsked))
+        return .done(WriteResult(written: written, modeChanged: clearSetID(inode, caller, kernelAsked: clearSetIDAsked)))
     }
 
     /// Copies `data` into the file's pages, allocating (and charging) missing ones first. A write
     /// that only partly fits stores the leading part that does, as tmpfs does, unless
     /// `wholeOrNothing`: a writeback of mapped pages, where older kernels (6.1) take a short count
     /// as success and silently drop the rest, so that must fail whole with ENOSPC.
-    private func storeData(_ data: UnsafeRawBufferPointer, in inode: Inode, at offset: Int64, wholeOrNothing: Bool) throws(Errno) -> Int {
+    private func storeData(_ data: UnsafeRawBufferPointer, in inode: Inode, at offset: Int64, wholeOrNothing: Bool,
+                           supply: PageSupply) throws(Errno) -> NeedingPages<Int> {
         if offset < 0 { throw .invalidArgument }
-        guard data.count > 0, let source = data.baseAddress else { return 0 }
+        guard data.count > 0, let source = data.baseAddress else { return .done(0) }
         let (end, overflow) = offset.addingReportingOverflow(Int64(data.count))
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
         let pageSize = Int64(Self.pageSize)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
 
-        // Pages are instantiated (and charged) before any byte is copied. When none can be had,
-        // the leading part that lands on pages the file already has is still written.
+        // Pages are charged before any byte is copied, outside the tree's lock (the caller asks
+        // the store and comes back). When none can be had, the leading part that lands on pages
+        // the file already has is still written.
         var missing = 0
         for index in firstIndex...lastIndex where inode.pages.page(at: index) == 0 { missing += 1 }
         var fresh: [UInt32] = []
         if missing > 0 {
             let allowed = maxPages.map { max(0, $0 - store.pagesInUse) } ?? missing
             if wholeOrNothing && allowed < missing { throw .noSpace }
-            if allowed > 0 {
-                fresh.reserveCapacity(min(missing, allowed))
-                do {
-                    try store.allocate(min(missing, allowed), into: &fresh)
-                } catch where error == .noSpace {
-                    // Nothing to add: store what fits on existing pages, below.
-                }
-            }
+            let needed = min(missing, allowed)
+            if let pending = chargeNeeded(needed, supply) { return .charge(pending) }
+            fresh.reserveCapacity(needed)
+            store.takeCharged(needed, into: &fresh)
             if wholeOrNothing && fresh.count < missing {
                 store.free(fresh)
                 throw .noSpace
@@ -178,7 +180,14 @@ extension FileSystemCore {
         let now = timespec.now
         inode.mtime = now
         inode.ctime = now
-        return written
+        return .done(written)
+    }
+
+    /// The charge to run before `needed` pages can be taken from the reserve, if it is short and
+    /// the caller may still ask; nil when the reserve must do (or the arena has no page left).
+    private func chargeNeeded(_ needed: Int, _ supply: PageSupply) -> PendingCharge? {
+        guard supply == .askForMore, store.chargedFreePages < needed else { return nil }
+        return store.pickForCharging(needed - store.chargedFreePages)
     }
 
     /// Sets the size; shrinking frees whole pages past the end and zeroes the rest of the last one,
@@ -200,7 +209,8 @@ extension FileSystemCore {
         inode.size = size
     }
 
-    func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64,
+                   supply: PageSupply) throws(Errno) -> NeedingPages<Void> {
         let keepSize = mode.contains(.keepSize)
         let punch = mode.contains(.punchHole)
         if !mode.subtracting([.keepSize, .punchHole]).isEmpty || (punch && !keepSize) {
@@ -228,7 +238,7 @@ extension FileSystemCore {
             }
             inode.mtime = now
             inode.ctime = now
-            return
+            return .done(())
         }
         // Allocate every hole in the range, all or nothing.
         let firstIndex = Int(offset / pageSize)
@@ -245,10 +255,10 @@ extension FileSystemCore {
         }
         if !holes.isEmpty {
             if let max = maxPages, store.pagesInUse + holes.count > max { throw .noSpace }
+            if let pending = chargeNeeded(holes.count, supply) { return .charge(pending) }
             var fresh: [UInt32] = []
             fresh.reserveCapacity(holes.count)
-            let got = try store.allocate(holes.count, into: &fresh)
-            if got < holes.count {
+            if store.takeCharged(holes.count, into: &fresh) < holes.count {
                 store.free(fresh)
                 throw .noSpace
             }
@@ -257,6 +267,7 @@ extension FileSystemCore {
         if !keepSize && end > inode.size { inode.size = end }
         inode.ctime = now
         if !keepSize { inode.mtime = now }
+        return .done(())
     }
 
     /// Writes zeros over [from, to) where pages exist (holes already read as zero).

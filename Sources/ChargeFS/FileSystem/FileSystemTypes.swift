@@ -85,6 +85,21 @@ public struct DirectoryEntry {
     public var attributes: Attributes?
 }
 
+/// Where an operation that needs new pages takes them from.
+enum PageSupply {
+    /// The charged reserve only; when it is short, the operation stops before changing anything
+    /// and asks for a charge (`NeedingPages.charge`), which runs outside the tree's lock.
+    case askForMore
+    /// Whatever the reserve holds: the charger refused more (or the arena is full).
+    case useWhatIsCharged
+}
+
+/// An operation's result, or the charge it needs first.
+enum NeedingPages<Result> {
+    case done(Result)
+    case charge(PendingCharge)
+}
+
 /// What a write did.
 public struct WriteResult: Sendable, Equatable {
     /// Bytes stored: fewer than given when only part fits (never fewer for a writeback).

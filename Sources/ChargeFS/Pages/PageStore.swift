@@ -4,17 +4,18 @@ import SystemPackage
 
 /// All file data of a mount, as 4 KiB pages of the arena (`Arena`), and who pays for them.
 ///
-/// Every page comes from `allocate` and goes back through `free`; those are the only places that
-/// touch the arena's backing memory, so they are where a page is charged (through the
-/// `PageCharger`, which decides which cgroup pays) and where the charge is given back (punching
-/// the page out of the arena). Pages are numbered from 1; 0 means "no page" in page maps.
+/// Every page is charged by a `PendingCharge` before it is handed out, and goes back through
+/// `free`: those are where a page is charged (through the `PageCharger`, which decides which
+/// cgroup pays) and where the charge is given back (punching the page out of the arena). Pages are numbered from 1; 0 means "no page" in page maps.
 ///
 /// Stale data must never reach another file. A page is handed out only from one of three
 /// places, each holding only pages known to read as zeros: never-used pages (holes), `punched`
 /// (a punch that succeeded: holes again), and `reserve` (a zero-fill that wrote every byte). A
 /// page whose zeroing fails is punched instead; a page whose punch fails too is never used again.
 ///
-/// Not thread-safe: the file system calls it under its own lock.
+/// Not thread-safe: the file system calls it under its own lock. Only a `PendingCharge` runs
+/// outside it (a charge may wait on a frozen or slow target); the pages it charges belong to no
+/// one else until `settle` takes them back.
 public final class PageStore {
     public static let pageSize = Arena.pageSize
     /// Charged pages kept free for reuse, so that small writes do not each cost a charge round
@@ -70,66 +71,75 @@ public final class PageStore {
         arena.address(of: page)
     }
 
-    /// Hands out up to `count` zero-filled pages, appending them to `pages`. Returns how many it
-    /// got: fewer than asked only when the charger refused (ENOSPC), so a caller can store what
-    /// fits. Throws only when it got none.
+    /// Charged, zero-filled pages ready to hand out.
+    public var chargedFreePages: Int { reserve.count }
+
+    /// Hands out up to `count` pages from the charged reserve, appending them to `pages`; returns
+    /// how many. Never charges, so it is quick under any lock.
     @discardableResult
-    public func allocate(_ count: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
-        var got = 0
-        while got < count, let page = reserve.popLast() {
-            pages.append(page)  // zeroed when it entered the reserve
-            got += 1
-        }
-        var failure: Errno?
-        while got < count {
-            do {
-                got += try chargeMore(count - got, into: &pages)
-            } catch {
-                failure = error
-                break
-            }
-        }
+    public func takeCharged(_ count: Int, into pages: inout [UInt32]) -> Int {
+        let got = min(count, reserve.count)
+        pages.append(contentsOf: reserve.suffix(got).reversed())
+        reserve.removeLast(got)
         pagesInUse += got
-        if got == 0, let failure { throw failure }
         return got
     }
 
-    /// Charges at least one page; extra pages of a batch go to the reserve. Punched pages are
-    /// reused first, one consecutive run at a time (the stack holds ascending runs), batched like
-    /// fresh pages: a 4 KiB write must not cost a charge round trip each.
-    private func chargeMore(_ wanted: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
+    /// Picks arena pages to charge for a caller short of `wanted` pages: a run of at least
+    /// `chargeBatch` (one round trip serves 64 small writes; the extras wait in the reserve).
+    /// Punched pages are reused first, one consecutive run at a time (the stack holds ascending
+    /// runs). The run belongs to the caller until it is given to `settle`; nil when the arena has
+    /// no page left.
+    public func pickForCharging(_ wanted: Int) -> PendingCharge? {
         let batch = max(wanted, Self.chargeBatch)
-        let first: Int, available: Int
-        let reusing = !punched.isEmpty
+        let first: Int, run: Int
         if let page = punched.last {
-            var run = 1
-            while run < batch, run < punched.count, punched[punched.count - 1 - run] == page &+ UInt32(run) {
-                run += 1
-            }
-            (first, available) = (Int(page), run)
+            var n = 1
+            while n < batch, n < punched.count, punched[punched.count - 1 - n] == page &+ UInt32(n) { n += 1 }
+            (first, run) = (Int(page), n)
+            punched.removeLast(n)
         } else {
-            (first, available) = (nextFresh, capacityPages + 1 - nextFresh)
-            guard available > 0 else { throw .noSpace }
+            let available = capacityPages + 1 - nextFresh
+            guard available > 0 else { return nil }
+            (first, run) = (nextFresh, min(batch, available))
+            nextFresh += run
         }
-        var run = min(batch, available)
-        while true {
-            do {
-                try chargeRun(first: first, count: run)
-                break
-            } catch where error == .noSpace && run > 1 {
-                // Near the limit: settle for less, so a write can store the part that fits.
-                run = run > wanted ? wanted : run / 2
-            }
-        }
-        if reusing { punched.removeLast(run) } else { nextFresh += run }
-        let used = min(run, wanted)
-        for p in first..<(first + used) { pages.append(UInt32(p)) }
-        for p in (first + used)..<(first + run) { reserve.append(UInt32(p)) }
-        return used
+        return PendingCharge(first: first, count: run, wanted: min(wanted, run), charger: charger,
+                             arena: arena.fileDescriptor)
     }
 
-    private func chargeRun(first: Int, count: Int) throws(Errno) {
-        try charger.charge(arena: arena.fileDescriptor, offset: Int64(first * Self.pageSize), length: Int64(count * Self.pageSize))
+    /// Takes back a picked run: its first `charged` pages join the reserve (zero: never used, or
+    /// punched), the rest are holes again.
+    public func settle(_ pending: PendingCharge, charged: Int) {
+        let charged = max(0, min(charged, pending.count))
+        for p in pending.first..<(pending.first + charged) { reserve.append(UInt32(p)) }
+        // Descending, so that popping from the end reuses ascending runs.
+        for p in (pending.first + charged..<pending.first + pending.count).reversed() { punched.append(UInt32(p)) }
+    }
+
+    /// Hands out up to `count` zero-filled pages, charging more when the reserve runs short, all
+    /// under the caller's lock (in-process users; the file system charges outside its lock with
+    /// `pickForCharging`, `PendingCharge.charge` and `settle`). Returns how many it got: fewer
+    /// than asked only when the charger refused (ENOSPC). Throws only when it got none.
+    @discardableResult
+    public func allocate(_ count: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
+        var got = takeCharged(count, into: &pages)
+        while got < count {
+            guard let pending = pickForCharging(count - got) else { break }
+            var charged = 0
+            do {
+                charged = try pending.charge()
+            } catch {
+                settle(pending, charged: 0)
+                if got == 0 { throw error }
+                return got
+            }
+            settle(pending, charged: charged)
+            got += takeCharged(count - got, into: &pages)
+            if charged < pending.wanted { break }  // the charger refused the rest
+        }
+        if got == 0 { throw .noSpace }
+        return got
     }
 
     /// Gives pages back. Up to `reserveLimit` stay charged for reuse (zero-filled); the rest, and
@@ -187,5 +197,33 @@ public final class PageStore {
         }
         // Descending, so that popping from the end reuses ascending runs.
         punched.append(contentsOf: holes.reversed())
+    }
+}
+
+/// A run of arena pages picked for charging (`PageStore.pickForCharging`), charged without any
+/// lock of the file system's held, then given back to `PageStore.settle`.
+public struct PendingCharge: Sendable {
+    let first: Int
+    let count: Int
+    /// What the caller needs of it; near a limit the charge settles for this much.
+    let wanted: Int
+    let charger: PageCharger
+    let arena: FileDescriptor
+
+    /// Charges the run, or its leading part when the charger refuses all of it near a limit
+    /// (halving down to what was wanted, then to one page). Returns the pages charged, 0 when
+    /// none fits; throws any other error (the helper died, the cgroup vanished).
+    public func charge() throws(Errno) -> Int {
+        var run = count
+        while true {
+            do {
+                try charger.charge(arena: arena, offset: Int64(first * PageStore.pageSize),
+                                   length: Int64(run * PageStore.pageSize))
+                return run
+            } catch where error == .noSpace {
+                if run == 1 { return 0 }
+                run = run > wanted ? wanted : run / 2
+            }
+        }
     }
 }

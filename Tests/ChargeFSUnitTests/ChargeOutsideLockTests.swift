@@ -1,0 +1,91 @@
+import Dispatch
+import Foundation
+import Glibc
+import Synchronization
+import SystemPackage
+import XCTest
+@testable import ChargeFS
+
+/// A charger that blocks every charge until opened, as a frozen target's helper does.
+final class GateCharger: PageCharger, @unchecked Sendable {
+    private let inner = DaemonCharger()
+    private let opened = DispatchSemaphore(value: 0)
+    private let waiting = Atomic<Int>(0)
+    var chargesWaiting: Int { waiting.load(ordering: .relaxed) }
+    func open() { opened.signal() }
+    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+        waiting.add(1, ordering: .relaxed)
+        opened.wait()
+        opened.signal()  // stays open for every later charge
+        waiting.subtract(1, ordering: .relaxed)
+        try inner.charge(arena: arena, offset: offset, length: length)
+    }
+    var summary: String { "gate" }
+    func shutdown() {}
+}
+
+/// Case 5 of issue 11: a write that waits for its pages to be charged (a frozen target) holds no
+/// lock of the tree, so everything else goes on; it completes once the charge does.
+final class ChargeOutsideLockTests: XCTestCase {
+    let me = Caller(uid: 1000, gid: 1000)
+
+    func testOtherOperationsGoOnWhileAChargeWaits() throws {
+        let gate = GateCharger()
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        // The reserve starts empty, so the first new page needs a charge.
+        let fs = FileSystem(config: config, store: try PageStore(charger: gate, capacityPages: 1 << 16))
+        let root = InodeNumber.root
+        let me = self.me
+        func create(_ name: String) throws -> InodeNumber {
+            try fs.create(parent: root, name: Array(name.utf8), mode: 0o100644, caller: me).ino
+        }
+        let existing = try create("existing")
+        let waiting = try create("waiting")
+        let other = try create("other")
+
+        // A writer needs pages: it blocks in the charger.
+        let big = [UInt8](repeating: 0xAB, count: 3 << 20)
+        let written = Atomic<Int>(-1)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            let n = big.withUnsafeBytes { try? fs.write(waiting, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
+            written.store(n ?? -2, ordering: .relaxed)
+            done.signal()
+        }
+        let deadline = Date().addingTimeInterval(5)
+        while gate.chargesWaiting == 0 && Date() < deadline { usleep(1000) }
+        XCTAssertEqual(gate.chargesWaiting, 1, "the writer waits in the charger")
+
+        // Meanwhile, on another thread with a time limit: everything that needs no new page.
+        let others = DispatchSemaphore(value: 0)
+        let failures = Mutex<[String]>([])
+        Thread.detachNewThread {
+            func note(_ what: String, _ body: () throws -> Void) {
+                do { try body() } catch { failures.withLock { $0.append("\(what): \(error)") } }
+            }
+            note("stat") { _ = try fs.getattr(existing) }
+            note("lookup") { _ = try fs.lookup(parent: root, name: Array("existing".utf8)) }
+            note("readdir") { try fs.readdir(root, offset: 0, plus: false) { _ in true } }
+            note("read") { try fs.read(existing, offset: 0, count: 4096, noatime: true) { _ in } }
+            note("mkdir") { _ = try fs.mkdir(parent: root, name: Array("d".utf8), mode: 0o755, caller: me) }
+            note("unlink") { try fs.unlink(parent: root, name: Array("other".utf8)) }
+            note("statfs") { _ = fs.usage() }
+            others.signal()
+        }
+        XCTAssertEqual(others.wait(timeout: .now() + 5), .success, "operations that need no new page do not wait for the charge")
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        XCTAssertEqual(written.load(ordering: .relaxed), -1, "the writer still waits")
+        _ = other
+
+        // The target thaws: the write completes, every byte.
+        gate.open()
+        XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(written.load(ordering: .relaxed), big.count)
+        var back: [UInt8] = []
+        try fs.read(waiting, offset: 0, count: big.count, noatime: true) { vectors in
+            for v in vectors { back += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
+        }
+        XCTAssertEqual(back, big)
+    }
+}
