@@ -29,15 +29,6 @@
 
 extern pid_t _Fork(void);  /* glibc 2.34+, declared only under _GNU_SOURCE */
 
-/* CPUs this process may run on (its affinity mask), at least 1. */
-static inline unsigned cfuse_affinity_cpu_count(void) {
-    unsigned long mask[16] = {0};  /* 1024 CPUs */
-    long n = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
-    unsigned count = 0;
-    for (long i = 0; n > 0 && i < n / (long)sizeof mask[0]; i++) count += (unsigned)__builtin_popcountl(mask[i]);
-    return count ? count : 1;
-}
-
 /* libfuse starts a worker when a request arrives and none is idle, up to max_threads, and ends
    workers beyond idle_threads once they are idle again. */
 static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, unsigned idle_threads, unsigned max_threads) {

@@ -9,6 +9,8 @@ public enum Daemon {
     /// Workers at most: as many requests can wait on a charge (a frozen target) at once while
     /// the others are still served.
     static let maxWorkers: UInt32 = 64
+    /// Idle workers kept rather than ended.
+    static let idleWorkers: UInt32 = 8
 
     /// One line on stderr, prefixed with the program's name.
     public static func printError(_ message: String) {
@@ -172,12 +174,15 @@ public enum Daemon {
             return 1
         }
         report(readiness, "ready")
-        // One idle worker per CPU we may run on (up to 8): requests wake the longest-waiting
-        // worker, so spare idle workers only rotate cold stacks and buffers (8 workers on one CPU
-        // made 4 KiB creates 25-35% slower than one). More start only while every worker is busy:
-        // writers waiting for a frozen target's pages must not leave none for other requests.
-        let idleWorkers = min(8, cfuse_affinity_cpu_count())
-        let status = cfuse_session_loop_mt(session, 0, idleWorkers, max(Self.maxWorkers, idleWorkers))
+        // Workers: libfuse starts with one, starts another when a request arrives and none is
+        // idle, and ends one as soon as more than `idleWorkers` are idle. So the pool grows only
+        // with real concurrency (requests wake the longest-waiting worker, and spare workers
+        // rotate cold stacks: 8 on one CPU made 4 KiB creates 25-35% slower than one), up to
+        // `maxWorkers`, so that writers waiting for a frozen target's pages leave workers for
+        // everything else. A small `idleWorkers` is a trap: an asynchronous RELEASE overlapping
+        // the next request made a 2-worker pool create and end a thread per file (creates 3-4x
+        // slower).
+        let status = cfuse_session_loop_mt(session, 0, Self.idleWorkers, Self.maxWorkers)
         fuse_session_unmount(session)
         // libfuse returns the number of the signal that ended the loop: a requested stop.
         return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1
