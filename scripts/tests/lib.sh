@@ -19,6 +19,7 @@ CFS_MOUNTS=()   # mountpoints we mounted
 CFS_PIDS=()     # daemon pids we started
 CFS_CGROUPS=()  # cgroups we created (removed in reverse order)
 CFS_DIRS=()     # temp dirs we created
+CFS_UNDO=()     # commands that put back what a test changed (a frozen cgroup, a sysfs knob), run first
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -253,6 +254,8 @@ cfs_stage_for_others() {
 # Undo everything recorded above. Safe to call more than once.
 cfs_cleanup() {
   local i m p
+  for ((i = ${#CFS_UNDO[@]} - 1; i >= 0; i--)); do eval "${CFS_UNDO[i]}" 2>/dev/null || true; done
+  CFS_UNDO=()
   for ((i = ${#CFS_MOUNTS[@]} - 1; i >= 0; i--)); do
     m=${CFS_MOUNTS[i]}
     if is_mounted "$m"; then
