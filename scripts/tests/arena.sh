@@ -15,7 +15,7 @@ source "$(dirname "$SELF")/lib.sh"
 
 SLACK=$((1 * MiB))
 THP=/sys/kernel/mm/transparent_hugepage
-TESTS=(thp_always thp_within_size_and_mthp thp_force_refused core_dump swap)
+TESTS=(thp_always thp_within_size_and_mthp thp_force_refused thp_memfd_refused core_dump swap)
 
 # --- knobs, put back by the EXIT trap ----------------------------------------------------------
 KNOBS=()   # "path<TAB>old value"
@@ -142,6 +142,23 @@ t_thp_force_refused() {
   check "a mount without memcg= starts" is_mounted "$MNT"
   check "and warns about huge pages" grep -q "huge pages" "$CFS_LOG"
   check "unmounted cleanly" cfs_umount "$MNT" "$dpid"
+}
+
+# Without CAP_SYS_ADMIN the arena is a memfd, which follows shmem_enabled: under always a memcg=
+# mount must refuse to start and say why.
+t_thp_memfd_refused() {
+  new_env; need_thp; new_cgroups
+  local bin out rc=0 mounted=no
+  bin=$(cfs_daemon_bin)
+  set_knob "$THP/shmem_enabled" always
+  out=$(timeout 20 setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin "$bin" "$MNT" -o "memcg=$T" 2>&1) || rc=$?
+  restore_knobs
+  is_mounted "$MNT" && mounted=yes
+  if [ "$mounted" = yes ]; then cfs_umount "$MNT"; fi
+  log "  memcg= mount without CAP_SYS_ADMIN under always: exit $rc: $out"
+  check "refused (non-zero exit)" [ "$rc" != 0 ]
+  check "nothing mounted" [ "$mounted" = no ]
+  check "the error says why: a memfd under 'always'" grep -q "uses a memfd.*('always')" <<<"$out"
 }
 
 # SIGSEGV, Swift's backtracer off, core_pattern to a file: the core must hold none of the files'
