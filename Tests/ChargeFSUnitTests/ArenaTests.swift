@@ -58,6 +58,17 @@ final class ArenaTests: XCTestCase {
         XCTAssertEqual(st.st_blocks, 0, "the probe gave its page back")
     }
 
+    /// The private tmpfs is attached to no mount namespace: it shows in no mount table.
+    func testPrivateTmpfsIsMountedNowhere() throws {
+        let before = try readProcFile("/proc/self/mountinfo")
+        let arena = try Arena(capacityPages: 1000)
+        XCTAssertEqual(try readProcFile("/proc/self/mountinfo"), before)
+        let fdinfo = try readProcFile("/proc/self/fdinfo/\(arena.fileDescriptor.rawValue)")
+        let mountID = try XCTUnwrap(fdinfo.split(separator: "\n").first { $0.hasPrefix("mnt_id:") }?.split(separator: "\t").last)
+        let ids = before.split(separator: "\n").compactMap { $0.split(separator: " ").first }
+        XCTAssertFalse(ids.contains(mountID), "the arena's mount \(mountID) is in mountinfo")
+    }
+
     /// mm/shmem.c's rules: force and deny override every mount; otherwise a memfd follows the
     /// host setting and the private tmpfs its own huge=never.
     func testHugeFolioRules() {
