@@ -37,11 +37,12 @@ final class ArenaTests: XCTestCase {
         }
     }
 
-    /// Root gets a private tmpfs (noswap from 6.4); anyone else a memfd. Either way a page of it
-    /// takes 4 KiB under the host's current setting.
+    /// With CAP_SYS_ADMIN a private tmpfs (noswap from 6.4); without it a memfd (try: setpriv
+    /// --bounding-set=-sys_admin --inh-caps=-sys_admin). Either way a page of it takes 4 KiB under
+    /// the host's current setting.
     func testBackingAndSmallPages() throws {
         let arena = try Arena(capacityPages: 1000)
-        if geteuid() == 0 {
+        if try hasCapSysAdmin() {
             var uts = utsname()
             uname(&uts)
             let release = withUnsafeBytes(of: &uts.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
@@ -55,6 +56,17 @@ final class ArenaTests: XCTestCase {
         var st = stat()
         XCTAssertEqual(fstat(arena.fileDescriptor.rawValue, &st), 0)
         XCTAssertEqual(st.st_blocks, 0, "the probe gave its page back")
+    }
+
+    /// The private tmpfs is attached to no mount namespace: it shows in no mount table.
+    func testPrivateTmpfsIsMountedNowhere() throws {
+        let before = try readProcFile("/proc/self/mountinfo")
+        let arena = try Arena(capacityPages: 1000)
+        XCTAssertEqual(try readProcFile("/proc/self/mountinfo"), before)
+        let fdinfo = try readProcFile("/proc/self/fdinfo/\(arena.fileDescriptor.rawValue)")
+        let mountID = try XCTUnwrap(fdinfo.split(separator: "\n").first { $0.hasPrefix("mnt_id:") }?.split(separator: "\t").last)
+        let ids = before.split(separator: "\n").compactMap { $0.split(separator: " ").first }
+        XCTAssertFalse(ids.contains(mountID), "the arena's mount \(mountID) is in mountinfo")
     }
 
     /// mm/shmem.c's rules: force and deny override every mount; otherwise a memfd follows the
@@ -73,6 +85,13 @@ final class ArenaTests: XCTestCase {
         }
         XCTAssertTrue("\(ArenaError.hugePages(backing: tmpfs, setting: "force"))".contains("'force'"))
         XCTAssertTrue("\(ArenaError.pageSize(kernel: 65536))".contains("65536"))
+    }
+
+    func hasCapSysAdmin() throws -> Bool {
+        let status = try readProcFile("/proc/self/status")
+        let line = try XCTUnwrap(status.split(separator: "\n").first { $0.hasPrefix("CapEff:") })
+        let mask = try XCTUnwrap(UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16))
+        return mask & (1 << 21) != 0  // CAP_SYS_ADMIN
     }
 
     /// A /proc file read to its end (its size says 0, and Foundation stops at the first page).

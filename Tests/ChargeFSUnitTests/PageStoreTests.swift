@@ -138,4 +138,30 @@ final class PageStoreTests: XCTestCase {
         store.arena.syscalls = .kernel
         XCTAssertEqual(store.address(of: pages[0]).load(as: UInt8.self), 0, "nothing was copied behind the error")
     }
+
+    /// Through the file system: a write whose copy fails returns the error, and the pages it had
+    /// allocated but not yet placed go back to the store (none is left counted in use).
+    func testWriteWhoseStoreFailsLeaksNoPage() throws {
+        final class Switch: @unchecked Sendable { var failing = false }
+        let failing = Switch()
+        let store = try PageStore(charger: DaemonCharger(), capacityPages: 1024)
+        store.arena.syscalls.pwrite = { fd, source, count, offset in
+            if failing.failing { errno = EIO; return -1 }
+            return Glibc.pwrite(fd, source, count, off_t(offset))
+        }
+        let fs = FileSystem(config: FileSystemConfig(), store: store)
+        let me = Caller(uid: 0, gid: 0)
+        let ino = try fs.mknod(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o100644, rdev: 0, caller: me).ino
+        let page = [UInt8](repeating: 7, count: PageStore.pageSize)
+        _ = try page.withUnsafeBytes { try fs.write(ino, offset: Int64(PageStore.pageSize), data: $0, caller: me) }
+        // Pages 0 and 2 are new and not adjacent in the arena to page 1's: the copy of the first
+        // run fails while page 2's is still unplaced.
+        failing.failing = true
+        let three = [UInt8](repeating: 9, count: 3 * PageStore.pageSize)
+        XCTAssertThrowsError(try three.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me) }) {
+            XCTAssertEqual($0 as? Errno, .ioError)
+        }
+        failing.failing = false
+        XCTAssertEqual(fs.storedBytes().used, Int64(2 * PageStore.pageSize), "page 1, and page 0 placed before the failure")
+    }
 }

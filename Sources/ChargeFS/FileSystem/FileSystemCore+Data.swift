@@ -170,7 +170,10 @@ extension FileSystemCore {
             written += length
             return true
         }
-        if let storeFailure { throw storeFailure }
+        if let storeFailure {
+            store.free(freshIterator)  // allocated for pages the write did not reach
+            throw storeFailure
+        }
         if runLength > 0 {
             try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }

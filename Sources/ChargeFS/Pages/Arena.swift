@@ -263,7 +263,7 @@ public enum ArenaError: Error, CustomStringConvertible, Equatable {
         case .hugePages(.memfd, let setting):
             return "the arena would get huge pages: without CAP_SYS_ADMIN chargefsd cannot mount its own tmpfs "
                 + "(huge=never) and uses a memfd, which follows \(Arena.shmemEnabledPath) ('\(setting ?? "?")'); "
-                + "run chargefsd as root, or set it to never or advise"
+                + "run chargefsd with CAP_SYS_ADMIN (as root), or set it to never or advise"
         case .hugePages(.privateTmpfs, let setting):
             return "the arena would get huge pages: \(Arena.shmemEnabledPath) is '\(setting ?? "?")', "
                 + "which overrides the arena's huge=never; set it to anything but force"
