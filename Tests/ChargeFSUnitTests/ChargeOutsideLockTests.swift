@@ -88,4 +88,35 @@ final class ChargeOutsideLockTests: XCTestCase {
         }
         XCTAssertEqual(back, big)
     }
+
+    /// Freed pages scattered over the arena (every other one) are charged again in as many runs
+    /// as it takes: a large write is stored whole, not cut short after a few one-page charges.
+    func testWriteOverScatteredFreePagesIsStoredWhole() throws {
+        let counting = CountingCharger()
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        let fs = FileSystem(config: config, store: try PageStore(charger: counting, capacityPages: 1 << 16))
+        let page = [UInt8](repeating: 1, count: PageStore.pageSize)
+        var files: [FileName] = []
+        for i in 0..<600 {
+            let name = Array("f\(i)".utf8)
+            let ino = try fs.create(parent: .root, name: name, mode: 0o100644, caller: me).ino
+            _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
+            fs.release(ino)
+            files.append(name)
+        }
+        for name in files.enumerated().filter({ $0.offset % 2 == 0 }).map(\.element) {
+            try fs.unlink(parent: .root, name: name)
+        }
+        let big = [UInt8](repeating: 0xCD, count: 1 << 20)
+        let ino = try fs.create(parent: .root, name: Array("big".utf8), mode: 0o100644, caller: me).ino
+        counting.calls = 0
+        let written = try big.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
+        XCTAssertEqual(written, big.count, "stored whole over 236 scattered free pages and fresh ones")
+        var back: [UInt8] = []
+        try fs.read(ino, offset: 0, count: big.count, noatime: true) { vectors in
+            for v in vectors { back += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
+        }
+        XCTAssertEqual(back, big)
+    }
 }

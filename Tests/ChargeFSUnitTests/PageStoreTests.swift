@@ -153,12 +153,12 @@ final class PageStoreTests: XCTestCase {
         let me = Caller(uid: 0, gid: 0)
         let ino = try fs.mknod(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o100644, rdev: 0, caller: me).ino
         let page = [UInt8](repeating: 7, count: PageStore.pageSize)
-        _ = try page.withUnsafeBytes { try fs.write(ino, offset: Int64(PageStore.pageSize), data: $0, caller: me) }
+        _ = try page.withUnsafeBytes { try fs.write(ino, offset: Int64(PageStore.pageSize), data: $0, caller: me, clearSetIDAsked: false) }
         // Pages 0 and 2 are new and not adjacent in the arena to page 1's: the copy of the first
         // run fails while page 2's is still unplaced.
         failing.failing = true
         let three = [UInt8](repeating: 9, count: 3 * PageStore.pageSize)
-        XCTAssertThrowsError(try three.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me) }) {
+        XCTAssertThrowsError(try three.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }) {
             XCTAssertEqual($0 as? Errno, .ioError)
         }
         failing.failing = false

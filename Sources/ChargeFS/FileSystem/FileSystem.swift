@@ -133,31 +133,35 @@ public final class FileSystem: Sendable {
         try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
     }
 
-    /// Attempts before an operation takes what is charged even if others keep taking the pages
-    /// charged for it (each attempt charges for it anew).
-    static let chargeAttempts = 8
+    /// Rounds of charging before an operation takes what is charged: only an operation whose
+    /// need keeps growing between rounds (its file changed meanwhile) gets that far.
+    static let chargeRounds = 8
 
     /// Runs an operation that may need pages charged first. The charge runs with no lock held:
     /// a target that is frozen (docker pause, cgroup.freeze) or slow stalls only the operations
-    /// that need its new pages; stat, reads, deletes and writes into existing pages go on.
+    /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
+    /// pages charged join the reserve and the operation runs again in the same lock hold, so no
+    /// other writer takes them first.
     private func charging<T>(_ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
-        var supply = PageSupply.askForMore
-        for attempt in 0...Self.chargeAttempts {
-            if attempt == Self.chargeAttempts { supply = .useWhatIsCharged }
+        var outcome = try exclusive { c throws(Errno) in try operation(c, .askForMore) }
+        for round in 1...Self.chargeRounds {
             let pending: PendingCharge
-            switch try exclusive({ c throws(Errno) in try operation(c, supply) }) {
+            switch outcome {
             case .done(let result): return result
             case .charge(let p): pending = p
             }
-            var charged = 0
-            var failure: Errno?
-            do { charged = try pending.charge() } catch { failure = error }
-            core.withWriteLock { c in c.store.settle(pending, charged: charged) }
-            if let failure { throw failure }
-            // The charger refused part of it: store what fits.
-            if charged < pending.wanted { supply = .useWhatIsCharged }
+            let (charged, failure) = pending.charge()
+            // The charger refused part of it (or failed): store what fits; and so in the last round.
+            let supply: PageSupply = charged < pending.wanted || failure != nil || round == Self.chargeRounds
+                ? .useWhatIsCharged : .askForMore
+            outcome = try exclusive { c throws(Errno) in
+                c.store.settle(pending, charged: charged)
+                if let failure, charged == 0 { throw failure }
+                return try operation(c, supply)
+            }
         }
-        throw .noSpace  // not reached: the last attempt never asks for a charge
+        if case .done(let result) = outcome { return result }
+        throw .noSpace  // not reached: the last round never asks for a charge
     }
     /// SEEK_DATA and SEEK_HOLE.
     public func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {

@@ -145,12 +145,13 @@ extension FileSystemCore {
         var runInner = 0
         var runLength = 0
         var storeFailure: Errno?
+        var unplaced: [UInt32] = []
         forEachPageSpan(from: offset, to: end) { index, inner, length in
             var page = inode.pages.page(at: index)
-            if page == 0 {
+            let isFresh = page == 0
+            if isFresh {
                 guard let next = freshIterator.next() else { return false }
                 page = next
-                inode.pages.set(page, at: index)
             }
             if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / Self.pageSize) {
                 runLength += length
@@ -160,6 +161,7 @@ extension FileSystemCore {
                         try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
                     } catch {
                         storeFailure = error
+                        if isFresh { unplaced.append(page) }
                         return false
                     }
                 }
@@ -167,11 +169,13 @@ extension FileSystemCore {
                 runInner = inner
                 runLength = length
             }
+            // Placed only once the copy before it went through.
+            if isFresh { inode.pages.set(page, at: index) }
             written += length
             return true
         }
         if let storeFailure {
-            store.free(freshIterator)  // allocated for pages the write did not reach
+            store.free(unplaced + Array(freshIterator))  // taken for pages the write did not reach
             throw storeFailure
         }
         if runLength > 0 {

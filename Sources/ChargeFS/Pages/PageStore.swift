@@ -34,7 +34,8 @@ public final class PageStore {
     private var nextFresh: Int = 1
     /// Freed pages punched out of the arena (holes, uncharged); reusing one charges it again.
     private var punched: [UInt32] = []
-    /// Freed pages still charged, zero-filled.
+    /// Freed pages still charged, zero-filled. Newly charged runs are pushed in descending
+    /// order, so that taking from the end hands a write ascending pages (one copy per run).
     private var reserve: [UInt32] = []
     /// Pages that belong to files right now.
     public private(set) var pagesInUse = 0
@@ -79,42 +80,53 @@ public final class PageStore {
     @discardableResult
     public func takeCharged(_ count: Int, into pages: inout [UInt32]) -> Int {
         let got = min(count, reserve.count)
-        pages.append(contentsOf: reserve.suffix(got).reversed())
-        reserve.removeLast(got)
+        for _ in 0..<got { pages.append(reserve.removeLast()) }
         pagesInUse += got
         return got
     }
 
-    /// Picks arena pages to charge for a caller short of `wanted` pages: a run of at least
-    /// `chargeBatch` (one round trip serves 64 small writes; the extras wait in the reserve).
-    /// Punched pages are reused first, one consecutive run at a time (the stack holds ascending
-    /// runs). The run belongs to the caller until it is given to `settle`; nil when the arena has
-    /// no page left.
+    /// Picks arena pages to charge for a caller short of `wanted` pages: at least `chargeBatch`
+    /// (one round of charging serves 64 small writes; the extras wait in the reserve). Punched
+    /// pages are reused first, in runs of consecutive pages (the stack holds ascending runs;
+    /// each run is one charge), then never-used ones. The pages belong to the caller until they
+    /// are given to `settle`; nil when the arena has no page left.
     public func pickForCharging(_ wanted: Int) -> PendingCharge? {
-        let batch = max(wanted, Self.chargeBatch)
-        let first: Int, run: Int
-        if let page = punched.last {
+        let target = max(wanted, Self.chargeBatch)
+        var runs: [PendingCharge.Run] = []
+        var picked = 0
+        while picked < target, let page = punched.last {
             var n = 1
-            while n < batch, n < punched.count, punched[punched.count - 1 - n] == page &+ UInt32(n) { n += 1 }
-            (first, run) = (Int(page), n)
+            while picked + n < target, n < punched.count, punched[punched.count - 1 - n] == page &+ UInt32(n) { n += 1 }
             punched.removeLast(n)
-        } else {
-            let available = capacityPages + 1 - nextFresh
-            guard available > 0 else { return nil }
-            (first, run) = (nextFresh, min(batch, available))
-            nextFresh += run
+            runs.append(PendingCharge.Run(first: Int(page), count: n))
+            picked += n
         }
-        return PendingCharge(first: first, count: run, wanted: min(wanted, run), charger: charger,
-                             arena: arena.fileDescriptor)
+        let available = capacityPages + 1 - nextFresh
+        if picked < target, available > 0 {
+            let n = min(target - picked, available)
+            runs.append(PendingCharge.Run(first: nextFresh, count: n))
+            nextFresh += n
+            picked += n
+        }
+        guard picked > 0 else { return nil }
+        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger, arena: arena.fileDescriptor)
     }
 
-    /// Takes back a picked run: its first `charged` pages join the reserve (zero: never used, or
-    /// punched), the rest are holes again.
+    /// Takes back picked pages: the first `charged` of them (in the order they were picked)
+    /// join the reserve (zero: never used, or punched), the rest are holes again.
     public func settle(_ pending: PendingCharge, charged: Int) {
-        let charged = max(0, min(charged, pending.count))
-        for p in pending.first..<(pending.first + charged) { reserve.append(UInt32(p)) }
-        // Descending, so that popping from the end reuses ascending runs.
-        for p in (pending.first + charged..<pending.first + pending.count).reversed() { punched.append(UInt32(p)) }
+        var left = max(0, charged)
+        var ready: [UInt32] = []
+        var holes: [UInt32] = []
+        for run in pending.runs {
+            let taken = min(left, run.count)
+            left -= taken
+            for p in run.first..<(run.first + taken) { ready.append(UInt32(p)) }
+            for p in (run.first + taken)..<(run.first + run.count) { holes.append(UInt32(p)) }
+        }
+        // Both descending, so that taking from the end goes up.
+        reserve.append(contentsOf: ready.reversed())
+        punched.append(contentsOf: holes.sorted(by: >))
     }
 
     /// Hands out up to `count` zero-filled pages, charging more when the reserve runs short, all
@@ -126,17 +138,11 @@ public final class PageStore {
         var got = takeCharged(count, into: &pages)
         while got < count {
             guard let pending = pickForCharging(count - got) else { break }
-            var charged = 0
-            do {
-                charged = try pending.charge()
-            } catch {
-                settle(pending, charged: 0)
-                if got == 0 { throw error }
-                return got
-            }
+            let (charged, failure) = pending.charge()
             settle(pending, charged: charged)
             got += takeCharged(count - got, into: &pages)
-            if charged < pending.wanted { break }  // the charger refused the rest
+            if let failure, got == 0 { throw failure }
+            if failure != nil || charged < pending.wanted { break }  // the charger refused the rest
         }
         if got == 0 { throw .noSpace }
         return got
@@ -200,30 +206,46 @@ public final class PageStore {
     }
 }
 
-/// A run of arena pages picked for charging (`PageStore.pickForCharging`), charged without any
-/// lock of the file system's held, then given back to `PageStore.settle`.
+/// Arena pages picked for charging (`PageStore.pickForCharging`), charged without any lock of
+/// the file system's held, then given back to `PageStore.settle`.
 public struct PendingCharge: Sendable {
-    let first: Int
-    let count: Int
-    /// What the caller needs of it; near a limit the charge settles for this much.
+    /// Consecutive pages: one charge each.
+    struct Run: Sendable {
+        let first: Int
+        let count: Int
+    }
+    let runs: [Run]
+    /// What the caller needs of them; near a limit the charge settles for this much.
     let wanted: Int
     let charger: PageCharger
     let arena: FileDescriptor
 
-    /// Charges the run, or its leading part when the charger refuses all of it near a limit
-    /// (halving down to what was wanted, then to one page). Returns the pages charged, 0 when
-    /// none fits; throws any other error (the helper died, the cgroup vanished).
-    public func charge() throws(Errno) -> Int {
-        var run = count
-        while true {
-            do {
-                try charger.charge(arena: arena, offset: Int64(first * PageStore.pageSize),
-                                   length: Int64(run * PageStore.pageSize))
-                return run
-            } catch where error == .noSpace {
-                if run == 1 { return 0 }
-                run = run > wanted ? wanted : run / 2
+    var count: Int { runs.reduce(0) { $0 + $1.count } }
+
+    /// Charges the runs in order, and of the run the charger refuses near a limit its leading
+    /// part (halving down to what is still wanted, then to one page); stops there. Returns the
+    /// pages charged, counted from the first (give them to `settle`), and any error other than
+    /// ENOSPC that stopped it (the helper died, the cgroup vanished).
+    public func charge() -> (charged: Int, failure: Errno?) {
+        var charged = 0
+        for run in runs {
+            let stillWanted = max(1, wanted - charged)
+            var n = run.count
+            while true {
+                do {
+                    try charger.charge(arena: arena, offset: Int64(run.first * PageStore.pageSize),
+                                       length: Int64(n * PageStore.pageSize))
+                    break
+                } catch where error == .noSpace {
+                    if n == 1 { return (charged, nil) }
+                    n = n > stillWanted ? stillWanted : n / 2
+                } catch {
+                    return (charged, error)
+                }
             }
+            charged += n
+            if n < run.count { break }
         }
+        return (charged, nil)
     }
 }
