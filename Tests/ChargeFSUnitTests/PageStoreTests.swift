@@ -6,11 +6,12 @@ import XCTest
 
 /// Counts charge calls (and does them, in this process).
 final class CountingCharger: PageCharger, @unchecked Sendable {
-    private let inner = DaemonCharger()
+    private let inner: DaemonCharger
     var calls = 0
-    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+    init(arena: FileDescriptor) { inner = DaemonCharger(arena: arena) }
+    func charge(offset: Int64, length: Int64) throws(Errno) {
         calls += 1
-        try inner.charge(arena: arena, offset: offset, length: length)
+        try inner.charge(offset: offset, length: length)
     }
     var summary: String { "counting" }
     func shutdown() {}
@@ -20,8 +21,13 @@ final class PageStoreTests: XCTestCase {
     /// One page at a time (a 4 KiB random write each) must be charged in batches, whether the
     /// pages are fresh or were punched out by an earlier free.
     func testSinglePageAllocationsAreChargedInBatches() throws {
-        let charger = CountingCharger()
-        let store = try PageStore(charger: charger, capacityPages: 1 << 16)
+        var made: CountingCharger?
+        let store = try PageStore(capacityPages: 1 << 16) { arena in
+            let c = CountingCharger(arena: arena)
+            made = c
+            return c
+        }
+        let charger = try XCTUnwrap(made)
         var pages: [UInt32] = []
         for _ in 0..<256 { try store.allocate(1, into: &pages) }
         XCTAssertLessThanOrEqual(charger.calls, 256 / PageStore.chargeBatch + 1, "fresh pages")

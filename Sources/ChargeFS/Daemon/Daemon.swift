@@ -128,10 +128,11 @@ public enum Daemon {
         do {
             store = try PageStore(capacityPages: capacity ?? Int(UInt32.max) - 1) { arena in
                 if let target { return try CgroupCharger(target: target, arena: arena) }
-                return DaemonCharger()
+                return DaemonCharger(arena: arena)
             }
         } catch {
-            report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
+            // A CgroupError names the target itself.
+            report(readiness, error is CgroupError ? "\(error)" : "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
             return 1
         }
         let charger = store.charger

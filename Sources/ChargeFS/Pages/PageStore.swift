@@ -37,12 +37,7 @@ public final class PageStore {
     /// Pages charged to the charger's cgroup (in use plus the reserve).
     public var pagesCharged: Int { pagesInUse + reserve.count }
 
-    /// A store whose pages the given charger pays for.
-    public convenience init(charger: PageCharger, capacityPages: Int = Int(UInt32.max) - 1) throws {
-        try self.init(capacityPages: capacityPages) { _ in charger }
-    }
-
-    /// A store with a charger made for its arena (a cgroup charger's helper needs the memfd).
+    /// A store with a charger made for its arena (a charger is built from the arena's fd).
     public init(capacityPages requested: Int = Int(UInt32.max) - 1,
                 charger makeCharger: (FileDescriptor) throws -> PageCharger) throws {
         let capacity = max(2, min(requested, Int(UInt32.max) - 1))
@@ -145,7 +140,7 @@ public final class PageStore {
     }
 
     private func chargeRun(first: Int, count: Int) throws(Errno) {
-        try charger.charge(arena: arena, offset: Int64(first * Self.pageSize), length: Int64(count * Self.pageSize))
+        try charger.charge(offset: Int64(first * Self.pageSize), length: Int64(count * Self.pageSize))
     }
 
     /// Gives pages back. Up to `reserveLimit` stay charged for reuse; the rest are punched out of
