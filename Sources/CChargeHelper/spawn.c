@@ -33,7 +33,7 @@ static __attribute__((noreturn)) void child_fail(int report_fd, int stage) {
     _exit(127);
 }
 
-static __attribute__((noreturn)) void child_exec(const char *path, char *const argv[], int arena_fd,
+static __attribute__((noreturn)) void child_exec(const char *path, int exe_fd, char *const argv[], int arena_fd,
                                                  int sock_fd, int procs_fd, int report_fd) {
     if (procs_fd >= 0 && write(procs_fd, "0\n", 2) != 2) child_fail(report_fd, 1);
     // The daemon's threads (libfuse workers) block signals, and it ignores SIGPIPE: start clean.
@@ -63,11 +63,12 @@ static __attribute__((noreturn)) void child_exec(const char *path, char *const a
         for (int fd = 5; fd < 65536; fd++) if (fd != report_fd) (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
     }
     char *const env[] = { NULL };
-    execve(path, argv, env);
+    if (exe_fd >= 0) syscall(SYS_execveat, exe_fd, "", argv, env, AT_EMPTY_PATH);
+    else execve(path, argv, env);
     child_fail(report_fd, 2);
 }
 
-pid_t chargehelper_spawn(const char *path, int arena_fd, int cgroup_dir_fd, int procs_fd,
+pid_t chargehelper_spawn(const char *path, int exe_fd, int arena_fd, int cgroup_dir_fd, int procs_fd,
                          int *sock_out, int *stage_out) {
     *stage_out = 0;
     char pidarg[24];
@@ -108,7 +109,7 @@ pid_t chargehelper_spawn(const char *path, int arena_fd, int cgroup_dir_fd, int 
     }
     if (pid == 0) {
         close(report[0]);
-        child_exec(path, argv, arena_fd, sv[1], moved_by_clone ? -1 : procs_fd, report[1]);
+        child_exec(path, exe_fd, argv, arena_fd, sv[1], moved_by_clone ? -1 : procs_fd, report[1]);
     }
     close(sv[1]);
     close(report[1]);

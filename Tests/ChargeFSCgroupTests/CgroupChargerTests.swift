@@ -329,23 +329,26 @@ final class CgroupChargerTests: XCTestCase {
         let arena = try makeArena()
         let charger = try makeCharger(cg, arena)
         charger.cacheLifetimeForTests = .seconds(60)  // the race must not depend on the guest's speed
-        try charger.charge(offset: 0, length: MiB)  // reads and caches the headroom
+        // Reads and caches the headroom. 16 MiB: the kernel scales oom_score_adj by the limit in
+        // steps of 1/1000 (integer), so below 1000 pages (4 MiB) it would count for nothing.
+        try charger.charge(offset: 0, length: 16 * MiB)
         let pid = try XCTUnwrap(charger.helperPID)
-        // A workload in the target, bigger than the helper (a victim by size alone).
-        let workload = try spawn(["/usr/bin/python3", "-c", "import time; b = bytearray(8 << 20); time.sleep(120)"], in: cg)
-        usleep(500_000)
+        // A workload in the target (its resident size is larger than the helper's).
+        let workload = try spawn(["/bin/sleep", "120"], in: cg)
+        usleep(200_000)
         let ooms = try charger.oomKillCount()
         // Behind the charger's cached reading: leave 256 KiB of room.
         XCTAssertEqual(cgWriteFile(cg + limitFile, "\(try usage(cg) + 256 * KiB)\n"), 0)
-        XCTAssertThrowsError(try charger.charge(offset: MiB, length: 8 * MiB)) { e in
+        XCTAssertThrowsError(try charger.charge(offset: 16 * MiB, length: 8 * MiB)) { e in
             XCTAssertEqual(e as? Errno, .noSpace)
         }
         XCTAssertGreaterThan(try charger.oomKillCount(), ooms, "the kernel did not OOM-kill (test did not race)")
         XCTAssertNotEqual(kill(pid, 0), 0, "the helper was not the victim")
-        XCTAssertEqual(kill(workload, 0), 0, "the workload was OOM-killed instead of the helper")
+        var st: Int32 = 0
+        XCTAssertEqual(waitpid(workload, &st, WNOHANG), 0, "the workload was OOM-killed instead of the helper")
         // With room again, a new helper charges.
         XCTAssertEqual(cgWriteFile(cg + limitFile, "\(256 * MiB)\n"), 0)
-        try charger.charge(offset: MiB, length: 8 * MiB)
+        try charger.charge(offset: 16 * MiB, length: 8 * MiB)
         XCTAssertNotEqual(try XCTUnwrap(charger.helperPID), pid)
     }
 

@@ -21,7 +21,9 @@ enum { CHARGEHELPER_READY = 'r' };
 struct chargehelper_request { int64_t offset; int64_t length; };
 struct chargehelper_reply { int32_t err; };
 
-/// Starts the helper program `path` in a cgroup, holding a copy of `arena_fd`.
+/// Starts the helper program `path` (executed through `exe_fd`, an O_RDONLY fd of it the daemon
+/// keeps open, when >= 0: the same file however the path changes, and its pages stay cached) in
+/// a cgroup, holding a copy of `arena_fd`.
 /// - cgroup_dir_fd >= 0 (cgroup v2): the child starts in that cgroup (clone3 CLONE_INTO_CGROUP),
 ///   so not one of its pages is charged anywhere else. Where clone3 is missing (ENOSYS, before
 ///   5.7), falls back to the procs way below.
@@ -32,7 +34,7 @@ struct chargehelper_reply { int32_t err; };
 /// empty environment. Returns the pid and stores the daemon's end of the socket pair
 /// (close-on-exec) in *sock_out; -1 with errno on failure (the child's errno when the move into
 /// the cgroup or the exec failed; then *stage_out says which: 1 move, 2 exec, 0 before).
-pid_t chargehelper_spawn(const char *path, int arena_fd, int cgroup_dir_fd, int procs_fd,
+pid_t chargehelper_spawn(const char *path, int exe_fd, int arena_fd, int cgroup_dir_fd, int procs_fd,
                          int *sock_out, int *stage_out);
 
 /// access(path, mode) as seen by uid/gid (no supplementary groups), checked by the kernel in a

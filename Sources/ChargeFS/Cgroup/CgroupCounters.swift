@@ -14,8 +14,9 @@ public struct CgroupLevelUsage: Sendable {
 }
 
 extension CgroupTarget {
-    /// Usage and limit of each level (target first). memory.stat is read only if `reclaimable`.
-    public func levelUsages(reclaimable: Bool) throws(CgroupError) -> [CgroupLevelUsage] {
+    /// Usage and limit of each level (target first). memory.stat is read only if `reclaimable`;
+    /// `ownMapped` is what of the mapped file pages is the charger's own (see reclaimableBytes).
+    public func levelUsages(reclaimable: Bool, ownMapped: Int64 = 0) throws(CgroupError) -> [CgroupLevelUsage] {
         var out: [CgroupLevelUsage] = []
         out.reserveCapacity(levels.count)
         for level in levels {
@@ -26,7 +27,7 @@ extension CgroupTarget {
             }
             var rec: Int64?
             if reclaimable, let stat = level.stat {
-                rec = try reclaimableBytes(stat, level.path)
+                rec = try reclaimableBytes(stat, level.path, ownMapped: ownMapped)
             }
             out.append(CgroupLevelUsage(path: level.path, usage: usage, limit: limit, reclaimable: rec))
         }
@@ -36,14 +37,33 @@ extension CgroupTarget {
     /// Bytes that can still be charged before some level reaches its limit: min over the limited
     /// levels of (limit - usage [+ reclaimable]); nil when no level is limited. Not yet reduced by
     /// any safety margin (that is the charger's business). May be negative.
-    public func headroom(reclaimable: Bool) throws(CgroupError) -> Int64? {
+    public func headroom(reclaimable: Bool, ownMapped: Int64 = 0) throws(CgroupError) -> Int64? {
         var best: Int64?
-        for l in try levelUsages(reclaimable: reclaimable) {
+        for l in try levelUsages(reclaimable: reclaimable, ownMapped: ownMapped) {
             guard let limit = l.limit else { continue }
             let room = limit - l.usage + (l.reclaimable ?? 0)
             best = min(best ?? room, room)
         }
         return best
+    }
+
+    /// v2: asks the kernel to reclaim, now, from every limited level that has less than `bytes`
+    /// of room, what it lacks (memory.reclaim, Linux 5.19+). Best effort: the caller reads the
+    /// counters again, so only what was really freed counts. False where there is no
+    /// memory.reclaim (v1, older kernels).
+    @discardableResult
+    public func reclaim(toFit bytes: Int64) -> Bool {
+        guard version == .v2 else { return false }
+        guard let usages = try? levelUsages(reclaimable: false) else { return false }
+        var any = false
+        for l in usages {
+            guard let limit = l.limit, limit - l.usage < bytes else { continue }
+            let lacking = bytes - (limit - l.usage)
+            let e = cgWriteFile(l.path + "/memory.reclaim", "\(lacking + 64 * 1024)\n")
+            if e == ENOENT || e == EINVAL { return any }
+            any = true  // EAGAIN: it freed less; the counters say how much
+        }
+        return any
     }
 
     /// The target's own usage and limit (nil = unlimited).
@@ -60,18 +80,21 @@ extension CgroupTarget {
         return try cgStatValue(readFD(fd, resolvedPath), "oom_kill") ?? 0
     }
 
-    /// Clean, unmapped file pages. Mapped ones (the executables and libraries of the cgroup's
-    /// running processes) show as active/inactive file but the kernel's reclaim does not get them
-    /// back in time: counting them let a pod's fill end in OOM kills. Dirty and writeback pages
-    /// cannot be dropped at once either.
-    private func reclaimableBytes(_ fd: FileDescriptor, _ path: String) throws(CgroupError) -> Int64 {
+    /// Clean file pages that no process maps. Mapped ones (the executables and libraries of the
+    /// cgroup's running processes) show as active/inactive file, but the kernel's reclaim does
+    /// not get them back in time: counting them let a pod's fill end in OOM kills. The mapped
+    /// count (file_mapped, v1 mapped_file) also holds shmem pages mapped by someone: the arena's
+    /// pages the daemon maps, which are not on the file lists; `ownMapped` (the leaf's mapped
+    /// count) takes those out again. Dirty and writeback pages cannot be dropped at once either.
+    private func reclaimableBytes(_ fd: FileDescriptor, _ path: String, ownMapped: Int64) throws(CgroupError) -> Int64 {
         let text = try readFD(fd, path)
         let keys = version == .v2
-            ? (["active_file", "inactive_file"], ["file_mapped", "file_dirty", "file_writeback"])
-            : (["total_active_file", "total_inactive_file"], ["total_mapped_file", "total_dirty", "total_writeback"])
+            ? (["active_file", "inactive_file"], ["file_dirty", "file_writeback"], "file_mapped")
+            : (["total_active_file", "total_inactive_file"], ["total_dirty", "total_writeback"], "total_mapped_file")
         var sum: Int64 = 0
         for k in keys.0 { sum += cgStatValue(text, k) ?? 0 }
         for k in keys.1 { sum -= cgStatValue(text, k) ?? 0 }
+        sum -= max(0, (cgStatValue(text, keys.2) ?? 0) - ownMapped)
         return max(0, sum)
     }
 

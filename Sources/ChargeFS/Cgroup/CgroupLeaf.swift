@@ -25,6 +25,13 @@ public struct CgroupLeaf: Sendable {
         return (try? cgReadFile(file)).flatMap { Int64($0.cgTrimmed) }
     }
 
+    /// Mapped pages charged to the leaf (the arena pages the daemon maps, the helper's own);
+    /// 0 where the leaf has no memory counters.
+    public var mappedBytes: Int64 {
+        guard let stat = try? cgReadFile(path + "/memory.stat") else { return 0 }
+        return cgStatValue(stat, version == .v1 ? "mapped_file" : "file_mapped") ?? 0
+    }
+
     /// True while the leaf is frozen (v2 cgroup.freeze on it or an ancestor: docker pause,
     /// systemctl freeze): its processes run again only after the thaw.
     public var isFrozen: Bool {

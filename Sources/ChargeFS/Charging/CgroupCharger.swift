@@ -48,6 +48,8 @@ public final class CgroupCharger: PageCharger {
     /// Our own copy of the arena fd: each helper inherits it.
     private let arenaFD: Int32
     private let helperPath: String
+    /// The helper program, open (see ChargeHelper.openProgram); -1 if it could not be opened.
+    private let programFD: Int32
     private let channel: Mutex<Channel>
     private let closed = Atomic<Bool>(false)
     private let starts = Atomic<Int>(0)
@@ -78,14 +80,20 @@ public final class CgroupCharger: PageCharger {
             throw CgroupError(.io, "memcg=\(target.path): the charge helper \(path) is missing or not executable (install \(ChargeHelper.programName) next to chargefsd)")
         }
         self.helperPath = path
+        programFD = ChargeHelper.openProgram(path)
         let fd = fcntl(arena.rawValue, F_DUPFD_CLOEXEC, 3)
-        guard fd >= 0 else { throw cgErrnoError(target.path, errno, what: "dup of the arena") }
+        guard fd >= 0 else {
+            let e = errno
+            if programFD >= 0 { close(programFD) }
+            throw cgErrnoError(target.path, e, what: "dup of the arena")
+        }
         arenaFD = fd
         let leaf: CgroupLeaf
         do {
             leaf = try target.createLeaf()
         } catch {
             close(fd)
+            if programFD >= 0 { close(programFD) }
             throw error
         }
         self.leaf = leaf
@@ -93,11 +101,12 @@ public final class CgroupCharger: PageCharger {
         let before = (try? target.targetUsage().usage) ?? 0
         do {
             ch.oomBaseline = try Self.oomCount(target, leaf)
-            ch.helper = try ChargeHelper.start(executable: path, arena: fd, leaf: leaf, userPath: target.path,
+            ch.helper = try ChargeHelper.start(executable: path, programFD: programFD, arena: fd, leaf: leaf, userPath: target.path,
                                                wait: .init(timeoutMs: Self.helperTimeoutMs, isFrozen: { leaf.isFrozen }, cancelled: { false }))
         } catch {
             try? target.removeLeaf(leaf)
             close(fd)
+            if programFD >= 0 { close(programFD) }
             throw error
         }
         starts.store(1, ordering: .relaxed)
@@ -128,7 +137,7 @@ public final class CgroupCharger: PageCharger {
 
     public func availableBytes() -> Int64? {
         do throws(CgroupError) {
-            guard let room = try target.headroom(reclaimable: true) else { return nil }
+            guard let room = try target.headroom(reclaimable: true, ownMapped: leaf.mappedBytes) else { return nil }
             return max(0, room - marginBytes)
         } catch {
             return 0
@@ -149,6 +158,7 @@ public final class CgroupCharger: PageCharger {
             Log.line("\(error)")
         }
         close(arenaFD)
+        if programFD >= 0 { close(programFD) }
     }
 
     // MARK: status
@@ -193,7 +203,8 @@ public final class CgroupCharger: PageCharger {
 
     /// Headroom now, less the margin and, with no helper running, the memory a new one needs.
     private func room(_ ch: Channel, reclaimable: Bool) throws(CgroupError) -> Int64? {
-        try target.headroom(reclaimable: reclaimable).map { $0 - marginBytes - (ch.helper == nil ? helperFootprint : 0) }
+        try target.headroom(reclaimable: reclaimable, ownMapped: reclaimable ? leaf.mappedBytes : 0)
+            .map { $0 - marginBytes - (ch.helper == nil ? helperFootprint : 0) }
     }
 
     private func checkRoom(_ ch: inout Channel, _ length: Int64) throws(Errno) {
@@ -221,6 +232,17 @@ public final class CgroupCharger: PageCharger {
                 throw fail(&ch, error)
             }
             if let r2 = withCache, length > r2 { throw Errno.noSpace }
+            // v2: have the kernel reclaim what is missing, and count only what it really freed
+            // (the estimate above cannot tell every unreclaimable page).
+            if target.reclaim(toFit: length + marginBytes + (ch.helper == nil ? helperFootprint : 0)) {
+                let after: Int64?
+                do throws(CgroupError) {
+                    after = try room(ch, reclaimable: false)
+                } catch {
+                    throw fail(&ch, error)
+                }
+                if let a = after, length > a { throw Errno.noSpace }
+            }
             return
         }
         ch.roomSeen = fresh
@@ -269,9 +291,10 @@ public final class CgroupCharger: PageCharger {
         let now = ContinuousClock.now
         if let next = ch.nextStartAt, now < next { throw Errno.ioError }
         do throws(CgroupError) {
-            let h = try ChargeHelper.start(executable: helperPath, arena: arenaFD, leaf: leaf,
+            let h = try ChargeHelper.start(executable: helperPath, programFD: programFD, arena: arenaFD, leaf: leaf,
                                            userPath: target.path, wait: wait)
-            starts.add(1, ordering: .relaxed)
+            let n = starts.add(1, ordering: .relaxed).newValue
+            Log.line("\(summary): charge helper pid \(h.pid) started (helper \(n) of this mount)")
             ch.helper = h
             ch.failedStarts = 0
             ch.nextStartAt = nil
