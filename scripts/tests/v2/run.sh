@@ -18,7 +18,7 @@ if [ ! -x "$bundle" ]; then
   echo "0 passed, 1 failed"; exit 1
 fi
 out=$(mktemp)
-"$bundle" ChargeFSTests.CgroupChargerTests 2>&1 | tee "$out"
+"$bundle" ChargeFSCgroupTests.CgroupChargerTests 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 pass=$(grep -c "^Test Case .* passed" "$out")
 fail=$(grep -c "^Test Case .* failed" "$out")
