@@ -637,7 +637,7 @@ t_helper_killed() {
   local leaf hp; leaf=$(leaf_of "$T"); hp=$(cat "$leaf/cgroup.procs")
   log "  leaf $leaf, helper $hp ($(cat "/proc/$hp/comm" 2>/dev/null)), oom_score_adj $(cat "/proc/$hp/oom_score_adj" 2>/dev/null)"
   check "one helper in the leaf" [ "$(wc -w <<<"$hp")" = 1 ]
-  check "the helper is the exec'd program chargefs-charge-helper" grep -qx chargefs-charge "/proc/$hp/comm"
+  check "the helper is the exec'd program chargefs-charge-helper" bash -c "tr '\\0' '\\n' < /proc/$hp/cmdline | head -1 | grep -q '/chargefs-charge-helper\$'"
   check "idle, the helper has its daemon's oom_score_adj" [ "$(cat "/proc/$hp/oom_score_adj")" = "$(cat "/proc/$DPID/oom_score_adj")" ]
   kill -9 "$hp"
   check "after SIGKILL of the helper the next write succeeds" dd if="$SCR/src" of="$MNT/two" bs=1M skip=8 count=8 conv=fsync status=none
