@@ -461,6 +461,97 @@ final class CgroupChargerTests: XCTestCase {
         XCTAssertNotEqual(access(charger.leaf.path, F_OK), 0, "shutdown leaves the leaf")
     }
 
+    /// Charges from many threads at once, with no lock of the caller's: every byte is charged once.
+    func testConcurrentCharges() throws {
+        let cg = try makeCgroup(limit: 256 * MiB)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        let before = try usage(cg)
+        let failures = Mutex(0)
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            for i in 0..<16 {
+                do throws(Errno) {
+                    try charger.charge(offset: Int64(t * 16 + i) * 256 * KiB, length: 256 * KiB)
+                } catch {
+                    failures.withLock { $0 += 1 }
+                }
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, 0)
+        assertNear(try usage(cg) - before, 16 * MiB, 512 * KiB, "target charged")
+        XCTAssertEqual(charger.helperStarts, 1)
+    }
+
+    /// A charge whose helper cannot answer (v2: the target frozen, as by docker pause; v1: the
+    /// helper stopped) waits, without a time limit while frozen, and completes after the thaw;
+    /// meanwhile availableBytes (statfs) answers at once. Unmount ends such a wait.
+    func testFrozenTargetChargeWaitsAndRoomAnswers() throws {
+        let (_, version) = try XCTUnwrap(Self.memoryParent())
+        let cg = try makeCgroup(limit: 64 * MiB)
+        let arena = try makeArena()
+        let charger = try makeCharger(cg, arena)
+        try charger.charge(offset: 0, length: MiB)
+        let pid = try XCTUnwrap(charger.helperPID)
+        func freeze(_ on: Bool) {
+            if version == .v2 {
+                XCTAssertEqual(cgWriteFile(cg + "/cgroup.freeze", on ? "1\n" : "0\n"), 0)
+            } else {
+                XCTAssertEqual(kill(pid, on ? SIGSTOP : SIGCONT), 0)
+            }
+        }
+        freeze(true)
+        if version == .v2 {
+            var tries = 0
+            while !charger.leaf.isFrozen && tries < 500 { usleep(10_000); tries += 1 }
+            XCTAssertTrue(charger.leaf.isFrozen)
+        }
+        let outcome = Mutex<Errno??>(nil)  // nil: still waiting
+        let waiter = Thread {
+            do throws(Errno) {
+                try charger.charge(offset: MiB, length: 4 * MiB)
+                outcome.withLock { $0 = .some(nil) }
+            } catch {
+                outcome.withLock { $0 = .some(error) }
+            }
+        }
+        waiter.start()
+        usleep(2_500_000)  // past the helper wait's one-second slices
+        XCTAssertNil(outcome.withLock { $0 }, "the charge did not wait for the frozen helper")
+        let t0 = ContinuousClock.now
+        let room = charger.availableBytes()
+        let status = charger.statusLine
+        XCTAssertLessThan(ContinuousClock.now - t0, .milliseconds(500), "availableBytes waited for the charge")
+        XCTAssertNotNil(room)
+        XCTAssertTrue(status.hasPrefix("memcg="))
+        XCTAssertEqual(kill(pid, 0), 0, "the waiting helper was killed")
+        freeze(false)
+        var tries = 0
+        while outcome.withLock({ $0 }) == nil && tries < 1000 { usleep(10_000); tries += 1 }
+        XCTAssertEqual(outcome.withLock { $0 }, .some(nil), "the charge did not complete after the thaw")
+        XCTAssertEqual(charger.helperPID, pid)
+
+        // Frozen again, a waiting charge is ended by shutdown (unmount) within seconds.
+        freeze(true)
+        outcome.withLock { $0 = nil }
+        let second = Thread {
+            do throws(Errno) {
+                try charger.charge(offset: 8 * MiB, length: MiB)
+                outcome.withLock { $0 = .some(nil) }
+            } catch {
+                outcome.withLock { $0 = .some(error) }
+            }
+        }
+        second.start()
+        usleep(1_500_000)
+        let s0 = ContinuousClock.now
+        charger.shutdown()
+        XCTAssertLessThan(ContinuousClock.now - s0, .seconds(5), "shutdown waited for the frozen target")
+        tries = 0
+        while outcome.withLock({ $0 }) == nil && tries < 500 { usleep(10_000); tries += 1 }
+        XCTAssertEqual(outcome.withLock { $0 }, .some(.ioError))
+        if version == .v2 { freeze(false) }  // (v1: the stopped helper is gone with the charger)
+    }
+
     /// On v2 the target's cgroup.subtree_control is left as found: an emptied target takes
     /// processes again after the charger is gone.
     func testTargetSetupLeftAsFound() throws {
