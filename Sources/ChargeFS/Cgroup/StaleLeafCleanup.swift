@@ -16,15 +16,11 @@ public enum StaleLeafCleanup {
         public var inUse: [String] = []
     }
 
-    /// Cleans the stale leaves below the target at `path` (as given by the user).
+    /// Cleans the stale leaves below the target at `path` (as given by the user), which must be
+    /// a memory cgroup the caller may use as a target.
     public static func run(target path: String) throws(CgroupError) -> Result {
-        let resolved = try cgRealPath(path)
-        var st = stat()
-        guard stat(resolved, &st) == 0 else { throw cgErrnoError(path, errno) }
-        guard (st.st_mode & S_IFMT) == S_IFDIR else {
-            throw CgroupError(.notDirectory, "memcg=\(path): not a directory (resolves to \(resolved))")
-        }
-        return try run(resolved: resolved, userPath: path)
+        let target = try CgroupTarget.resolve(path)
+        return try run(resolved: target.resolvedPath, userPath: path)
     }
 
     static func run(resolved: String, userPath: String) throws(CgroupError) -> Result {
