@@ -5,6 +5,8 @@ let package = Package(
     name: "chargefs",
     products: [
         .executable(name: "chargefsd", targets: ["chargefsd"]),
+        // Installed next to chargefsd: the daemon starts it from there (memcg= mounts).
+        .executable(name: "chargefs-charge-helper", targets: ["chargefs-charge-helper"]),
         .library(name: "ChargeFS", targets: ["ChargeFS"]),
     ],
     dependencies: [
@@ -17,12 +19,23 @@ let package = Package(
             pkgConfig: "fuse3",
             providers: [.apt(["libfuse3-dev"])]
         ),
+        // The charge helper's protocol, and the daemon's side of starting it (C: between fork
+        // and exec only async-signal-safe calls); the mounter's permission check (access_as).
+        .target(name: "CChargeHelper"),
+        // The charge helper program: a small C executable exec'd into the target's leaf cgroup.
+        // Linked statically and without the Swift runtime: its memory is charged to the target.
+        .executableTarget(
+            name: "chargefs-charge-helper",
+            dependencies: ["CChargeHelper"],
+            linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "--gc-sections"])]
+        ),
         // Folders by layer, each with a README saying what lives there and what it may call:
         // Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup -> Support (Daemon on top).
         .target(
             name: "ChargeFS",
             dependencies: [
                 "CFuse",
+                "CChargeHelper",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             exclude: ["Bridge", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support"]

@@ -27,8 +27,6 @@
 #include <linux/memfd.h>
 #include <syslog.h>
 
-extern pid_t _Fork(void);  /* glibc 2.34+, declared only under _GNU_SOURCE */
-
 /* libfuse starts a worker when a request arrives and none is idle, up to max_threads, and ends
    workers beyond idle_threads once they are idle again. */
 static inline int cfuse_session_loop_mt(struct fuse_session *se, int clone_fd, unsigned idle_threads, unsigned max_threads) {
@@ -77,8 +75,6 @@ enum {
     CFUSE_SEEK_HOLE = 4,  /* SEEK_HOLE */
     CFUSE_MFD_CLOEXEC = MFD_CLOEXEC,
     CFUSE_TMPFS_MAGIC = TMPFS_MAGIC,
-    CFUSE_CGROUP_SUPER_MAGIC = CGROUP_SUPER_MAGIC,
-    CFUSE_CGROUP2_SUPER_MAGIC = CGROUP2_SUPER_MAGIC,
 };
 
 
@@ -104,113 +100,5 @@ enum {
     CFUSE_MADV_NOHUGEPAGE = 15,  /* MADV_NOHUGEPAGE */
     CFUSE_MADV_DONTDUMP = 16,    /* MADV_DONTDUMP */
 };
-
-// ---- Charge helper (cgroup charging) --------------------------------------------------------
-// A forked (never exec'd) child that sits in a leaf cgroup of the memcg= target and instantiates
-// arena ranges with fallocate, so the kernel charges those pages to that cgroup. The child runs
-// only raw syscalls (async-signal-safe: the parent is a multithreaded Swift process).
-#include <signal.h>
-#include <sys/wait.h>
-
-enum { CFUSE_HELPER_ARENA_FD = 3, CFUSE_HELPER_SOCK_FD = 4 };
-struct cfuse_charge_request { int64_t offset; int64_t length; };
-struct cfuse_charge_reply { int32_t err; };
-
-static inline __attribute__((noreturn)) void cfuse_charge_helper_main(pid_t parent, int arena_fd, int sock_fd) {
-    // Die with the daemon. PDEATHSIG follows the forking *thread*; the socket's EOF (the daemon's
-    // end closes when its process exits) is the primary exit path, this is the belt.
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) _exit(120);
-    if (getppid() != parent) _exit(121);  // the daemon died before prctl took effect
-    prctl(PR_SET_NAME, "chargefs-helper");  // 15 chars: how cleanupStale recognises helpers
-    // Handlers inherited from the parent would run Swift code in this half-copied process.
-    for (int sig = 1; sig < NSIG; sig++) {
-        if (sig == SIGKILL || sig == SIGSTOP) continue;
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = SIG_DFL;
-        (void)sigaction(sig, &sa, NULL);
-    }
-    sigset_t none;
-    sigemptyset(&none);
-    (void)sigprocmask(SIG_SETMASK, &none, NULL);
-    // Move our two fds to 3 and 4 (via copies >= 5, so neither clobbers the other).
-    int a = fcntl(arena_fd, F_DUPFD, 5), s = fcntl(sock_fd, F_DUPFD, 5);
-    if (a < 0 || s < 0) _exit(122);
-    if (dup2(a, CFUSE_HELPER_ARENA_FD) != CFUSE_HELPER_ARENA_FD) _exit(123);
-    if (dup2(s, CFUSE_HELPER_SOCK_FD) != CFUSE_HELPER_SOCK_FD) _exit(123);
-    // Every other fd goes, /dev/fuse above all: a helper holding it would keep a dead daemon's
-    // mount from ever reporting ENOTCONN.
-    if (syscall(SYS_close_range, 5U, ~0U, 0U) != 0) {
-        struct { uint64_t cur, max; } rl;  // struct rlimit64, without <sys/resource.h>
-        unsigned long max = 65536;
-        if (syscall(SYS_prlimit64, 0, 7 /* RLIMIT_NOFILE */, NULL, &rl) == 0 && rl.cur < (1UL << 24)) max = rl.cur;
-        for (unsigned long fd = 5; fd < max; fd++) (void)close((int)fd);
-    }
-    (void)close(0); (void)close(1); (void)close(2);
-    for (int i = 0; i < 3; i++) if (open("/dev/null", O_RDWR) < 0) _exit(124);
-    // Wait for "go": the parent first moves us into the leaf cgroup and sets oom_score_adj.
-    char go = 0;
-    ssize_t n;
-    do n = recv(CFUSE_HELPER_SOCK_FD, &go, 1, 0); while (n < 0 && errno == EINTR);
-    if (n != 1 || go != 'g') _exit(0);
-    for (;;) {
-        struct cfuse_charge_request rq;
-        n = recv(CFUSE_HELPER_SOCK_FD, &rq, sizeof rq, 0);
-        if (n == 0) _exit(0);
-        if (n < 0) { if (errno == EINTR) continue; _exit(125); }
-        struct cfuse_charge_reply rp = { 0 };
-        if (n != (ssize_t)sizeof rq || rq.offset < 0 || rq.length <= 0) rp.err = EINVAL;
-        else while (cfuse_fallocate(CFUSE_HELPER_ARENA_FD, 0, rq.offset, rq.length) != 0) {
-            if (errno == EINTR) continue;
-            rp.err = errno;
-            break;
-        }
-        if (send(CFUSE_HELPER_SOCK_FD, &rp, sizeof rp, MSG_NOSIGNAL) != (ssize_t)sizeof rp) _exit(0);
-    }
-}
-
-/// Forks a charge helper holding a copy of arena_fd. Returns its pid and stores the daemon's end
-/// of a SOCK_SEQPACKET pair (close-on-exec) in *sock_out; -1 with errno on failure. The helper
-/// waits for one byte 'g' before serving requests.
-static inline pid_t cfuse_spawn_charge_helper(int arena_fd, int *sock_out) {
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return -1;
-    pid_t parent = getpid();
-    pid_t pid = _Fork();  // no atfork handlers: the child must not touch locks or malloc
-    if (pid < 0) {
-        int e = errno;
-        close(sv[0]); close(sv[1]);
-        errno = e;
-        return -1;
-    }
-    if (pid == 0) cfuse_charge_helper_main(parent, arena_fd, sv[1]);
-    close(sv[1]);
-    *sock_out = sv[0];
-    return pid;
-}
-
-/// access(path, mode) as seen by uid/gid (no supplementary groups), checked by the kernel in a
-/// forked child that drops to those ids. Returns 0 or -errno.
-static inline int cfuse_access_as(const char *path, int mode, uid_t uid, gid_t gid) {
-    pid_t pid = _Fork();
-    if (pid < 0) return -errno;
-    if (pid == 0) {
-        if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0 ||
-            syscall(SYS_setresuid, uid, uid, uid) != 0) _exit(255);
-        _exit(access(path, mode) == 0 ? 0 : (errno & 0x7f));
-    }
-    int st = 0;
-    while (waitpid(pid, &st, 0) < 0) if (errno != EINTR) return -errno;
-    if (!WIFEXITED(st)) return -ECHILD;
-    int code = WEXITSTATUS(st);
-    return code == 255 ? -EPERM : -code;
-}
-
-static inline int cfuse_wifexited(int st) { return WIFEXITED(st); }
-static inline int cfuse_wexitstatus(int st) { return WEXITSTATUS(st); }
-static inline int cfuse_wifsignaled(int st) { return WIFSIGNALED(st); }
-static inline int cfuse_wtermsig(int st) { return WTERMSIG(st); }
-static inline int cfuse_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
-static inline int cfuse_pidfd_send_signal(int pidfd, int sig) { return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0); }
 
 #endif

@@ -25,7 +25,17 @@ if options.showVersion {
     exit(0)
 }
 if let target = options.cleanupTarget {
-    exit(chargefsdCleanupCommand(target))
+    // Removes the leaves dead daemons left below the target; a leaf holding a process (a live
+    // daemon's helper, whatever its PID namespace) is kept, and nothing is killed.
+    do throws(CgroupError) {
+        let result = try StaleLeafCleanup.run(target: target)
+        for leaf in result.removed { print("removed \(leaf)") }
+        for leaf in result.inUse { print("kept \(leaf) (in use)") }
+        if result.removed.isEmpty && result.inUse.isEmpty { print("nothing to clean below \(target)") }
+        exit(0)
+    } catch {
+        fail(error.description)
+    }
 }
 
 do throws(UsageError) {
@@ -37,7 +47,7 @@ do throws(UsageError) {
 var target: CgroupTarget?
 if let memcg = options.memcg {
     do throws(CgroupError) {
-        target = try CgroupTarget.resolve(memcg)
+        target = try CgroupTarget.resolve(memcg, limitPolicy: options.memcgLimit)
     } catch {
         fail(error.description)
     }

@@ -8,17 +8,18 @@ import XCTest
 
 /// A charger that blocks every charge until opened, as a frozen target's helper does.
 final class GateCharger: PageCharger, @unchecked Sendable {
-    private let inner = DaemonCharger()
+    private let inner: DaemonCharger
     private let opened = DispatchSemaphore(value: 0)
     private let waiting = Atomic<Int>(0)
+    init(arena: FileDescriptor) { inner = DaemonCharger(arena: arena) }
     var chargesWaiting: Int { waiting.load(ordering: .relaxed) }
     func open() { opened.signal() }
-    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+    func charge(offset: Int64, length: Int64) throws(Errno) {
         waiting.add(1, ordering: .relaxed)
         opened.wait()
         opened.signal()  // stays open for every later charge
         waiting.subtract(1, ordering: .relaxed)
-        try inner.charge(arena: arena, offset: offset, length: length)
+        try inner.charge(offset: offset, length: length)
     }
     var summary: String { "gate" }
     func shutdown() {}
@@ -30,11 +31,17 @@ final class ChargeOutsideLockTests: XCTestCase {
     let me = Caller(uid: 1000, gid: 1000)
 
     func testOtherOperationsGoOnWhileAChargeWaits() throws {
-        let gate = GateCharger()
+        var made: GateCharger?
         var config = FileSystemConfig()
         config.maxBytes = 1 << 30
         // The reserve starts empty, so the first new page needs a charge.
-        let fs = FileSystem(config: config, store: try PageStore(charger: gate, capacityPages: 1 << 16))
+        let store = try PageStore(capacityPages: 1 << 16) { arena in
+            let g = GateCharger(arena: arena)
+            made = g
+            return g
+        }
+        let fs = FileSystem(config: config, store: store)
+        let gate = try XCTUnwrap(made)
         let root = InodeNumber.root
         let me = self.me
         func create(_ name: String) throws -> InodeNumber {
@@ -92,25 +99,23 @@ final class ChargeOutsideLockTests: XCTestCase {
     /// Freed pages scattered over the arena (every other one) are charged again in as many runs
     /// as it takes: a large write is stored whole, not cut short after a few one-page charges.
     func testWriteOverScatteredFreePagesIsStoredWhole() throws {
-        let counting = CountingCharger()
         var config = FileSystemConfig()
         config.maxBytes = 1 << 30
-        let fs = FileSystem(config: config, store: try PageStore(charger: counting, capacityPages: 1 << 16))
+        let fs = FileSystem(config: config, store: try PageStore(capacityPages: 1 << 16) { CountingCharger(arena: $0) })
         let page = [UInt8](repeating: 1, count: PageStore.pageSize)
         var files: [FileName] = []
         for i in 0..<600 {
             let name = Array("f\(i)".utf8)
-            let ino = try fs.create(parent: .root, name: name, mode: 0o100644, caller: me).ino
+            let ino = try fs.create(parent: InodeNumber.root, name: name, mode: 0o100644, caller: me).ino
             _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
             fs.release(ino)
             files.append(name)
         }
         for name in files.enumerated().filter({ $0.offset % 2 == 0 }).map(\.element) {
-            try fs.unlink(parent: .root, name: name)
+            try fs.unlink(parent: InodeNumber.root, name: name)
         }
         let big = [UInt8](repeating: 0xCD, count: 1 << 20)
-        let ino = try fs.create(parent: .root, name: Array("big".utf8), mode: 0o100644, caller: me).ino
-        counting.calls = 0
+        let ino = try fs.create(parent: InodeNumber.root, name: Array("big".utf8), mode: 0o100644, caller: me).ino
         let written = try big.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
         XCTAssertEqual(written, big.count, "stored whole over 236 scattered free pages and fresh ones")
         var back: [UInt8] = []

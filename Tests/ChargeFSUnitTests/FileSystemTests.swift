@@ -14,7 +14,7 @@ final class FileSystemTests: XCTestCase {
         var config = FileSystemConfig()
         config.maxBytes = maxBytes
         config.maxInodes = maxInodes
-        let store = try PageStore(charger: DaemonCharger(), capacityPages: 1 << 20)
+        let store = try PageStore(capacityPages: 1 << 20) { DaemonCharger(arena: $0) }
         return FileSystem(config: config, store: store)
     }
 

@@ -24,6 +24,12 @@ final class MountOptionsTests: XCTestCase {
         XCTAssertEqual(try MountOptions.parse(["/m", "-o", "direct_io"]).fileSystemConfig.caching, .direct)
     }
 
+    func testMemcgLimitPolicy() throws {
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "memcg=/sys/fs/cgroup/pod"]).memcgLimit, .high)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "memcg=/sys/fs/cgroup/pod,memcg_limit=max"]).memcgLimit, .max)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "memcg_limit=high"]).memcgLimit, .high)
+    }
+
     func testSizeForms() throws {
         XCTAssertEqual(try MountOptions.parseSize("4096", option: "size"), 4096)
         XCTAssertEqual(try MountOptions.parseSize("2k", option: "size"), 2048)
@@ -46,6 +52,8 @@ final class MountOptionsTests: XCTestCase {
             (["/m", "-o", "uid=bob"], "uid=bob"),
             (["/m", "-o", "bogus"], "unknown mount option 'bogus'"),
             (["/m", "-o", "memcg=relative"], "memcg=relative"),
+            (["/m", "-o", "memcg_limit=soft"], "memcg_limit=soft: must be high or max"),
+            (["/m", "-o", "memcg_limit"], "mount option 'memcg_limit' needs a value"),
             (["/m", "-o", "cache=automatic"], "cache=automatic: must be direct or page"),
             (["/m", "-o", "cache"], "mount option 'cache' needs a value"),
             (["/m", "-o"], "-o needs"),

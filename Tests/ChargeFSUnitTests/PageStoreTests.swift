@@ -6,11 +6,12 @@ import XCTest
 
 /// Counts charge calls (and does them, in this process).
 final class CountingCharger: PageCharger, @unchecked Sendable {
-    private let inner = DaemonCharger()
+    private let inner: DaemonCharger
     var calls = 0
-    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+    init(arena: FileDescriptor) { inner = DaemonCharger(arena: arena) }
+    func charge(offset: Int64, length: Int64) throws(Errno) {
         calls += 1
-        try inner.charge(arena: arena, offset: offset, length: length)
+        try inner.charge(offset: offset, length: length)
     }
     var summary: String { "counting" }
     func shutdown() {}
@@ -20,8 +21,13 @@ final class PageStoreTests: XCTestCase {
     /// One page at a time (a 4 KiB random write each) must be charged in batches, whether the
     /// pages are fresh or were punched out by an earlier free.
     func testSinglePageAllocationsAreChargedInBatches() throws {
-        let charger = CountingCharger()
-        let store = try PageStore(charger: charger, capacityPages: 1 << 16)
+        var made: CountingCharger?
+        let store = try PageStore(capacityPages: 1 << 16) { arena in
+            let c = CountingCharger(arena: arena)
+            made = c
+            return c
+        }
+        let charger = try XCTUnwrap(made)
         var pages: [UInt32] = []
         for _ in 0..<256 { try store.allocate(1, into: &pages) }
         XCTAssertLessThanOrEqual(charger.calls, 256 / PageStore.chargeBatch + 1, "fresh pages")
@@ -62,7 +68,7 @@ final class PageStoreTests: XCTestCase {
     /// Zeroing for the reserve fails (a pwrite error): the page must be punched instead, and the
     /// next file that gets it reads zeros.
     func testPageThatCannotBeZeroedIsPunchedNotReused() throws {
-        let store = try PageStore(charger: DaemonCharger(), capacityPages: 512)
+        let store = try PageStore(capacityPages: 512) { DaemonCharger(arena: $0) }
         var pages: [UInt32] = []
         try store.allocate(8, into: &pages)
         try fillStale(store, pages)
@@ -82,7 +88,7 @@ final class PageStoreTests: XCTestCase {
 
     /// Neither zeroing nor punching works: the page is never handed out again.
     func testPageThatCanBeNeitherZeroedNorPunchedIsNeverReused() throws {
-        let store = try PageStore(charger: DaemonCharger(), capacityPages: 512)
+        let store = try PageStore(capacityPages: 512) { DaemonCharger(arena: $0) }
         var pages: [UInt32] = []
         try store.allocate(8, into: &pages)
         try fillStale(store, pages)
@@ -103,7 +109,7 @@ final class PageStoreTests: XCTestCase {
     /// Over the reserve limit pages are punched; a punch that fails for one page of a run loses
     /// that page only.
     func testFailedPunchLosesOnlyThePagesItFailedFor() throws {
-        let store = try PageStore(charger: DaemonCharger(), capacityPages: 1024)
+        let store = try PageStore(capacityPages: 1024) { DaemonCharger(arena: $0) }
         var pages: [UInt32] = []
         try store.allocate(256, into: &pages)
         try fillStale(store, pages)
@@ -127,7 +133,7 @@ final class PageStoreTests: XCTestCase {
 
     /// A failed copy into the arena is an error for the write, not a copy through the mapping.
     func testFailedStoreIsReported() throws {
-        let store = try PageStore(charger: DaemonCharger(), capacityPages: 64)
+        let store = try PageStore(capacityPages: 64) { DaemonCharger(arena: $0) }
         var pages: [UInt32] = []
         try store.allocate(1, into: &pages)
         store.arena.syscalls.pwrite = { _, _, _, _ in errno = ENOMEM; return -1 }
@@ -144,7 +150,7 @@ final class PageStoreTests: XCTestCase {
     func testWriteWhoseStoreFailsLeaksNoPage() throws {
         final class Switch: @unchecked Sendable { var failing = false }
         let failing = Switch()
-        let store = try PageStore(charger: DaemonCharger(), capacityPages: 1024)
+        let store = try PageStore(capacityPages: 1024) { DaemonCharger(arena: $0) }
         store.arena.syscalls.pwrite = { fd, source, count, offset in
             if failing.failing { errno = EIO; return -1 }
             return Glibc.pwrite(fd, source, count, off_t(offset))

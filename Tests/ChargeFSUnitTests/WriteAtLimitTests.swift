@@ -5,13 +5,16 @@ import XCTest
 
 /// A charger with a budget of pages, then ENOSPC: the cgroup at its limit, without a cgroup.
 final class BudgetCharger: PageCharger, @unchecked Sendable {
-    private let inner = DaemonCharger()
+    private let inner: DaemonCharger
     var pagesLeft: Int
-    init(pages: Int) { pagesLeft = pages }
-    func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+    init(pages: Int, arena: FileDescriptor) {
+        pagesLeft = pages
+        inner = DaemonCharger(arena: arena)
+    }
+    func charge(offset: Int64, length: Int64) throws(Errno) {
         let pages = Int(length) / PageStore.pageSize
         guard pages <= pagesLeft else { throw .noSpace }
-        try inner.charge(arena: arena, offset: offset, length: length)
+        try inner.charge(offset: offset, length: length)
         pagesLeft -= pages
     }
     var summary: String { "budget" }
@@ -26,7 +29,7 @@ final class WriteAtLimitTests: XCTestCase {
     func makeFS(maxBytes: Int64?, chargerPages: Int) throws -> FileSystem {
         var config = FileSystemConfig()
         config.maxBytes = maxBytes
-        let store = try PageStore(charger: BudgetCharger(pages: chargerPages), capacityPages: 1 << 16)
+        let store = try PageStore(capacityPages: 1 << 16) { BudgetCharger(pages: chargerPages, arena: $0) }
         return FileSystem(config: config, store: store)
     }
 

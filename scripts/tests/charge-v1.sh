@@ -21,7 +21,8 @@ DAEMON_SLACK=$((4 * MiB))   # the daemon's own cgroup may grow by this much (lib
 LIMIT=$((48 * MiB))         # limit of the target cgroup in most tests
 TESTS=(background size_only fill_dd fill_small_files fill_fallocate fill_ftruncate
        kernel_patch mmap_over_limit service_charges_target ancestor_limit nonroot_refused
-       sigkill_returns_charge pod)
+       sigkill_returns_charge pod pod_fill_4k pod_fill_256k pod_fill_1m pod_fill_8m cpus_64 cpus_256
+       helper_killed target_left_as_found cleanup_pidns memory_high)
 
 # --- per-test setup ------------------------------------------------------------------------------
 # new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
@@ -504,12 +505,284 @@ t_pod() {
   check "the pod at its limit gives ENOSPC" grep -q "No space left" "$SCR/dd.err"
   local filled; filled=$(stat -c %s "$MNT/fill")
   log "  filled $(fmt_mib "$filled") more; pod: $(cg_describe "$T")"
+  log "  pod's memory.stat at ENOSPC: $(grep -E '^(total_)?(anon|shmem|active_file|inactive_file|file_mapped|mapped_file) ' "$T/memory.stat" | tr '\n' ' ')"
   check "the fill reached the pod's limit (within 2 MiB + fuzz)" \
     near "$filled" $(( 64 * MiB - BASE - 24 * MiB )) $((2 * SLACK + FUZZ))
   check "no OOM kill in the pod" [ "$(cg_oom_kills "$T")" = "$OOM_T" ]
   check "daemon still running" kill -0 "$DPID"
   check "earlier data intact at the limit" cmp "$SCR/a.src" "$MNT/a"
   check_release
+}
+
+# --- the charge engine on busy and big nodes (issue 11) ------------------------------------------
+
+# OOM kills in CG and every cgroup below it (v2 counts hierarchically; v1 only where the victim was).
+oom_sum() {
+  if [ "$(cg_version)" = 2 ]; then cg_oom_kills "$1"; return; fi
+  local d n=0
+  while IFS= read -r d; do n=$((n + $(cg_oom_kills "$d"))); done <<<"$(find "$1" -type d)"
+  echo "$n"
+}
+leaf_of() { find "$1" -mindepth 1 -maxdepth 1 -type d -name 'chargefs-*' | head -1; }
+# start_in CG COMMAND...: a process that stays in CG (killed at cleanup); sets STARTED.
+start_in() {
+  local cg=$1; shift
+  ( echo "$BASHPID" > "$cg/cgroup.procs" && exec "$@" ) >/dev/null 2>&1 &
+  STARTED=$!
+  CFS_PIDS+=("$STARTED")
+}
+
+# Case 1: a pod (64 MiB) with two containers running processes; a writes 20 MiB, b writes 20 MiB,
+# a restarts (its cgroup removed and made again), then b fills the pod with writes of $1 bytes.
+# ENOSPC within 1 MiB of the pod's limit, no OOM kill anywhere in the pod, the pod rose by what
+# was stored, and everything comes back after rm and unmount. (Before: SIGKILL of dd, 16 kills.)
+pod_fill() {
+  local bs=$1
+  new_env
+  cg_create "$T" $((64 * MiB))
+  local A=$T/container-a B=$T/container-b
+  cg_create "$A"; cg_create "$B"
+  head -c $((20 * MiB)) /dev/urandom > "$SCR/a.src"
+  head -c $((20 * MiB)) /dev/urandom > "$SCR/b.src"
+  mount_target
+  local oom0 sa; oom0=$(oom_sum "$T")
+  start_in "$A" sleep 600; sa=$STARTED
+  start_in "$B" sleep 600
+  cg_run_in "$A" dd if="$SCR/a.src" of="$MNT/a" bs=1M conv=fsync status=none
+  cg_run_in "$B" dd if="$SCR/b.src" of="$MNT/b" bs=1M conv=fsync status=none
+  kill "$sa"; wait "$sa" 2>/dev/null || true
+  cg_reclaim "$A"
+  check "container a's cgroup removed" rmdir "$A"
+  mkdir "$A"
+  start_in "$A" sleep 600
+  log "  before the fill: pod $(cg_describe "$T")"
+  local rc=0 t0=$SECONDS
+  cg_run_in "$B" dd if=/dev/zero of="$MNT/fill" bs="$bs" count=$((100 * MiB / bs)) 2>"$SCR/dd.err" || rc=$?
+  local filled; filled=$(stat -c %s "$MNT/fill")
+  local top; top=$(cg_usage "$T")
+  log "  dd bs=$bs: exit $rc after $((SECONDS - t0)) s, $(fmt_mib "$filled") filled; pod at ENOSPC: $(cg_describe "$T")"
+  log "  pod's memory.stat at ENOSPC: $(grep -E '^(total_)?(anon|shmem|active_file|inactive_file|file_mapped|mapped_file) ' "$T/memory.stat" | tr '\n' ' ')"
+  check "dd ends in ENOSPC (exit 1), not killed" [ "$rc" = 1 ]
+  check "with ENOSPC" grep -q "No space left" "$SCR/dd.err"
+  # dd's own buffer (bs bytes, in container b) counted in the pod until dd exited
+  check "ENOSPC within 1 MiB (+ counter fuzz) of the pod's limit, dd's buffer counted" le $((64 * MiB - top - bs)) $((SLACK + FUZZ))
+  check "no OOM kill in the pod or its containers" [ "$(oom_sum "$T")" = "$oom0" ]
+  cg_reclaim "$A"; cg_reclaim "$B"   # the containers' own (FUSE) page cache, where cache=page
+  local rise=$(( $(cg_usage "$T") - BASE )) stored=$((40 * MiB + filled))
+  log "  pod rose by $(fmt_mib "$rise") for $(fmt_mib "$stored") stored"
+  check "pod rise = bytes stored (±1 MiB + counter fuzz)" near "$rise" "$stored" $((SLACK + FUZZ))
+  check "a's data intact" cmp "$SCR/a.src" "$MNT/a"
+  check "b's data intact" cmp "$SCR/b.src" "$MNT/b"
+  check "daemon still running" kill -0 "$DPID"
+  check_release
+}
+t_pod_fill_4k() { pod_fill 4096; }
+t_pod_fill_256k() { pod_fill $((256 * 1024)); }
+t_pod_fill_1m() { pod_fill "$MiB"; }
+t_pod_fill_8m() { pod_fill $((8 * MiB)); }
+
+# Case 2: the margin does not grow with the CPU count. The daemon runs in a private mount
+# namespace where /sys/devices/system/cpu/possible reads 0-($1-1), so glibc's configured-CPU
+# count says $1; a 64 MiB target still fills to within 1 MiB of its limit, with no OOM kill.
+# (Before: 47.2 MiB with 64 CPUs, 0 bytes with 256.) The mount lives in that namespace, so the
+# fill runs there too.
+cpus_fill() {
+  local n=$1
+  new_env
+  cg_create "$T" $((64 * MiB)); cg_create "$D"
+  echo "0-$((n - 1))" > "$SCR/possible"
+  local ufile=memory.usage_in_bytes; [ "$(cg_version)" = 2 ] && ufile=memory.current
+  cat > "$SCR/inner.sh" <<'INNER'
+set -u
+mount --bind "$SCR/possible" /sys/devices/system/cpu/possible || exit 20
+getconf _NPROCESSORS_CONF > "$SCR/ncpu"
+( echo "$BASHPID" > "$D/cgroup.procs" && exec "$BIN" "$MNT" -o "memcg=$T,size=1g" -f ) > "$SCR/daemon.log" 2>&1 &
+pid=$!
+echo "$pid" > "$SCR/daemon.pid"
+for i in $(seq 200); do awk -v m="$MNT" '$2 == m {f=1} END {exit !f}' /proc/mounts && break; sleep 0.1; done
+sleep 0.3
+cat "$T/$UFILE" > "$SCR/base"
+dd if=/dev/zero of="$MNT/fill" bs=256k 2> "$SCR/dd.err"; echo $? > "$SCR/dd.rc"
+stat -c %s "$MNT/fill" > "$SCR/size"
+cat "$T/$UFILE" > "$SCR/top"
+rm -f "$MNT/fill"
+fusermount3 -u "$MNT"
+wait "$pid"
+INNER
+  local oom0; oom0=$(oom_sum "$T")
+  local pre; pre=$(cg_usage "$T")
+  SCR=$SCR D=$D T=$T MNT=$MNT BIN=$(cfs_daemon_bin) UFILE=$ufile timeout 240 unshare -m bash "$SCR/inner.sh" || log "  namespace script exited $?"
+  [ -f "$SCR/daemon.pid" ] && CFS_PIDS+=("$(cat "$SCR/daemon.pid")")
+  sed 's/^/  | /' "$SCR/daemon.log" >&2 || true
+  check "the daemon saw $n configured CPUs" [ "$(cat "$SCR/ncpu" 2>/dev/null)" = "$n" ]
+  local size base top; size=$(cat "$SCR/size" 2>/dev/null || echo 0); base=$(cat "$SCR/base" 2>/dev/null || echo 0); top=$(cat "$SCR/top" 2>/dev/null || echo 0)
+  log "  $n CPUs: $(fmt_mib "$size") stored in a 64 MiB target (baseline $(fmt_mib "$base"), at ENOSPC $(fmt_mib "$top"))"
+  check "dd ends in ENOSPC" grep -q "No space left" "$SCR/dd.err"
+  check "filled to within 1 MiB (+ counter fuzz) of the limit" le $((64 * MiB - top)) $((SLACK + FUZZ))
+  check "stored = limit - baseline (±1 MiB + counter fuzz)" near "$size" $((64 * MiB - base)) $((SLACK + FUZZ))
+  check "no OOM kill" [ "$(oom_sum "$T")" = "$oom0" ]
+  check "charge back to the pre-mount baseline after unmount (±1 MiB)" wait_usage "$T" -le $((pre + SLACK))
+}
+t_cpus_64() { cpus_fill 64; }
+t_cpus_256() { cpus_fill 256; }
+
+# Case 7: the helper is a small exec'd program; killed by anything (SIGKILL, an OOM it did not
+# cause) it is replaced and the next write that has room succeeds; in a full target no helper is
+# started at all (no respawn loop), and with room again one is.
+t_helper_killed() {
+  new_env
+  cg_create "$T" $((64 * MiB))
+  head -c $((24 * MiB)) /dev/urandom > "$SCR/src"
+  mount_target
+  dd if="$SCR/src" of="$MNT/one" bs=1M count=8 conv=fsync status=none
+  local leaf hp; leaf=$(leaf_of "$T"); hp=$(cat "$leaf/cgroup.procs")
+  log "  leaf $leaf, helper $hp ($(cat "/proc/$hp/comm" 2>/dev/null)), oom_score_adj $(cat "/proc/$hp/oom_score_adj" 2>/dev/null)"
+  check "one helper in the leaf" [ "$(wc -w <<<"$hp")" = 1 ]
+  check "the helper is the exec'd program chargefs-charge-helper" bash -c "tr '\\0' '\\n' < /proc/$hp/cmdline | head -1 | grep -q '/chargefs-charge-helper\$'"
+  check "idle, the helper has its daemon's oom_score_adj" [ "$(cat "/proc/$hp/oom_score_adj")" = "$(cat "/proc/$DPID/oom_score_adj")" ]
+  kill -9 "$hp"
+  check "after SIGKILL of the helper the next write succeeds" dd if="$SCR/src" of="$MNT/two" bs=1M skip=8 count=8 conv=fsync status=none
+  local hp2; hp2=$(cat "$leaf/cgroup.procs")
+  check "a new helper took its place" [ -n "$hp2" ] && [ "$hp2" != "$hp" ]
+  # An OOM in the target that the helper did not cause: the workload that caused it dies.
+  local oom0 rc=0; oom0=$(oom_sum "$T")
+  cg_run_in "$T" "$CFS_PYTHON" -c "b = bytearray(256 << 20)" 2>/dev/null || rc=$?
+  check "a workload outgrowing the target is OOM-killed (exit 137)" [ "$rc" = 137 ]
+  check "the idle helper survived it" kill -0 "$hp2"
+  check "the next write that has room succeeds" dd if="$SCR/src" of="$MNT/three" bs=1M skip=16 count=8 conv=fsync status=none
+  check "data intact" bash -c "cat '$MNT/one' '$MNT/two' '$MNT/three' | cmp - '$SCR/src'"
+  # Full to the last few KiB, then the helper dies: writes get ENOSPC and no helper is started.
+  dd if=/dev/zero of="$MNT/fill" bs=1M 2>/dev/null || true
+  dd if=/dev/zero of="$MNT/fill" bs=4k oflag=append conv=notrunc 2>/dev/null || true
+  local hp3; hp3=$(cat "$leaf/cgroup.procs")
+  local starts0; starts0=$(grep -c "started (helper" "$CFS_LOG" || true)
+  kill -9 "$hp3"
+  local i stored=0 sz
+  for i in $(seq 20); do
+    dd if=/dev/zero of="$MNT/more$i" bs=1M count=1 conv=fsync 2>/dev/null || true
+    sz=$(stat -c %s "$MNT/more$i" 2>/dev/null || echo 0); stored=$((stored + sz))
+  done
+  local starts=$(( $(grep -c "started (helper" "$CFS_LOG" || true) - starts0 ))
+  log "  20 writes of 1 MiB into the full target stored $stored bytes; helpers started: $starts; target $(cg_describe "$T")"
+  check "they stored only what the dead helper's memory left room for (< 1 MiB)" le "$stored" "$MiB"
+  check "no respawn loop: at most one helper started for the 20 writes" le "$starts" 1
+  rm -f "$MNT"/more*
+  check "no OOM kill but the workload's" [ "$(oom_sum "$T")" = $((oom0 + 1)) ]
+  rm -f "$MNT/fill"
+  check "with room again a write succeeds" dd if="$SCR/src" of="$MNT/four" bs=1M count=1 conv=fsync status=none
+  check "and one new helper serves it" [ "$(wc -w < "$leaf/cgroup.procs")" = 1 ]
+  check_release
+}
+
+# Case 8: the target is left as found: on v2 its cgroup.subtree_control is not changed, so an
+# emptied target takes processes again after unmount (before: +memory stayed, EBUSY).
+t_target_left_as_found() {
+  new_env
+  cg_create "$T" $((64 * MiB))
+  local before=""
+  [ "$(cg_version)" = 2 ] && before=$(cat "$T/cgroup.subtree_control")
+  mount_target
+  dd if=/dev/zero of="$MNT/f" bs=1M count=4 conv=fsync status=none
+  check_release
+  if [ "$(cg_version)" = 2 ]; then
+    check "cgroup.subtree_control as before the mount ('$before')" [ "$(cat "$T/cgroup.subtree_control")" = "$before" ]
+  fi
+  check "the emptied target takes a process again" cg_run_in "$T" true
+}
+
+# Case 9: `--cleanup` from the host does not touch a live daemon in another PID namespace, whose
+# leaf is named by a pid no host process has; once that daemon is SIGKILLed the leaf is stale and
+# removed. The mount lives in the namespace's mount namespace: its writes are made there.
+t_cleanup_pidns() {
+  new_env
+  cg_create "$T" $((64 * MiB)); cg_create "$D"
+  # P: the start of 8 pids no process here has; the daemon gets one of them in its namespace
+  # (set through ns_last_pid, or where the kernel lacks it (UML), by using up pids below P).
+  local p=300 bin; bin=$(cfs_daemon_bin)
+  [ -e /proc/sys/kernel/ns_last_pid ] && p=40000
+  while ! bash -c "for q in \$(seq $p $((p + 7))); do [ -e /proc/\$q ] && exit 1; done; exit 0"; do p=$((p + 8)); done
+  cat > "$SCR/inner.sh" <<'INNER'
+set -u
+if [ -e /proc/sys/kernel/ns_last_pid ]; then
+  echo $((P - 1)) > /proc/sys/kernel/ns_last_pid || exit 21
+else
+  while n=$(sh -c 'echo $$'); [ "$n" -lt $((P - 1)) ]; do :; done
+fi
+( echo "$BASHPID" > "$D/cgroup.procs" && exec "$BIN" "$MNT" -o "memcg=$T,size=1g" -f ) > "$SCR/daemon.log" 2>&1 &
+pid=$!
+echo "$pid" > "$SCR/nspid"
+for i in $(seq 200); do awk -v m="$MNT" '$2 == m {f=1} END {exit !f}' /proc/mounts && break; sleep 0.1; done
+dd if=/dev/urandom of="$MNT/before" bs=1M count=4 conv=fsync status=none && touch "$SCR/ready"
+for i in $(seq 1200); do [ -e "$SCR/go" ] && break; sleep 0.1; done
+dd if=/dev/urandom of="$MNT/after" bs=1M count=4 conv=fsync status=none && touch "$SCR/wrote"
+touch "$SCR/done"
+wait "$pid"
+fusermount3 -u "$MNT" 2>/dev/null
+exit 0
+INNER
+  SCR=$SCR D=$D T=$T MNT=$MNT BIN=$bin P=$p timeout 200 unshare -pf --mount-proc bash "$SCR/inner.sh" &
+  local ns=$!
+  CFS_PIDS+=("$ns")
+  local i
+  for ((i = 0; i < 600; i++)); do [ -e "$SCR/ready" ] && break; kill -0 "$ns" 2>/dev/null || break; sleep 0.1; done
+  check "the namespaced daemon mounted and wrote" [ -e "$SCR/ready" ]
+  local leaf helper dhost; leaf=$(leaf_of "$T")
+  local nspid; nspid=$(cat "$SCR/nspid" 2>/dev/null)
+  log "  namespace pid of the daemon: $nspid; its leaf: $leaf"
+  check "its leaf is named by its namespace pid, which no process here has" [ "$leaf" = "$T/chargefs-$nspid" ] && [ ! -e "/proc/$nspid" ]
+  helper=$(cat "$leaf/cgroup.procs" 2>/dev/null)
+  dhost=$(awk '$1 == "PPid:" {print $2}' "/proc/$helper/status" 2>/dev/null)
+  log "  helper $helper, daemon's host pid $dhost"
+  "$bin" --cleanup "$T" > "$SCR/cleanup.out" 2>&1 || true
+  sed 's/^/  | /' "$SCR/cleanup.out" >&2
+  check "--cleanup from the host keeps the live leaf" [ -d "$leaf" ]
+  check "and its helper" kill -0 "$helper"
+  check "and says so" grep -q "kept $leaf" "$SCR/cleanup.out"
+  touch "$SCR/go"
+  for ((i = 0; i < 600; i++)); do [ -e "$SCR/done" ] && break; sleep 0.1; done
+  check "the namespaced mount still writes after the cleanup" [ -e "$SCR/wrote" ]
+  # SIGKILL the daemon: its helper dies with it, and the leaf is stale.
+  kill -9 "$dhost"
+  for ((i = 0; i < 100; i++)); do kill -0 "$helper" 2>/dev/null || break; sleep 0.1; done
+  check "the helper died with its daemon" bash -c "! kill -0 $helper 2>/dev/null"
+  wait "$ns" 2>/dev/null || true
+  check "the dead daemon's leaf is still there" [ -d "$leaf" ]
+  "$bin" --cleanup "$T" > "$SCR/cleanup2.out" 2>&1 || true
+  sed 's/^/  | /' "$SCR/cleanup2.out" >&2
+  check "--cleanup removes the stale leaf" bash -c "[ ! -d '$leaf' ] && grep -q 'removed $leaf' '$SCR/cleanup2.out'"
+  check "every byte given back (±1 MiB)" wait_usage "$T" -le "$SLACK" 10
+}
+
+# Case 12: memory.high. Default (memcg_limit=high): ENOSPC at memory.high (stored pages cannot be
+# reclaimed; above memory.high the kernel would throttle the whole cgroup while they stay).
+# memcg_limit=max: the room up to memory.max, throttled above memory.high, no OOM kill.
+# v1 has no memory.high: both end at memory.limit_in_bytes.
+t_memory_high() {
+  new_env
+  # memory.high near kubernetes' 90%: above it every charge is throttled by the kernel (with
+  # memory.high at 32 MiB, filling to 64 MiB with memcg_limit=max took 248 s in UML).
+  local high=$((56 * MiB)) max=$((64 * MiB))
+  cg_create "$T" "$max"
+  if [ "$(cg_version)" = 2 ]; then
+    echo "$high" > "$T/memory.high"
+  else
+    log "  cgroup v1 has no memory.high: both choices must end at memory.limit_in_bytes"
+    high=$max
+  fi
+  local policy want filled t0 oom0
+  for policy in high max; do
+    want=$high; [ "$policy" = max ] && want=$max
+    MOUNT_EXTRA="memcg_limit=$policy" mount_target || { check "mounts with memcg_limit=$policy" false; return; }
+    oom0=$(oom_sum "$T")
+    t0=$SECONDS
+    dd if=/dev/zero of="$MNT/fill" bs=8M 2>"$SCR/dd.err" || true
+    filled=$(stat -c %s "$MNT/fill")
+    log "  memcg_limit=$policy: $(fmt_mib "$filled") in $((SECONDS - t0)) s; $(cg_describe "$T")$([ "$(cg_version)" = 2 ] && echo "; high events $(awk '$1 == "high" {print $2}' "$T/memory.events")")"
+    check "memcg_limit=$policy: ENOSPC" grep -q "No space left" "$SCR/dd.err"
+    check "memcg_limit=$policy: at $(fmt_mib "$want") (±1 MiB + counter fuzz)" near "$filled" $((want - BASE)) $((SLACK + FUZZ))
+    check "memcg_limit=$policy: no OOM kill" [ "$(oom_sum "$T")" = "$oom0" ]
+    check_release
+  done
 }
 
 # --- main ----------------------------------------------------------------------------------------

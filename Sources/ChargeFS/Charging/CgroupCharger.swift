@@ -1,79 +1,120 @@
-import CFuse
 import Glibc
 import Synchronization
 import SystemPackage
 
-/// Charges arena pages to a memcg= target: a helper process in the leaf `<target>/chargefs-<pid>`
-/// instantiates each range, so the kernel bills the target; ENOSPC instead of any OOM kill.
+/// Charges arena pages to a memcg= target: a helper process (chargefs-charge-helper) in the leaf
+/// `<target>/chargefs-<pid>` instantiates each range, so the kernel bills the target; ENOSPC
+/// instead of any OOM kill.
 ///
-/// Deciding before the kernel: at the limit the kernel never fails a shmem charge, it OOM-kills the
-/// instantiating task. So `charge` compares the range with the effective headroom first:
-///   headroom = min over the target and its ancestors of (limit - usage + reclaimable file cache)
-///              - margin
-/// where the limit is memory.max (and memory.high) on v2, memory.limit_in_bytes on v1, and
-/// reclaimable = clean active+inactive file pages (memory.stat). The margin (`marginBytes`) is
-/// 256 KiB plus one memcg charge batch (64 pages) per possible CPU: usage is batched per CPU, and
-/// the kernel's own metadata for the pages (xarray nodes, the helper's page tables) is charged too.
+/// Deciding before the kernel: at the limit the kernel never fails a shmem charge, it OOM-kills.
+/// So `charge` compares the range with the effective headroom first:
+///   headroom = min over the target and its ancestors of (limit - usage + reclaimable) - margin
+/// where the limit is memory.max (and memory.high, see CgroupLimitPolicy) on v2,
+/// memory.limit_in_bytes on v1; reclaimable = clean file pages no process maps (memory.stat).
+/// The margin is a constant 256 KiB, whatever the CPU count: usage already includes every CPU's
+/// pre-charged stock (it over-reads), and a charge that misses retries at its exact size after
+/// draining those stocks, before any reclaim or OOM kill; what the margin covers is the kernel's
+/// own memory charged with the pages (xarray nodes, about 0.2% of them) and counter reads that
+/// are a moment old. Measured: a fresh-read fallocate fits right up to the limit on v1 (6.18)
+/// and v2 (6.1), see README "Slack".
 ///
 /// Re-read policy: usage and limits (cheap: a pread of a number per level) are re-read whenever the
 /// bytes charged since the last read plus this range exceed half the headroom seen then, or that
 /// reading is older than 100 ms; so with plenty of room most charges read nothing, and near the
 /// limit every charge reads fresh numbers. memory.stat (costlier for the kernel) is read only when
-/// the range does not fit without the reclaimable cache. Workloads in the target can still grow
-/// between our check and the fallocate; then the kernel OOM-kills in the target, and the helper
-/// (oom_score_adj 1000) is its first choice: we return ENOSPC and respawn it.
+/// the range does not fit without the reclaimable cache.
+///
+/// The race left: a workload in the target grows between our check and the fallocate. Then the
+/// kernel OOM-kills in the target while the helper charges, and the helper (oom_score_adj 1000
+/// while it charges, its daemon's value when idle) is the one it kills; the charge fails with
+/// ENOSPC if a fresh reading shows no room, else a new helper retries it. A helper killed by
+/// anything else (another OOM, a stray SIGKILL) is replaced the same way; a new helper is started
+/// only when the room for its own memory exists, so a full target sees no fork at all, and
+/// failing starts back off (0.1 s doubling to 5 s).
+///
+/// Concurrency: `charge` may be called from any number of threads; the round trips are serialised
+/// by the charger's own lock (`channel`), which no other call takes while a charge waits:
+/// `availableBytes` and the status read the cgroup's counters directly, so statfs answers while a
+/// charge waits for a frozen target. A charge into a frozen target waits for the thaw (the helper
+/// is frozen too); unmount (`shutdown`) ends such a wait within a second.
 public final class CgroupCharger: PageCharger {
     public let target: CgroupTarget
     public let leaf: CgroupLeaf
     /// Safety margin subtracted from the headroom (see the type's documentation).
-    public let marginBytes: Int64
-    /// Our own copy of the arena fd: each (re)spawned helper inherits it.
+    public let marginBytes: Int64 = 256 * 1024
+    /// The helper's own memory, measured when the first one started (at mount); counted as room
+    /// needed when a helper must be started again.
+    public let helperFootprint: Int64
+    /// Our own copy of the arena fd: each helper inherits it.
     private let arenaFD: Int32
-    private let state: Mutex<State>
+    private let helperPath: String
+    /// The helper program, open (see ChargeHelper.openProgram); -1 if it could not be opened.
+    private let programFD: Int32
+    private let channel: Mutex<Channel>
+    private let closed = Atomic<Bool>(false)
+    private let starts = Atomic<Int>(0)
 
-    /// How long one fallocate may take before the helper is presumed stuck and killed.
-    static let helperTimeoutMs: Int32 = 60_000
+    /// How long a helper that is not frozen may stay silent before it is presumed stuck and killed.
+    static let helperTimeoutMs = 60_000
     static let cacheLifetime: Duration = .milliseconds(100)
     /// Tests that must race the kernel stretch the lifetime (a slow guest takes > 100 ms between steps).
     nonisolated(unsafe) var cacheLifetimeForTests: Duration?
 
-    private struct State {
+    private struct Channel {
         var helper: ChargeHelper?
         var oomBaseline: Int64 = 0
         /// Headroom (margin already subtracted) seen at the last read; nil = unlimited.
         var roomSeen: Int64? = 0
         var chargedSinceRead: Int64 = 0
         var readAt: ContinuousClock.Instant?
-        var closed = false
         var goneLogged = false
+        var failedStarts = 0
+        var nextStartAt: ContinuousClock.Instant?
     }
 
-    public init(target: CgroupTarget, arena: FileDescriptor) throws {
+    /// - Parameter helperPath: the helper program; by default next to the running executable.
+    public init(target: CgroupTarget, arena: FileDescriptor, helperPath: String? = nil) throws(CgroupError) {
         self.target = target
-        let ncpu = Int64(max(1, sysconf(Int32(_SC_NPROCESSORS_CONF))))
-        let page = Int64(max(4096, sysconf(Int32(_SC_PAGESIZE))))
-        marginBytes = 256 * 1024 + ncpu * 64 * page
+        let path = helperPath ?? ChargeHelper.defaultPath()
+        guard access(path, X_OK) == 0 else {
+            throw CgroupError(.io, "memcg=\(target.path): the charge helper \(path) is missing or not executable (install \(ChargeHelper.programName) next to chargefsd)")
+        }
+        self.helperPath = path
+        programFD = ChargeHelper.openProgram(path)
         let fd = fcntl(arena.rawValue, F_DUPFD_CLOEXEC, 3)
-        guard fd >= 0 else { throw Errno(rawValue: errno) }
+        guard fd >= 0 else {
+            let e = errno
+            if programFD >= 0 { close(programFD) }
+            throw cgErrnoError(target.path, e, what: "dup of the arena")
+        }
         arenaFD = fd
         let leaf: CgroupLeaf
         do {
             leaf = try target.createLeaf()
         } catch {
             close(fd)
+            if programFD >= 0 { close(programFD) }
             throw error
         }
         self.leaf = leaf
-        var st = State()
+        var ch = Channel()
+        let before = (try? target.targetUsage().usage) ?? 0
         do {
-            st.oomBaseline = try Self.oomCount(target, leaf)
-            st.helper = try ChargeHelper.spawn(arena: fd, leaf: leaf, userPath: target.path)
+            ch.oomBaseline = try Self.oomCount(target, leaf)
+            ch.helper = try ChargeHelper.start(executable: path, programFD: programFD, arena: fd, leaf: leaf, userPath: target.path,
+                                               wait: .init(timeoutMs: Self.helperTimeoutMs, isFrozen: { leaf.isFrozen }, cancelled: { false }))
         } catch {
             try? target.removeLeaf(leaf)
             close(fd)
+            if programFD >= 0 { close(programFD) }
             throw error
         }
-        state = Mutex(st)
+        starts.store(1, ordering: .relaxed)
+        // The leaf's own counter where it has one; else what the target grew by (at mount, with
+        // nothing else of ours charged yet). Never below what it was measured at here (~0.3 MiB).
+        let measured = leaf.usage ?? ((try? target.targetUsage().usage).map { $0 - before } ?? 0)
+        helperFootprint = min(max(measured, 256 * 1024), 4 << 20)
+        channel = Mutex(ch)
         if target.version == .v2, (try? cgReadFile(target.resolvedPath + "/memory.oom.group"))?.cgTrimmed == "1" {
             Log.line("warning: \(target.path) has memory.oom.group=1: an OOM kill of the charge helper would take every process in it")
         }
@@ -82,22 +123,21 @@ public final class CgroupCharger: PageCharger {
     deinit { shutdown() }
 
     public var summary: String {
-        "memcg=\(target.path) (cgroup \(target.version == .v1 ? "v1" : "v2"))"
+        "memcg=\(target.path) (cgroup \(target.version == .v1 ? "v1" : "v2")\(target.version == .v2 ? ", limit \(target.limitPolicy.rawValue)" : ""))"
     }
 
-    /// `arena` must be the fd given to init: the helper works on its own copy of it.
-    public func charge(arena: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+    public func charge(offset: Int64, length: Int64) throws(Errno) {
         guard length > 0 else { return }
-        try state.withLock { (st: inout State) throws(Errno) in
-            guard !st.closed else { throw Errno.ioError }
-            try checkRoom(&st, length)
-            try instantiate(&st, offset: offset, length: length)
+        try channel.withLock { (ch: inout Channel) throws(Errno) in
+            guard !closed.load(ordering: .acquiring) else { throw Errno.ioError }
+            try checkRoom(&ch, length)
+            try instantiate(&ch, offset: offset, length: length)
         }
     }
 
     public func availableBytes() -> Int64? {
         do throws(CgroupError) {
-            guard let room = try target.headroom(reclaimable: true) else { return nil }
+            guard let room = try target.headroom(reclaimable: true, ownMapped: leaf.mappedBytes) else { return nil }
             return max(0, room - marginBytes)
         } catch {
             return 0
@@ -105,13 +145,12 @@ public final class CgroupCharger: PageCharger {
     }
 
     public func shutdown() {
-        let (wasOpen, helper): (Bool, ChargeHelper?) = state.withLock { st in
-            guard !st.closed else { return (false, nil) }
-            st.closed = true
-            defer { st.helper = nil }
-            return (true, st.helper)
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // A charge waiting for a frozen helper sees `closed` within a second and lets go.
+        let helper = channel.withLock { ch in
+            defer { ch.helper = nil }
+            return ch.helper
         }
-        guard wasOpen else { return }
         helper?.stop()
         do throws(CgroupError) {
             try target.removeLeaf(leaf)
@@ -119,24 +158,17 @@ public final class CgroupCharger: PageCharger {
             Log.line("\(error)")
         }
         close(arenaFD)
+        if programFD >= 0 { close(programFD) }
     }
 
     // MARK: status
 
-    /// What the leaf is charged with now (its usage: the arena pages the helpers instantiated
-    /// plus the helper's own few hundred KiB); nil when the leaf has no memory counters (v2 with
-    /// memory not enabled in the target's subtree_control: then the target itself is charged).
-    public var chargedBytesInLeaf: Int64? {
-        let file = leaf.path + (target.version == .v1 ? "/memory.usage_in_bytes" : "/memory.current")
-        return (try? cgReadFile(file)).flatMap { Int64($0.cgTrimmed) }
-    }
+    /// What the leaf is charged with now (the arena pages the helpers instantiated plus the
+    /// helper's own memory); nil when the leaf has no memory counters (v2 without memory in the
+    /// target's subtree_control: then the target itself is charged).
+    public var chargedBytesInLeaf: Int64? { leaf.usage }
 
-    /// The target's usage and limit (nil = unlimited).
-    public func targetUsage() throws(CgroupError) -> (usage: Int64, limit: Int64?) {
-        try target.targetUsage()
-    }
-
-    /// e.g. "memcg=/sys/fs/cgroup/x (cgroup v2): leaf 12.0 MiB, target 40.0 MiB of 64.0 MiB, room 23.2 MiB"
+    /// e.g. "memcg=/sys/fs/cgroup/x (cgroup v2, limit high): leaf 12.0 MiB, target 40.0 MiB of 64.0 MiB, room 23.2 MiB"
     public var statusLine: String {
         var s = summary
         func mib(_ b: Int64) -> String {
@@ -157,94 +189,131 @@ public final class CgroupCharger: PageCharger {
     }
 
     /// The current helper's pid (tests, diagnostics).
-    var helperPID: pid_t? { state.withLock { $0.helper?.pid } }
+    var helperPID: pid_t? { channel.withLock { $0.helper?.pid } }
+    /// Helpers started so far, the first included (tests: no respawn loop).
+    var helperStarts: Int { starts.load(ordering: .relaxed) }
 
     // MARK: internals
 
-    private func checkRoom(_ st: inout State, _ length: Int64) throws(Errno) {
+    private var wait: ChargeHelper.Wait {
+        let leaf = leaf
+        return .init(timeoutMs: Self.helperTimeoutMs, isFrozen: { leaf.isFrozen },
+                     cancelled: { [unowned self] in closed.load(ordering: .relaxed) })
+    }
+
+    /// Headroom now, less the margin and, with no helper running, the memory a new one needs.
+    private func room(_ ch: Channel, reclaimable: Bool) throws(CgroupError) -> Int64? {
+        try target.headroom(reclaimable: reclaimable, ownMapped: reclaimable ? leaf.mappedBytes : 0)
+            .map { $0 - marginBytes - (ch.helper == nil ? helperFootprint : 0) }
+    }
+
+    private func checkRoom(_ ch: inout Channel, _ length: Int64) throws(Errno) {
         let now = ContinuousClock.now
-        if let at = st.readAt, now - at < (cacheLifetimeForTests ?? Self.cacheLifetime) {
-            guard let seen = st.roomSeen else { return }  // unlimited a moment ago
-            if st.chargedSinceRead + length <= seen / 2 {
-                st.chargedSinceRead += length
+        if let at = ch.readAt, now - at < (cacheLifetimeForTests ?? Self.cacheLifetime) {
+            guard let seen = ch.roomSeen else { return }  // unlimited a moment ago
+            if ch.chargedSinceRead + length <= seen / 2 {
+                ch.chargedSinceRead += length
                 return
             }
         }
-        let room: Int64?
+        let fresh: Int64?
         do throws(CgroupError) {
-            room = try target.headroom(reclaimable: false).map { $0 - marginBytes }
+            fresh = try room(ch, reclaimable: false)
         } catch {
-            throw fail(&st, error)
+            throw fail(&ch, error)
         }
-        if let r = room, length > r {
+        if let r = fresh, length > r {
             // Room that exists only after reclaim is never cached: re-read next time.
-            st.readAt = nil
+            ch.readAt = nil
             let withCache: Int64?
             do throws(CgroupError) {
-                withCache = try target.headroom(reclaimable: true).map { $0 - marginBytes }
+                withCache = try room(ch, reclaimable: true)
             } catch {
-                throw fail(&st, error)
+                throw fail(&ch, error)
             }
             if let r2 = withCache, length > r2 { throw Errno.noSpace }
+            // v2: have the kernel reclaim what is missing, and count only what it really freed
+            // (the estimate above cannot tell every unreclaimable page).
+            if target.reclaim(toFit: length + marginBytes + (ch.helper == nil ? helperFootprint : 0)) {
+                let after: Int64?
+                do throws(CgroupError) {
+                    after = try room(ch, reclaimable: false)
+                } catch {
+                    throw fail(&ch, error)
+                }
+                if let a = after, length > a { throw Errno.noSpace }
+            }
             return
         }
-        st.roomSeen = room
-        st.chargedSinceRead = length
-        st.readAt = now
+        ch.roomSeen = fresh
+        ch.chargedSinceRead = length
+        ch.readAt = now
     }
 
-    private func instantiate(_ st: inout State, offset: Int64, length: Int64) throws(Errno) {
+    private func instantiate(_ ch: inout Channel, offset: Int64, length: Int64) throws(Errno) {
         for attempt in 0..<2 {
-            let helper: ChargeHelper
-            if let h = st.helper {
-                helper = h
-            } else {
-                do throws(CgroupError) {
-                    helper = try ChargeHelper.spawn(arena: arenaFD, leaf: leaf, userPath: target.path)
-                    st.helper = helper
-                } catch {
-                    throw fail(&st, error)
-                }
-            }
-            switch helper.request(offset: offset, length: length, timeoutMs: Self.helperTimeoutMs) {
+            let helper = try runningHelper(&ch)
+            switch helper.request(offset: offset, length: length, wait) {
             case .done(0):
                 return
             case .done(let e):
-                st.readAt = nil
+                ch.readAt = nil
                 throw (e == ENOMEM || e == ENOSPC) ? Errno.noSpace : Errno(rawValue: e)
             case .died(let death):
-                st.helper = nil
-                st.readAt = nil
-                let ooms = (try? Self.oomCount(target, leaf)) ?? st.oomBaseline
-                let oomKilled = ooms > st.oomBaseline
-                st.oomBaseline = ooms
-                // Respawn now so the next charge finds a helper; the log names both pids.
-                var respawned = "not respawned"
+                ch.helper = nil
+                ch.readAt = nil
+                if closed.load(ordering: .relaxed) { throw Errno.ioError }
+                let ooms = (try? Self.oomCount(target, leaf)) ?? ch.oomBaseline
+                let cause = ooms > ch.oomBaseline ? "OOM-killed" : "\(death)"
+                ch.oomBaseline = ooms
+                // Killed at the limit (our reading raced a workload) or by something unrelated:
+                // only a fresh reading tells whether there is room for this range and a new helper.
+                let fits: Bool
                 do throws(CgroupError) {
-                    let h = try ChargeHelper.spawn(arena: arenaFD, leaf: leaf, userPath: target.path)
-                    st.helper = h
-                    respawned = "respawned as pid \(h.pid)"
+                    fits = try room(ch, reclaimable: true).map { length <= $0 } ?? true
                 } catch {
-                    if error.kind == .gone { throw fail(&st, error) }
-                    respawned = "respawn failed: \(error)"
+                    throw fail(&ch, error)
                 }
-                if oomKilled {
-                    Log.line("\(summary): charge helper pid \(helper.pid) was OOM-killed (\(death)); \(respawned); returning ENOSPC")
-                    throw Errno.noSpace
-                }
-                let retry = attempt == 0 && st.helper != nil
-                Log.line("\(summary): charge helper pid \(helper.pid) \(death); \(respawned); \(retry ? "retrying" : "returning EIO")")
+                let retry = fits && attempt == 0
+                Log.line("\(summary): charge helper pid \(helper.pid) \(cause) while charging \(length) bytes; "
+                         + (retry ? "retrying with a new one" : fits ? "returning EIO" : "no room: returning ENOSPC"))
+                if !fits { throw Errno.noSpace }
                 if !retry { throw Errno.ioError }
             }
         }
         throw Errno.ioError
     }
 
+    /// The running helper, or a new one (the caller has checked the room for it). Starts that
+    /// fail back off, so a target that cannot take a helper is not hammered with forks.
+    private func runningHelper(_ ch: inout Channel) throws(Errno) -> ChargeHelper {
+        if let h = ch.helper { return h }
+        let now = ContinuousClock.now
+        if let next = ch.nextStartAt, now < next { throw Errno.ioError }
+        do throws(CgroupError) {
+            let h = try ChargeHelper.start(executable: helperPath, programFD: programFD, arena: arenaFD, leaf: leaf,
+                                           userPath: target.path, wait: wait)
+            let n = starts.add(1, ordering: .relaxed).newValue
+            Log.line("\(summary): charge helper pid \(h.pid) started (helper \(n) of this mount)")
+            ch.helper = h
+            ch.failedStarts = 0
+            ch.nextStartAt = nil
+            return h
+        } catch {
+            if error.kind == .gone { throw fail(&ch, error) }
+            ch.failedStarts += 1
+            let backoff = Duration.milliseconds(100) * (1 << min(ch.failedStarts - 1, 6))
+            ch.nextStartAt = now + min(backoff, .seconds(5))
+            Log.line("\(summary): \(error); next attempt in \(min(backoff, .seconds(5)))")
+            throw Errno.ioError
+        }
+    }
+
     /// Maps a cgroup failure to the errno the page store sees, logging the reason once.
-    private func fail(_ st: inout State, _ error: CgroupError) -> Errno {
+    private func fail(_ ch: inout Channel, _ error: CgroupError) -> Errno {
         if error.kind == .gone {
-            if !st.goneLogged {
-                st.goneLogged = true
+            if !ch.goneLogged {
+                ch.goneLogged = true
                 Log.line("\(summary): the target cgroup disappeared while mounted (\(error)); writes fail with EIO")
             }
         } else {
@@ -256,7 +325,7 @@ public final class CgroupCharger: PageCharger {
     /// OOM kills in the target plus in the leaf (v1 counts them where the victim was).
     private static func oomCount(_ target: CgroupTarget, _ leaf: CgroupLeaf) throws(CgroupError) -> Int64 {
         let leafFile = leaf.path + (target.version == .v1 ? "/memory.oom_control" : "/memory.events")
-        let inLeaf = (try? cgReadFile(leafFile)).flatMap { CgroupTarget.statValue($0, "oom_kill") } ?? 0
+        let inLeaf = (try? cgReadFile(leafFile)).flatMap { cgStatValue($0, "oom_kill") } ?? 0
         return try target.oomKillCount() + (target.version == .v1 ? inLeaf : 0)
     }
 }

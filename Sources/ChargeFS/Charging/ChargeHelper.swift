@@ -1,26 +1,52 @@
-import CFuse
+import CChargeHelper
 import Glibc
 
-/// One charge helper process: a fork of the daemon (see cfuse_spawn_charge_helper in shim.h) that
-/// sits in the leaf cgroup and fallocates arena ranges on request, so their pages are charged to
-/// that cgroup. Not thread-safe: the charger serialises all use under its lock.
+/// The daemon's handle on one charge helper: the program chargefs-charge-helper (installed next
+/// to chargefsd), started directly in the leaf cgroup with the arena and one end of a socket pair
+/// (see CChargeHelper.h), which fallocates arena ranges on request so their pages are charged to
+/// that cgroup. Its own memory is a few hundred KiB, charged to the target when it starts.
 ///
-/// It ends when the daemon does: its socket reads EOF once the daemon's end closes (process exit
-/// closes it). PR_SET_PDEATHSIG is only a second line: it fires when the *thread* that forked
-/// exits, so a helper (re)spawned from a FUSE worker thread that later ends is killed; the next
-/// charge then sees it gone, respawns it and retries (one log line).
-/// v1 caveat: with memory.move_charge_at_immigrate set on the target, moving the helper in could
-/// move charges of pages mapped in the address space it inherited; v2 has no such thing.
+/// It ends when the daemon does: its socket reads EOF once the daemon's end closes (any exit of
+/// the daemon closes it), and PR_SET_PDEATHSIG. Not thread-safe: the charger serialises all use.
 struct ChargeHelper: Sendable {
     let pid: pid_t
     let socket: Int32
+
+    static let programName = "chargefs-charge-helper"
+
+    /// Where the helper program is: next to the running executable (chargefsd, or a test bundle).
+    static func defaultPath() -> String {
+        var buf = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        guard n > 0 else { return programName }
+        let exe = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard let slash = exe.lastIndex(of: "/") else { return programName }
+        return String(exe[...slash]) + programName
+    }
+
+    /// Opens the program and reads it once: its file pages are then in the page cache, charged
+    /// to the daemon's cgroup, and stay there while the daemon holds the fd (some filesystems
+    /// drop an inode's cache at its last close). A helper exec'd through this fd maps those
+    /// cached pages, so the target is charged only with the helper's own memory (its stack,
+    /// data and page tables: about 0.1 MiB).
+    static func openProgram(_ path: String) -> Int32 {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return -1 }
+        var buf = [UInt8](repeating: 0, count: 1 << 20)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { continue }
+            if n < 0 && errno == EINTR { continue }
+            return fd
+        }
+    }
 
     enum Death: Sendable, CustomStringConvertible {
         case exited(Int32), signaled(Int32), unknown(Int32)
         var description: String {
             switch self {
             case .exited(let c): return "exited with status \(c)"
-            case .signaled(let s): return "killed by signal \(s)"
+            case .signaled(let s): return "was killed by signal \(s)"
             case .unknown(let e): return "ended (status unavailable: \(String(cString: strerror(e))))"
             }
         }
@@ -32,62 +58,91 @@ struct ChargeHelper: Sendable {
         case died(Death)
     }
 
-    /// Forks a helper, moves it into `leaf`, makes it the OOM killer's first choice, then lets it
-    /// run. Throws with the helper already gone on failure.
-    static func spawn(arena: Int32, leaf: CgroupLeaf, userPath: String) throws(CgroupError) -> ChargeHelper {
+    /// What a wait for the helper may look at: whether its leaf is frozen (then it waits without a
+    /// time limit, as any process of a frozen cgroup would), and whether to give up (unmount).
+    struct Wait {
+        var timeoutMs: Int
+        var isFrozen: () -> Bool
+        var cancelled: () -> Bool
+    }
+
+    /// Starts the helper in `leaf` and waits until it reports ready. Throws with it already gone
+    /// on failure.
+    static func start(executable: String, programFD: Int32, arena: Int32, leaf: CgroupLeaf, userPath: String,
+                      wait: Wait) throws(CgroupError) -> ChargeHelper {
+        let (dir, procs) = try leaf.openForSpawn(userPath: userPath)
         var sock: Int32 = -1
-        let pid = cfuse_spawn_charge_helper(arena, &sock)
+        var stage: Int32 = 0
+        let pid = chargehelper_spawn(executable, programFD, arena, leaf.version == .v2 ? dir : -1, procs, &sock, &stage)
+        let e = errno
+        close(dir)
+        close(procs)
         guard pid > 0 else {
-            throw CgroupError(.io, "memcg=\(userPath): cannot fork the charge helper: \(String(cString: strerror(errno)))")
+            let reason = String(cString: strerror(e))
+            switch stage {
+            case 1:
+                if e == ENOENT || e == ENODEV {
+                    throw CgroupError(.gone, "memcg=\(userPath): the leaf cgroup \(leaf.path) was removed")
+                }
+                throw cgErrnoError(userPath, e, what: "starting the charge helper in \(leaf.path)")
+            case 2:
+                throw CgroupError(.io, "memcg=\(userPath): cannot run the charge helper \(executable): \(reason)")
+            default:
+                throw CgroupError(.io, "memcg=\(userPath): cannot start the charge helper: \(reason)")
+            }
         }
         let helper = ChargeHelper(pid: pid, socket: sock)
-        // Into the leaf before it touches anything: every page it instantiates is then the target's.
-        let e = cgWriteFile(leaf.procsPath, "\(pid)\n")
-        if e != 0 {
-            helper.kill()
-            throw e == ENOENT || e == ENODEV
-                ? CgroupError(.gone, "memcg=\(userPath): the leaf cgroup \(leaf.path) was removed")
-                : cgErrnoError(userPath, e, what: "moving the charge helper into \(leaf.procsPath)")
+        var ready: UInt8 = 0
+        if case .died(let death) = helper.receive(&ready, count: 1, wait) {
+            throw CgroupError(.io, "memcg=\(userPath): the charge helper \(death) before it was ready")
         }
-        // If the kernel ever OOM-kills in the target despite our headroom check, the helper must
-        // be the victim, never a workload.
-        let o = cgWriteFile("/proc/\(pid)/oom_score_adj", "1000\n")
-        if o != 0 {
+        guard ready == UInt8(CHARGEHELPER_READY) else {
             helper.kill()
-            throw cgErrnoError(userPath, o, what: "setting oom_score_adj of the charge helper")
-        }
-        var go: UInt8 = UInt8(ascii: "g")
-        guard send(sock, &go, 1, Int32(MSG_NOSIGNAL)) == 1 else {
-            let death = helper.kill()
-            throw CgroupError(.io, "memcg=\(userPath): the charge helper \(death) before starting")
+            throw CgroupError(.io, "memcg=\(userPath): the charge helper sent \(ready) instead of ready")
         }
         return helper
     }
 
-    /// One fallocate round trip. After `.died` the helper is reaped and its socket closed. A helper that does not answer within `timeoutMs` is killed.
-    func request(offset: Int64, length: Int64, timeoutMs: Int32) -> Outcome {
-        var rq = cfuse_charge_request(offset: offset, length: length)
+    /// One fallocate round trip. After `.died` the helper is reaped and its socket closed.
+    func request(offset: Int64, length: Int64, _ wait: Wait) -> Outcome {
+        var rq = chargehelper_request(offset: offset, length: length)
         while true {
-            let n = send(socket, &rq, MemoryLayout<cfuse_charge_request>.size, Int32(MSG_NOSIGNAL))
-            if n == MemoryLayout<cfuse_charge_request>.size { break }
+            let n = send(socket, &rq, MemoryLayout<chargehelper_request>.size, Int32(MSG_NOSIGNAL))
+            if n == MemoryLayout<chargehelper_request>.size { break }
             if n < 0 && errno == EINTR { continue }
             return .died(gone())
         }
+        var rp = chargehelper_reply(err: 0)
+        if case .died(let death) = receive(&rp, count: MemoryLayout<chargehelper_reply>.size, wait) {
+            return .died(death)
+        }
+        return .done(rp.err)
+    }
+
+    /// Receives one message of `count` bytes into `value`. Waits in slices of a second: a frozen
+    /// leaf waits for the thaw however long it takes; otherwise a helper silent for
+    /// `wait.timeoutMs` is presumed stuck and killed; a cancelled wait kills it too.
+    private func receive<T>(_ value: inout T, count: Int, _ wait: Wait) -> Outcome {
         var pfd = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+        var silentMs = 0
         while true {
-            let r = poll(&pfd, 1, timeoutMs)
+            let r = poll(&pfd, 1, 1000)
             if r > 0 { break }
-            if r < 0 && errno == EINTR { continue }
-            if r == 0 {
-                Log.line("charge helper pid \(pid) did not answer within \(timeoutMs / 1000) s; killing it")
+            if r < 0 {
+                if errno == EINTR { continue }
+                return .died(gone())
+            }
+            if wait.cancelled() { return .died(kill()) }
+            if wait.isFrozen() { continue }
+            silentMs += 1000
+            if silentMs >= wait.timeoutMs {
+                Log.line("charge helper pid \(pid) did not answer within \(silentMs / 1000) s; killing it")
                 return .died(kill())
             }
-            return .died(gone())
         }
-        var rp = cfuse_charge_reply(err: 0)
         while true {
-            let n = recv(socket, &rp, MemoryLayout<cfuse_charge_reply>.size, 0)
-            if n == MemoryLayout<cfuse_charge_reply>.size { return .done(rp.err) }
+            let n = withUnsafeMutableBytes(of: &value) { recv(socket, $0.baseAddress, count, 0) }
+            if n == count { return .done(0) }
             if n < 0 && errno == EINTR { continue }
             return .died(gone())  // EOF: it is gone
         }
@@ -113,7 +168,7 @@ struct ChargeHelper: Sendable {
         return reap()
     }
 
-    /// Waits for the helper (it is exiting, or about to be killed after `graceMs`).
+    /// Waits for the helper (it is exiting, or is killed after `graceMs`).
     private func reap(graceMs: Int = 2000) -> Death {
         var st: Int32 = 0
         var waited = 0
@@ -134,21 +189,7 @@ struct ChargeHelper: Sendable {
             usleep(2000)
             waited += 2
         }
-        if cfuse_wifsignaled(st) != 0 { return .signaled(cfuse_wtermsig(st)) }
-        return .exited(cfuse_wexitstatus(st))
-    }
-
-    // Raw access for tests (which cannot import CFuse next to Foundation).
-
-    /// Forks a helper that waits for "go" (never sent here); nil on failure.
-    static func forkUnstarted(arena: Int32) -> (pid: pid_t, socket: Int32)? {
-        var sock: Int32 = -1
-        let pid = cfuse_spawn_charge_helper(arena, &sock)
-        return pid > 0 ? (pid, sock) : nil
-    }
-
-    /// The signal that ended a process, from a waitpid status; nil if it exited.
-    static func terminationSignal(_ status: Int32) -> Int32? {
-        cfuse_wifsignaled(status) != 0 ? cfuse_wtermsig(status) : nil
+        if chargehelper_wifsignaled(st) != 0 { return .signaled(chargehelper_wtermsig(st)) }
+        return .exited(chargehelper_wexitstatus(st))
     }
 }

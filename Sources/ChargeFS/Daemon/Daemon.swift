@@ -139,10 +139,11 @@ public enum Daemon {
         }
         let store: PageStore
         do {
-            let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger()
+            let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger(arena: arena.fileDescriptor)
             store = PageStore(arena: arena, charger: charger)
         } catch {
-            report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
+            // A CgroupError names the target itself.
+            report(readiness, error is CgroupError ? "\(error)" : "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
             return 1
         }
         let fs = FileSystem(config: config, store: store)

@@ -26,6 +26,8 @@ public struct MountOptions: Sendable, Equatable {
     public var rootUid: UInt32?
     public var rootGid: UInt32?
     public var memcg: String?
+    /// memcg_limit=high|max: which v2 limit ends the room (see CgroupLimitPolicy).
+    public var memcgLimit = CgroupLimitPolicy.high
     public var noatime = false
     /// cache=direct|page (direct_io: cache=direct); see FileCaching.
     public var caching = FileCaching.automatic
@@ -109,6 +111,12 @@ public struct MountOptions: Sendable, Equatable {
                 let v = try required()
                 guard v.hasPrefix("/") else { throw UsageError("memcg=\(v): must be an absolute path under /sys/fs/cgroup") }
                 memcg = v
+            case "memcg_limit":
+                let v = try required()
+                guard let policy = CgroupLimitPolicy(rawValue: v) else {
+                    throw UsageError("memcg_limit=\(v): must be high or max")
+                }
+                memcgLimit = policy
             case "noatime" where value == nil:
                 noatime = true
                 passthrough.append(option)
@@ -233,6 +241,11 @@ public struct MountOptions: Sendable, Equatable {
       uid=N, gid=N      owner of the root directory (default: the caller's)
       memcg=PATH        charge every stored page to this memory cgroup (v1 or v2); writes that
                         would pass its memory limit (or an ancestor's) get ENOSPC
+      memcg_limit=high  (default) on cgroup v2, ENOSPC at the lower of memory.high and memory.max:
+                        stored pages cannot be reclaimed, so above memory.high the kernel would
+                        throttle the whole cgroup for as long as they are stored
+      memcg_limit=max   ENOSPC at memory.max only (as the tmpfs memcg= patch); above memory.high
+                        writes and the cgroup's processes are throttled by the kernel
       cache=direct      (default on Linux 6.6+) read(2) and write(2) go to chargefsd, bypassing the
                         kernel's page cache, so no reader or writer is charged for a cached copy;
                         mmap still works (through the page cache, kept coherent). direct_io: same

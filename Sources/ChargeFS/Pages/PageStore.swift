@@ -53,9 +53,12 @@ public final class PageStore {
         self.charger = charger
     }
 
-    /// A store on an arena of its own.
-    public convenience init(charger: PageCharger, capacityPages: Int = Int(UInt32.max) - 1) throws(ArenaError) {
-        self.init(arena: try Arena(capacityPages: capacityPages), charger: charger)
+    /// A store on an arena of its own, paid for by the charger `makeCharger` builds for that
+    /// arena's file (in-process users: tests, tools).
+    public convenience init(capacityPages: Int = Int(UInt32.max) - 1,
+                            charger makeCharger: (FileDescriptor) throws -> PageCharger) throws {
+        let arena = try Arena(capacityPages: capacityPages)
+        self.init(arena: arena, charger: try makeCharger(arena.fileDescriptor))
     }
 
     /// Bytes that can still be charged (the cgroup's headroom); nil when nothing limits it.
@@ -109,7 +112,7 @@ public final class PageStore {
             picked += n
         }
         guard picked > 0 else { return nil }
-        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger, arena: arena.fileDescriptor)
+        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger)
     }
 
     /// Takes back picked pages: the first `charged` of them (in the order they were picked)
@@ -218,7 +221,6 @@ public struct PendingCharge: Sendable {
     /// What the caller needs of them; near a limit the charge settles for this much.
     let wanted: Int
     let charger: PageCharger
-    let arena: FileDescriptor
 
     var count: Int { runs.reduce(0) { $0 + $1.count } }
 
@@ -233,8 +235,7 @@ public struct PendingCharge: Sendable {
             var n = run.count
             while true {
                 do {
-                    try charger.charge(arena: arena, offset: Int64(run.first * PageStore.pageSize),
-                                       length: Int64(n * PageStore.pageSize))
+                    try charger.charge(offset: Int64(run.first * PageStore.pageSize), length: Int64(n * PageStore.pageSize))
                     break
                 } catch where error == .noSpace {
                     if n == 1 { return (charged, nil) }
