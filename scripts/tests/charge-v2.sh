@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The charging tests (charge-v1.sh) on cgroup v2's memory controller.
+# The charging tests (charge.sh) on cgroup v2's memory controller.
 # Usage: scripts/tests/charge-v2.sh [TEST...]
 # Runs them here when this kernel has memory on cgroup v2; otherwise boots User-Mode Linux
 # (scripts/uml-run.sh, a 6.1 kernel with cgroup v2) and runs them inside. Prints
@@ -11,7 +11,7 @@ repo=$(cd "$here/../.." && pwd)
 source "$here/lib.sh"
 
 if CHARGEFS_CGROUP_VERSION='' cg_available 2; then
-  CHARGEFS_CGROUP_VERSION=2 exec bash "$here/charge-v1.sh" "$@"
+  CHARGEFS_CGROUP_VERSION=2 exec bash "$here/charge.sh" "$@"
 fi
 if [ -n "${CHARGEFS_IN_UML:-}" ]; then
   echo "cannot run: inside UML but no cgroup v2 memory controller"; echo "0 passed, 1 failed"; exit 1
@@ -29,7 +29,7 @@ rc=0
 bash "$uml" --timeout "${CFS_UML_TIMEOUT:-1500}" -- \
   env CHARGEFS_IN_UML=1 CHARGEFS_CGROUP_VERSION=2 CHARGEFSD="$bin" TMPDIR=/tmp \
   CFS_TEST_TIMEOUT="${CFS_TEST_TIMEOUT:-400}" PATH="$PATH" \
-  bash "$here/charge-v1.sh" "$@" || rc=$?
-# charge-v1.sh printed its own summary line inside the guest; a guest that died prints none.
+  bash "$here/charge.sh" "$@" || rc=$?
+# charge.sh printed its own summary line inside the guest; a guest that died prints none.
 if [ "$rc" != 0 ]; then log "UML run exited $rc"; fi
 exit "$rc"

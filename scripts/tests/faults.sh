@@ -23,7 +23,6 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
 REL=("$CFS_PYTHON" "$(dirname "$SELF")/rel.py")
 SLACK=$((1 * MiB))
 FUZZ=$(( 64 * $(getconf PAGESIZE) * $(getconf _NPROCESSORS_ONLN) ))
@@ -301,7 +300,7 @@ t_inode_exhaustion() {
 if [ "${1:-}" = --one ]; then run_one "$2"; exit; fi
 if [ "${1:-}" = --list ]; then printf '%s\n' "${TESTS[@]}"; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "fault tests need root"; echo "0 passed, 1 failed"; exit 1; fi
-if ! cg_available "$CHARGEFS_CGROUP_VERSION"; then echo "cannot run: no cgroup v$CHARGEFS_CGROUP_VERSION memory controller"; echo "0 passed, 1 failed"; exit 1; fi
+if ! cg_available "$(cg_version)"; then echo "cannot run: no cgroup memory controller (v1 or v2)"; echo "0 passed, 1 failed"; exit 1; fi
 if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
 log "chargefs fault tests: daemon $bin, cgroups below $(cg_parent)"
 if [ $# -gt 0 ]; then sel=("$@"); else sel=("${TESTS[@]}"); fi

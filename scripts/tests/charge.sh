@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Charging tests of chargefsd on a real kernel's memory cgroups.
-# Usage: scripts/tests/charge-v1.sh [TEST...]        (all tests when none given; root only)
-#        scripts/tests/charge-v1.sh --list
-# Uses cgroup v1 (this host) unless CHARGEFS_CGROUP_VERSION=2 (charge-v2.sh sets it inside UML).
+# Usage: scripts/tests/charge.sh [TEST...]        (all tests when none given; root only)
+#        scripts/tests/charge.sh --list
+# Runs on the cgroup version that has the memory controller here (v1 on this kind of host);
+# CHARGEFS_CGROUP_VERSION=1|2 forces one (charge-v2.sh runs these tests on v2 inside UML).
 # Env: CHARGEFSD=path to the daemon (default .build/debug/chargefsd), CFS_TEST_TIMEOUT=seconds
 # per test (default 240), CFS_CG_PARENT=where to create test cgroups (default: below our own).
 # Prints "N passed, N failed" and exits non-zero when any test failed.
@@ -11,7 +12,6 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
 
-export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
 SLACK=$((1 * MiB))          # the documented slack: charged reserve + per-CPU charge batching
 # Reading a baseline off a usage counter is itself off by up to one charge batch (64 pages) per
 # CPU; where a check compares with a baseline read earlier, that fuzz is added to the slack.
@@ -19,10 +19,10 @@ FUZZ=$(( 64 * $(getconf PAGESIZE) * $(getconf _NPROCESSORS_ONLN) ))
 DAEMON_SLACK=$((4 * MiB))   # the daemon's own cgroup may grow by this much (libfuse's per-thread
                             # buffers) plus 4 KiB per file (its metadata: ~2.5 KiB seen), never the data
 LIMIT=$((48 * MiB))         # limit of the target cgroup in most tests
-TESTS=(background size_only fill_dd fill_small_files fill_fallocate fill_ftruncate
+TESTS=(background fill_dd fill_small_files fill_fallocate fill_ftruncate
        kernel_patch mmap_over_limit service_charges_target ancestor_limit nonroot_refused
        sigkill_returns_charge pod pod_fill_4k pod_fill_256k pod_fill_1m pod_fill_8m cpus_64 cpus_256
-       helper_killed target_left_as_found cleanup_pidns memory_high)
+       helper_killed target_left_as_found cleanup_pidns memory_high frozen_target)
 
 # --- per-test setup ------------------------------------------------------------------------------
 # new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
@@ -229,21 +229,6 @@ t_background() {
 }
 
 # size= alone (no memcg): tmpfs semantics, ENOSPC exactly at size.
-t_size_only() {
-  new_env
-  head -c $((16 * MiB)) /dev/urandom > "$SCR/src"
-  cfs_mount "$MNT" "size=8m"
-  local rc=0
-  dd if="$SCR/src" of="$MNT/f" bs=64k conv=fsync 2>"$SCR/dd.err" || rc=$?
-  check "dd fails" [ "$rc" != 0 ]
-  check "with ENOSPC" grep -q "No space left" "$SCR/dd.err"
-  local w; w=$(stat -c %s "$MNT/f")
-  log "  stored $w bytes"
-  check "exactly size= stored (8 MiB, ±64 KiB)" near "$w" $((8 * MiB)) $((64 * 1024))
-  check "data intact" cmp -n "$w" "$SCR/src" "$MNT/f"
-  check "unmounted" cfs_umount "$MNT" "$CFS_PID"
-}
-
 t_fill_dd() {
   new_env
   cg_create "$T" "$LIMIT"
@@ -785,6 +770,54 @@ t_memory_high() {
   done
 }
 
+# t_frozen_target: the target frozen (docker pause, cgroup.freeze) while a writer needs new pages:
+# the writer waits; stat, reads, listings, deletes and statfs of the mount go on; after the thaw
+# the write completes, every byte. v2: the target's cgroup.freeze. v1: the helper moved into a
+# frozen cgroup of the freezer hierarchy (what docker pause freezes on v1 hosts).
+t_frozen_target() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  mount_target
+  head -c $((1 * MiB)) /dev/urandom > "$SCR/old"
+  head -c $((8 * MiB)) /dev/urandom > "$SCR/new"
+  cp "$SCR/old" "$MNT/old"; cp "$SCR/old" "$MNT/victim"
+  local helper; helper=$(cat "$T/chargefs-$DPID/cgroup.procs" 2>/dev/null | head -n1)
+  check "a helper runs in the target's leaf" [ -n "$helper" ]
+  local thaw F=""
+  if [ "$(cg_version)" = 2 ]; then
+    thaw="echo 0 > '$T/cgroup.freeze'"
+    CFS_UNDO+=("$thaw")
+    echo 1 > "$T/cgroup.freeze"
+  else
+    F=/sys/fs/cgroup/freezer/cfstest-$$-frozen
+    thaw="echo THAWED > '$F/freezer.state'"
+    mkdir "$F"
+    # Thawed, emptied and removed whatever happens (a frozen helper would outlive the test).
+    CFS_UNDO+=("rmdir '$F'" "echo '$helper' > /sys/fs/cgroup/freezer/cgroup.procs" "$thaw")
+    echo "$helper" > "$F/cgroup.procs"; echo FROZEN > "$F/freezer.state"
+  fi
+  # The reserve holds up to 64 charged pages: 8 MiB cannot come from it.
+  dd if="$SCR/new" of="$MNT/new" bs=1M 2>"$SCR/dd.err" & local writer=$!
+  CFS_PIDS+=("$writer")
+  sleep 1
+  check "the writer waits for the frozen target" kill -0 "$writer"
+  # (timeout -s KILL: a FUSE request in flight ignores SIGTERM)
+  check "stat answers" timeout -s KILL 5 stat "$MNT/old"
+  check "a read answers, intact" timeout -s KILL 5 cmp "$SCR/old" "$MNT/old"
+  check "a listing answers" timeout -s KILL 5 ls "$MNT"
+  check "df answers" timeout -s KILL 5 df "$MNT"
+  check "a delete answers" timeout -s KILL 5 rm "$MNT/victim"
+  check "a mkdir answers" timeout -s KILL 5 mkdir "$MNT/d"
+  check "the writer still waits" kill -0 "$writer"
+  eval "$thaw"
+  local rc=0; timeout 30 tail --pid="$writer" -f /dev/null || rc=$?
+  wait "$writer" || rc=$?
+  check "after the thaw the write completes" [ "$rc" = 0 ]
+  check "every byte" cmp "$SCR/new" "$MNT/new"
+  check_release
+}
+
+
 # --- main ----------------------------------------------------------------------------------------
 if [ "${1:-}" = --one ]; then
   run_one "$2"
@@ -792,12 +825,12 @@ if [ "${1:-}" = --one ]; then
 fi
 if [ "${1:-}" = --list ]; then printf '%s\n' "${TESTS[@]}"; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "charge tests need root (cgroups, mounts)"; echo "0 passed, 1 failed"; exit 1; fi
-if ! cg_available "$CHARGEFS_CGROUP_VERSION"; then
-  echo "cannot run: no cgroup v$CHARGEFS_CGROUP_VERSION memory controller on this kernel"
+if ! cg_available "$(cg_version)"; then
+  echo "cannot run: no cgroup memory controller on this kernel (v1 or v2)"
   echo "0 passed, 1 failed"
   exit 1
 fi
 if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
-log "chargefs charge tests: cgroup v$CHARGEFS_CGROUP_VERSION, daemon $bin, cgroups below $(cg_parent)"
+log "chargefs charge tests: cgroup v$(cg_version), daemon $bin, cgroups below $(cg_parent)"
 if [ $# -gt 0 ]; then sel=("$@"); else sel=("${TESTS[@]}"); fi
 run_tests "$SELF" "${CFS_TEST_TIMEOUT:-240}" "${sel[@]}"
