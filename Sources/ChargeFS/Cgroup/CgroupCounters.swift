@@ -111,12 +111,13 @@ extension CgroupTarget {
         var total = 0
         while true {
             if total == buf.count { buf.append(contentsOf: repeatElement(0, count: buf.count)) }
-            let n = buf.withUnsafeMutableBytes { p in
-                pread(fd.rawValue, p.baseAddress.map { $0 + total }, p.count - total, off_t(total))
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                let e = errno
+            let n: Int
+            do throws(Errno) {
+                n = try retryingInterrupts {
+                    buf.withUnsafeMutableBytes { p in pread(fd.rawValue, p.baseAddress.map { $0 + total }, p.count - total, off_t(total)) }
+                }
+            } catch {
+                let e = error.rawValue
                 if e == ENODEV || e == ENOENT {
                     throw CgroupError(.gone, "memcg=\(self.path): the cgroup \(path) was removed")
                 }

@@ -1,4 +1,5 @@
 import Glibc
+import SystemPackage
 
 // Small file helpers for cgroupfs: whole-file reads and one-write writes (a cgroup file takes
 // one value per write), paths.
@@ -10,8 +11,10 @@ func cgReadFile(_ path: String) throws(CgroupError) -> String {
     var out: [UInt8] = []
     var buf = [UInt8](repeating: 0, count: 4096)
     while true {
-        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 { if errno == EINTR { continue }; throw cgErrnoError(path, errno) }
+        let n: Int
+        do throws(Errno) { n = try retryingInterrupts { buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } } } catch {
+            throw cgErrnoError(path, error.rawValue)
+        }
         if n == 0 { break }
         out.append(contentsOf: buf[0..<n])
     }

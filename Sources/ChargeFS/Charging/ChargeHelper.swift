@@ -1,5 +1,6 @@
 import CChargeHelper
 import Glibc
+import SystemPackage
 
 /// The daemon's handle on one charge helper: the program chargefs-charge-helper (installed next
 /// to chargefsd), started directly in the leaf cgroup with the arena and one end of a socket pair
@@ -33,12 +34,8 @@ struct ChargeHelper: Sendable {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return -1 }
         var buf = [UInt8](repeating: 0, count: 1 << 20)
-        while true {
-            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n > 0 { continue }
-            if n < 0 && errno == EINTR { continue }
-            return fd
-        }
+        while let n = try? retryingInterrupts({ buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } }), n > 0 {}
+        return fd
     }
 
     enum Death: Sendable, CustomStringConvertible {
@@ -106,12 +103,8 @@ struct ChargeHelper: Sendable {
     /// One fallocate round trip. After `.died` the helper is reaped and its socket closed.
     func request(offset: Int64, length: Int64, _ wait: Wait) -> Outcome {
         var rq = chargehelper_request(offset: offset, length: length)
-        while true {
-            let n = send(socket, &rq, MemoryLayout<chargehelper_request>.size, Int32(MSG_NOSIGNAL))
-            if n == MemoryLayout<chargehelper_request>.size { break }
-            if n < 0 && errno == EINTR { continue }
-            return .died(gone())
-        }
+        let sent = try? retryingInterrupts { send(socket, &rq, MemoryLayout<chargehelper_request>.size, Int32(MSG_NOSIGNAL)) }
+        guard sent == MemoryLayout<chargehelper_request>.size else { return .died(gone()) }
         var rp = chargehelper_reply(err: 0)
         if case .died(let death) = receive(&rp, count: MemoryLayout<chargehelper_reply>.size, wait) {
             return .died(death)
@@ -126,12 +119,8 @@ struct ChargeHelper: Sendable {
         var pfd = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
         var silentMs = 0
         while true {
-            let r = poll(&pfd, 1, 1000)
+            guard let r = try? retryingInterrupts({ poll(&pfd, 1, 1000) }) else { return .died(gone()) }
             if r > 0 { break }
-            if r < 0 {
-                if errno == EINTR { continue }
-                return .died(gone())
-            }
             if wait.cancelled() { return .died(kill()) }
             if wait.isFrozen() { continue }
             silentMs += 1000
@@ -140,12 +129,8 @@ struct ChargeHelper: Sendable {
                 return .died(kill())
             }
         }
-        while true {
-            let n = withUnsafeMutableBytes(of: &value) { recv(socket, $0.baseAddress, count, 0) }
-            if n == count { return .done(0) }
-            if n < 0 && errno == EINTR { continue }
-            return .died(gone())  // EOF: it is gone
-        }
+        let n = try? retryingInterrupts { withUnsafeMutableBytes(of: &value) { recv(socket, $0.baseAddress, count, 0) } }
+        return n == count ? .done(0) : .died(gone())  // EOF: it is gone
     }
 
     /// Ends the helper: closing our end gives it EOF, after which it exits; SIGKILL after ~1 s.
@@ -173,16 +158,15 @@ struct ChargeHelper: Sendable {
         var st: Int32 = 0
         var waited = 0
         while true {
-            let r = waitpid(pid, &st, WNOHANG)
-            if r == pid { break }
-            if r < 0 {
-                if errno == EINTR { continue }
-                return .unknown(errno)  // someone else reaped it (a SIGCHLD handler)
+            let r: pid_t
+            do throws(Errno) { r = try retryingInterrupts { waitpid(pid, &st, WNOHANG) } } catch {
+                return .unknown(error.rawValue)  // someone else reaped it (a SIGCHLD handler)
             }
+            if r == pid { break }
             if waited >= graceMs {
                 _ = Glibc.kill(pid, SIGKILL)
-                while waitpid(pid, &st, 0) < 0 {
-                    if errno != EINTR { return .unknown(errno) }
+                do throws(Errno) { _ = try retryingInterrupts { waitpid(pid, &st, 0) } } catch {
+                    return .unknown(error.rawValue)
                 }
                 break
             }

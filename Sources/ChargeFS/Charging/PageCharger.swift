@@ -49,11 +49,10 @@ public final class DaemonCharger: PageCharger {
     }
 
     public func charge(offset: Int64, length: Int64) throws(Errno) {
-        while true {
-            if cfuse_fallocate(arena.rawValue, 0, offset, length) == 0 { return }
-            let err = Errno(rawValue: errno)
-            if err == .interrupted { continue }
-            throw err == .noMemory ? .noSpace : err
+        do {
+            _ = try retryingInterrupts { cfuse_fallocate(arena.rawValue, 0, offset, length) }
+        } catch {
+            throw error == .noMemory ? .noSpace : error
         }
     }
 

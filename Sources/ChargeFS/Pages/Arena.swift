@@ -121,14 +121,9 @@ public final class Arena {
     func write(_ source: UnsafeRawPointer, length: Int, at offset: Int64) throws(Errno) {
         var done = 0
         while done < length {
-            let n = syscalls.pwrite(fileDescriptor.rawValue, source + done, length - done, offset + Int64(done))
-            if n > 0 {
-                done += n
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else {
-                throw n < 0 ? Errno(rawValue: errno) : .ioError
-            }
+            let n = try retryingInterrupts { syscalls.pwrite(fileDescriptor.rawValue, source + done, length - done, offset + Int64(done)) }
+            guard n > 0 else { throw .ioError }
+            done += n
         }
     }
 
@@ -147,12 +142,10 @@ public final class Arena {
     /// now, which read back as zeros.
     func punch(first: UInt32, count: Int) -> Bool {
         let mode = Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE)
-        while true {
-            if syscalls.fallocate(fileDescriptor.rawValue, mode, Self.offset(of: first), Int64(count * Self.pageSize)) == 0 {
-                return true
-            }
-            if errno != EINTR { return false }
+        let punched = try? retryingInterrupts {
+            syscalls.fallocate(fileDescriptor.rawValue, mode, Self.offset(of: first), Int64(count * Self.pageSize))
         }
+        return punched != nil
     }
 
     // MARK: - Creation
