@@ -52,7 +52,7 @@ struct CgroupTree: Sendable {
             return "\(root) is not on a cgroup filesystem"
         }
         if mount.fsRoot != "/" {
-            return "the cgroup filesystem at \(mount.path) shows the subtree \(mount.fsRoot), not the host's whole tree"
+            return "the cgroup filesystem at \(mount.path) shows the subtree \(mount.fsRoot), not the host's whole tree (a private cgroup namespace?)"
         }
         let procs = (try? String(contentsOfFile: mount.path + rel + "/cgroup.procs", encoding: .utf8)) ?? ""
         let pid = String(getpid())
