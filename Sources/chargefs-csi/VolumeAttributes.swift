@@ -9,7 +9,12 @@ struct VolumeAttributes: Codable, Equatable, Sendable {
     /// container uid (runAsUser, fsGroup) can create files, and the sticky bit keeps them
     /// from deleting each other's.
     var mode: String = "1777"
-    var cache: String?
+    /// direct unless the pod asks for page: chargefsd itself falls back to the page cache on
+    /// kernels before 6.6 (no shared mmap with direct I/O there), and then each container pays
+    /// for its cached copy of what it reads or writes, and at the pod's limit the kernel
+    /// OOM-kills instead of chargefs returning ENOSPC (measured in UML on 6.1: a 1 MiB-block
+    /// fill got 17 OOM kills). A pod volume's promise is ENOSPC, so direct it is.
+    var cache: String = "direct"
 
     static let known = ["size", "nr_inodes", "mode", "cache"]
     /// Keys the kubelet adds itself (podInfoOnMount, ephemeral); they are not attributes.
@@ -56,7 +61,7 @@ struct VolumeAttributes: Codable, Equatable, Sendable {
         if let s = sizeBytes { o.append("size=\(s)") }
         if let n = nrInodes { o.append("nr_inodes=\(n)") }
         o.append("mode=\(mode)")
-        if let c = cache { o.append("cache=\(c)") }
+        o.append("cache=\(cache)")
         return o
     }
 }
