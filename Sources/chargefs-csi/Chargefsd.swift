@@ -103,6 +103,17 @@ struct Chargefsd: Sendable {
         mountType(path) == "fuse.chargefsd"
     }
 
+    enum MountState: Sendable { case serving, dead, absent }
+
+    /// Whether a chargefsd mount is at `path` and its daemon answers (statfs); a mount whose
+    /// daemon died answers ENOTCONN.
+    static func mountState(_ path: String) -> MountState {
+        guard isChargefsMount(path) else { return .absent }
+        var s = statvfs()
+        if statvfs(path, &s) != 0 && errno == ENOTCONN { return .dead }
+        return .serving
+    }
+
     /// The filesystem type mounted at `path` (the last mount there), nil when none.
     static func mountType(_ path: String) -> String? {
         guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }

@@ -78,8 +78,17 @@ actor VolumeManager {
             guard old.targetPath == target, old.attributes == attrs, old.readOnly == req.readOnly, old.podUID == podUID else {
                 throw CSIError(.alreadyExists, "volume \(req.volumeID) is already published at \(old.targetPath) with other parameters (pod \(old.podUID), \(old.attributes.mountOptions.joined(separator: ",")))")
             }
-            if Chargefsd.isChargefsMount(target) { return }  // the same request again: done
-            // the record survived but the mount did not (node reboot, daemon killed): mount again
+            switch await blocking({ Chargefsd.mountState(target) }) {
+            case .serving: return  // the same request again: done
+            case .dead:
+                // its chargefsd died (killed, OOM): the data is gone with it; clear the dead mount
+                // ("Transport endpoint is not connected") and serve an empty volume again
+                log("publish volume=\(req.volumeID): its chargefsd is gone; remounting \(target)")
+                if let err = await blocking({ Chargefsd.unmount(target: target) }) {
+                    throw CSIError(.internal, err)
+                }
+            case .absent: break  // the record survived a reboot, the mount did not: mount again
+            }
         }
         if let other = volumes.values.first(where: { $0.targetPath == target && $0.volumeID != req.volumeID }) {
             throw CSIError(.alreadyExists, "target_path \(target) already holds volume \(other.volumeID)")

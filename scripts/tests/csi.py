@@ -118,6 +118,20 @@ def status_xattr(path):
     return dict(line.split("=", 1) for line in raw.splitlines() if "=" in line)
 
 
+def daemon_pids(target):
+    out = []
+    for n in os.listdir("/proc"):
+        if not n.isdigit():
+            continue
+        try:
+            args = open("/proc/%s/cmdline" % n, "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"chargefsd") and target.encode() in args:
+            out.append(int(n))
+    return out
+
+
 def is_mounted(path):
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
@@ -216,6 +230,40 @@ def suite(c, scratch, pod_uid, missing_uid):
     except OSError as e:
         check("read-only volume refuses writes (EROFS)", e.errno == 30, e)
     expect("unpublish read-only", c.unpublish("vro", tro), "OK")
+
+    # A second call for a volume while the first is still in progress: ABORTED. The first
+    # waits (1 s) for a pod cgroup that never appears.
+    import threading
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=c.publish("vbusy", tgt + "-busy", missing_uid)))
+    t.start()
+    import time
+    time.sleep(0.3)
+    expect("publish while the same volume's publish is in progress", c.publish("vbusy", tgt + "-busy", missing_uid), "ABORTED", "in progress")
+    t.join()
+    check("the first call still ends UNAVAILABLE", first["r"][0] == "UNAVAILABLE", first)
+
+    # INTERNAL: the target's parent does not exist (the CO creates it), so nothing can be mounted
+    expect("publish under a missing parent", c.publish("vnp", os.path.join(scratch, "no-such-dir", "t"), pod_uid), "INTERNAL", "no-such-dir")
+
+    # A volume whose chargefsd died (SIGKILL): stats say INTERNAL with the cause; publishing it
+    # again clears the dead mount and serves an empty volume; unpublish works either way.
+    tdead = os.path.join(scratch, "pods", "vol-dead")
+    expect("publish (to be killed)", c.publish("vdead", tdead, pod_uid, {"size": "4Mi"}), "OK")
+    pids = daemon_pids(tdead)
+    check("its chargefsd processes (daemon, charge helper) found", len(pids) >= 1, pids)
+    for p in pids:
+        os.kill(p, 9)
+    for _ in range(50):
+        if not daemon_pids(tdead):
+            break
+        time.sleep(0.1)
+    expect("stats of a volume whose daemon was killed", c.stats("vdead", tdead), "INTERNAL", "gone")
+    expect("publish it again: remounted", c.publish("vdead", tdead, pod_uid, {"size": "4Mi"}), "OK")
+    code, _, s2 = c.stats("vdead", tdead)
+    check("it serves again (stats OK, empty)", code == "OK" and s2["inodes"]["used"] == 1, (code, s2))
+    expect("unpublish it", c.unpublish("vdead", tdead), "OK")
+    check("its target is gone", not os.path.exists(tdead))
 
     # NodeUnpublishVolume
     expect("unpublish without volume_id", c.unpublish("", tgt), "INVALID_ARGUMENT", "volume_id")
