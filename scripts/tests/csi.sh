@@ -7,6 +7,8 @@
 #                attribute malformed, unknown attribute, pod cgroup never appearing), quantities
 #                reaching chargefsd as bytes, idempotency and ALREADY_EXISTS, stats against
 #                statvfs, NOT_FOUND, read-only, unpublish idempotent, target removed
+#   layouts      the pod cgroup found for every kubelet layout: systemd and cgroupfs drivers x
+#                guaranteed, burstable, besteffort; and a pod cgroup created 1 s after the call
 #   no_host_view the plugin in a private cgroup namespace says so at start and refuses to publish
 #   pod          a kubelet-style pod: the pod's cgroup and two container cgroups (cgroupfs layout
 #                on cgroup v1, systemd layout on v2), publish, a uid-65534 process in one container
@@ -27,7 +29,7 @@ PY=/usr/bin/python3   # Debian's: the one that exists inside User-Mode Linux too
 CSIPY=$(dirname "$SELF")/csi.py
 # grpcio from PyPI, installed by scripts/setup.sh outside /root and /tmp (fresh tmpfs in UML)
 export PYTHONPATH=$CFS_REPO/.build-csi-py${PYTHONPATH:+:$PYTHONPATH}
-TESTS=(cli rpcs no_host_view pod uml_pod manifests)
+TESTS=(cli rpcs layouts no_host_view pod uml_pod manifests)
 
 csi_bin() {
   if [ -n "${CHARGEFS_CSI:-}" ]; then echo "$CHARGEFS_CSI"; return; fi
@@ -162,6 +164,45 @@ t_rpcs() {
   log "  plugin log:"; sed 's/^/    | /' "$SCR/plugin.log" | tail -n 12 >&2
   stop_plugin
   check "socket removed after SIGTERM" [ ! -e "$SOCK" ]
+}
+
+# The memcg= a volume was mounted with, from its mount source ("chargefs:memcg=PATH").
+mounted_memcg() { awk -v m="$1" '$5 == m {for (i = 7; i <= NF; i++) if ($i == "-") {print $(i + 2); exit}}' /proc/self/mountinfo | sed -n 's/^chargefs:memcg=//p'; }
+
+t_layouts() {
+  python_ready
+  setup
+  start_plugin --pod-cgroup-wait 5
+  local uid u d rel out n=0
+  for rel in "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice" \
+             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod%s.slice" \
+             "kubepods.slice/kubepods-pod%s.slice" \
+             "kubepods/burstable/pod%s" "kubepods/besteffort/pod%s" "kubepods/pod%s"; do
+    uid=$(uuid); u=$uid
+    case $rel in *.slice) u=${uid//-/_} ;; esac
+    # shellcheck disable=SC2059
+    d=$ROOT/$(printf "$rel" "$u")
+    mkdir -p "$d"; CFS_CGROUPS+=("$d")
+    n=$((n + 1))
+    out=$(csi publish "v$n" "$SCR/t$n" "$uid" size=1Mi) || true
+    CFS_MOUNTS+=("$SCR/t$n")
+    check "${rel%%%s*}...: publish $out, memcg= the pod's cgroup" [ "$out/$(mounted_memcg "$SCR/t$n")" = "OK/$d" ]
+    out=$(csi unpublish "v$n" "$SCR/t$n") || true
+    check "  unpublish $out" [ "$out" = OK ]
+  done
+  # the kubelet may mount before the pod's cgroup exists: the plugin waits for it (bounded)
+  uid=$(uuid)
+  d=$ROOT/kubepods/burstable/pod$uid
+  ( sleep 1; mkdir -p "$d" ) &
+  local maker=$! t0=$SECONDS
+  CFS_CGROUPS+=("$d")
+  out=$(csi publish late "$SCR/late" "$uid" size=1Mi) || true
+  CFS_MOUNTS+=("$SCR/late")
+  wait "$maker"
+  check "a pod cgroup created 1 s after the call is waited for: $out ($((SECONDS - t0)) s)" [ "$out/$(mounted_memcg "$SCR/late")" = "OK/$d" ]
+  out=$(csi unpublish late "$SCR/late") || true
+  check "  unpublish $out" [ "$out" = OK ]
+  stop_plugin
 }
 
 t_no_host_view() {
