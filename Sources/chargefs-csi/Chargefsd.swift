@@ -17,7 +17,7 @@ struct Chargefsd: Sendable {
     static func locate(explicit: String?) -> String? {
         let fm = FileManager.default
         if let e = explicit { return fm.isExecutableFile(atPath: e) ? e : nil }
-        let own = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        let own = URL(fileURLWithPath: CommandLine.arguments.first ?? "chargefs-csi").resolvingSymlinksInPath()
         if let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
             let sibling = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("chargefsd").path
             if fm.isExecutableFile(atPath: sibling) { return sibling }
@@ -187,13 +187,19 @@ struct Chargefsd: Sendable {
             }
             return .failure(CSIError(.internal, "statvfs \(path): \(String(cString: strerror(e)))"))
         }
-        let f = Int64(s.f_frsize)
+        // Saturating: the figures come from a FUSE daemon, and "unlimited" may be huge.
+        func n(_ v: UInt) -> Int64 { Int64(clamping: v) }
+        func bytes(_ blocks: UInt) -> Int64 {
+            let (r, o) = n(blocks).multipliedReportingOverflow(by: n(s.f_frsize))
+            return o ? Int64.max : r
+        }
+        let free = min(s.f_bfree, s.f_blocks)
         return .success(Usage(
-            totalBytes: Int64(s.f_blocks) * f,
-            usedBytes: (Int64(s.f_blocks) - Int64(s.f_bfree)) * f,
-            availableBytes: Int64(s.f_bavail) * f,
-            totalInodes: Int64(s.f_files),
-            usedInodes: Int64(s.f_files) - Int64(s.f_ffree),
-            availableInodes: Int64(s.f_favail)))
+            totalBytes: bytes(s.f_blocks),
+            usedBytes: bytes(s.f_blocks - free),
+            availableBytes: bytes(s.f_bavail),
+            totalInodes: n(s.f_files),
+            usedInodes: n(s.f_files - min(s.f_ffree, s.f_files)),
+            availableInodes: n(s.f_favail)))
     }
 }

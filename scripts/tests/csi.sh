@@ -246,7 +246,7 @@ t_pod() {
   local V1=csi-$(sha "$uid1"scratch) V2=csi-$(sha "$uid2"scratch)
   mkdir -p "$(dirname "$T1")" "$(dirname "$T2")"
   chmod -R 755 "$SCR/kubelet"
-  local base1 base2; base1=$(cg_usage "$P1"); base2=$(cg_usage "$P2")
+  local base1 base2 shm1; base1=$(cg_usage "$P1"); base2=$(cg_usage "$P2"); shm1=$(cg_shmem "$P1")
 
   local out; out=$(csi publish "$V1" "$T1" "$uid1" size=1Gi) || true
   check "publish pod 1's volume: $out" [ "$out" = OK ]
@@ -267,6 +267,9 @@ t_pod() {
   local rise1 c1u c2u; rise1=$(( $(cg_usage "$P1") - base1 )); c1u=$(cg_usage "$C1"); c2u=$(cg_usage "$C2")
   log "  pod 1 charge rose $(fmt_mib "$rise1") for 16 MiB written; containers: $(fmt_mib "$c1u"), $(fmt_mib "$c2u")"
   check "pod 1 charged the 16 MiB (within 1.5 MiB)" near "$rise1" $((16 * MiB)) $((3 * MiB / 2))
+  local shrise; shrise=$(( $(cg_shmem "$P1") - shm1 ))
+  log "  pod 1 memory.stat shmem rose $(fmt_mib "$shrise")"
+  check "as shmem in the pod's memory.stat (16 MiB within 1.5 MiB)" near "$shrise" $((16 * MiB)) $((3 * MiB / 2))
   check "containers charged < 1 MiB each" bash -c '[ "$1" -lt 1048576 ] && [ "$2" -lt 1048576 ]' _ "$c1u" "$c2u"
   local st; st=$(csi stats "$V1" "$T1") || true
   log "    stats: $st"
