@@ -5,6 +5,9 @@ import GRPCCore
 struct NodeService: Csi_V1_Node.SimpleServiceProtocol {
     let nodeID: String
     let manager: VolumeManager
+    /// Every failed publish/unpublish is logged with its cause (successes are logged by
+    /// VolumeManager, which knows the pod's cgroup).
+    let log: @Sendable (String) -> Void
 
     func nodePublishVolume(request: Csi_V1_NodePublishVolumeRequest, context: ServerContext) async throws -> Csi_V1_NodePublishVolumeResponse {
         var access = PublishRequest.Access.none
@@ -20,6 +23,8 @@ struct NodeService: Csi_V1_Node.SimpleServiceProtocol {
         do {
             try await manager.publish(req)
         } catch {
+            let pod = request.volumeContext[VolumeManager.podUIDKey] ?? "?"
+            log("publish volume=\(request.volumeID) pod=\(pod) target=\(request.targetPath) failed: \(error.code): \(error.message)")
             throw RPCError(error)
         }
         return Csi_V1_NodePublishVolumeResponse()
@@ -29,6 +34,7 @@ struct NodeService: Csi_V1_Node.SimpleServiceProtocol {
         do {
             try await manager.unpublish(volumeID: request.volumeID, targetPath: request.targetPath)
         } catch {
+            log("unpublish volume=\(request.volumeID) target=\(request.targetPath) failed: \(error.code): \(error.message)")
             throw RPCError(error)
         }
         return Csi_V1_NodeUnpublishVolumeResponse()

@@ -73,6 +73,11 @@ actor VolumeManager {
         }
         let attrs = try VolumeAttributes.parse(req.volumeContext)
         let target = normalise(req.targetPath)
+        // Claimed before the first await: the actor lets other calls in while this one waits.
+        guard busy.insert(req.volumeID).inserted else {
+            throw CSIError(.aborted, "an operation on volume \(req.volumeID) is already in progress")
+        }
+        defer { busy.remove(req.volumeID) }
 
         if let old = volumes[req.volumeID] {
             guard old.targetPath == target, old.attributes == attrs, old.readOnly == req.readOnly, old.podUID == podUID else {
@@ -96,16 +101,10 @@ actor VolumeManager {
         if let problem = config.hostViewProblem {
             throw CSIError(.failedPrecondition, "publishing refused: \(problem)")
         }
-        guard busy.insert(req.volumeID).inserted else {
-            throw CSIError(.aborted, "an operation on volume \(req.volumeID) is already in progress")
-        }
-        defer { busy.remove(req.volumeID) }
 
         guard let podCgroup = await PodCgroup.wait(root: config.tree.root, uid: podUID, timeout: config.podCgroupWait) else {
             let looked = PodCgroup.candidates(uid: podUID).joined(separator: ", ")
-            let msg = "the cgroup of pod \(podUID) did not appear under \(config.tree.root) within \(config.podCgroupWait) s (looked for \(looked))"
-            log("publish volume=\(req.volumeID) pod=\(podUID) failed: \(msg)")
-            throw CSIError(.unavailable, msg)
+            throw CSIError(.unavailable, "the cgroup of pod \(podUID) did not appear under \(config.tree.root) within \(config.podCgroupWait) s (looked for \(looked))")
         }
 
         // allow_other: the containers' uids are not the mounter's (FUSE lets in only the mounter
@@ -120,13 +119,10 @@ actor VolumeManager {
             var created = false
             var isDir: ObjCBool = false
             if !FileManager.default.fileExists(atPath: target, isDirectory: &isDir) {
-                do {
-                    try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: false,
-                                                            attributes: [.posixPermissions: 0o750])
-                    created = true
-                } catch {
-                    return "cannot create target_path \(target): \(error.localizedDescription)"
+                guard mkdir(target, 0o750) == 0 else {
+                    return "cannot create target_path \(target): \(String(cString: strerror(errno)))"
                 }
+                created = true
             } else if !isDir.boolValue {
                 return "target_path \(target) exists and is not a directory"
             }
@@ -137,8 +133,7 @@ actor VolumeManager {
             return nil
         }
         if let failure {
-            log("publish volume=\(req.volumeID) pod=\(podUID) cgroup=\(podCgroup) failed: \(failure)")
-            throw CSIError(.internal, failure)
+            throw CSIError(.internal, "pod cgroup \(podCgroup): \(failure)")
         }
         let record = VolumeRecord(volumeID: req.volumeID, targetPath: target, podUID: podUID, podCgroup: podCgroup,
                                   attributes: attrs, readOnly: req.readOnly,
@@ -148,7 +143,6 @@ actor VolumeManager {
         } catch {
             // Without a record a restarted plugin could not unpublish it: undo the mount.
             _ = await blocking { Chargefsd.unmount(target: target) }
-            log("publish volume=\(req.volumeID) failed: \(error.message)")
             throw error
         }
         volumes[req.volumeID] = record
@@ -174,8 +168,7 @@ actor VolumeManager {
             return nil
         }
         if let failure {
-            log("unpublish volume=\(volumeID) pod=\(record.podUID) cgroup=\(record.podCgroup) failed: \(failure)")
-            throw CSIError(.internal, failure)
+            throw CSIError(.internal, "pod \(record.podUID) cgroup \(record.podCgroup): \(failure)")
         }
         config.state.remove(volumeID)
         volumes[volumeID] = nil

@@ -79,7 +79,7 @@ log("\(IdentityService.driverName) \(IdentityService.version) node=\(options.nod
 
 do {
     try await Server.run(socket: socket,
-                         services: [IdentityService(), NodeService(nodeID: options.nodeID, manager: manager)],
+                         services: [IdentityService(), NodeService(nodeID: options.nodeID, manager: manager, log: log)],
                          log: log)
 } catch let e as OptionError {
     fail(e.message)
