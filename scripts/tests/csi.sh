@@ -20,7 +20,8 @@
 #   uml_pod      the pod test inside User-Mode Linux (cgroup v2, systemd layout)
 #   manifests    deploy/kubernetes/*.yaml parse and carry what the kubelet needs (no cluster here)
 # Usage: scripts/tests/csi.sh [TEST...] | --list
-# Env: CHARGEFSD, CHARGEFS_CSI (default: chargefs-csi next to chargefsd), CFS_TEST_TIMEOUT (180)
+# Env: CHARGEFSD, CHARGEFS_CSI (default: chargefs-csi next to chargefsd), CFS_TEST_TIMEOUT (180 s
+#      per test; uml_pod gives the guest 15 s less)
 set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
@@ -347,10 +348,11 @@ t_uml_pod() {
   local uml=$CFS_REPO/scripts/uml-run.sh
   [ -f "$uml" ] || { log "  cannot run: scripts/uml-run.sh is missing"; return 1; }
   command -v linux.uml >/dev/null || { log "  cannot run: linux.uml missing (scripts/setup.sh installs user-mode-linux)"; return 1; }
-  local out rc=0
-  out=$(bash "$uml" --timeout "${CFS_UML_TIMEOUT:-600}" -- \
+  # within this test's own time limit: the guest, and the test inside it, a little less
+  local out rc=0 tmo=${CFS_TEST_TIMEOUT:-180}
+  out=$(bash "$uml" --timeout $((tmo - 15)) -- \
     env CHARGEFS_IN_UML=1 CHARGEFS_CGROUP_VERSION=2 CHARGEFSD="$(cfs_daemon_bin)" CHARGEFS_CSI="$(csi_bin)" \
-    TMPDIR=/tmp CFS_TEST_TIMEOUT="${CFS_UML_TEST_TIMEOUT:-500}" PATH="$PATH" \
+    TMPDIR=/tmp CFS_TEST_TIMEOUT=$((tmo - 30)) PATH="$PATH" \
     bash "$SELF" pod 2>&1) || rc=$?
   sed 's/^/  [uml] /' <<<"$out" >&2
   check "inside UML (cgroup v2, systemd layout): pod test passed (exit $rc)" [ "$rc" = 0 ]
