@@ -265,6 +265,17 @@ t_pod() {
   check "files owned by their writers" [ "$(stat -c %u "$T1/from-c1")/$(stat -c %u "$T1/from-c2")" = 65534/1000 ]
   check "uid 1000 cannot delete uid 65534's file (sticky 1777, as a memory emptyDir)" \
     bash -c '! setpriv --reuid=1000 --regid=1000 --clear-groups -- rm -f "$1/from-c1" 2>/dev/null' _ "$T1"
+  # fsGroup as the kubelet applies it (fsGroupPolicy: File): the volume root's group becomes
+  # the fsGroup with setgid; containers of other uids in that group then share files with
+  # umask 002, as on an emptyDir
+  chgrp 3000 "$T1" && chmod g+s "$T1"
+  check "kubelet's fsGroup change applies: root $(stat -c '%a %g' "$T1")" [ "$(stat -c '%a %g' "$T1")" = "3777 3000" ]
+  cg_run_in "$C1" setpriv --reuid=65534 --regid=65534 --groups=3000 -- sh -c 'umask 002; echo one > "$1/shared"' _ "$T1"
+  check "a file made by uid 65534 gets group 3000 (setgid root)" [ "$(stat -c %g "$T1/shared")" = 3000 ]
+  check "uid 1000 in group 3000 (other container) can write it" \
+    cg_run_in "$C2" setpriv --reuid=1000 --regid=1000 --groups=3000 -- sh -c 'echo two >> "$1/shared"' _ "$T1"
+  check "both lines there" [ "$(cat "$T1/shared" | tr '\n' ' ')" = "one two " ]
+  rm -f "$T1/shared"
   local rise1 c1u c2u; rise1=$(( $(cg_usage "$P1") - base1 )); c1u=$(cg_usage "$C1"); c2u=$(cg_usage "$C2")
   log "  pod 1 charge rose $(fmt_mib "$rise1") for 16 MiB written; containers: $(fmt_mib "$c1u"), $(fmt_mib "$c2u")"
   check "pod 1 charged the 16 MiB (within 1.5 MiB)" near "$rise1" $((16 * MiB)) $((3 * MiB / 2))
@@ -382,6 +393,7 @@ want("CSIDriver csi.chargefs.io", docs["CSIDriver"][0]["metadata"]["name"] == "c
 want("attachRequired: false", drv["attachRequired"] is False)
 want("podInfoOnMount: true", drv["podInfoOnMount"] is True)
 want("volumeLifecycleModes: [Ephemeral]", drv["volumeLifecycleModes"] == ["Ephemeral"])
+want("fsGroupPolicy: File (fsGroup applied as on an emptyDir)", drv.get("fsGroupPolicy") == "File")
 ds = docs["DaemonSet"][0]["spec"]["template"]["spec"]
 cs = {c["name"]: c for c in ds["containers"]}
 plugin = cs["chargefs-csi"]
