@@ -35,7 +35,7 @@ let package = Package(
             name: "chargefsd",
             dependencies: ["ChargeFS", "CFuse"]
         ),
-        // The CSI messages and services chargefs-csi serves, generated from Protos/csi.proto by
+        // The CSI messages and services chargefs-csi serves, generated from Sources/CSIProto/csi.proto by
         // scripts/gen-proto.sh and committed, so that a build never needs the protoc plugins.
         .target(
             name: "CSIProto",
