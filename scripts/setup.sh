@@ -21,8 +21,9 @@ cd "$repo"
 # Build: libfuse3-dev pkg-config gcc (metabench). Run: fuse3 (fusermount3, mount.fuse3).
 # Tests: user-mode-linux busybox-static kmod (cgroup v2 in UML), attr (getfattr), util-linux
 # (fallocate, setpriv, taskset), procps (pgrep), psmisc (fuser), python3, fio, coreutils.
+# CSI tests: python3-pip (grpcio below), python3-yaml (manifest check).
 packages=(libfuse3-dev fuse3 pkg-config gcc libc6-dev user-mode-linux busybox-static kmod fio attr
-          util-linux procps psmisc python3 coreutils findutils gawk)
+          util-linux procps psmisc python3 coreutils findutils gawk python3-pip python3-yaml)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -44,6 +45,19 @@ if [ ! -c /dev/fuse ]; then
 fi
 [ -c /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be created" >&2; exit 1; }
 echo "setup: /dev/fuse present"
+
+# The CSI tests' gRPC client: grpcio from PyPI for Debian's /usr/bin/python3 (the python that
+# exists inside User-Mode Linux too), in .build-csi-py/ (not under /root or /tmp, which are fresh
+# tmpfs in the guest). Pinned, so every machine tests with the same client.
+csi_py=$repo/.build-csi-py
+csi_py_pkgs=(grpcio==1.85.3 grpcio-tools==1.85.1 protobuf==7.36.2)
+if PYTHONPATH=$csi_py /usr/bin/python3 -c 'import grpc, grpc_tools, google.protobuf' 2>/dev/null; then
+  echo "setup: grpcio present in .build-csi-py"
+else
+  echo "setup: pip install --target .build-csi-py ${csi_py_pkgs[*]}"
+  /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --root-user-action=ignore --upgrade --target "$csi_py" "${csi_py_pkgs[@]}"
+fi
 
 [ "$build" = 1 ] || exit 0
 if ! command -v swift >/dev/null; then

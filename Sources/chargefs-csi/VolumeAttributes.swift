@@ -1,0 +1,67 @@
+/// A volume's attributes from the pod spec (volumeAttributes), checked and normalised into the
+/// chargefsd mount options they become.
+struct VolumeAttributes: Codable, Equatable, Sendable {
+    /// Bytes (size= of chargefsd), nil for chargefsd's default (half of RAM, and never more than
+    /// the pod's headroom).
+    var sizeBytes: Int64?
+    var nrInodes: Int64?
+    /// Octal permissions of the volume's root, 1777 by default: like a memory emptyDir, any
+    /// container uid (runAsUser, fsGroup) can create files, and the sticky bit keeps them
+    /// from deleting each other's.
+    var mode: String = "1777"
+    /// direct unless the pod asks for page: chargefsd itself falls back to the page cache on
+    /// kernels before 6.6 (no shared mmap with direct I/O there), and then each container pays
+    /// for its cached copy of what it reads or writes, and at the pod's limit the kernel
+    /// OOM-kills instead of chargefs returning ENOSPC (measured in UML on 6.1: a 1 MiB-block
+    /// fill got 17 OOM kills). A pod volume's promise is ENOSPC, so direct it is.
+    var cache: String = "direct"
+
+    static let known = ["size", "nr_inodes", "mode", "cache"]
+    /// Keys the kubelet adds itself (podInfoOnMount, ephemeral); they are not attributes.
+    static let kubeletPrefix = "csi.storage.k8s.io/"
+
+    /// Parses volume_context; throws INVALID_ARGUMENT naming the first bad attribute.
+    static func parse(_ context: [String: String]) throws(CSIError) -> VolumeAttributes {
+        var a = VolumeAttributes()
+        for key in context.keys.sorted() {
+            guard let value = context[key] else { continue }
+            if key.hasPrefix(kubeletPrefix) { continue }
+            switch key {
+            case "size":
+                guard let b = Quantity.bytes(value) else {
+                    throw CSIError(.invalidArgument, "volume attribute size: \"\(value)\" is not a byte quantity (e.g. 64Mi, 1Gi, 500M, 1048576)")
+                }
+                a.sizeBytes = b
+            case "nr_inodes":
+                guard let n = Quantity.bytes(value) else {
+                    throw CSIError(.invalidArgument, "volume attribute nr_inodes: \"\(value)\" is not a non-negative count (e.g. 10000, 1M)")
+                }
+                a.nrInodes = n
+            case "mode":
+                guard (3...4).contains(value.count), value.allSatisfy({ ("0"..."7").contains($0) }),
+                      let m = Int(value, radix: 8), m <= 0o7777 else {
+                    throw CSIError(.invalidArgument, "volume attribute mode: \"\(value)\" is not an octal mode (e.g. 1777, 0770)")
+                }
+                a.mode = String(m, radix: 8)
+            case "cache":
+                guard value == "direct" || value == "page" else {
+                    throw CSIError(.invalidArgument, "volume attribute cache: \"\(value)\" is neither direct nor page")
+                }
+                a.cache = value
+            default:
+                throw CSIError(.invalidArgument, "unknown volume attribute \"\(key)\" (known: \(known.joined(separator: ", ")))")
+            }
+        }
+        return a
+    }
+
+    /// chargefsd -o options for these attributes (memcg= and allow_other are added by the caller).
+    var mountOptions: [String] {
+        var o: [String] = []
+        if let s = sizeBytes { o.append("size=\(s)") }
+        if let n = nrInodes { o.append("nr_inodes=\(n)") }
+        o.append("mode=\(mode)")
+        o.append("cache=\(cache)")
+        return o
+    }
+}
