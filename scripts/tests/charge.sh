@@ -26,14 +26,19 @@ TESTS=(background fill_dd fill_small_files fill_fallocate fill_ftruncate
 
 # --- per-test setup ------------------------------------------------------------------------------
 # new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
+# new_pod MIB: new_env, with the target as a 64 MiB pod holding two container cgroups A and B,
+# and MIB MiB of random data for each to write ($SCR/a.src, $SCR/b.src).
+new_pod() {
+  new_env
+  cg_create "$T" $((64 * MiB))
+  A=$T/container-a B=$T/container-b
+  cg_create "$A"; cg_create "$B"
+  head -c $(($1 * MiB)) /dev/urandom > "$SCR/a.src"
+  head -c $(($1 * MiB)) /dev/urandom > "$SCR/b.src"
+}
+
 new_env() {
-  SCR=$(cfs_tempdir cfstest); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
-  CFS_LOGDIR=$SCR
-  PARENT=$(cg_parent)
-  T=$PARENT/cfstest-$$-target
-  D=$PARENT/cfstest-$$-daemon
-  MNT=$SCR/mnt
-  mkdir -p "$MNT"
+  cfs_new_env cfstest
   write_helper "$SCR/h.py"
   PY=("$CFS_PYTHON" "$SCR/h.py")
 }
@@ -539,12 +544,7 @@ t_sigkill_returns_charge() {
 # data, the containers only their (reclaimable) page cache; a container's death, removal and
 # re-creation leaves files and charge with the pod; the pod at its limit gives ENOSPC, no kill.
 t_pod() {
-  new_env
-  cg_create "$T" $((64 * MiB))
-  local A=$T/container-a B=$T/container-b
-  cg_create "$A"; cg_create "$B"
-  head -c $((12 * MiB)) /dev/urandom > "$SCR/a.src"
-  head -c $((12 * MiB)) /dev/urandom > "$SCR/b.src"
+  new_pod 12
   mount_target
   local a0 b0 ash0 bsh0; a0=$(cg_usage "$A"); b0=$(cg_usage "$B"); ash0=$(cg_shmem "$A"); bsh0=$(cg_shmem "$B")
   ( echo "$BASHPID" > "$A/cgroup.procs" && exec sleep 600 ) & local sleeper=$!
@@ -611,12 +611,7 @@ start_in() {
 # was stored, and everything comes back after rm and unmount. (Before: SIGKILL of dd, 16 kills.)
 pod_fill() {
   local bs=$1
-  new_env
-  cg_create "$T" $((64 * MiB))
-  local A=$T/container-a B=$T/container-b
-  cg_create "$A"; cg_create "$B"
-  head -c $((20 * MiB)) /dev/urandom > "$SCR/a.src"
-  head -c $((20 * MiB)) /dev/urandom > "$SCR/b.src"
+  new_pod 20
   mount_target
   local oom0 sa; oom0=$(oom_sum "$T")
   start_in "$A" sleep 600; sa=$STARTED

@@ -31,13 +31,7 @@ TESTS=(sigkill_writers sigterm_busy helper_sigkill oom_hog limit_lowered target_
        size_exhaustion inode_exhaustion)
 
 new_env() {
-  SCR=$(cfs_tempdir cfsfault); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
-  CFS_LOGDIR=$SCR
-  PARENT=$(cg_parent)
-  T=$PARENT/cfsfault-$$-target
-  D=$PARENT/cfsfault-$$-daemon
-  MNT=$SCR/mnt
-  mkdir -p "$MNT"
+  cfs_new_env cfsfault
   BGPIDS=()
 }
 # Background helpers we start: killed (by pid) at the end of the test, before cfs_cleanup.

@@ -251,6 +251,18 @@ cfs_stage_for_others() {
   done
 }
 
+# cfs_new_env PREFIX: a test's scratch dir SCR (its logs too), test cgroup names below cg_parent
+# (target T, daemon D: not created yet) and an empty mountpoint MNT. In the caller's shell.
+cfs_new_env() {
+  SCR=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX"); CFS_DIRS+=("$SCR")
+  CFS_LOGDIR=$SCR
+  PARENT=$(cg_parent)
+  T=$PARENT/$1-$$-target
+  D=$PARENT/$1-$$-daemon
+  MNT=$SCR/mnt
+  mkdir -p "$MNT"
+}
+
 # Undo everything recorded above. Safe to call more than once.
 cfs_cleanup() {
   local i m p
