@@ -34,6 +34,14 @@ new_env() {
   cfs_new_env cfsfault
   BGPIDS=()
 }
+# mounted_with_file MIB: new_env, a mount charged to a 128 MiB target, and MIB MiB of random data
+# in $MNT/a (the original in $SCR/src).
+mounted_with_file() {
+  new_env; trap bg_cleanup EXIT
+  mount_target $((128 * MiB))
+  head -c $(($1 * MiB)) /dev/urandom > "$SCR/src"
+  cp "$SCR/src" "$MNT/a"
+}
 # Background helpers we start: killed (by pid) at the end of the test, before cfs_cleanup.
 bg_cleanup() { local p; for p in "${BGPIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; cfs_cleanup; }
 
@@ -192,10 +200,7 @@ t_oom_hog() {
 }
 
 t_limit_lowered() {
-  new_env; trap bg_cleanup EXIT
-  mount_target $((128 * MiB))
-  head -c $((32 * MiB)) /dev/urandom > "$SCR/src"
-  cp "$SCR/src" "$MNT/a"
+  mounted_with_file 32
   local u; u=$(cg_usage "$T")
   local below=$((u - 8 * MiB)) how
   if echo "$below" > "$T/memory.limit_in_bytes" 2>/dev/null; then
@@ -218,10 +223,7 @@ t_limit_lowered() {
 }
 
 t_target_removed() {
-  new_env; trap bg_cleanup EXIT
-  mount_target $((128 * MiB))
-  head -c $((8 * MiB)) /dev/urandom > "$SCR/src"
-  cp "$SCR/src" "$MNT/a"
+  mounted_with_file 8
   # Move the helper out of the leaf so the leaf and the target can be removed (as an admin
   # deleting the pod's cgroup would, after its processes are gone).
   local h; h=$(helper_of "$DPID")
