@@ -36,10 +36,9 @@ static void set_oom_adj(const char *value, size_t len) {
 
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
-    // Die with the daemon: the socket's EOF is the main way (any exit of the daemon closes its
-    // end); PDEATHSIG is the second (it fires when the daemon's forking thread ends, which only
-    // costs a respawn).
-    (void)prctl(PR_SET_PDEATHSIG, SIGKILL);
+    // Die with the daemon: any exit of the daemon, SIGKILL included, closes its end of the
+    // socket, and the next recv here returns 0. No PR_SET_PDEATHSIG: it fires when the daemon's
+    // forking *thread* ends, and libfuse ends idle worker threads, which killed live helpers.
     if (getppid() != (pid_t)strtol(argv[1], NULL, 10)) return 3;  // the daemon is gone already
     (void)prctl(PR_SET_NAME, "chargefs-helper");  // what ps, pgrep and the tests look for
     int fd = open("/proc/self/oom_score_adj", O_RDONLY | O_CLOEXEC);

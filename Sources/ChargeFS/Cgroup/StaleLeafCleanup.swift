@@ -3,7 +3,7 @@ import Glibc
 /// Finds and removes the leaves (`chargefs-*` children of a target) that dead daemons left.
 ///
 /// A leaf is live exactly when a process is in it: the charge helper dies with its daemon (its
-/// socket reads EOF when the daemon's end closes, and PR_SET_PDEATHSIG), and a live daemon keeps
+/// socket reads EOF when the daemon's end closes), and a live daemon keeps
 /// a helper in its leaf between charges. So a leaf is stale when rmdir succeeds, which the kernel
 /// decides atomically; nothing is judged by pid numbers (they differ between PID namespaces) and
 /// no process is ever killed. A live daemon whose leaf was removed in the instant between two

@@ -8,7 +8,7 @@ import SystemPackage
 /// that cgroup. Its own memory is a few hundred KiB, charged to the target when it starts.
 ///
 /// It ends when the daemon does: its socket reads EOF once the daemon's end closes (any exit of
-/// the daemon closes it), and PR_SET_PDEATHSIG. Not thread-safe: the charger serialises all use.
+/// the daemon closes it). Not thread-safe: the charger serialises all use.
 struct ChargeHelper: Sendable {
     let pid: pid_t
     let socket: Int32
