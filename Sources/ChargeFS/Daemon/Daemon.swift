@@ -146,10 +146,21 @@ public enum Daemon {
         let fs = FileSystem(config: config, store: store)
         defer { fs.stopCharging() }
 
+        // Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
+        // the knob opens a kernel interface to every FUSE daemon on the host.
+        let uringSupport = UringTransport.hostSupport()
+        if options.ioUring == .on && uringSupport != .enabled {
+            report(readiness, uringSupport == .absent
+                ? "io_uring=on: this kernel has no FUSE over io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)"
+                : "io_uring=on: FUSE over io_uring is disabled on this host (\(UringTransport.enableKnob) is N; root may set it to Y)")
+            return 1
+        }
+
         if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
+        fuse.features.wantsIoUring = options.ioUring != .off && uringSupport == .enabled
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1
@@ -178,6 +189,8 @@ public enum Daemon {
         // writers waiting for a frozen target's pages must not leave none for other requests.
         let idleWorkers = min(8, cfuse_affinity_cpu_count())
         let status = cfuse_session_loop_mt(session, 0, idleWorkers, max(Self.maxWorkers, idleWorkers))
+        // Unmounted: the kernel has ended every ring entry; otherwise (a signal) stop the waits.
+        fuse.stopUring()
         fuse_session_unmount(session)
         // libfuse returns the number of the signal that ended the loop: a requested stop.
         return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1
