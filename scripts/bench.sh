@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup,
-# side by side, same pinning, each workload on each in alternation, medians of 4 runs.
+# Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup (and
+# chargefs over FUSE's io_uring transport where the kernel has it), side by side, same pinning, each workload on each in alternation, medians of 4 runs.
 # Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-setup]
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
@@ -84,6 +84,18 @@ cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSI
 
 FS=(tmpfs cfs cfsm cfsp)
 [ -z "$baseline" ] || FS+=(base)
+# chargefs over FUSE's io_uring transport (Linux 6.14+), where the kernel has it: enable_uring is
+# set only while that mount starts (INIT settles the transport) and put back at once, and by the
+# exit trap if anything fails in between.
+URING_KNOB=/sys/module/fuse/parameters/enable_uring
+URING_OLD=
+if [ -e "$URING_KNOB" ]; then
+  URING_OLD=$(cat "$URING_KNOB")
+  trap 'echo "$URING_OLD" > "$URING_KNOB"; cfs_cleanup' EXIT
+  FS+=(cfsu)
+else
+  echo "no io_uring column: $(uname -r) has no FUSE over io_uring ($URING_KNOB missing)" >&2
+fi
 CFS=("${FS[@]:1}")   # the chargefs mounts
 declare -A MNT PID
 for f in "${FS[@]}"; do MNT[$f]=$W/$f; done
@@ -91,10 +103,16 @@ mkdir -p "${MNT[tmpfs]}"
 mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
 CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page"
-                 [base]="size=$FSSIZE")
+                 [base]="size=$FSSIZE" [cfsu]="size=$FSSIZE,io_uring=on")
 # mount_cfs F: mounts chargefs mount F with its options, from the baseline build for "base".
 mount_cfs() {
   if [ "$1" = base ]; then CHARGEFSD=$baseline cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"
+  elif [ "$1" = cfsu ]; then
+    echo Y > "$URING_KNOB"
+    cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD" || { echo "$URING_OLD" > "$URING_KNOB"; return 1; }
+    echo "$URING_OLD" > "$URING_KNOB"
+    [ "$(getfattr -n user.chargefs.status --only-values "${MNT[$1]}" | sed -n 's/^transport=//p')" = io_uring ] ||
+      die "chargefs io_uring=on at ${MNT[$1]} does not serve over io_uring"
   else cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"; fi
   PID[$1]=$CFS_PID
 }
@@ -206,6 +224,7 @@ for g in "${groups[@]}"; do
     if [ -n "$baseline" ]; then
       order=(tmpfs cfs cfsm cfsp base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs cfsp)
     fi
+    [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
@@ -277,6 +296,18 @@ echo "  inodes, locks, permissions, xattrs or charging, direct I/O like chargefs
 echo "  the FUSE round trip alone."
 echo "** pass: floorfs --passthrough, whose read-only opens the kernel serves from the memfd itself"
 echo "  (FUSE passthrough); writes as floor: reads without a round trip to any daemon."
+if [ -n "$URING_OLD" ]; then
+  echo
+  echo "FUSE over io_uring (chargefs -o io_uring=on: per-CPU queues; the default mount serves over /dev/fuse"
+  echo "on this host, whose enable_uring is $URING_OLD), same run:"
+  printf '| %-10s | %-9s | %12s | %14s | %12s | %15s | %14s |\n' workload unit tmpfs "chargefs /dev" "io_uring" io_uring/tmpfs "io_uring/dev"
+  printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- ---------------- -------------- ----------------- ----------------
+  for w in "${WLS[@]}"; do
+    t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); u=$(median <<<"${R["$w|cfsu"]:-}")
+    [ "$u" != - ] || continue
+    printf '| %-10s | %-9s | %12s | %14s | %12s | %15s | %14s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$u" "$(ratio "$u" "$t")" "$(ratio "$u" "$c")"
+  done
+fi
 if [ -n "$baseline" ]; then
   echo
   echo "This build against the baseline build ($baseline), both with the default options, same run:"
@@ -296,6 +327,7 @@ if [ -z "$only" ]; then
     printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
   done
   echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT, cfsp = chargefs cache=page,"
+  echo " cfsu = chargefs io_uring=on,"
   echo " base = the --baseline build;"
   echo " writer cg = fio's cgroup, which pays for any FUSE page cache;"
   echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"

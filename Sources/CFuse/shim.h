@@ -479,6 +479,9 @@ static inline void cfuse_ring_queue_stop(struct cfuse_ring_queue *q) {
     if (q->stop_fd >= 0) (void)!write(q->stop_fd, &one, sizeof one);
 }
 
+/* Names the calling thread (ps -L, /proc/PID/task/TID/comm); at most 15 characters. */
+static inline void cfuse_set_thread_name(const char *name) { (void)prctl(PR_SET_NAME, name, 0, 0, 0); }
+
 /* Binds the calling thread to one CPU; 0 or -errno. */
 static inline int cfuse_bind_thread_to_cpu(unsigned cpu) {
     unsigned long mask[16] = {0};

@@ -93,6 +93,7 @@ final class UringQueue: @unchecked Sendable {
     }
 
     private func run(cpu: UInt32?, registered: (Int32) -> Void) {
+        cfuse_set_thread_name("chargefs-ring\(qid)")
         if let cpu { _ = cfuse_bind_thread_to_cpu(cpu) }
         if let slot = Self.slot { pthread_setspecific(slot, Unmanaged.passUnretained(self).toOpaque()) }
         // Registered from this thread: the kernel completes each entry's command as task work of

@@ -1,0 +1,112 @@
+// Which transport serves a mount: FUSE over io_uring (Linux 6.14+, enable_uring) or /dev/fuse.
+// These tests set /sys/module/fuse/parameters/enable_uring as root and put it back in their
+// cleanup, also when they fail. Where the kernel has no FUSE over io_uring they fail, saying so.
+
+import Foundation
+import Glibc
+import XCTest
+
+final class MountTransportTests: MountTestCase {
+    override class var autoMount: Bool { false }
+    static let knob = "/sys/module/fuse/parameters/enable_uring"
+
+    /// Sets enable_uring for this test; the cleanup puts the old value back.
+    func setEnableUring(_ on: Bool) throws {
+        guard let old = try? String(contentsOfFile: Self.knob, encoding: .utf8) else {
+            throw HarnessError("\(Self.knob) is missing: this kernel has no FUSE over io_uring (Linux 6.14+ with CONFIG_FUSE_IO_URING), so the io_uring transport cannot be tested here")
+        }
+        addCleanup { try? old.trimmingCharacters(in: .whitespacesAndNewlines).write(toFile: Self.knob, atomically: false, encoding: .utf8) }
+        try (on ? "Y" : "N").write(toFile: Self.knob, atomically: false, encoding: .utf8)
+    }
+
+    /// Voluntary context switches of the daemon's ring threads (chargefs-ringN), by name.
+    func ringThreadSwitches(_ pid: pid_t) -> [String: Int] {
+        var result: [String: Int] = [:]
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        for tid in tasks {
+            guard let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/comm", encoding: .utf8),
+                  comm.hasPrefix("chargefs-ring"),
+                  let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8),
+                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("voluntary_ctxt_switches:") }),
+                  let n = Int(line.split(separator: "\t").last?.trimmingCharacters(in: .whitespaces) ?? "") else { continue }
+            result[comm.trimmingCharacters(in: .whitespacesAndNewlines)] = n
+        }
+        return result
+    }
+
+    /// io_uring=on with enable_uring set: the status says io_uring, one ring thread per possible
+    /// CPU exists, and requests (a 4 MiB file written and read back, 200 mkdirs) wake
+    /// those threads, not only /dev/fuse's.
+    func testIoUringServesWhenEnabled() throws {
+        try setEnableUring(true)
+        let m = try mountChargeFS(options: ["io_uring=on"], name: "uring")
+        XCTAssertEqual(m.transport, "io_uring")
+        let possible = try String(contentsOfFile: "/sys/devices/system/cpu/possible", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let cpus = possible.split(separator: ",").reduce(0) { n, range in
+            let ends = range.split(separator: "-").compactMap { Int($0) }
+            return n + (ends.count == 2 ? ends[1] - ends[0] + 1 : 1)
+        }
+        let before = ringThreadSwitches(m.daemon.pid)
+        XCTAssertEqual(before.count, cpus, "one ring thread per possible CPU (\(possible)): \(before)")
+        let data = (0..<(4 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ ($0 >> 12)) }
+        try FS.create(m.path("f"), data)
+        XCTAssertEqual(try FS.contents(m.path("f")), data)
+        // Each mkdir of a new name is at least one request no cache can answer.
+        for i in 0..<200 { XCTAssertEqual(mkdir(m.path("d\(i)"), 0o755), 0) }
+        let after = ringThreadSwitches(m.daemon.pid)
+        let woken = after.reduce(0) { $0 + $1.value - (before[$1.key] ?? 0) }
+        XCTAssertGreaterThanOrEqual(woken, 200, "ring threads served requests: before \(before), after \(after)")
+        XCTAssertTrue(m.daemon.stderrText.contains("serving over io_uring"), m.daemon.stderrText)
+    }
+
+    /// The default (auto) uses io_uring where enabled; io_uring=off never does (no ring threads).
+    func testAutoUsesIoUringAndOffDoesNot() throws {
+        try setEnableUring(true)
+        let auto = try mountChargeFS(options: ["io_uring=auto"], name: "auto")
+        XCTAssertEqual(auto.transport, "io_uring")
+        let off = try mountChargeFS(options: ["io_uring=off"], name: "off")
+        XCTAssertEqual(off.transport, "dev-fuse")
+        XCTAssertEqual(ringThreadSwitches(off.daemon.pid), [:])
+        try FS.create(off.path("x"), [1, 2, 3])
+        XCTAssertEqual(try FS.contents(off.path("x")), [1, 2, 3])
+    }
+
+    /// enable_uring off: auto serves over /dev/fuse; io_uring=on fails in one line, exit 1,
+    /// nothing mounted.
+    func testOnFailsWhereDisabledAndAutoFallsBack() throws {
+        try setEnableUring(false)
+        let auto = try mountChargeFS(options: ["io_uring=auto"], name: "auto")
+        XCTAssertEqual(auto.transport, "dev-fuse")
+        try FS.create(auto.path("x"), [4, 5])
+        XCTAssertEqual(try FS.contents(auto.path("x")), [4, 5])
+
+        let mnt = try scratch.makeDir("on")
+        let r = try Child.run([try Daemon.binaryPath(), mnt, "-f", "-o", "io_uring=on"], logDir: try scratch.path, timeout: 10)
+        XCTAssertEqual(r.code, 1)
+        XCTAssertEqual(r.err, "chargefsd: io_uring=on: FUSE over io_uring is disabled on this host (\(Self.knob) is N; root may set it to Y)\n")
+        XCTAssertTrue(MountTable.entries(at: mnt).isEmpty, "nothing mounted")
+    }
+
+    /// Unmounting an io_uring mount ends the daemon promptly (the kernel ends every ring entry).
+    func testUnmountEndsTheDaemon() throws {
+        try setEnableUring(true)
+        let m = try mountChargeFS(options: ["io_uring=on"], name: "uring")
+        XCTAssertEqual(m.transport, "io_uring")
+        try FS.create(m.path("y"), [9])
+        let u = try Child.run(["/usr/bin/fusermount3", "-u", m.mountpoint], logDir: try scratch.path)
+        XCTAssertEqual(u.code, 0, u.err)
+        XCTAssertTrue(m.daemon.wait(timeout: 5), "daemon still running 5 s after unmount")
+        XCTAssertEqual(m.daemon.exitCode, 0, m.daemon.stderrText)
+    }
+
+    /// SIGTERM while mounted: the ring threads are stopped and the daemon exits cleanly.
+    func testSignalEndsTheDaemon() throws {
+        try setEnableUring(true)
+        let m = try mountChargeFS(options: ["io_uring=on"], name: "uring")
+        XCTAssertEqual(m.transport, "io_uring")
+        m.daemon.signal(SIGTERM)
+        XCTAssertTrue(m.daemon.wait(timeout: 5), "daemon still running 5 s after SIGTERM")
+        XCTAssertEqual(m.daemon.exitCode, 0, m.daemon.stderrText)
+    }
+}
