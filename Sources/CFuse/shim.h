@@ -392,7 +392,9 @@ static inline int cfuse_ring_queue_init(struct cfuse_ring_queue *q, int fuse_fd,
     q->stop_fd = (int)syscall(SYS_eventfd2, 0, 02000000 /* EFD_CLOEXEC */);
     if (q->stop_fd < 0) { rc = -errno; cfuse_ring_queue_destroy(q); return rc; }
     q->entries = calloc(count, sizeof *q->entries);
-    /* Header (a page each, for alignment) and payload: mapped, touched only when used. */
+    /* Per entry a page holding the header, then the payload: mapped, touched only when used. The
+       header page's end (past the 288-byte header) takes the request's in_header and first
+       argument, so the request reads as /dev/fuse's layout without copying the payload. */
     size_t page = 4096, per = page + payload_size;
     q->buffers_size = per * count;
     void *buffers = mmap(NULL, q->buffers_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -9,7 +9,8 @@ import SystemPackage
 /// both in the thread's next io_uring_enter.
 ///
 /// The request is rebuilt into /dev/fuse's layout (fuse_in_header, the op's first argument, the
-/// rest) and given to libfuse's own request processing, so the same handlers serve both
+/// rest: headers copied in front of the payload, which stays where the kernel put it) and given
+/// to libfuse's own request processing, so the same handlers serve both
 /// transports. libfuse sends the reply through the session's custom `writev` hook, on this
 /// thread, before `fuse_session_process_buf` returns (chargefs answers every request on the
 /// thread that handles it); `captureReply` recognises it by its unique and copies it into the
@@ -19,9 +20,6 @@ final class UringQueue: @unchecked Sendable {
     private let session: FuseSession
     /// The C side's ring, entries and stop eventfd; a stable address the thread and `stop` share.
     private let ring: UnsafeMutablePointer<cfuse_ring_queue>
-    /// A request rebuilt for libfuse: header, first argument, payload.
-    private let request: UnsafeMutableRawPointer
-    private let requestCapacity: Int
     private var thread: pthread_t?
 
     /// The entry whose reply this thread expects (set only while libfuse handles its request).
@@ -52,19 +50,11 @@ final class UringQueue: @unchecked Sendable {
             ring.deallocate()
             throw Errno(rawValue: -rc)
         }
-        requestCapacity = Self.inHeaderSize + Int(CFUSE_URING_OP_IN_OUT_SZ) + payloadSize
-        guard let buffer = malloc(requestCapacity) else {
-            cfuse_ring_queue_destroy(ring)
-            ring.deallocate()
-            throw .noMemory
-        }
-        request = buffer
     }
 
     deinit {
         cfuse_ring_queue_destroy(ring)
         ring.deallocate()
-        free(request)
     }
 
     /// Starts the thread, which registers the entries and then serves; `registered` gets the
@@ -144,9 +134,11 @@ final class UringQueue: @unchecked Sendable {
             return
         }
         let total = Self.inHeaderSize + opSize + payloadSize
+        // Rebuilt in place: the payload is not copied; the headers go into the unused end of the
+        // header's page, right before it (cfuse_ring_queue_init's layout).
+        let request = payload - (Self.inHeaderSize + opSize)
         request.copyMemory(from: header, byteCount: Self.inHeaderSize)
-        request.advanced(by: Self.inHeaderSize).copyMemory(from: header + Self.opInOffset, byteCount: opSize)
-        request.advanced(by: Self.inHeaderSize + opSize).copyMemory(from: payload, byteCount: payloadSize)
+        (request + Self.inHeaderSize).copyMemory(from: header + Self.opInOffset, byteCount: opSize)
 
         current = entry
         currentUnique = inHeader.unique
