@@ -19,9 +19,10 @@ final class MountTransportTests: MountTestCase {
         try (on ? "Y" : "N").write(toFile: Self.knob, atomically: false, encoding: .utf8)
     }
 
-    /// Voluntary context switches of the daemon's ring threads (chargefs-ringN), by name.
-    func ringThreadSwitches(_ pid: pid_t) -> [String: Int] {
-        var result: [String: Int] = [:]
+    /// Voluntary context switches of each of the daemon's ring workers (threads named
+    /// chargefs-ringN, N the queue's CPU), by thread id.
+    func ringThreads(_ pid: pid_t) -> [String: (queue: String, switches: Int)] {
+        var result: [String: (queue: String, switches: Int)] = [:]
         let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
         for tid in tasks {
             guard let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/comm", encoding: .utf8),
@@ -29,13 +30,13 @@ final class MountTransportTests: MountTestCase {
                   let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8),
                   let line = status.split(separator: "\n").first(where: { $0.hasPrefix("voluntary_ctxt_switches:") }),
                   let n = Int(line.split(separator: "\t").last?.trimmingCharacters(in: .whitespaces) ?? "") else { continue }
-            result[comm.trimmingCharacters(in: .whitespacesAndNewlines)] = n
+            result[tid] = (comm.trimmingCharacters(in: .whitespacesAndNewlines), n)
         }
         return result
     }
 
-    /// io_uring=on with enable_uring set: the status says io_uring, one ring thread per possible
-    /// CPU exists, and requests (a 4 MiB file written and read back, 200 mkdirs) wake
+    /// io_uring=on with enable_uring set: the status says io_uring, ring workers serve a queue per
+    /// possible CPU, and requests (a 4 MiB file written and read back, 200 mkdirs) wake
     /// those threads, not only /dev/fuse's.
     func testIoUringServesWhenEnabled() throws {
         try setEnableUring(true)
@@ -47,15 +48,16 @@ final class MountTransportTests: MountTestCase {
             let ends = range.split(separator: "-").compactMap { Int($0) }
             return n + (ends.count == 2 ? ends[1] - ends[0] + 1 : 1)
         }
-        let before = ringThreadSwitches(m.daemon.pid)
-        XCTAssertEqual(before.count, cpus, "one ring thread per possible CPU (\(possible)): \(before)")
+        let before = ringThreads(m.daemon.pid)
+        XCTAssertEqual(Set(before.values.map(\.queue)).count, cpus, "a queue per possible CPU (\(possible)): \(before)")
+        XCTAssertGreaterThanOrEqual(before.count, 2 * cpus, "two workers per queue to begin with: \(before)")
         let data = (0..<(4 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ ($0 >> 12)) }
         try FS.create(m.path("f"), data)
         XCTAssertEqual(try FS.contents(m.path("f")), data)
         // Each mkdir of a new name is at least one request no cache can answer.
         for i in 0..<200 { XCTAssertEqual(mkdir(m.path("d\(i)"), 0o755), 0) }
-        let after = ringThreadSwitches(m.daemon.pid)
-        let woken = after.reduce(0) { $0 + $1.value - (before[$1.key] ?? 0) }
+        let after = ringThreads(m.daemon.pid)
+        let woken = after.reduce(0) { $0 + $1.value.switches - (before[$1.key]?.switches ?? 0) }
         XCTAssertGreaterThanOrEqual(woken, 200, "ring threads served requests: before \(before), after \(after)")
         XCTAssertTrue(m.daemon.stderrText.contains("serving over io_uring"), m.daemon.stderrText)
     }
@@ -67,7 +69,7 @@ final class MountTransportTests: MountTestCase {
         XCTAssertEqual(auto.transport, "io_uring")
         let off = try mountChargeFS(options: ["io_uring=off"], name: "off")
         XCTAssertEqual(off.transport, "dev-fuse")
-        XCTAssertEqual(ringThreadSwitches(off.daemon.pid), [:])
+        XCTAssertTrue(ringThreads(off.daemon.pid).isEmpty)
         try FS.create(off.path("x"), [1, 2, 3])
         XCTAssertEqual(try FS.contents(off.path("x")), [1, 2, 3])
     }

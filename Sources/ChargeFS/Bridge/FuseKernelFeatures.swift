@@ -15,7 +15,7 @@ import Glibc
 ///
 /// `writev` adds the flags the kernel offered to the INIT reply, and FUSE_OVER_IO_URING where the
 /// mount wants it and its rings are ready (UringTransport); replies to requests that came over
-/// io_uring go back into their ring entries (UringQueue.captureReply). One instance per session (its
+/// io_uring go back into their ring entries (UringWorker.captureReply). One instance per session (its
 /// `FuseSession` owns it); the hooks find it through the session's userdata.
 final class FuseKernelFeatures {
     /// The INIT request's id and the flags the kernel offered (flags2 in the high half); written
@@ -56,7 +56,7 @@ final class FuseKernelFeatures {
         io.writev = { fd, iov, count, userdata in
             guard let iov else { return Glibc.writev(fd, iov, count) }
             // A reply to a request taken from an io_uring entry goes back into that entry.
-            if let taken = UringQueue.captureReply(iov, Int(count)) { return taken }
+            if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
             guard let session = FuseSession.of(userdata) else { return Glibc.writev(fd, iov, count) }
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
             let written = Glibc.writev(fd, iov, count)

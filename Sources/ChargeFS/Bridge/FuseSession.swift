@@ -66,7 +66,7 @@ final class FuseSession: @unchecked Sendable {
             fileSystem.noteTransport(ioUring: false)
             Log.line("io_uring: the kernel refused the rings (\(error)); serving over /dev/fuse")
         } else {
-            Log.line("serving over io_uring: \(uring.queueCount) queues of \(UringTransport.entriesPerQueue) entries")
+            Log.line("serving over io_uring: \(uring.queueCount) queues, \(UringQueue.initialWorkers) workers each (up to \(UringQueue.maxWorkers))")
         }
     }
 

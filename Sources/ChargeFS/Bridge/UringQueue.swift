@@ -1,22 +1,104 @@
 import CFuse
 import Glibc
+import Synchronization
 import SystemPackage
 
 /// One FUSE-over-io_uring queue: the kernel puts a request on the queue of the CPU its caller
-/// runs on, and this queue's one thread (bound to that CPU where the daemon may run there)
-/// answers it. The thread's io_uring holds `entries` registered buffers; a completion hands it
+/// runs on, and one of this queue's workers (threads bound to that CPU where the daemon may run
+/// there) answers it. Each worker has its own io_uring and one ring entry: a completion hands it
 /// a request, and the reply goes back in the same buffers with the fetch of the next request,
-/// both in the thread's next io_uring_enter.
+/// both in the worker's next io_uring_enter (the kernel hands a committing entry the next queued
+/// request at once, so one entry per worker costs no extra wakeup).
+///
+/// The kernel gives a request to the entry made available last, so one worker serves a steady
+/// stream and the others wait idle. The queue keeps one idle worker (starting another, up to
+/// `maxWorkers`, when a worker takes a request and none is left idle): a worker held up (a write
+/// waiting for a frozen target's charge) keeps only its own entry, and the others go on serving
+/// that CPU's callers, as /dev/fuse's extra workers do. (An entry registered later does not take
+/// requests already waiting in the kernel, so the spare must exist before it is needed.)
+final class UringQueue: @unchecked Sendable {
+    let qid: UInt32
+    private let cpu: UInt32?
+    private let session: FuseSession
+    private let fuseFD: Int32
+    private let payloadSize: Int
+    static let initialWorkers = 2
+    static let maxWorkers = 16
+    private let busy = Atomic<Int>(0)
+    private let workerCount = Atomic<Int>(0)
+    private let workers = Mutex<(list: [UringWorker], stopping: Bool)>(([], false))
+
+    /// Sets up the first workers' rings (no thread yet, nothing registered with the kernel).
+    init(qid: UInt32, session: FuseSession, fuseFD: Int32, payloadSize: Int) throws(Errno) {
+        self.qid = qid
+        cpu = cfuse_affinity_has_cpu(qid) != 0 ? qid : nil
+        self.session = session
+        self.fuseFD = fuseFD
+        self.payloadSize = payloadSize
+        var first: [UringWorker] = []
+        for _ in 0..<Self.initialWorkers {
+            first.append(try UringWorker(queue: self, session: session, fuseFD: fuseFD, entries: 1, payloadSize: payloadSize))
+        }
+        workers.withLock { $0.list = first }
+        workerCount.store(first.count, ordering: .relaxed)
+    }
+
+    /// Starts the first workers; each reports its registration (0 or -errno) to `registered`.
+    func start(registered: @escaping @Sendable (Int32) -> Void) {
+        for worker in workers.withLock({ $0.list }) where !worker.start(bindTo: cpu, registered: registered) {
+            registered(-EAGAIN)
+        }
+    }
+
+    /// A worker took a request: start another if none is left idle.
+    func workerBusy() {
+        let nowBusy = busy.add(1, ordering: .relaxed).newValue
+        let count = workerCount.load(ordering: .relaxed)
+        guard nowBusy >= count, count < Self.maxWorkers else { return }
+        grow()
+    }
+
+    func workerIdle() { busy.subtract(1, ordering: .relaxed) }
+
+    private func grow() {
+        workers.withLock { state in
+            guard !state.stopping, busy.load(ordering: .relaxed) >= state.list.count, state.list.count < Self.maxWorkers else { return }
+            do throws(Errno) {
+                let worker = try UringWorker(queue: self, session: session, fuseFD: fuseFD, entries: 1, payloadSize: payloadSize)
+                let qid = qid
+                guard worker.start(bindTo: cpu, registered: { rc in
+                    if rc != 0 { Log.line("io_uring queue \(qid): an added worker's entry was refused (\(Errno(rawValue: -rc)))") }
+                }) else { return }
+                state.list.append(worker)
+                workerCount.store(state.list.count, ordering: .relaxed)
+            } catch {
+                Log.line("io_uring queue \(qid): cannot add a worker (\(error))")
+            }
+        }
+    }
+
+    /// Ends every worker's wait and joins them; no worker starts after this.
+    func stop() {
+        let list = workers.withLock { state in
+            state.stopping = true
+            return state.list
+        }
+        for worker in list { worker.stop() }
+    }
+}
+
+/// One of a queue's workers: a thread, its io_uring and its ring entries.
 ///
 /// The request is rebuilt into /dev/fuse's layout (fuse_in_header, the op's first argument, the
 /// rest: headers copied in front of the payload, which stays where the kernel put it) and given
-/// to libfuse's own request processing, so the same handlers serve both
-/// transports. libfuse sends the reply through the session's custom `writev` hook, on this
-/// thread, before `fuse_session_process_buf` returns (chargefs answers every request on the
-/// thread that handles it); `captureReply` recognises it by its unique and copies it into the
-/// entry instead of /dev/fuse.
-final class UringQueue: @unchecked Sendable {
+/// to libfuse's own request processing, so the same handlers serve both transports. libfuse sends
+/// the reply through the session's custom `writev` hook, on this thread, before
+/// `fuse_session_process_buf` returns (chargefs answers every request on the thread that handles
+/// it); `captureReply` recognises it by its unique and copies it into the entry instead of
+/// /dev/fuse.
+final class UringWorker: @unchecked Sendable {
     let qid: UInt32
+    private unowned let queue: UringQueue
     private let session: FuseSession
     /// The C side's ring, entries and stop eventfd; a stable address the thread and `stop` share.
     private let ring: UnsafeMutablePointer<cfuse_ring_queue>
@@ -33,16 +115,17 @@ final class UringQueue: @unchecked Sendable {
     static let opInOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ)
     static let ringInOutOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ + CFUSE_URING_OP_IN_OUT_SZ)
 
-    /// The queue this thread serves, for `captureReply`.
+    /// The worker this thread is, for `captureReply`.
     private static let slot: pthread_key_t? = {
         var key = pthread_key_t()
         return pthread_key_create(&key, nil) == 0 ? key : nil
     }()
 
     /// Sets up the ring and its buffers (no thread yet, nothing registered with the kernel).
-    init(qid: UInt32, session: FuseSession, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
+    init(queue: UringQueue, session: FuseSession, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
         guard Self.slot != nil else { throw .noMemory }
-        self.qid = qid
+        qid = queue.qid
+        self.queue = queue
         self.session = session
         ring = .allocate(capacity: 1)
         let rc = cfuse_ring_queue_init(ring, fuseFD, qid, entries, payloadSize)
@@ -106,7 +189,9 @@ final class UringQueue: @unchecked Sendable {
                 guard let entry = entries[i] else { stopping = true; continue }
                 switch results[i] {
                 case 0:
+                    queue.workerBusy()
                     serve(entry)
+                    queue.workerIdle()
                 case -EAGAIN, -EINTR:
                     _ = cfuse_ring_queue_retry(ring, entry)
                 case -ENOTCONN, -ECONNABORTED:
@@ -170,16 +255,16 @@ final class UringQueue: @unchecked Sendable {
     /// nil for anything else (notifications, replies on /dev/fuse's own threads).
     static func captureReply(_ iov: UnsafePointer<iovec>, _ count: Int) -> Int? {
         guard let slot, let raw = pthread_getspecific(slot) else { return nil }
-        let queue = Unmanaged<UringQueue>.fromOpaque(raw).takeUnretainedValue()
-        guard let entry = queue.current, !queue.answered, count >= 1, iov[0].iov_len >= outHeaderSize,
+        let worker = Unmanaged<UringWorker>.fromOpaque(raw).takeUnretainedValue()
+        guard let entry = worker.current, !worker.answered, count >= 1, iov[0].iov_len >= outHeaderSize,
               let first = iov[0].iov_base else { return nil }
         let out = first.loadUnaligned(as: fuse_out_header.self)
-        guard out.unique == queue.currentUnique else { return nil }
-        queue.answered = true
+        guard out.unique == worker.currentUnique else { return nil }
+        worker.answered = true
         let total = (0..<count).reduce(0) { $0 + iov[$1].iov_len }
         guard total - outHeaderSize <= entry.pointee.payload_size,
               let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else {
-            queue.answerError(entry, unique: out.unique, EIO)
+            worker.answerError(entry, unique: out.unique, EIO)
             return total
         }
         header.copyMemory(from: first, byteCount: outHeaderSize)

@@ -9,12 +9,10 @@ import SystemPackage
 /// registered, and sends all but FORGET and INTERRUPT (still /dev/fuse's) over the rings.
 ///
 /// The kernel has one queue per possible CPU and needs them all before it uses any. Each has
-/// one thread, bound to its CPU where the daemon may run there (unbound otherwise).
+/// its workers (UringQueue), bound to its CPU where the daemon may run there (unbound otherwise).
 /// Teardown: unmounting ends every entry with ENOTCONN, so the threads return by themselves;
 /// `stop` ends their waits through an eventfd for the other exits.
 final class UringTransport: @unchecked Sendable {
-    /// Ring entries per queue: requests one CPU's callers can have in flight at once.
-    static let entriesPerQueue: UInt32 = 8
 
     /// What the host allows, from /sys/module/fuse/parameters/enable_uring (Linux 6.14+, and
     /// CONFIG_FUSE_IO_URING: the file exists; Y: FUSE offers io_uring to new mounts).
@@ -58,8 +56,7 @@ final class UringTransport: @unchecked Sendable {
         let size = max(8192, (payloadSize + page - 1) / page * page)
         var queues: [UringQueue] = []
         for qid in 0..<cpus {
-            queues.append(try UringQueue(qid: UInt32(qid), session: session, fuseFD: fuseFD,
-                                         entries: Self.entriesPerQueue, payloadSize: size))
+            queues.append(try UringQueue(qid: UInt32(qid), session: session, fuseFD: fuseFD, payloadSize: size))
         }
         self.queues = queues
     }
@@ -69,13 +66,8 @@ final class UringTransport: @unchecked Sendable {
     /// Starts each queue's thread and waits until all have registered (or one failed). Returns
     /// nil on success, else the first error.
     func start() -> Errno? {
-        let latch = Latch(count: queues.count)
-        for queue in queues {
-            let cpu: UInt32? = cfuse_affinity_has_cpu(queue.qid) != 0 ? queue.qid : nil
-            if !queue.start(bindTo: cpu, registered: { latch.arrive($0) }) {
-                latch.arrive(-EAGAIN)
-            }
-        }
+        let latch = Latch(count: queues.count * UringQueue.initialWorkers)
+        for queue in queues { queue.start(registered: { latch.arrive($0) }) }
         let rc = latch.wait()
         return rc == 0 ? nil : Errno(rawValue: -rc)
     }
