@@ -343,6 +343,14 @@ static inline struct io_uring_sqe *cfuse_uring_get_sqe(struct cfuse_uring *r) {
     return sqe;
 }
 
+/* Whether this process may use io_uring at all (kernel.io_uring_disabled, seccomp): 0 or -errno. */
+static inline int cfuse_uring_probe(void) {
+    struct cfuse_uring r;
+    int rc = cfuse_uring_init(&r, 2, 4);
+    if (rc == 0) cfuse_uring_exit(&r);
+    return rc;
+}
+
 /* Publishes queued SQEs and enters the kernel: submits them and waits for `wait` completions. */
 static inline int cfuse_uring_submit_and_wait(struct cfuse_uring *r, unsigned wait) {
     __atomic_store_n(r->sq_tail, r->sqe_tail, __ATOMIC_RELEASE);

@@ -90,6 +90,30 @@ final class MountTransportTests: MountTestCase {
         XCTAssertTrue(MountTable.entries(at: mnt).isEmpty, "nothing mounted")
     }
 
+    /// io_uring itself refused (sysctl kernel.io_uring_disabled=2, set and put back): auto falls
+    /// back to /dev/fuse and says why; io_uring=on fails in one line, nothing mounted.
+    func testIoUringRefusedByTheHost() throws {
+        try setEnableUring(true)
+        let sysctl = "/proc/sys/kernel/io_uring_disabled"
+        guard let old = try? String(contentsOfFile: sysctl, encoding: .utf8) else {
+            throw HarnessError("\(sysctl) is missing (Linux 6.6+): cannot refuse io_uring here")
+        }
+        addCleanup { try? old.trimmingCharacters(in: .whitespacesAndNewlines).write(toFile: sysctl, atomically: false, encoding: .utf8) }
+        try "2".write(toFile: sysctl, atomically: false, encoding: .utf8)
+        let auto = try mountChargeFS(options: ["io_uring=auto"], name: "auto")
+        XCTAssertEqual(auto.transport, "dev-fuse")
+        try FS.create(auto.path("x"), [7])
+        XCTAssertEqual(try FS.contents(auto.path("x")), [7])
+        XCTAssertTrue(auto.daemon.stderrText.contains("serving over /dev/fuse (io_uring is not available to chargefsd: "), auto.daemon.stderrText)
+
+        let mnt = try scratch.makeDir("on")
+        let r = try Child.run([try Daemon.binaryPath(), mnt, "-f", "-o", "io_uring=on"], logDir: try scratch.path, timeout: 10)
+        XCTAssertEqual(r.code, 1)
+        XCTAssertTrue(r.err.hasPrefix("chargefsd: io_uring=on: chargefsd may not use io_uring here ("), r.err)
+        XCTAssertEqual(r.err.filter { $0 == "\n" }.count, 1, "one line: \(r.err)")
+        XCTAssertTrue(MountTable.entries(at: mnt).isEmpty, "nothing mounted")
+    }
+
     /// Unmounting an io_uring mount ends the daemon promptly (the kernel ends every ring entry).
     func testUnmountEndsTheDaemon() throws {
         try setEnableUring(true)

@@ -125,6 +125,9 @@ final class FuseKernelFeatures {
         initPatched = true
         let replyBuffer = UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len)
         var adding = Self.addedFlags
+        if wantsIoUring && !kernelOffersIoUring {
+            Log.line("serving over /dev/fuse (the kernel did not offer FUSE over io_uring at INIT)")
+        }
         if wantsIoUring, kernelOffersIoUring, replyBuffer.count >= 36 {
             // The kernel's payload buffers hold max(max_write, max_pages pages): fuse_init_out's
             // max_write at byte 20, max_pages at 28.

@@ -47,6 +47,12 @@ final class UringTransport: @unchecked Sendable {
         return count > 0 ? count : nil
     }
 
+    /// Whether this process may set up an io_uring at all (kernel.io_uring_disabled, seccomp).
+    static func probe() -> Errno? {
+        let rc = cfuse_uring_probe()
+        return rc == 0 ? nil : Errno(rawValue: -rc)
+    }
+
     private let queues: [UringQueue]
 
     /// Sets up one ring per possible CPU with payload buffers of `payloadSize` bytes.

@@ -155,12 +155,23 @@ public enum Daemon {
                 : "io_uring=on: FUSE over io_uring is disabled on this host (\(UringTransport.enableKnob) is N; root may set it to Y)")
             return 1
         }
+        var wantsUring = options.ioUring != .off && uringSupport == .enabled
+        var devFuseReason = options.ioUring == .off ? "io_uring=off"
+            : uringSupport == .absent ? "this kernel has no FUSE over io_uring" : "\(UringTransport.enableKnob) is N"
+        if wantsUring, let error = UringTransport.probe() {
+            if options.ioUring == .on {
+                report(readiness, "io_uring=on: chargefsd may not use io_uring here (\(error); see the sysctl kernel.io_uring_disabled)")
+                return 1
+            }
+            wantsUring = false
+            devFuseReason = "io_uring is not available to chargefsd: \(error)"
+        }
 
         if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
-        fuse.features.wantsIoUring = options.ioUring != .off && uringSupport == .enabled
+        fuse.features.wantsIoUring = wantsUring
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1
@@ -183,6 +194,7 @@ public enum Daemon {
             return 1
         }
         report(readiness, "ready")
+        if !wantsUring { Log.line("serving over /dev/fuse (\(devFuseReason))") }
         // One idle worker per CPU we may run on (up to 8): requests wake the longest-waiting
         // worker, so spare idle workers only rotate cold stacks and buffers (8 workers on one CPU
         // made 4 KiB creates 25-35% slower than one). More start only while every worker is busy:
