@@ -125,27 +125,6 @@ public enum Daemon {
 
     /// Mounts and serves until unmounted or signalled; returns the exit status.
     public static func run(options: MountOptions, target: CgroupTarget?, readiness: Int32?) -> Int32 {
-        let config = options.fileSystemConfig
-        let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
-        let arena: Arena
-        do {
-            // Huge pages are refused only where they would break a target's charge.
-            arena = try Arena(capacityPages: capacity ?? Int(UInt32.max) - 1, allowHugePages: target == nil)
-        } catch {
-            report(readiness, "\(error)")
-            return 1
-        }
-        let store: PageStore
-        do {
-            let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger()
-            store = PageStore(arena: arena, charger: charger)
-        } catch {
-            report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
-            return 1
-        }
-        let fs = FileSystem(config: config, store: store)
-        defer { fs.stopCharging() }
-
         // Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
         // the knob opens a kernel interface to every FUSE daemon on the host.
         let uringSupport = UringTransport.hostSupport()
@@ -166,6 +145,27 @@ public enum Daemon {
             wantsUring = false
             devFuseReason = "io_uring is not available to chargefsd: \(error)"
         }
+
+        let config = options.fileSystemConfig
+        let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
+        let arena: Arena
+        do {
+            // Huge pages are refused only where they would break a target's charge.
+            arena = try Arena(capacityPages: capacity ?? Int(UInt32.max) - 1, allowHugePages: target == nil)
+        } catch {
+            report(readiness, "\(error)")
+            return 1
+        }
+        let store: PageStore
+        do {
+            let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger()
+            store = PageStore(arena: arena, charger: charger)
+        } catch {
+            report(readiness, "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
+            return 1
+        }
+        let fs = FileSystem(config: config, store: store)
+        defer { fs.stopCharging() }
 
         if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
