@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup,
-# side by side, same pinning, each workload on each in alternation, medians of 4 runs.
+# Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup (and
+# chargefs over FUSE's io_uring transport where the kernel has it), side by side, same pinning,
+# each workload on each in alternation, medians of 4 runs.
 # Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-setup]
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
-#   --only      runs one group of workloads (seq, rand, meta, readdir, par8) and no memory probe
+#   --only      runs one group of workloads (seq, rand, meta, readdir, par8, real) and no memory probe;
+#               real: untar, git clone, SQLite and rm -rf as a user runs them (unpinned), on fresh
+#               tmpfs, chargefs over /dev/fuse and (where the kernel has it) over io_uring
 #   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
 #               options, in the same run, and prints chargefs/baseline per workload
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
@@ -26,13 +29,13 @@ while [ $# -gt 0 ]; do
     --baseline) baseline=${2:-}; shift $(($# > 1)); [ -x "$baseline" ] ||
       { echo "bench.sh: --baseline needs an executable chargefsd, not '$baseline'" >&2; exit 2; } ;;
     --no-setup) setup=0 ;;
-    -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
-    *) sed -n '4s/^# //p' "$0" >&2; exit 2 ;;
+    -h|--help) sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) sed -n '5s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
 done
-case "$only_given:$only" in 0:|1:seq|1:rand|1:meta|1:readdir|1:par8) ;;
-  *) echo "bench.sh: --only needs one of seq, rand, meta, readdir, par8, not '$only'" >&2; exit 2 ;;
+case "$only_given:$only" in 0:|1:seq|1:rand|1:meta|1:readdir|1:par8|1:real) ;;
+  *) echo "bench.sh: --only needs one of seq, rand, meta, readdir, par8, real, not '$only'" >&2; exit 2 ;;
 esac
 [[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
@@ -84,6 +87,18 @@ cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSI
 
 FS=(tmpfs cfs cfsm cfsp)
 [ -z "$baseline" ] || FS+=(base)
+# chargefs over FUSE's io_uring transport (Linux 6.14+), where the kernel has it: enable_uring is
+# set only while that mount starts (INIT settles the transport) and put back at once, and by the
+# exit trap if anything fails in between.
+URING_KNOB=/sys/module/fuse/parameters/enable_uring
+URING_OLD=
+if [ -e "$URING_KNOB" ]; then
+  URING_OLD=$(cat "$URING_KNOB")
+  trap 'echo "$URING_OLD" > "$URING_KNOB"; cfs_cleanup' EXIT
+  FS+=(cfsu)
+else
+  echo "no io_uring column: $(uname -r) has no FUSE over io_uring ($URING_KNOB missing)" >&2
+fi
 CFS=("${FS[@]:1}")   # the chargefs mounts
 declare -A MNT PID
 for f in "${FS[@]}"; do MNT[$f]=$W/$f; done
@@ -91,10 +106,16 @@ mkdir -p "${MNT[tmpfs]}"
 mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpfs]}")
 CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page"
-                 [base]="size=$FSSIZE")
+                 [base]="size=$FSSIZE" [cfsu]="size=$FSSIZE,io_uring=on")
 # mount_cfs F: mounts chargefs mount F with its options, from the baseline build for "base".
 mount_cfs() {
   if [ "$1" = base ]; then CHARGEFSD=$baseline cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"
+  elif [ "$1" = cfsu ]; then
+    echo Y > "$URING_KNOB"
+    cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD" || { echo "$URING_OLD" > "$URING_KNOB"; return 1; }
+    echo "$URING_OLD" > "$URING_KNOB"
+    [ "$(getfattr -n user.chargefs.status --only-values "${MNT[$1]}" 2>/dev/null | sed -n 's/^transport=//p')" = io_uring ] ||
+      die "chargefs io_uring=on at ${MNT[$1]} does not serve over io_uring"
   else cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"; fi
   PID[$1]=$CFS_PID
 }
@@ -192,12 +213,13 @@ wl create ops/s; wl stat ops/s; wl unlink ops/s; wl readdir entries/s; wl par8 M
 groups=("seqwrite seqread" "randwrite randread reread" "create stat unlink" "readdir" "par8")
 case "$only" in
   "") ;;
+  real) groups=() ;;
   seq) groups=("seqwrite seqread") ;;
   rand) groups=("randwrite randread reread") ;;
   meta) groups=("create stat unlink") ;;
   readdir|par8) groups=("$only") ;;
 esac
-for g in "${groups[@]}"; do
+for g in ${groups[@]+"${groups[@]}"}; do
   for ((r = 1; r <= reps; r++)); do
     # The two chargefs mounts swap places every repetition, so neither always runs right after
     # the other's workload (the memcg/no-memcg ratio was skewed by that order).
@@ -206,6 +228,7 @@ for g in "${groups[@]}"; do
     if [ -n "$baseline" ]; then
       order=(tmpfs cfs cfsm cfsp base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs cfsp)
     fi
+    [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
@@ -213,6 +236,63 @@ for g in "${groups[@]}"; do
     echo "  [$g] repetition $r done:$(for f in "${order[@]}"; do for w in $g; do printf ' %s/%s=%s' "$f" "$w" "$(awk '{print $NF}' <<<"${R["$w|$f"]}")"; done; done)" >&2
   done
 done
+
+# --- real workloads: what a pod does on its scratch volume, unpinned -----------------------------
+# Fresh mounts whose daemons run unpinned (the kernel places them, as for a user), each workload
+# timed in ms: untar of a source tree, git clone of this repository, SQLite (WAL, rows in
+# transactions), rm -rf of all of it. The file systems alternate every repetition; medians.
+declare -A RT
+REAL_FS=()
+if [ -z "$only" ] || [ "$only" = real ]; then
+  if [ "$quick" = 1 ]; then TAR_SRC=/usr/include/linux; SQL_ROWS=20000; SQL_TX=40
+  else TAR_SRC=/usr/include; SQL_ROWS=100000; SQL_TX=200; fi
+  tar -C "$(dirname "$TAR_SRC")" -cf "$W/src.tar" "$(basename "$TAR_SRC")"
+  TAR_ENTRIES=$(tar -tf "$W/src.tar" | wc -l)
+  REAL_FS=(rtmpfs rcfs)
+  MNT[rtmpfs]=$W/rtmpfs; mkdir -p "${MNT[rtmpfs]}"
+  mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[rtmpfs]}"; CFS_MOUNTS+=("${MNT[rtmpfs]}")
+  saved_wrap=$CFS_WRAP; CFS_WRAP=
+  MNT[rcfs]=$W/rcfs; OPTS[rcfs]="size=$FSSIZE,io_uring=off"; mount_cfs rcfs
+  if [ -n "$URING_OLD" ]; then
+    REAL_FS+=(rcfsu); MNT[rcfsu]=$W/rcfsu; OPTS[rcfsu]="size=$FSSIZE,io_uring=on"
+    echo Y > "$URING_KNOB"
+    cfs_mount "${MNT[rcfsu]}" "${OPTS[rcfsu]}" "$CGD" || { echo "$URING_OLD" > "$URING_KNOB"; die "cannot mount ${MNT[rcfsu]}"; }
+    echo "$URING_OLD" > "$URING_KNOB"
+    PID[rcfsu]=$CFS_PID
+  fi
+  CFS_WRAP=$saved_wrap
+  ms() { echo $(( $(date +%s%N) / 1000000 )); }
+  # real_wl FS: one repetition of every real workload on FS; appends ms to RT.
+  real_wl() {
+    local f=$1 m=${MNT[$1]} t0
+    prefault
+    t0=$(ms); cg_run_in "$CGW" tar -C "$m" -xf "$W/src.tar"; RT["untar|$f"]+=" $(( $(ms) - t0 ))"
+    t0=$(ms); cg_run_in "$CGW" git clone -q --no-local "$repo" "$m/clone"; RT["git clone|$f"]+=" $(( $(ms) - t0 ))"
+    t0=$(ms)
+    cg_run_in "$CGW" "$CFS_PYTHON" - "$m/db.sqlite" "$SQL_ROWS" "$SQL_TX" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("pragma journal_mode=wal")
+db.execute("create table t (id integer primary key, name text, value blob)")
+rows, tx = int(sys.argv[2]), int(sys.argv[3])
+for i in range(tx):
+    db.execute("begin")
+    db.executemany("insert into t (name, value) values (?, ?)",
+                   ((f"row {j}", bytes(64)) for j in range(i * rows // tx, (i + 1) * rows // tx)))
+    db.execute("commit")
+assert db.execute("select count(*) from t").fetchone()[0] == rows
+db.close()
+PY
+    RT["sqlite|$f"]+=" $(( $(ms) - t0 ))"
+    t0=$(ms); cg_run_in "$CGW" rm -rf "$m/$(basename "$TAR_SRC")" "$m/clone" "$m"/db.sqlite*; RT["rm -rf|$f"]+=" $(( $(ms) - t0 ))"
+    [ -z "$(ls -A "$m")" ] || die "rm -rf left files in $m"
+  }
+  for ((r = 1; r <= reps; r++)); do
+    order=("${REAL_FS[@]}"); [ $((r % 2)) = 0 ] && order=(rtmpfs "${REAL_FS[@]:2}" rcfs)
+    for f in "${order[@]}"; do real_wl "$f"; done
+    echo "  [real] repetition $r done:$(for f in "${order[@]}"; do for w in untar "git clone" sqlite "rm -rf"; do printf ' %s/%s=%s' "$f" "${w// /-}" "$(awk '{print $NF}' <<<"${RT["$w|$f"]}")"; done; done)" >&2
+  done
+fi
 
 # --- memory: daemon RSS per GiB stored / per 100,000 empty files, charge per GiB ----------------
 declare -A MEM
@@ -262,6 +342,7 @@ fi
 # --- report --------------------------------------------------------------------------------------
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
+if [ "$only" != real ]; then
 echo
 echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
 echo "chargefs = the default (cache=direct); cache=page = chargefs -o cache=page, without memcg=."
@@ -277,6 +358,30 @@ echo "  inodes, locks, permissions, xattrs or charging, direct I/O like chargefs
 echo "  the FUSE round trip alone."
 echo "** pass: floorfs --passthrough, whose read-only opens the kernel serves from the memfd itself"
 echo "  (FUSE passthrough); writes as floor: reads without a round trip to any daemon."
+if [ -n "$URING_OLD" ]; then
+  echo
+  echo "FUSE over io_uring (chargefs -o io_uring=on: per-CPU queues; the default mount serves over /dev/fuse"
+  echo "on this host, whose enable_uring is $URING_OLD), same run:"
+  printf '| %-10s | %-9s | %12s | %14s | %12s | %15s | %14s |\n' workload unit tmpfs "chargefs /dev" "io_uring" io_uring/tmpfs "io_uring/dev"
+  printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- ---------------- -------------- ----------------- ----------------
+  for w in "${WLS[@]}"; do
+    t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); u=$(median <<<"${R["$w|cfsu"]:-}")
+    [ "$u" != - ] || continue
+    printf '| %-10s | %-9s | %12s | %14s | %12s | %15s | %14s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$u" "$(ratio "$u" "$t")" "$(ratio "$u" "$c")"
+  done
+fi
+fi
+if [ ${#REAL_FS[@]} -gt 0 ]; then
+  echo
+  echo "Real workloads, unpinned, ms (lower is better; x tmpfs = tmpfs time / this time, 1.00 = tmpfs speed):"
+  echo "untar: $TAR_SRC ($TAR_ENTRIES entries); git clone --no-local of this repository; SQLite: $SQL_ROWS rows in $SQL_TX transactions, WAL; rm -rf of all of it"
+  printf '| %-10s | %8s | %14s | %13s | %14s | %13s |\n' workload tmpfs "chargefs /dev" "x tmpfs" "io_uring" "x tmpfs"
+  printf '|%s|%s|%s|%s|%s|%s|\n' ------------ ---------- ---------------- --------------- ---------------- ---------------
+  for w in untar "git clone" sqlite "rm -rf"; do
+    t=$(median <<<"${RT["$w|rtmpfs"]:-}"); c=$(median <<<"${RT["$w|rcfs"]:-}"); u=$(median <<<"${RT["$w|rcfsu"]:-}")
+    printf '| %-10s | %8s | %14s | %13s | %14s | %13s |\n' "$w" "$t" "$c" "$(ratio "$t" "$c")" "$u" "$(ratio "$t" "$u")"
+  done
+fi
 if [ -n "$baseline" ]; then
   echo
   echo "This build against the baseline build ($baseline), both with the default options, same run:"
@@ -296,6 +401,7 @@ if [ -z "$only" ]; then
     printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
   done
   echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT, cfsp = chargefs cache=page,"
+  echo " cfsu = chargefs io_uring=on,"
   echo " base = the --baseline build;"
   echo " writer cg = fio's cgroup, which pays for any FUSE page cache;"
   echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"

@@ -3,7 +3,7 @@
 # cgroup v2 tests inside User-Mode Linux. Ends with one line "N passed, N failed" counting test
 # groups, and exits non-zero when any group failed. A group that cannot run here says why and
 # counts as failed; nothing is skipped silently.
-# Usage: scripts/test.sh [GROUP...]    groups: setup build swift-test <name of scripts/tests/*.sh> uml-v2
+# Usage: scripts/test.sh [GROUP...]    groups: setup build swift-test mounts-uring <name of scripts/tests/*.sh> uml-v2
 # Env: SWIFT_SCRATCH=DIR builds into DIR (--scratch-path) instead of .build.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,6 +48,9 @@ if bin_dir=$(swift build "${scratch[@]}" --show-bin-path 2>/dev/null) && [ -x "$
 fi
 # XCTest suites (they mount for real, so they run as root with /dev/fuse).
 group swift-test 1800 swift test "${scratch[@]}"
+# The mount suite again, every mount served over FUSE's io_uring transport (enable_uring set for
+# the run and put back).
+group mounts-uring 1800 bash scripts/test-mounts-over-uring.sh
 
 # Shell tests on this host: each file prints its own "N passed, N failed".
 export CFS_TEST_TIMEOUT=${CFS_TEST_TIMEOUT:-180}

@@ -33,6 +33,33 @@ final class FuseKernelFeaturesTests: XCTestCase {
         XCTAssertEqual(r.result & FuseKernelFeatures.directIOAllowMmap, FuseKernelFeatures.directIOAllowMmap)
     }
 
+    /// FUSE_OVER_IO_URING (bit 41: bit 9 of flags2) is claimed only when added (the rings are
+    /// ready) and offered (enable_uring on).
+    func testIoUringFlagIsClaimedOnlyWhenAddedAndOffered() {
+        let uring = UInt64(CFUSE_OVER_IO_URING), ext = UInt64(FUSE_INIT_EXT)
+        XCTAssertEqual(uring, 1 << 41)
+        func patch(offered: UInt64, adding: UInt64) -> UInt32 {
+            var out = fuse_init_out()
+            return withUnsafeMutableBytes(of: &out) { raw in
+                _ = FuseKernelFeatures.patchInitReply(raw, offered: offered, adding: adding)
+                return raw.load(fromByteOffset: 32, as: UInt32.self)
+            }
+        }
+        XCTAssertEqual(patch(offered: uring | ext, adding: FuseKernelFeatures.addedFlags | uring), 1 << 9)
+        XCTAssertEqual(patch(offered: uring | ext, adding: FuseKernelFeatures.addedFlags), 0, "rings not set up: not claimed")
+        XCTAssertEqual(patch(offered: ext, adding: FuseKernelFeatures.addedFlags | uring), 0, "not offered: not claimed")
+    }
+
+    /// The io_uring entry's header, as the kernel lays it out (include/uapi/linux/fuse.h).
+    func testUringHeaderLayoutMatchesKernel() {
+        XCTAssertEqual(MemoryLayout<cfuse_uring_req_header>.size, 288)
+        XCTAssertEqual(MemoryLayout<cfuse_uring_req_header>.offset(of: \.op_in), 128)
+        XCTAssertEqual(MemoryLayout<cfuse_uring_req_header>.offset(of: \.ring_ent_in_out), UringWorker.ringInOutOffset)
+        XCTAssertEqual(MemoryLayout<cfuse_uring_ent_in_out>.offset(of: \.payload_sz), 16)
+        XCTAssertEqual(MemoryLayout<cfuse_uring_cmd_req>.size, 24)
+        XCTAssertEqual(MemoryLayout<cfuse_uring_cmd_req>.offset(of: \.qid), 16)
+    }
+
     func testFlagsTheKernelDidNotOfferStayOff() {
         let r = patched(replyFlags: UInt32(FUSE_ASYNC_READ), offered: UInt64(FUSE_ASYNC_READ))
         XCTAssertEqual(r.flags, UInt32(FUSE_ASYNC_READ))

@@ -30,6 +30,19 @@ final class MountOptionsTests: XCTestCase {
         XCTAssertEqual(try MountOptions.parse(["/m", "-o", "memcg_limit=high"]).memcgLimit, .high)
     }
 
+    func testIoUringChoice() throws {
+        XCTAssertEqual(try MountOptions.parse(["/m"]).ioUring, .auto)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "io_uring=on"]).ioUring, .on)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "io_uring"]).ioUring, .on)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "io_uring=off"]).ioUring, .off)
+        XCTAssertEqual(try MountOptions.parse(["/m", "-o", "io_uring=auto"]).ioUring, .auto)
+        XCTAssertFalse(try MountOptions.parse(["/m", "-o", "io_uring=on"]).fuseOptionList.contains("io_uring"),
+                       "the kernel mount must not see it")
+        XCTAssertThrowsError(try MountOptions.parse(["/m", "-o", "io_uring=yes"])) {
+            XCTAssertEqual(($0 as? UsageError)?.description, "io_uring=yes: must be auto, on or off")
+        }
+    }
+
     func testSizeForms() throws {
         XCTAssertEqual(try MountOptions.parseSize("4096", option: "size"), 4096)
         XCTAssertEqual(try MountOptions.parseSize("2k", option: "size"), 2048)

@@ -186,10 +186,11 @@ wait_mounted() {
 # shell (so we know its pid), optionally inside DAEMON_CGROUP and under the command prefix
 # CFS_WRAP (e.g. "taskset -c 1": it must exec the daemon), and waits for the mount.
 # Sets CFS_PID. Daemon output goes to $CFS_LOGDIR/chargefsd-<n>.log (printed on failure).
+# CFS_MOUNT_OPTS (e.g. io_uring=on) is appended to every mount's options.
 CFS_PID=
 CFS_LOG=
 cfs_mount() {
-  local mnt=$1 opts=$2 dcg=${3:-} bin
+  local mnt=$1 opts=$2${CFS_MOUNT_OPTS:+,$CFS_MOUNT_OPTS} dcg=${3:-} bin
   bin=$(cfs_daemon_bin)
   mkdir -p "$mnt"
   CFS_LOG="${CFS_LOGDIR:-${TMPDIR:-/tmp}}/chargefsd-$$-${#CFS_PIDS[@]}.log"

@@ -13,7 +13,9 @@ import Glibc
 ///   The kernel then writes back and drops cached pages of a range before each direct read or
 ///   write of it, so read(2), write(2) and a mapping stay coherent.
 ///
-/// `writev` adds the flags the kernel offered to the INIT reply. One instance per session (its
+/// `writev` adds the flags the kernel offered to the INIT reply, and FUSE_OVER_IO_URING where the
+/// mount wants it and its rings are ready (UringTransport); replies to requests that came over
+/// io_uring go back into their ring entries (UringWorker.captureReply). One instance per session (its
 /// `FuseSession` owns it); the hooks find it through the session's userdata.
 final class FuseKernelFeatures {
     /// The INIT request's id and the flags the kernel offered (flags2 in the high half); written
@@ -52,13 +54,20 @@ final class FuseKernelFeatures {
             return n
         }
         io.writev = { fd, iov, count, userdata in
-            if let iov { FuseSession.of(userdata)?.features.patchIfInitReply(iov, Int(count)) }
-            return Glibc.writev(fd, iov, count)
+            guard let iov else { return Glibc.writev(fd, iov, count) }
+            // A reply to a request taken from an io_uring entry goes back into that entry.
+            if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
+            guard let session = FuseSession.of(userdata) else { return Glibc.writev(fd, iov, count) }
+            let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
+            let written = Glibc.writev(fd, iov, count)
+            if claimsUring { session.startUring(initReplyWritten: written >= 0) }
+            return written
         }
         return fuse_session_custom_io(handle, &io, fuse_session_fd(handle)) == 0
     }
 
-    private func note(request: UnsafeMutableRawPointer?, length: Int) {
+    /// Reads what the kernel says in a request before libfuse decodes it (on the handling thread).
+    func note(request: UnsafeMutableRawPointer?, length: Int) {
         let errnoSaved = errno
         defer { errno = errnoSaved }
         var clears = false
@@ -94,29 +103,58 @@ final class FuseKernelFeatures {
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
     static let addedFlags = UInt64(FUSE_HANDLE_KILLPRIV_V2) | directIOAllowMmap
 
-    private func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
-        guard let initRequest, !initPatched, initRequest.flags & Self.addedFlags != 0,
+    /// Whether the mount wants FUSE over io_uring where the kernel offers it (set before mounting).
+    var wantsIoUring = false
+    /// Whether the INIT reply claimed FUSE_OVER_IO_URING.
+    private(set) var ioUringClaimed = false
+
+    /// Whether the INIT request offered FUSE over io_uring (enable_uring on, Linux 6.14+).
+    var kernelOffersIoUring: Bool {
+        let needed = UInt64(CFUSE_OVER_IO_URING) | UInt64(FUSE_INIT_EXT)
+        return (initRequest?.flags ?? 0) & needed == needed
+    }
+
+    /// Patches the INIT reply; returns whether it now claims FUSE over io_uring (its rings are
+    /// then set up, and must be registered once the reply is written).
+    fileprivate func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int, session: FuseSession) -> Bool {
+        guard let initRequest, !initPatched,
               count >= 2, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
-              let reply = iov[1].iov_base else { return }
+              let reply = iov[1].iov_base else { return false }
         let out = header.loadUnaligned(as: fuse_out_header.self)
-        guard out.unique == initRequest.unique, out.error == 0 else { return }
+        guard out.unique == initRequest.unique, out.error == 0 else { return false }
         initPatched = true
-        let replyFlags = Self.patchInitReply(UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len),
-                                        offered: initRequest.flags)
+        let replyBuffer = UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len)
+        var adding = Self.addedFlags
+        if wantsIoUring && !kernelOffersIoUring {
+            Log.line("serving over /dev/fuse (the kernel did not offer FUSE over io_uring at INIT)")
+        }
+        if wantsIoUring, kernelOffersIoUring, replyBuffer.count >= 36 {
+            // The kernel's payload buffers hold max(max_write, max_pages pages): fuse_init_out's
+            // max_write at byte 20, max_pages at 28.
+            let maxWrite = Int(replyBuffer.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
+            let maxPages = Int(replyBuffer.loadUnaligned(fromByteOffset: 28, as: UInt16.self))
+            if session.prepareUring(payloadSize: max(maxWrite, maxPages * Int(PageSize.bytes))) {
+                adding |= UInt64(CFUSE_OVER_IO_URING)
+            }
+        }
+        guard initRequest.flags & adding != 0 else { return false }
+        let replyFlags = Self.patchInitReply(replyBuffer, offered: initRequest.flags, adding: adding)
         granted = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
+        ioUringClaimed = replyFlags & UInt64(CFUSE_OVER_IO_URING) != 0
+        return ioUringClaimed
     }
 
     /// Adds what the kernel offered of `addedFlags` to a fuse_init_out, whose flags sit at byte 12
     /// and flags2 (read by the kernel only with FUSE_INIT_EXT) at byte 32. Returns the flags the
     /// reply now carries.
-    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64) -> UInt64 {
+    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64, adding: UInt64 = addedFlags) -> UInt64 {
         guard reply.count >= 16, let base = reply.baseAddress else { return 0 }
         var flags = UInt64(base.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
         let hasFlags2 = reply.count >= 36
         if hasFlags2, flags & UInt64(FUSE_INIT_EXT) != 0 {
             flags |= UInt64(base.loadUnaligned(fromByteOffset: 32, as: UInt32.self)) << 32
         }
-        var add = offered & addedFlags
+        var add = offered & adding
         if !hasFlags2 || offered & UInt64(FUSE_INIT_EXT) == 0 { add &= 0xFFFF_FFFF }
         if add >> 32 != 0 { add |= UInt64(FUSE_INIT_EXT) }
         flags |= add

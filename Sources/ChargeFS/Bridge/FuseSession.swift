@@ -1,5 +1,6 @@
 import CFuse
 import Glibc
+import SystemPackage
 
 /// One mount's FUSE session: the libfuse session, the file system it serves, and what INIT
 /// settled with this kernel. libfuse hands it back as userdata with every request, to the INIT
@@ -33,6 +34,46 @@ final class FuseSession: @unchecked Sendable {
     /// The session a request belongs to.
     static func of(_ userdata: UnsafeMutableRawPointer?) -> FuseSession? {
         userdata.map { Unmanaged<FuseSession>.fromOpaque($0).takeUnretainedValue() }
+    }
+
+    /// FUSE over io_uring, once INIT claimed it; nil while /dev/fuse serves everything.
+    private var uring: UringTransport?
+
+    /// Sets up the rings while the INIT reply is being written; false (logged) if this host
+    /// refuses them, and the reply then does not claim io_uring.
+    func prepareUring(payloadSize: Int) -> Bool {
+        guard let handle else { return false }
+        do throws(Errno) {
+            uring = try UringTransport(session: self, fuseFD: fuse_session_fd(handle), payloadSize: payloadSize)
+            return true
+        } catch {
+            Log.line("io_uring: cannot set up the rings (\(error)); serving over /dev/fuse")
+            return false
+        }
+    }
+
+    /// Registers the rings once the INIT reply claiming io_uring is written. The kernel holds
+    /// requests until every queue registered; a failed registration turns io_uring off for the
+    /// connection, and /dev/fuse serves.
+    func startUring(initReplyWritten: Bool) {
+        guard let uring else { return }
+        guard initReplyWritten else {
+            self.uring = nil
+            return
+        }
+        fileSystem.noteTransport(ioUring: true)
+        if let error = uring.start() {
+            fileSystem.noteTransport(ioUring: false)
+            Log.line("io_uring: the kernel refused the rings (\(error)); serving over /dev/fuse")
+        } else {
+            Log.line("serving over io_uring: \(uring.queueCount) queues, \(UringQueue.initialWorkers) workers each (up to \(UringQueue.maxWorkers))")
+        }
+    }
+
+    /// Ends the queue threads (after the /dev/fuse loop ended).
+    func stopUring() {
+        uring?.stop()
+        uring = nil
     }
 
     /// Tells the kernel its cached attributes of `ino` are stale (a mode changed behind its back).

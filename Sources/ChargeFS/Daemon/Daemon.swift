@@ -127,6 +127,27 @@ public enum Daemon {
 
     /// Mounts and serves until unmounted or signalled; returns the exit status.
     public static func run(options: MountOptions, target: CgroupTarget?, readiness: Int32?) -> Int32 {
+        // Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
+        // the knob opens a kernel interface to every FUSE daemon on the host.
+        let uringSupport = UringTransport.hostSupport()
+        if options.ioUring == .on && uringSupport != .enabled {
+            report(readiness, uringSupport == .absent
+                ? "io_uring=on: this kernel has no FUSE over io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)"
+                : "io_uring=on: FUSE over io_uring is disabled on this host (\(UringTransport.enableKnob) is N; root may set it to Y)")
+            return 1
+        }
+        var wantsUring = options.ioUring != .off && uringSupport == .enabled
+        var devFuseReason = options.ioUring == .off ? "io_uring=off"
+            : uringSupport == .absent ? "this kernel has no FUSE over io_uring" : "\(UringTransport.enableKnob) is N"
+        if wantsUring, let error = UringTransport.probe() {
+            if options.ioUring == .on {
+                report(readiness, "io_uring=on: chargefsd may not use io_uring here (\(error); see the sysctl kernel.io_uring_disabled)")
+                return 1
+            }
+            wantsUring = false
+            devFuseReason = "io_uring is not available to chargefsd: \(error)"
+        }
+
         let config = options.fileSystemConfig
         let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
         let arena: Arena
@@ -153,6 +174,7 @@ public enum Daemon {
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
+        fuse.features.wantsIoUring = wantsUring
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1
@@ -175,6 +197,7 @@ public enum Daemon {
             return 1
         }
         report(readiness, "ready")
+        if !wantsUring { Log.line("serving over /dev/fuse (\(devFuseReason))") }
         // Workers: libfuse starts with one, starts another when a request arrives and none is
         // idle, and ends one as soon as more than `idleWorkers` are idle. So the pool grows only
         // with real concurrency (requests wake the longest-waiting worker, and spare workers
@@ -184,6 +207,8 @@ public enum Daemon {
         // the next request made a 2-worker pool create and end a thread per file (creates 3-4x
         // slower).
         let status = cfuse_session_loop_mt(session, 0, Self.idleWorkers, Self.maxWorkers)
+        // Unmounted: the kernel has ended every ring entry; otherwise (a signal) stop the waits.
+        fuse.stopUring()
         fuse_session_unmount(session)
         // libfuse returns the number of the signal that ended the loop: a requested stop.
         return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1

@@ -7,6 +7,16 @@ public struct UsageError: Error, CustomStringConvertible, Equatable {
     public init(_ description: String) { self.description = String(String.UnicodeScalarView(description.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })) }
 }
 
+/// `-o io_uring=`: FUSE over io_uring (per-CPU queues) or /dev/fuse.
+public enum IoUringChoice: String, Sendable, Equatable {
+    /// Where the kernel offers it (enable_uring on), else /dev/fuse.
+    case auto
+    /// Required: the mount fails where the kernel does not offer it.
+    case on
+    /// Never: /dev/fuse only.
+    case off
+}
+
 /// What the command line asks for: `chargefsd [SOURCE] MOUNTPOINT [-o OPT[,OPT...]] [-f] [-d]`.
 public struct MountOptions: Sendable, Equatable {
     public var source = "chargefs"
@@ -31,6 +41,8 @@ public struct MountOptions: Sendable, Equatable {
     public var noatime = false
     /// cache=direct|page (direct_io: cache=direct); see FileCaching.
     public var caching = FileCaching.automatic
+    /// io_uring=auto|on|off: which transport serves requests (see IoUringChoice).
+    public var ioUring = IoUringChoice.auto
     /// Options handed to the kernel mount through libfuse, as given.
     public var passthrough: [String] = []
 
@@ -128,6 +140,12 @@ public struct MountOptions: Sendable, Equatable {
                     throw UsageError("cache=\(v): must be direct or page")
                 }
                 caching = c
+            case "io_uring":
+                guard let v = value else { ioUring = .on; break }
+                guard let choice = IoUringChoice(rawValue: v) else {
+                    throw UsageError("io_uring=\(v): must be auto, on or off")
+                }
+                ioUring = choice
             case "fsname", "subtype":
                 break  // chargefsd sets these itself
             case _ where Self.fuseFlags.contains(key) && value == nil:
@@ -251,6 +269,10 @@ public struct MountOptions: Sendable, Equatable {
                         mmap still works (through the page cache, kept coherent). direct_io: same
       cache=page        reads are served from the kernel's page cache, kept across opens: faster
                         re-reads, but the reader or writer's cgroup is charged for the cached copy
+      io_uring=auto    (default) serve requests over FUSE's io_uring transport (Linux 6.14+) where
+                        the kernel offers it (root enables it: /sys/module/fuse/parameters/
+                        enable_uring = Y; chargefsd never sets it), else over /dev/fuse.
+                        on: fail where it is not offered; off: always /dev/fuse
       allow_other, ro, noatime, nosuid, nodev, noexec, ...  as for any FUSE mount
     flags:
       -f  stay in the foreground     -d  foreground with FUSE debug output

@@ -21,6 +21,8 @@ public final class FileSystem: Sendable {
     public let config: FileSystemConfig
     /// `config.caching` as the mount resolved it at INIT; read without the lock on every open.
     private let resolvedCaching: Atomic<UInt8>
+    /// Whether FUSE over io_uring serves this mount (else /dev/fuse), for the status attribute.
+    private let servedOverIoUring = Atomic(false)
 
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
@@ -38,6 +40,14 @@ public final class FileSystem: Sendable {
     public func resolveCaching(_ caching: FileCaching) {
         resolvedCaching.store(Self.code(caching), ordering: .relaxed)
     }
+
+    /// Which transport serves requests: set when io_uring's rings register or fail.
+    public func noteTransport(ioUring: Bool) {
+        servedOverIoUring.store(ioUring, ordering: .relaxed)
+    }
+
+    /// `io_uring` or `dev-fuse`, as the status attribute and the log name it.
+    public var transport: String { servedOverIoUring.load(ordering: .relaxed) ? "io_uring" : "dev-fuse" }
 
     @inline(__always)
     private func exclusive<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
@@ -179,8 +189,8 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
-        let caching = caching
-        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching) }
+        let caching = caching, transport = transport
+        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, transport: transport) }
     }
     /// Names, each NUL-terminated, as listxattr returns them.
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {

@@ -146,7 +146,12 @@ final class ChargeFSMount {
         if let source { argv.append(source) }
         argv.append(mountpoint)
         argv.append("-f")
-        if !options.isEmpty { argv += ["-o", options.joined(separator: ",")] }
+        // The whole suite can run over another transport: CHARGEFS_TEST_MOUNT_OPTIONS goes first,
+        // so a test's own options still win.
+        func key(_ option: String) -> Substring { option.split(separator: "=", maxSplits: 1).first ?? "" }
+        let suiteOptions = Self.suiteOptions.filter { suite in !options.contains { key($0) == key(suite) } }
+        let allOptions = suiteOptions + options
+        if !allOptions.isEmpty { argv += ["-o", allOptions.joined(separator: ",")] }
         argv += extraArgs
         daemon = try Child(argv: argv, logDir: scratch.path, tag: "chargefsd-\(name)")
         Live.shared.add(pid: daemon.pid)
@@ -166,6 +171,32 @@ final class ChargeFSMount {
             }
             usleep(10_000)
         }
+        // CHARGEFS_TEST_TRANSPORT=io_uring|dev-fuse: the transport the suite runs over must be the
+        // one that serves (a run meant for io_uring that fell back to /dev/fuse fails).
+        if let want = Self.expectedTransport, !options.contains(where: { $0.hasPrefix("io_uring") }),
+           !extraArgs.contains("-o") {
+            let served = transport
+            if served != want {
+                let err = daemon.stderrText
+                stop()
+                throw HarnessError("chargefsd at \(mountpoint) serves over \(served ?? "an unknown transport"), not \(want) (CHARGEFS_TEST_TRANSPORT); stderr: \(err)")
+            }
+        }
+    }
+
+    static var suiteOptions: [String] {
+        (ProcessInfo.processInfo.environment["CHARGEFS_TEST_MOUNT_OPTIONS"] ?? "").split(separator: ",").map(String.init)
+    }
+    static var expectedTransport: String? {
+        ProcessInfo.processInfo.environment["CHARGEFS_TEST_TRANSPORT"].flatMap { $0.isEmpty ? nil : $0 }
+    }
+
+    /// The `transport=` line of the root's status attribute.
+    var transport: String? {
+        let (n, value) = Sys.getxattr(mountpoint, "user.chargefs.status", size: 4096)
+        guard n > 0 else { return nil }
+        let text = String(decoding: value.prefix(n), as: UTF8.self)
+        return text.split(separator: "\n").first(where: { $0.hasPrefix("transport=") }).map { String($0.dropFirst(10)) }
     }
 
     var entry: MountEntry? { MountTable.entries(at: mountpoint).last }
