@@ -278,7 +278,10 @@ t_pod() {
   rm -f "$T1/shared"
   local rise1 c1u c2u; rise1=$(( $(cg_usage "$P1") - base1 )); c1u=$(cg_usage "$C1"); c2u=$(cg_usage "$C2")
   log "  pod 1 charge rose $(fmt_mib "$rise1") for 16 MiB written; containers: $(fmt_mib "$c1u"), $(fmt_mib "$c2u")"
-  check "pod 1 charged the 16 MiB (within 1.5 MiB)" near "$rise1" $((16 * MiB)) $((3 * MiB / 2))
+  # The containers' own processes (dd, setpriv, sh) are charged to the pod too: the volume's
+  # charge is the pod's rise less theirs (0.9 MiB of 17.8 in one run of the fresh-clone CI).
+  check "pod 1 charged the 16 MiB, its containers' own memory aside (within 1.5 MiB)" \
+    near "$((rise1 - c1u - c2u))" $((16 * MiB)) $((3 * MiB / 2))
   local shrise; shrise=$(( $(cg_shmem "$P1") - shm1 ))
   log "  pod 1 memory.stat shmem rose $(fmt_mib "$shrise")"
   check "as shmem in the pod's memory.stat (16 MiB within 1.5 MiB)" near "$shrise" $((16 * MiB)) $((3 * MiB / 2))
