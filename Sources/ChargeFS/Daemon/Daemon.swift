@@ -6,11 +6,12 @@ public let chargefsVersion = "0.1.0"
 
 /// The daemon's lifecycle: detach, build store and charger, mount, serve, tear down.
 public enum Daemon {
-    /// Workers at most: as many requests can wait on a charge (a frozen target) at once while
-    /// the others are still served.
+    /// Workers at most, rescue workers included: as many requests can wait on a charge (a frozen
+    /// target) at once while the others are still served.
     static let maxWorkers: UInt32 = 64
-    /// Idle workers kept rather than ended.
-    static let idleWorkers: UInt32 = 8
+    /// How long every worker must have been busy without finishing a request before a rescue
+    /// worker starts: far above any request's own time, far below what a caller notices.
+    static let stuckMs: UInt32 = 50
 
     /// One line on stderr, prefixed with the program's name.
     public static func printError(_ message: String) {
@@ -198,15 +199,12 @@ public enum Daemon {
         }
         report(readiness, "ready")
         if !wantsUring { Log.line("serving over /dev/fuse (\(devFuseReason))") }
-        // Workers: libfuse starts with one, starts another when a request arrives and none is
-        // idle, and ends one as soon as more than `idleWorkers` are idle. So the pool grows only
-        // with real concurrency (requests wake the longest-waiting worker, and spare workers
-        // rotate cold stacks: 8 on one CPU made 4 KiB creates 25-35% slower than one), up to
-        // `maxWorkers`, so that writers waiting for a frozen target's pages leave workers for
-        // everything else. A small `idleWorkers` is a trap: an asynchronous RELEASE overlapping
-        // the next request made a 2-worker pool create and end a thread per file (creates 3-4x
-        // slower).
-        let status = cfuse_session_loop_mt(session, 0, Self.idleWorkers, Self.maxWorkers)
+        // One worker per CPU we may run on (up to 8): requests wake the longest-waiting worker,
+        // so spare workers only rotate cold stacks and buffers (8 workers on one CPU made 4 KiB
+        // creates 25-35% slower than one). A rescue worker starts only when every worker has been
+        // busy for `stuckMs` without finishing anything (writes waiting for a frozen target's
+        // charge), so that they never leave other requests unserved (cfuse_session_loop_pool).
+        let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Self.maxWorkers, Self.stuckMs)
         // Unmounted: the kernel has ended every ring entry; otherwise (a signal) stop the waits.
         fuse.stopUring()
         fuse_session_unmount(session)
