@@ -10,13 +10,6 @@ extension FileSystemCore {
 
     static let physicalPages = Int(cfuse_physical_memory()) / PageStore.pageSize
 
-    /// Shared page of zeros that holes are read from, so reading a hole allocates nothing.
-    nonisolated(unsafe) static let zeroPage: UnsafeMutableRawPointer = {
-        let page = UnsafeMutableRawPointer.allocate(byteCount: PageStore.pageSize, alignment: PageStore.pageSize)
-        memset(page, 0, PageStore.pageSize)
-        return page
-    }()
-
     /// Splits the byte range [from, to) at page boundaries and calls `body` with each piece's
     /// page index, offset inside the page and length, until it returns false.
     @inline(__always)
@@ -52,7 +45,7 @@ extension FileSystemCore {
             var count = 0
             forEachPageSpan(from: offset, to: end) { index, inner, length in
                 let page = inode.pages.page(at: index)
-                let source = page == 0 ? Self.zeroPage + inner : store.address(of: page) + inner
+                let source = page == 0 ? UnsafeMutableRawPointer(mutating: Arena.zeros) + inner : store.address(of: page) + inner
                 // Consecutive arena pages (the usual case for data written in order) make one vector.
                 if count > 0, let lastBase = vectors[count - 1].iov_base, page != 0,
                    lastBase + vectors[count - 1].iov_len == source {

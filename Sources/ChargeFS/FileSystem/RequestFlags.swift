@@ -49,7 +49,6 @@ public enum SeekWhence: Sendable {
 public struct OpenFlags: Sendable {
     public let rawValue: Int32
     public init(rawValue: Int32) { self.rawValue = rawValue }
-    public static let readOnly = OpenFlags(rawValue: O_RDONLY)
     public static let readWrite = OpenFlags(rawValue: O_RDWR)
 
     public var mayWrite: Bool { rawValue & O_ACCMODE != O_RDONLY }

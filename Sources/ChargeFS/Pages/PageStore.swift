@@ -132,25 +132,6 @@ public final class PageStore {
         punched.append(contentsOf: holes.sorted(by: >))
     }
 
-    /// Hands out up to `count` zero-filled pages, charging more when the reserve runs short, all
-    /// under the caller's lock (in-process users; the file system charges outside its lock with
-    /// `pickForCharging`, `PendingCharge.charge` and `settle`). Returns how many it got: fewer
-    /// than asked only when the charger refused (ENOSPC). Throws only when it got none.
-    @discardableResult
-    public func allocate(_ count: Int, into pages: inout [UInt32]) throws(Errno) -> Int {
-        var got = takeCharged(count, into: &pages)
-        while got < count {
-            guard let pending = pickForCharging(count - got) else { break }
-            let (charged, failure) = pending.charge()
-            settle(pending, charged: charged)
-            got += takeCharged(count - got, into: &pages)
-            if let failure, got == 0 { throw failure }
-            if failure != nil || charged < pending.wanted { break }  // the charger refused the rest
-        }
-        if got == 0 { throw .noSpace }
-        return got
-    }
-
     /// Gives pages back. Up to `reserveLimit` stay charged for reuse (zero-filled); the rest, and
     /// any page that could not be zeroed, are punched out of the arena, which frees their memory
     /// and uncharges them.
