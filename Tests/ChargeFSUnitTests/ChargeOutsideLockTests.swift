@@ -124,4 +124,45 @@ final class ChargeOutsideLockTests: XCTestCase {
         }
         XCTAssertEqual(back, big)
     }
+    /// Writers that each find the reserve empty charge a batch each at once (the stress test saw
+    /// 112 pages charged with nothing stored): once they are done the reserve is back at its limit.
+    func testConcurrentChargesLeaveNoMoreThanTheReserve() throws {
+        var made: GateCharger?
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        let store = try PageStore(capacityPages: 1 << 16) { arena in
+            let g = GateCharger(arena: arena)
+            made = g
+            return g
+        }
+        let fs = FileSystem(config: config, store: store)
+        let gate = try XCTUnwrap(made)
+        let me = self.me
+        let writers = 4
+        var files: [InodeNumber] = []
+        for i in 0..<writers {
+            files.append(try fs.create(parent: InodeNumber.root, name: Array("w\(i)".utf8), mode: 0o100644, caller: me).ino)
+        }
+        let done = DispatchSemaphore(value: 0)
+        let page = [UInt8](repeating: 7, count: PageStore.pageSize)
+        for ino in files {
+            Thread.detachNewThread {
+                _ = page.withUnsafeBytes { try? fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
+                done.signal()
+            }
+        }
+        let deadline = Date().addingTimeInterval(5)
+        while gate.chargesWaiting < writers && Date() < deadline { usleep(1000) }
+        XCTAssertEqual(gate.chargesWaiting, writers, "every writer charges a batch of its own")
+        gate.open()
+        for _ in 0..<writers { XCTAssertEqual(done.wait(timeout: .now() + 10), .success) }
+        let page4K = Int64(PageStore.pageSize)
+        XCTAssertEqual(fs.storedBytes().used, Int64(writers) * page4K)
+        XCTAssertLessThanOrEqual(fs.storedBytes().charged, Int64(writers + PageStore.reserveLimit) * page4K,
+                                 "the batches charged at once are trimmed back to one reserve")
+        for ino in files { fs.release(ino) }
+        for i in 0..<writers { try fs.unlink(parent: InodeNumber.root, name: Array("w\(i)".utf8)) }
+        XCTAssertEqual(fs.storedBytes().used, 0)
+        XCTAssertLessThanOrEqual(fs.storedBytes().charged, Int64(PageStore.reserveLimit) * page4K)
+    }
 }

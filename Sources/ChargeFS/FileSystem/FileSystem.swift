@@ -166,6 +166,9 @@ public final class FileSystem: Sendable {
                 ? .useWhatIsCharged : .askForMore
             outcome = try exclusive { c throws(Errno) in
                 c.store.settle(pending, charged: charged)
+                // What the rerun does not take beyond one batch goes back (other callers' charges
+                // may have landed in the reserve meanwhile).
+                defer { c.store.trimReserveToLimit() }
                 if let failure, charged == 0 { throw failure }
                 return try operation(c, supply)
             }

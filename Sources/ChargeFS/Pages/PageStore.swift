@@ -22,8 +22,9 @@ public final class PageStore {
     /// trip. This is the store's part of the slack between bytes stored and bytes charged.
     public static let reserveLimit = 64  // 256 KiB
     /// Pages are charged in runs of at least this many (256 KiB); the extras wait in the reserve.
-    /// A run is charged only when the reserve is empty, so the reserve never holds more than
-    /// `reserveLimit` pages either way, and one charge round trip serves 64 single-page writes.
+    /// A run is charged only when the reserve is short; callers charging at once may overfill it,
+    /// and each trims it back to `reserveLimit` once its own operation has taken its pages. One
+    /// charge round trip serves 64 single-page writes.
     static let chargeBatch = reserveLimit
 
     private let charger: PageCharger
@@ -155,6 +156,16 @@ public final class PageStore {
     @inline(__always)
     func store(_ source: UnsafeRawPointer, length: Int, page: UInt32, inner: Int) throws(Errno) {
         try arena.write(source, length: length, at: Arena.offset(of: page) + Int64(inner))
+    }
+
+    /// Punches the reserve down to `reserveLimit`: charges that ran at once (each caller finding
+    /// the reserve empty) may together have charged more than one batch.
+    public func trimReserveToLimit() {
+        guard reserve.count > Self.reserveLimit else { return }
+        // The front holds the highest pages (taking goes up from the end): those go.
+        var excess = Array(reserve[0..<(reserve.count - Self.reserveLimit)])
+        reserve.removeFirst(excess.count)
+        punch(&excess)
     }
 
     /// Releases the whole reserve (used when the mount must hand every byte back).
