@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -183,6 +184,23 @@ static inline void cfuse_fi_set_direct_io(struct fuse_file_info *fi, int on) { f
 static inline void cfuse_fi_set_keep_cache(struct fuse_file_info *fi, int on) { fi->keep_cache = on ? 1 : 0; }
 static inline void cfuse_fi_set_nonseekable(struct fuse_file_info *fi, int on) { fi->nonseekable = on ? 1 : 0; }
 static inline int cfuse_fi_writepage(const struct fuse_file_info *fi) { return fi->writepage; }
+
+/* FUSE passthrough (protocol 7.40, Linux 6.9+), newer than libfuse 3.14's headers. */
+#define CFUSE_INIT_PASSTHROUGH (1ULL << 37)
+#define CFUSE_FOPEN_PASSTHROUGH (1u << 7)
+struct cfuse_backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
+/* Registers `fd` as a backing file on the /dev/fuse fd: a backing id > 0, or -errno. */
+static inline int cfuse_backing_open(int dev_fd, int fd) {
+    struct cfuse_backing_map map = { .fd = fd };
+    int id = ioctl(dev_fd, _IOW(229, 1, struct cfuse_backing_map), &map);
+    return id < 0 ? -errno : id;
+}
+static inline int cfuse_backing_close(int dev_fd, int id) {
+    uint32_t backing_id = (uint32_t)id;
+    return ioctl(dev_fd, _IOW(229, 2, uint32_t), &backing_id) < 0 ? -errno : 0;
+}
+/* fuse_open_out as of 7.40: the backing id sits where libfuse 3.14 has padding. */
+struct cfuse_open_out_7_40 { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
 
 /* syslog is variadic, which Swift cannot call. */
 static inline void cfuse_syslog(int priority, const char *line) { syslog(priority, "%s", line); }

@@ -15,6 +15,7 @@
 #include "CChargeHelper.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -51,21 +52,35 @@ int main(int argc, char **argv) {
     if (send(CHARGEHELPER_SOCK_FD, &ready, 1, MSG_NOSIGNAL) != 1) return 0;
     for (;;) {
         struct chargehelper_request rq;
-        ssize_t n = recv(CHARGEHELPER_SOCK_FD, &rq, sizeof rq, 0);
+        int fd = -1;
+        ssize_t n = chargehelper_recv_with_fd(CHARGEHELPER_SOCK_FD, &rq, sizeof rq, &fd);
         if (n == 0) return 0;
         if (n < 0) { if (errno == EINTR) continue; return 4; }
         struct chargehelper_reply rp = { 0 };
-        if (n != (ssize_t)sizeof rq || rq.offset < 0 || rq.length <= 0) {
+        int created = -1;
+        if (n != (ssize_t)sizeof rq) {
+            rp.err = EINVAL;
+        } else if (rq.op == CHARGEHELPER_CREATE_FILE) {
+            // The new file's inode, dentry and file are allocated here, in the target.
+            created = fd < 0 ? -1 : openat(fd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+            if (fd < 0) rp.err = EBADF; else if (created < 0) rp.err = errno;
+        } else if (rq.offset < 0 || rq.length <= 0 || (rq.op != CHARGEHELPER_CHARGE_ARENA && rq.op != CHARGEHELPER_CHARGE_FILE)
+                   || (rq.op == CHARGEHELPER_CHARGE_FILE && fd < 0)) {
             rp.err = EINVAL;
         } else {
+            int target = rq.op == CHARGEHELPER_CHARGE_FILE ? fd : CHARGEHELPER_ARENA_FD;
+            int mode = rq.op == CHARGEHELPER_CHARGE_FILE ? FALLOC_FL_KEEP_SIZE : 0;
             set_oom_adj("1000\n", 5);
-            while (fallocate(CHARGEHELPER_ARENA_FD, 0, rq.offset, rq.length) != 0) {
+            while (fallocate(target, mode, rq.offset, rq.length) != 0) {
                 if (errno == EINTR) continue;
                 rp.err = errno;
                 break;
             }
             set_oom_adj(idle_adj, idle_len);
         }
-        if (send(CHARGEHELPER_SOCK_FD, &rp, sizeof rp, MSG_NOSIGNAL) != (ssize_t)sizeof rp) return 0;
+        if (fd >= 0) close(fd);  // the helper keeps nothing of the daemon's files
+        ssize_t sent = chargehelper_send_with_fd(CHARGEHELPER_SOCK_FD, &rp, sizeof rp, created);
+        if (created >= 0) close(created);
+        if (sent != (ssize_t)sizeof rp) return 0;
     }
 }

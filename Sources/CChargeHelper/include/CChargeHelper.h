@@ -9,17 +9,30 @@
 // SOCK_SEQPACKET pair at CHARGEHELPER_SOCK_FD. argv[1] is the daemon's pid (as the helper sees it).
 //
 // Protocol: the helper sends one byte CHARGEHELPER_READY once it is set up; then for each
-// chargehelper_request it fallocates and answers one chargehelper_reply (0 or an errno). EOF on
-// the socket (the daemon closed its end, or died) ends it.
+// chargehelper_request it answers one chargehelper_reply (0 or an errno). EOF on the socket (the
+// daemon closed its end, or died) ends it. Requests:
+// - CHARGEHELPER_CHARGE_ARENA: fallocate(arena, 0, offset, length).
+// - CHARGEHELPER_CHARGE_FILE: the request carries a file (SCM_RIGHTS): fallocate(file,
+//   FALLOC_FL_KEEP_SIZE, offset, length); the helper closes its copy at once.
+// - CHARGEHELPER_CREATE_FILE: the request carries a directory of the arena's tmpfs: the helper
+//   opens a new unnamed file there (O_TMPFILE), so its inode, dentry and file are charged to this
+//   cgroup too, and sends it back with the reply; it keeps no copy.
 
 #include <stdint.h>
 #include <sys/types.h>
 
 enum { CHARGEHELPER_ARENA_FD = 3, CHARGEHELPER_SOCK_FD = 4 };
 enum { CHARGEHELPER_READY = 'r' };
+enum { CHARGEHELPER_CHARGE_ARENA = 0, CHARGEHELPER_CHARGE_FILE = 1, CHARGEHELPER_CREATE_FILE = 2 };
 
-struct chargehelper_request { int64_t offset; int64_t length; };
+struct chargehelper_request { int64_t offset; int64_t length; int32_t op; int32_t reserved; };
 struct chargehelper_reply { int32_t err; };
+
+/// Sends `len` bytes with `fd` attached (SCM_RIGHTS) when fd >= 0. Returns sendmsg's result.
+ssize_t chargehelper_send_with_fd(int sock, const void *buf, size_t len, int fd);
+/// Receives up to `len` bytes; a file that came with them is stored in *fd_out (close-on-exec),
+/// else -1. Returns recvmsg's result.
+ssize_t chargehelper_recv_with_fd(int sock, void *buf, size_t len, int *fd_out);
 
 /// Starts the helper program `path` (executed through `exe_fd`, an O_RDONLY fd of it the daemon
 /// keeps open, when >= 0: the same file however the path changes, and its pages stay cached) in

@@ -202,11 +202,24 @@ enum FuseHandlers {
     static func open(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
         do throws(Errno) {
-            let modeChanged = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags),
-                                                    caller: caller(reply), clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
+            let outcome = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags),
+                                                caller: caller(reply), clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
+            if let file = outcome.passthrough {
+                switch s.passthroughDevice.map({ PassthroughRegistration.id(for: file, device: $0) }) {
+                case .success(let id):
+                    reply.openedPassthrough(backingID: id, handle: passthroughHandle, directIO: outcome.writes)
+                    if outcome.modeChanged { s.invalidateAttributes(ino) }
+                    return
+                case .failure(let error):
+                    s.noteRefusedPassthrough(error)
+                    s.fileSystem.passthroughRefused(InodeNumber(ino))
+                case nil:
+                    s.fileSystem.passthroughRefused(InodeNumber(ino))
+                }
+            }
             setCaching(s, fi)
             reply.opened(fi)
-            if modeChanged { s.invalidateAttributes(ino) }
+            if outcome.modeChanged { s.invalidateAttributes(ino) }
         } catch {
             reply.error(error)
         }
@@ -249,8 +262,11 @@ enum FuseHandlers {
         }
     }
 
-    static func release(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t) {
-        s.fileSystem.release(InodeNumber(ino))
+    /// The handle of opens the kernel serves through a backing file (others have 0).
+    static let passthroughHandle: UInt64 = 1
+
+    static func release(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
+        s.fileSystem.release(InodeNumber(ino), passthrough: fi?.pointee.fh == passthroughHandle)
         reply.success()
     }
 

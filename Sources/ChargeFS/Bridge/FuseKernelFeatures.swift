@@ -105,6 +105,10 @@ final class FuseKernelFeatures {
 
     /// Whether the mount wants FUSE over io_uring where the kernel offers it (set before mounting).
     var wantsIoUring = false
+    /// Whether the mount wants FUSE passthrough for large read-only opens (set before mounting).
+    var wantsPassthrough = false
+    /// FUSE_PASSTHROUGH (7.40), in flags2.
+    static let passthrough = UInt64(CFUSE_INIT_PASSTHROUGH)
     /// Whether the INIT reply claimed FUSE_OVER_IO_URING.
     private(set) var ioUringClaimed = false
 
@@ -137,10 +141,21 @@ final class FuseKernelFeatures {
                 adding |= UInt64(CFUSE_OVER_IO_URING)
             }
         }
+        // Passthrough needs max_stack_depth (byte 36): the backing files are on tmpfs (depth 0),
+        // so 1. The kernel turns it off itself with FUSE_WRITEBACK_CACHE, which we never ask for.
+        if wantsPassthrough, initRequest.flags & Self.passthrough != 0, replyBuffer.count >= 40 {
+            adding |= Self.passthrough
+        }
         guard initRequest.flags & adding != 0 else { return false }
         let replyFlags = Self.patchInitReply(replyBuffer, offered: initRequest.flags, adding: adding)
         granted = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
         ioUringClaimed = replyFlags & UInt64(CFUSE_OVER_IO_URING) != 0
+        if replyFlags & Self.passthrough != 0, let base = replyBuffer.baseAddress {
+            base.storeBytes(of: UInt32(1), toByteOffset: 36, as: UInt32.self)
+            session.startPassthrough()
+        } else if wantsPassthrough {
+            Log.line("passthrough: the kernel did not offer FUSE passthrough at INIT (Linux 6.9+); every read is served by the daemon")
+        }
         return ioUringClaimed
     }
 

@@ -56,7 +56,7 @@ enum FuseOperations {
             FuseOperations.serve(req) { FuseHandlers.write($0, $1, ino: ino, buf: buf, size: size, offset: offset, fi: fi) }
         }
         // No flush: libfuse answers ENOSYS once and the kernel stops sending it on every close.
-        ops.release = { req, ino, _ in FuseOperations.serve(req) { FuseHandlers.release($0, $1, ino: ino) } }
+        ops.release = { req, ino, fi in FuseOperations.serve(req) { FuseHandlers.release($0, $1, ino: ino, fi: fi) } }
         ops.fsync = { req, _, _, _ in Reply(req).success() }
         // Directories keep no per-open state: ENOSYS tells the kernel to stop sending opendir
         // and releasedir, and to cache listings (every change comes through it).

@@ -1,5 +1,6 @@
 import CFuse
 import Glibc
+import Synchronization
 import SystemPackage
 
 /// One mount's FUSE session: the libfuse session, the file system it serves, and what INIT
@@ -34,6 +35,24 @@ final class FuseSession: @unchecked Sendable {
     /// The session a request belongs to.
     static func of(_ userdata: UnsafeMutableRawPointer?) -> FuseSession? {
         userdata.map { Unmanaged<FuseSession>.fromOpaque($0).takeUnretainedValue() }
+    }
+
+    /// Where backing files are registered for passthrough; nil until INIT took passthrough.
+    private(set) var passthroughDevice: PassthroughRegistration.Device?
+
+    /// INIT took FUSE passthrough: large read-only opens may now be handed to the kernel.
+    func startPassthrough() {
+        guard let handle, let device = PassthroughRegistration.Device(sessionFD: fuse_session_fd(handle)) else { return }
+        passthroughDevice = device
+        fileSystem.noteKernelPassthrough(true)
+    }
+
+    private let refusalLogged = Atomic(false)
+
+    /// The kernel refused to register a backing file: said once in the log.
+    func noteRefusedPassthrough(_ error: Errno) {
+        guard !refusalLogged.exchange(true, ordering: .relaxed) else { return }
+        Log.line("passthrough: the kernel refused a backing file (\(error)); such opens are served by the daemon")
     }
 
     /// FUSE over io_uring, once INIT claimed it; nil while /dev/fuse serves everything.

@@ -67,6 +67,17 @@ struct Reply: ~Copyable {
         discard self
     }
 
+    /// An open the kernel serves from `backingID`'s file itself (FUSE passthrough); with
+    /// `directIO`, reads and writes still come to the daemon (direct I/O overrides passthrough
+    /// for them) and only mappings map the backing file. libfuse 3.14's fuse_open_out has no
+    /// backing id.
+    consuming func openedPassthrough(backingID: Int32, handle: UInt64, directIO: Bool) {
+        let flags = UInt32(CFUSE_FOPEN_PASSTHROUGH) | (directIO ? UInt32(FOPEN_DIRECT_IO) : 0)
+        var out = cfuse_open_out_7_40(fh: handle, open_flags: flags, backing_id: backingID)
+        withUnsafeBytes(of: &out) { _ = fuse_reply_buf(request, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        discard self
+    }
+
     consuming func created(_ attributes: Attributes, _ fi: UnsafeMutablePointer<fuse_file_info>) {
         var e = Self.entryParameters(attributes)
         fuse_reply_create(request, &e, fi)

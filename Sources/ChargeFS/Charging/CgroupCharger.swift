@@ -131,7 +131,25 @@ public final class CgroupCharger: PageCharger {
         try channel.withLock { (ch: inout Channel) throws(Errno) in
             guard !closed.load(ordering: .acquiring) else { throw Errno.ioError }
             try checkRoom(&ch, length)
-            try instantiate(&ch, offset: offset, length: length)
+            _ = try instantiate(&ch, .chargeArena(offset: offset, length: length), length: length)
+        }
+    }
+
+    public func charge(file: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+        guard length > 0 else { return }
+        try channel.withLock { (ch: inout Channel) throws(Errno) in
+            guard !closed.load(ordering: .acquiring) else { throw Errno.ioError }
+            try checkRoom(&ch, length)
+            _ = try instantiate(&ch, .chargeFile(file.rawValue, offset: offset, length: length), length: length)
+        }
+    }
+
+    public func makeFile(in directory: FileDescriptor) throws(Errno) -> FileDescriptor {
+        try channel.withLock { (ch: inout Channel) throws(Errno) in
+            guard !closed.load(ordering: .acquiring) else { throw Errno.ioError }
+            // An inode, a dentry and a file: about 2 KiB of the target's memory.
+            try checkRoom(&ch, 4096)
+            return FileDescriptor(rawValue: try instantiate(&ch, .createFile(in: directory.rawValue), length: 4096))
         }
     }
 
@@ -250,13 +268,15 @@ public final class CgroupCharger: PageCharger {
         ch.readAt = now
     }
 
-    private func instantiate(_ ch: inout Channel, offset: Int64, length: Int64) throws(Errno) {
+    /// Has the helper do `request` (for `length` bytes of charge); returns the file it sent back.
+    private func instantiate(_ ch: inout Channel, _ request: ChargeHelper.Request, length: Int64) throws(Errno) -> Int32 {
         for attempt in 0..<2 {
             let helper = try runningHelper(&ch)
-            switch helper.request(offset: offset, length: length, wait) {
-            case .done(0):
-                return
-            case .done(let e):
+            switch helper.request(request, wait) {
+            case .done(0, let file):
+                return file
+            case .done(let e, let file):
+                if file >= 0 { close(file) }
                 ch.readAt = nil
                 throw (e == ENOMEM || e == ENOSPC) ? Errno.noSpace : Errno(rawValue: e)
             case .died(let death):

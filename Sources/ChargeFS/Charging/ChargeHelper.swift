@@ -50,9 +50,19 @@ struct ChargeHelper: Sendable {
     }
 
     enum Outcome: Sendable {
-        /// fallocate's result: 0 or an errno.
-        case done(Int32)
+        /// The helper's answer: 0 or an errno, and the file it sent back (CREATE_FILE), else -1.
+        case done(Int32, file: Int32 = -1)
         case died(Death)
+    }
+
+    /// What the helper is asked to do.
+    enum Request {
+        /// Instantiate a range of the arena.
+        case chargeArena(offset: Int64, length: Int64)
+        /// Instantiate a range of another file of the arena's tmpfs (kept sized).
+        case chargeFile(Int32, offset: Int64, length: Int64)
+        /// Open a new unnamed file in a directory of the arena's tmpfs.
+        case createFile(in: Int32)
     }
 
     /// What a wait for the helper may look at: whether its leaf is frozen (then it waits without a
@@ -100,22 +110,42 @@ struct ChargeHelper: Sendable {
         return helper
     }
 
-    /// One fallocate round trip. After `.died` the helper is reaped and its socket closed.
-    func request(offset: Int64, length: Int64, _ wait: Wait) -> Outcome {
-        var rq = chargehelper_request(offset: offset, length: length)
-        let sent = try? retryingInterrupts { send(socket, &rq, MemoryLayout<chargehelper_request>.size, Int32(MSG_NOSIGNAL)) }
-        guard sent == MemoryLayout<chargehelper_request>.size else { return .died(gone()) }
+    /// One round trip. After `.died` the helper is reaped and its socket closed.
+    func request(_ what: Request, _ wait: Wait) -> Outcome {
+        var rq: chargehelper_request
+        var attached: Int32 = -1
+        switch what {
+        case .chargeArena(let offset, let length):
+            rq = chargehelper_request(offset: offset, length: length, op: Int32(CHARGEHELPER_CHARGE_ARENA), reserved: 0)
+        case .chargeFile(let fd, let offset, let length):
+            rq = chargehelper_request(offset: offset, length: length, op: Int32(CHARGEHELPER_CHARGE_FILE), reserved: 0)
+            attached = fd
+        case .createFile(let directory):
+            rq = chargehelper_request(offset: 0, length: 0, op: Int32(CHARGEHELPER_CREATE_FILE), reserved: 0)
+            attached = directory
+        }
+        let size = MemoryLayout<chargehelper_request>.size
+        let sent = try? retryingInterrupts { chargehelper_send_with_fd(socket, &rq, size, attached) }
+        guard sent == size else { return .died(gone()) }
         var rp = chargehelper_reply(err: 0)
-        if case .died(let death) = receive(&rp, count: MemoryLayout<chargehelper_reply>.size, wait) {
+        var file: Int32 = -1
+        if case .died(let death) = receive(&rp, count: MemoryLayout<chargehelper_reply>.size, wait, file: &file) {
             return .died(death)
         }
-        return .done(rp.err)
+        return .done(rp.err, file: file)
     }
 
     /// Receives one message of `count` bytes into `value`. Waits in slices of a second: a frozen
     /// leaf waits for the thaw however long it takes; otherwise a helper silent for
     /// `wait.timeoutMs` is presumed stuck and killed; a cancelled wait kills it too.
     private func receive<T>(_ value: inout T, count: Int, _ wait: Wait) -> Outcome {
+        var file: Int32 = -1
+        let outcome = receive(&value, count: count, wait, file: &file)
+        if file >= 0 { close(file) }
+        return outcome
+    }
+
+    private func receive<T>(_ value: inout T, count: Int, _ wait: Wait, file: inout Int32) -> Outcome {
         var pfd = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
         var silentMs = 0
         while true {
@@ -129,7 +159,9 @@ struct ChargeHelper: Sendable {
                 return .died(kill())
             }
         }
-        let n = try? retryingInterrupts { withUnsafeMutableBytes(of: &value) { recv(socket, $0.baseAddress, count, 0) } }
+        var received: Int32 = -1
+        let n = try? retryingInterrupts { withUnsafeMutableBytes(of: &value) { chargehelper_recv_with_fd(socket, $0.baseAddress, count, &received) } }
+        file = received
         return n == count ? .done(0) : .died(gone())  // EOF: it is gone
     }
 

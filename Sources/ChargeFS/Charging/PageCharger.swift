@@ -23,6 +23,15 @@ public protocol PageCharger: AnyObject, Sendable {
     /// vanished) are thrown as they are and logged by the charger.
     func charge(offset: Int64, length: Int64) throws(Errno)
 
+    /// As `charge`, for a range of `file`: a file of the arena's tmpfs of its own (a large
+    /// file's backing, which FUSE passthrough lets the kernel read directly). Its size does not
+    /// change (FALLOC_FL_KEEP_SIZE).
+    func charge(file: FileDescriptor, offset: Int64, length: Int64) throws(Errno)
+
+    /// A new empty unnamed file in `directory` (the arena's tmpfs), created so that its kernel
+    /// memory (inode, dentry, file) is charged where its pages will be.
+    func makeFile(in directory: FileDescriptor) throws(Errno) -> FileDescriptor
+
     /// A one-line description for logs and the per-mount status (`memcg=... (v2)` or `daemon`).
     var summary: String { get }
 
@@ -37,6 +46,9 @@ public protocol PageCharger: AnyObject, Sendable {
 extension PageCharger {
     /// Chargers that know no limit need not say so.
     public func availableBytes() -> Int64? { nil }
+    /// Chargers that make no backing files (tests' fakes): large files then stay in the arena.
+    public func charge(file: FileDescriptor, offset: Int64, length: Int64) throws(Errno) { throw .notSupported }
+    public func makeFile(in directory: FileDescriptor) throws(Errno) -> FileDescriptor { throw .notSupported }
 }
 
 /// Pages are charged to the daemon's own cgroup, as any tmpfs page would be to its writer.
@@ -49,8 +61,22 @@ public final class DaemonCharger: PageCharger {
     }
 
     public func charge(offset: Int64, length: Int64) throws(Errno) {
+        try Self.instantiate(arena, mode: 0, offset: offset, length: length)
+    }
+
+    public func charge(file: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+        try Self.instantiate(file, mode: Int32(CFUSE_FALLOC_KEEP_SIZE), offset: offset, length: length)
+    }
+
+    public func makeFile(in directory: FileDescriptor) throws(Errno) -> FileDescriptor {
+        let fd = cfuse_open_tmpfile(directory.rawValue, 0o600)
+        guard fd >= 0 else { throw Errno(rawValue: errno) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    private static func instantiate(_ fd: FileDescriptor, mode: Int32, offset: Int64, length: Int64) throws(Errno) {
         do {
-            _ = try retryingInterrupts { cfuse_fallocate(arena.rawValue, 0, offset, length) }
+            _ = try retryingInterrupts { cfuse_fallocate(fd.rawValue, mode, offset, length) }
         } catch {
             throw error == .noMemory ? .noSpace : error
         }

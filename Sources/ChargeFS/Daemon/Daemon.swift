@@ -176,6 +176,7 @@ public enum Daemon {
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
         fuse.features.wantsIoUring = wantsUring
+        fuse.features.wantsPassthrough = config.passthroughMinBytes != nil
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1

@@ -43,6 +43,9 @@ public struct MountOptions: Sendable, Equatable {
     public var caching = FileCaching.automatic
     /// io_uring=auto|on|off: which transport serves requests (see IoUringChoice).
     public var ioUring = IoUringChoice.auto
+    /// passthrough=auto|off: whether large files opened read-only may be read by the kernel
+    /// itself (FUSE passthrough, where the kernel offers it).
+    public var readPassthrough = true
     /// Options handed to the kernel mount through libfuse, as given.
     public var passthrough: [String] = []
 
@@ -146,6 +149,10 @@ public struct MountOptions: Sendable, Equatable {
                     throw UsageError("io_uring=\(v): must be auto, on or off")
                 }
                 ioUring = choice
+            case "passthrough":
+                let v = try required()
+                guard v == "auto" || v == "off" else { throw UsageError("passthrough=\(v): must be auto or off") }
+                readPassthrough = v == "auto"
             case "fsname", "subtype":
                 break  // chargefsd sets these itself
             case _ where Self.fuseFlags.contains(key) && value == nil:
@@ -229,6 +236,7 @@ public struct MountOptions: Sendable, Equatable {
         c.rootGid = rootGid ?? getgid()
         c.noatime = noatime
         c.caching = caching
+        if !readPassthrough { c.passthroughMinBytes = nil }
         return c
     }
 
@@ -273,6 +281,9 @@ public struct MountOptions: Sendable, Equatable {
                         the kernel offers it (root enables it: /sys/module/fuse/parameters/
                         enable_uring = Y; chargefsd never sets it), else over /dev/fuse.
                         on: fail where it is not offered; off: always /dev/fuse
+      passthrough=auto  (default) a file of 1 MiB or more, opened read-only while nothing else has it
+                        open and holding no hole, is read by the kernel from a file of its own
+                        (FUSE passthrough, Linux 6.9+, root), charged like every page; off: never
       allow_other, ro, noatime, nosuid, nodev, noexec, ...  as for any FUSE mount
     flags:
       -f  stay in the foreground     -d  foreground with FUSE debug output

@@ -23,6 +23,8 @@ public final class FileSystem: Sendable {
     private let resolvedCaching: Atomic<UInt8>
     /// Whether FUSE over io_uring serves this mount (else /dev/fuse), for the status attribute.
     private let servedOverIoUring = Atomic(false)
+    /// Whether the kernel took FUSE passthrough at INIT.
+    private let kernelPassthrough = Atomic(false)
 
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
@@ -100,16 +102,64 @@ public final class FileSystem: Sendable {
     /// Open of an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc).
     /// Returns true when truncating cleared setuid/setgid (the kernel's cached mode is then stale).
     @discardableResult
-    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> Bool {
-        try exclusive { c throws(Errno) in try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked) }
+    /// Opens a file. `passthrough` is the backing file the kernel may read for this open itself
+    /// (FUSE passthrough; see FileSystemCore+Backing for when): give it to the kernel, then call
+    /// `release(_:passthrough: true)` at the close, or `passthroughRefused` if the kernel would
+    /// not take it.
+    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
+        let enabled = passthroughEnabled
+        let (modeChanged, step, store) = try exclusive { c throws(Errno) in
+            (try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked),
+             c.passthroughStep(ino, flags: flags, enabled: enabled), c.store)
+        }
+        switch step {
+        case .none:
+            return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
+        case .granted(let file):
+            return OpenOutcome(modeChanged: modeChanged, passthrough: file, writes: flags.mayWrite)
+        case .needsBacking(let pages):
+            return OpenOutcome(modeChanged: modeChanged, passthrough: makeBacking(ino, pages: pages, store: store), writes: false)
+        }
+    }
+
+    /// Makes and charges a backing file with no lock held (a frozen target stalls only this
+    /// open), then moves the file's data into it. nil (an ordinary open) when anything is short.
+    private func makeBacking(_ ino: InodeNumber, pages: Int, store: PageStore) -> BackingFile? {
+        guard let file = try? store.makeBackingFile() else { return nil }
+        let pending = store.pendingCharge(of: file, runs: [(0, pages)], wanted: pages, owner: ino.rawValue, shrinks: 0)
+        let (charged, failure) = pending.charge()
+        guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
+        let step = core.withWriteLock { c in c.adoptBacking(ino, file, chargedPages: pages) }
+        if case .granted(let granted) = step { return granted }
+        return nil
+    }
+
+    /// The kernel would not serve an open through its backing file: it is an ordinary open.
+    public func passthroughRefused(_ ino: InodeNumber) {
+        core.withWriteLock { c in c.passthroughEnded(ino) }
+    }
+
+    /// Whether opens may pass through: the kernel took FUSE passthrough at INIT and file data
+    /// is not kept in FUSE's page cache (a cached open and a passthrough open of one inode
+    /// exclude each other in the kernel: the second would fail with EIO).
+    public var passthroughEnabled: Bool {
+        kernelPassthrough.load(ordering: .relaxed) && caching == .direct
+    }
+
+    /// Set once, at INIT: whether the kernel took FUSE passthrough.
+    public func noteKernelPassthrough(_ available: Bool) {
+        kernelPassthrough.store(available, ordering: .relaxed)
     }
     /// Creates a regular file and opens it (create(2) with O_CREAT).
     public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller) }
     }
     /// The last close of one open (or create) handle.
-    public func release(_ ino: InodeNumber) {
-        core.withWriteLock { c in c.release(ino) }
+    public func release(_ ino: InodeNumber, passthrough: Bool = false) {
+        core.withWriteLock { c in
+            if passthrough { c.passthroughEnded(ino) }
+            c.release(ino)
+        }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
     /// (and a shared zero page for holes), while the lock is held, so no page can be freed or
@@ -165,7 +215,7 @@ public final class FileSystem: Sendable {
             let supply: PageSupply = charged < pending.wanted || failure != nil || round == Self.chargeRounds
                 ? .useWhatIsCharged : .askForMore
             outcome = try exclusive { c throws(Errno) in
-                c.store.settle(pending, charged: charged)
+                c.settle(pending, charged: charged)
                 // What the rerun does not take beyond one batch goes back (other callers' charges
                 // may have landed in the reserve meanwhile).
                 defer { c.store.trimReserveToLimit() }
@@ -192,8 +242,8 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
-        let caching = caching, transport = transport
-        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, transport: transport) }
+        let caching = caching, transport = transport, passthrough = passthroughEnabled
+        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, transport: transport, passthrough: passthrough) }
     }
     /// Names, each NUL-terminated, as listxattr returns them.
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {

@@ -38,6 +38,9 @@ extension FileSystemCore {
             return body(UnsafeBufferPointer(start: nil, count: 0))
         }
         let end = offset + min(Int64(count), inode.size - offset)
+        if let backing = inode.backing {
+            return try readBacked(backing, from: offset, count: Int(end - offset), body)
+        }
         let pageSize = Int64(Self.pageSize)
         // On the stack for small reads (the common 4 KiB case): no allocation per request.
         let capacity = Int((end - offset) / pageSize) + 2
@@ -109,6 +112,9 @@ extension FileSystemCore {
         guard data.count > 0, let source = data.baseAddress else { return .done(0) }
         let (end, overflow) = offset.addingReportingOverflow(Int64(data.count))
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
+        if let backing = inode.backing {
+            return try storeBacked(source, count: data.count, in: inode, backing, at: offset, wholeOrNothing: wholeOrNothing, supply: supply)
+        }
         let pageSize = Int64(Self.pageSize)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
@@ -192,7 +198,10 @@ extension FileSystemCore {
 
     /// Sets the size; shrinking frees whole pages past the end and zeroes the rest of the last one,
     /// so growing again later reads zeros there.
-    func truncate(_ inode: Inode, to size: Int64) {
+    func truncate(_ inode: Inode, to size: Int64) throws(Errno) {
+        if let backing = inode.backing {
+            return try truncateBacked(inode, backing, to: size)
+        }
         let pageSize = Int64(Self.pageSize)
         if size < inode.size {
             let keepPages = Int((size + pageSize - 1) / pageSize)
@@ -222,6 +231,22 @@ extension FileSystemCore {
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
         let pageSize = Int64(Self.pageSize)
         let now = timespec.now
+        if punch, let backing = inode.backing {
+            try punchBacked(inode, backing, from: offset, to: end)
+            inode.mtime = now
+            inode.ctime = now
+            return .done(())
+        }
+        if !punch, let backing = inode.backing {
+            if let pending = try allocateBacked(inode, backing, from: offset, to: end, supply: supply) { return .charge(pending) }
+            if !keepSize && end > inode.size {
+                try backing.setSize(end)
+                inode.size = end
+            }
+            inode.ctime = now
+            if !keepSize { inode.mtime = now }
+            return .done(())
+        }
         if punch {
             // Whole pages inside the range go, even past EOF (KEEP_SIZE allocations live there).
             let punchEnd = end
@@ -271,10 +296,16 @@ extension FileSystemCore {
     }
 
     /// Writes zeros over [from, to) where pages exist (holes already read as zero).
-    private func zero(_ inode: Inode, from: Int64, to: Int64) {
+    func zero(_ inode: Inode, from: Int64, to: Int64) {
         forEachPageSpan(from: from, to: to) { index, inner, length in
             let page = inode.pages.page(at: index)
-            if page != 0 { memset(store.address(of: page) + inner, 0, length) }
+            guard page != 0 else { return true }
+            if let backing = inode.backing {
+                // Through the file: the daemon maps no backing file.
+                try? backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(Self.pageSize) + Int64(inner))
+            } else {
+                memset(store.address(of: page) + inner, 0, length)
+            }
             return true
         }
     }

@@ -36,10 +36,10 @@ extension FileSystemCore {
     }
 
     /// `caching`: the mount's resolved cache mode, which the status attribute shows.
-    func getxattr(_ ino: InodeNumber, name: FileName, caching: FileCaching, transport: String) throws(Errno) -> [UInt8] {
+    func getxattr(_ ino: InodeNumber, name: FileName, caching: FileCaching, transport: String, passthrough: Bool) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
-        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, transport: transport).utf8) }
+        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, transport: transport, passthrough: passthrough).utf8) }
         guard let value = inode.xattrs?[name] else {
             try Self.checkName(name)
             throw .noData
@@ -66,7 +66,7 @@ extension FileSystemCore {
     }
 
     /// What `getfattr -n user.chargefs.status MOUNTPOINT` shows: who pays, and how much.
-    func statusText(caching: FileCaching, transport: String) -> String {
+    func statusText(caching: FileCaching, transport: String, passthrough: Bool) -> String {
         let page = Int64(PageStore.pageSize)
         let used = Int64(store.pagesInUse) * page
         let charged = Int64(store.pagesCharged) * page
@@ -77,6 +77,8 @@ extension FileSystemCore {
             "size_limit_bytes=\(config.maxBytes.map(String.init) ?? "unlimited")",
             "cache=\(caching.rawValue)",
             "transport=\(transport)",
+            "passthrough=\(passthrough ? "on" : "off")",
+            "backing_files=\(backingFiles)",
         ]
         if let headroom = store.availableBytes() {
             lines.append("cgroup_headroom_bytes=\(max(0, headroom))")

@@ -11,6 +11,8 @@ final class FileSystemCore {
     /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
     private var inodeSlots: Int64 = 1
     let maxPages: Int?
+    /// Files with a backing file of their own (for the status attribute).
+    var backingFiles = 0
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
@@ -86,6 +88,7 @@ final class FileSystemCore {
     }
 
     func releaseAllPages(of inode: Inode) {
+        if inode.backing != nil { return dropBacking(of: inode) }
         guard inode.pages.count > 0 else { return }
         var freed: [UInt32] = []
         freed.reserveCapacity(inode.pages.count)
@@ -319,7 +322,7 @@ final class FileSystemCore {
         if let size = changes.size {
             guard inode.isRegular else { throw inode.isDirectory ? .isDirectory : .invalidArgument }
             if size < 0 { throw .invalidArgument }
-            if size != inode.size { truncate(inode, to: size) }
+            if size != inode.size { try truncate(inode, to: size) }
             // tmpfs moves mtime on every truncate, to the same size too.
             inode.mtime = now
             changed = true
@@ -362,7 +365,7 @@ final class FileSystemCore {
         if flags.truncates, inode.isRegular, flags.mayWrite {
             modeChanged = clearSetID(inode, caller, kernelAsked: clearSetIDAsked)
             // Times move even when the file was empty already, as tmpfs's O_TRUNC does.
-            truncate(inode, to: 0)
+            try truncate(inode, to: 0)
             let now = timespec.now
             inode.mtime = now
             inode.ctime = now

@@ -34,6 +34,12 @@ public struct FileSystemConfig: Sendable {
     /// noatime: reads never update atime.
     public var noatime = false
     public var caching = FileCaching.automatic
+    /// Files at least this large get a backing file of their own when opened read-only, so that
+    /// the kernel can read them without the daemon (FUSE passthrough); nil: never.
+    public var passthroughMinBytes: Int64? = FileSystemConfig.defaultPassthroughMinBytes
+    /// 1 MiB: below it a file's reads are few and short, and its own file would cost more
+    /// kernel memory (about 2 KiB) than its pages in the arena save in round trips.
+    public static let defaultPassthroughMinBytes: Int64 = 1 << 20
     public init() {}
 }
 
@@ -106,4 +112,15 @@ public struct WriteResult: Sendable, Equatable {
     public var written: Int
     /// The write cleared setuid/setgid: the kernel's cached mode is stale.
     public var modeChanged: Bool
+}
+
+/// What an open gives the caller.
+public struct OpenOutcome: Sendable {
+    /// O_TRUNC cleared setuid/setgid.
+    public var modeChanged: Bool
+    /// The file the kernel may read for this open itself (FUSE passthrough), or nil.
+    public var passthrough: BackingFile?
+    /// The open may write: with `passthrough`, its reads and writes must still come here
+    /// (direct I/O on top), only its mappings map the backing file.
+    public var writes: Bool
 }

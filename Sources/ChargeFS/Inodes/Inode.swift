@@ -25,8 +25,16 @@ final class Inode {
     /// References the kernel holds (lookup replies minus forgets).
     var lookups: UInt64 = 0
 
-    /// Data pages of a regular file.
+    /// Data pages of a regular file: arena pages, or, for a large file with a backing file of
+    /// its own, `PageMap.inBackingFile` marks.
     var pages = PageMap()
+    /// A large file's own backing file (FUSE passthrough reads it); nil while its data is in
+    /// the arena.
+    var backing: BackingFile?
+    /// Opens the kernel reads through `backing` itself (FOPEN_PASSTHROUGH). While there are any,
+    /// the backing file never has a hole below its size: a reader's page fault on a hole would
+    /// allocate a page charged to the reader.
+    var passthroughOpens: UInt32 = 0
     /// What only some kinds of inode have; one field, since an inode is at most one kind.
     enum Payload {
         case none

@@ -43,6 +43,9 @@ public final class Arena {
 
     /// The arena's file, for chargers that instantiate its pages from another process.
     public let fileDescriptor: FileDescriptor
+    /// The root of the private tmpfs the arena lives on (nil for a memfd): large files' own
+    /// backing files are made there, with the same huge=never and noswap.
+    public let tmpfsRoot: FileDescriptor?
     public let backing: Backing
     /// Pages 1...capacityPages can be handed out.
     public let capacityPages: Int
@@ -66,7 +69,7 @@ public final class Arena {
         let kernelPageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
         guard kernelPageSize == Self.pageSize else { throw .pageSize(kernel: kernelPageSize) }
         let capacity = max(2, min(requested, Int(UInt32.max) - 1))
-        let (fd, backing) = try Self.openBackingFile()
+        let (fd, backing, root) = try Self.openBackingFile()
         let bytes = (capacity + 1) * Self.pageSize
         do throws(ArenaError) {
             guard ftruncate(fd, off_t(bytes)) == 0 else { throw ArenaError.system("ftruncate", Errno(rawValue: errno)) }
@@ -77,6 +80,7 @@ public final class Arena {
             }
         } catch {
             close(fd)
+            if let root { close(root) }
             throw error
         }
         // MAP_NORESERVE: the mapping is address space only; memory exists once a page is charged.
@@ -84,6 +88,7 @@ public final class Arena {
         guard let mapped, mapped != MAP_FAILED else {
             let err = Errno(rawValue: errno)
             close(fd)
+            if let root { close(root) }
             throw .system("mmap", err)
         }
         // Users' data stays out of core dumps, and a dump must not fault in (and charge) every
@@ -93,10 +98,12 @@ public final class Arena {
             let err = Errno(rawValue: errno)
             munmap(mapped, bytes)
             close(fd)
+            if let root { close(root) }
             throw .system("madvise(MADV_DONTDUMP)", err)
         }
         _ = cfuse_madvise(mapped, bytes, Int32(CFUSE_MADV_NOHUGEPAGE))  // EINVAL without THP: nothing to keep off
         self.fileDescriptor = FileDescriptor(rawValue: fd)
+        self.tmpfsRoot = root.map { FileDescriptor(rawValue: $0) }
         self.backing = backing
         self.capacityPages = capacity
         self.base = mapped
@@ -106,6 +113,7 @@ public final class Arena {
     deinit {
         munmap(base, mappedBytes)
         close(fileDescriptor.rawValue)
+        if let tmpfsRoot { close(tmpfsRoot.rawValue) }
     }
 
     @inline(__always)
@@ -150,7 +158,7 @@ public final class Arena {
 
     // MARK: - Creation
 
-    private static func openBackingFile() throws(ArenaError) -> (Int32, Backing) {
+    private static func openBackingFile() throws(ArenaError) -> (Int32, Backing, Int32?) {
         switch privateTmpfsFile() {
         case .success(let opened):
             return opened
@@ -158,13 +166,13 @@ public final class Arena {
             // No CAP_SYS_ADMIN (a non-root mounter, a container), or a kernel before 5.2.
             let fd = cfuse_memfd_create("chargefs-arena", UInt32(CFUSE_MFD_CLOEXEC))
             guard fd >= 0 else { throw .system("memfd_create (after \(refused))", Errno(rawValue: errno)) }
-            return (fd, .memfd)
+            return (fd, .memfd, nil)
         }
     }
 
     /// A file on a new tmpfs instance: huge=never, size unlimited (the memcg is the limit), and
     /// noswap where the kernel has it. Fails with what refused it.
-    private static func privateTmpfsFile() -> Result<(Int32, Backing), ArenaError> {
+    private static func privateTmpfsFile() -> Result<(Int32, Backing, Int32?), ArenaError> {
         let fs = cfuse_fsopen("tmpfs", UInt32(CFUSE_FSOPEN_CLOEXEC))
         guard fs >= 0 else { return .failure(.system("fsopen(tmpfs)", Errno(rawValue: errno))) }
         defer { close(fs) }
@@ -183,10 +191,13 @@ public final class Arena {
         }
         let mnt = cfuse_fsmount(fs, UInt32(CFUSE_FSMOUNT_CLOEXEC), UInt32(CFUSE_MOUNT_ATTR_PRIVATE_DATA))
         guard mnt >= 0 else { return .failure(.system("fsmount", Errno(rawValue: errno))) }
-        defer { close(mnt) }
         let fd = cfuse_open_tmpfile(mnt, 0o600)
-        guard fd >= 0 else { return .failure(.system("open(O_TMPFILE)", Errno(rawValue: errno))) }
-        return .success((fd, .privateTmpfs(noswap: noswap)))
+        guard fd >= 0 else {
+            let err = Errno(rawValue: errno)
+            close(mnt)
+            return .failure(.system("open(O_TMPFILE)", err))
+        }
+        return .success((fd, .privateTmpfs(noswap: noswap), mnt))
     }
 
     static let shmemEnabledPath = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"

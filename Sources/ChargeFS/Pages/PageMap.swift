@@ -4,6 +4,9 @@
 /// to 2^62 bytes costs nothing, and a dense file costs 4 bytes per 4 KiB page (0.1%).
 /// Slot value 0 is a hole.
 struct PageMap {
+    /// The slot value of a page held in the file's own backing file (never an arena page: the
+    /// arena has at most UInt32.max - 1 of them).
+    static let inBackingFile = UInt32.max
     static let chunkShift = 9
     static let chunkSlots = 1 << chunkShift
 

@@ -76,6 +76,30 @@ public final class PageStore {
         arena.address(of: page)
     }
 
+    // MARK: - Large files' backing files
+
+    /// Whether large files can have backing files of their own: the arena is on a private tmpfs
+    /// (a memfd arena follows the host's huge-page setting) and the charger can make them.
+    public var canMakeBackingFiles: Bool { arena.tmpfsRoot != nil }
+
+    /// A new, empty backing file on the arena's tmpfs, made by the charger (for a memcg= target,
+    /// inside it). Takes a charger round trip: call it with no lock of the tree held.
+    public func makeBackingFile() throws(Errno) -> BackingFile {
+        guard let root = arena.tmpfsRoot else { throw .notSupported }
+        return BackingFile(try charger.makeFile(in: root))
+    }
+
+    /// Pages of backing files count as in use, as arena pages do (size=, df, the status).
+    public func noteBackingPages(_ delta: Int) { pagesInUse += delta }
+
+    /// A charge of page ranges of a backing file (pages `first..<first+count` of the file), for
+    /// `wanted` of them; `owner` and `shrinks` say which file and which of its shapes it was for.
+    public func pendingCharge(of file: BackingFile, runs: [(first: Int, count: Int)], wanted: Int,
+                              owner: UInt64, shrinks: UInt64) -> PendingCharge {
+        PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
+                      charger: charger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks))
+    }
+
     /// Charged, zero-filled pages ready to hand out.
     public var chargedFreePages: Int { reserve.count }
 
@@ -113,7 +137,7 @@ public final class PageStore {
             picked += n
         }
         guard picked > 0 else { return nil }
-        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger)
+        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger, file: nil)
     }
 
     /// Takes back picked pages: the first `charged` of them (in the order they were picked)
@@ -209,10 +233,31 @@ public struct PendingCharge: Sendable {
         let first: Int
         let count: Int
     }
+    /// Pages of a backing file rather than of the arena.
+    public struct FileTarget: Sendable {
+        public let file: BackingFile
+        /// The inode (raw number) the pages are for, and its backing file's shrink count when
+        /// they were picked: a shrink meanwhile may have freed some of them again.
+        public let owner: UInt64
+        public let shrinks: UInt64
+    }
     let runs: [Run]
     /// What the caller needs of them; near a limit the charge settles for this much.
     let wanted: Int
     let charger: PageCharger
+    public let file: FileTarget?
+
+    /// The runs charged when `charge` reported `charged` pages (in the order they were picked).
+    public func chargedRuns(_ charged: Int) -> [(first: Int, count: Int)] {
+        var left = max(0, charged)
+        var out: [(first: Int, count: Int)] = []
+        for run in runs where left > 0 {
+            let n = min(left, run.count)
+            out.append((run.first, n))
+            left -= n
+        }
+        return out
+    }
 
     var count: Int { runs.reduce(0) { $0 + $1.count } }
 
@@ -227,7 +272,12 @@ public struct PendingCharge: Sendable {
             var n = run.count
             while true {
                 do {
-                    try charger.charge(offset: Int64(run.first * PageStore.pageSize), length: Int64(n * PageStore.pageSize))
+                    let offset = Int64(run.first * PageStore.pageSize), length = Int64(n * PageStore.pageSize)
+                    if let file {
+                        try charger.charge(file: file.file.fileDescriptor, offset: offset, length: length)
+                    } else {
+                        try charger.charge(offset: offset, length: length)
+                    }
                     break
                 } catch where error == .noSpace {
                     if n == 1 { return (charged, nil) }

@@ -1,0 +1,270 @@
+import Glibc
+import SystemPackage
+
+/// Large files with a backing file of their own (FUSE passthrough): when a file gets one, and
+/// its data operations while it has one.
+///
+/// The rules (README, "Passthrough reads"):
+/// - A regular file of at least `passthroughMinBytes`, opened read-only with no other open of it
+///   left (the kernel refuses passthrough for an inode with a cached open, and any other open
+///   could be a cached mapping), whose data has no hole, passes through; then so does every
+///   open of it until the last such one closes. It gets a backing file once: it is made and
+///   charged outside the lock (the target may be frozen), then the arena pages are copied in and
+///   freed. Without room for the copy, or with no backing file to be had, the open is an
+///   ordinary one: degrade, never fail.
+/// - While passthrough opens exist, no hole appears below the file's size: a write past the end
+///   charges the gap too, a truncate up charges the new pages, a punch zeroes instead of freeing.
+///   A hole would let a reader's page fault allocate a page charged to the reader. A mapping
+///   kept after its open closed (mmap, then close) maps the backing file still: a punch after
+///   the last passthrough open closed frees pages, and that mapping's fault on the hole is
+///   charged to the mapper, as on tmpfs (and as every fault of a cached FUSE mapping is).
+/// - Writes always come through here: every page of a backing file is charged (to the target)
+///   before a byte lands in it.
+extension FileSystemCore {
+    /// What an open can do about passthrough.
+    enum PassthroughStep {
+        case none
+        /// The file qualifies but has no backing file yet: make one of `pages` pages.
+        case needsBacking(pages: Int)
+        /// Counted as a passthrough open of this backing file.
+        case granted(BackingFile)
+    }
+
+    private static func pages(for size: Int64) -> Int { Int((size + Int64(pageSize) - 1) / Int64(pageSize)) }
+
+    /// Whether every page below the size exists, and none past it (a KEEP_SIZE allocation there
+    /// would be copied nowhere).
+    private func isDense(_ inode: Inode) -> Bool {
+        let n = Self.pages(for: inode.size)
+        return inode.pages.count == n && (n == 0 || inode.pages.nextHole(from: 0) >= n)
+    }
+
+    /// Whether this open (already counted in `openCount`) goes through the backing file. Once
+    /// an inode has passthrough opens the kernel takes no other kind (EINVAL, which the caller
+    /// would see as EIO): every open of it passes through then, a writer's with direct I/O on
+    /// top, which sends its reads and writes to the daemon still (FOPEN_DIRECT_IO overrides
+    /// FOPEN_PASSTHROUGH for read and write; its mappings map the backing file, hole-free).
+    func passthroughStep(_ ino: InodeNumber, flags: OpenFlags, enabled: Bool) -> PassthroughStep {
+        guard let inode = inodes[ino], inode.isRegular else { return .none }
+        if inode.passthroughOpens > 0, let backing = inode.backing {
+            inode.passthroughOpens += 1
+            return .granted(backing)
+        }
+        guard enabled, let min = config.passthroughMinBytes, !flags.mayWrite, !flags.truncates,
+              inode.size >= min, inode.openCount == 1, isDense(inode) else { return .none }
+        if let backing = inode.backing {
+            inode.passthroughOpens += 1
+            return .granted(backing)
+        }
+        guard store.canMakeBackingFiles else { return .none }
+        return .needsBacking(pages: Self.pages(for: inode.size))
+    }
+
+    /// Moves the file's data into `file` (made and charged for `chargedPages` pages) and counts
+    /// this open as a passthrough one; `.none` when the file changed meanwhile so that it no
+    /// longer qualifies (the caller drops `file`, which gives its charge back).
+    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, chargedPages: Int) -> PassthroughStep {
+        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
+              inode.openCount == 1, inode.passthroughOpens == 0, isDense(inode),
+              Self.pages(for: inode.size) <= chargedPages else { return .none }
+        let n = Self.pages(for: inode.size)
+        // Copy in runs of consecutive arena pages: one pwrite each.
+        var index = 0
+        while index < n {
+            let first = inode.pages.page(at: index)
+            var run = 1
+            while index + run < n, inode.pages.page(at: index + run) == first &+ UInt32(run) { run += 1 }
+            do throws(Errno) {
+                try file.write(store.address(of: first), length: run * Self.pageSize, at: Int64(index) * Int64(Self.pageSize))
+            } catch {
+                return .none
+            }
+            index += run
+        }
+        do throws(Errno) { try file.setSize(inode.size) } catch { return .none }
+        var freed: [UInt32] = []
+        freed.reserveCapacity(n)
+        inode.pages.remove(from: 0, to: n, into: &freed)
+        store.free(freed)
+        for i in 0..<n { inode.pages.set(PageMap.inBackingFile, at: i) }
+        store.noteBackingPages(n)
+        inode.backing = file
+        backingFiles += 1
+        inode.passthroughOpens += 1
+        return .granted(file)
+    }
+
+    /// A passthrough open closed, or the kernel refused to serve one (it is an ordinary open then).
+    func passthroughEnded(_ ino: InodeNumber) {
+        guard let inode = inodes[ino], inode.passthroughOpens > 0 else { return }
+        inode.passthroughOpens -= 1
+    }
+
+    /// Frees a backing file with all its pages (the file's last close after its unlink).
+    func dropBacking(of inode: Inode) {
+        let held = inode.pages.count
+        var marks: [UInt32] = []
+        inode.pages.remove(from: 0, to: Int.max >> 1, into: &marks)
+        store.noteBackingPages(-held)
+        inode.backing?.shrinks += 1
+        inode.backing = nil  // closed: its pages go now, or with the last mapping of it
+        backingFiles -= 1
+    }
+
+    // MARK: - Data
+
+    /// One buffer filled by pread: holes read as zeros without a page being allocated.
+    func readBacked(_ backing: BackingFile, from offset: Int64, count: Int,
+                    _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 16)
+        defer { buffer.deallocate() }
+        let n = try backing.read(into: buffer, length: count, at: offset)
+        var vector = iovec(iov_base: buffer, iov_len: n)
+        withUnsafePointer(to: &vector) { body(UnsafeBufferPointer(start: $0, count: n > 0 ? 1 : 0)) }
+    }
+
+    /// Page indexes in [from, last] that are holes, as runs; ENOSPC when more of them than
+    /// `limit` (checked before walking: a truncate up may span 2^40 pages).
+    private func holeRuns(_ inode: Inode, from: Int, through last: Int, limit: Int) throws(Errno) -> [(first: Int, count: Int)] {
+        var runs: [(first: Int, count: Int)] = []
+        guard from <= last else { return runs }
+        if (last - from + 1) - inode.pages.count > limit { throw .noSpace }
+        var index = inode.pages.nextHole(from: from)
+        while index <= last {
+            if let tail = runs.last, tail.first + tail.count == index {
+                runs[runs.count - 1].count += 1
+            } else {
+                runs.append((index, 1))
+            }
+            index = inode.pages.nextHole(from: index + 1)
+        }
+        return runs
+    }
+
+    /// Pages size= still allows.
+    private var pagesAllowed: Int { maxPages.map { max(0, $0 - store.pagesInUse) } ?? Self.physicalPages }
+
+    /// The leading `count` pages of `runs`.
+    private func leading(_ runs: [(first: Int, count: Int)], _ count: Int) -> [(first: Int, count: Int)] {
+        var left = count
+        var out: [(first: Int, count: Int)] = []
+        for run in runs where left > 0 {
+            out.append((run.first, min(run.count, left)))
+            left -= min(run.count, left)
+        }
+        return out
+    }
+
+    private func charge(_ inode: Inode, _ backing: BackingFile, _ runs: [(first: Int, count: Int)]) -> PendingCharge? {
+        let missing = runs.reduce(0) { $0 + $1.count }
+        guard missing > 0 else { return nil }
+        return store.pendingCharge(of: backing, runs: runs, wanted: missing, owner: inode.ino.rawValue, shrinks: backing.shrinks)
+    }
+
+    /// A write into a file with a backing file: its missing pages (and, with passthrough opens,
+    /// the gap between the old end and the write) are charged first; then one pwrite. Near a
+    /// limit the leading part that has pages is written, as in the arena.
+    func storeBacked(_ source: UnsafeRawPointer, count: Int, in inode: Inode, _ backing: BackingFile, at offset: Int64,
+                     wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<Int> {
+        let pageSize = Int64(Self.pageSize)
+        let end = offset + Int64(count)
+        let firstIndex = Int(offset / pageSize)
+        let lastIndex = Int((end - 1) / pageSize)
+        let gapFrom = inode.passthroughOpens > 0 && offset > inode.size ? Int(inode.size / pageSize) : firstIndex
+        let holes = try holeRuns(inode, from: gapFrom, through: lastIndex, limit: Int.max)
+        let missing = holes.reduce(0) { $0 + $1.count }
+        if wholeOrNothing && missing > pagesAllowed { throw .noSpace }
+        if supply == .askForMore, let pending = charge(inode, backing, leading(holes, pagesAllowed)) { return .charge(pending) }
+        // What is still a hole now was refused: write up to the first one (none at all when the
+        // gap that must be filled first is one).
+        let firstHole = inode.pages.nextHole(from: gapFrom)
+        if firstHole <= lastIndex && (wholeOrNothing || firstHole < firstIndex) { throw .noSpace }
+        let writable = firstHole > lastIndex ? count : Int(Int64(firstHole) * pageSize - offset)
+        if writable <= 0 { throw .noSpace }
+        try backing.write(source, length: writable, at: offset)
+        let stored = offset + Int64(writable)
+        if stored > inode.size { inode.size = stored }
+        let now = timespec.now
+        inode.mtime = now
+        inode.ctime = now
+        return .done(writable)
+    }
+
+    /// Takes the pages of a charge back under the lock: they are the file's now, unless the file
+    /// freed pages meanwhile (then which of them exist is unknown: those not in the map go).
+    func settle(_ pending: PendingCharge, charged: Int) {
+        guard let target = pending.file else { return store.settle(pending, charged: charged) }
+        let runs = pending.chargedRuns(charged)
+        guard let inode = inodes[InodeNumber(target.owner)], inode.backing === target.file else { return }
+        let unchanged = target.file.shrinks == target.shrinks
+        var added = 0
+        for run in runs {
+            for index in run.first..<(run.first + run.count) where inode.pages.page(at: index) == 0 {
+                if unchanged {
+                    inode.pages.set(PageMap.inBackingFile, at: index)
+                    added += 1
+                } else {
+                    target.file.punch(offset: Int64(index) * Int64(Self.pageSize), length: Int64(Self.pageSize))
+                }
+            }
+        }
+        store.noteBackingPages(added)
+    }
+
+    /// The backing file follows the size. Shrinking frees its pages past the end (and zeroes the
+    /// rest of the last page, as tmpfs does); growing with passthrough opens charges the new pages.
+    func truncateBacked(_ inode: Inode, _ backing: BackingFile, to size: Int64) throws(Errno) {
+        let pageSize = Int64(Self.pageSize)
+        if size > inode.size, inode.passthroughOpens > 0 {
+            let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pages(for: size) - 1, limit: pagesAllowed)
+            // Charged here, under the lock: only a truncate up of a file being read through
+            // passthrough waits for the target.
+            if let pending = charge(inode, backing, holes) {
+                let (charged, failure) = pending.charge()
+                settle(pending, charged: charged)
+                if let failure { throw failure }
+                if charged < pending.wanted { throw .noSpace }
+            }
+        }
+        try backing.setSize(size)
+        if size < inode.size {
+            var marks: [UInt32] = []
+            inode.pages.remove(from: Self.pages(for: size), to: Int.max >> 1, into: &marks)
+            store.noteBackingPages(-marks.count)
+            backing.shrinks += 1
+        }
+        inode.size = size
+    }
+
+    /// Whole pages inside the range are freed, unless passthrough opens exist: then zeroed.
+    func punchBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64) throws(Errno) {
+        let pageSize = Int64(Self.pageSize)
+        let firstFull = Int((offset + pageSize - 1) / pageSize)
+        let lastFull = Int(end / pageSize)  // exclusive
+        guard inode.passthroughOpens == 0, firstFull < lastFull else {
+            zero(inode, from: offset, to: end)
+            return
+        }
+        zero(inode, from: offset, to: Int64(firstFull) * pageSize)
+        var marks: [UInt32] = []
+        inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
+        if !marks.isEmpty {
+            backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize)
+            store.noteBackingPages(-marks.count)
+            backing.shrinks += 1
+        }
+        zero(inode, from: Int64(lastFull) * pageSize, to: end)
+    }
+
+    /// fallocate's allocation: every hole in the range, all or nothing.
+    func allocateBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64,
+                        supply: PageSupply) throws(Errno) -> PendingCharge? {
+        let pageSize = Int64(Self.pageSize)
+        let firstIndex = Int(offset / pageSize), lastIndex = Int((end - 1) / pageSize)
+        let holes = try holeRuns(inode, from: firstIndex, through: lastIndex, limit: pagesAllowed)
+        if holes.reduce(0, { $0 + $1.count }) > pagesAllowed { throw .noSpace }
+        if supply == .askForMore, let pending = charge(inode, backing, holes) { return pending }
+        if inode.pages.nextHole(from: firstIndex) <= lastIndex { throw .noSpace }
+        return nil
+    }
+}

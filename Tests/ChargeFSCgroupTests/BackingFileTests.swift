@@ -1,0 +1,162 @@
+// Large files' backing files (FUSE passthrough), in-process: when a file gets one, that its data
+// moves whole, and that no hole appears under a passthrough open. Root only (the arena and the
+// backing files live on a private tmpfs, which needs CAP_SYS_ADMIN); the kernel side (a reader's
+// cgroup charged nothing, reads that bypass the daemon) is scripts/tests/passthrough.sh.
+
+import Glibc
+import SystemPackage
+import XCTest
+@testable import ChargeFS
+
+final class BackingFileTests: XCTestCase {
+    let me = Caller(uid: 0, gid: 0)
+    let root = InodeNumber.root
+    let page = PageStore.pageSize
+    let readOnly = OpenFlags(rawValue: O_RDONLY)
+
+    override func setUpWithError() throws {
+        try XCTSkipUnless(geteuid() == 0, "needs root: backing files live on the arena's private tmpfs (CAP_SYS_ADMIN)")
+    }
+
+    func makeFS(passthrough: Bool = true) throws -> FileSystem {
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        config.caching = .direct
+        let fs = FileSystem(config: config, store: try PageStore { DaemonCharger(arena: $0) })
+        fs.resolveCaching(.direct)
+        fs.noteKernelPassthrough(passthrough)
+        return fs
+    }
+
+    func create(_ fs: FileSystem, _ name: String, bytes: [UInt8]) throws -> InodeNumber {
+        let ino = try fs.create(parent: root, name: Array(name.utf8), mode: 0o100644, caller: me).ino
+        if !bytes.isEmpty {
+            let n = try bytes.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
+            XCTAssertEqual(n, bytes.count)
+        }
+        fs.release(ino)
+        return ino
+    }
+
+    func contents(_ fs: FileSystem, _ ino: InodeNumber) throws -> [UInt8] {
+        let size = Int(try fs.getattr(ino).size)
+        var out: [UInt8] = []
+        try fs.read(ino, offset: 0, count: size, noatime: true) { vectors in
+            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
+        }
+        return out
+    }
+
+    /// What the kernel would read through passthrough: the backing file itself.
+    func backingContents(_ file: BackingFile) -> [UInt8] {
+        var st = stat()
+        guard fstat(file.fileDescriptor.rawValue, &st) == 0 else { return [] }
+        var out = [UInt8](repeating: 0, count: Int(st.st_size))
+        let n = out.withUnsafeMutableBytes { pread(file.fileDescriptor.rawValue, $0.baseAddress, $0.count, 0) }
+        return Array(out.prefix(max(0, n)))
+    }
+
+    /// Allocated bytes of the backing file, from the kernel (st_blocks).
+    func allocated(_ file: BackingFile) -> Int {
+        var st = stat()
+        return fstat(file.fileDescriptor.rawValue, &st) == 0 ? Int(st.st_blocks) * 512 : -1
+    }
+
+    func random(_ count: Int) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var state = UInt64.random(in: 1...UInt64.max)
+        bytes.withUnsafeMutableBytes { raw in
+            // xorshift: random enough to tell pages apart, fast in a debug build
+            for i in stride(from: 0, to: raw.count - 7, by: 8) {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17
+                raw.storeBytes(of: state, toByteOffset: i, as: UInt64.self)
+            }
+        }
+        return bytes
+    }
+
+    func testLargeReadOnlyOpenMovesTheDataIntoABackingFile() throws {
+        let fs = try makeFS()
+        let data = random(3 << 20 | 123)
+        let ino = try create(fs, "big", bytes: data)
+        let before = fs.storedBytes()
+        let outcome = try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false)
+        let file = try XCTUnwrap(outcome.passthrough, "a 3 MiB file opened read-only passes through")
+        XCTAssertEqual(backingContents(file), data, "the backing file holds the data at the file's offsets")
+        XCTAssertEqual(try contents(fs, ino), data, "the daemon's own reads see the same")
+        XCTAssertEqual(fs.storedBytes().used, before.used, "stored bytes unchanged by the move")
+        XCTAssertEqual(try fs.getattr(ino).blocks * 512, Int64((data.count + page - 1) / page * page))
+        // A second read-only open shares the backing file.
+        let second = try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false)
+        XCTAssertTrue(second.passthrough === file)
+        fs.release(ino, passthrough: true)
+        fs.release(ino, passthrough: true)
+        // Writes after the move land in the backing file.
+        let patch = random(10_000)
+        _ = try patch.withUnsafeBytes { try fs.write(ino, offset: 1 << 20, data: $0, caller: me, clearSetIDAsked: false) }
+        var expected = data
+        expected.replaceSubrange((1 << 20)..<((1 << 20) + patch.count), with: patch)
+        XCTAssertEqual(backingContents(file), expected)
+        XCTAssertEqual(try contents(fs, ino), expected)
+        // Unlinked and closed: every byte goes.
+        try fs.unlink(parent: root, name: Array("big".utf8))
+        XCTAssertEqual(fs.storedBytes().used, 0)
+    }
+
+    func testWhatDoesNotPassThrough() throws {
+        let fs = try makeFS()
+        let small = try create(fs, "small", bytes: random(100_000))
+        XCTAssertNil(try fs.open(small, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "below 1 MiB")
+        let big = try create(fs, "big", bytes: random(2 << 20))
+        XCTAssertNil(try fs.open(big, flags: .readWrite, caller: me, clearSetIDAsked: false).passthrough, "a writer")
+        XCTAssertNil(try fs.open(big, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
+                     "a reader while another open (possibly a cached mapping) exists")
+        fs.release(big)
+        fs.release(big)
+        let sparse = try create(fs, "sparse", bytes: [])
+        _ = try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try fs.write(sparse, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
+        XCTAssertNil(try fs.open(sparse, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "a file with holes")
+        fs.release(sparse)
+        let off = try makeFS(passthrough: false)
+        let other = try create(off, "big", bytes: random(2 << 20))
+        XCTAssertNil(try off.open(other, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "the kernel did not take passthrough")
+    }
+
+    /// Under a passthrough open no change may leave a hole below the size: a reader's page fault
+    /// there would allocate a page charged to the reader.
+    func testNoHoleAppearsWhilePassthroughOpensExist() throws {
+        let fs = try makeFS()
+        let size = 2 << 20
+        let ino = try create(fs, "big", bytes: random(size))
+        let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
+        func dense(_ what: String) throws {
+            let st = try fs.getattr(ino)
+            let pages = (Int(st.size) + page - 1) / page
+            XCTAssertGreaterThanOrEqual(allocated(file), pages * page, "\(what): every page below the size exists in the backing file")
+            XCTAssertEqual(Int(st.blocks) * 512, allocated(file), "\(what): st_blocks is the backing file's")
+        }
+        var changes = AttributeChanges()
+        changes.size = Int64(size + (1 << 20) + 100)
+        _ = try fs.setattr(ino, changes, caller: me, clearSetIDAsked: false)
+        try dense("truncate up")
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 4096, length: 64 * 4096)
+        try dense("punch")
+        XCTAssertEqual(Array(backingContents(file)[4096..<(65 * 4096)]), [UInt8](repeating: 0, count: 64 * 4096), "punched range reads zeros")
+        let tail = random(5000)
+        let end = Int(try fs.getattr(ino).size)
+        _ = try tail.withUnsafeBytes { try fs.write(ino, offset: Int64(end + (3 << 20)), data: $0, caller: me, clearSetIDAsked: false) }
+        try dense("write past the end")
+        XCTAssertEqual(Array(backingContents(file).suffix(tail.count)), tail)
+
+        // Once the last passthrough open is gone, a punch frees pages again.
+        fs.release(ino, passthrough: true)
+        let before = allocated(file)
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 0, length: 1 << 20)
+        XCTAssertEqual(allocated(file), before - (1 << 20), "punch frees with no passthrough open")
+        XCTAssertEqual(Int(try fs.getattr(ino).blocks) * 512, allocated(file))
+        changes.size = 4096
+        _ = try fs.setattr(ino, changes, caller: me, clearSetIDAsked: false)
+        XCTAssertLessThanOrEqual(allocated(file), 4096, "truncate down frees the backing file's pages")
+        XCTAssertEqual(fs.storedBytes().used, Int64(allocated(file)))
+    }
+}

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# FUSE passthrough for large files (Linux 6.9+, root) on real mounts charged to a real memory
+# cgroup: a file of 1 MiB or more opened read-only, with nothing else holding it open and no hole
+# in it, is read by the kernel from a backing file of its own, charged to the target like every
+# page. Each test mounts with memcg= and reads from a cgroup of its own (the "reader"):
+#   reads_bypass_daemon   64 MiB read 4 times: the data, a backing file in the status, and the
+#                         daemon's CPU time for those reads against a passthrough=off mount
+#   reader_charged_nothing reads and maps (shared, private) of a passthrough open: the reader's
+#                         cgroup holds no shmem; the target is charged what is stored (±1 MiB)
+#   writers_beside_readers a read-only (passthrough) and a read-write open of one file: overwrite,
+#                         write past the end, truncate up, punch, truncate down through the writer,
+#                         each seen at once through the reader (pread, shared and private maps);
+#                         the reader's cgroup holds no shmem after mapping what truncate-up added
+#   writer_mmap           a writer opened beside a passthrough reader passes through too (the kernel
+#                         takes no other kind of open then), with direct I/O for its read and write:
+#                         a store through its shared mapping, its write(2) and the reader agree
+#   descriptors_run_short the daemon at RLIMIT_NOFILE 64 and 80 large files: backing files stop
+#                         when descriptors do, every file still reads back right through the daemon
+#   not_offered           passthrough=off, and cache=page (where a passthrough open and a cached
+#                         one would exclude each other): no backing file, reads right
+# Usage: scripts/tests/passthrough.sh [TEST...] | --list      Env: CHARGEFSD, CFS_TEST_TIMEOUT (90)
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+TESTS=(reads_bypass_daemon reader_charged_nothing writers_beside_readers writer_mmap descriptors_run_short not_offered)
+PY=$(dirname "$SELF")/passthrough.py
+
+status_of() { getfattr -n user.chargefs.status --only-values "$1" 2>/dev/null | sed -n "s/^$2=//p"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# setup NAME [OPTS]: a target (512 MiB), a reader cgroup, a mount; sets SCR MNT T R DPID.
+setup() {
+  SCR=$(cfs_tempdir cfspt); CFS_DIRS+=("$SCR"); CFS_LOGDIR=$SCR
+  local parent; parent=$(cg_parent)
+  T=$parent/cfspt-$$-target; R=$parent/cfspt-$$-reader
+  cg_create "$T" $((512 * MiB)); cg_create "$R"
+  MNT=$SCR/mnt
+  cfs_mount "$MNT" "memcg=$T,size=1g${1:+,$1}"
+  DPID=$CFS_PID
+}
+in_reader() { cg_run_in "$R" "$@"; }
+
+t_reads_bypass_daemon() {
+  setup
+  check "passthrough on (kernel $(uname -r))" [ "$(status_of "$MNT" passthrough)" = on ]
+  head -c $((64 * MiB)) /dev/urandom > "$SCR/src"
+  cp "$SCR/src" "$MNT/big"
+  in_reader cmp "$SCR/src" "$MNT/big"  # the first open moves the file into its backing file
+  check "one backing file" [ "$(status_of "$MNT" backing_files)" = 1 ]
+  local t0 t1 i; t0=$(cpu_ticks "$DPID")
+  for i in 1 2 3 4; do in_reader cat "$MNT/big" > /dev/null; done
+  t1=$(cpu_ticks "$DPID")
+  check "the data reads back" in_reader cmp "$SCR/src" "$MNT/big"
+  # The same reads from a mount without passthrough, for the daemon's CPU time.
+  local off=$SCR/off; cfs_mount "$off" "size=1g,passthrough=off"; local opid=$CFS_PID
+  cp "$SCR/src" "$off/big"; cat "$off/big" > /dev/null
+  local o0 o1; o0=$(cpu_ticks "$opid")
+  for i in 1 2 3 4; do cat "$off/big" > /dev/null; done
+  o1=$(cpu_ticks "$opid")
+  log "  daemon CPU for 256 MiB read: $((t1 - t0)) ticks with passthrough, $((o1 - o0)) without"
+  check "the daemon's CPU for the reads is under a fifth of what it is without passthrough" \
+    [ $(((t1 - t0) * 5)) -lt $((o1 - o0)) ]
+  check "clean unmounts" cfs_umount "$off" "$opid"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_reader_charged_nothing() {
+  setup
+  head -c $((48 * MiB)) /dev/urandom > "$SCR/src"
+  cp "$SCR/src" "$MNT/big"
+  local base; base=$(cg_usage "$T")
+  check "read through passthrough" in_reader cmp "$SCR/src" "$MNT/big"
+  check "maps read back (shared, private)" in_reader "$CFS_PYTHON" "$PY" map "$MNT/big"
+  check "it passed through" [ "$(status_of "$MNT" backing_files)" = 1 ]
+  local rs; rs=$(cg_shmem "$R")
+  log "  reader: usage $(cg_usage "$R") shmem $rs; target: usage $(cg_usage "$T") (before the reads $base) shmem $(cg_shmem "$T")"
+  check "the reader's cgroup holds no shmem" [ "$rs" = 0 ]
+  check "the target is charged what is stored (48 MiB, ±1 MiB)" near "$(cg_shmem "$T")" $((48 * MiB)) "$MiB"
+  rm "$MNT/big"
+  check "unlink gives the charge back (to the reserve, ≤ 1 MiB)" \
+    bash -c "for i in \$(seq 50); do [ \$(awk '\$1 == \"total_shmem\" || \$1 == \"shmem\" {print \$2; exit}' '$T/memory.stat') -le $MiB ] && exit 0; sleep 0.1; done; exit 1"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_writers_beside_readers() {
+  setup
+  head -c $((2 * MiB)) /dev/urandom > "$MNT/f"
+  check "reader and writer agree through every change" in_reader "$CFS_PYTHON" "$PY" rw "$MNT/f"
+  check "the reader's open passed through" [ "$(status_of "$MNT" backing_files)" = 1 ]
+  local rs; rs=$(cg_shmem "$R")
+  log "  reader: usage $(cg_usage "$R") shmem $rs"
+  check "the reader's cgroup holds no shmem (its maps never met a hole)" [ "$rs" = 0 ]
+  local size; size=$(stat -c %s "$MNT/f")
+  check "the target is charged what is stored (±1 MiB)" near "$(cg_shmem "$T")" "$(($(stat -c %b "$MNT/f") * 512))" "$MiB"
+  log "  file size $size, stored $(status_of "$MNT" stored_bytes)"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_writer_mmap() {
+  setup
+  head -c $((2 * MiB)) /dev/urandom > "$MNT/f"
+  check "a writer beside a passthrough reader: mapping, write(2) and reader agree" \
+    in_reader "$CFS_PYTHON" "$PY" writer_mmap "$MNT/f"
+  check "the reader's cgroup holds no shmem" [ "$(cg_shmem "$R")" = 0 ]
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_descriptors_run_short() {
+  SCR=$(cfs_tempdir cfspt); CFS_DIRS+=("$SCR"); CFS_LOGDIR=$SCR
+  local parent; parent=$(cg_parent); T=$parent/cfspt-$$-target; cg_create "$T" $((512 * MiB))
+  MNT=$SCR/mnt
+  CFS_WRAP="prlimit --nofile=64:64" cfs_mount "$MNT" "memcg=$T,size=1g"; DPID=$CFS_PID
+  head -c $((1 * MiB + 4096)) /dev/urandom > "$SCR/src"
+  local i bad=0
+  for i in $(seq 80); do cp "$SCR/src" "$MNT/f$i"; done
+  for i in $(seq 80); do cmp -s "$SCR/src" "$MNT/f$i" || bad=$((bad + 1)); done
+  local n; n=$(status_of "$MNT" backing_files)
+  log "  backing files: $n of 80 files (daemon at RLIMIT_NOFILE 64)"
+  check "every file reads back" [ "$bad" = 0 ]
+  check "backing files stopped short of 80" [ "$n" -lt 80 ]
+  check "and some were made" [ "$n" -gt 0 ]
+  check "again, now that they are settled" bash -c "for i in \$(seq 80); do cmp -s '$SCR/src' '$MNT/f'\$i || exit 1; done"
+  check "the daemon is alive" kill -0 "$DPID"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_not_offered() {
+  setup passthrough=off
+  head -c $((4 * MiB)) /dev/urandom > "$SCR/src"
+  cp "$SCR/src" "$MNT/big"
+  check "passthrough=off: reads right" in_reader cmp "$SCR/src" "$MNT/big"
+  check "passthrough=off: status says off" [ "$(status_of "$MNT" passthrough)" = off ]
+  check "passthrough=off: no backing file" [ "$(status_of "$MNT" backing_files)" = 0 ]
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+  local page=$SCR/page; cfs_mount "$page" "size=1g,cache=page"; local ppid=$CFS_PID
+  cp "$SCR/src" "$page/big"
+  check "cache=page: reads right" cmp "$SCR/src" "$page/big"
+  check "cache=page: status says off" [ "$(status_of "$page" passthrough)" = off ]
+  check "cache=page: no backing file" [ "$(status_of "$page" backing_files)" = 0 ]
+  check "clean unmount" cfs_umount "$page" "$ppid"
+}
+
+if [ "${1:-}" != --one ] && [ "${1:-}" != --list ]; then
+  major=$(uname -r | cut -d. -f1); minor=$(uname -r | cut -d. -f2)
+  if [ "$major" -lt 6 ] || { [ "$major" = 6 ] && [ "$minor" -lt 9 ]; }; then
+    echo "cannot run: FUSE passthrough needs Linux 6.9+, this is $(uname -r)"; echo "0 passed, 1 failed"; exit 1
+  fi
+fi
+test_main "passthrough tests" 90 "$@"
