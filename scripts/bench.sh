@@ -83,7 +83,8 @@ PARENT=$(cg_parent)
 CGW=$PARENT/cfsbench-$$-workload   # fio and metabench run here
 CGD=$PARENT/cfsbench-$$-daemon     # both daemons run here (one at a time is measured)
 CGT=$PARENT/cfsbench-$$-target     # memcg= target
-cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSIZE")"
+CGR=$PARENT/cfsbench-$$-reader     # the memory probe reads back from here
+cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSIZE")"; cg_create "$CGR"
 
 FS=(tmpfs cfs cfsm cfsp)
 [ -z "$baseline" ] || FS+=(base)
@@ -153,13 +154,17 @@ run() { cg_run_in "$CGW" taskset -c "$CCPU" "$@"; }
 fio_val() {
   local dir=$1 metric=$2; shift 2
   run fio --directory="$dir" --ioengine=psync --iodepth=1 --fallocate=none --output-format=json "$@" > "$W/fio.json"
-  "$CFS_PYTHON" - "$W/fio.json" "$metric" <<'EOF'
+  "$CFS_PYTHON" - "$W/fio.json" "$metric" "$W/fio.readbytes" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 io = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+open(sys.argv[3], "w").write("%d\n" % j["read"]["io_bytes"])
 print("%.1f" % (io["bw_bytes"] / 1048576.0 if sys.argv[2] == "bw" else io["iops"]))
 EOF
 }
+# A daemon's user+system CPU time, in clock ticks.
+cpu_ticks() { if [ -n "${1:-}" ]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
+TICK=$(getconf CLK_TCK)
 # the daemon's own resident memory: RssAnon + RssFile (RssShmem, the mapped arena, is the data)
 rss_kib() { awk '$1 == "RssAnon:" || $1 == "RssFile:" {s += $2} END {print s}' "/proc/$1/status"; }
 mb_val() { run "$MB" "$1" "$2" "$3" | awk '{print $4}'; }
@@ -181,18 +186,24 @@ m = mmap.mmap(-1, n)
 for i in range(0, n, 4096): m[i] = 1' "$PREFAULT_MIB"
 }
 
-# One workload on one filesystem; appends to R.
+# One workload on one filesystem; appends to R (and, for reads, the daemon's CPU time to CPUR
+# and the bytes read to BYTESR).
+declare -A CPUR BYTESR
 do_wl() {
-  local w=$1 f=$2 m=${MNT[$2]} v
+  local w=$1 f=$2 m=${MNT[$2]} v c0
   prefault
+  c0=$(cpu_ticks "${PID[$f]:-}")
   case "$w" in
     seqwrite) v=$(fio_val "$m" bw --name=seq --rw=write --bs=1M --size="$SEQ" --end_fsync=1) ;;
     seqread)  v=$(fio_val "$m" bw --name=seq --rw=read --bs=1M --size="$SEQ"); rm -f "$m"/seq.* ;;
     randwrite) v=$(fio_val "$m" iops --name=rnd --rw=randwrite --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
-    randread) v=$(fio_val "$m" iops --name=rnd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
+    # Random reads of a file fio lays out whole first (randwrite's leaves holes where it did not
+    # write, and a file with holes is never read through passthrough).
+    randread) rm -f "$m"/rnd.*
+              v=$(fio_val "$m" iops --name=rrd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
     # The same file read again without dropping the cache: hot data, where a page cache wins.
-    reread) v=$(fio_val "$m" iops --name=rnd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME" --invalidate=0)
-            rm -f "$m"/rnd.* ;;
+    reread) v=$(fio_val "$m" iops --name=rrd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME" --invalidate=0)
+            rm -f "$m"/rrd.* ;;
     create|stat|unlink)
       [ "$w" != create ] || { rm -rf "$m/meta"; mkdir "$m/meta"; }
       v=$(mb_val "$w" "$m/meta" "$NMETA")
@@ -205,6 +216,11 @@ do_wl() {
           rm -f "$m"/par.* ;;
   esac
   add "$w" "$f" "$v"
+  case "$w" in
+    seqread|randread|reread)
+      CPUR["$w|$f"]=$(( ${CPUR["$w|$f"]:-0} + $(cpu_ticks "${PID[$f]:-}") - c0 ))
+      BYTESR["$w|$f"]=$(( ${BYTESR["$w|$f"]:-0} + $(cat "$W/fio.readbytes") )) ;;
+  esac
 }
 
 wl seqwrite MiB/s; wl seqread MiB/s; wl randwrite IOPS; wl randread IOPS; wl reread IOPS
@@ -312,6 +328,11 @@ mem_probe() {  # fills $SEQ_B bytes then $NDIR empty files on fs $1; records whe
   MEM["$f|w"]=$(mib_per_gib "$(cg_usage "$CGW")" "$w0" "$gib")
   MEM["$f|d"]=$(mib_per_gib "$(cg_usage "$CGD")" "$d0" "$gib")
   MEM["$f|t"]=$(mib_per_gib "$(cg_usage "$CGT")" "$t0" "$gib")
+  # Read it all back from a cgroup of its own (with passthrough: the kernel reads the backing file).
+  local rd0 t1; rd0=$(cg_usage "$CGR"); t1=$(cg_usage "$CGT")
+  cg_run_in "$CGR" taskset -c "$CCPU" cat "$m"/mem.* > /dev/null
+  MEM["$f|r"]=$(mib_per_gib "$(cg_usage "$CGR")" "$rd0" "$gib")
+  MEM["$f|tr"]=$(mib_per_gib "$(cg_usage "$CGT")" "$t1" "$gib")
   if [ -n "$pid" ]; then
     r1=$(rss_kib "$pid")
     MEM["$f|rssgib"]=$(awk -v a="$r1" -v b="$r0" -v g="$gib" 'BEGIN {printf "%.1f", (a - b) / g / 1024}')
@@ -358,6 +379,18 @@ echo "  inodes, locks, permissions, xattrs or charging, direct I/O like chargefs
 echo "  the FUSE round trip alone."
 echo "** pass: floorfs --passthrough, whose read-only opens the kernel serves from the memfd itself"
 echo "  (FUSE passthrough); writes as floor: reads without a round trip to any daemon."
+echo
+echo "Daemon CPU per GiB read (user+system, from /proc/PID/stat, all repetitions; passthrough reads need none):"
+printf '| %-10s | %14s | %14s | %14s | %14s |\n' workload chargefs "chargefs+memcg" "cache=page" "io_uring"
+printf '|%s|%s|%s|%s|%s|\n' ------------ ---------------- ---------------- ---------------- ----------------
+cpu_per_gib() {
+  local b=${BYTESR["$1|$2"]:-0} t=${CPUR["$1|$2"]:-}
+  if [ -z "$t" ] || [ "$b" = 0 ]; then echo -; else awk -v t="$t" -v b="$b" -v hz="$TICK" 'BEGIN {printf "%.3f s", t / hz / (b / 1073741824)}'; fi
+}
+for w in seqread randread reread; do
+  [ -n "${BYTESR["$w|cfs"]:-}" ] || continue
+  printf '| %-10s | %14s | %14s | %14s | %14s |\n' "$w" "$(cpu_per_gib "$w" cfs)" "$(cpu_per_gib "$w" cfsm)" "$(cpu_per_gib "$w" cfsp)" "$(cpu_per_gib "$w" cfsu)"
+done
 if [ -n "$URING_OLD" ]; then
   echo
   echo "FUSE over io_uring (chargefs -o io_uring=on: per-CPU queues; the default mount serves over /dev/fuse"
@@ -395,15 +428,16 @@ fi
 if [ -z "$only" ]; then
   echo
   echo "Memory, after writing $SEQ and $NDIR empty files (MiB per GiB stored; charge deltas per cgroup):"
-  printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' fs "daemon RSS/GiB*" "daemon RSS/100k files*" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB"
-  printf '|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------ ------------------------ ------------------ ------------------ ------------------
+  printf '| %-14s | %16s | %22s | %16s | %16s | %16s | %16s | %18s |\n' fs "daemon RSS/GiB*" "daemon RSS/100k files*" "target cg/GiB" "daemon cg/GiB" "writer cg/GiB" "reader cg/GiB" "target, reading"
+  printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------ ------------------------ ------------------ ------------------ ------------------ ------------------ --------------------
   for f in "${FS[@]}"; do
-    printf '| %-14s | %16s | %22s | %16s | %16s | %16s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}"
+    printf '| %-14s | %16s | %22s | %16s | %16s | %16s | %16s | %18s |\n' "$f" "${MEM["$f|rssgib"]}" "${MEM["$f|rssfiles"]}" "${MEM["$f|t"]}" "${MEM["$f|d"]}" "${MEM["$f|w"]}" "${MEM["$f|r"]}" "${MEM["$f|tr"]}"
   done
   echo "(tmpfs = kernel tmpfs, cfs = chargefs without memcg=, cfsm = chargefs memcg=$CGT, cfsp = chargefs cache=page,"
   echo " cfsu = chargefs io_uring=on,"
   echo " base = the --baseline build;"
-  echo " writer cg = fio's cgroup, which pays for any FUSE page cache;"
+  echo " writer cg = fio's cgroup, which pays for any FUSE page cache; reader cg = a cgroup of its own that"
+  echo " then reads it all (cat), target, reading = what the target gained meanwhile;"
   echo " * daemon RSS = RssAnon + RssFile, not counting RssShmem, the mapped data itself)"
 fi
 # --- scale: per-op cost at 1k/100k/1M files, 16 GiB stored ---------------------------------------

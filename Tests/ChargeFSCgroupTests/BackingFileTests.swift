@@ -159,4 +159,33 @@ final class BackingFileTests: XCTestCase {
         XCTAssertLessThanOrEqual(allocated(file), 4096, "truncate down frees the backing file's pages")
         XCTAssertEqual(fs.storedBytes().used, Int64(allocated(file)))
     }
+    /// A file moves when a write takes it past the threshold (about 1 MiB to copy), not at its
+    /// first read-only open; appends then charge a batch ahead, given back at the last close.
+    func testGrowingFileMovesAtTheThresholdAndTrimsWhatItChargedAhead() throws {
+        let fs = try makeFS()
+        let ino = try fs.create(parent: root, name: Array("grow".utf8), mode: 0o100644, caller: me).ino
+        let chunk = random(128 * 1024)
+        var model: [UInt8] = []
+        for _ in 0..<8 {
+            _ = try chunk.withUnsafeBytes { try fs.write(ino, offset: Int64(model.count), data: $0, caller: me, clearSetIDAsked: false) }
+            model += chunk
+        }
+        XCTAssertEqual(try fs.getxattr(root, name: FileSystem.statusXattr).split(separator: 10).contains(Array("backing_files=1".utf8)[...]),
+                       true, "moved into a backing file at 1 MiB")
+        let small = random(3000)
+        for _ in 0..<100 {
+            _ = try small.withUnsafeBytes { try fs.write(ino, offset: Int64(model.count), data: $0, caller: me, clearSetIDAsked: false) }
+            model += small
+        }
+        XCTAssertEqual(try contents(fs, ino), model)
+        let pagesOfSize = (model.count + page - 1) / page
+        XCTAssertGreaterThanOrEqual(try fs.getattr(ino).blocks * 512, Int64(pagesOfSize * page))
+        fs.release(ino)
+        XCTAssertEqual(try fs.getattr(ino).blocks * 512, Int64(pagesOfSize * page), "what was charged ahead went at the last close")
+        XCTAssertEqual(fs.storedBytes().used, Int64(pagesOfSize * page))
+        let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
+        XCTAssertEqual(allocated(file), pagesOfSize * page)
+        XCTAssertEqual(backingContents(file), model)
+        fs.release(ino, passthrough: true)
+    }
 }

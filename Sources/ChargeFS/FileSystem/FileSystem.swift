@@ -118,18 +118,20 @@ public final class FileSystem: Sendable {
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: file, writes: flags.mayWrite)
         case .needsBacking(let pages):
-            return OpenOutcome(modeChanged: modeChanged, passthrough: makeBacking(ino, pages: pages, store: store), writes: false)
+            return OpenOutcome(modeChanged: modeChanged, passthrough: makeBacking(ino, pages: pages, store: store, forOpen: true),
+                               writes: false)
         }
     }
 
     /// Makes and charges a backing file with no lock held (a frozen target stalls only this
     /// open), then moves the file's data into it. nil (an ordinary open) when anything is short.
-    private func makeBacking(_ ino: InodeNumber, pages: Int, store: PageStore) -> BackingFile? {
+    @discardableResult
+    private func makeBacking(_ ino: InodeNumber, pages: Int, store: PageStore, forOpen: Bool) -> BackingFile? {
         guard let file = try? store.makeBackingFile() else { return nil }
         let pending = store.pendingCharge(of: file, runs: [(0, pages)], wanted: pages, owner: ino.rawValue, shrinks: 0)
         let (charged, failure) = pending.charge()
         guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
-        let step = core.withWriteLock { c in c.adoptBacking(ino, file, chargedPages: pages) }
+        let step = core.withWriteLock { c in c.adoptBacking(ino, file, chargedPages: pages, forOpen: forOpen) }
         if case .granted(let granted) = step { return granted }
         return nil
     }
@@ -184,10 +186,16 @@ public final class FileSystem: Sendable {
     /// kernel ignores a short count there; see `FileSystemCore.write`).
     public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
                       clearSetIDAsked: Bool, wholeOrNothing: Bool = false) throws(Errno) -> WriteResult {
-        try charging { c, supply throws(Errno) in
+        let result = try charging { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
                         wholeOrNothing: wholeOrNothing, supply: supply)
         }
+        // Past the passthrough threshold: the file moves into a backing file now, while it is
+        // small (about 1 MiB to copy), rather than at its first read-only open.
+        if let pages = result.dueForBackingFile, passthroughEnabled {
+            makeBacking(ino, pages: pages, store: core.withReadLock { $0.store }, forOpen: false)
+        }
+        return result
     }
     public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
         try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }

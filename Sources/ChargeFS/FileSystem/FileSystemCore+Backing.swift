@@ -32,11 +32,19 @@ extension FileSystemCore {
 
     private static func pages(for size: Int64) -> Int { Int((size + Int64(pageSize) - 1) / Int64(pageSize)) }
 
-    /// Whether every page below the size exists, and none past it (a KEEP_SIZE allocation there
-    /// would be copied nowhere).
+    /// Whether every page below the size exists (a walk of the file's page map).
     private func isDense(_ inode: Inode) -> Bool {
         let n = Self.pages(for: inode.size)
-        return inode.pages.count == n && (n == 0 || inode.pages.nextHole(from: 0) >= n)
+        return inode.pages.count >= n && (n == 0 || inode.pages.nextHole(from: 0) >= n)
+    }
+
+    /// After a write: the pages to charge for moving the file into a backing file, when this
+    /// write took it past the threshold with no hole in it (checked once, at the crossing, when
+    /// the walk is short); a file that crosses with holes moves at a read-only open instead.
+    func dueForBackingFile(_ inode: Inode, sizeBefore: Int64) -> Int? {
+        guard inode.backing == nil, let min = config.passthroughMinBytes, sizeBefore < min, inode.size >= min,
+              store.canMakeBackingFiles, isDense(inode) else { return nil }
+        return Self.pages(for: inode.size)
     }
 
     /// Whether this open (already counted in `openCount`) goes through the backing file. Once
@@ -60,12 +68,13 @@ extension FileSystemCore {
         return .needsBacking(pages: Self.pages(for: inode.size))
     }
 
-    /// Moves the file's data into `file` (made and charged for `chargedPages` pages) and counts
-    /// this open as a passthrough one; `.none` when the file changed meanwhile so that it no
-    /// longer qualifies (the caller drops `file`, which gives its charge back).
-    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, chargedPages: Int) -> PassthroughStep {
+    /// Moves the file's data into `file` (made and charged for `chargedPages` pages) and, with
+    /// `forOpen`, counts the open that asked as a passthrough one; `.none` when the file changed
+    /// meanwhile so that it no longer qualifies (the caller drops `file`, which gives its charge
+    /// back).
+    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, chargedPages: Int, forOpen: Bool) -> PassthroughStep {
         guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
-              inode.openCount == 1, inode.passthroughOpens == 0, isDense(inode),
+              !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0), isDense(inode),
               Self.pages(for: inode.size) <= chargedPages else { return .none }
         let n = Self.pages(for: inode.size)
         // Copy in runs of consecutive arena pages: one pwrite each.
@@ -82,16 +91,34 @@ extension FileSystemCore {
             index += run
         }
         do throws(Errno) { try file.setSize(inode.size) } catch { return .none }
+        // Pages past the end (KEEP_SIZE allocations) go: the backing file holds the data only.
         var freed: [UInt32] = []
-        freed.reserveCapacity(n)
-        inode.pages.remove(from: 0, to: n, into: &freed)
+        freed.reserveCapacity(inode.pages.count)
+        inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
         store.free(freed)
         for i in 0..<n { inode.pages.set(PageMap.inBackingFile, at: i) }
         store.noteBackingPages(n)
         inode.backing = file
         backingFiles += 1
-        inode.passthroughOpens += 1
+        if forOpen { inode.passthroughOpens += 1 }
         return .granted(file)
+    }
+
+    /// Gives back the pages charged ahead of appends that the file did not grow into (at its
+    /// last close).
+    func trimAhead(_ inode: Inode) {
+        guard let backing = inode.backing, backing.aheadEnd > 0 else { return }
+        let from = Self.pages(for: inode.size)
+        if backing.aheadEnd > from {
+            var marks: [UInt32] = []
+            inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
+            if !marks.isEmpty {
+                backing.punch(offset: Int64(from) * Int64(Self.pageSize), length: Int64(backing.aheadEnd - from) * Int64(Self.pageSize))
+                store.noteBackingPages(-marks.count)
+                backing.shrinks += 1
+            }
+        }
+        backing.aheadEnd = 0
     }
 
     /// A passthrough open closed, or the kernel refused to serve one (it is an ordinary open then).
@@ -174,7 +201,25 @@ extension FileSystemCore {
         let holes = try holeRuns(inode, from: gapFrom, through: lastIndex, limit: Int.max)
         let missing = holes.reduce(0) { $0 + $1.count }
         if wholeOrNothing && missing > pagesAllowed { throw .noSpace }
-        if supply == .askForMore, let pending = charge(inode, backing, leading(holes, pagesAllowed)) { return .charge(pending) }
+        if supply == .askForMore, missing > 0 {
+            var runs = leading(holes, pagesAllowed)
+            // An append charges a batch ahead (as the arena's reserve does), so that small
+            // appends do not each cost a charge round trip; what the file has not grown into by
+            // its last close is given back (`trimAhead`).
+            let aheadFrom = lastIndex + 1
+            if aheadFrom >= Self.pages(for: inode.size), pagesAllowed >= missing + PageStore.chargeBatch,
+               inode.pages.nextData(from: aheadFrom) == nil {
+                if let tail = runs.last, tail.first + tail.count == aheadFrom {
+                    runs[runs.count - 1].count += PageStore.chargeBatch
+                } else {
+                    runs.append((aheadFrom, PageStore.chargeBatch))
+                }
+                backing.aheadEnd = max(backing.aheadEnd, aheadFrom + PageStore.chargeBatch)
+            }
+            let pending = store.pendingCharge(of: backing, runs: runs, wanted: min(missing, pagesAllowed),
+                                              owner: inode.ino.rawValue, shrinks: backing.shrinks)
+            return .charge(pending)
+        }
         // What is still a hole now was refused: write up to the first one (none at all when the
         // gap that must be filled first is one).
         let firstHole = inode.pages.nextHole(from: gapFrom)
@@ -261,6 +306,8 @@ extension FileSystemCore {
                         supply: PageSupply) throws(Errno) -> PendingCharge? {
         let pageSize = Int64(Self.pageSize)
         let firstIndex = Int(offset / pageSize), lastIndex = Int((end - 1) / pageSize)
+        // Pages the caller allocates past the end are theirs to keep: no trimming from here on.
+        backing.aheadEnd = 0
         let holes = try holeRuns(inode, from: firstIndex, through: lastIndex, limit: pagesAllowed)
         if holes.reduce(0, { $0 + $1.count }) > pagesAllowed { throw .noSpace }
         if supply == .askForMore, let pending = charge(inode, backing, holes) { return pending }

@@ -91,6 +91,7 @@ extension FileSystemCore {
     func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller, clearSetIDAsked: Bool,
                wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<WriteResult> {
         let inode = try regularFile(ino)
+        let sizeBefore = inode.size
         let written: Int
         switch try storeData(data, in: inode, at: offset, wholeOrNothing: wholeOrNothing, supply: supply) {
         case .done(let n): written = n
@@ -99,7 +100,9 @@ extension FileSystemCore {
         // A written file loses its capabilities, as on tmpfs. The kernel removes them itself
         // before a cached write, but a direct-I/O write reaches us without that.
         removeFileCapabilities(inode)
-        return .done(WriteResult(written: written, modeChanged: clearSetID(inode, caller, kernelAsked: clearSetIDAsked)))
+        var result = WriteResult(written: written, modeChanged: clearSetID(inode, caller, kernelAsked: clearSetIDAsked))
+        result.dueForBackingFile = dueForBackingFile(inode, sizeBefore: sizeBefore)
+        return .done(result)
     }
 
     /// Copies `data` into the file's pages, allocating (and charging) missing ones first. A write

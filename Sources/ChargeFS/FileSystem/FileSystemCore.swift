@@ -383,6 +383,8 @@ final class FileSystemCore {
         if inode.openCount == 0 && inode.nlink == 0 {
             inodeSlots -= 1
             releaseAllPages(of: inode)
+        } else if inode.openCount == 0 {
+            trimAhead(inode)
         }
     }
 

@@ -20,6 +20,9 @@ public final class BackingFile: @unchecked Sendable {
     /// Bumped (under the tree's lock) whenever pages of the file are freed: a charge picked
     /// before then cannot tell which of its pages still exist.
     public internal(set) var shrinks: UInt64 = 0
+    /// Pages below this index past the file's end were charged ahead of appends (under the
+    /// tree's lock): given back at the file's last close unless it grew into them. 0: none.
+    var aheadEnd = 0
 
     init(_ fd: FileDescriptor) { fileDescriptor = fd }
 
