@@ -198,11 +198,12 @@ do_wl() {
     seqread)  v=$(fio_val "$m" bw --name=seq --rw=read --bs=1M --size="$SEQ"); rm -f "$m"/seq.* ;;
     randwrite) v=$(fio_val "$m" iops --name=rnd --rw=randwrite --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
     # Random reads of a file fio lays out whole first (randwrite's leaves holes where it did not
-    # write, and a file with holes is never read through passthrough).
+    # write, and a file with holes is never read through passthrough), for the whole runtime (one
+    # pass over the file took 15-100 ms: fio's start-up weighed as much as the reads).
     randread) rm -f "$m"/rnd.*
-              v=$(fio_val "$m" iops --name=rrd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME") ;;
+              v=$(fio_val "$m" iops --name=rrd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME" --time_based) ;;
     # The same file read again without dropping the cache: hot data, where a page cache wins.
-    reread) v=$(fio_val "$m" iops --name=rrd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME" --invalidate=0)
+    reread) v=$(fio_val "$m" iops --name=rrd --rw=randread --bs=4k --size="$RAND" --runtime="$RUNTIME" --time_based --invalidate=0)
             rm -f "$m"/rrd.* ;;
     create|stat|unlink)
       [ "$w" != create ] || { rm -rf "$m/meta"; mkdir "$m/meta"; }

@@ -29,6 +29,12 @@ enum ExOp: CustomStringConvertible {
     case setxattr(String, String, Int)
     case removexattr(String, String)
     case fsync(String)
+    /// Large-file mode: a dense file written from 0; a read-only open held across operations
+    /// (passthrough, where the file qualifies); reads through it, by pread and a shared map.
+    case fill(String, len: Int, seed: UInt8)
+    case holdReader(String)
+    case readHeld(String, off: Int, len: Int)
+    case dropReader(String)
 
     var description: String {
         switch self {
@@ -50,6 +56,10 @@ enum ExOp: CustomStringConvertible {
         case .setxattr(let p, let n, let l): return "setxattr \(p) \(n) len=\(l)"
         case .removexattr(let p, let n): return "removexattr \(p) \(n)"
         case .fsync(let p): return "fsync \(p)"
+        case .fill(let p, let l, let s): return "fill \(p) len=\(l) seed=\(s)"
+        case .holdReader(let p): return "hold a reader of \(p)"
+        case .readHeld(let p, let o, let l): return "read held \(p) off=\(o) len=\(l)"
+        case .dropReader(let p): return "drop the reader of \(p)"
         }
     }
 
@@ -59,8 +69,10 @@ enum ExOp: CustomStringConvertible {
         case .create(let p), .write(let p, _, _, _), .append(let p, _, _), .read(let p, _, _), .truncate(let p, _),
              .punch(let p, _, _), .fallocate(let p, _, _, _), .unlink(let p), .mkdir(let p), .rmdir(let p),
              .symlink(_, let p), .chmod(let p, _), .mmapWrite(let p, _, _, _), .setxattr(let p, _, _),
-             .removexattr(let p, _), .fsync(let p):
+             .removexattr(let p, _), .fsync(let p), .fill(let p, _, _):
             return [p]
+        case .holdReader, .readHeld, .dropReader:
+            return []
         case .rename(let a, let b, _), .link(let a, let b):
             return [a, b]
         }
@@ -70,10 +82,19 @@ enum ExOp: CustomStringConvertible {
 struct Exerciser {
     static let dirs = ["", "d0/", "d1/", "d0/e/"]
     static let files = ["a", "b", "c", "e"]
-    static let maxOffset = 200 * 1024
-    static let maxLen = 48 * 1024
 
     var rng: SplitMix64
+    /// Files past 1 MiB (chargefs's passthrough threshold) and readers held open across operations.
+    var large = false
+    var maxOffset: Int { large ? 2 << 20 : 200 * 1024 }
+    var maxLen: Int { large ? 256 * 1024 : 48 * 1024 }
+
+    /// Readers held open, by root and name (the tmpfs root and ours each have their own).
+    nonisolated(unsafe) static var held: [String: Int32] = [:]
+    static func dropAllReaders() {
+        for fd in held.values { close(fd) }
+        held.removeAll()
+    }
 
     mutating func int(_ n: Int) -> Int { Int(rng.next() % UInt64(n)) }
     mutating func pick<T>(_ a: [T]) -> T { a[int(a.count)] }
@@ -82,12 +103,21 @@ struct Exerciser {
         switch int(4) {
         case 0: return int(8) * 4096                    // page aligned
         case 1: return int(8) * 4096 + 4096 - 1 - int(3) // just below a page boundary
-        default: return int(Self.maxOffset)
+        default: return int(maxOffset)
         }
     }
-    mutating func length() -> Int { int(3) == 0 ? int(64) + 1 : int(Self.maxLen) + 1 }
+    mutating func length() -> Int { int(3) == 0 ? int(64) + 1 : int(maxLen) + 1 }
 
     mutating func next() -> ExOp {
+        if large {
+            switch int(100) {
+            case 0..<7: return .fill(name(), len: (1 << 20) + int(1 << 20), seed: UInt8(truncatingIfNeeded: rng.next()))
+            case 7..<17: return .holdReader(name())
+            case 17..<35: return .readHeld(name(), off: offset(), len: length())
+            case 35..<40: return .dropReader(name())
+            default: break  // the usual mix, over larger offsets
+            }
+        }
         let r = int(100)
         switch r {
         case 0..<8: return .create(name())
@@ -115,13 +145,18 @@ struct Exerciser {
     }
 
     static func bytes(_ len: Int, seed: UInt8) -> [UInt8] {
-        (0..<len).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ Int(seed) &* 17 &+ ($0 >> 9)) | 1 }
+        [UInt8](unsafeUninitializedCapacity: len) { buf, n in
+            for i in 0..<len { buf[i] = UInt8(truncatingIfNeeded: i &* 131 &+ Int(seed) &* 17 &+ (i >> 9)) | 1 }
+            n = len
+        }
     }
 
+    /// A content hash (the standard library's, fast even in a debug build; seeded per process,
+    /// and both roots are hashed by this one).
     static func fnv(_ b: [UInt8]) -> UInt64 {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for x in b { h = (h ^ UInt64(x)) &* 0x100_0000_01b3 }
-        return h
+        var h = Hasher()
+        b.withUnsafeBytes { h.combine(bytes: $0) }
+        return UInt64(bitPattern: Int64(h.finalize()))
     }
 
     /// Applies `op` under `root`; returns a transcript of the outcome.
@@ -200,6 +235,47 @@ struct Exerciser {
             return rc(Sys.removexattr(P(p), n))
         case .fsync(let p):
             return withFd(p, O_RDONLY) { rc(fsync($0)) }
+        case .fill(let p, let len, let seed):
+            return withFd(p, O_WRONLY | O_CREAT | O_TRUNC) { fd in
+                let b = bytes(len, seed: seed)
+                var done = 0
+                while done < len {  // in 128 KiB writes, as cp does
+                    let n = b.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, min(128 << 10, len - done), off_t(done)) }
+                    if n <= 0 { return "n=\(done) \(errnoName(errno))" }
+                    done += n
+                }
+                return "n=\(done)"
+            }
+        case .holdReader(let p):
+            if held[root + "/" + p] != nil { return "held already" }
+            let fd = open(P(p), O_RDONLY | O_CLOEXEC)
+            if fd < 0 { return "open \(errnoName(errno))" }
+            held[root + "/" + p] = fd
+            return "held"
+        case .readHeld(let p, let off, let len):
+            guard let fd = held[root + "/" + p] else { return "none held" }
+            var b = [UInt8](repeating: 0, count: len)
+            let n = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, len, off_t(off)) }
+            if n < 0 { return errnoName(errno) }
+            var out = "n=\(n) h=\(String(fnv(Array(b.prefix(n))), radix: 16))"
+            // And through a shared read-only map of the held descriptor, inside the file.
+            var st = StatBuf()
+            guard fstat(fd, &st) == 0 else { return out + " fstat \(errnoName(errno))" }
+            let end = min(off + len, Int(st.st_size))
+            if end > off {
+                let start = off & ~4095
+                guard let m = mmap(nil, end - start, PROT_READ, MAP_SHARED, fd, off_t(start)), m != MAP_FAILED else {
+                    return out + " mmap \(errnoName(errno))"
+                }
+                let mapped = Array(UnsafeRawBufferPointer(start: m + (off - start), count: end - off))
+                munmap(m, end - start)
+                out += " map=\(String(fnv(mapped), radix: 16))"
+            }
+            return out
+        case .dropReader(let p):
+            guard let fd = held.removeValue(forKey: root + "/" + p) else { return "none held" }
+            close(fd)
+            return "dropped"
         }
     }
 
@@ -208,14 +284,17 @@ struct Exerciser {
     /// allocation-accounting divergence for other bugs).
     static let compareBlocks = ProcessInfo.processInfo.environment["CHARGEFS_EX_IGNORE_BLOCKS"] != "1"
 
-    static func state(_ rel: String, root: String) -> String {
+    /// `blocks`: compare st_blocks (not in large-file mode: while a file has passthrough opens
+    /// chargefs fills its holes, on purpose, and an append's batch charged ahead shows until the
+    /// last close).
+    static func state(_ rel: String, root: String, blocks: Bool = compareBlocks) -> String {
         let path = root + "/" + rel
         var st = StatBuf()
         if lstat(path, &st) != 0 { return "\(rel): \(errnoName(errno))" }
         var s = "\(rel): mode=\(String(st.st_mode, radix: 8)) nlink=\(st.st_nlink)"
         switch st.fileType {
         case S_IFREG:
-            s += " size=\(st.st_size)" + (compareBlocks ? " blocks=\(st.st_blocks)" : "")
+            s += " size=\(st.st_size)" + (blocks ? " blocks=\(st.st_blocks)" : "")
             if let c = try? FS.contents(path) { s += " h=\(String(fnv(c), radix: 16))" } else { s += " unreadable" }
         case S_IFLNK:
             s += " -> \((try? FS.readlink(path)) ?? "?")"
@@ -243,10 +322,23 @@ final class ExerciserTests: MountTestCase {
     override class var budget: Double { 90 }
 
     func testRandomOperationsMatchTmpfs() throws {
+        try exercise(large: false, defaultSeed: 0x00C0_FFEE, defaultCount: 20000, timeLimit: 45, atLeast: 500)
+    }
+
+    /// Files of 1 to 3 MiB (past the passthrough threshold) and readers held open across the
+    /// other operations: reads through a held descriptor (pread and a shared map) must see every
+    /// write, truncate and punch made through other descriptors, as on tmpfs.
+    func testLargeFilesWithHeldReadersMatchTmpfs() throws {
+        try exercise(large: true, defaultSeed: 0x0BAC_0F11, defaultCount: 6000, timeLimit: 40, atLeast: 300)
+        let status = Sys.getxattr(root, "user.chargefs.status", size: 4096).1
+        print("exerciser (large files): \(String(decoding: status, as: UTF8.self).split(separator: "\n").filter { $0.hasPrefix("passthrough") || $0.hasPrefix("backing") })")
+    }
+
+    func exercise(large: Bool, defaultSeed: UInt64, defaultCount: Int, timeLimit: Double, atLeast: Int) throws {
         let env = ProcessInfo.processInfo.environment
-        let seed = env["CHARGEFS_SEED"].flatMap { UInt64($0) } ?? 0x00C0_FFEE
-        let count = env["CHARGEFS_OPS"].flatMap { Int($0) } ?? 4000
-        let timeLimit = 45.0
+        let seed = env["CHARGEFS_SEED"].flatMap { UInt64($0) } ?? defaultSeed
+        let count = env["CHARGEFS_OPS"].flatMap { Int($0) } ?? defaultCount
+        defer { Exerciser.dropAllReaders() }
         let tmp = try mountTmpfs()
         let roots = [root, tmp.mountpoint]
         for r in roots {
@@ -254,7 +346,7 @@ final class ExerciserTests: MountTestCase {
             try FS.mkdir(r + "/ex/d0")
         }
         let ours = root + "/ex", ref = tmp.mountpoint + "/ex"
-        var gen = Exerciser(rng: SplitMix64(seed: seed))
+        var gen = Exerciser(rng: SplitMix64(seed: seed), large: large)
         var log: [String] = []
         let start = Date()
         var done = 0
@@ -274,15 +366,23 @@ final class ExerciserTests: MountTestCase {
             }
             let names = step % 100 == 99 ? Exerciser.allNames() : op.touched
             for n in names {
-                let sa = Exerciser.state(n, root: ours), sb = Exerciser.state(n, root: ref)
+                let blocks = Exerciser.compareBlocks && !large
+                let sa = Exerciser.state(n, root: ours, blocks: blocks), sb = Exerciser.state(n, root: ref, blocks: blocks)
                 if sa != sb {
-                    fail(step, "state after `\(op)`:\n  chargefs: \(sa)\n  tmpfs:    \(sb)")
+                    var detail = ""
+                    if let ca = try? FS.contents(ours + "/" + n), let cb = try? FS.contents(ref + "/" + n), ca != cb {
+                        let common = min(ca.count, cb.count)
+                        let first = (0..<common).first { ca[$0] != cb[$0] } ?? common
+                        let last = (0..<common).last { ca[$0] != cb[$0] } ?? first
+                        detail = "\n  contents differ from byte \(first) to \(last) (chargefs \(Array(ca[min(first, ca.count)..<min(first + 8, ca.count)])), tmpfs \(Array(cb[min(first, cb.count)..<min(first + 8, cb.count)])))"
+                    }
+                    fail(step, "state after `\(op)`:\n  chargefs: \(sa)\n  tmpfs:    \(sb)\(detail)")
                     return
                 }
             }
             done = step + 1
         }
-        XCTAssertGreaterThan(done, 500, "exerciser ran too few operations in \(timeLimit)s")
+        XCTAssertGreaterThan(done, atLeast, "exerciser ran too few operations in \(timeLimit)s")
         print("exerciser: seed \(seed), \(done) operations in \(String(format: "%.1f", Date().timeIntervalSince(start)))s, no divergence")
     }
 }

@@ -300,6 +300,9 @@ extension FileSystemCore {
 
     /// Writes zeros over [from, to) where pages exist (holes already read as zero).
     func zero(_ inode: Inode, from: Int64, to: Int64) {
+        // A backing file's bytes past the end are zeros already (fresh pages, or zeroed by the
+        // truncate that left them there), and a pwrite there would move its size.
+        let to = inode.backing == nil ? to : min(to, inode.size)
         forEachPageSpan(from: from, to: to) { index, inner, length in
             let page = inode.pages.page(at: index)
             guard page != 0 else { return true }
