@@ -22,7 +22,7 @@ LIMIT=$((48 * MiB))         # limit of the target cgroup in most tests
 TESTS=(background fill_dd fill_small_files fill_fallocate fill_ftruncate
        kernel_patch mmap_over_limit mmap_selftest_loop straddling_write service_charges_target ancestor_limit nonroot_refused
        sigkill_returns_charge pod pod_fill_4k pod_fill_256k pod_fill_1m pod_fill_8m cpus_64 cpus_256
-       helper_killed target_left_as_found cleanup_pidns memory_high frozen_target)
+       helper_killed target_left_as_found cleanup_pidns memory_high frozen_target large_file_reads)
 
 # --- per-test setup ------------------------------------------------------------------------------
 # new_env: a scratch dir, test cgroups below cg_parent (target T, daemon D), the python helper.
@@ -902,6 +902,32 @@ t_frozen_target() {
 
 
 # --- main ----------------------------------------------------------------------------------------
+# Large files on any kernel: read and mapped from a reader cgroup of their own, they read back
+# right; the reader's cgroup holds no shmem and the target is charged what is stored. Where the
+# kernel offers FUSE passthrough (6.9+) the reads bypass the daemon (a backing file shows in the
+# status); elsewhere (the 6.1 kernel in User-Mode Linux) every read is the daemon's.
+t_large_file_reads() {
+  new_env
+  cg_create "$T" "$LIMIT"
+  local reader=$T-reader; cg_create "$reader"
+  mount_target
+  head -c $((8 * MiB)) /dev/urandom > "$SCR/src"
+  cp "$SCR/src" "$MNT/big"
+  check "read back from the reader's cgroup" cg_run_in "$reader" cmp "$SCR/src" "$MNT/big"
+  check "mapped (shared, private) from the reader's cgroup" \
+    cg_run_in "$reader" "$CFS_PYTHON" "$(dirname "$SELF")/passthrough.py" map "$MNT/big"
+  local st; st=$(getfattr --absolute-names --only-values -n user.chargefs.status "$MNT" 2>/dev/null || true)
+  local want=off; kernel_at_least 6 9 && [ "$(cache_mode)" = direct ] && want=on
+  local files=0; [ "$want" = off ] || files=1
+  log "  $(grep -E '^(passthrough|backing_files|cache)=' <<<"$st" | tr '\n' ' ')on Linux $(uname -r)"
+  check "passthrough=$want on Linux $(uname -r)" grep -qx "passthrough=$want" <<<"$st"
+  check "backing files: $files" grep -qx "backing_files=$files" <<<"$st"
+  log "  reader: usage $(cg_usage "$reader") shmem $(cg_shmem "$reader"); target shmem $(cg_shmem "$T")"
+  check "the reader's cgroup holds no shmem" [ "$(cg_shmem "$reader")" = 0 ]
+  check "the target is charged the 8 MiB stored (±1 MiB)" near "$(cg_shmem "$T")" $((8 * MiB)) "$SLACK"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
 if [ "${1:-}" = --one ]; then
   run_one "$2"
   exit
