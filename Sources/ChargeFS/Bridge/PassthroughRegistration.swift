@@ -3,9 +3,9 @@ import Glibc
 import SystemPackage
 
 /// A backing file registered with the kernel for FUSE passthrough (FUSE_DEV_IOC_BACKING_OPEN):
-/// the id an open reply names. One per backing file, made at its first passthrough open and kept
-/// while the file lives (the kernel refuses a second, different registration of one inode's
-/// backing while passthrough opens of it exist); closed when the file is dropped.
+/// the id an open reply names. One per backing file while it has passthrough opens (the kernel
+/// refuses a second, different registration of one inode's backing while any exist), made at
+/// the first of them and closed after the last (the file system drops it), or with the file.
 final class PassthroughRegistration {
     /// A /dev/fuse fd of our own (a dup): the session's may be closed and its number reused
     /// before the last registration goes, and an ioctl on a stranger's fd must never happen.

@@ -125,6 +125,10 @@ extension FileSystemCore {
     func passthroughEnded(_ ino: InodeNumber) {
         guard let inode = inodes[ino], inode.passthroughOpens > 0 else { return }
         inode.passthroughOpens -= 1
+        // The kernel let go of the backing file with the last passthrough open (before it sent
+        // the release); so does its registration now: a registered file lives as long as the
+        // FUSE connection, which outlives a killed daemon until the unmount.
+        if inode.passthroughOpens == 0 { inode.backing?.registration.withLock { $0 = nil } }
     }
 
     /// Frees a backing file with all its pages (the file's last close after its unlink).
