@@ -88,8 +88,7 @@ final class FileSystemCore {
     func releaseAllPages(of inode: Inode) {
         guard inode.pages.count > 0 else { return }
         var freed: [UInt32] = []
-        freed.reserveCapacity(inode.pages.count)
-        inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
+        inode.pages.removeAll(into: &freed)
         store.free(freed)
     }
 
