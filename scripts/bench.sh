@@ -192,13 +192,29 @@ H
   peer_skip="$src does not build against fuse3 $fuse3v, even ported: $(grep -m1 'error' "$W/memfs_ll.build" || tail -1 "$W/memfs_ll.build")"
   return 1
 }
+# Two mounts of it where it has -o no_timeout (libfuse 3.19): memfs (its defaults: entries and
+# attributes expire at once, so every stat and unlink looks the name up again) and memfsc, which
+# caches them as chargefs does (for an hour; no_timeout: a day), with direct I/O as chargefs's
+# default cache=direct where it has -o fuse_dio. Neither mounts with default_permissions (memfs_ll
+# checks no permission at all); chargefs does, and kernels up to at least 6.18 then re-read a
+# directory's attributes (a GETATTR) after every create or unlink in it.
+declare -A PEER_OPTS=([memfs]="")
+start_peer() {
+  local f=$1
+  MNT[$f]=$W/$f; mkdir -p "${MNT[$f]}"
+  # shellcheck disable=SC2086
+  ( echo "$BASHPID" > "$CGD/cgroup.procs" && exec taskset -c "$DCPU" "$PEER_BIN" -f ${PEER_OPTS[$f]:+-o "${PEER_OPTS[$f]}"} "${MNT[$f]}" ) >"$W/$f.log" 2>&1 &
+  PID[$f]=$!; CFS_PIDS+=("${PID[$f]}"); CFS_MOUNTS+=("${MNT[$f]}")
+  if wait_mounted "${MNT[$f]}" 20 "${PID[$f]}"; then PEERS+=("$f")
+  else peer_skip="memfs_ll ${PEER_OPTS[$f]} did not mount: $(cat "$W/$f.log")"; fi
+}
 if [ "$only_given:$only" = 0: ] || [ "$only" = meta ]; then
   if build_memfs_ll; then
-    MNT[memfs]=$W/memfs; mkdir -p "${MNT[memfs]}"
-    ( echo "$BASHPID" > "$CGD/cgroup.procs" && exec taskset -c "$DCPU" "$PEER_BIN" -f "${MNT[memfs]}" ) >"$W/memfs.log" 2>&1 &
-    PID[memfs]=$!; CFS_PIDS+=("${PID[memfs]}"); CFS_MOUNTS+=("${MNT[memfs]}")
-    if wait_mounted "${MNT[memfs]}" 20 "${PID[memfs]}"; then PEERS=(memfs)
-    else peer_skip="memfs_ll did not mount: $(cat "$W/memfs.log")"; fi
+    if "$PEER_BIN" --help 2>&1 | grep -q no_timeout; then
+      PEER_OPTS[memfsc]=no_timeout
+      ! "$PEER_BIN" --help 2>&1 | grep -q fuse_dio || PEER_OPTS[memfsc]+=,fuse_dio
+    fi
+    for f in "${!PEER_OPTS[@]}"; do start_peer "$f"; done
   fi
   [ -z "$peer_skip" ] || echo "no memfs_ll column: $peer_skip"
 fi
@@ -453,13 +469,21 @@ if [ ${#REAL_FS[@]} -gt 0 ]; then
 fi
 if [ ${#PEERS[@]} -gt 0 ]; then
   echo
-  echo "Peer: libfuse's memfs_ll ($PEER_FROM; default options: entry and attribute timeouts 0),"
-  echo "pinned like chargefs, same run; higher is better:"
-  printf '| %-10s | %-9s | %12s | %12s | %16s |\n' workload unit chargefs memfs_ll chargefs/memfs_ll
-  printf '|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ------------------
+  echo "Peer: libfuse's memfs_ll ($PEER_FROM), pinned like chargefs, same run; higher is better."
+  echo "memfs_ll: its defaults (entry and attribute timeouts 0)${PEER_OPTS[memfsc]+; memfs_ll -o ${PEER_OPTS[memfsc]}: entries and attributes cached, as chargefs does}:"
+  printf '| %-10s | %-9s | %12s | %12s | %17s |' workload unit chargefs memfs_ll chargefs/memfs_ll
+  [ -z "${PEER_OPTS[memfsc]+x}" ] || printf ' %18s | %17s |' "memfs_ll cached" "chargefs/cached"
+  printf '\n|%s|%s|%s|%s|%s|' ------------ ----------- -------------- -------------- -------------------
+  [ -z "${PEER_OPTS[memfsc]+x}" ] || printf '%s|%s|' -------------------- -------------------
+  echo
   for w in create stat unlink; do
     c=$(median <<<"${R["$w|cfs"]:-}"); p=$(median <<<"${R["$w|memfs"]:-}")
-    printf '| %-10s | %-9s | %12s | %12s | %16s |\n' "$w" "${UNIT[$w]}" "$c" "$p" "$(ratio "$c" "$p")"
+    printf '| %-10s | %-9s | %12s | %12s | %17s |' "$w" "${UNIT[$w]}" "$c" "$p" "$(ratio "$c" "$p")"
+    if [ -n "${PEER_OPTS[memfsc]+x}" ]; then
+      p=$(median <<<"${R["$w|memfsc"]:-}")
+      printf ' %18s | %17s |' "$p" "$(ratio "$c" "$p")"
+    fi
+    echo
   done
 fi
 if [ -n "$baseline" ]; then
