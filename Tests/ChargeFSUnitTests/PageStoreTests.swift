@@ -185,10 +185,32 @@ final class PageStoreTests: XCTestCase {
             return Glibc.pwrite(fd, source, count, off_t(offset))
         }
         for page in pages { store.free([page]) }
-        store.arena.syscalls = .kernel
         XCTAssertEqual(counter.zeroes, 0, "nothing is zero-filled until it is handed out")
         XCTAssertLessThanOrEqual(counter.punches, 1024 / (PageStore.reserveLimit / 2), "one punch per half reserve")
         XCTAssertLessThanOrEqual(store.pagesCharged, PageStore.reserveLimit)
+        store.arena.syscalls = .kernel
+    }
+
+    /// Charged pages left unused in the reserve (1000 small files: not a multiple of the charge
+    /// batch) make room too, instead of shrinking every later punch.
+    func testUnusedReservePagesDoNotShrinkPunches() throws {
+        final class Counter: @unchecked Sendable { var punches = 0 }
+        let counter = Counter()
+        let store = try PageStore(capacityPages: 4096) { DaemonCharger(arena: $0) }
+        var pages: [UInt32] = []
+        for _ in 0..<1000 { try store.allocate(1, into: &pages) }
+        XCTAssertEqual(store.chargedFreePages, 24)
+        store.arena.syscalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { counter.punches += 1 }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        for page in pages { store.free([page]) }
+        store.arena.syscalls = .kernel
+        XCTAssertLessThanOrEqual(counter.punches, 1000 / (PageStore.reserveLimit / 2) + 2)
+        XCTAssertLessThanOrEqual(store.pagesCharged, PageStore.reserveLimit)
+        let all = allocateAll(store)
+        XCTAssertEqual(all.count, 4096)
+        assertZero(store, all)
     }
 
     /// A failed copy into the arena is an error for the write, not a copy through the mapping.

@@ -156,9 +156,9 @@ public final class PageStore {
     /// Gives pages back. Up to `reserveLimit` (with the reserve) stay charged for reuse, as they
     /// are: no system call. Past that they are punched out of the arena, which frees their memory
     /// and uncharges them. A punch costs a system call however many pages it takes, so a small
-    /// one takes kept pages along (the highest), up to `reserveLimit / 2` in all: the next frees
-    /// find room again (files freed in the order they were written give back consecutive pages:
-    /// one punch serves 32 unlinks of small files).
+    /// one takes kept pages along (freed ones first, the highest, then unused ones), up to
+    /// `reserveLimit / 2` in all: the next frees find room again (files freed in the order they
+    /// were written give back consecutive pages: one punch serves 32 unlinks of small files).
     public func free<S: Sequence>(_ pages: S) where S.Element == UInt32 {
         var toPunch: [UInt32] = []
         for page in pages {
@@ -175,6 +175,13 @@ public final class PageStore {
             freed.sort(by: >)
             toPunch.append(contentsOf: freed[..<cut])
             freed.removeFirst(cut)
+        }
+        // Pages charged and never used (a charge run's leftover) would otherwise keep their room
+        // for good, and every punch after this one would be that much smaller.
+        let unused = min(reserve.count, max(0, Self.reserveLimit / 2 - toPunch.count))
+        if unused > 0 {
+            toPunch.append(contentsOf: reserve[..<unused])  // the highest: the reserve is descending
+            reserve.removeFirst(unused)
         }
         punch(&toPunch)
     }
