@@ -11,7 +11,10 @@
 #   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
 #               options, in the same run, and prints chargefs/baseline per workload
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
-#      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp).
+#      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp),
+#      LIBFUSE_SRC=a libfuse source tree (3.17+), whose example/memfs_ll.cc is built with g++
+#      against the installed fuse3 as a peer column for create/stat/unlink, or MEMFS_LL=a built
+#      memfs_ll; without either the column is skipped (no libfuse code lives in this repository).
 # Root only. Leaves nothing mounted, running or created.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -139,6 +142,84 @@ start_floor pass --passthrough
 grep -q "passthrough negotiated" "$W/pass.log" ||
   { echo "no passthrough floor: $(cat "$W/pass.log")"; FLOORS=(floor); }
 
+# The peer: libfuse's own example memfs_ll (example/memfs_ll.cc, libfuse 3.17+), a multithreaded
+# low-level FUSE file system holding files in std::vectors, for the metadata rows (create, stat,
+# unlink), pinned like the others. Built from the user's libfuse tree (LIBFUSE_SRC) with g++
+# against the installed fuse3. When that fails (a newer tree than the installed fuse3), it is
+# built once more from a copy ported minimally to the older API: without the tmpfile handler and
+# parallel_direct_writes (3.17+; the latter only with its -o fuse_dio, unused here), and with a
+# stand-in for 3.19's fuse_daemonize.h (the peer runs in the foreground; FUSE_CAP flags set the
+# 3.14 way). MEMFS_LL=a binary built elsewhere (e.g. against its own libfuse) is used as given.
+PEERS=()
+peer_skip=
+build_memfs_ll() {
+  if [ -n "${MEMFS_LL:-}" ]; then
+    [ -x "$MEMFS_LL" ] || { peer_skip="MEMFS_LL=$MEMFS_LL is not executable"; return 1; }
+    PEER_BIN=$MEMFS_LL; PEER_FROM=$MEMFS_LL; return 0
+  fi
+  [ -n "${LIBFUSE_SRC:-}" ] || { peer_skip="set LIBFUSE_SRC to a libfuse 3.17+ source tree (or MEMFS_LL to a built memfs_ll)"; return 1; }
+  local src=$LIBFUSE_SRC/example/memfs_ll.cc fuse3v
+  fuse3v=$(pkg-config --modversion fuse3 2>/dev/null) || { peer_skip="no fuse3 development files (pkg-config fuse3)"; return 1; }
+  [ -f "$src" ] || { peer_skip="no $src (memfs_ll came with libfuse 3.17)"; return 1; }
+  command -v g++ >/dev/null || { peer_skip="g++ missing"; return 1; }
+  PEER_BIN=$W/memfs_ll
+  PEER_FROM="$src$(git -C "$LIBFUSE_SRC" describe --tags --always 2>/dev/null | sed 's/^/ at /')"
+  local flags=(-O2 -std=c++17 -DHAVE_LINUX_LIMITS_H -pthread)
+  # shellcheck disable=SC2046
+  g++ "${flags[@]}" -o "$PEER_BIN" "$src" $(pkg-config --cflags --libs fuse3) >"$W/memfs_ll.build" 2>&1 && return 0
+  mkdir -p "$W/memfs_ll.port"
+  sed -e '/^[[:space:]]*\.tmpfile[[:space:]]*=/d' -e '/parallel_direct_writes[[:space:]]*=/d' "$src" > "$W/memfs_ll.port/memfs_ll.cc"
+  cat > "$W/memfs_ll.port/fuse_daemonize.h" <<'H'
+/* bench.sh's stand-in for libfuse 3.19's fuse_daemonize.h on an older fuse3: foreground only. */
+#pragma once
+#include <fuse_lowlevel.h>
+#define FUSE_DAEMONIZE_NO_BACKGROUND 1
+static inline int fuse_daemonize_early_start(unsigned int flags) { (void)flags; return 0; }
+static inline void fuse_daemonize_early_success(void) {}
+static inline void fuse_daemonize_early_fail(int err) { (void)err; }
+#ifndef FUSE_CONN_FLAG_SINGLE_ISSUER
+#define fuse_set_conn_flag(conn, flag) ((void)(conn))
+#endif
+#if FUSE_MINOR_VERSION < 17
+#define fuse_set_feature_flag(conn, flag) ((conn)->want |= (flag))
+#endif
+H
+  # shellcheck disable=SC2046
+  if g++ "${flags[@]}" -I"$W/memfs_ll.port" -o "$PEER_BIN" "$W/memfs_ll.port/memfs_ll.cc" $(pkg-config --cflags --libs fuse3) \
+       >"$W/memfs_ll.build" 2>&1; then
+    PEER_FROM="$PEER_FROM, ported to fuse3 $fuse3v"
+    return 0
+  fi
+  peer_skip="$src does not build against fuse3 $fuse3v, even ported: $(grep -m1 'error' "$W/memfs_ll.build" || tail -1 "$W/memfs_ll.build")"
+  return 1
+}
+# Two mounts of it where it has -o no_timeout (libfuse 3.19): memfs (its defaults: entries and
+# attributes expire at once, so every stat and unlink looks the name up again) and memfsc, which
+# caches them as chargefs does (for an hour; no_timeout: a day), with direct I/O as chargefs's
+# default cache=direct where it has -o fuse_dio. Neither mounts with default_permissions (memfs_ll
+# checks no permission at all); chargefs does, and kernels up to at least 6.18 then re-read a
+# directory's attributes (a GETATTR) after every create or unlink in it.
+declare -A PEER_OPTS=([memfs]="")
+start_peer() {
+  local f=$1
+  MNT[$f]=$W/$f; mkdir -p "${MNT[$f]}"
+  # shellcheck disable=SC2086
+  ( echo "$BASHPID" > "$CGD/cgroup.procs" && exec taskset -c "$DCPU" "$PEER_BIN" -f ${PEER_OPTS[$f]:+-o "${PEER_OPTS[$f]}"} "${MNT[$f]}" ) >"$W/$f.log" 2>&1 &
+  PID[$f]=$!; CFS_PIDS+=("${PID[$f]}"); CFS_MOUNTS+=("${MNT[$f]}")
+  if wait_mounted "${MNT[$f]}" 20 "${PID[$f]}"; then PEERS+=("$f")
+  else peer_skip="memfs_ll ${PEER_OPTS[$f]} did not mount: $(cat "$W/$f.log")"; fi
+}
+if [ "$only_given:$only" = 0: ] || [ "$only" = meta ]; then
+  if build_memfs_ll; then
+    if "$PEER_BIN" --help 2>&1 | grep -q no_timeout; then
+      PEER_OPTS[memfsc]=no_timeout
+      ! "$PEER_BIN" --help 2>&1 | grep -q fuse_dio || PEER_OPTS[memfsc]+=,fuse_dio
+    fi
+    for f in "${!PEER_OPTS[@]}"; do start_peer "$f"; done
+  fi
+  [ -z "$peer_skip" ] || echo "no memfs_ll column: $peer_skip"
+fi
+
 echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_version), $reps repetition(s)$([ "$quick" = 1 ] && echo ", quick sizes")"
 echo "daemon: $CHARGEFSD"
 [ -z "$baseline" ] || echo "baseline daemon (mount base, default options): $baseline"
@@ -247,6 +328,10 @@ for g in ${groups[@]+"${groups[@]}"}; do
     fi
     [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
+    # The peer runs last in one repetition and right after tmpfs in the next.
+    if [ "$g" = "create stat unlink" ] && [ ${#PEERS[@]} -gt 0 ]; then
+      if [ $((r % 2)) = 1 ]; then order+=("${PEERS[@]}"); else order=(tmpfs "${PEERS[@]}" "${order[@]:1}"); fi
+    fi
     for f in "${order[@]}"; do
       for w in $g; do do_wl "$w" "$f"; done
     done
@@ -414,6 +499,25 @@ if [ ${#REAL_FS[@]} -gt 0 ]; then
   for w in untar "git clone" sqlite "rm -rf"; do
     t=$(median <<<"${RT["$w|rtmpfs"]:-}"); c=$(median <<<"${RT["$w|rcfs"]:-}"); u=$(median <<<"${RT["$w|rcfsu"]:-}")
     printf '| %-10s | %8s | %14s | %13s | %14s | %13s |\n' "$w" "$t" "$c" "$(ratio "$t" "$c")" "$u" "$(ratio "$t" "$u")"
+  done
+fi
+if [ ${#PEERS[@]} -gt 0 ]; then
+  echo
+  echo "Peer: libfuse's memfs_ll ($PEER_FROM), pinned like chargefs, same run; higher is better."
+  echo "memfs_ll: its defaults (entry and attribute timeouts 0)${PEER_OPTS[memfsc]+; memfs_ll -o ${PEER_OPTS[memfsc]}: entries and attributes cached, as chargefs does}:"
+  printf '| %-10s | %-9s | %12s | %12s | %17s |' workload unit chargefs memfs_ll chargefs/memfs_ll
+  [ -z "${PEER_OPTS[memfsc]+x}" ] || printf ' %18s | %17s |' "memfs_ll cached" "chargefs/cached"
+  printf '\n|%s|%s|%s|%s|%s|' ------------ ----------- -------------- -------------- -------------------
+  [ -z "${PEER_OPTS[memfsc]+x}" ] || printf '%s|%s|' -------------------- -------------------
+  echo
+  for w in create stat unlink; do
+    c=$(median <<<"${R["$w|cfs"]:-}"); p=$(median <<<"${R["$w|memfs"]:-}")
+    printf '| %-10s | %-9s | %12s | %12s | %17s |' "$w" "${UNIT[$w]}" "$c" "$p" "$(ratio "$c" "$p")"
+    if [ -n "${PEER_OPTS[memfsc]+x}" ]; then
+      p=$(median <<<"${R["$w|memfsc"]:-}")
+      printf ' %18s | %17s |' "$p" "$(ratio "$c" "$p")"
+    fi
+    echo
   done
 fi
 if [ -n "$baseline" ]; then

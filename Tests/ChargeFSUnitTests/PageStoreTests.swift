@@ -65,21 +65,27 @@ final class PageStoreTests: XCTestCase {
         XCTAssertEqual(dirty, [], "pages handed out with stale bytes", file: file, line: line)
     }
 
-    /// Zeroing for the reserve fails (a pwrite error): the page must be punched instead, and the
-    /// next file that gets it reads zeros.
+    /// Zeroing a freed page for its next file fails (a pwrite error): the page must be punched
+    /// instead, and the next file that gets it reads zeros.
     func testPageThatCannotBeZeroedIsPunchedNotReused() throws {
         let store = try PageStore(capacityPages: 512) { DaemonCharger(arena: $0) }
         var pages: [UInt32] = []
         try store.allocate(8, into: &pages)
         try fillStale(store, pages)
+        store.free(pages)
+        XCTAssertEqual(store.pagesCharged, PageStore.chargeBatch, "freed pages stay charged for reuse")
         store.arena.syscalls.pwrite = { fd, source, count, offset in
             if source == Arena.zeros { errno = EIO; return -1 }
             return Glibc.pwrite(fd, source, count, off_t(offset))
         }
-        store.free(pages)
+        var taken: [UInt32] = []
+        XCTAssertEqual(store.takeCharged(PageStore.chargeBatch, into: &taken), PageStore.chargeBatch - 8,
+                       "the 8 pages that could not be zeroed were not handed out")
         store.arena.syscalls = .kernel
+        XCTAssertTrue(Set(taken).isDisjoint(with: pages))
         XCTAssertEqual(store.pagesLost, 0, "the punch worked")
         XCTAssertEqual(store.pagesCharged, PageStore.chargeBatch - 8, "the 8 pages were uncharged, not kept")
+        store.free(taken)
         let all = allocateAll(store)
         XCTAssertEqual(all.count, 512)
         XCTAssertTrue(Set(all).isSuperset(of: pages), "punched pages are reused")
@@ -92,14 +98,18 @@ final class PageStoreTests: XCTestCase {
         var pages: [UInt32] = []
         try store.allocate(8, into: &pages)
         try fillStale(store, pages)
+        store.free(pages)
         store.arena.syscalls.pwrite = { _, _, _, _ in errno = EIO; return -1 }
         store.arena.syscalls.fallocate = { fd, mode, offset, length in
             if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { errno = EIO; return -1 }
             return cfuse_fallocate(fd, mode, offset, length)
         }
-        store.free(pages)
+        var taken: [UInt32] = []
+        store.takeCharged(PageStore.chargeBatch, into: &taken)
         store.arena.syscalls = .kernel
+        XCTAssertTrue(Set(taken).isDisjoint(with: pages))
         XCTAssertEqual(store.pagesLost, 8)
+        store.free(taken)
         let all = allocateAll(store)
         XCTAssertEqual(all.count, 512 - 8, "every other page is still available")
         XCTAssertTrue(Set(all).isDisjoint(with: pages), "a page that could not be cleaned stays out")
@@ -122,12 +132,84 @@ final class PageStoreTests: XCTestCase {
             }
             return cfuse_fallocate(fd, mode, offset, length)
         }
-        store.free(pages)  // 64 are zeroed into the reserve, 192 punched in one run
+        store.free(pages)  // 64 kept for reuse, the other 192 punched in one run
         store.arena.syscalls = .kernel
         XCTAssertEqual(store.pagesLost, 1)
         let all = allocateAll(store)
         XCTAssertEqual(all.count, 1024 - 1)
         XCTAssertFalse(all.contains(bad))
+        assertZero(store, all)
+    }
+
+    /// A freed page goes back to another file as zeros: whether it is handed out again at once
+    /// (kept charged, zero-filled on the way out) or after the reserve overflowed (punched).
+    func testReusedPagesReadBackZeros() throws {
+        let store = try PageStore(capacityPages: 4096) { DaemonCharger(arena: $0) }
+        var pages: [UInt32] = []
+        try store.allocate(PageStore.chargeBatch, into: &pages)  // the whole charged batch
+        try fillStale(store, pages)
+        store.free(pages)
+        XCTAssertEqual(store.pagesCharged, PageStore.chargeBatch)
+        var again: [UInt32] = []
+        try store.allocate(PageStore.chargeBatch, into: &again)
+        XCTAssertEqual(Set(again), Set(pages), "the freed pages are the ones reused (the reserve had no other)")
+        assertZero(store, again)
+        // One page at a time, as unlinks free them: past the reserve, batches are punched.
+        try fillStale(store, again)
+        store.free(again)
+        var many: [UInt32] = []
+        try store.allocate(1000, into: &many)
+        try fillStale(store, many)
+        for page in many { store.free([page]) }
+        XCTAssertLessThanOrEqual(store.pagesCharged, PageStore.reserveLimit, "the charged slack stays bounded")
+        XCTAssertEqual(store.pagesInUse, 0)
+        let all = allocateAll(store)
+        XCTAssertEqual(Set(all).count, all.count, "no page handed out twice")
+        XCTAssertTrue(Set(all).isSuperset(of: many))
+        assertZero(store, all)
+    }
+
+    /// Freeing pages one at a time past the reserve punches them in batches, not one call each.
+    func testFreesPastTheReservePunchInBatches() throws {
+        final class Counter: @unchecked Sendable { var punches = 0; var zeroes = 0 }
+        let counter = Counter()
+        let store = try PageStore(capacityPages: 4096) { DaemonCharger(arena: $0) }
+        var pages: [UInt32] = []
+        try store.allocate(1024, into: &pages)
+        store.arena.syscalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { counter.punches += 1 }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        store.arena.syscalls.pwrite = { fd, source, count, offset in
+            if source == Arena.zeros { counter.zeroes += 1 }
+            return Glibc.pwrite(fd, source, count, off_t(offset))
+        }
+        for page in pages { store.free([page]) }
+        XCTAssertEqual(counter.zeroes, 0, "nothing is zero-filled until it is handed out")
+        XCTAssertLessThanOrEqual(counter.punches, 1024 / (PageStore.reserveLimit / 2), "one punch per half reserve")
+        XCTAssertLessThanOrEqual(store.pagesCharged, PageStore.reserveLimit)
+        store.arena.syscalls = .kernel
+    }
+
+    /// Charged pages left unused in the reserve (1000 small files: not a multiple of the charge
+    /// batch) make room too, instead of shrinking every later punch.
+    func testUnusedReservePagesDoNotShrinkPunches() throws {
+        final class Counter: @unchecked Sendable { var punches = 0 }
+        let counter = Counter()
+        let store = try PageStore(capacityPages: 4096) { DaemonCharger(arena: $0) }
+        var pages: [UInt32] = []
+        for _ in 0..<1000 { try store.allocate(1, into: &pages) }
+        XCTAssertEqual(store.chargedFreePages, 24)
+        store.arena.syscalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { counter.punches += 1 }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        for page in pages { store.free([page]) }
+        store.arena.syscalls = .kernel
+        XCTAssertLessThanOrEqual(counter.punches, 1000 / (PageStore.reserveLimit / 2) + 2)
+        XCTAssertLessThanOrEqual(store.pagesCharged, PageStore.reserveLimit)
+        let all = allocateAll(store)
+        XCTAssertEqual(all.count, 4096)
         assertZero(store, all)
     }
 

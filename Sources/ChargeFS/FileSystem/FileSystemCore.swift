@@ -91,8 +91,7 @@ final class FileSystemCore {
         if inode.backing != nil { return dropBacking(of: inode) }
         guard inode.pages.count > 0 else { return }
         var freed: [UInt32] = []
-        freed.reserveCapacity(inode.pages.count)
-        inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
+        inode.pages.removeAll(into: &freed)
         store.free(freed)
     }
 

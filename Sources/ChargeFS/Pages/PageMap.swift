@@ -64,6 +64,27 @@ struct PageMap {
         }
     }
 
+    /// Empties the whole map and returns the pages it held (a file's last close or eviction):
+    /// visits only existing chunks, and each only up to its last used slot.
+    mutating func removeAll(into freed: inout [UInt32]) {
+        guard count > 0 else { return }
+        freed.reserveCapacity(freed.count + count)
+        for chunk in chunks.values {
+            var left = chunk.used
+            var slot = 0
+            while left > 0 {
+                let page = chunk.slots[slot]
+                if page != 0 {
+                    freed.append(page)
+                    left -= 1
+                }
+                slot += 1
+            }
+        }
+        chunks.removeAll()
+        count = 0
+    }
+
     /// First page index >= `index` that holds data, if any.
     func nextData(from index: Int) -> Int? {
         let startKey = index >> Self.chunkShift

@@ -8,10 +8,13 @@ import SystemPackage
 /// `free`: those are where a page is charged (through the `PageCharger`, which decides which
 /// cgroup pays) and where the charge is given back (punching the page out of the arena). Pages are numbered from 1; 0 means "no page" in page maps.
 ///
-/// Stale data must never reach another file. A page is handed out only from one of three
-/// places, each holding only pages known to read as zeros: never-used pages (holes), `punched`
-/// (a punch that succeeded: holes again), and `reserve` (a zero-fill that wrote every byte). A
-/// page whose zeroing fails is punched instead; a page whose punch fails too is never used again.
+/// Stale data must never reach another file. A page is handed out only from places holding
+/// pages known to read as zeros: never-used pages (holes), `punched` (a punch that succeeded:
+/// holes again), and `reserve` (charged holes); or from `freed`, the charged pages files gave
+/// back, which `takeCharged` zero-fills as it hands them out (every byte written, or the page
+/// does not go). A page whose zeroing fails is punched instead; a page whose punch fails too is
+/// never used again. Freeing costs no system call until the reserve is full (unlinking a small
+/// file used to cost a 4 KiB zero-fill or a punch of its own, each a pwrite or a fallocate).
 ///
 /// Not thread-safe: the file system calls it under its own lock. Only a `PendingCharge` runs
 /// outside it (a charge may wait on a frozen or slow target); the pages it charges belong to no
@@ -35,9 +38,13 @@ public final class PageStore {
     private var nextFresh: Int = 1
     /// Freed pages punched out of the arena (holes, uncharged); reusing one charges it again.
     private var punched: [UInt32] = []
-    /// Freed pages still charged, zero-filled. Newly charged runs are pushed in descending
-    /// order, so that taking from the end hands a write ascending pages (one copy per run).
+    /// Charged pages that read as zeros (just charged: holes). Newly charged runs are pushed in
+    /// descending order, so that taking from the end hands a write ascending pages (one copy per
+    /// run).
     private var reserve: [UInt32] = []
+    /// Charged pages given back by files, still holding their data: zero-filled only when handed
+    /// out again (`takeCharged`, last freed first), punched in batches when the reserve overflows.
+    private var freed: [UInt32] = []
     /// Pages that belong to files right now.
     public private(set) var pagesInUse = 0
     /// Freed pages whose punch failed (and which were not zero-filled into the reserve): never
@@ -45,7 +52,7 @@ public final class PageStore {
     public private(set) var pagesLost = 0
 
     /// Pages charged to the charger's cgroup (in use, the reserve, and any lost).
-    public var pagesCharged: Int { pagesInUse + reserve.count + pagesLost }
+    public var pagesCharged: Int { pagesInUse + reserve.count + freed.count + pagesLost }
 
     /// A store on `arena` whose pages `charger` pays for (a charger that instantiates pages from
     /// another process was built from the same arena's `fileDescriptor`).
@@ -100,16 +107,30 @@ public final class PageStore {
                       charger: charger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks))
     }
 
-    /// Charged, zero-filled pages ready to hand out.
-    public var chargedFreePages: Int { reserve.count }
+    /// Charged pages ready to hand out (those a file gave back are zero-filled on the way).
+    public var chargedFreePages: Int { reserve.count + freed.count }
 
-    /// Hands out up to `count` pages from the charged reserve, appending them to `pages`; returns
-    /// how many. Never charges, so it is quick under any lock.
+    /// Hands out up to `count` charged pages, appending them to `pages`; returns how many. Every
+    /// page handed out reads as zeros: holes from the reserve first, then pages files gave back,
+    /// each zero-filled here (one that cannot be is punched, or lost, and not handed out, so
+    /// fewer than `count` may come even when that many were charged). Never charges, so it is
+    /// quick under any lock.
     @discardableResult
     public func takeCharged(_ count: Int, into pages: inout [UInt32]) -> Int {
-        let got = min(count, reserve.count)
+        var got = min(count, reserve.count)
         for _ in 0..<got { pages.append(reserve.removeLast()) }
+        var failed: [UInt32] = []
+        while got < count, let page = freed.popLast() {
+            // zero() writes through the file, so the daemon does not fault the page into its mapping.
+            if arena.zero(page) {
+                pages.append(page)
+                got += 1
+            } else {
+                failed.append(page)
+            }
+        }
         pagesInUse += got
+        punch(&failed)
         return got
     }
 
@@ -157,19 +178,35 @@ public final class PageStore {
         punched.append(contentsOf: holes.sorted(by: >))
     }
 
-    /// Gives pages back. Up to `reserveLimit` stay charged for reuse (zero-filled); the rest, and
-    /// any page that could not be zeroed, are punched out of the arena, which frees their memory
-    /// and uncharges them.
-    public func free<S: Sequence>(_ freed: S) where S.Element == UInt32 {
+    /// Gives pages back. Up to `reserveLimit` (with the reserve) stay charged for reuse, as they
+    /// are: no system call. Past that they are punched out of the arena, which frees their memory
+    /// and uncharges them. A punch costs a system call however many pages it takes, so a small
+    /// one takes kept pages along (freed ones first, the highest, then unused ones), up to
+    /// `reserveLimit / 2` in all: the next frees find room again (files freed in the order they
+    /// were written give back consecutive pages: one punch serves 32 unlinks of small files).
+    public func free<S: Sequence>(_ pages: S) where S.Element == UInt32 {
         var toPunch: [UInt32] = []
-        for page in freed {
+        for page in pages {
             pagesInUse -= 1
-            // zero() writes through the file, so the daemon does not fault the page into its mapping.
-            if reserve.count < Self.reserveLimit, arena.zero(page) {
-                reserve.append(page)
+            if reserve.count + freed.count < Self.reserveLimit {
+                freed.append(page)
             } else {
                 toPunch.append(page)
             }
+        }
+        guard !toPunch.isEmpty else { return }
+        let cut = min(freed.count, max(0, Self.reserveLimit / 2 - toPunch.count))
+        if cut > 0 {
+            freed.sort(by: >)
+            toPunch.append(contentsOf: freed[..<cut])
+            freed.removeFirst(cut)
+        }
+        // Pages charged and never used (a charge run's leftover) would otherwise keep their room
+        // for good, and every punch after this one would be that much smaller.
+        let unused = min(reserve.count, max(0, Self.reserveLimit / 2 - toPunch.count))
+        if unused > 0 {
+            toPunch.append(contentsOf: reserve[..<unused])  // the highest: the reserve is descending
+            reserve.removeFirst(unused)
         }
         punch(&toPunch)
     }
@@ -185,17 +222,26 @@ public final class PageStore {
     /// Punches the reserve down to `reserveLimit`: charges that ran at once (each caller finding
     /// the reserve empty) may together have charged more than one batch.
     public func trimReserveToLimit() {
-        guard reserve.count > Self.reserveLimit else { return }
-        // The front holds the highest pages (taking goes up from the end): those go.
-        var excess = Array(reserve[0..<(reserve.count - Self.reserveLimit)])
-        reserve.removeFirst(excess.count)
-        punch(&excess)
+        var excess = reserve.count + freed.count - Self.reserveLimit
+        guard excess > 0 else { return }
+        // Unused pages first; the reserve's front holds its highest (taking goes up from the end).
+        let unused = min(excess, reserve.count)
+        var toPunch = Array(reserve[0..<unused])
+        reserve.removeFirst(unused)
+        excess -= unused
+        if excess > 0 {
+            freed.sort(by: >)
+            toPunch.append(contentsOf: freed[0..<excess])
+            freed.removeFirst(excess)
+        }
+        punch(&toPunch)
     }
 
     /// Releases the whole reserve (used when the mount must hand every byte back).
     public func trimReserve() {
-        var all = reserve
+        var all = reserve + freed
         reserve.removeAll()
+        freed.removeAll()
         punch(&all)
     }
 
