@@ -117,6 +117,23 @@ final class BackingFileTests: XCTestCase {
         _ = try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try fs.write(sparse, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
         XCTAssertNil(try fs.open(sparse, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "a file with holes")
         fs.release(sparse)
+        // As many pages as the size needs, but one is past the end and one below it is a hole.
+        let tricky = try create(fs, "tricky", bytes: random(2 << 20))
+        try fs.fallocate(tricky, mode: [.punchHole, .keepSize], offset: 1 << 20, length: 4096)
+        try fs.fallocate(tricky, mode: [.keepSize], offset: 2 << 20, length: 4096)
+        XCTAssertEqual(try fs.getattr(tricky).blocks * 512, 2 << 20, "as many pages as the size needs")
+        XCTAssertNil(try fs.open(tricky, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
+                     "a hole below the end, a page past it")
+        fs.release(tricky)
+        // A write near tmpfs's largest size crosses the threshold too (hostile.sh found the
+        // page count overflowing there).
+        let huge = try create(fs, "huge", bytes: [])
+        let n = try [UInt8](repeating: 1, count: 1).withUnsafeBytes {
+            try fs.write(huge, offset: Int64.max - 2, data: $0, caller: me, clearSetIDAsked: false).written
+        }
+        XCTAssertEqual(n, 1)
+        XCTAssertNil(try fs.open(huge, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "sparse, 2^63 bytes")
+        fs.release(huge)
         let off = try makeFS(passthrough: false)
         let other = try create(off, "big", bytes: random(2 << 20))
         XCTAssertNil(try off.open(other, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "the kernel did not take passthrough")

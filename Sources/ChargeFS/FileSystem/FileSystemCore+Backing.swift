@@ -30,12 +30,17 @@ extension FileSystemCore {
         case granted(BackingFile)
     }
 
-    private static func pages(for size: Int64) -> Int { Int((size + Int64(pageSize) - 1) / Int64(pageSize)) }
+    private static func pages(for size: Int64) -> Int { pagesCovering(size) }
 
-    /// Whether every page below the size exists (a walk of the file's page map).
+    /// Whether every page below the size exists. Asked at each read-only open of a large file:
+    /// as many pages as the size needs and none past the end settles it without a walk (a look
+    /// at each 2 MiB chunk); only pages past the end (KEEP_SIZE, an append's batch) need the walk.
     private func isDense(_ inode: Inode) -> Bool {
         let n = Self.pages(for: inode.size)
-        return inode.pages.count >= n && (n == 0 || inode.pages.nextHole(from: 0) >= n)
+        let held = inode.pages.count
+        if held < n { return false }
+        if held == n && inode.pages.nextData(from: n) == nil { return true }
+        return n == 0 || inode.pages.nextHole(from: 0) >= n
     }
 
     /// After a write: the pages to charge for moving the file into a backing file, when this
@@ -288,7 +293,7 @@ extension FileSystemCore {
     /// Whole pages inside the range are freed, unless passthrough opens exist: then zeroed.
     func punchBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64) throws(Errno) {
         let pageSize = Int64(Self.pageSize)
-        let firstFull = Int((offset + pageSize - 1) / pageSize)
+        let firstFull = Self.pagesCovering(offset)
         let lastFull = Int(end / pageSize)  // exclusive
         guard inode.passthroughOpens == 0, firstFull < lastFull else {
             zero(inode, from: offset, to: end)

@@ -10,6 +10,12 @@ extension FileSystemCore {
 
     static let physicalPages = Int(cfuse_physical_memory()) / PageStore.pageSize
 
+    /// Pages that hold `bytes` from offset 0 (the page index just past them), rounding up; a
+    /// value near 2^63 (tmpfs's size limit) must not overflow on the way.
+    static func pagesCovering(_ bytes: Int64) -> Int {
+        Int(bytes / Int64(pageSize)) + (bytes % Int64(pageSize) == 0 ? 0 : 1)
+    }
+
     /// Splits the byte range [from, to) at page boundaries and calls `body` with each piece's
     /// page index, offset inside the page and length, until it returns false.
     @inline(__always)
@@ -207,7 +213,7 @@ extension FileSystemCore {
         }
         let pageSize = Int64(Self.pageSize)
         if size < inode.size {
-            let keepPages = Int((size + pageSize - 1) / pageSize)
+            let keepPages = Self.pagesCovering(size)
             var freed: [UInt32] = []
             // To the end of the map: pages fallocated with KEEP_SIZE lie past the old size.
             inode.pages.remove(from: keepPages, to: Int.max >> 1, into: &freed)
@@ -253,7 +259,7 @@ extension FileSystemCore {
         if punch {
             // Whole pages inside the range go, even past EOF (KEEP_SIZE allocations live there).
             let punchEnd = end
-            let firstFull = Int((offset + pageSize - 1) / pageSize)
+            let firstFull = Self.pagesCovering(offset)
             let lastFull = Int(punchEnd / pageSize)  // exclusive
             zero(inode, from: offset, to: min(punchEnd, Int64(firstFull) * pageSize))
             if firstFull < lastFull {
