@@ -30,18 +30,22 @@ final class GateCharger: PageCharger, @unchecked Sendable {
 final class ChargeOutsideLockTests: XCTestCase {
     let me = Caller(uid: 1000, gid: 1000)
 
-    func testOtherOperationsGoOnWhileAChargeWaits() throws {
+    /// A file system of 1 GiB whose every charge waits at a closed gate. The reserve starts
+    /// empty, so the first new page needs a charge.
+    func gatedFileSystem() throws -> (FileSystem, GateCharger) {
         var made: GateCharger?
         var config = FileSystemConfig()
         config.maxBytes = 1 << 30
-        // The reserve starts empty, so the first new page needs a charge.
         let store = try PageStore(capacityPages: 1 << 16) { arena in
             let g = GateCharger(arena: arena)
             made = g
             return g
         }
-        let fs = FileSystem(config: config, store: store)
-        let gate = try XCTUnwrap(made)
+        return (FileSystem(config: config, store: store), try XCTUnwrap(made))
+    }
+
+    func testOtherOperationsGoOnWhileAChargeWaits() throws {
+        let (fs, gate) = try gatedFileSystem()
         let root = InodeNumber.root
         let me = self.me
         func create(_ name: String) throws -> InodeNumber {
@@ -127,16 +131,7 @@ final class ChargeOutsideLockTests: XCTestCase {
     /// Writers that each find the reserve empty charge a batch each at once (the stress test saw
     /// 112 pages charged with nothing stored): once they are done the reserve is back at its limit.
     func testConcurrentChargesLeaveNoMoreThanTheReserve() throws {
-        var made: GateCharger?
-        var config = FileSystemConfig()
-        config.maxBytes = 1 << 30
-        let store = try PageStore(capacityPages: 1 << 16) { arena in
-            let g = GateCharger(arena: arena)
-            made = g
-            return g
-        }
-        let fs = FileSystem(config: config, store: store)
-        let gate = try XCTUnwrap(made)
+        let (fs, gate) = try gatedFileSystem()
         let me = self.me
         let writers = 4
         var files: [InodeNumber] = []

@@ -236,12 +236,7 @@ extension FileSystemCore {
         let writable = firstHole > lastIndex ? count : Int(Int64(firstHole) * pageSize - offset)
         if writable <= 0 { throw .noSpace }
         try backing.write(source, length: writable, at: offset)
-        let stored = offset + Int64(writable)
-        if stored > inode.size { inode.size = stored }
-        let now = timespec.now
-        inode.mtime = now
-        inode.ctime = now
-        return .done(writable)
+        return .done(noteStored(inode, offset: offset, count: writable))
     }
 
     /// Takes the pages of a charge back under the lock: they are the file's now, unless the file

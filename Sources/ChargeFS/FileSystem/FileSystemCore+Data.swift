@@ -190,12 +190,18 @@ extension FileSystemCore {
             try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
         if written == 0 { throw .noSpace }
-        let stored = offset + Int64(written)
+        return .done(noteStored(inode, offset: offset, count: written))
+    }
+
+    /// What a write that stored `count` bytes at `offset` does to the file beside its data:
+    /// the size grows to cover them, mtime and ctime move. Returns `count`.
+    func noteStored(_ inode: Inode, offset: Int64, count: Int) -> Int {
+        let stored = offset + Int64(count)
         if stored > inode.size { inode.size = stored }
         let now = timespec.now
         inode.mtime = now
         inode.ctime = now
-        return .done(written)
+        return count
     }
 
     /// The charge to run before `needed` pages can be taken from the reserve, if it is short and
