@@ -6,15 +6,17 @@
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
 #   --only      runs one group of workloads (seq, rand, meta, readdir, par8, real) and no memory probe;
-#               real: untar, git clone, SQLite and rm -rf as a user runs them (unpinned), on fresh
-#               tmpfs, chargefs over /dev/fuse and (where the kernel has it) over io_uring
+#               real: untar, git clone, git fsck, make, SQLite and rm -rf as a user runs them
+#               (unpinned), on fresh tmpfs, chargefs over /dev/fuse and (where the kernel has it)
+#               over io_uring, and memfs_ll where it is built
 #   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
 #               options, in the same run, and prints chargefs/baseline per workload
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
 #      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp),
 #      LIBFUSE_SRC=a libfuse source tree (3.17+), whose example/memfs_ll.cc is built with g++
-#      against the installed fuse3 as a peer column for create/stat/unlink, or MEMFS_LL=a built
-#      memfs_ll; without either the column is skipped (no libfuse code lives in this repository).
+#      against the installed fuse3 as a peer column for create/stat/unlink and the real workloads,
+#      or MEMFS_LL=a built memfs_ll; without either the column is skipped (no libfuse code lives
+#      in this repository).
 # Root only. Leaves nothing mounted, running or created.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --baseline) baseline=${2:-}; shift $(($# > 1)); [ -x "$baseline" ] ||
       { echo "bench.sh: --baseline needs an executable chargefsd, not '$baseline'" >&2; exit 2; } ;;
     --no-setup) setup=0 ;;
-    -h|--help) sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '5s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
@@ -200,22 +202,27 @@ H
 # checks no permission at all); chargefs does, and kernels up to at least 6.18 then re-read a
 # directory's attributes (a GETATTR) after every create or unlink in it.
 declare -A PEER_OPTS=([memfs]="")
+# start_peer NAME [OPTS] [unpinned]: mounts memfs_ll at $W/NAME (pinned like the daemons unless
+# "unpinned"); on success NAME joins PEERS (pinned) or is left to the caller (unpinned).
 start_peer() {
-  local f=$1
+  local f=$1 opts=${2-${PEER_OPTS[$1]}} pin=(taskset -c "$DCPU")
+  [ "${3:-}" != unpinned ] || pin=()
   MNT[$f]=$W/$f; mkdir -p "${MNT[$f]}"
   # shellcheck disable=SC2086
-  ( echo "$BASHPID" > "$CGD/cgroup.procs" && exec taskset -c "$DCPU" "$PEER_BIN" -f ${PEER_OPTS[$f]:+-o "${PEER_OPTS[$f]}"} "${MNT[$f]}" ) >"$W/$f.log" 2>&1 &
+  ( echo "$BASHPID" > "$CGD/cgroup.procs" && exec "${pin[@]}" "$PEER_BIN" -f ${opts:+-o "$opts"} "${MNT[$f]}" ) >"$W/$f.log" 2>&1 &
   PID[$f]=$!; CFS_PIDS+=("${PID[$f]}"); CFS_MOUNTS+=("${MNT[$f]}")
-  if wait_mounted "${MNT[$f]}" 20 "${PID[$f]}"; then PEERS+=("$f")
-  else peer_skip="memfs_ll ${PEER_OPTS[$f]} did not mount: $(cat "$W/$f.log")"; fi
+  if wait_mounted "${MNT[$f]}" 20 "${PID[$f]}"; then [ "${3:-}" = unpinned ] || PEERS+=("$f")
+  else peer_skip="memfs_ll $opts did not mount: $(cat "$W/$f.log")"; return 1; fi
 }
-if [ "$only_given:$only" = 0: ] || [ "$only" = meta ]; then
+PEER_BUILT=0
+if [ "$only_given:$only" = 0: ] || [ "$only" = meta ] || [ "$only" = real ]; then
   if build_memfs_ll; then
+    PEER_BUILT=1
     if "$PEER_BIN" --help 2>&1 | grep -q no_timeout; then
       PEER_OPTS[memfsc]=no_timeout
       ! "$PEER_BIN" --help 2>&1 | grep -q fuse_dio || PEER_OPTS[memfsc]+=,fuse_dio
     fi
-    for f in "${!PEER_OPTS[@]}"; do start_peer "$f"; done
+    if [ "$only" != real ]; then for f in "${!PEER_OPTS[@]}"; do start_peer "$f" || true; done; fi
   fi
   [ -z "$peer_skip" ] || echo "no memfs_ll column: $peer_skip"
 fi
@@ -341,15 +348,28 @@ done
 
 # --- real workloads: what a pod does on its scratch volume, unpinned -----------------------------
 # Fresh mounts whose daemons run unpinned (the kernel places them, as for a user), each workload
-# timed in ms: untar of a source tree, git clone of this repository, SQLite (WAL, rows in
+# timed in ms: untar of a source tree, git clone of this repository and git fsck of the clone,
+# make -j2 of two C programs compiled against the untarred headers, SQLite (WAL, rows in
 # transactions), rm -rf of all of it. The file systems alternate every repetition; medians.
+# With memfs_ll built (LIBFUSE_SRC or MEMFS_LL), a C FUSE file system that caches entries and
+# attributes and checks no permission runs them too, unpinned: what FUSE itself allows here.
 declare -A RT
 REAL_FS=()
+REAL_WL=(untar "git clone" "git fsck" make sqlite "rm -rf")
 if [ -z "$only" ] || [ "$only" = real ]; then
   if [ "$quick" = 1 ]; then TAR_SRC=/usr/include/linux; SQL_ROWS=20000; SQL_TX=40
   else TAR_SRC=/usr/include; SQL_ROWS=100000; SQL_TX=200; fi
-  tar -C "$(dirname "$TAR_SRC")" -cf "$W/src.tar" "$(basename "$TAR_SRC")"
+  # Symlinks archived as the files they name (-h): memfs_ll has no symlink.
+  tar -C "$(dirname "$TAR_SRC")" -chf "$W/src.tar" "$(basename "$TAR_SRC")"
   TAR_ENTRIES=$(tar -tf "$W/src.tar" | wc -l)
+  # Two programs whose compilation reads a few hundred headers from the mount.
+  mkdir -p "$W/mk"
+  for prog in one two; do
+    { printf '#include <linux/%s.h>\n' fs bpf perf_event io_uring netlink if_link ethtool kvm nl80211 videodev2
+      printf 'int main(void) { return (int)sizeof(%s); }\n' "$([ $prog = one ] && echo 'union bpf_attr' || echo 'struct perf_event_attr')"
+    } > "$W/mk/$prog.c"
+  done
+  printf 'all: one two\n%%: %%.c\n\t$(CC) -O2 -I$(INC) -o $@ $<\n' > "$W/mk/Makefile"
   REAL_FS=(rtmpfs rcfs)
   MNT[rtmpfs]=$W/rtmpfs; mkdir -p "${MNT[rtmpfs]}"
   mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[rtmpfs]}"; CFS_MOUNTS+=("${MNT[rtmpfs]}")
@@ -363,15 +383,41 @@ if [ -z "$only" ] || [ "$only" = real ]; then
     PID[rcfsu]=$CFS_PID
   fi
   CFS_WRAP=$saved_wrap
+  declare -A PEER_FAILED=()
+  if [ "$PEER_BUILT" = 1 ] && start_peer rpeer "${PEER_OPTS[memfsc]-}" unpinned; then REAL_FS+=(rpeer)
+  elif [ "$PEER_BUILT" = 1 ]; then echo "no memfs_ll in the real workloads: $peer_skip"; fi
   ms() { echo $(( $(date +%s%N) / 1000000 )); }
-  # real_wl FS: one repetition of every real workload on FS; appends ms to RT.
-  real_wl() {
-    local f=$1 m=${MNT[$1]} t0
-    prefault
-    t0=$(ms); cg_run_in "$CGW" tar -C "$m" -xf "$W/src.tar"; RT["untar|$f"]+=" $(( $(ms) - t0 ))"
-    t0=$(ms); cg_run_in "$CGW" git clone -q --no-local "$repo" "$m/clone"; RT["git clone|$f"]+=" $(( $(ms) - t0 ))"
+  # What each workload costs in requests, from the /dev/fuse mount's own counter (the root's
+  # user.chargefs.requests attribute: what the kernel sent, by kind); the last repetition's.
+  declare -A REQ
+  req_counts() { { getfattr --only-values -n user.chargefs.requests "$1" 2>/dev/null || true; } | tr '=' ' '; echo; }
+  # timed FS WORKLOAD CMD...: runs CMD in the workload cgroup, appends its ms to RT. A failure is
+  # chargefs's bug (the run stops) but only a missing feature of the peer (its cell shows it).
+  timed() {
+    local f=$1 w=$2 t0 ok=1; shift 2
+    [ "$f" != rcfs ] || req_counts "${MNT[$f]}" > "$W/req.before"
     t0=$(ms)
-    cg_run_in "$CGW" "$CFS_PYTHON" - "$m/db.sqlite" "$SQL_ROWS" "$SQL_TX" <<'PY'
+    if cg_run_in "$CGW" "$@" >"$W/real.out" 2>&1; then RT["$w|$f"]+=" $(( $(ms) - t0 ))"; else ok=0; fi
+    if [ "$f" = rcfs ]; then
+      req_counts "${MNT[$f]}" > "$W/req.after"
+      REQ[$w]=$(awk 'NR == FNR {b[$1] = $2; next} NF == 2 && $2 > b[$1] {print $1, $2 - b[$1]}' "$W/req.before" "$W/req.after" |
+        sort -k2,2nr | awk '{t += $2; s = s (NR > 1 ? " " : "") $1 "=" $2} END {print t + 0, s}')
+    fi
+    [ "$ok" = 0 ] || return 0
+    [ "$f" = rpeer ] || die "$w failed on ${MNT[$f]}: $(tail -3 "$W/real.out")"
+    PEER_FAILED[$w]=1
+  }
+  # real_wl FS: one repetition of every real workload on FS.
+  real_wl() {
+    local f=$1 m=${MNT[$1]} inc
+    inc=$m; [ "$(basename "$TAR_SRC")" = linux ] || inc=$m/$(basename "$TAR_SRC")
+    prefault
+    timed "$f" untar tar -C "$m" -xf "$W/src.tar"
+    timed "$f" "git clone" git clone -q --no-local "$repo" "$m/clone"
+    timed "$f" "git fsck" git -C "$m/clone" fsck --full --no-progress
+    cp -r "$W/mk" "$m/mk"
+    timed "$f" make make -s -j2 -C "$m/mk" INC="$inc"
+    timed "$f" sqlite "$CFS_PYTHON" -c '
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
 db.execute("pragma journal_mode=wal")
@@ -384,15 +430,14 @@ for i in range(tx):
     db.execute("commit")
 assert db.execute("select count(*) from t").fetchone()[0] == rows
 db.close()
-PY
-    RT["sqlite|$f"]+=" $(( $(ms) - t0 ))"
-    t0=$(ms); cg_run_in "$CGW" rm -rf "$m/$(basename "$TAR_SRC")" "$m/clone" "$m"/db.sqlite*; RT["rm -rf|$f"]+=" $(( $(ms) - t0 ))"
+' "$m/db.sqlite" "$SQL_ROWS" "$SQL_TX"
+    timed "$f" "rm -rf" rm -rf "$m/$(basename "$TAR_SRC")" "$m/clone" "$m/mk" "$m"/db.sqlite*
     [ -z "$(ls -A "$m")" ] || die "rm -rf left files in $m"
   }
   for ((r = 1; r <= reps; r++)); do
     order=("${REAL_FS[@]}"); [ $((r % 2)) = 0 ] && order=(rtmpfs "${REAL_FS[@]:2}" rcfs)
     for f in "${order[@]}"; do real_wl "$f"; done
-    echo "  [real] repetition $r done:$(for f in "${order[@]}"; do for w in untar "git clone" sqlite "rm -rf"; do printf ' %s/%s=%s' "$f" "${w// /-}" "$(awk '{print $NF}' <<<"${RT["$w|$f"]}")"; done; done)" >&2
+    echo "  [real] repetition $r done:$(for f in "${order[@]}"; do for w in "${REAL_WL[@]}"; do printf ' %s/%s=%s' "$f" "${w// /-}" "$(awk '{print $NF}' <<<"${RT["$w|$f"]:-fail}")"; done; done)" >&2
   done
 fi
 
@@ -448,7 +493,7 @@ fi
 
 # --- report --------------------------------------------------------------------------------------
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
 if [ "$only" != real ]; then
 echo
 echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
@@ -493,12 +538,31 @@ fi
 if [ ${#REAL_FS[@]} -gt 0 ]; then
   echo
   echo "Real workloads, unpinned, ms (lower is better; x tmpfs = tmpfs time / this time, 1.00 = tmpfs speed):"
-  echo "untar: $TAR_SRC ($TAR_ENTRIES entries); git clone --no-local of this repository; SQLite: $SQL_ROWS rows in $SQL_TX transactions, WAL; rm -rf of all of it"
-  printf '| %-10s | %8s | %14s | %13s | %14s | %13s |\n' workload tmpfs "chargefs /dev" "x tmpfs" "io_uring" "x tmpfs"
-  printf '|%s|%s|%s|%s|%s|%s|\n' ------------ ---------- ---------------- --------------- ---------------- ---------------
-  for w in untar "git clone" sqlite "rm -rf"; do
+  echo "untar: $TAR_SRC ($TAR_ENTRIES entries); git clone --no-local of this repository, git fsck --full of it; make -j2 of two C programs against the untarred headers; SQLite: $SQL_ROWS rows in $SQL_TX transactions, WAL; rm -rf of all of it"
+  peer_col=0; [ -z "${PID[rpeer]:-}" ] || [[ " ${REAL_FS[*]} " != *" rpeer "* ]] || peer_col=1
+  [ "$peer_col" = 0 ] || echo "memfs_ll: libfuse's example ($PEER_FROM)${PEER_OPTS[memfsc]:+ -o ${PEER_OPTS[memfsc]}}, unpinned; no permission checks"
+  printf '| %-10s | %8s | %14s | %8s | %10s | %8s |' workload tmpfs "chargefs /dev" "x tmpfs" "io_uring" "x tmpfs"
+  [ "$peer_col" = 0 ] || printf ' %9s | %8s |' memfs_ll "x tmpfs"
+  printf '\n|%s|%s|%s|%s|%s|%s|' ------------ ---------- ---------------- ---------- ------------ ----------
+  [ "$peer_col" = 0 ] || printf '%s|%s|' ----------- ----------
+  echo
+  for w in "${REAL_WL[@]}"; do
     t=$(median <<<"${RT["$w|rtmpfs"]:-}"); c=$(median <<<"${RT["$w|rcfs"]:-}"); u=$(median <<<"${RT["$w|rcfsu"]:-}")
-    printf '| %-10s | %8s | %14s | %13s | %14s | %13s |\n' "$w" "$t" "$c" "$(ratio "$t" "$c")" "$u" "$(ratio "$t" "$u")"
+    printf '| %-10s | %8s | %14s | %8s | %10s | %8s |' "$w" "$t" "$c" "$(ratio "$t" "$c")" "$u" "$(ratio "$t" "$u")"
+    if [ "$peer_col" = 1 ]; then
+      p=$(median <<<"${RT["$w|rpeer"]:-}"); [ -z "${PEER_FAILED[$w]:-}" ] || p=fails
+      printf ' %9s | %8s |' "$p" "$(ratio "$t" "$p")"
+    fi
+    echo
+  done
+  echo
+  echo "Requests chargefs received (/dev/fuse mount, last repetition, its user.chargefs.requests attribute); per entry: of the $TAR_ENTRIES untarred or removed:"
+  printf '| %-10s | %9s | %9s | %s |\n' workload requests "per entry" "by kind"
+  printf '|%s|%s|%s|%s|\n' ------------ ----------- ----------- -----------
+  for w in "${REAL_WL[@]}"; do
+    read -r total kinds <<<"${REQ[$w]:-0}"
+    per=-; [ "$w" != untar ] && [ "$w" != "rm -rf" ] || per=$(awk -v a="$total" -v b="$TAR_ENTRIES" 'BEGIN {printf "%.2f", a / b}')
+    printf '| %-10s | %9s | %9s | %s |\n' "$w" "$total" "$per" "${kinds:-}"
   done
 fi
 if [ ${#PEERS[@]} -gt 0 ]; then

@@ -162,6 +162,31 @@ final class MountDataTests: MountTestCase {
         XCTAssertEqual(try FS.read(fd, count: 50_000, at: 0), pattern(50_000))
     }
 
+    /// RAM has nothing to sync: the kernel asks once, learns ENOSYS, and asks no more, while
+    /// fsync(2) keeps succeeding. The counts come from the daemon's request counter.
+    func testFsyncReachesTheDaemonOnceAndRequestsAreCounted() throws {
+        let m = try fs
+        let before = m.requestCounts
+        XCTAssertEqual(before["INIT"], 1, "the counter saw INIT: \(before)")
+        let fd = try FS.open(p("counted"), O_CREAT | O_RDWR)
+        _ = try FS.write(fd, pattern(4096), at: 0)
+        let dfd = try FS.open(root, O_RDONLY | O_DIRECTORY)
+        for _ in 0..<5 {
+            XCTAssertErrno(0, fsync(fd))
+            XCTAssertErrno(0, fdatasync(fd))
+            XCTAssertErrno(0, fsync(dfd), "fsync on a directory")
+        }
+        close(dfd)
+        close(fd)
+        let after = m.requestCounts
+        XCTAssertEqual(after["CREATE", default: 0] - before["CREATE", default: 0], 1, "\(after)")
+        XCTAssertEqual(after["WRITE", default: 0] - before["WRITE", default: 0], 1, "\(after)")
+        XCTAssertLessThanOrEqual(after["FSYNC", default: 0], 1, "fsync answered ENOSYS once: \(after)")
+        XCTAssertLessThanOrEqual(after["FSYNCDIR", default: 0], 1, "fsyncdir answered ENOSYS once: \(after)")
+        XCTAssertEqual(try FS.contents(p("counted")), pattern(4096))
+        XCTAssertErrno(EPERM, Sys.setxattr(root, "user.chargefs.requests", [1]), "the counts are read-only")
+    }
+
     func testFlockAndOFDLocksConflictLikeTmpfs() throws {
         try FS.create(p("lock"), [1])
         let a = try FS.open(p("lock"), O_RDWR)

@@ -50,7 +50,10 @@ final class FuseKernelFeatures {
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
             let n = Glibc.read(fd, buf, len)
-            FuseSession.of(userdata)?.features.note(request: buf, length: n)
+            if let session = FuseSession.of(userdata) {
+                session.requests.count(request: buf, length: n)
+                session.features.note(request: buf, length: n)
+            }
             return n
         }
         io.writev = { fd, iov, count, userdata in

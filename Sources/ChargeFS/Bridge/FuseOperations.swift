@@ -57,7 +57,8 @@ enum FuseOperations {
         }
         // No flush: libfuse answers ENOSYS once and the kernel stops sending it on every close.
         ops.release = { req, ino, fi in FuseOperations.serve(req) { FuseHandlers.release($0, $1, ino: ino, fi: fi) } }
-        ops.fsync = { req, _, _, _ in Reply(req).success() }
+        // No fsync or fsyncdir: RAM has nothing to sync, and on ENOSYS the kernel stops sending
+        // them (it still writes back a file's dirty mmap pages first and reports their errors).
         // Directories keep no per-open state: ENOSYS tells the kernel to stop sending opendir
         // and releasedir, and to cache listings (every change comes through it).
         ops.opendir = { req, _, _ in Reply(req).error(.noFunction) }
@@ -68,7 +69,6 @@ enum FuseOperations {
             FuseOperations.serve(req) { FuseHandlers.readdir($0, $1, ino: ino, size: size, offset: offset, plus: true) }
         }
         ops.releasedir = { req, _, _ in Reply(req).success() }
-        ops.fsyncdir = { req, _, _, _ in Reply(req).success() }
         ops.statfs = { req, _ in FuseOperations.serve(req) { FuseHandlers.statfs($0, $1) } }
         ops.setxattr = { req, ino, name, value, size, flags in
             FuseOperations.serve(req) { FuseHandlers.setxattr($0, $1, ino: ino, name: name, value: value, size: size, flags: flags) }

@@ -11,11 +11,14 @@ final class FuseSession: @unchecked Sendable {
     /// The protocol features negotiated past libfuse 3.14 (written only while INIT is handled,
     /// before the kernel sends any other request).
     let features = FuseKernelFeatures()
+    /// Requests by kind, for the root's `user.chargefs.requests` attribute.
+    let requests = RequestCounts()
     /// The libfuse session; set once, before the first request is read.
     private(set) var handle: OpaquePointer?
 
     init(fileSystem: FileSystem) {
         self.fileSystem = fileSystem
+        fileSystem.reportRequests { [requests] in requests.text }
     }
 
     /// Creates the libfuse session for `arguments` (argv form, libfuse's options).

@@ -228,6 +228,7 @@ final class UringWorker: @unchecked Sendable {
         current = entry
         currentUnique = inHeader.unique
         answered = false
+        session.requests.count(request: request, length: total)
         session.features.note(request: request, length: total)
         var buffer = fuse_buf()
         buffer.size = total

@@ -16,6 +16,8 @@ public final class FileSystem: Sendable {
     public static let xattrNameMax = 255
     /// The root's read-only status attribute (getfattr -n user.chargefs.status MOUNTPOINT).
     public static let statusXattr: FileName = Array("user.chargefs.status".utf8)
+    /// The root's read-only count of requests by kind, as the transport reports them.
+    public static let requestsXattr: FileName = Array("user.chargefs.requests".utf8)
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
@@ -25,6 +27,8 @@ public final class FileSystem: Sendable {
     private let servedOverIoUring = Atomic(false)
     /// Whether the kernel took FUSE passthrough at INIT.
     private let kernelPassthrough = Atomic(false)
+    /// Where `requestsXattr` comes from: the transport, which sees the requests (none in-process).
+    private let requestReport = Mutex<(@Sendable () -> String)?>(nil)
 
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
@@ -46,6 +50,11 @@ public final class FileSystem: Sendable {
     /// Which transport serves requests: set when io_uring's rings register or fail.
     public func noteTransport(ioUring: Bool) {
         servedOverIoUring.store(ioUring, ordering: .relaxed)
+    }
+
+    /// Sets what the root's `user.chargefs.requests` attribute shows.
+    public func reportRequests(with report: @escaping @Sendable () -> String) {
+        requestReport.withLock { $0 = report }
     }
 
     /// `io_uring` or `dev-fuse`, as the status attribute and the log name it.
@@ -250,6 +259,9 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
+        if ino == Self.rootIno && name == Self.requestsXattr {
+            return Array((requestReport.withLock { $0 }?() ?? "").utf8)
+        }
         let caching = caching, transport = transport, passthrough = passthroughEnabled
         return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, transport: transport, passthrough: passthrough) }
     }

@@ -18,7 +18,7 @@ extension FileSystemCore {
         let inode = try inode(ino)
         try Self.checkName(name)
         if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
-        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { throw .notPermitted }
+        if ino == FileSystem.rootIno && (name == FileSystem.statusXattr || name == FileSystem.requestsXattr) { throw .notPermitted }
         let exists = inode.xattrs?[name] != nil
         if flags.contains(.create) && exists { throw .fileExists }
         if flags.contains(.replace) && !exists { throw .noData }

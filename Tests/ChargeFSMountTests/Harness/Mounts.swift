@@ -199,6 +199,18 @@ final class ChargeFSMount {
         return text.split(separator: "\n").first(where: { $0.hasPrefix("transport=") }).map { String($0.dropFirst(10)) }
     }
 
+    /// The root's `user.chargefs.requests` attribute: requests the kernel sent, by kind.
+    var requestCounts: [String: Int] {
+        let (n, value) = Sys.getxattr(mountpoint, "user.chargefs.requests", size: 8192)
+        guard n > 0 else { return [:] }
+        var counts: [String: Int] = [:]
+        for line in String(decoding: value.prefix(n), as: UTF8.self).split(separator: "\n") {
+            let parts = line.split(separator: "=")
+            if parts.count == 2, let count = Int(parts[1]) { counts[String(parts[0])] = count }
+        }
+        return counts
+    }
+
     var entry: MountEntry? { MountTable.entries(at: mountpoint).last }
     var isMounted: Bool { !MountTable.entries(at: mountpoint).isEmpty }
     func path(_ rel: String) -> String { mountpoint + "/" + rel }
