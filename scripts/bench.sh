@@ -539,7 +539,7 @@ if [ ${#REAL_FS[@]} -gt 0 ]; then
   echo
   echo "Real workloads, unpinned, ms (lower is better; x tmpfs = tmpfs time / this time, 1.00 = tmpfs speed):"
   echo "untar: $TAR_SRC ($TAR_ENTRIES entries); git clone --no-local of this repository, git fsck --full of it; make -j2 of two C programs against the untarred headers; SQLite: $SQL_ROWS rows in $SQL_TX transactions, WAL; rm -rf of all of it"
-  peer_col=0; [ -z "${PID[rpeer]:-}" ] || [[ " ${REAL_FS[*]} " != *" rpeer "* ]] || peer_col=1
+  peer_col=0; [[ " ${REAL_FS[*]} " != *" rpeer "* ]] || peer_col=1
   [ "$peer_col" = 0 ] || echo "memfs_ll: libfuse's example ($PEER_FROM)${PEER_OPTS[memfsc]:+ -o ${PEER_OPTS[memfsc]}}, unpinned; no permission checks"
   printf '| %-10s | %8s | %14s | %8s | %10s | %8s |' workload tmpfs "chargefs /dev" "x tmpfs" "io_uring" "x tmpfs"
   [ "$peer_col" = 0 ] || printf ' %9s | %8s |' memfs_ll "x tmpfs"

@@ -5,8 +5,8 @@ import Synchronization
 /// transport and shown by `getfattr -n user.chargefs.requests MOUNTPOINT`: what a workload costs
 /// in round trips, read from the kernel's side of the protocol rather than guessed.
 ///
-/// One relaxed atomic add per request; the counters are separate objects so that the few busy
-/// ones (LOOKUP, WRITE, GETATTR) do not share a cache line with each other.
+/// One relaxed atomic add per request (pinned metadata rows measured 0.97-1.03 of a build without
+/// it). Each counter is an object of its own because an `Atomic` needs a stable address.
 final class RequestCounts: Sendable {
     private final class Counter: Sendable {
         let value = Atomic<UInt64>(0)
