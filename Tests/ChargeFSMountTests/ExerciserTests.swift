@@ -153,10 +153,10 @@ struct Exerciser {
 
     /// A content hash (the standard library's, fast even in a debug build; seeded per process,
     /// and both roots are hashed by this one).
-    static func fnv(_ b: [UInt8]) -> UInt64 {
+    static func contentHash(_ b: [UInt8]) -> String {
         var h = Hasher()
         b.withUnsafeBytes { h.combine(bytes: $0) }
-        return UInt64(bitPattern: Int64(h.finalize()))
+        return String(UInt64(bitPattern: Int64(h.finalize())), radix: 16)
     }
 
     /// Applies `op` under `root`; returns a transcript of the outcome.
@@ -188,7 +188,7 @@ struct Exerciser {
             return withFd(p, O_RDONLY) { fd in
                 var b = [UInt8](repeating: 0, count: len)
                 let n = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, len, off_t(off)) }
-                return n < 0 ? errnoName(errno) : "n=\(n) h=\(String(fnv(Array(b.prefix(n))), radix: 16))"
+                return n < 0 ? errnoName(errno) : "n=\(n) h=\(contentHash(Array(b.prefix(n))))"
             }
         case .truncate(let p, let n):
             return rc(truncate(P(p), off_t(n)))
@@ -257,7 +257,7 @@ struct Exerciser {
             var b = [UInt8](repeating: 0, count: len)
             let n = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, len, off_t(off)) }
             if n < 0 { return errnoName(errno) }
-            var out = "n=\(n) h=\(String(fnv(Array(b.prefix(n))), radix: 16))"
+            var out = "n=\(n) h=\(contentHash(Array(b.prefix(n))))"
             // And through a shared read-only map of the held descriptor, inside the file.
             var st = StatBuf()
             guard fstat(fd, &st) == 0 else { return out + " fstat \(errnoName(errno))" }
@@ -269,7 +269,7 @@ struct Exerciser {
                 }
                 let mapped = Array(UnsafeRawBufferPointer(start: m + (off - start), count: end - off))
                 munmap(m, end - start)
-                out += " map=\(String(fnv(mapped), radix: 16))"
+                out += " map=\(contentHash(mapped))"
             }
             return out
         case .dropReader(let p):
@@ -295,7 +295,7 @@ struct Exerciser {
         switch st.fileType {
         case S_IFREG:
             s += " size=\(st.st_size)" + (blocks ? " blocks=\(st.st_blocks)" : "")
-            if let c = try? FS.contents(path) { s += " h=\(String(fnv(c), radix: 16))" } else { s += " unreadable" }
+            if let c = try? FS.contents(path) { s += " h=\(contentHash(c))" } else { s += " unreadable" }
         case S_IFLNK:
             s += " -> \((try? FS.readlink(path)) ?? "?")"
         case S_IFDIR:
@@ -305,7 +305,7 @@ struct Exerciser {
         }
         if st.fileType == S_IFREG || st.fileType == S_IFDIR {
             let xs = Sys.listxattr(path, size: 4096, nofollow: true).1.filter { $0.hasPrefix("user.") }.sorted()
-            let vals = xs.map { "\($0)=\(String(fnv(Sys.getxattr(path, $0, size: 4096).1), radix: 16))" }
+            let vals = xs.map { "\($0)=\(contentHash(Sys.getxattr(path, $0, size: 4096).1))" }
             s += " xattrs=[\(vals.joined(separator: ","))]"
         }
         return s

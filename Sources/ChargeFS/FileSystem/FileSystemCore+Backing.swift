@@ -30,13 +30,11 @@ extension FileSystemCore {
         case granted(BackingFile)
     }
 
-    private static func pages(for size: Int64) -> Int { pagesCovering(size) }
-
     /// Whether every page below the size exists. Asked at each read-only open of a large file:
     /// as many pages as the size needs and none past the end settles it without a walk (a look
     /// at each 2 MiB chunk); only pages past the end (KEEP_SIZE, an append's batch) need the walk.
     private func isDense(_ inode: Inode) -> Bool {
-        let n = Self.pages(for: inode.size)
+        let n = Self.pagesCovering(inode.size)
         let held = inode.pages.count
         if held < n { return false }
         if held == n && inode.pages.nextData(from: n) == nil { return true }
@@ -49,7 +47,7 @@ extension FileSystemCore {
     func dueForBackingFile(_ inode: Inode, sizeBefore: Int64) -> Int? {
         guard inode.backing == nil, let min = config.passthroughMinBytes, sizeBefore < min, inode.size >= min,
               store.canMakeBackingFiles, isDense(inode) else { return nil }
-        return Self.pages(for: inode.size)
+        return Self.pagesCovering(inode.size)
     }
 
     /// Whether this open (already counted in `openCount`) goes through the backing file. Once
@@ -70,7 +68,7 @@ extension FileSystemCore {
             return .granted(backing)
         }
         guard store.canMakeBackingFiles else { return .none }
-        return .needsBacking(pages: Self.pages(for: inode.size))
+        return .needsBacking(pages: Self.pagesCovering(inode.size))
     }
 
     /// Moves the file's data into `file` (made and charged for `chargedPages` pages) and, with
@@ -80,8 +78,8 @@ extension FileSystemCore {
     func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, chargedPages: Int, forOpen: Bool) -> PassthroughStep {
         guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
               !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0), isDense(inode),
-              Self.pages(for: inode.size) <= chargedPages else { return .none }
-        let n = Self.pages(for: inode.size)
+              Self.pagesCovering(inode.size) <= chargedPages else { return .none }
+        let n = Self.pagesCovering(inode.size)
         // Copy in runs of consecutive arena pages: one pwrite each.
         var index = 0
         while index < n {
@@ -113,7 +111,7 @@ extension FileSystemCore {
     /// last close).
     func trimAhead(_ inode: Inode) {
         guard let backing = inode.backing, backing.aheadEnd > 0 else { return }
-        let from = Self.pages(for: inode.size)
+        let from = Self.pagesCovering(inode.size)
         if backing.aheadEnd > from {
             var marks: [UInt32] = []
             inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
@@ -216,7 +214,7 @@ extension FileSystemCore {
             // appends do not each cost a charge round trip; what the file has not grown into by
             // its last close is given back (`trimAhead`).
             let aheadFrom = lastIndex + 1
-            if aheadFrom >= Self.pages(for: inode.size), pagesAllowed >= missing + PageStore.chargeBatch,
+            if aheadFrom >= Self.pagesCovering(inode.size), pagesAllowed >= missing + PageStore.chargeBatch,
                inode.pages.nextData(from: aheadFrom) == nil {
                 if let tail = runs.last, tail.first + tail.count == aheadFrom {
                     runs[runs.count - 1].count += PageStore.chargeBatch
@@ -265,7 +263,7 @@ extension FileSystemCore {
     func truncateBacked(_ inode: Inode, _ backing: BackingFile, to size: Int64) throws(Errno) {
         let pageSize = Int64(Self.pageSize)
         if size > inode.size, inode.passthroughOpens > 0 {
-            let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pages(for: size) - 1, limit: pagesAllowed)
+            let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pagesCovering(size) - 1, limit: pagesAllowed)
             // Charged here, under the lock: only a truncate up of a file being read through
             // passthrough waits for the target.
             if let pending = charge(inode, backing, holes) {
@@ -278,7 +276,7 @@ extension FileSystemCore {
         try backing.setSize(size)
         if size < inode.size {
             var marks: [UInt32] = []
-            inode.pages.remove(from: Self.pages(for: size), to: Int.max >> 1, into: &marks)
+            inode.pages.remove(from: Self.pagesCovering(size), to: Int.max >> 1, into: &marks)
             store.noteBackingPages(-marks.count)
             backing.shrinks += 1
         }

@@ -195,20 +195,25 @@ public final class PageStore {
             }
         }
         guard !toPunch.isEmpty else { return }
-        let cut = min(freed.count, max(0, Self.reserveLimit / 2 - toPunch.count))
-        if cut > 0 {
-            freed.sort(by: >)
-            toPunch.append(contentsOf: freed[..<cut])
-            freed.removeFirst(cut)
-        }
-        // Pages charged and never used (a charge run's leftover) would otherwise keep their room
-        // for good, and every punch after this one would be that much smaller.
-        let unused = min(reserve.count, max(0, Self.reserveLimit / 2 - toPunch.count))
-        if unused > 0 {
-            toPunch.append(contentsOf: reserve[..<unused])  // the highest: the reserve is descending
-            reserve.removeFirst(unused)
-        }
+        takeKept(Self.reserveLimit / 2 - toPunch.count, into: &toPunch)
         punch(&toPunch)
+    }
+
+    /// Moves up to `count` kept pages into `toPunch`: freed ones first (reusing them would cost
+    /// a zero-fill; a charged hole costs nothing), the highest first, then unused ones (a charge
+    /// run's leftover, which would otherwise keep its room for good and shrink every later punch).
+    private func takeKept(_ count: Int, into toPunch: inout [UInt32]) {
+        let fromFreed = min(freed.count, max(0, count))
+        if fromFreed > 0 {
+            freed.sort(by: >)
+            toPunch.append(contentsOf: freed[..<fromFreed])
+            freed.removeFirst(fromFreed)
+        }
+        let fromReserve = min(reserve.count, max(0, count - fromFreed))
+        if fromReserve > 0 {
+            toPunch.append(contentsOf: reserve[..<fromReserve])  // the highest: the reserve is descending
+            reserve.removeFirst(fromReserve)
+        }
     }
 
     /// Copies `length` bytes into the arena at `page` + `inner` (within consecutive pages).
@@ -222,18 +227,10 @@ public final class PageStore {
     /// Punches the reserve down to `reserveLimit`: charges that ran at once (each caller finding
     /// the reserve empty) may together have charged more than one batch.
     public func trimReserveToLimit() {
-        var excess = reserve.count + freed.count - Self.reserveLimit
+        let excess = reserve.count + freed.count - Self.reserveLimit
         guard excess > 0 else { return }
-        // Unused pages first; the reserve's front holds its highest (taking goes up from the end).
-        let unused = min(excess, reserve.count)
-        var toPunch = Array(reserve[0..<unused])
-        reserve.removeFirst(unused)
-        excess -= unused
-        if excess > 0 {
-            freed.sort(by: >)
-            toPunch.append(contentsOf: freed[0..<excess])
-            freed.removeFirst(excess)
-        }
+        var toPunch: [UInt32] = []
+        takeKept(excess, into: &toPunch)
         punch(&toPunch)
     }
 
