@@ -90,19 +90,21 @@ final class WriteAtLimitTests: XCTestCase {
     }
 }
 
-/// cache= automatic: direct only where shared mmap of direct-I/O files is known to work.
+/// cache= automatic is direct on every kernel (a page-cache copy charged to a writer inside the
+/// target lets the kernel OOM-kill it before 6.9); shared maps of direct-I/O files only from 6.9.
 final class CacheModeChoiceTests: XCTestCase {
-    func testAutomaticChoice() {
-        func choose(_ offered: Bool, _ release: String, _ asked: FileCaching = .automatic) -> FileCaching {
-            CacheModeChoice.resolve(asked, kernelOffersMmapWithDirectIO: offered, kernelRelease: release)
-        }
-        XCTAssertEqual(choose(true, "6.18.0-1-amd64"), .direct)
-        XCTAssertEqual(choose(true, "6.9.0"), .direct)
-        XCTAssertEqual(choose(true, "6.8.12-generic"), .page, "6.6-6.8 may lack the VM_MAYSHARE fix")
-        XCTAssertEqual(choose(true, "6.6.30"), .page)
-        XCTAssertEqual(choose(false, "6.18.0"), .page, "no FUSE_DIRECT_IO_ALLOW_MMAP offered")
-        XCTAssertEqual(choose(true, "garbage"), .page)
-        XCTAssertEqual(choose(true, "6.6.30", .direct), .direct, "an explicit choice stands")
-        XCTAssertEqual(choose(true, "6.18.0", .page), .page)
+    func testAutomaticIsDirectEverywhere() {
+        XCTAssertEqual(CacheModeChoice.resolve(.automatic), .direct)
+        XCTAssertEqual(CacheModeChoice.resolve(.page), .page, "an explicit choice stands")
+        XCTAssertEqual(CacheModeChoice.resolve(.direct), .direct)
+    }
+
+    func testSharedMapsOfDirectIOFrom69() {
+        XCTAssertTrue(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.18.0-1-amd64"))
+        XCTAssertTrue(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.9.0"))
+        XCTAssertTrue(CacheModeChoice.mapsDirectIOShared(kernelRelease: "7.0.1"))
+        XCTAssertFalse(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.8.12-generic"), "6.6-6.8 may lack the VM_MAYSHARE fix")
+        XCTAssertFalse(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.1.0-57-amd64"))
+        XCTAssertFalse(CacheModeChoice.mapsDirectIOShared(kernelRelease: "garbage"))
     }
 }

@@ -32,12 +32,6 @@ final class FuseKernelFeatures {
         return pthread_key_create(&key, nil) == 0 ? key : nil
     }()
 
-    /// Whether the INIT request offered it (Linux 6.6+); known before libfuse's init callback.
-    var kernelOffersMmapWithDirectIO: Bool {
-        let needed = Self.directIOAllowMmap | UInt64(FUSE_INIT_EXT)
-        return (initRequest?.flags ?? 0) & needed == needed
-    }
-
     /// The kernel asked the request being handled on this thread to clear setuid/setgid.
     static var requestClearsSetID: Bool {
         guard let slot else { return false }
@@ -132,6 +126,9 @@ final class FuseKernelFeatures {
         initPatched = true
         let replyBuffer = UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len)
         var adding = Self.addedFlags
+        if !CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease()) {
+            adding &= ~Self.directIOAllowMmap   // mmap(MAP_SHARED) then fails with ENODEV: see CacheModeChoice
+        }
         if wantsIoUring && !kernelOffersIoUring {
             Log.line("serving over /dev/fuse (the kernel did not offer FUSE over io_uring at INIT)")
         }
