@@ -8,7 +8,8 @@
 #        scripts/vm-run.sh --which        prints the guest that would run (probing if needed)
 #        scripts/vm-run.sh --prepare      installs/fetches what the chosen guest needs
 # The guest is CHARGEFS_VM (uml|qemu) when set, else UML where a probe boot succeeds, else QEMU.
-# The probe's answer is cached per host boot in .build-vm/ (a CPU cannot change under a boot).
+# The probe's answer is cached per host boot in .build-vm/ (a CPU cannot change under a boot;
+# CHARGEFS_VM_CACHE=DIR keeps it elsewhere).
 #
 # The guest's root is this host's / (read-only), so binaries and paths stay valid. Inside: proc,
 # sys, devtmpfs, fuse, tmpfs on /tmp /run /dev/shm, cgroup2 on /sys/fs/cgroup with +memory in the
@@ -19,7 +20,8 @@
 # died without reporting one (a guest that dies after reporting keeps the reported status).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache=$repo/.build-vm
+cache=$repo/.build-vm                          # kernels, initramfs, run folders
+probes=${CHARGEFS_VM_CACHE:-$cache}             # the probe's answers (tests point it elsewhere)
 timeout=600 vm=${CHARGEFS_VM:-} action=run
 usage() { echo "usage: $0 [--timeout SECS] [--vm uml|qemu] -- COMMAND... | --which | --prepare" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -34,7 +36,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$action" != run ] || [ $# -gt 0 ] || usage
 case $vm in ''|uml|qemu) ;; *) echo "vm-run: CHARGEFS_VM/--vm must be uml or qemu, not '$vm'" >&2; exit 2 ;; esac
-mkdir -p "$cache"
+mkdir -p "$cache" "$probes"
 
 die() { echo "vm-run: $*" >&2; exit 125; }
 apt_install() {
@@ -97,7 +99,7 @@ uml_paths() {
   [ -n "$uml" ] || return 1
   command -v busybox >/dev/null || return 1
   local kver; kver=$("$uml" --version 2>/dev/null | head -n1)
-  fuse_ko=/usr/lib/uml/modules/$kver/kernel/fs/fuse/fuse.ko
+  fuse_ko=${CHARGEFS_UML_MODULES:-/usr/lib/uml/modules}/$kver/kernel/fs/fuse/fuse.ko
   [ -f "$fuse_ko" ]
 }
 uml_boot() { # uml_boot SECS: boots $work/init, console to stdout
@@ -186,7 +188,7 @@ qemu_setup() {
 # ---- choosing the guest: a probe boot of UML, cached per host boot
 probe_uml() {
   local boot; boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo unknown)
-  local answer=$cache/probe-$boot
+  local answer=$probes/probe-$boot
   if [ -s "$answer" ]; then cat "$answer"; return; fi
   local kind=qemu
   if uml_paths; then
