@@ -173,8 +173,9 @@ qemu_boot() { # qemu_boot SECS
   local shares=(-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
                 -virtfs "local,path=$work,mount_tag=work,security_model=none")
   case $repo/ in /tmp/*|/run/*|/dev/shm/*) shares+=(-virtfs "local,path=$repo,mount_tag=repo,security_model=none,readonly=on") ;; esac
-  # 2 vCPUs on TCG's threads, 2 GiB; a panic or a reboot ends QEMU (-no-reboot, panic=-1).
-  timeout -k 5 "$1" qemu-system-x86_64 -machine pc -cpu max -accel tcg,thread=multi -smp 2 -m 2048 \
+  # 2 vCPUs on TCG's threads, 2 GiB (CHARGEFS_VM_MEM, MiB); a panic or a reboot ends QEMU
+  # (-no-reboot, panic=-1).
+  timeout -k 5 "$1" qemu-system-x86_64 -machine pc -cpu max -accel tcg,thread=multi -smp 2 -m "${CHARGEFS_VM_MEM:-2048}" \
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
     -kernel "$kdir/vmlinux" -initrd "$kdir/initramfs.cpio" "${shares[@]}" \
     -append "console=ttyS0 loglevel=1 quiet panic=-1 vm.init=$work/init" </dev/null 2>"$work/vm.log"
