@@ -105,7 +105,7 @@ uml_paths() {
 uml_boot() { # uml_boot SECS: boots $work/init, console to stdout
   # timeout signals its whole process group, so UML's host-side helper processes go as well.
   TMPDIR=/dev/shm timeout -k 5 "$1" "$uml" mem=1G root=/dev/root rootfstype=hostfs rootflags=/ ro \
-    con=null con0=null,fd:1 loglevel=1 init="$work/init" </dev/null 2>"$work/vm.log"
+    con=null con0=null,fd:1 loglevel=1 init="$work/init" </dev/null 2>"$work/vm.log" | tr -d "\r"
 }
 uml_setup() {
   uml_paths || die "User-Mode Linux is not installed (scripts/setup.sh installs user-mode-linux, busybox-static)"
@@ -178,7 +178,8 @@ qemu_boot() { # qemu_boot SECS
   timeout -k 5 "$1" qemu-system-x86_64 -machine pc -cpu max -accel tcg,thread=multi -smp 2 -m "${CHARGEFS_VM_MEM:-2048}" \
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
     -kernel "$kdir/vmlinux" -initrd "$kdir/initramfs.cpio" "${shares[@]}" \
-    -append "console=ttyS0 loglevel=1 quiet panic=-1 vm.init=$work/init" </dev/null 2>"$work/vm.log"
+    -append "console=ttyS0 loglevel=1 quiet panic=-1 vm.init=$work/init" </dev/null 2>"$work/vm.log" |
+    tr -d '\r'   # the serial console ends lines with CR LF; pipefail keeps timeout's status
 }
 qemu_setup() {
   qemu_prepare

@@ -305,18 +305,21 @@ ge() { [ "$1" -ge "$2" ]; }
 le() { [ "$1" -le "$2" ]; }
 
 # run_tests FILE TIMEOUT NAME...: runs each test in a fresh process, prints the summary line.
+# A file may define tmo_NAME (given TIMEOUT, prints the test's own limit); the test sees its limit
+# in CFS_THIS_TEST_TIMEOUT.
 run_tests() {
-  local file=$1 tmo=$2 passed=0 failed=0 name rc; shift 2
+  local file=$1 tmo=$2 passed=0 failed=0 name rc t; shift 2
   local failed_names=()
   for name in "$@"; do
     log "=== $name"
-    rc=0
-    timeout --kill-after=15 "$tmo" bash "$file" --one "$name" || rc=$?
+    rc=0 t=$tmo
+    if declare -F "tmo_$name" >/dev/null; then t=$("tmo_$name" "$tmo"); fi
+    CFS_THIS_TEST_TIMEOUT=$t timeout --kill-after=15 "$t" bash "$file" --one "$name" || rc=$?
     if [ "$rc" = 0 ]; then
       passed=$((passed + 1)); log "--- PASS $name"
     else
       failed=$((failed + 1)); failed_names+=("$name")
-      if [ "$rc" = 124 ]; then log "--- FAIL $name (timed out after ${tmo}s)"; else log "--- FAIL $name (exit $rc)"; fi
+      if [ "$rc" = 124 ]; then log "--- FAIL $name (timed out after ${t}s)"; else log "--- FAIL $name (exit $rc)"; fi
     fi
   done
   [ "$failed" = 0 ] || log "failed: ${failed_names[*]}"
