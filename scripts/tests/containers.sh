@@ -195,13 +195,14 @@ pod_container() {
 # What podman's own processes hold in a pod: conmon (and the runc of each exec) sit in a
 # "conmon" cgroup under the cgroup parent. The kubelet's runtimes keep their monitors outside.
 runtime_usage() { if [ -d "$1/conmon" ]; then cg_usage "$1/conmon"; else echo 0; fi; }
-# A pod's usage less what its containers' and podman's cgroups hold: the volume's charge (its
-# pages and the charge helper's leaf) and whatever else the pod itself is charged.
+# What the pod is charged outside its containers' and podman's cgroups: the pod's own pages
+# (memory.stat's non-total cache and rss) and its charge leaves (chargefs-*: the volume's pages
+# and the charge helper). Read from the cgroups that hold it rather than as the pod's usage
+# less its children's, which adds up every child's per-CPU charge stock (up to 0.5 MiB each).
 volume_usage() {
-  local u d; u=$(cg_usage "$1")
-  for d in "$1"/*/; do
-    case $(basename "$d") in chargefs-*) ;; *) u=$((u - $(cg_usage "$d"))) ;; esac
-  done
+  local u d
+  u=$(awk '$1 == "cache" || $1 == "rss" {s += $2} END {print s + 0}' "$1/memory.stat")
+  for d in "$1"/chargefs-*/; do [ -d "$d" ] && u=$((u + $(cg_usage "$d"))); done
   echo "$u"
 }
 # The container's memory cgroup.
@@ -284,6 +285,8 @@ t_pods() {
   local rise c1u c2u mon shr; rise=$(( $(volume_usage "$P1") - base1 )); c1u=$(cg_usage "$(ctr_cgroup "$C1")"); c2u=$(cg_usage "$(ctr_cgroup "$C2")")
   mon=$(runtime_usage "$P1"); shr=$(( $(cg_shmem "$P1") - shm1 ))
   log "  pod 1 rose $(fmt_mib "$rise") for 16 MiB written (shmem $(fmt_mib "$shr")), its containers' and podman's cgroups aside; those hold $(fmt_mib "$c1u"), $(fmt_mib "$c2u") and $(fmt_mib "$mon")"
+  log "    pod 1's own memory.stat: $(awk '$1 ~ /^(cache|rss|shmem|mapped_file|inactive_file|active_file)$/ {printf "%s=%.2fMiB ", $1, $2 / 1048576}' "$P1/memory.stat")"
+  local leaf; for leaf in "$P1"/chargefs-*/; do log "    its charge leaf $(basename "$leaf"): $(fmt_mib "$(cg_usage "$leaf")"), $(awk '$1 ~ /^total_(cache|rss|shmem)$/ {printf "%s=%.2fMiB ", $1, $2 / 1048576}' "$leaf/memory.stat")"; done
   check "pod 1 charged the 16 MiB, outside its containers' cgroups (within 1.5 MiB)" near "$rise" $((16 * MiB)) $((3 * MiB / 2))
   check "as shmem in the pod's memory.stat (16 MiB within 1.5 MiB)" near "$shr" $((16 * MiB)) $((3 * MiB / 2))
   check "each container holds < 2 MiB (their processes, not the data)" bash -c '[ "$1" -lt 2097152 ] && [ "$2" -lt 2097152 ]' _ "$c1u" "$c2u"
