@@ -138,7 +138,7 @@ struct Chargefsd: Sendable {
 
     /// The filesystem type mounted at `path` (the last mount there), nil when none.
     static func mountType(_ path: String) -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        guard let text = readKernelFile("/proc/self/mountinfo") else { return nil }
         var found: String?
         for line in text.split(separator: "\n") {
             let halves = line.components(separatedBy: " - ")
@@ -199,7 +199,7 @@ struct Chargefsd: Sendable {
     /// nearest subreaper's (a container runtime's monitor may be one), which may reap it late.
     static func isRunning(_ pid: pid_t) -> Bool {
         guard kill(pid, 0) == 0 || errno == EPERM else { return false }
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        guard let stat = readKernelFile("/proc/\(pid)/stat"),
               let close = stat.lastIndex(of: ")") else { return true }
         return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
     }
@@ -311,7 +311,7 @@ struct HostDaemon: Sendable {
             if let ns = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/mnt"), ns != own {
                 return pid
             }
-            guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+            guard let status = readKernelFile("/proc/\(pid)/status"),
                   let line = status.split(separator: "\n").first(where: { $0.hasPrefix("PPid:") }),
                   let ppid = pid_t(line.dropFirst(5).trimmingCharacters(in: .whitespaces)) else { return nil }
             pid = ppid

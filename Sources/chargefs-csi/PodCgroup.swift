@@ -54,7 +54,7 @@ struct CgroupTree: Sendable {
         if mount.fsRoot != "/" {
             return "the cgroup filesystem at \(mount.path) shows the subtree \(mount.fsRoot), not the host's whole tree (a private cgroup namespace?)"
         }
-        let procs = (try? String(contentsOfFile: mount.path + rel + "/cgroup.procs", encoding: .utf8)) ?? ""
+        let procs = readKernelFile(mount.path + rel + "/cgroup.procs") ?? ""
         let pid = String(getpid())
         if !procs.split(separator: "\n").contains(where: { $0 == pid }) {
             return "this process's cgroup \(rel) does not hold it under \(mount.path): not the host's cgroup tree"
@@ -64,7 +64,7 @@ struct CgroupTree: Sendable {
 
     /// This process's memory cgroup relative to the hierarchy's mount ("/" for the root).
     func ownCgroupPath() -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8) else { return nil }
+        guard let text = readKernelFile("/proc/self/cgroup") else { return nil }
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3 else { continue }
@@ -83,7 +83,7 @@ struct CgroupTree: Sendable {
 
     /// The cgroup mount whose mount point is the longest prefix of `path` (from mountinfo).
     func mountPoint(containing path: String) -> Mount? {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        guard let text = readKernelFile("/proc/self/mountinfo") else { return nil }
         var best: Mount?
         for line in text.split(separator: "\n") {
             let halves = line.components(separatedBy: " - ")
@@ -103,6 +103,26 @@ struct CgroupTree: Sendable {
         }
         return best
     }
+}
+
+/// The whole of a procfs or cgroupfs file. Foundation's String(contentsOfFile:) trusts the size
+/// stat reports, 0 for these, and returns only its first read: on this host /proc/self/mountinfo
+/// came back cut at 3,935 of 7,798 bytes, so mounts past the first page were not seen (a
+/// published volume reported "not a chargefsd mount" once a node had a few dozen mounts).
+func readKernelFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { return nil }
+        if n == 0 { break }
+        out += buf[0..<n]
+    }
+    return String(decoding: out, as: UTF8.self)
 }
 
 /// Octal escapes (\040 for a space) in /proc/self/mountinfo fields.
@@ -182,8 +202,8 @@ enum DaemonCgroups {
     /// cgroup.procs files to write a daemon's pid into, memory's first.
     static func prepare(memoryCgroup: String, relative: String) -> Result<[String], CSIError> {
         var procs = [memoryCgroup + "/cgroup.procs"]
-        guard let own = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8),
-              let mountinfo = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else {
+        guard let own = readKernelFile("/proc/self/cgroup"),
+              let mountinfo = readKernelFile("/proc/self/mountinfo") else {
             return .failure(CSIError(.internal, "cannot read /proc/self/cgroup and /proc/self/mountinfo"))
         }
         let mounts = cgroupMounts(mountinfo)
