@@ -125,16 +125,24 @@ def main(argv):
     hm = [proc_mem(h) for h in helpers]
     plugin_rss = proc_mem(plugin_pid)[0]
     # idle CPU over 10 s: daemons, helpers and the plugin
-    watched = daemons + helpers + [plugin_pid]
-    c0 = sum(cpu_ticks(p) for p in watched)
+    groups = {"daemons": daemons, "helpers": helpers, "plugin": [plugin_pid]}
+    c0 = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}
     time.sleep(10)
-    c1 = sum(cpu_ticks(p) for p in watched)
-    idle_cpu = (c1 - c0) / HZ / 10.0
+    c1 = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}
+    split = {k: (c1[k] - c0[k]) / HZ / 10.0 for k in groups}
+    idle_cpu = sum(split.values())
     pod_usage = []
     for p in pods:
         with open(os.path.join(p[3], "memory.usage_in_bytes")) as f:
             pod_usage.append(int(f.read()))
     daemon_cg = sorted({m[3] for m in dm})
+    daemon_cg_usage = 0
+    for cg in daemon_cg:
+        try:
+            with open("/sys/fs/cgroup/memory" + cg + "/memory.usage_in_bytes") as f:
+                daemon_cg_usage += int(f.read())
+        except OSError:
+            pass
     helper_cg = sorted({m[3].rsplit("/", 1)[0] + "/…" for m in hm})
 
     t0 = time.monotonic()
@@ -165,7 +173,7 @@ def main(argv):
         print("| daemon RSS: median (min-max) | %s (%s-%s) |" % (mib(statistics.median(m[0] for m in dm)), mib(min(m[0] for m in dm)), mib(max(m[0] for m in dm))))
         print("| daemon PSS: median (sum over all) | %s (%s) |" % (mib(statistics.median(m[1] for m in dm)), mib(sum(m[1] for m in dm))))
         print("| daemon threads: median (max) | %d (%d) |" % (statistics.median(m[2] for m in dm), max(m[2] for m in dm)))
-        print("| daemon memory paid by | %s (memory cgroup) |" % ", ".join(daemon_cg))
+        print("| daemon memory paid by | the driver's node-level cgroup %s: %s for all %d |" % (", ".join(daemon_cg), mib(daemon_cg_usage), len(dm)))
     print("| charge helpers | %d |" % len(hm))
     if hm:
         print("| helper RSS / PSS: median | %s / %s |" % (mib(statistics.median(m[0] for m in hm)), mib(statistics.median(m[1] for m in hm))))
@@ -173,7 +181,7 @@ def main(argv):
         print("| helper memory paid by | the pod: %s |" % ", ".join(helper_cg[:1]))
     print("| pod usage with 1 MiB stored: median (min-max) | %s (%s-%s) |" % (mib(statistics.median(pod_usage)), mib(min(pod_usage)), mib(max(pod_usage))))
     print("| plugin RSS: before / with %d volumes / after %d concurrent | %s / %s / %s |" % (n, conc, mib(plugin_rss0), mib(plugin_rss), mib(plugin_rss_c)))
-    print("| CPU while idle (daemons + helpers + plugin, 10 s) | %.4f CPU (%.1f ms/s) |" % (idle_cpu, idle_cpu * 1000))
+    print("| CPU while idle, 10 s: all / daemons / helpers / plugin | %.1f / %.1f / %.1f / %.1f ms per s |" % (idle_cpu * 1000, split["daemons"] * 1000, split["helpers"] * 1000, split["plugin"] * 1000))
     print("| volumes left mounted at the end | %d |" % len(left))
     return 0 if not left else 1
 
