@@ -235,15 +235,18 @@ t_image() {
     bash -c 'grep -q /nsenter <<<"$1" && grep -q /fusermount3 <<<"$1" && grep -q /getfattr <<<"$1" && grep -q libfuse3.so <<<"$1"' _ "$out"
 }
 
-# Common to both scenarios: the plugin and pod 1 (two containers) with its volume published.
+# open_volume UID LIMIT SIZE: the pod's cgroup and its published volume; sets CG, T and V.
+CG= T= V=
+open_volume() {
+  CG=$(new_pod "$1" "$2"); T=$(target_of "$1" scratch); V=$(vol_id "$1" scratch)
+  mkdir -p "$(dirname "$T")"
+  local out; out=$(csi publish "$V" "$T" "$1" size="$3") || true
+  check "publish the volume of pod $1 ($3): $out" [ "$out" = OK ]
+}
+# Common to both scenarios: pod 1 (two containers) and pod 2 (one), their volumes published.
 P1= P2= UID1= UID2= T1= T2= V1= V2= C1= C2= C3=
 start_pod1() {
-  UID1=$(uuid)
-  P1=$(new_pod "$UID1" $((64 * MiB)))
-  T1=$(target_of "$UID1" scratch); V1=$(vol_id "$UID1" scratch)
-  mkdir -p "$(dirname "$T1")"
-  local out; out=$(csi publish "$V1" "$T1" "$UID1" size=1Gi) || true
-  check "publish pod 1's volume: $out" [ "$out" = OK ]
+  UID1=$(uuid); open_volume "$UID1" $((64 * MiB)) 1Gi; P1=$CG T1=$T V1=$V
   C1=ctest-$$-p1c1; C2=ctest-$$-p1c2
   pod_container "$C1" "$UID1" 65534 "$T1"
   pod_container "$C2" "$UID1" 1000 "$T1"
@@ -251,12 +254,7 @@ start_pod1() {
     bash -c '[ "$(dirname "$1")/$(dirname "$2")" = "$3/$3" ]' _ "$(ctr_cgroup "$C1")" "$(ctr_cgroup "$C2")" "$P1"
 }
 start_pod2() {
-  UID2=$(uuid)
-  P2=$(new_pod "$UID2" $((32 * MiB)))
-  T2=$(target_of "$UID2" scratch); V2=$(vol_id "$UID2" scratch)
-  mkdir -p "$(dirname "$T2")"
-  local out; out=$(csi publish "$V2" "$T2" "$UID2" size=16Mi) || true
-  check "publish pod 2's volume: $out" [ "$out" = OK ]
+  UID2=$(uuid); open_volume "$UID2" $((32 * MiB)) 16Mi; P2=$CG T2=$T V2=$V
   C3=ctest-$$-p2c1
   pod_container "$C3" "$UID2" 65534 "$T2"
 }
@@ -386,10 +384,8 @@ t_upgrade() {
     bash -c 'kill -0 "$1" && kill -0 "$2" && [ "$3" = "$5" ] && [ "$4" = "$6" ]' _ "$d1" "$d2" "$(md5_in "$C2" /data/a)" "$(md5_in "$C3" /data/b)" "$sa" "$sb"
   check "the upgraded plugin found both volumes" [ "$(plugin_log "$PL" | grep -c "^chargefs-csi: state: volume=.* still mounted")" = 2 ]
   # a pod started after the upgrade gets the new build's daemon, from its own copy on the host
-  local uid3 T3 V3 d3; uid3=$(uuid); new_pod "$uid3" $((32 * MiB)) >/dev/null
-  T3=$(target_of "$uid3" scratch); V3=$(vol_id "$uid3" scratch); mkdir -p "$(dirname "$T3")"
-  out=$(csi publish "$V3" "$T3" "$uid3" size=8Mi) || true
-  check "publish a third pod's volume after the upgrade: $out" [ "$out" = OK ]
+  local T3 V3 d3
+  open_volume "$(uuid)" $((32 * MiB)) 8Mi; T3=$T V3=$V
   d3=$(daemons_below "$(dirname "$T3")")
   log "  old daemon runs $(readlink "/proc/$d1/exe"), new $(readlink "/proc/$d3/exe")"
   check "the new volume runs the new build's daemon, the old ones keep theirs" \
