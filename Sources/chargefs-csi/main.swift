@@ -74,7 +74,9 @@ case .failure(let e): fail(e.message)
 }
 // In a container (an ancestor in another mount namespace), daemons start in the host's.
 var hostDaemon: HostDaemon?
-if let ancestor = HostDaemon.runtimeAncestor() {
+if getpid() == 1 {
+    log("WARNING: this plugin is PID 1 of its own PID namespace (no hostPID): every daemon it starts is killed when it exits, and its volumes with them")
+} else if let ancestor = HostDaemon.runtimeAncestor() {
     if let bundle = options.daemonBundle {
         switch HostDaemon.install(bundle: bundle, hostPid: ancestor, hostDir: options.daemonDir) {
         case .success(let h): hostDaemon = h
