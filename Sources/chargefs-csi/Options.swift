@@ -1,6 +1,7 @@
 /// The command line: `chargefs-csi --endpoint unix:///csi/csi.sock --node-id NODE
 /// [--cgroup-root PATH] [--state-dir DIR] [--chargefsd PATH] [--daemon-cgroup PATH]
-/// [--pod-cgroup-wait SECONDS] [--daemon-bundle DIR] [--daemon-dir DIR]`. Bad input is one line on stderr and exit status 2.
+/// [--pod-cgroup-wait SECONDS] [--daemon-bundle DIR] [--daemon-dir DIR]`. Bad input is one line
+/// on stderr and exit status 2.
 struct Options: Sendable {
     var endpoint = ""
     var nodeID = ""
@@ -24,7 +25,8 @@ struct Options: Sendable {
                                   restarted plugin finds them (default /var/lib/kubelet/plugins/csi.chargefs.io/state)
           --chargefsd PATH        the chargefsd binary (default: next to chargefs-csi, then PATH)
           --daemon-cgroup PATH    node-level memory cgroup for the chargefsd daemons themselves
-                                  (default csi.chargefs.io, relative to the memory hierarchy's root)
+                                  (default csi.chargefs.io, relative to the memory hierarchy's root;
+                                  the same path on every other hierarchy where the plugin has a cgroup)
           --pod-cgroup-wait SECS  how long NodePublishVolume waits for the pod's cgroup (default 30)
           --daemon-bundle DIR     run in a container: copy the daemon from DIR to --daemon-dir on the
                                   host and start daemons in the host's mount namespace from there, so
