@@ -80,6 +80,10 @@ remove_images() {
 SCR= KDIR= PDIR= CGNAME= CGROOT= SOCK=
 setup() {
   SCR=$(cfs_tempdir ctest); CFS_DIRS+=("$SCR"); chmod 755 "$SCR"
+  # podman's conmon writes an empty "oom" file into its working directory when a container's
+  # memory cgroup reports an OOM event, which v1 sends when the pod reaches its limit even if
+  # nothing is killed (the fill below): keep it out of the caller's folder
+  cd "$SCR"
   # the kubelet's dir, private to the test: a shared mount, as /var/lib/kubelet is on a node
   KDIR=$SCR/kubelet; mkdir -p "$KDIR"
   mount --bind "$KDIR" "$KDIR"; mount --make-rshared "$KDIR"
