@@ -22,10 +22,12 @@ cd "$repo"
 # Tests: user-mode-linux busybox-static kmod, or qemu-system-x86 cpio xz-utils where UML cannot
 # boot (cgroup v2 in a guest kernel: scripts/vm-run.sh), attr (getfattr), util-linux
 # (fallocate, setpriv, taskset), procps (pgrep), psmisc (fuser), python3, fio, coreutils.
-# CSI tests: python3-pip (grpcio below), python3-yaml (manifest check).
+# CSI tests: python3-pip (grpcio below), python3-yaml (manifest check). Container tests and the
+# image (deploy/build-image.sh): podman, runc (crun refuses hybrid cgroup hosts), debootstrap.
 packages=(libfuse3-dev fuse3 pkg-config gcc libc6-dev user-mode-linux busybox-static kmod
           qemu-system-x86 cpio xz-utils fio attr
-          util-linux procps psmisc python3 coreutils findutils gawk python3-pip python3-yaml)
+          util-linux procps psmisc python3 coreutils findutils gawk python3-pip python3-yaml
+          podman runc debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

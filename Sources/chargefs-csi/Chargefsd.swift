@@ -6,12 +6,16 @@ import Glibc
 /// chargefsd as a separate program: starting one for a volume, finding it, unmounting it, and
 /// reading a mount's figures. Blocking calls; VolumeManager runs them off the async executor.
 struct Chargefsd: Sendable {
-    /// The chargefsd executable.
+    /// The chargefsd executable, as the daemon's mount namespace names it.
     let binary: String
-    /// cgroup.procs of the node-level cgroup the daemons run in: their own memory (code, FUSE
-    /// buffers) is the driver's, not the plugin container's (whose restart must not take them
-    /// along) and not the pod's (which pays only for the volume's pages, through memcg=).
-    let daemonCgroupProcs: String
+    /// cgroup.procs of the node-level cgroups the daemons run in, one per hierarchy the plugin
+    /// has a cgroup of its own on (DaemonCgroups): their own memory (code, FUSE buffers) is the
+    /// driver's, not the plugin container's (whose stop kills what is in its cgroups) and not
+    /// the pod's (which pays only for the volume's pages, through memcg=).
+    let daemonCgroupProcs: [String]
+    /// Where the daemons start: in the plugin's own mount namespace, or in the host's, from a
+    /// copy of the daemon on the host's disk (HostDaemon).
+    var host: HostDaemon? = nil
 
     /// Finds chargefsd: an explicit path, else next to this executable, else on PATH.
     static func locate(explicit: String?) -> String? {
@@ -33,13 +37,28 @@ struct Chargefsd: Sendable {
 
     /// Mounts chargefsd at `target` with `options` and returns once it is mounted (chargefsd
     /// itself detaches after mounting). The daemon starts in a new session inside the daemon
-    /// cgroup, so neither a signal to the plugin's process group nor the end of the plugin's
-    /// container cgroup reaches it. Returns nil on success, else chargefsd's own error.
+    /// cgroups, so neither a signal to the plugin's process group nor the end of the plugin's
+    /// container cgroups reaches it; with `host`, in the host's mount namespace and root too,
+    /// so that the container's own go with the container. The target directory is made
+    /// immutable first (Guard). Returns nil on success, else chargefsd's own error.
     func mount(target: String, options: [String], logFile: String, timeout: Double = 60) -> String? {
-        // sh moves itself into the daemon cgroup, then becomes chargefsd: every process of the
-        // daemon is born there (moving it afterwards would race with its own fork).
-        let argv = ["/bin/sh", "-c", "echo $$ > \"$0\" && exec \"$@\"", daemonCgroupProcs,
-                    binary, target, "-o", options.joined(separator: ",")]
+        if let err = Guard.set(target) { return err }
+        guard let err = start(target: target, options: options, logFile: logFile, timeout: timeout) else { return nil }
+        if !Self.isChargefsMount(target) { _ = Guard.clear(target) }  // the caller may remove it
+        return err
+    }
+
+    private func start(target: String, options: [String], logFile: String, timeout: Double) -> String? {
+        // sh moves itself into every daemon cgroup, then becomes chargefsd: every process of
+        // the daemon is born there (moving it afterwards would race with its own fork).
+        let script = "for f; do shift; [ \"$f\" = -- ] && break; echo $$ > \"$f\" || exit 125; done; exec \"$@\""
+        var argv = ["/bin/sh", "-c", script, "chargefsd-start"] + daemonCgroupProcs + ["--"]
+        if let host {
+            argv = [host.nsenter, "--target", String(host.namespacePid), "--mount", "--"] + argv + host.command
+        } else {
+            argv += [binary]
+        }
+        argv += [target, "-o", options.joined(separator: ",")]
         var pid: pid_t = 0
         var actions = posix_spawn_file_actions_t()
         var attr = posix_spawnattr_t()
@@ -66,8 +85,8 @@ struct Chargefsd: Sendable {
 
         let cArgs = argv.map { strdup($0) } + [nil]
         defer { for a in cArgs { free(a) } }
-        let rc = posix_spawn(&pid, "/bin/sh", &actions, &attr, cArgs, environ)
-        if rc != 0 { return "cannot start /bin/sh for \(binary): \(String(cString: strerror(rc)))" }
+        let rc = posix_spawn(&pid, argv[0], &actions, &attr, cArgs, environ)
+        if rc != 0 { return "cannot start \(argv[0]) for \(binary): \(String(cString: strerror(rc)))" }
 
         // Wait for chargefsd's foreground part; it exits once the mount is up (or failed).
         var status: Int32 = 0
@@ -88,6 +107,9 @@ struct Chargefsd: Sendable {
         unlink(logFile)
         let exited = (status & 0x7f) == 0
         let code = (status >> 8) & 0xff
+        if exited && code == 125 {
+            return "cannot move chargefsd into its cgroups (\(daemonCgroupProcs.joined(separator: ", ")))" + (output.isEmpty ? "" : ": " + output)
+        }
         if !exited || code != 0 {
             let how = exited ? "exit \(code)" : "signal \(status & 0x7f)"
             return "chargefsd failed (\(how))" + (output.isEmpty ? "" : ": " + output.replacingOccurrences(of: "\n", with: "; "))
@@ -116,7 +138,7 @@ struct Chargefsd: Sendable {
 
     /// The filesystem type mounted at `path` (the last mount there), nil when none.
     static func mountType(_ path: String) -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        guard let text = readKernelFile("/proc/self/mountinfo") else { return nil }
         var found: String?
         for line in text.split(separator: "\n") {
             let halves = line.components(separatedBy: " - ")
@@ -161,15 +183,25 @@ struct Chargefsd: Sendable {
             }
             return "cannot unmount \(target): \(String(cString: strerror(errno)))"
         }
+        // the bare directory may go now (the caller removes it)
+        if let err = Guard.clear(target) { return err }
         let deadline = Date().addingTimeInterval(timeout)
         for pid in pids {
-            while kill(pid, 0) == 0 || errno == EPERM {
-                // a zombie of ours cannot exist (it is not our child); stop when it is gone
+            while isRunning(pid) {
                 if Date() > deadline { return "unmounted \(target), but chargefsd \(pid) is still running" }
                 usleep(20_000)
             }
         }
         return nil
+    }
+
+    /// True while `pid` exists and is not a zombie: an exited daemon is not our child but the
+    /// nearest subreaper's (a container runtime's monitor may be one), which may reap it late.
+    static func isRunning(_ pid: pid_t) -> Bool {
+        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let stat = readKernelFile("/proc/\(pid)/stat"),
+              let close = stat.lastIndex(of: ")") else { return true }
+        return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
     }
 
     struct Usage: Sendable {
@@ -201,5 +233,136 @@ struct Chargefsd: Sendable {
             totalInodes: n(s.f_files),
             usedInodes: n(s.f_files - min(s.f_ffree, s.f_files)),
             availableInodes: n(s.f_favail)))
+    }
+}
+
+/// A published volume's target directory is immutable (FS_IMMUTABLE_FL) while the volume is
+/// published. Covered by the mount, the flag is never seen; uncovered (the daemon gone, and its
+/// mount with it), nothing can be created in the directory, not even by root, so a container
+/// that binds it gets EPERM instead of writing to the node's disk uncharged.
+enum Guard {
+    private static let getFlags: UInt = 0x8008_6601  // FS_IOC_GETFLAGS
+    private static let setFlags: UInt = 0x4008_6602  // FS_IOC_SETFLAGS
+    private static let immutable: Int32 = 0x10       // FS_IMMUTABLE_FL
+
+    static func set(_ dir: String) -> String? { change(dir, immutable: true) }
+    static func clear(_ dir: String) -> String? { change(dir, immutable: false) }
+
+    /// True when `dir` (itself, not a mount over it) carries the flag.
+    static func isSet(_ dir: String) -> Bool {
+        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var flags: Int32 = 0
+        return withUnsafeMutablePointer(to: &flags) { ioctl(fd, getFlags, UnsafeMutableRawPointer($0)) } == 0
+            && flags & immutable != 0
+    }
+
+    private static func change(_ dir: String, immutable on: Bool) -> String? {
+        let fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)
+        if fd < 0 {
+            if errno == ENOENT && !on { return nil }
+            return "cannot open \(dir): \(String(cString: strerror(errno)))"
+        }
+        defer { close(fd) }
+        var flags: Int32 = 0
+        var rc = withUnsafeMutablePointer(to: &flags) { ioctl(fd, getFlags, UnsafeMutableRawPointer($0)) }
+        if rc == 0 {
+            if (flags & immutable != 0) == on { return nil }
+            flags = on ? flags | immutable : flags & ~immutable
+            rc = withUnsafeMutablePointer(to: &flags) { ioctl(fd, setFlags, UnsafeMutableRawPointer($0)) }
+        }
+        guard rc != 0 else { return nil }
+        let e = errno
+        if !on && (e == ENOTTY || e == EOPNOTSUPP || e == EINVAL) { return nil }  // never set there
+        if e == ENOTTY || e == EOPNOTSUPP || e == EINVAL {
+            return "target_path \(dir) is on a filesystem without the immutable attribute (\(String(cString: strerror(e)))): were its daemon gone, containers would write to a plain directory there uncharged"
+        }
+        return "cannot \(on ? "set" : "clear") the immutable attribute of \(dir): \(String(cString: strerror(e)))"
+    }
+}
+
+/// Daemons started outside the plugin's container: in the host's mount namespace (so neither
+/// the container's mount namespace nor its root filesystem is theirs to lose), from a copy of
+/// the daemon's files on the host's disk. The host's namespace is that of the nearest ancestor
+/// of the plugin outside its mount namespace: with hostPID, the runtime's container monitor
+/// (conmon, containerd-shim), which lives in the host's. PID 1 would be the obvious choice, but
+/// its namespaces are not always open to the plugin (on this development machine PID 1 is a VM
+/// agent outside the session's sandbox: opening /proc/1/ns/* gives EACCES even to root).
+struct HostDaemon: Sendable {
+    /// A process in the host's mount namespace.
+    let namespacePid: pid_t
+    /// nsenter in the plugin's mount namespace.
+    let nsenter: String
+    /// The daemon's command in the host's namespace: the bundle's dynamic loader (named
+    /// chargefsd, so that ps and /proc/PID/comm say chargefsd), its libraries, the daemon.
+    let command: [String]
+    /// The bundle's folder on the host.
+    let dir: String
+
+    /// The nearest ancestor in another mount namespace whose namespace this process may enter,
+    /// nil when every ancestor shares the plugin's (a plain process on the host).
+    static func runtimeAncestor() -> pid_t? {
+        guard let own = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/mnt") else { return nil }
+        var pid = getppid()
+        var seen = 0
+        while pid > 1 && seen < 64 {
+            seen += 1
+            if let ns = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/mnt"), ns != own {
+                return pid
+            }
+            guard let status = readKernelFile("/proc/\(pid)/status"),
+                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("PPid:") }),
+                  let ppid = pid_t(line.dropFirst(5).trimmingCharacters(in: .whitespaces)) else { return nil }
+            pid = ppid
+        }
+        return nil
+    }
+
+    /// Copies the bundle (a folder: `chargefsd` the dynamic loader, `lib/` the libraries and
+    /// the daemon `lib/chargefsd`, `chargefs-charge-helper` static) into `hostDir`/ID on the
+    /// host, where ID is a hash of its content: each plugin version has its own copy, which
+    /// the daemons it starts keep using after an upgrade. Written through /proc/PID/root, the
+    /// host's root as the ancestor sees it, so no hostPath is needed for it.
+    static func install(bundle: String, hostPid: pid_t, hostDir: String) -> Result<HostDaemon, CSIError> {
+        let fm = FileManager.default
+        let files = ["chargefsd", "chargefs-charge-helper"] + ((try? fm.contentsOfDirectory(atPath: bundle + "/lib")) ?? []).sorted().map { "lib/" + $0 }
+        guard files.contains("lib/chargefsd") else {
+            return .failure(CSIError(.failedPrecondition, "--daemon-bundle \(bundle) has no lib/chargefsd (see deploy/build-image.sh)"))
+        }
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325  // FNV-1a: stable across runs and builds
+        for f in files {
+            guard let data = fm.contents(atPath: bundle + "/" + f) else {
+                return .failure(CSIError(.failedPrecondition, "--daemon-bundle \(bundle): cannot read \(f)"))
+            }
+            for b in f.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+            data.withUnsafeBytes { raw in for b in raw { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 } }
+        }
+        let dir = hostDir + "/" + String(h, radix: 16)
+        let root = "/proc/\(hostPid)/root"
+        let done = root + dir + "/.complete"
+        if !fm.fileExists(atPath: done) {
+            let tmp = root + dir + ".tmp-\(getpid())"
+            do {
+                try? fm.removeItem(atPath: tmp)
+                try fm.createDirectory(atPath: tmp + "/lib", withIntermediateDirectories: true)
+                for f in files {
+                    try fm.copyItem(atPath: bundle + "/" + f, toPath: tmp + "/" + f)
+                    chmod(tmp + "/" + f, f.hasSuffix(".so") || f.contains(".so.") ? 0o644 : 0o755)
+                }
+                try Data().write(to: URL(fileURLWithPath: tmp + "/.complete"))
+                try? fm.removeItem(atPath: root + dir)
+                try fm.moveItem(atPath: tmp, toPath: root + dir)
+            } catch {
+                try? fm.removeItem(atPath: tmp)
+                return .failure(CSIError(.internal, "cannot copy the daemon bundle \(bundle) to \(dir) on the host: \(error.localizedDescription)"))
+            }
+        }
+        guard let nsenter = ["/usr/bin/nsenter", "/bin/nsenter", "/usr/sbin/nsenter"].first(where: { fm.isExecutableFile(atPath: $0) }) else {
+            return .failure(CSIError(.failedPrecondition, "nsenter (util-linux) not found: needed to start daemons in the host's mount namespace"))
+        }
+        return .success(HostDaemon(namespacePid: hostPid, nsenter: nsenter,
+                                   command: [dir + "/chargefsd", "--library-path", dir + "/lib", dir + "/lib/chargefsd"],
+                                   dir: dir))
     }
 }

@@ -1,6 +1,7 @@
 /// The command line: `chargefs-csi --endpoint unix:///csi/csi.sock --node-id NODE
 /// [--cgroup-root PATH] [--state-dir DIR] [--chargefsd PATH] [--daemon-cgroup PATH]
-/// [--pod-cgroup-wait SECONDS]`. Bad input is one line on stderr and exit status 2.
+/// [--pod-cgroup-wait SECONDS] [--daemon-bundle DIR] [--daemon-dir DIR]`. Bad input is one line
+/// on stderr and exit status 2.
 struct Options: Sendable {
     var endpoint = ""
     var nodeID = ""
@@ -10,6 +11,9 @@ struct Options: Sendable {
     /// Where the daemons run; relative paths are below the memory hierarchy's root.
     var daemonCgroup = "csi.chargefs.io"
     var podCgroupWait = 30.0
+    /// The daemon's files for the host (deploy/build-image.sh makes them); nil: --chargefsd.
+    var daemonBundle: String?
+    var daemonDir = "/var/lib/kubelet/plugins/csi.chargefs.io/daemon"
 
     static let usage = """
         usage: chargefs-csi --endpoint unix:///csi/csi.sock --node-id NODE [options]
@@ -21,8 +25,14 @@ struct Options: Sendable {
                                   restarted plugin finds them (default /var/lib/kubelet/plugins/csi.chargefs.io/state)
           --chargefsd PATH        the chargefsd binary (default: next to chargefs-csi, then PATH)
           --daemon-cgroup PATH    node-level memory cgroup for the chargefsd daemons themselves
-                                  (default csi.chargefs.io, relative to the memory hierarchy's root)
+                                  (default csi.chargefs.io, relative to the memory hierarchy's root;
+                                  the same path on every other hierarchy where the plugin has a cgroup)
           --pod-cgroup-wait SECS  how long NodePublishVolume waits for the pod's cgroup (default 30)
+          --daemon-bundle DIR     run in a container: copy the daemon from DIR to --daemon-dir on the
+                                  host and start daemons in the host's mount namespace from there, so
+                                  that they outlive the container (see deploy/kubernetes/README.md)
+          --daemon-dir DIR        the host folder for those copies (default
+                                  /var/lib/kubelet/plugins/csi.chargefs.io/daemon)
           --version, --help
         """
 
@@ -41,7 +51,8 @@ struct Options: Sendable {
             switch a {
             case "-h", "--help": return .success(.help)
             case "-V", "--version": return .success(.version)
-            case "--endpoint", "--node-id", "--cgroup-root", "--state-dir", "--chargefsd", "--daemon-cgroup", "--pod-cgroup-wait":
+            case "--endpoint", "--node-id", "--cgroup-root", "--state-dir", "--chargefsd", "--daemon-cgroup", "--pod-cgroup-wait",
+                 "--daemon-bundle", "--daemon-dir":
                 guard i + 1 < args.count, !args[i + 1].isEmpty else { return .failure(OptionError("\(a) needs a value")) }
                 if let e = set(a, args[i + 1], into: &o) { return .failure(e) }
                 i += 2
@@ -72,6 +83,14 @@ struct Options: Sendable {
         case "--daemon-cgroup":
             guard !v.split(separator: "/").contains("..") else { return OptionError("--daemon-cgroup \"\(v)\" must not contain ..") }
             o.daemonCgroup = v
+        case "--daemon-bundle":
+            guard v.hasPrefix("/") else { return OptionError("--daemon-bundle \"\(v)\" is not an absolute path") }
+            o.daemonBundle = v
+        case "--daemon-dir":
+            guard v.hasPrefix("/"), !v.split(separator: "/").contains("..") else {
+                return OptionError("--daemon-dir \"\(v)\" is not an absolute path without ..")
+            }
+            o.daemonDir = v
         case "--pod-cgroup-wait":
             guard let s = Double(v), s >= 0, s <= 3600 else {
                 return OptionError("--pod-cgroup-wait \"\(v)\" is not a number of seconds (0 to 3600)")

@@ -54,7 +54,7 @@ struct CgroupTree: Sendable {
         if mount.fsRoot != "/" {
             return "the cgroup filesystem at \(mount.path) shows the subtree \(mount.fsRoot), not the host's whole tree (a private cgroup namespace?)"
         }
-        let procs = (try? String(contentsOfFile: mount.path + rel + "/cgroup.procs", encoding: .utf8)) ?? ""
+        let procs = readKernelFile(mount.path + rel + "/cgroup.procs") ?? ""
         let pid = String(getpid())
         if !procs.split(separator: "\n").contains(where: { $0 == pid }) {
             return "this process's cgroup \(rel) does not hold it under \(mount.path): not the host's cgroup tree"
@@ -64,7 +64,7 @@ struct CgroupTree: Sendable {
 
     /// This process's memory cgroup relative to the hierarchy's mount ("/" for the root).
     func ownCgroupPath() -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8) else { return nil }
+        guard let text = readKernelFile("/proc/self/cgroup") else { return nil }
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3 else { continue }
@@ -83,7 +83,7 @@ struct CgroupTree: Sendable {
 
     /// The cgroup mount whose mount point is the longest prefix of `path` (from mountinfo).
     func mountPoint(containing path: String) -> Mount? {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        guard let text = readKernelFile("/proc/self/mountinfo") else { return nil }
         var best: Mount?
         for line in text.split(separator: "\n") {
             let halves = line.components(separatedBy: " - ")
@@ -103,6 +103,26 @@ struct CgroupTree: Sendable {
         }
         return best
     }
+}
+
+/// The whole of a procfs or cgroupfs file. Foundation's String(contentsOfFile:) trusts the size
+/// stat reports, 0 for these, and returns only its first read: on this host /proc/self/mountinfo
+/// came back cut at 3,935 of 7,798 bytes, so mounts past the first page were not seen (a
+/// published volume reported "not a chargefsd mount" once a node had a few dozen mounts).
+func readKernelFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { return nil }
+        if n == 0 { break }
+        out += buf[0..<n]
+    }
+    return String(decoding: out, as: UTF8.self)
 }
 
 /// Octal escapes (\040 for a space) in /proc/self/mountinfo fields.
@@ -166,5 +186,89 @@ enum PodCgroup {
             if ContinuousClock.now >= deadline { return nil }
             try? await Task.sleep(for: .milliseconds(100))
         }
+    }
+}
+
+/// The node-level cgroups the chargefsd daemons run in: one on every hierarchy where this
+/// plugin is not at the root. A container runtime gives the plugin's container a cgroup on every
+/// hierarchy (v1: cpu, memory, pids, freezer, devices...; v2: one) and, when it stops the
+/// container, freezes and kills every process in them (runc reads the pids of its devices and
+/// freezer cgroups on v1) and then removes them. A daemon left in any one of them dies with the
+/// plugin, and the pod's data with it; so every daemon is born in cgroups of the driver's own.
+enum DaemonCgroups {
+    /// Creates `relative` (e.g. "csi.chargefs.io") below the root of each hierarchy this
+    /// process is in, except those where it is at the root (nothing there to leave) and the
+    /// memory hierarchy (`memoryCgroup`, created by the caller, always used). Returns the
+    /// cgroup.procs files to write a daemon's pid into, memory's first.
+    static func prepare(memoryCgroup: String, relative: String) -> Result<[String], CSIError> {
+        var procs = [memoryCgroup + "/cgroup.procs"]
+        guard let own = readKernelFile("/proc/self/cgroup"),
+              let mountinfo = readKernelFile("/proc/self/mountinfo") else {
+            return .failure(CSIError(.internal, "cannot read /proc/self/cgroup and /proc/self/mountinfo"))
+        }
+        let mounts = cgroupMounts(mountinfo)
+        for line in own.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3, parts[2] != "/" else { continue }
+            let controllers = Set(parts[1].split(separator: ",").map(String.init))
+            if controllers.contains("memory") { continue }
+            // v2 is "0::PATH"; a v1 hierarchy is named by its controllers (or name=...)
+            guard let mount = mounts.first(where: { m in
+                controllers.isEmpty ? m.v2 : (!m.v2 && controllers.isSubset(of: m.options))
+            }) else {
+                return .failure(CSIError(.failedPrecondition,
+                    "this process is in cgroup \(parts[2]) of hierarchy \"\(parts[1])\", which is not mounted here: daemons cannot leave it (mount /sys/fs/cgroup of the host into the plugin)"))
+            }
+            let dir = mount.path + "/" + relative
+            if let err = create(dir, below: mount.path) { return .failure(err) }
+            let p = dir + "/cgroup.procs"
+            if !procs.contains(p) { procs.append(p) }
+        }
+        return .success(procs)
+    }
+
+    struct CgroupMount { let path: String; let v2: Bool; let options: Set<String> }
+
+    /// Every cgroup mount showing its hierarchy's whole tree (a bind of a subtree would put the
+    /// daemons' cgroup inside the one they leave), first mount first.
+    static func cgroupMounts(_ mountinfo: String) -> [CgroupMount] {
+        var out: [CgroupMount] = []
+        for line in mountinfo.split(separator: "\n") {
+            let halves = line.components(separatedBy: " - ")
+            guard halves.count >= 2 else { continue }
+            let left = halves[0].split(separator: " "), right = halves[1].split(separator: " ")
+            guard left.count >= 5, right.count >= 3, left[3] == "/" else { continue }
+            let path = unescapeMountinfo(String(left[4]))
+            if right[0] == "cgroup2" {
+                out.append(CgroupMount(path: path, v2: true, options: []))
+            } else if right[0] == "cgroup" {
+                out.append(CgroupMount(path: path, v2: false, options: Set(right[2].split(separator: ",").map(String.init))))
+            }
+        }
+        return out
+    }
+
+    /// mkdir -p of a cgroup; a new cpuset cgroup gets its parent's cpus and mems (v1 starts it
+    /// with none, and no process can join it then).
+    private static func create(_ dir: String, below root: String) -> CSIError? {
+        var path = root
+        for comp in dir.dropFirst(root.count).split(separator: "/") {
+            let parent = path
+            path += "/" + comp
+            if mkdir(path, 0o755) != 0 && errno != EEXIST {
+                return CSIError(.internal, "cannot create the daemons' cgroup \(path): \(String(cString: strerror(errno)))")
+            }
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                guard let cur = try? String(contentsOfFile: path + "/" + f, encoding: .utf8),
+                      cur.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty,
+                      let up = try? String(contentsOfFile: parent + "/" + f, encoding: .utf8) else { continue }
+                do {
+                    try up.write(toFile: path + "/" + f, atomically: false, encoding: .utf8)
+                } catch {
+                    return CSIError(.internal, "cannot give the daemons' cgroup \(path) its parent's \(f): \(error.localizedDescription)")
+                }
+            }
+        }
+        return nil
     }
 }

@@ -9,11 +9,17 @@ struct VolumeAttributes: Codable, Equatable, Sendable {
     /// container uid (runAsUser, fsGroup) can create files, and the sticky bit keeps them
     /// from deleting each other's.
     var mode: String = "1777"
-    /// direct unless the pod asks for page: chargefsd itself falls back to the page cache on
-    /// kernels before 6.6 (no shared mmap with direct I/O there), and then each container pays
-    /// for its cached copy of what it reads or writes, and at the pod's limit the kernel
-    /// OOM-kills instead of chargefs returning ENOSPC (measured in UML on 6.1: a 1 MiB-block
-    /// fill got 17 OOM kills). A pod volume's promise is ENOSPC, so direct it is.
+    /// direct unless the pod asks for page. With page, each container that writes is charged
+    /// for its page-cache copy on top of the pod's charge for the stored page, and a writer
+    /// inside the pod is OOM-killed at the pod's limit before chargefsd can answer ENOSPC
+    /// (measured on 6.1: a 1 MiB-block fill got 17 OOM kills in User-Mode Linux, a kill on
+    /// Debian 12's kernel in QEMU). With direct, no writer is OOM-killed for the volume's pages
+    /// on any kernel; what it costs is shared mmap before Linux 6.9: chargefsd asks the kernel
+    /// for shared mappings of direct-I/O files (FUSE_DIRECT_IO_ALLOW_MMAP) only from 6.9, since
+    /// on 6.6-6.8 a store through one could vanish (msync EIO) unless the stable kernel has the
+    /// fix, so there mmap(MAP_SHARED) of a volume's file fails at once with ENODEV (checked on
+    /// 6.1); read, write and private mappings work on every kernel. chargefsd's own default is
+    /// direct too: the attribute is passed so that the volume does not depend on it.
     var cache: String = "direct"
 
     static let known = ["size", "nr_inodes", "mode", "cache"]

@@ -62,6 +62,30 @@ do {
 guard FileManager.default.isWritableFile(atPath: daemonCgroup + "/cgroup.procs") else {
     fail("\(daemonCgroup) is not a cgroup this process can move daemons into (no writable cgroup.procs)")
 }
+// The same cgroup on every other hierarchy where the plugin has one of its own (a container's).
+let daemonCgroupProcs: [String]
+// (its path below the memory hierarchy's mount, e.g. csi.chargefs.io, names it on the others)
+let memoryMount = tree.mountPoint(containing: daemonCgroup)?.path ?? tree.root
+let relativeDaemonCgroup = daemonCgroup.hasPrefix(memoryMount + "/")
+    ? String(daemonCgroup.dropFirst(memoryMount.count + 1)) : (daemonCgroup as NSString).lastPathComponent
+switch DaemonCgroups.prepare(memoryCgroup: daemonCgroup, relative: relativeDaemonCgroup) {
+case .success(let p): daemonCgroupProcs = p
+case .failure(let e): fail(e.message)
+}
+// In a container (an ancestor in another mount namespace), daemons start in the host's.
+var hostDaemon: HostDaemon?
+if getpid() == 1 {
+    log("WARNING: this plugin is PID 1 of its own PID namespace (no hostPID): every daemon it starts is killed when it exits, and its volumes with them")
+} else if let ancestor = HostDaemon.runtimeAncestor() {
+    if let bundle = options.daemonBundle {
+        switch HostDaemon.install(bundle: bundle, hostPid: ancestor, hostDir: options.daemonDir) {
+        case .success(let h): hostDaemon = h
+        case .failure(let e): fail(e.message)
+        }
+    } else {
+        log("WARNING: this plugin runs in its own mount namespace (its ancestor \(ancestor) does not) and has no --daemon-bundle: daemons start in the plugin's mount namespace, on its root filesystem, and lose both when its container goes")
+    }
+}
 
 let state: StateStore
 do {
@@ -72,10 +96,10 @@ do {
 
 let manager = VolumeManager(
     config: .init(tree: tree, hostViewProblem: hostViewProblem,
-                  chargefsd: Chargefsd(binary: chargefsdPath, daemonCgroupProcs: daemonCgroup + "/cgroup.procs"),
+                  chargefsd: Chargefsd(binary: hostDaemon?.command.last ?? chargefsdPath, daemonCgroupProcs: daemonCgroupProcs, host: hostDaemon),
                   state: state, podCgroupWait: options.podCgroupWait),
     log: log)
-log("\(IdentityService.driverName) \(IdentityService.version) node=\(options.nodeID) cgroups=\(tree.root) (v\(tree.version == .v2 ? 2 : 1)) daemons=\(daemonCgroup) chargefsd=\(chargefsdPath) state=\(options.stateDir) volumes=\(await manager.publishedCount)")
+log("\(IdentityService.driverName) \(IdentityService.version) node=\(options.nodeID) cgroups=\(tree.root) (v\(tree.version == .v2 ? 2 : 1)) daemons=\(daemonCgroupProcs.map { ($0 as NSString).deletingLastPathComponent }.joined(separator: ",")) chargefsd=\(hostDaemon.map { "\($0.dir) in the mount namespace of pid \($0.namespacePid)" } ?? chargefsdPath) state=\(options.stateDir) volumes=\(await manager.publishedCount)")
 
 do {
     try await Server.run(socket: socket,
