@@ -36,7 +36,8 @@ let package = Package(
             linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "--gc-sections"])]
         ),
         // Folders by layer, each with a README saying what lives there and what it may call:
-        // Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup -> Support (Daemon on top).
+        // Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup -> Support (Daemon on top; API
+        // holds the values they all speak).
         .target(
             name: "ChargeFS",
             dependencies: [
@@ -44,7 +45,7 @@ let package = Package(
                 "CChargeHelper",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
-            exclude: ["Bridge", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support"]
+            exclude: ["API", "Bridge", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support"]
                 .map { "\($0)/README.md" }
         ),
         .executableTarget(

@@ -106,7 +106,7 @@ final class ChargeOutsideLockTests: XCTestCase {
         var config = FileSystemConfig()
         config.maxBytes = 1 << 30
         let fs = FileSystem(config: config, store: try PageStore(capacityPages: 1 << 16) { CountingCharger(arena: $0) })
-        let page = [UInt8](repeating: 1, count: PageStore.pageSize)
+        let page = [UInt8](repeating: 1, count: PageSize.bytes)
         var files: [FileName] = []
         for i in 0..<600 {
             let name = Array("f\(i)".utf8)
@@ -139,7 +139,7 @@ final class ChargeOutsideLockTests: XCTestCase {
             files.append(try fs.create(parent: InodeNumber.root, name: Array("w\(i)".utf8), mode: 0o100644, caller: me).ino)
         }
         let done = DispatchSemaphore(value: 0)
-        let page = [UInt8](repeating: 7, count: PageStore.pageSize)
+        let page = [UInt8](repeating: 7, count: PageSize.bytes)
         for ino in files {
             Thread.detachNewThread {
                 _ = page.withUnsafeBytes { try? fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
@@ -151,7 +151,7 @@ final class ChargeOutsideLockTests: XCTestCase {
         XCTAssertEqual(gate.chargesWaiting, writers, "every writer charges a batch of its own")
         gate.open()
         for _ in 0..<writers { XCTAssertEqual(done.wait(timeout: .now() + 10), .success) }
-        let page4K = Int64(PageStore.pageSize)
+        let page4K = Int64(PageSize.bytes)
         XCTAssertEqual(fs.storedBytes().used, Int64(writers) * page4K)
         XCTAssertLessThanOrEqual(fs.storedBytes().charged, Int64(writers + PageStore.reserveLimit) * page4K,
                                  "the batches charged at once are trimmed back to one reserve")

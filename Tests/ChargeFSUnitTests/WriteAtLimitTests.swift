@@ -12,7 +12,7 @@ final class BudgetCharger: PageCharger, @unchecked Sendable {
         inner = DaemonCharger(arena: arena)
     }
     func charge(offset: Int64, length: Int64) throws(Errno) {
-        let pages = Int(length) / PageStore.pageSize
+        let pages = Int(length) / PageSize.bytes
         guard pages <= pagesLeft else { throw .noSpace }
         try inner.charge(offset: offset, length: length)
         pagesLeft -= pages
@@ -24,7 +24,7 @@ final class BudgetCharger: PageCharger, @unchecked Sendable {
 /// Writes that meet a limit (size= or the charger's): what is stored, what is returned.
 final class WriteAtLimitTests: XCTestCase {
     let me = Caller(uid: 1000, gid: 1000)
-    let page = PageStore.pageSize
+    let page = PageSize.bytes
 
     func makeFS(maxBytes: Int64?, chargerPages: Int) throws -> FileSystem {
         var config = FileSystemConfig()

@@ -7,8 +7,8 @@ import Glibc
 /// - FUSE_HANDLE_KILLPRIV_V2: clearing setuid/setgid is ours. Without it the kernel asks
 ///   getxattr("security.capability") before every cached write, a second round trip per write(2).
 ///   With it the kernel marks inodes S_NOSEC and flags each write, truncate or open whose caller
-///   lacks CAP_FSETID; `read` notes that flag in a per-thread slot before libfuse decodes the
-///   request (libfuse handles a request on the thread that read it).
+///   lacks CAP_FSETID; `read` notes that flag in the thread's `HandlingThread` before libfuse
+///   decodes the request (libfuse handles a request on the thread that read it).
 /// - FUSE_DIRECT_IO_ALLOW_MMAP (7.39): files opened with direct I/O can still be mapped shared.
 ///   The kernel then writes back and drops cached pages of a range before each direct read or
 ///   write of it, so read(2), write(2) and a mapping stay coherent.
@@ -27,10 +27,6 @@ final class FuseKernelFeatures {
 
     /// FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 (bit 36 of the 64-bit flags); newer than the headers.
     static let directIOAllowMmap: UInt64 = 1 << 36
-    private static let slot: pthread_key_t? = {
-        var key = pthread_key_t()
-        return pthread_key_create(&key, nil) == 0 ? key : nil
-    }()
 
     /// Whether the INIT request offered it (Linux 6.6+); known before libfuse's init callback.
     var kernelOffersMmapWithDirectIO: Bool {
@@ -38,15 +34,9 @@ final class FuseKernelFeatures {
         return (initRequest?.flags ?? 0) & needed == needed
     }
 
-    /// The kernel asked the request being handled on this thread to clear setuid/setgid.
-    static var requestClearsSetID: Bool {
-        guard let slot else { return false }
-        return pthread_getspecific(slot) != nil
-    }
-
     /// Routes the session's traffic through the hooks; call after fuse_session_mount.
     static func install(on session: FuseSession) -> Bool {
-        guard slot != nil, let handle = session.handle else { return false }
+        guard HandlingThread.available, let handle = session.handle else { return false }
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
             let n = Glibc.read(fd, buf, len)
@@ -100,7 +90,7 @@ final class FuseKernelFeatures {
             default: break
             }
         }
-        if let slot = Self.slot { pthread_setspecific(slot, clears ? UnsafeRawPointer(bitPattern: 1) : nil) }
+        HandlingThread.current?.clearsSetID = clears
     }
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
@@ -140,7 +130,7 @@ final class FuseKernelFeatures {
             // max_write at byte 20, max_pages at 28.
             let maxWrite = Int(replyBuffer.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
             let maxPages = Int(replyBuffer.loadUnaligned(fromByteOffset: 28, as: UInt16.self))
-            if session.prepareUring(payloadSize: max(maxWrite, maxPages * Int(PageSize.bytes))) {
+            if session.prepareUring(payloadSize: max(maxWrite, maxPages * PageSize.bytes)) {
                 adding |= UInt64(CFUSE_OVER_IO_URING)
             }
         }

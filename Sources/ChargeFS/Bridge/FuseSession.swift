@@ -16,9 +16,26 @@ final class FuseSession: @unchecked Sendable {
     /// The libfuse session; set once, before the first request is read.
     private(set) var handle: OpaquePointer?
 
+    /// Whether FUSE over io_uring serves this mount (else /dev/fuse): set when the rings
+    /// register or fail.
+    private let servedOverIoUring = Atomic(false)
+
     init(fileSystem: FileSystem) {
         self.fileSystem = fileSystem
-        fileSystem.reportRequests { [requests] in requests.text }
+    }
+
+    /// `io_uring` or `dev-fuse`, as the status attribute and the log name it.
+    var transport: String { servedOverIoUring.load(ordering: .relaxed) ? "io_uring" : "dev-fuse" }
+
+    /// The root's read-only attributes that the transport answers: the status (the tree's lines,
+    /// then the transport's) and the requests by kind. nil for any other name.
+    func transportAttribute(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8]? {
+        guard ino == FileSystem.rootIno else { return nil }
+        if name == FileSystem.requestsXattr { return Array(requests.text.utf8) }
+        if name == FileSystem.statusXattr {
+            return try fileSystem.getxattr(ino, name: name) + Array("transport=\(transport)\n".utf8)
+        }
+        return nil
     }
 
     /// Creates the libfuse session for `arguments` (argv form, libfuse's options).
@@ -41,12 +58,12 @@ final class FuseSession: @unchecked Sendable {
     }
 
     /// Where backing files are registered for passthrough; nil until INIT took passthrough.
-    private(set) var passthroughDevice: PassthroughRegistration.Device?
+    private(set) var passthrough: PassthroughRegistry?
 
     /// INIT took FUSE passthrough: large read-only opens may now be handed to the kernel.
     func startPassthrough() {
-        guard let handle, let device = PassthroughRegistration.Device(sessionFD: fuse_session_fd(handle)) else { return }
-        passthroughDevice = device
+        guard let handle, let device = PassthroughRegistry.Device(sessionFD: fuse_session_fd(handle)) else { return }
+        passthrough = PassthroughRegistry(device: device)
         fileSystem.noteKernelPassthrough(true)
     }
 
@@ -83,9 +100,9 @@ final class FuseSession: @unchecked Sendable {
             self.uring = nil
             return
         }
-        fileSystem.noteTransport(ioUring: true)
+        servedOverIoUring.store(true, ordering: .relaxed)
         if let error = uring.start() {
-            fileSystem.noteTransport(ioUring: false)
+            servedOverIoUring.store(false, ordering: .relaxed)
             Log.line("io_uring: the kernel refused the rings (\(error)); serving over /dev/fuse")
         } else {
             Log.line("serving over io_uring: \(uring.queueCount) queues, \(UringQueue.initialWorkers) workers each (up to \(UringQueue.maxWorkers))")

@@ -115,15 +115,10 @@ final class UringWorker: @unchecked Sendable {
     static let opInOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ)
     static let ringInOutOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ + CFUSE_URING_OP_IN_OUT_SZ)
 
-    /// The worker this thread is, for `captureReply`.
-    private static let slot: pthread_key_t? = {
-        var key = pthread_key_t()
-        return pthread_key_create(&key, nil) == 0 ? key : nil
-    }()
 
     /// Sets up the ring and its buffers (no thread yet, nothing registered with the kernel).
     init(queue: UringQueue, session: FuseSession, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
-        guard Self.slot != nil else { throw .noMemory }
+        guard HandlingThread.available else { throw .noMemory }
         qid = queue.qid
         self.queue = queue
         self.session = session
@@ -168,7 +163,10 @@ final class UringWorker: @unchecked Sendable {
     private func run(cpu: UInt32?, registered: (Int32) -> Void) {
         cfuse_set_thread_name("chargefs-ring\(qid)")
         if let cpu { _ = cfuse_bind_thread_to_cpu(cpu) }
-        if let slot = Self.slot { pthread_setspecific(slot, Unmanaged.passUnretained(self).toOpaque()) }
+        guard HandlingThread.serve(as: self) else {
+            registered(-ENOMEM)
+            return
+        }
         // Registered from this thread: the kernel completes each entry's command as task work of
         // the task that submitted it.
         let rc = cfuse_ring_queue_register(ring)
@@ -255,9 +253,7 @@ final class UringWorker: @unchecked Sendable {
     /// handling goes into its ring entry (out header, then payload). Returns the bytes taken, or
     /// nil for anything else (notifications, replies on /dev/fuse's own threads).
     static func captureReply(_ iov: UnsafePointer<iovec>, _ count: Int) -> Int? {
-        guard let slot, let raw = pthread_getspecific(slot) else { return nil }
-        let worker = Unmanaged<UringWorker>.fromOpaque(raw).takeUnretainedValue()
-        guard let entry = worker.current, !worker.answered, count >= 1, iov[0].iov_len >= outHeaderSize,
+        guard let worker = HandlingThread.existing?.uringWorker, let entry = worker.current, !worker.answered, count >= 1, iov[0].iov_len >= outHeaderSize,
               let first = iov[0].iov_base else { return nil }
         let out = first.loadUnaligned(as: fuse_out_header.self)
         guard out.unique == worker.currentUnique else { return nil }

@@ -150,7 +150,7 @@ public enum Daemon {
         }
 
         let config = options.fileSystemConfig
-        let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
+        let capacity = config.maxBytes.map { Int($0 / Int64(PageSize.bytes)) + PageStore.reserveLimit + 1024 }
         let arena: Arena
         do {
             // Huge pages are refused only where they would break a target's charge.

@@ -16,19 +16,16 @@ public final class FileSystem: Sendable {
     public static let xattrNameMax = 255
     /// The root's read-only status attribute (getfattr -n user.chargefs.status MOUNTPOINT).
     public static let statusXattr: FileName = Array("user.chargefs.status".utf8)
-    /// The root's read-only count of requests by kind, as the transport reports them.
+    /// The root's read-only count of requests by kind: reserved here (no one may set it; empty
+    /// in-process), answered by the transport, which sees the requests.
     public static let requestsXattr: FileName = Array("user.chargefs.requests".utf8)
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
     /// `config.caching` as the mount resolved it at INIT; read without the lock on every open.
     private let resolvedCaching: Atomic<UInt8>
-    /// Whether FUSE over io_uring serves this mount (else /dev/fuse), for the status attribute.
-    private let servedOverIoUring = Atomic(false)
     /// Whether the kernel took FUSE passthrough at INIT.
     private let kernelPassthrough = Atomic(false)
-    /// Where `requestsXattr` comes from: the transport, which sees the requests (none in-process).
-    private let requestReport = Mutex<(@Sendable () -> String)?>(nil)
 
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
@@ -46,19 +43,6 @@ public final class FileSystem: Sendable {
     public func resolveCaching(_ caching: FileCaching) {
         resolvedCaching.store(Self.code(caching), ordering: .relaxed)
     }
-
-    /// Which transport serves requests: set when io_uring's rings register or fail.
-    public func noteTransport(ioUring: Bool) {
-        servedOverIoUring.store(ioUring, ordering: .relaxed)
-    }
-
-    /// Sets what the root's `user.chargefs.requests` attribute shows.
-    public func reportRequests(with report: @escaping @Sendable () -> String) {
-        requestReport.withLock { $0 = report }
-    }
-
-    /// `io_uring` or `dev-fuse`, as the status attribute and the log name it.
-    public var transport: String { servedOverIoUring.load(ordering: .relaxed) ? "io_uring" : "dev-fuse" }
 
     @inline(__always)
     private func exclusive<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
@@ -125,9 +109,10 @@ public final class FileSystem: Sendable {
         case .none:
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
-            return OpenOutcome(modeChanged: modeChanged, passthrough: file, writes: flags.mayWrite)
+            return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
         case .needsBacking(let pages):
-            return OpenOutcome(modeChanged: modeChanged, passthrough: makeBacking(ino, pages: pages, store: store, forOpen: true),
+            return OpenOutcome(modeChanged: modeChanged,
+                               passthrough: makeBacking(ino, pages: pages, store: store, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }
@@ -259,11 +244,9 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
-        if ino == Self.rootIno && name == Self.requestsXattr {
-            return Array((requestReport.withLock { $0 }?() ?? "").utf8)
-        }
-        let caching = caching, transport = transport, passthrough = passthroughEnabled
-        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, transport: transport, passthrough: passthrough) }
+        if ino == Self.rootIno && name == Self.requestsXattr { return [] }
+        let caching = caching, passthrough = passthroughEnabled
+        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, passthrough: passthrough) }
     }
     /// Names, each NUL-terminated, as listxattr returns them.
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {

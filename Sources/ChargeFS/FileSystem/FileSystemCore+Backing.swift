@@ -87,7 +87,7 @@ extension FileSystemCore {
             var run = 1
             while index + run < n, inode.pages.page(at: index + run) == first &+ UInt32(run) { run += 1 }
             do throws(Errno) {
-                try file.write(store.address(of: first), length: run * Self.pageSize, at: Int64(index) * Int64(Self.pageSize))
+                try file.write(store.address(of: first), length: run * PageSize.bytes, at: Int64(index) * Int64(PageSize.bytes))
             } catch {
                 return .none
             }
@@ -116,7 +116,7 @@ extension FileSystemCore {
             var marks: [UInt32] = []
             inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
             if !marks.isEmpty {
-                backing.punch(offset: Int64(from) * Int64(Self.pageSize), length: Int64(backing.aheadEnd - from) * Int64(Self.pageSize))
+                backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes))
                 store.noteBackingPages(-marks.count)
                 backing.shrinks += 1
             }
@@ -128,10 +128,6 @@ extension FileSystemCore {
     func passthroughEnded(_ ino: InodeNumber) {
         guard let inode = inodes[ino], inode.passthroughOpens > 0 else { return }
         inode.passthroughOpens -= 1
-        // The kernel let go of the backing file with the last passthrough open (before it sent
-        // the release); so does its registration now: a registered file lives as long as the
-        // FUSE connection, which outlives a killed daemon until the unmount.
-        if inode.passthroughOpens == 0 { inode.backing?.registration.withLock { $0 = nil } }
     }
 
     /// Frees a backing file with all its pages (the file's last close after its unlink).
@@ -200,7 +196,7 @@ extension FileSystemCore {
     /// limit the leading part that has pages is written, as in the arena.
     func storeBacked(_ source: UnsafeRawPointer, count: Int, in inode: Inode, _ backing: BackingFile, at offset: Int64,
                      wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<Int> {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let end = offset + Int64(count)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
@@ -251,7 +247,7 @@ extension FileSystemCore {
                     inode.pages.set(PageMap.inBackingFile, at: index)
                     added += 1
                 } else {
-                    target.file.punch(offset: Int64(index) * Int64(Self.pageSize), length: Int64(Self.pageSize))
+                    target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes))
                 }
             }
         }
@@ -261,7 +257,7 @@ extension FileSystemCore {
     /// The backing file follows the size. Shrinking frees its pages past the end (and zeroes the
     /// rest of the last page, as tmpfs does); growing with passthrough opens charges the new pages.
     func truncateBacked(_ inode: Inode, _ backing: BackingFile, to size: Int64) throws(Errno) {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         if size > inode.size, inode.passthroughOpens > 0 {
             let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pagesCovering(size) - 1, limit: pagesAllowed)
             // Charged here, under the lock: only a truncate up of a file being read through
@@ -285,7 +281,7 @@ extension FileSystemCore {
 
     /// Whole pages inside the range are freed, unless passthrough opens exist: then zeroed.
     func punchBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64) throws(Errno) {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let firstFull = Self.pagesCovering(offset)
         let lastFull = Int(end / pageSize)  // exclusive
         guard inode.passthroughOpens == 0, firstFull < lastFull else {
@@ -306,7 +302,7 @@ extension FileSystemCore {
     /// fallocate's allocation: every hole in the range, all or nothing.
     func allocateBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64,
                         supply: PageSupply) throws(Errno) -> PendingCharge? {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize), lastIndex = Int((end - 1) / pageSize)
         // Pages the caller allocates past the end are theirs to keep: no trimming from here on.
         backing.aheadEnd = 0

@@ -4,23 +4,22 @@ import SystemPackage
 
 /// File contents: read, write, truncate, fallocate, SEEK_DATA/SEEK_HOLE.
 extension FileSystemCore {
-    static let pageSize = PageStore.pageSize
     /// tmpfs's s_maxbytes (MAX_LFS_FILESIZE).
     static let maxFileSize = Int64.max
 
-    static let physicalPages = Int(cfuse_physical_memory()) / PageStore.pageSize
+    static let physicalPages = Int(cfuse_physical_memory()) / PageSize.bytes
 
     /// Pages that hold `bytes` from offset 0 (the page index just past them), rounding up; a
     /// value near 2^63 (tmpfs's size limit) must not overflow on the way.
     static func pagesCovering(_ bytes: Int64) -> Int {
-        Int(bytes / Int64(pageSize)) + (bytes % Int64(pageSize) == 0 ? 0 : 1)
+        Int(bytes / Int64(PageSize.bytes)) + (bytes % Int64(PageSize.bytes) == 0 ? 0 : 1)
     }
 
     /// Splits the byte range [from, to) at page boundaries and calls `body` with each piece's
     /// page index, offset inside the page and length, until it returns false.
     @inline(__always)
     func forEachPageSpan(from: Int64, to: Int64, _ body: (_ index: Int, _ inner: Int, _ length: Int) -> Bool) {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         var position = from
         while position < to {
             let inner = Int(position % pageSize)
@@ -47,7 +46,7 @@ extension FileSystemCore {
         if let backing = inode.backing {
             return try readBacked(backing, from: offset, count: Int(end - offset), body)
         }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         // On the stack for small reads (the common 4 KiB case): no allocation per request.
         let capacity = Int((end - offset) / pageSize) + 2
         withUnsafeTemporaryAllocation(of: iovec.self, capacity: capacity) { vectors in
@@ -124,7 +123,7 @@ extension FileSystemCore {
         if let backing = inode.backing {
             return try storeBacked(source, count: data.count, in: inode, backing, at: offset, wholeOrNothing: wholeOrNothing, supply: supply)
         }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
 
@@ -161,7 +160,7 @@ extension FileSystemCore {
                 guard let next = freshIterator.next() else { return false }
                 page = next
             }
-            if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / Self.pageSize) {
+            if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / PageSize.bytes) {
                 runLength += length
             } else {
                 if runLength > 0 {
@@ -217,7 +216,7 @@ extension FileSystemCore {
         if let backing = inode.backing {
             return try truncateBacked(inode, backing, to: size)
         }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         if size < inode.size {
             let keepPages = Self.pagesCovering(size)
             var freed: [UInt32] = []
@@ -227,7 +226,7 @@ extension FileSystemCore {
             let inner = Int(size % pageSize)
             if inner != 0 {
                 let page = inode.pages.page(at: Int(size / pageSize))
-                if page != 0 { memset(store.address(of: page) + inner, 0, Self.pageSize - inner) }
+                if page != 0 { memset(store.address(of: page) + inner, 0, PageSize.bytes - inner) }
             }
         }
         inode.size = size
@@ -244,7 +243,7 @@ extension FileSystemCore {
         if offset < 0 || length <= 0 { throw .invalidArgument }
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let now = timespec.now
         if punch, let backing = inode.backing {
             try punchBacked(inode, backing, from: offset, to: end)
@@ -320,7 +319,7 @@ extension FileSystemCore {
             guard page != 0 else { return true }
             if let backing = inode.backing {
                 // Through the file: the daemon maps no backing file.
-                try? backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(Self.pageSize) + Int64(inner))
+                try? backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(PageSize.bytes) + Int64(inner))
             } else {
                 memset(store.address(of: page) + inner, 0, length)
             }
@@ -331,7 +330,7 @@ extension FileSystemCore {
     func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
         let inode = try regularFile(ino)
         if offset < 0 || offset >= inode.size { throw .noSuchAddressOrDevice }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let index = Int(offset / pageSize)
         switch whence {
         case .data:

@@ -1,6 +1,5 @@
 import CFuse
 import Glibc
-import Synchronization
 import SystemPackage
 
 /// A large file's data in a file of its own on the arena's tmpfs, at the file's own offsets, so
@@ -14,9 +13,6 @@ import SystemPackage
 /// of an unlinked tmpfs file does, and its pages go (and their charge) when the mapping does.
 public final class BackingFile: @unchecked Sendable {
     public let fileDescriptor: FileDescriptor
-    /// The kernel's registration of this file for passthrough (a FUSE backing id), made once by
-    /// the FUSE layer and released with this file; nil until the first passthrough open.
-    public let registration = Mutex<AnyObject?>(nil)
     /// Bumped (under the tree's lock) whenever pages of the file are freed: a charge picked
     /// before then cannot tell which of its pages still exist.
     public internal(set) var shrinks: UInt64 = 0
@@ -26,10 +22,7 @@ public final class BackingFile: @unchecked Sendable {
 
     init(_ fd: FileDescriptor) { fileDescriptor = fd }
 
-    deinit {
-        registration.withLock { $0 = nil }
-        close(fileDescriptor.rawValue)
-    }
+    deinit { close(fileDescriptor.rawValue) }
 
     /// Copies `length` bytes to `offset`. The pages must be charged already (a hole written here
     /// would be charged to the daemon).

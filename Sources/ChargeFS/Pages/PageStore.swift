@@ -20,7 +20,6 @@ import SystemPackage
 /// outside it (a charge may wait on a frozen or slow target); the pages it charges belong to no
 /// one else until `settle` takes them back.
 public final class PageStore {
-    public static let pageSize = Arena.pageSize
     /// Charged pages kept free for reuse, so that small writes do not each cost a charge round
     /// trip. This is the store's part of the slack between bytes stored and bytes charged.
     public static let reserveLimit = 64  // 256 KiB
@@ -315,7 +314,7 @@ public struct PendingCharge: Sendable {
             var n = run.count
             while true {
                 do {
-                    let offset = Int64(run.first * PageStore.pageSize), length = Int64(n * PageStore.pageSize)
+                    let offset = Int64(run.first * PageSize.bytes), length = Int64(n * PageSize.bytes)
                     if let file {
                         try charger.charge(file: file.file.fileDescriptor, offset: offset, length: length)
                     } else {
