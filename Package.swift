@@ -25,6 +25,9 @@ let package = Package(
             pkgConfig: "fuse3",
             providers: [.apt(["libfuse3-dev"])]
         ),
+        // The transport's loops in C: the /dev/fuse worker pool and a minimal io_uring client for
+        // FUSE over io_uring (CFuse brings libfuse's headers and library).
+        .target(name: "CFuseTransport", dependencies: ["CFuse"]),
         // The charge helper's protocol, and the daemon's side of starting it (C: between fork
         // and exec only async-signal-safe calls); the mounter's permission check (access_as).
         .target(name: "CChargeHelper"),
@@ -42,6 +45,7 @@ let package = Package(
             name: "ChargeFS",
             dependencies: [
                 "CFuse",
+                "CFuseTransport",
                 "CChargeHelper",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -83,6 +87,7 @@ let package = Package(
                 "TestSupport",
                 "ChargeFS",
                 "CFuse",
+                "CFuseTransport",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),

@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 
 /// Two features of the kernel's FUSE protocol that libfuse 3.14 (FUSE 7.31 in its own headers)

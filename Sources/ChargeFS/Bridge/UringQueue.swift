@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 import Synchronization
 import SystemPackage
@@ -101,7 +102,7 @@ final class UringWorker: @unchecked Sendable {
     private unowned let queue: UringQueue
     private let session: FuseSession
     /// The C side's ring, entries and stop eventfd; a stable address the thread and `stop` share.
-    private let ring: UnsafeMutablePointer<cfuse_ring_queue>
+    private let ring: OpaquePointer
     private var thread: pthread_t?
 
     /// The entry whose reply this thread expects (set only while libfuse handles its request).
@@ -111,9 +112,8 @@ final class UringWorker: @unchecked Sendable {
 
     static let inHeaderSize = MemoryLayout<fuse_in_header>.size
     static let outHeaderSize = MemoryLayout<fuse_out_header>.size
-    /// Offsets in struct fuse_uring_req_header.
-    static let opInOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ)
-    static let ringInOutOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ + CFUSE_URING_OP_IN_OUT_SZ)
+    /// Where the request's first argument sits in struct fuse_uring_req_header (asserted in C).
+    static let opInOffset = MemoryLayout<cfuse_uring_req_header>.offset(of: \.op_in) ?? Int(CFUSE_URING_IN_OUT_HEADER_SZ)
 
 
     /// Sets up the ring and its buffers (no thread yet, nothing registered with the kernel).
@@ -122,17 +122,14 @@ final class UringWorker: @unchecked Sendable {
         qid = queue.qid
         self.queue = queue
         self.session = session
-        ring = .allocate(capacity: 1)
-        let rc = cfuse_ring_queue_init(ring, fuseFD, qid, entries, payloadSize)
-        guard rc == 0 else {
-            ring.deallocate()
-            throw Errno(rawValue: -rc)
-        }
+        var made: OpaquePointer?
+        let rc = cfuse_ring_queue_new(&made, fuseFD, qid, entries, payloadSize)
+        guard rc == 0, let made else { throw Errno(rawValue: rc < 0 ? -rc : ENOMEM) }
+        ring = made
     }
 
     deinit {
-        cfuse_ring_queue_destroy(ring)
-        ring.deallocate()
+        cfuse_ring_queue_free(ring)
     }
 
     /// Starts the thread, which registers the entries and then serves; `registered` gets the
@@ -172,12 +169,16 @@ final class UringWorker: @unchecked Sendable {
         let rc = cfuse_ring_queue_register(ring)
         registered(rc)
         guard rc == 0 else { return }
-        var live = Int(ring.pointee.count)
-        let batch = Int(ring.pointee.count) + 1
+        var live = Int(cfuse_ring_queue_count(ring))
+        let batch = live + 1
         var entries = [UnsafeMutablePointer<cfuse_ring_entry>?](repeating: nil, count: batch)
         var results = [Int32](repeating: 0, count: batch)
         var stopping = false
+        // Commits and retries the ring could not take yet (it was full): sent again before each
+        // wait, never dropped, since each carries a reply a caller waits for.
+        var unsent: [(entry: UnsafeMutablePointer<cfuse_ring_entry>, commitID: UInt64?)] = []
         while !stopping && live > 0 {
+            unsent.removeAll { send($0.entry, commitID: $0.commitID) }
             let n = cfuse_ring_queue_wait(ring, &entries, &results, UInt32(batch))
             if n < 0 {
                 Log.line("io_uring queue \(qid): wait failed: \(Errno(rawValue: -n)); queue stopped")
@@ -188,10 +189,11 @@ final class UringWorker: @unchecked Sendable {
                 switch results[i] {
                 case 0:
                     queue.workerBusy()
-                    serve(entry)
+                    let commitID = serve(entry)
                     queue.workerIdle()
+                    if !send(entry, commitID: commitID) { unsent.append((entry, commitID)) }
                 case -EAGAIN, -EINTR:
-                    _ = cfuse_ring_queue_retry(ring, entry)
+                    if !send(entry, commitID: nil) { unsent.append((entry, nil)) }
                 case -ENOTCONN, -ECONNABORTED:
                     live -= 1  // unmounted: the kernel hands back each entry once
                 default:
@@ -202,19 +204,32 @@ final class UringWorker: @unchecked Sendable {
         }
     }
 
-    /// Rebuilds the entry's request for libfuse, has it handled, and queues the commit.
-    private func serve(_ entry: UnsafeMutablePointer<cfuse_ring_entry>) {
-        guard let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else { return }
+    /// Queues an entry's commit (its reply, with the fetch of the next request), or with a nil
+    /// `commitID` the retry of its last command; false when the ring cannot take it yet (said
+    /// once in the log; the caller keeps it for the next round).
+    private func send(_ entry: UnsafeMutablePointer<cfuse_ring_entry>, commitID: UInt64?) -> Bool {
+        let rc = commitID.map { cfuse_ring_queue_commit(ring, entry, $0) } ?? cfuse_ring_queue_retry(ring, entry)
+        if rc != 0 && !sendRefusalLogged {
+            sendRefusalLogged = true
+            Log.line("io_uring queue \(qid): the ring refused a commit (\(Errno(rawValue: -rc))); kept for the next round")
+        }
+        return rc == 0
+    }
+    private var sendRefusalLogged = false
+
+    /// Rebuilds the entry's request for libfuse and has it handled; returns the commit id to
+    /// send the reply with (the entry's buffers hold it).
+    private func serve(_ entry: UnsafeMutablePointer<cfuse_ring_entry>) -> UInt64 {
+        let inOut = entry.pointee.header.pointee.ring_ent_in_out
+        guard let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else { return inOut.commit_id }
         let inHeader = header.loadUnaligned(as: fuse_in_header.self)
-        let inOut = header.loadUnaligned(fromByteOffset: Self.ringInOutOffset, as: cfuse_uring_ent_in_out.self)
         let payloadSize = Int(inOut.payload_sz)
         // The kernel's length counts every argument: what is not payload is the op's first one.
         let opSize = Int(inHeader.len) - Self.inHeaderSize - payloadSize
         guard opSize >= 0, opSize <= Int(CFUSE_URING_OP_IN_OUT_SZ), payloadSize <= entry.pointee.payload_size else {
             Log.line("io_uring queue \(qid): malformed request (opcode \(inHeader.opcode), length \(inHeader.len), payload \(payloadSize)); answered EIO")
             answerError(entry, unique: inHeader.unique, EIO)
-            _ = cfuse_ring_queue_commit(ring, entry, inOut.commit_id)
-            return
+            return inOut.commit_id
         }
         let total = Self.inHeaderSize + opSize + payloadSize
         // Rebuilt in place: the payload is not copied; the headers go into the unused end of the
@@ -240,13 +255,13 @@ final class UringWorker: @unchecked Sendable {
             Log.line("io_uring queue \(qid): no reply to opcode \(inHeader.opcode) on its thread; answered EIO")
             answerError(entry, unique: inHeader.unique, EIO)
         }
-        _ = cfuse_ring_queue_commit(ring, entry, inOut.commit_id)
+        return inOut.commit_id
     }
 
     private func answerError(_ entry: UnsafeMutablePointer<cfuse_ring_entry>, unique: UInt64, _ error: Int32) {
         guard let header = UnsafeMutableRawPointer(entry.pointee.header) else { return }
         header.storeBytes(of: fuse_out_header(len: UInt32(Self.outHeaderSize), error: -error, unique: unique), as: fuse_out_header.self)
-        header.storeBytes(of: 0, toByteOffset: Self.ringInOutOffset + 16, as: UInt32.self)  // payload_sz
+        entry.pointee.header.pointee.ring_ent_in_out.payload_sz = 0
     }
 
     /// The custom writev hook's first look: a reply to the request this thread's queue is
@@ -275,7 +290,7 @@ final class UringWorker: @unchecked Sendable {
             written += len - skip
             skip = 0
         }
-        header.storeBytes(of: UInt32(written), toByteOffset: ringInOutOffset + 16, as: UInt32.self)  // payload_sz
+        entry.pointee.header.pointee.ring_ent_in_out.payload_sz = UInt32(written)
         return total
     }
 }

@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 import SystemPackage
 
