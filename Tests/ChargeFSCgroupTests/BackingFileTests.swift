@@ -205,4 +205,31 @@ final class BackingFileTests: XCTestCase {
         XCTAssertEqual(backingContents(file), model)
         fs.release(ino, passthrough: true)
     }
+
+    /// A punch the kernel refuses (injected) leaves the pages where they are: still counted in
+    /// stored bytes and st_blocks, and reading as zeros (written over instead). A zeroing it
+    /// refuses too is EIO, never old bytes kept in silence.
+    func testRefusedPunchAndZeroingAreAccountedNotIgnored() throws {
+        let fs = try makeFS()
+        let data = random(2 << 20)
+        let ino = try create(fs, "big", bytes: data)
+        let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
+        fs.release(ino, passthrough: true)  // no passthrough open left: a punch frees pages again
+        file.backing.syscalls.fallocate = { _, _, _, _ in errno = EIO; return -1 }
+        let stored = fs.storedBytes().used, blocks = try fs.getattr(ino).blocks
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 0, length: 1 << 20)
+        XCTAssertEqual(fs.storedBytes().used, stored, "the pages the kernel kept are still counted")
+        XCTAssertEqual(try fs.getattr(ino).blocks, blocks)
+        let after = try contents(fs, ino)
+        XCTAssertEqual(Array(after[..<(1 << 20)]), [UInt8](repeating: 0, count: 1 << 20), "the punched range reads zeros")
+        XCTAssertEqual(Array(after[(1 << 20)...]), Array(data[(1 << 20)...]), "the rest is untouched")
+
+        file.backing.syscalls.pwrite = { _, _, _, _ in errno = EIO; return -1 }
+        XCTAssertThrowsError(try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: (1 << 20) + 100, length: 1000)) {
+            XCTAssertEqual($0 as? Errno, .ioError, "a zeroing that fails is the caller's error")
+        }
+        file.backing.syscalls = .kernel
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: (1 << 20) + 100, length: 1000)
+        XCTAssertEqual(Array(try contents(fs, ino)[((1 << 20) + 100)..<((1 << 20) + 1100)]), [UInt8](repeating: 0, count: 1000))
+    }
 }

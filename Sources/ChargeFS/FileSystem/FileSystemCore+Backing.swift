@@ -112,14 +112,15 @@ extension FileSystemCore {
     func trimAhead(_ inode: Inode) {
         guard let backing = inode.backing, backing.aheadEnd > 0 else { return }
         let from = Self.pagesCovering(inode.size)
-        if backing.aheadEnd > from {
+        // A punch the kernel refuses leaves the pages where they are, past the end: they stay in
+        // the file's map (as a KEEP_SIZE allocation's would), so stored and charged bytes still
+        // count them, and the file may grow into them later.
+        if backing.aheadEnd > from, (inode.pages.nextData(from: from) ?? Int.max) < backing.aheadEnd,
+           backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes)) {
             var marks: [UInt32] = []
             inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
-            if !marks.isEmpty {
-                backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes))
-                store.noteBackingPages(-marks.count)
-                backing.shrinks += 1
-            }
+            store.noteBackingPages(-marks.count)
+            backing.shrinks += 1
         }
         backing.aheadEnd = 0
     }
@@ -243,11 +244,10 @@ extension FileSystemCore {
         var added = 0
         for run in runs {
             for index in run.first..<(run.first + run.count) where inode.pages.page(at: index) == 0 {
-                if unchanged {
+                // A page the kernel would not punch stays the file's: a charged page of zeros.
+                if unchanged || !target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes)) {
                     inode.pages.set(PageMap.inBackingFile, at: index)
                     added += 1
-                } else {
-                    target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes))
                 }
             }
         }
@@ -285,18 +285,21 @@ extension FileSystemCore {
         let firstFull = Self.pagesCovering(offset)
         let lastFull = Int(end / pageSize)  // exclusive
         guard inode.passthroughOpens == 0, firstFull < lastFull else {
-            zero(inode, from: offset, to: end)
-            return
+            return try zero(inode, from: offset, to: end)
         }
-        zero(inode, from: offset, to: Int64(firstFull) * pageSize)
-        var marks: [UInt32] = []
-        inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
-        if !marks.isEmpty {
-            backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize)
-            store.noteBackingPages(-marks.count)
-            backing.shrinks += 1
+        try zero(inode, from: offset, to: Int64(firstFull) * pageSize)
+        if (inode.pages.nextData(from: firstFull) ?? Int.max) < lastFull {
+            if backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize) {
+                var marks: [UInt32] = []
+                inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
+                store.noteBackingPages(-marks.count)
+                backing.shrinks += 1
+            } else {
+                // Refused: the pages stay (and stay counted), and must read as zeros now.
+                try zero(inode, from: Int64(firstFull) * pageSize, to: Int64(lastFull) * pageSize)
+            }
         }
-        zero(inode, from: Int64(lastFull) * pageSize, to: end)
+        try zero(inode, from: Int64(lastFull) * pageSize, to: end)
     }
 
     /// fallocate's allocation: every hole in the range, all or nothing.

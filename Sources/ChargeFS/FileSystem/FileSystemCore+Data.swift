@@ -266,14 +266,14 @@ extension FileSystemCore {
             let punchEnd = end
             let firstFull = Self.pagesCovering(offset)
             let lastFull = Int(punchEnd / pageSize)  // exclusive
-            zero(inode, from: offset, to: min(punchEnd, Int64(firstFull) * pageSize))
+            try zero(inode, from: offset, to: min(punchEnd, Int64(firstFull) * pageSize))
             if firstFull < lastFull {
                 var freed: [UInt32] = []
                 inode.pages.remove(from: firstFull, to: lastFull, into: &freed)
                 store.free(freed)
-                zero(inode, from: Int64(lastFull) * pageSize, to: punchEnd)
+                try zero(inode, from: Int64(lastFull) * pageSize, to: punchEnd)
             } else if Int64(firstFull) * pageSize < punchEnd {
-                zero(inode, from: Int64(firstFull) * pageSize, to: punchEnd)
+                try zero(inode, from: Int64(firstFull) * pageSize, to: punchEnd)
             }
             inode.mtime = now
             inode.ctime = now
@@ -309,22 +309,30 @@ extension FileSystemCore {
         return .done(())
     }
 
-    /// Writes zeros over [from, to) where pages exist (holes already read as zero).
-    func zero(_ inode: Inode, from: Int64, to: Int64) {
+    /// Writes zeros over [from, to) where pages exist (holes already read as zero). Only a
+    /// backing file's pwrite can fail: then the error, since old bytes would otherwise stay.
+    func zero(_ inode: Inode, from: Int64, to: Int64) throws(Errno) {
         // A backing file's bytes past the end are zeros already (fresh pages, or zeroed by the
         // truncate that left them there), and a pwrite there would move its size.
         let to = inode.backing == nil ? to : min(to, inode.size)
+        var failure: Errno?
         forEachPageSpan(from: from, to: to) { index, inner, length in
             let page = inode.pages.page(at: index)
             guard page != 0 else { return true }
-            if let backing = inode.backing {
-                // Through the file: the daemon maps no backing file.
-                try? backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(PageSize.bytes) + Int64(inner))
-            } else {
+            guard let backing = inode.backing else {
                 memset(store.address(of: page) + inner, 0, length)
+                return true
             }
-            return true
+            // Through the file: the daemon maps no backing file.
+            do throws(Errno) {
+                try backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(PageSize.bytes) + Int64(inner))
+                return true
+            } catch {
+                failure = error
+                return false
+            }
         }
+        if let failure { throw failure }
     }
 
     func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {

@@ -49,16 +49,8 @@ public final class Arena {
     let base: UnsafeMutableRawPointer
     let mappedBytes: Int
 
-    /// The two system calls that change page contents, replaceable by tests to inject failures.
-    struct Syscalls: Sendable {
-        var pwrite: @Sendable (_ fd: Int32, _ source: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Int
-        var fallocate: @Sendable (_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Int32
-
-        static let kernel = Syscalls(
-            pwrite: { fd, source, count, offset in Glibc.pwrite(fd, source, count, off_t(offset)) },
-            fallocate: { fd, mode, offset, length in cfuse_fallocate(fd, mode, offset, length) })
-    }
-    var syscalls = Syscalls.kernel
+    /// The system calls that change page contents, replaceable by tests to inject failures.
+    var syscalls = PageFileCalls.kernel
 
     /// `allowHugePages`: start even where the arena would get huge folios (with a warning); only
     /// for mounts whose pages nobody charges to a target, where they cost memory, not correctness.
@@ -124,12 +116,7 @@ public final class Arena {
     /// Copies `length` bytes to `offset`. pwrite rather than a copy through the mapping: one
     /// syscall instead of a page fault per page, and a failure is an error, not a SIGBUS.
     func write(_ source: UnsafeRawPointer, length: Int, at offset: Int64) throws(Errno) {
-        var done = 0
-        while done < length {
-            let n = try retryingInterrupts { syscalls.pwrite(fileDescriptor.rawValue, source + done, length - done, offset + Int64(done)) }
-            guard n > 0 else { throw .ioError }
-            done += n
-        }
+        try syscalls.write(fileDescriptor.rawValue, source, length: length, at: offset)
     }
 
     /// Zero-fills a whole page. True only when every byte was written: the caller's proof that the
@@ -146,11 +133,7 @@ public final class Arena {
     /// Frees `count` pages from `first` (their memory and their charge). True when they are holes
     /// now, which read back as zeros.
     func punch(first: UInt32, count: Int) -> Bool {
-        let mode = Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE)
-        let punched = try? retryingInterrupts {
-            syscalls.fallocate(fileDescriptor.rawValue, mode, Self.offset(of: first), Int64(count * PageSize.bytes))
-        }
-        return punched != nil
+        syscalls.punch(fileDescriptor.rawValue, offset: Self.offset(of: first), length: Int64(count * PageSize.bytes))
     }
 
     // MARK: - Creation

@@ -20,6 +20,9 @@ public final class BackingFile: @unchecked Sendable {
     /// tree's lock): given back at the file's last close unless it grew into them. 0: none.
     var aheadEnd = 0
 
+    /// The system calls that change its contents, replaceable by tests to inject failures.
+    var syscalls = PageFileCalls.kernel
+
     init(_ fd: FileDescriptor) { fileDescriptor = fd }
 
     deinit { close(fileDescriptor.rawValue) }
@@ -27,12 +30,7 @@ public final class BackingFile: @unchecked Sendable {
     /// Copies `length` bytes to `offset`. The pages must be charged already (a hole written here
     /// would be charged to the daemon).
     func write(_ source: UnsafeRawPointer, length: Int, at offset: Int64) throws(Errno) {
-        var done = 0
-        while done < length {
-            let n = try retryingInterrupts { pwrite(fileDescriptor.rawValue, source + done, length - done, off_t(offset + Int64(done))) }
-            guard n > 0 else { throw .ioError }
-            done += n
-        }
+        try syscalls.write(fileDescriptor.rawValue, source, length: length, at: offset)
     }
 
     /// Reads up to `length` bytes at `offset`; holes read as zeros and allocate nothing (tmpfs
@@ -47,11 +45,10 @@ public final class BackingFile: @unchecked Sendable {
         return done
     }
 
-    /// Frees the pages of [offset, offset + length) (their memory and their charge).
-    @discardableResult
+    /// Frees the pages of [offset, offset + length) (their memory and their charge); false when
+    /// the kernel would not (they are still there, and still charged).
     func punch(offset: Int64, length: Int64) -> Bool {
-        let mode = Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE)
-        return (try? retryingInterrupts { cfuse_fallocate(fileDescriptor.rawValue, mode, offset, length) }) != nil
+        syscalls.punch(fileDescriptor.rawValue, offset: offset, length: length)
     }
 
     /// Follows the file's size; shrinking frees the pages past it.
