@@ -16,7 +16,7 @@ public enum Daemon {
 
     /// One line on stderr, prefixed with the program's name.
     public static func printError(_ message: String) {
-        let line = "chargefsd: \(String(String.UnicodeScalarView(message.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })))\n"
+        let line = "chargefsd: \(printable(message))\n"
         _ = line.withCString { write(STDERR_FILENO, $0, strlen($0)) }
     }
 
@@ -38,33 +38,7 @@ public enum Daemon {
         guard let resolved = realpath(path, nil) else { return false }
         defer { free(resolved) }
         let want = String(cString: resolved)
-        guard let file = fopen("/proc/self/mountinfo", "r") else { return false }
-        defer { fclose(file) }
-        var line: UnsafeMutablePointer<CChar>?
-        var capacity = 0
-        defer { free(line) }
-        while getline(&line, &capacity, file) > 0, let line {
-            let fields = String(cString: line).split(separator: " ")
-            guard fields.count > 8, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
-            if unescapeMountField(fields[4]) == want && fields[dash + 1] == "fuse.chargefsd" { return true }
-        }
-        return false
-    }
-
-    static func unescapeMountField(_ field: Substring) -> String {
-        var bytes: [UInt8] = []
-        var chars = Array(field.utf8)[...]
-        while let c = chars.first {
-            chars = chars.dropFirst()
-            if c == UInt8(ascii: "\\"), chars.count >= 3,
-               let v = UInt8(String(decoding: chars.prefix(3), as: UTF8.self), radix: 8) {
-                bytes.append(v)
-                chars = chars.dropFirst(3)
-            } else {
-                bytes.append(c)
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
+        return MountTable.current().contains { $0.mountPoint == want && $0.fileSystemType == "fuse.chargefsd" }
     }
 
     /// Background mode: the parent waits until the child reports the mount ready (exit 0) or an

@@ -4,7 +4,7 @@ import Glibc
 /// A bad command line or mount option: one line that names the problem.
 public struct UsageError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = String(String.UnicodeScalarView(description.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })) }
+    public init(_ description: String) { self.description = printable(description) }
 }
 
 /// `-o io_uring=`: FUSE over io_uring (per-CPU queues) or /dev/fuse.

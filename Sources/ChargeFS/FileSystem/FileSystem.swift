@@ -5,10 +5,32 @@ import SystemPackage
 /// The file system as callers see it: one method per operation, taking plain values and
 /// returning attributes or an errno, so it runs the same in-process (tests) and behind FUSE.
 ///
-/// This type only locks; what each operation means lives in `FileSystemCore`. One reader-writer
-/// lock guards the whole tree: reads of data and attributes share it, anything that changes the
-/// tree or a count holds it alone. Lock order: this lock, then the page store's, then the
-/// charger's.
+/// This type only locks; what each operation means lives in `FileSystemCore`.
+///
+/// Locks, in the one order they may nest:
+/// 1. The tree lock (`core`), a reader-writer lock: reads of data and attributes share it;
+///    anything that changes the tree, a count or the page store holds it alone. The page store
+///    has no lock of its own: it is the tree's (only a `PendingCharge` runs outside it).
+/// 2. The charger's channel to its helper (`CgroupCharger`), taken by each charge: with no tree
+///    lock held on the charge path below; under it only for a truncate up of a file read
+///    through passthrough, and for the status attribute's headroom.
+/// The Bridge's passthrough table and the transport's locks are never taken with either held.
+///
+/// The charge path, whole (tmpfs's order: charge, insert, account; undo each on failure):
+/// 1. Pick (Pages, under the tree lock): an operation short of charged pages stops before it
+///    changes anything and returns `.charge(PendingCharge)`: arena pages from
+///    `PageStore.pickForCharging` (punched ones first, then never-used ones), or a backing
+///    file's holes (`storeBacked`, `allocateBacked`).
+/// 2. Charge (Charging, no lock held): `PendingCharge.charge` has the `PageCharger` instantiate
+///    the ranges: `DaemonCharger` itself, `CgroupCharger` through its helper in the target's
+///    leaf cgroup, which refuses (ENOSPC) before the target or an ancestor would reach its
+///    limit; near the limit a run is halved down to what is still wanted.
+/// 3. Settle and run again (here, `charging`, under the tree lock again): the charged pages join
+///    the reserve (or the backing file's map) and the operation runs again in the same lock hold
+///    and takes them; what was refused is a hole again; in the last round the operation stores
+///    what is charged (a short write, or ENOSPC).
+/// 4. Give back (Pages): freed pages wait in the reserve up to `reserveLimit`, then are punched
+///    out of the arena in batches, which uncharges them.
 public final class FileSystem: Sendable {
     public static let rootIno = InodeNumber.root
     public static let nameMax = 255
@@ -92,11 +114,10 @@ public final class FileSystem: Sendable {
     public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags) throws(Errno) {
         try exclusive { c throws(Errno) in try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
     }
-    /// Open of an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc).
-    /// Returns true when truncating cleared setuid/setgid (the kernel's cached mode is then stale).
-    @discardableResult
-    /// Opens a file. `passthrough` is the backing file the kernel may read for this open itself
-    /// (FUSE passthrough; see FileSystemCore+Backing for when): give it to the kernel, then call
+    /// Opens an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc), and
+    /// says whether truncating cleared setuid/setgid (the kernel's cached mode is then stale).
+    /// `passthrough` is the file the kernel may read for this open itself (FUSE passthrough; see
+    /// FileSystemCore+Backing for when): give it to the kernel, then call
     /// `release(_:passthrough: true)` at the close, or `passthroughRefused` if the kernel would
     /// not take it.
     public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
@@ -199,7 +220,8 @@ public final class FileSystem: Sendable {
     /// need keeps growing between rounds (its file changed meanwhile) gets that far.
     static let chargeRounds = 8
 
-    /// Runs an operation that may need pages charged first. The charge runs with no lock held:
+    /// Runs an operation that may need pages charged first (steps 1 to 3 of the charge path in
+    /// this type's comment). The charge runs with no lock held:
     /// a target that is frozen (docker pause, cgroup.freeze) or slow stalls only the operations
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
     /// pages charged join the reserve and the operation runs again in the same lock hold, so no
@@ -267,6 +289,4 @@ public final class FileSystem: Sendable {
     public func stopCharging() {
         core.withWriteLock { c in c.store.shutdownCharger() }
     }
-    /// Live inodes, for tests that look for leaks.
-    public var inodeCount: Int { core.withReadLock { c in c.inodes.count } }
 }

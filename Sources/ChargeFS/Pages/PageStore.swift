@@ -301,8 +301,6 @@ public struct PendingCharge: Sendable {
         return out
     }
 
-    var count: Int { runs.reduce(0) { $0 + $1.count } }
-
     /// Charges the runs in order, and of the run the charger refuses near a limit its leading
     /// part (halving down to what is still wanted, then to one page); stops there. Returns the
     /// pages charged, counted from the first (give them to `settle`), and any error other than

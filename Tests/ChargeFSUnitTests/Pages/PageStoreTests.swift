@@ -4,26 +4,13 @@ import SystemPackage
 import XCTest
 @testable import ChargeFS
 
-/// Counts charge calls (and does them, in this process).
-final class CountingCharger: PageCharger, @unchecked Sendable {
-    private let inner: DaemonCharger
-    var calls = 0
-    init(arena: FileDescriptor) { inner = DaemonCharger(arena: arena) }
-    func charge(offset: Int64, length: Int64) throws(Errno) {
-        calls += 1
-        try inner.charge(offset: offset, length: length)
-    }
-    var summary: String { "counting" }
-    func shutdown() {}
-}
-
 final class PageStoreTests: XCTestCase {
     /// One page at a time (a 4 KiB random write each) must be charged in batches, whether the
     /// pages are fresh or were punched out by an earlier free.
     func testSinglePageAllocationsAreChargedInBatches() throws {
-        var made: CountingCharger?
+        var made: FakeCharger?
         let store = try PageStore(capacityPages: 1 << 16) { arena in
-            let c = CountingCharger(arena: arena)
+            let c = FakeCharger(arena: arena)
             made = c
             return c
         }

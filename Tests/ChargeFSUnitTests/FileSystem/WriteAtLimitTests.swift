@@ -3,24 +3,6 @@ import SystemPackage
 import XCTest
 @testable import ChargeFS
 
-/// A charger with a budget of pages, then ENOSPC: the cgroup at its limit, without a cgroup.
-final class BudgetCharger: PageCharger, @unchecked Sendable {
-    private let inner: DaemonCharger
-    var pagesLeft: Int
-    init(pages: Int, arena: FileDescriptor) {
-        pagesLeft = pages
-        inner = DaemonCharger(arena: arena)
-    }
-    func charge(offset: Int64, length: Int64) throws(Errno) {
-        let pages = Int(length) / PageSize.bytes
-        guard pages <= pagesLeft else { throw .noSpace }
-        try inner.charge(offset: offset, length: length)
-        pagesLeft -= pages
-    }
-    var summary: String { "budget" }
-    func shutdown() {}
-}
-
 /// Writes that meet a limit (size= or the charger's): what is stored, what is returned.
 final class WriteAtLimitTests: XCTestCase {
     let me = Caller(uid: 1000, gid: 1000)
@@ -29,7 +11,7 @@ final class WriteAtLimitTests: XCTestCase {
     func makeFS(maxBytes: Int64?, chargerPages: Int) throws -> FileSystem {
         var config = FileSystemConfig()
         config.maxBytes = maxBytes
-        let store = try PageStore(capacityPages: 1 << 16) { BudgetCharger(pages: chargerPages, arena: $0) }
+        let store = try PageStore(capacityPages: 1 << 16) { FakeCharger(arena: $0, budget: chargerPages) }
         return FileSystem(config: config, store: store)
     }
 
