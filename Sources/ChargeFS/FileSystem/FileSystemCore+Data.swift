@@ -134,20 +134,41 @@ extension FileSystemCore {
         for index in firstIndex...lastIndex where inode.pages.page(at: index) == 0 { missing += 1 }
         var fresh: [UInt32] = []
         if missing > 0 {
-            let allowed = maxPages.map { max(0, $0 - store.pagesInUse) } ?? missing
-            if wholeOrNothing && allowed < missing { throw .noSpace }
-            let needed = min(missing, allowed)
-            if let pending = chargeNeeded(needed, supply) { return .charge(pending) }
-            fresh.reserveCapacity(needed)
-            store.takeCharged(needed, into: &fresh)
-            if wholeOrNothing && fresh.count < missing {
-                store.free(fresh)
-                throw .noSpace
+            switch try takeFresh(missing, wholeOrNothing: wholeOrNothing, supply: supply) {
+            case .charge(let pending): return .charge(pending)
+            case .done(let pages): fresh = pages
             }
         }
+        let written = try copy(source, into: inode, from: offset, to: end, fresh: fresh)
+        if written == 0 { throw .noSpace }
+        return .done(noteStored(inode, offset: offset, count: written))
+    }
+
+    /// Charged pages for `missing` holes, as many as size= allows (all or none with
+    /// `wholeOrNothing`), or the charge to run first.
+    private func takeFresh(_ missing: Int, wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<[UInt32]> {
+        let allowed = maxPages.map { max(0, $0 - store.pagesInUse) } ?? missing
+        if wholeOrNothing && allowed < missing { throw .noSpace }
+        let needed = min(missing, allowed)
+        if let pending = chargeNeeded(needed, supply) { return .charge(pending) }
+        var fresh: [UInt32] = []
+        fresh.reserveCapacity(needed)
+        store.takeCharged(needed, into: &fresh)
+        if wholeOrNothing && fresh.count < missing {
+            store.free(fresh)
+            throw .noSpace
+        }
+        return .done(fresh)
+    }
+
+    /// Copies [offset, end) of the write into the file's pages, placing `fresh` ones in its holes
+    /// in order, up to the first hole no fresh page is left for; returns the bytes copied. Runs
+    /// of consecutive arena pages are one pwrite each. Fresh pages the copy did not reach go
+    /// back to the store.
+    private func copy(_ source: UnsafeRawPointer, into inode: Inode, from offset: Int64, to end: Int64,
+                      fresh: [UInt32]) throws(Errno) -> Int {
         var freshIterator = fresh.makeIterator()
         var written = 0
-        // Copy in runs of consecutive arena pages: one pwrite each.
         var runPage: UInt32 = 0
         var runInner = 0
         var runLength = 0
@@ -181,15 +202,15 @@ extension FileSystemCore {
             written += length
             return true
         }
+        let untouched = Array(freshIterator)
         if let storeFailure {
-            store.free(unplaced + Array(freshIterator))  // taken for pages the write did not reach
+            store.free(unplaced + untouched)  // taken for pages the write did not reach
             throw storeFailure
         }
         if runLength > 0 {
             try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
-        if written == 0 { throw .noSpace }
-        return .done(noteStored(inode, offset: offset, count: written))
+        return written
     }
 
     /// What a write that stored `count` bytes at `offset` does to the file beside its data:
@@ -243,43 +264,50 @@ extension FileSystemCore {
         if offset < 0 || length <= 0 { throw .invalidArgument }
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
-        let pageSize = Int64(PageSize.bytes)
         let now = timespec.now
-        if punch, let backing = inode.backing {
-            try punchBacked(inode, backing, from: offset, to: end)
-            inode.mtime = now
-            inode.ctime = now
-            return .done(())
-        }
-        if !punch, let backing = inode.backing {
-            if let pending = try allocateBacked(inode, backing, from: offset, to: end, supply: supply) { return .charge(pending) }
-            if !keepSize && end > inode.size {
-                try backing.setSize(end)
-                inode.size = end
-            }
-            inode.ctime = now
-            if !keepSize { inode.mtime = now }
-            return .done(())
-        }
         if punch {
-            // Whole pages inside the range go, even past EOF (KEEP_SIZE allocations live there).
-            let punchEnd = end
-            let firstFull = Self.pagesCovering(offset)
-            let lastFull = Int(punchEnd / pageSize)  // exclusive
-            try zero(inode, from: offset, to: min(punchEnd, Int64(firstFull) * pageSize))
-            if firstFull < lastFull {
-                var freed: [UInt32] = []
-                inode.pages.remove(from: firstFull, to: lastFull, into: &freed)
-                store.free(freed)
-                try zero(inode, from: Int64(lastFull) * pageSize, to: punchEnd)
-            } else if Int64(firstFull) * pageSize < punchEnd {
-                try zero(inode, from: Int64(firstFull) * pageSize, to: punchEnd)
+            if let backing = inode.backing {
+                try punchBacked(inode, backing, from: offset, to: end)
+            } else {
+                try punchArena(inode, from: offset, to: end)
             }
             inode.mtime = now
             inode.ctime = now
             return .done(())
         }
-        // Allocate every hole in the range, all or nothing.
+        if let backing = inode.backing {
+            if let pending = try allocateBacked(inode, backing, from: offset, to: end, supply: supply) { return .charge(pending) }
+            if !keepSize && end > inode.size { try backing.setSize(end) }
+        } else if let pending = try allocateArena(inode, from: offset, to: end, supply: supply) {
+            return .charge(pending)
+        }
+        if !keepSize && end > inode.size { inode.size = end }
+        inode.ctime = now
+        if !keepSize { inode.mtime = now }
+        return .done(())
+    }
+
+    /// fallocate's punch in the arena: whole pages inside the range go, even past EOF (KEEP_SIZE
+    /// allocations live there); the partial pages at its ends are zeroed.
+    private func punchArena(_ inode: Inode, from offset: Int64, to end: Int64) throws(Errno) {
+        let pageSize = Int64(PageSize.bytes)
+        let firstFull = Self.pagesCovering(offset)
+        let lastFull = Int(end / pageSize)  // exclusive
+        try zero(inode, from: offset, to: min(end, Int64(firstFull) * pageSize))
+        if firstFull < lastFull {
+            var freed: [UInt32] = []
+            inode.pages.remove(from: firstFull, to: lastFull, into: &freed)
+            store.free(freed)
+            try zero(inode, from: Int64(lastFull) * pageSize, to: end)
+        } else if Int64(firstFull) * pageSize < end {
+            try zero(inode, from: Int64(firstFull) * pageSize, to: end)
+        }
+    }
+
+    /// fallocate's allocation in the arena: every hole in the range, all or nothing; the charge
+    /// to run first when the reserve is short.
+    private func allocateArena(_ inode: Inode, from offset: Int64, to end: Int64, supply: PageSupply) throws(Errno) -> PendingCharge? {
+        let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
         // Refuse what can never fit before walking the range: it may span 2^50 pages.
@@ -292,21 +320,17 @@ extension FileSystemCore {
             holes.append(index)
             index = inode.pages.nextHole(from: index + 1)
         }
-        if !holes.isEmpty {
-            if let max = maxPages, store.pagesInUse + holes.count > max { throw .noSpace }
-            if let pending = chargeNeeded(holes.count, supply) { return .charge(pending) }
-            var fresh: [UInt32] = []
-            fresh.reserveCapacity(holes.count)
-            if store.takeCharged(holes.count, into: &fresh) < holes.count {
-                store.free(fresh)
-                throw .noSpace
-            }
-            for (slot, page) in zip(holes, fresh) { inode.pages.set(page, at: slot) }
+        guard !holes.isEmpty else { return nil }
+        if let max = maxPages, store.pagesInUse + holes.count > max { throw .noSpace }
+        if let pending = chargeNeeded(holes.count, supply) { return pending }
+        var fresh: [UInt32] = []
+        fresh.reserveCapacity(holes.count)
+        if store.takeCharged(holes.count, into: &fresh) < holes.count {
+            store.free(fresh)
+            throw .noSpace
         }
-        if !keepSize && end > inode.size { inode.size = end }
-        inode.ctime = now
-        if !keepSize { inode.mtime = now }
-        return .done(())
+        for (slot, page) in zip(holes, fresh) { inode.pages.set(page, at: slot) }
+        return nil
     }
 
     /// Writes zeros over [from, to) where pages exist (holes already read as zero). Only a
