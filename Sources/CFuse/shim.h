@@ -28,10 +28,6 @@
 #include <linux/memfd.h>
 #include <syslog.h>
 
-/* The kernel's side of the protocol (newer than libfuse 3.14's): the transport reads requests and
-   patches the INIT reply with its structs. */
-#include <linux/fuse.h>
-#include <sys/uio.h>
 
 static void cfuse_discard_log(enum fuse_log_level level, const char *fmt, va_list ap) { (void)level; (void)fmt; (void)ap; }
 /* libfuse prints its own lines on stderr; chargefsd reports every failure in one line itself. */
@@ -40,6 +36,11 @@ static inline void cfuse_silence_libfuse(void) { fuse_set_log_func(cfuse_discard
 static inline void cfuse_fi_set_direct_io(struct fuse_file_info *fi, int on) { fi->direct_io = on ? 1 : 0; }
 static inline void cfuse_fi_set_keep_cache(struct fuse_file_info *fi, int on) { fi->keep_cache = on ? 1 : 0; }
 static inline int cfuse_fi_writepage(const struct fuse_file_info *fi) { return fi->writepage; }
+
+/* The kernel's side of the protocol (newer than libfuse 3.14's): the transport reads requests and
+   patches the INIT reply with its structs. */
+#include <linux/fuse.h>
+#include <sys/uio.h>
 
 /* FUSE passthrough (protocol 7.40, Linux 6.9+), newer than libfuse 3.14's headers. */
 #define CFUSE_INIT_PASSTHROUGH (1ULL << 37)
@@ -57,6 +58,21 @@ static inline int cfuse_backing_close(int dev_fd, int id) {
 }
 /* fuse_open_out as of 7.40: the backing id sits where libfuse 3.14 has padding. */
 struct cfuse_open_out_7_40 { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+_Static_assert(sizeof(struct cfuse_open_out_7_40) == sizeof(struct fuse_open_out), "fuse_open_out");
+/* fuse_init_out as of 7.40: max_stack_depth takes the first of the 6.1 headers' unused words. */
+struct cfuse_init_out_7_40 {
+    uint32_t major, minor, max_readahead, flags;
+    uint16_t max_background, congestion_threshold;
+    uint32_t max_write, time_gran;
+    uint16_t max_pages, map_alignment;
+    uint32_t flags2, max_stack_depth;
+    uint32_t unused[6];
+};
+_Static_assert(sizeof(struct cfuse_init_out_7_40) == sizeof(struct fuse_init_out), "fuse_init_out");
+_Static_assert(__builtin_offsetof(struct cfuse_init_out_7_40, max_write) == __builtin_offsetof(struct fuse_init_out, max_write), "max_write");
+_Static_assert(__builtin_offsetof(struct cfuse_init_out_7_40, max_pages) == __builtin_offsetof(struct fuse_init_out, max_pages), "max_pages");
+_Static_assert(__builtin_offsetof(struct cfuse_init_out_7_40, flags2) == __builtin_offsetof(struct fuse_init_out, flags2), "flags2");
+_Static_assert(__builtin_offsetof(struct cfuse_init_out_7_40, max_stack_depth) == __builtin_offsetof(struct fuse_init_out, unused), "max_stack_depth");
 
 /* syslog is variadic, which Swift cannot call. */
 static inline void cfuse_syslog(int priority, const char *line) { syslog(priority, "%s", line); }

@@ -81,10 +81,11 @@ final class FuseKernelFeatures {
                 clears = argument(fuse_open_in.self).map { $0.open_flags & UInt32(FUSE_OPEN_KILL_SUIDGID) != 0 } ?? false
             case FUSE_INIT.rawValue:
                 // Older kernels send a shorter fuse_init_in; its first four fields never changed.
-                if arg.count >= 16 {
-                    var flags = UInt64(arg.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-                    if flags & UInt64(FUSE_INIT_EXT) != 0, arg.count >= 20 {
-                        flags |= UInt64(arg.loadUnaligned(fromByteOffset: 16, as: UInt32.self)) << 32
+                if arg.count >= Self.end(of: \fuse_init_in.flags) {
+                    let input = Self.prefix(of: arg, as: fuse_init_in())
+                    var flags = UInt64(input.flags)
+                    if flags & UInt64(FUSE_INIT_EXT) != 0, arg.count >= Self.end(of: \fuse_init_in.flags2) {
+                        flags |= UInt64(input.flags2) << 32
                     }
                     initRequest = (header.unique, flags)
                 }
@@ -126,26 +127,26 @@ final class FuseKernelFeatures {
         if wantsIoUring && !kernelOffersIoUring {
             Log.line("serving over /dev/fuse (the kernel did not offer FUSE over io_uring at INIT)")
         }
-        if wantsIoUring, kernelOffersIoUring, replyBuffer.count >= 36 {
-            // The kernel's payload buffers hold max(max_write, max_pages pages): fuse_init_out's
-            // max_write at byte 20, max_pages at 28.
-            let maxWrite = Int(replyBuffer.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
-            let maxPages = Int(replyBuffer.loadUnaligned(fromByteOffset: 28, as: UInt16.self))
-            if session.prepareUring(payloadSize: max(maxWrite, maxPages * PageSize.bytes)) {
+        if wantsIoUring, kernelOffersIoUring, replyBuffer.count >= Self.end(of: \InitOut.flags2) {
+            // The kernel's payload buffers hold max(max_write, max_pages pages).
+            let out = Self.prefix(of: UnsafeRawBufferPointer(replyBuffer), as: InitOut())
+            if session.prepareUring(payloadSize: max(Int(out.max_write), Int(out.max_pages) * PageSize.bytes)) {
                 adding |= UInt64(CFUSE_OVER_IO_URING)
             }
         }
-        // Passthrough needs max_stack_depth (byte 36): the backing files are on tmpfs (depth 0),
-        // so 1. The kernel turns it off itself with FUSE_WRITEBACK_CACHE, which we never ask for.
-        if wantsPassthrough, initRequest.flags & Self.passthrough != 0, replyBuffer.count >= 40 {
+        // Passthrough needs max_stack_depth: the backing files are on tmpfs (depth 0), so 1. The
+        // kernel turns it off itself with FUSE_WRITEBACK_CACHE, which we never ask for.
+        if wantsPassthrough, initRequest.flags & Self.passthrough != 0, replyBuffer.count >= Self.end(of: \InitOut.max_stack_depth) {
             adding |= Self.passthrough
         }
         guard initRequest.flags & adding != 0 else { return false }
         let replyFlags = Self.patchInitReply(replyBuffer, offered: initRequest.flags, adding: adding)
         granted = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
         ioUringClaimed = replyFlags & UInt64(CFUSE_OVER_IO_URING) != 0
-        if replyFlags & Self.passthrough != 0, let base = replyBuffer.baseAddress {
-            base.storeBytes(of: UInt32(1), toByteOffset: 36, as: UInt32.self)
+        if replyFlags & Self.passthrough != 0 {
+            var out = Self.prefix(of: UnsafeRawBufferPointer(replyBuffer), as: InitOut())
+            out.max_stack_depth = 1
+            Self.storePrefix(out, into: replyBuffer)
             session.startPassthrough()
         } else if wantsPassthrough {
             Log.line("passthrough: the kernel did not offer FUSE passthrough at INIT (Linux 6.9+); every read is served by the daemon")
@@ -153,24 +154,45 @@ final class FuseKernelFeatures {
         return ioUringClaimed
     }
 
-    /// Adds what the kernel offered of `addedFlags` to a fuse_init_out, whose flags sit at byte 12
-    /// and flags2 (read by the kernel only with FUSE_INIT_EXT) at byte 32. Returns the flags the
-    /// reply now carries.
-    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64, adding: UInt64 = addedFlags) -> UInt64 {
-        guard reply.count >= 16, let base = reply.baseAddress else { return 0 }
-        var flags = UInt64(base.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-        let hasFlags2 = reply.count >= 36
-        if hasFlags2, flags & UInt64(FUSE_INIT_EXT) != 0 {
-            flags |= UInt64(base.loadUnaligned(fromByteOffset: 32, as: UInt32.self)) << 32
+    /// fuse_init_out as of protocol 7.40 (the C module asserts it matches the kernel's header).
+    typealias InitOut = cfuse_init_out_7_40
+
+    /// The byte just past a field: a message shorter than that does not carry it.
+    static func end<Root, Field>(of field: KeyPath<Root, Field>) -> Int {
+        MemoryLayout<Root>.offset(of: field).map { $0 + MemoryLayout<Field>.size } ?? Int.max
+    }
+
+    /// The struct a message holds, from as many of its bytes as the message has (an older
+    /// kernel's or libfuse's is shorter): the fields past its end stay as in `zero`.
+    static func prefix<T>(of bytes: UnsafeRawBufferPointer, as zero: T) -> T {
+        var value = zero
+        withUnsafeMutableBytes(of: &value) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes.prefix($0.count))) }
+        return value
+    }
+
+    /// Writes `value` back over the bytes the message has (never past its end).
+    static func storePrefix<T>(_ value: T, into bytes: UnsafeMutableRawBufferPointer) {
+        withUnsafeBytes(of: value) { source in
+            UnsafeMutableRawBufferPointer(rebasing: bytes.prefix(source.count)).copyMemory(from: UnsafeRawBufferPointer(rebasing: source.prefix(bytes.count)))
         }
+    }
+
+    /// Adds what the kernel offered of `addedFlags` to a fuse_init_out (flags2 is read by the
+    /// kernel only with FUSE_INIT_EXT, and exists only in a reply long enough to hold it).
+    /// Returns the flags the reply now carries.
+    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64, adding: UInt64 = addedFlags) -> UInt64 {
+        guard reply.count >= end(of: \InitOut.flags) else { return 0 }
+        var out = prefix(of: UnsafeRawBufferPointer(reply), as: InitOut())
+        var flags = UInt64(out.flags)
+        let hasFlags2 = reply.count >= end(of: \InitOut.flags2)
+        if hasFlags2, flags & UInt64(FUSE_INIT_EXT) != 0 { flags |= UInt64(out.flags2) << 32 }
         var add = offered & adding
         if !hasFlags2 || offered & UInt64(FUSE_INIT_EXT) == 0 { add &= 0xFFFF_FFFF }
         if add >> 32 != 0 { add |= UInt64(FUSE_INIT_EXT) }
         flags |= add
-        base.storeBytes(of: UInt32(truncatingIfNeeded: flags), toByteOffset: 12, as: UInt32.self)
-        if flags & UInt64(FUSE_INIT_EXT) != 0, hasFlags2 {
-            base.storeBytes(of: UInt32(truncatingIfNeeded: flags >> 32), toByteOffset: 32, as: UInt32.self)
-        }
+        out.flags = UInt32(truncatingIfNeeded: flags)
+        if flags & UInt64(FUSE_INIT_EXT) != 0, hasFlags2 { out.flags2 = UInt32(truncatingIfNeeded: flags >> 32) }
+        storePrefix(out, into: reply)
         return flags
     }
 }
