@@ -143,8 +143,9 @@ struct Reply: ~Copyable {
     }
 
     /// Answers with the iovecs `produce` hands to its callback (at most once), or with the errno
-    /// it throws. The callback runs while `produce` still holds its lock, so the data cannot
-    /// change under the copy into the kernel.
+    /// it throws. For arena pages the callback runs while the file system still holds its lock,
+    /// so the data cannot change under the copy into the kernel; a copy of its own (a backing
+    /// file's) comes after the lock is released (`FileSystem.read`).
     consuming func vectors(_ produce: (_ send: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) -> Void) {
         var sent = false
         do throws(Errno) {

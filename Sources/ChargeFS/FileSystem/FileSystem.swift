@@ -185,16 +185,21 @@ public final class FileSystem: Sendable {
                      _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
         // relatime moves atime rarely (after a change, or daily): then the read runs under the
         // exclusive lock and atime moves before the reply, so a stat right after sees it.
-        let done = try shared { (c: FileSystemCore) throws(Errno) -> Bool in
-            if !noatime && c.atimeIsStale(ino) { return false }
-            try c.read(ino, offset: offset, count: count, body)
-            return true
+        // A copy (a backing file's data) is answered after the lock is released.
+        let step = try shared { (c: FileSystemCore) throws(Errno) -> CopiedRead?? in
+            if !noatime && c.atimeIsStale(ino) { return .none }
+            return .some(try c.read(ino, offset: offset, count: count, body))
         }
-        if done { return }
-        try exclusive { (c: FileSystemCore) throws(Errno) -> Void in
-            c.touchAtime(ino)
-            try c.read(ino, offset: offset, count: count, body)
+        let copy: CopiedRead?
+        if let step {
+            copy = step
+        } else {
+            copy = try exclusive { (c: FileSystemCore) throws(Errno) -> CopiedRead? in
+                c.touchAtime(ino)
+                return try c.read(ino, offset: offset, count: count, body)
+            }
         }
+        copy?.send(body)
     }
     /// Writes. `clearSetIDAsked`: the kernel flagged the write (its caller lacks CAP_FSETID).
     /// `wholeOrNothing`: a writeback of mapped pages, which must store every byte or none (the

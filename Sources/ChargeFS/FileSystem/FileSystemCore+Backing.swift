@@ -144,14 +144,16 @@ extension FileSystemCore {
 
     // MARK: - Data
 
-    /// One buffer filled by pread: holes read as zeros without a page being allocated.
-    func readBacked(_ backing: BackingFile, from offset: Int64, count: Int,
-                    _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+    /// One buffer filled by pread: holes read as zeros without a page being allocated. A copy,
+    /// so the caller answers with it after the tree's lock is released.
+    func readBacked(_ backing: BackingFile, from offset: Int64, count: Int) throws(Errno) -> CopiedRead {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 16)
-        defer { buffer.deallocate() }
-        let n = try backing.read(into: buffer, length: count, at: offset)
-        var vector = iovec(iov_base: buffer, iov_len: n)
-        withUnsafePointer(to: &vector) { body(UnsafeBufferPointer(start: $0, count: n > 0 ? 1 : 0)) }
+        do throws(Errno) {
+            return CopiedRead(buffer: buffer, count: try backing.read(into: buffer, length: count, at: offset))
+        } catch {
+            buffer.deallocate()
+            throw error
+        }
     }
 
     /// Page indexes in [from, last] that are holes, as runs; ENOSPC when more of them than

@@ -35,16 +35,20 @@ extension FileSystemCore {
         return inode
     }
 
-    /// Runs under the shared lock: changes nothing (atime is the caller's business).
-    func read(_ ino: InodeNumber, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+    /// Runs under the shared lock: changes nothing (atime is the caller's business). Arena data
+    /// goes to `body` as iovecs into the arena, under the lock (zero-copy: once it is released a
+    /// writer may free and reuse those pages); a backing file's data comes back as a copy, which
+    /// the caller hands to `body` after releasing the lock. nil when `body` was called.
+    func read(_ ino: InodeNumber, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) -> CopiedRead? {
         let inode = try regularFile(ino)
         if offset < 0 { throw .invalidArgument }
         guard offset < inode.size, count > 0 else {
-            return body(UnsafeBufferPointer(start: nil, count: 0))
+            body(UnsafeBufferPointer(start: nil, count: 0))
+            return nil
         }
         let end = offset + min(Int64(count), inode.size - offset)
         if let backing = inode.backing {
-            return try readBacked(backing, from: offset, count: Int(end - offset), body)
+            return try readBacked(backing, from: offset, count: Int(end - offset))
         }
         let pageSize = Int64(PageSize.bytes)
         // On the stack for small reads (the common 4 KiB case): no allocation per request.
@@ -66,6 +70,7 @@ extension FileSystemCore {
             }
             body(UnsafeBufferPointer(rebasing: vectors[0..<count]))
         }
+        return nil
     }
 
     /// Clears setuid/setgid as the VFS does when a file is written, truncated or chowned

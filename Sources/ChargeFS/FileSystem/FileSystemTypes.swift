@@ -70,3 +70,16 @@ public struct PassthroughFile: Sendable {
     /// Whether two opens got the same file.
     public static func same(_ a: PassthroughFile, _ b: PassthroughFile) -> Bool { a.backing === b.backing }
 }
+
+/// Bytes read into a buffer of their own (a backing file's), to answer with after the tree's
+/// lock is released; `send` hands them over once and frees the buffer.
+struct CopiedRead {
+    let buffer: UnsafeMutableRawPointer
+    let count: Int
+
+    func send(_ body: (UnsafeBufferPointer<iovec>) -> Void) {
+        var vector = iovec(iov_base: buffer, iov_len: count)
+        withUnsafePointer(to: &vector) { body(UnsafeBufferPointer(start: $0, count: count > 0 ? 1 : 0)) }
+        buffer.deallocate()
+    }
+}
