@@ -35,8 +35,9 @@ final class FuseKernelFeatures {
         return (initRequest?.flags ?? 0) & needed == needed
     }
 
-    /// Routes the session's traffic through the hooks; call after fuse_session_mount.
-    static func install(on session: FuseSession) -> Bool {
+    /// Routes the session's traffic through the hooks, on `fd`: by default the session's own
+    /// (call after fuse_session_mount); a connection taken over, or a test's socket, otherwise.
+    static func install(on session: FuseSession, fd: Int32? = nil) -> Bool {
         guard HandlingThread.available, let handle = session.handle else { return false }
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
@@ -57,7 +58,7 @@ final class FuseKernelFeatures {
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
             return written
         }
-        return fuse_session_custom_io(handle, &io, fuse_session_fd(handle)) == 0
+        return fuse_session_custom_io(handle, &io, fd ?? fuse_session_fd(handle)) == 0
     }
 
     /// Reads what the kernel says in a request before libfuse decodes it (on the handling thread).

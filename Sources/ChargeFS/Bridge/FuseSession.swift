@@ -52,6 +52,21 @@ final class FuseSession: @unchecked Sendable {
         return handle != nil
     }
 
+    /// Handles one request given as the kernel sends it (fuse_in_header, then its arguments) on
+    /// this thread, as if the transport had read it: the counters and the INIT patch see it, and
+    /// the reply goes out through the session's hooks. How a successor replays the INIT its
+    /// predecessor answered; tests feed requests with it.
+    func process(request bytes: UnsafeMutableRawBufferPointer) {
+        guard let handle, let base = bytes.baseAddress else { return }
+        requests.count(request: base, length: bytes.count)
+        features.note(request: base, length: bytes.count)
+        var buffer = fuse_buf()
+        buffer.size = bytes.count
+        buffer.mem = base
+        buffer.fd = -1
+        fuse_session_process_buf(handle, &buffer)
+    }
+
     /// The session a request belongs to.
     static func of(_ userdata: UnsafeMutableRawPointer?) -> FuseSession? {
         userdata.map { Unmanaged<FuseSession>.fromOpaque($0).takeUnretainedValue() }
