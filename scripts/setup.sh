@@ -19,10 +19,12 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 # Build: libfuse3-dev pkg-config gcc (metabench). Run: fuse3 (fusermount3, mount.fuse3).
-# Tests: user-mode-linux busybox-static kmod (cgroup v2 in UML), attr (getfattr), util-linux
+# Tests: user-mode-linux busybox-static kmod, or qemu-system-x86 cpio xz-utils where UML cannot
+# boot (cgroup v2 in a guest kernel: scripts/vm-run.sh), attr (getfattr), util-linux
 # (fallocate, setpriv, taskset), procps (pgrep), psmisc (fuser), python3, fio, coreutils.
 # CSI tests: python3-pip (grpcio below), python3-yaml (manifest check).
-packages=(libfuse3-dev fuse3 pkg-config gcc libc6-dev user-mode-linux busybox-static kmod fio attr
+packages=(libfuse3-dev fuse3 pkg-config gcc libc6-dev user-mode-linux busybox-static kmod
+          qemu-system-x86 cpio xz-utils fio attr
           util-linux procps psmisc python3 coreutils findutils gawk python3-pip python3-yaml)
 missing=()
 for p in "${packages[@]}"; do
@@ -58,6 +60,10 @@ else
   /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
     --root-user-action=ignore --upgrade --target "$csi_py" "${csi_py_pkgs[@]}"
 fi
+
+# The cgroup v2 guest: a probe boot picks User-Mode Linux or QEMU; QEMU's kernel is fetched now.
+echo "setup: cgroup v2 guest: $(bash "$repo/scripts/vm-run.sh" --which)"
+bash "$repo/scripts/vm-run.sh" --prepare
 
 [ "$build" = 1 ] || exit 0
 if ! command -v swift >/dev/null; then

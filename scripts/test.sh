@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: setup, build, every XCTest suite, the shell tests on this host, and the
-# cgroup v2 tests inside User-Mode Linux. Ends with one line "N passed, N failed" counting test
+# cgroup v2 tests inside a guest kernel (scripts/vm-run.sh: User-Mode Linux, or QEMU where UML
+# cannot boot; CHARGEFS_VM=uml|qemu forces one). Ends with one line "N passed, N failed" counting test
 # groups, and exits non-zero when any group failed. A group that cannot run here says why and
 # counts as failed; nothing is skipped silently.
-# Usage: scripts/test.sh [GROUP...]    groups: setup build swift-test mounts-uring <name of scripts/tests/*.sh> uml-v2
+# Usage: scripts/test.sh [GROUP...]    groups: setup build swift-test mounts-uring <name of scripts/tests/*.sh> vm-v2
 # Env: SWIFT_SCRATCH=DIR builds into DIR (--scratch-path) instead of .build.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +53,10 @@ group swift-test 1800 swift test "${scratch[@]}"
 # the run and put back).
 group mounts-uring 1800 bash scripts/test-mounts-over-uring.sh
 
+# The guest for every cgroup v2 test, chosen once for the run by a probe boot (vm-run.sh).
+if [ -z "${CHARGEFS_VM:-}" ] && CHARGEFS_VM=$(bash scripts/vm-run.sh --which 2>/dev/null); then export CHARGEFS_VM; fi
+echo "cgroup v2 tests run in: ${CHARGEFS_VM:-no guest (vm-run.sh --which failed)}"
+
 # Shell tests on this host: each file prints its own "N passed, N failed".
 export CFS_TEST_TIMEOUT=${CFS_TEST_TIMEOUT:-180}
 for t in scripts/tests/*.sh; do
@@ -61,9 +66,9 @@ for t in scripts/tests/*.sh; do
   group "$name" 1800 bash "$t"
 done
 
-# The XCTest cgroup suite (ChargeFSCgroupTests) once more, on cgroup v2 inside User-Mode Linux:
+# The XCTest cgroup suite (ChargeFSCgroupTests) once more, on cgroup v2 inside the guest:
 # swift-test above ran it on this host's cgroup v1.
-group uml-v2 1800 bash scripts/uml-run.sh --timeout 1500 -- bash "$repo/scripts/tests/v2/run.sh"
+group vm-v2 1800 bash scripts/vm-run.sh --timeout 1500 -- bash "$repo/scripts/tests/v2/run.sh"
 
 echo
 echo "######## summary"

@@ -17,20 +17,20 @@
 #                OOM kills, a second pod's volume charged to that pod only, kill -9 of the plugin
 #                (the volume keeps serving, data intact), restart (it reloads its state and
 #                unpublishes), charges back to baseline, nothing left mounted or running
-#   uml_pod      the pod test inside User-Mode Linux (cgroup v2, systemd layout)
+#   vm_pod       the pod test inside the v2 guest (scripts/vm-run.sh: cgroup v2, systemd layout)
 #   manifests    deploy/kubernetes/*.yaml parse and carry what the kubelet needs (no cluster here)
 # Usage: scripts/tests/csi.sh [TEST...] | --list
 # Env: CHARGEFSD, CHARGEFS_CSI (default: chargefs-csi next to chargefsd), CFS_TEST_TIMEOUT (180 s
-#      per test; uml_pod gives the guest 15 s less)
+#      per test; vm_pod gives the guest 15 s less)
 set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-PY=/usr/bin/python3   # Debian's: the one that exists inside User-Mode Linux too
+PY=/usr/bin/python3   # Debian's: the one that exists inside the guest too
 CSIPY=$(dirname "$SELF")/csi.py
-# grpcio from PyPI, installed by scripts/setup.sh outside /root and /tmp (fresh tmpfs in UML)
+# grpcio from PyPI, installed by scripts/setup.sh outside /root and /tmp (fresh tmpfs in the guest)
 export PYTHONPATH=$CFS_REPO/.build-csi-py${PYTHONPATH:+:$PYTHONPATH}
-TESTS=(cli rpcs layouts no_host_view pod uml_pod manifests)
+TESTS=(cli rpcs layouts no_host_view pod vm_pod manifests)
 
 csi_bin() {
   if [ -n "${CHARGEFS_CSI:-}" ]; then echo "$CHARGEFS_CSI"; return; fi
@@ -363,21 +363,21 @@ sys.exit(0 if s["used"] >= 16 << 20 and s["total"] <= 64 << 20 else 1)' "$st"
   log "  plugin log:"; grep -E "publish|state:" "$SCR/plugin.log" | sed 's/^/    | /' >&2
 }
 
-t_uml_pod() {
-  if [ -n "${CHARGEFS_IN_UML:-}" ]; then log "  already inside UML"; return 1; fi
-  local uml=$CFS_REPO/scripts/uml-run.sh
-  [ -f "$uml" ] || { log "  cannot run: scripts/uml-run.sh is missing"; return 1; }
-  command -v linux.uml >/dev/null || { log "  cannot run: linux.uml missing (scripts/setup.sh installs user-mode-linux)"; return 1; }
+t_vm_pod() {
+  if [ -n "${CHARGEFS_IN_VM:-}" ]; then log "  already inside the guest"; return 1; fi
+  local vm=$CFS_REPO/scripts/vm-run.sh kind
+  [ -f "$vm" ] || { log "  cannot run: scripts/vm-run.sh is missing"; return 1; }
+  kind=$(bash "$vm" --which) || { log "  cannot run: no guest kernel (scripts/vm-run.sh --which)"; return 1; }
   # within this test's own time limit: the guest, and the test inside it, a little less
   local out rc=0 tmo=${CFS_TEST_TIMEOUT:-180}
-  out=$(bash "$uml" --timeout $((tmo - 15)) -- \
-    env CHARGEFS_IN_UML=1 CHARGEFS_CGROUP_VERSION=2 CHARGEFSD="$(cfs_daemon_bin)" CHARGEFS_CSI="$(csi_bin)" \
+  out=$(bash "$vm" --timeout $((tmo - 15)) -- \
+    env CHARGEFS_IN_VM=1 CHARGEFS_CGROUP_VERSION=2 CHARGEFSD="$(cfs_daemon_bin)" CHARGEFS_CSI="$(csi_bin)" \
     TMPDIR=/tmp CFS_TEST_TIMEOUT=$((tmo - 30)) PATH="$PATH" \
     bash "$SELF" pod 2>&1) || rc=$?
-  sed 's/^/  [uml] /' <<<"$out" >&2
-  check "inside UML (cgroup v2, systemd layout): pod test passed (exit $rc)" [ "$rc" = 0 ]
+  sed "s/^/  [$kind] /" <<<"$out" >&2
+  check "inside the $kind guest (cgroup v2, systemd layout): pod test passed (exit $rc)" [ "$rc" = 0 ]
   check "it ran on cgroup v2 with the systemd layout" grep -q "cgroup v2, systemd driver" <<<"$out"
-  check "inside UML: 1 passed, 0 failed" grep -q "^1 passed, 0 failed" <<<"$out"
+  check "inside the $kind guest: 1 passed, 0 failed" grep -q "^1 passed, 0 failed" <<<"$out"
 }
 
 # No cluster and no container engine here: check what can be checked, the manifests' content.

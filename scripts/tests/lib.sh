@@ -3,7 +3,7 @@
 # Usage: source scripts/tests/lib.sh   (from a bash script with set -euo pipefail)
 #
 # Works on cgroup v1 (memory controller at /sys/fs/cgroup/memory, this host) and cgroup v2
-# (memory in /sys/fs/cgroup/cgroup.controllers, e.g. inside User-Mode Linux). The version is
+# (memory in /sys/fs/cgroup/cgroup.controllers, e.g. inside the guest of scripts/vm-run.sh). The version is
 # detected from the filesystem; CHARGEFS_CGROUP_VERSION=1|2 forces one.
 #
 # Everything a script creates through these helpers is recorded and undone by cfs_cleanup

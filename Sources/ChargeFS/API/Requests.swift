@@ -29,8 +29,7 @@ public enum FileCaching: String, Sendable {
     case direct
     /// Through the kernel's page cache, kept across opens: re-reads cost no round trip.
     case page
-    /// `direct` if the kernel can still map such files shared (FUSE_DIRECT_IO_ALLOW_MMAP,
-    /// Linux 6.6), else `page`. The default.
+    /// `direct`, on every kernel (see the Bridge's CacheModeChoice for why). The default.
     case automatic
 }
 

@@ -41,9 +41,7 @@ enum FuseHandlers {
 
     static func initialize(_ session: FuseSession, _ conn: UnsafeMutablePointer<fuse_conn_info>) {
         let fs = session.fileSystem
-        fs.resolveCaching(CacheModeChoice.resolve(fs.config.caching,
-                                                  kernelOffersMmapWithDirectIO: session.features.kernelOffersMmapWithDirectIO,
-                                                  kernelRelease: CacheModeChoice.runningKernelRelease()))
+        fs.resolveCaching(CacheModeChoice.resolve(fs.config.caching))
         // 1 MiB requests: fewer round trips for streams.
         conn.pointee.max_write = 1 << 20
         conn.pointee.max_readahead = 1 << 20

@@ -29,12 +29,6 @@ final class FuseKernelFeatures {
     /// FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 (bit 36 of the 64-bit flags); newer than the headers.
     static let directIOAllowMmap: UInt64 = 1 << 36
 
-    /// Whether the INIT request offered it (Linux 6.6+); known before libfuse's init callback.
-    var kernelOffersMmapWithDirectIO: Bool {
-        let needed = Self.directIOAllowMmap | UInt64(FUSE_INIT_EXT)
-        return (initRequest?.flags ?? 0) & needed == needed
-    }
-
     /// Routes the session's traffic through the hooks, on `fd`: by default the session's own
     /// (call after fuse_session_mount); a connection taken over, or a test's socket, otherwise.
     static func install(on session: FuseSession, fd: Int32? = nil) -> Bool {
@@ -125,6 +119,9 @@ final class FuseKernelFeatures {
         initPatched = true
         let replyBuffer = UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len)
         var adding = Self.addedFlags
+        if !CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease()) {
+            adding &= ~Self.directIOAllowMmap   // mmap(MAP_SHARED) then fails with ENODEV: see CacheModeChoice
+        }
         if wantsIoUring && !kernelOffersIoUring {
             Log.line("serving over /dev/fuse (the kernel did not offer FUSE over io_uring at INIT)")
         }

@@ -272,11 +272,14 @@ public struct MountOptions: Sendable, Equatable {
                         throttle the whole cgroup for as long as they are stored
       memcg_limit=max   ENOSPC at memory.max only (as the tmpfs memcg= patch); above memory.high
                         writes and the cgroup's processes are throttled by the kernel
-      cache=direct      (default on Linux 6.6+) read(2) and write(2) go to chargefsd, bypassing the
-                        kernel's page cache, so no reader or writer is charged for a cached copy;
-                        mmap still works (through the page cache, kept coherent). direct_io: same
+      cache=direct      (default) read(2) and write(2) go to chargefsd, bypassing the kernel's page
+                        cache, so no reader or writer is charged for a cached copy. Shared mmap
+                        works on Linux 6.9+; before 6.9, mmap(MAP_SHARED) fails with ENODEV
+                        (private maps, loaders and exec work). direct_io: the same
       cache=page        reads are served from the kernel's page cache, kept across opens: faster
-                        re-reads, but the reader or writer's cgroup is charged for the cached copy
+                        re-reads and shared mmap on any kernel, but each reader's and writer's
+                        cgroup is charged for its cached copy; before Linux 6.9 a writer inside the
+                        target can then be OOM-killed at the limit
       io_uring=auto    (default) serve requests over FUSE's io_uring transport (Linux 6.14+) where
                         the kernel offers it (root enables it: /sys/module/fuse/parameters/
                         enable_uring = Y; chargefsd never sets it), else over /dev/fuse.

@@ -1,5 +1,5 @@
 // Real-kernel tests of cgroup charging: cgroup v1 memory on this host, cgroup v2 when it is mounted
-// with memory on /sys/fs/cgroup (User-Mode Linux: scripts/uml-run.sh). Root only; no fake files.
+// with memory on /sys/fs/cgroup (a guest kernel: scripts/vm-run.sh). Root only; no fake files.
 // Every test removes the cgroups it made in tearDown, failure or not.
 
 import Glibc

@@ -71,20 +71,3 @@ final class WriteAtLimitTests: XCTestCase {
         }
     }
 }
-
-/// cache= automatic: direct only where shared mmap of direct-I/O files is known to work.
-final class CacheModeChoiceTests: XCTestCase {
-    func testAutomaticChoice() {
-        func choose(_ offered: Bool, _ release: String, _ asked: FileCaching = .automatic) -> FileCaching {
-            CacheModeChoice.resolve(asked, kernelOffersMmapWithDirectIO: offered, kernelRelease: release)
-        }
-        XCTAssertEqual(choose(true, "6.18.0-1-amd64"), .direct)
-        XCTAssertEqual(choose(true, "6.9.0"), .direct)
-        XCTAssertEqual(choose(true, "6.8.12-generic"), .page, "6.6-6.8 may lack the VM_MAYSHARE fix")
-        XCTAssertEqual(choose(true, "6.6.30"), .page)
-        XCTAssertEqual(choose(false, "6.18.0"), .page, "no FUSE_DIRECT_IO_ALLOW_MMAP offered")
-        XCTAssertEqual(choose(true, "garbage"), .page)
-        XCTAssertEqual(choose(true, "6.6.30", .direct), .direct, "an explicit choice stands")
-        XCTAssertEqual(choose(true, "6.18.0", .page), .page)
-    }
-}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The cgroup v2 suite, run inside User-Mode Linux by scripts/test.sh (group uml-v2):
-#   scripts/uml-run.sh -- bash scripts/tests/v2/run.sh
+# The cgroup v2 suite, run inside a guest kernel by scripts/test.sh (group vm-v2):
+#   scripts/vm-run.sh -- bash scripts/tests/v2/run.sh
 # Runs the XCTest CgroupChargerTests (real charging, limits, ENOSPC without OOM kill, helper
 # respawn, target validation, stale cleanup) against this kernel's cgroup v2 memory controller.
 # Uses the test bundle already built on the host: $SWIFT_SCRATCH (default .build)/debug.
@@ -9,7 +9,7 @@ set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 cd "$repo"
 if ! grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
-  echo "cannot run: no cgroup v2 memory controller on /sys/fs/cgroup (run me through scripts/uml-run.sh)"
+  echo "cannot run: no cgroup v2 memory controller on /sys/fs/cgroup (run me through scripts/vm-run.sh)"
   echo "0 passed, 1 failed"; exit 1
 fi
 bundle=${SWIFT_SCRATCH:-.build}/debug/chargefsPackageTests.xctest
