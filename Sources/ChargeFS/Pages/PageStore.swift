@@ -92,8 +92,13 @@ public final class PageStore {
     /// inside it). Takes a charger round trip: call it with no lock of the tree held.
     public func makeBackingFile() throws(Errno) -> BackingFile {
         guard let root = arena.tmpfsRoot else { throw .notSupported }
-        return BackingFile(try charger.makeFile(in: root))
+        let file = BackingFile(try charger.makeFile(in: root))
+        file.syscalls = backingFileCalls
+        return file
     }
+
+    /// The system calls new backing files change their contents with (tests inject failures).
+    var backingFileCalls = PageFileCalls.kernel
 
     /// Pages of backing files count as in use, as arena pages do (size=, df, the status).
     public func noteBackingPages(_ delta: Int) { pagesInUse += delta }

@@ -3,6 +3,7 @@
 // backing files live on a private tmpfs, which needs CAP_SYS_ADMIN); the kernel side (a reader's
 // cgroup charged nothing, reads that bypass the daemon) is scripts/tests/passthrough.sh.
 
+import CFuse
 import Glibc
 import SystemPackage
 import XCTest
@@ -231,5 +232,33 @@ final class BackingFileTests: XCTestCase {
         file.backing.syscalls = .kernel
         try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: (1 << 20) + 100, length: 1000)
         XCTAssertEqual(Array(try contents(fs, ino)[((1 << 20) + 100)..<((1 << 20) + 1100)]), [UInt8](repeating: 0, count: 1000))
+    }
+
+    /// The pages an appending file charged ahead are given back at its last close by a punch;
+    /// one the kernel refuses (injected) leaves them counted, not dropped from the books.
+    func testRefusedTrimKeepsWhatWasChargedAheadCounted() throws {
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        config.caching = .direct
+        let store = try PageStore { DaemonCharger(arena: $0) }
+        store.backingFileCalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { errno = EIO; return -1 }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        let fs = FileSystem(config: config, store: store)
+        fs.resolveCaching(.direct)
+        fs.noteKernelPassthrough(true)
+        let ino = try fs.create(parent: root, name: Array("grow".utf8), mode: 0o100644, caller: me).ino
+        var model: [UInt8] = []
+        for chunk in [random(1 << 20), random(3000)] {
+            _ = try chunk.withUnsafeBytes { try fs.write(ino, offset: Int64(model.count), data: $0, caller: me, clearSetIDAsked: false) }
+            model += chunk
+        }
+        let blocks = try fs.getattr(ino).blocks
+        XCTAssertGreaterThan(Int(blocks) * 512, (model.count + page - 1) / page * page, "a batch was charged ahead")
+        fs.release(ino)
+        XCTAssertEqual(try fs.getattr(ino).blocks, blocks, "the refused trim leaves the pages counted")
+        XCTAssertEqual(fs.storedBytes().used, blocks * 512)
+        XCTAssertEqual(try contents(fs, ino), model)
     }
 }
