@@ -177,6 +177,7 @@ public enum Daemon {
         let fuse = FuseSession(fileSystem: fs)
         fuse.features.wantsIoUring = transport.wantsUring
         fuse.features.wantsPassthrough = options.fileSystemConfig.passthroughMinBytes != nil
+        fuse.features.offerDirectIOMmap = CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease())
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             throw StartFailure("cannot start a FUSE session with options '\(options.fuseOptionList)'")
         }

@@ -17,7 +17,7 @@ import Glibc
 /// `writev` adds the flags the kernel offered to the INIT reply, and FUSE_OVER_IO_URING where the
 /// mount wants it and its rings are ready (UringTransport); replies to requests that came over
 /// io_uring go back into their ring entries (UringWorker.captureReply). One instance per session (its
-/// `FuseSession` owns it); the hooks find it through the session's userdata.
+/// `FuseConnection` owns it); the hooks find it through the session's userdata.
 final class FuseKernelFeatures {
     /// The INIT request's id and the flags the kernel offered (flags2 in the high half); written
     /// by the one thread that reads INIT, before any other request exists.
@@ -31,12 +31,12 @@ final class FuseKernelFeatures {
 
     /// Routes the session's traffic through the hooks, on `fd`: by default the session's own
     /// (call after fuse_session_mount); a connection taken over, or a test's socket, otherwise.
-    static func install(on session: FuseSession, fd: Int32? = nil) -> Bool {
+    static func install(on session: FuseConnection, fd: Int32? = nil) -> Bool {
         guard HandlingThread.available, let handle = session.handle else { return false }
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
             let n = Glibc.read(fd, buf, len)
-            if let session = FuseSession.of(userdata) {
+            if let session = FuseConnection.connection(userdata) {
                 session.requests.count(request: buf, length: n)
                 session.features.note(request: buf, length: n)
             }
@@ -46,7 +46,7 @@ final class FuseKernelFeatures {
             guard let iov else { return Glibc.writev(fd, iov, count) }
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
-            guard let session = FuseSession.of(userdata) else { return Glibc.writev(fd, iov, count) }
+            guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
             let written = Glibc.writev(fd, iov, count)
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
@@ -95,6 +95,9 @@ final class FuseKernelFeatures {
 
     /// Whether the mount wants FUSE over io_uring where the kernel offers it (set before mounting).
     var wantsIoUring = false
+    /// Whether to take FUSE_DIRECT_IO_ALLOW_MMAP where offered (set before mounting: the Bridge's
+    /// CacheModeChoice says whether this kernel maps direct-I/O files shared correctly).
+    var offerDirectIOMmap = true
     /// Whether the mount wants FUSE passthrough for large read-only opens (set before mounting).
     var wantsPassthrough = false
     /// FUSE_PASSTHROUGH (7.40), in flags2.
@@ -110,7 +113,7 @@ final class FuseKernelFeatures {
 
     /// Patches the INIT reply; returns whether it now claims FUSE over io_uring (its rings are
     /// then set up, and must be registered once the reply is written).
-    fileprivate func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int, session: FuseSession) -> Bool {
+    fileprivate func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int, session: FuseConnection) -> Bool {
         guard let initRequest, !initPatched,
               count >= 2, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
               let reply = iov[1].iov_base else { return false }
@@ -119,7 +122,7 @@ final class FuseKernelFeatures {
         initPatched = true
         let replyBuffer = UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len)
         var adding = Self.addedFlags
-        if !CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease()) {
+        if !offerDirectIOMmap {
             adding &= ~Self.directIOAllowMmap   // mmap(MAP_SHARED) then fails with ENODEV: see CacheModeChoice
         }
         if wantsIoUring && !kernelOffersIoUring {
@@ -145,7 +148,7 @@ final class FuseKernelFeatures {
             var out = Self.prefix(of: UnsafeRawBufferPointer(replyBuffer), as: InitOut())
             out.max_stack_depth = 1
             Self.storePrefix(out, into: replyBuffer)
-            session.startPassthrough()
+            session.passthroughNegotiated()
         } else if wantsPassthrough {
             Log.line("passthrough: the kernel did not offer FUSE passthrough at INIT (Linux 6.9+); every read is served by the daemon")
         }

@@ -20,7 +20,7 @@ import SystemPackage
 final class UringQueue: @unchecked Sendable {
     let qid: UInt32
     private let cpu: UInt32?
-    private let session: FuseSession
+    private let session: FuseConnection
     private let fuseFD: Int32
     private let payloadSize: Int
     static let initialWorkers = 2
@@ -30,7 +30,7 @@ final class UringQueue: @unchecked Sendable {
     private let workers = Mutex<(list: [UringWorker], stopping: Bool)>(([], false))
 
     /// Sets up the first workers' rings (no thread yet, nothing registered with the kernel).
-    init(qid: UInt32, session: FuseSession, fuseFD: Int32, payloadSize: Int) throws(Errno) {
+    init(qid: UInt32, session: FuseConnection, fuseFD: Int32, payloadSize: Int) throws(Errno) {
         self.qid = qid
         cpu = cfuse_affinity_has_cpu(qid) != 0 ? qid : nil
         self.session = session
@@ -100,7 +100,7 @@ final class UringQueue: @unchecked Sendable {
 final class UringWorker: @unchecked Sendable {
     let qid: UInt32
     private unowned let queue: UringQueue
-    private let session: FuseSession
+    private let session: FuseConnection
     /// The C side's ring, entries and stop eventfd; a stable address the thread and `stop` share.
     private let ring: OpaquePointer
     private var thread: pthread_t?
@@ -117,7 +117,7 @@ final class UringWorker: @unchecked Sendable {
 
 
     /// Sets up the ring and its buffers (no thread yet, nothing registered with the kernel).
-    init(queue: UringQueue, session: FuseSession, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
+    init(queue: UringQueue, session: FuseConnection, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
         guard HandlingThread.available else { throw .noMemory }
         qid = queue.qid
         self.queue = queue

@@ -57,7 +57,7 @@ final class UringTransport: @unchecked Sendable {
     private let queues: [UringQueue]
 
     /// Sets up one ring per possible CPU with payload buffers of `payloadSize` bytes.
-    init(session: FuseSession, fuseFD: Int32, payloadSize: Int) throws(Errno) {
+    init(connection session: FuseConnection, fuseFD: Int32, payloadSize: Int) throws(Errno) {
         guard let cpus = Self.possibleCPUs() else { throw .noSuchFileOrDirectory }
         let page = PageSize.bytes
         let size = max(8192, (payloadSize + page - 1) / page * page)
