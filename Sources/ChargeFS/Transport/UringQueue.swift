@@ -191,6 +191,7 @@ final class UringWorker: @unchecked Sendable {
                     queue.workerBusy()
                     let commitID = serve(entry)
                     queue.workerIdle()
+                    guard let commitID else { live -= 1; continue }  // an entry without buffers: never made
                     if !send(entry, commitID: commitID) { unsent.append((entry, commitID)) }
                 case -EAGAIN, -EINTR:
                     if !send(entry, commitID: nil) { unsent.append((entry, nil)) }
@@ -218,10 +219,11 @@ final class UringWorker: @unchecked Sendable {
     private var sendRefusalLogged = false
 
     /// Rebuilds the entry's request for libfuse and has it handled; returns the commit id to
-    /// send the reply with (the entry's buffers hold it).
-    private func serve(_ entry: UnsafeMutablePointer<cfuse_ring_entry>) -> UInt64 {
-        let inOut = entry.pointee.header.pointee.ring_ent_in_out
-        guard let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else { return inOut.commit_id }
+    /// send the reply with (the entry's buffers hold it), nil for an entry without buffers.
+    private func serve(_ entry: UnsafeMutablePointer<cfuse_ring_entry>) -> UInt64? {
+        guard let headerStruct = entry.pointee.header, let payload = entry.pointee.payload else { return nil }
+        let header = UnsafeMutableRawPointer(headerStruct)
+        let inOut = headerStruct.pointee.ring_ent_in_out
         let inHeader = header.loadUnaligned(as: fuse_in_header.self)
         let payloadSize = Int(inOut.payload_sz)
         // The kernel's length counts every argument: what is not payload is the op's first one.
@@ -259,9 +261,10 @@ final class UringWorker: @unchecked Sendable {
     }
 
     private func answerError(_ entry: UnsafeMutablePointer<cfuse_ring_entry>, unique: UInt64, _ error: Int32) {
-        guard let header = UnsafeMutableRawPointer(entry.pointee.header) else { return }
-        header.storeBytes(of: fuse_out_header(len: UInt32(Self.outHeaderSize), error: -error, unique: unique), as: fuse_out_header.self)
-        entry.pointee.header.pointee.ring_ent_in_out.payload_sz = 0
+        guard let headerStruct = entry.pointee.header else { return }
+        UnsafeMutableRawPointer(headerStruct).storeBytes(of: fuse_out_header(len: UInt32(Self.outHeaderSize), error: -error, unique: unique),
+                                                         as: fuse_out_header.self)
+        headerStruct.pointee.ring_ent_in_out.payload_sz = 0
     }
 
     /// The custom writev hook's first look: a reply to the request this thread's queue is
@@ -275,11 +278,11 @@ final class UringWorker: @unchecked Sendable {
         worker.answered = true
         let total = (0..<count).reduce(0) { $0 + iov[$1].iov_len }
         guard total - outHeaderSize <= entry.pointee.payload_size,
-              let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else {
+              let headerStruct = entry.pointee.header, let payload = entry.pointee.payload else {
             worker.answerError(entry, unique: out.unique, EIO)
             return total
         }
-        header.copyMemory(from: first, byteCount: outHeaderSize)
+        UnsafeMutableRawPointer(headerStruct).copyMemory(from: first, byteCount: outHeaderSize)
         // Everything after the out header, from whichever vectors hold it, is payload.
         var skip = outHeaderSize
         var written = 0
@@ -290,7 +293,7 @@ final class UringWorker: @unchecked Sendable {
             written += len - skip
             skip = 0
         }
-        entry.pointee.header.pointee.ring_ent_in_out.payload_sz = UInt32(written)
+        headerStruct.pointee.ring_ent_in_out.payload_sz = UInt32(written)
         return total
     }
 }
