@@ -25,6 +25,9 @@ let package = Package(
             pkgConfig: "fuse3",
             providers: [.apt(["libfuse3-dev"])]
         ),
+        // The transport's loops in C: the /dev/fuse worker pool and a minimal io_uring client for
+        // FUSE over io_uring (CFuse brings libfuse's headers and library).
+        .target(name: "CFuseTransport", dependencies: ["CFuse"]),
         // The charge helper's protocol, and the daemon's side of starting it (C: between fork
         // and exec only async-signal-safe calls); the mounter's permission check (access_as).
         .target(name: "CChargeHelper"),
@@ -35,16 +38,18 @@ let package = Package(
             dependencies: ["CChargeHelper"],
             linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "--gc-sections"])]
         ),
-        // Folders by layer, each with a README saying what lives there and what it may call:
-        // Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup -> Support (Daemon on top).
+        // Folders by layer, each with a README whose "May call" line the layer check reads:
+        // Bridge -> Transport, and Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup ->
+        // Support (Daemon on top; API holds the values they all speak).
         .target(
             name: "ChargeFS",
             dependencies: [
                 "CFuse",
+                "CFuseTransport",
                 "CChargeHelper",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
-            exclude: ["Bridge", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support"]
+            exclude: ["API", "Bridge", "Transport", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support"]
                 .map { "\($0)/README.md" }
         ),
         .executableTarget(
@@ -82,6 +87,7 @@ let package = Package(
                 "TestSupport",
                 "ChargeFS",
                 "CFuse",
+                "CFuseTransport",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),

@@ -132,5 +132,3 @@ pid_t chargehelper_spawn(const char *path, int exe_fd, int arena_fd, int cgroup_
 int chargehelper_wifsignaled(int status) { return WIFSIGNALED(status); }
 int chargehelper_wtermsig(int status) { return WTERMSIG(status); }
 int chargehelper_wexitstatus(int status) { return WEXITSTATUS(status); }
-int chargehelper_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
-int chargehelper_pidfd_send_signal(int pidfd, int sig) { return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0); }

@@ -59,7 +59,4 @@ int chargehelper_wifsignaled(int status);
 int chargehelper_wtermsig(int status);
 int chargehelper_wexitstatus(int status);
 
-int chargehelper_pidfd_open(pid_t pid);
-int chargehelper_pidfd_send_signal(int pidfd, int sig);
-
 #endif

@@ -13,15 +13,9 @@ enum FuseHandlers {
         return Array(UnsafeRawBufferPointer(start: cString, count: strlen(cString)))
     }
 
-    static func caller(_ reply: borrowing Reply) -> Caller {
-        guard let ctx = fuse_req_ctx(reply.request) else { return .root }
-        nonisolated(unsafe) let request = reply.request
-        return Caller(uid: ctx.pointee.uid, gid: ctx.pointee.gid) {
-            // Valid only while the request is being handled, which is when the core asks.
-            var groups = [gid_t](repeating: 0, count: 256)
-            let n = fuse_req_getgroups(request, Int32(groups.count), &groups)
-            return n > 0 ? Array(groups.prefix(min(Int(n), groups.count))) : []
-        }
+    /// A missing name as nil: lookup answers it with a negative entry.
+    static func missingAsNil<T>(_ body: () throws(Errno) -> T) throws(Errno) -> T? {
+        do throws(Errno) { return try body() } catch where error == .noSuchFileOrDirectory { return nil }
     }
 
     static func changes(from st: stat, _ toSet: Int32) -> AttributeChanges {
@@ -61,13 +55,7 @@ enum FuseHandlers {
     // MARK: names
 
     static func lookup(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        do throws(Errno) {
-            reply.entry(try s.fileSystem.lookup(parent: InodeNumber(parent), name: Self.name(name)))
-        } catch where error == .noSuchFileOrDirectory {
-            reply.noEntry()
-        } catch {
-            reply.error(error)
-        }
+        reply.lookup { () throws(Errno) in try missingAsNil { () throws(Errno) in try s.fileSystem.lookup(parent: InodeNumber(parent), name: Self.name(name)) } }
     }
 
     static func forget(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, count: UInt64) {
@@ -76,121 +64,71 @@ enum FuseHandlers {
     }
 
     static func forgetMulti(_ s: FuseSession, _ reply: consuming Reply, count: Int, forgets: UnsafeMutablePointer<fuse_forget_data>?) {
-        if let forgets {
-            for i in 0..<count { s.fileSystem.forget(InodeNumber(forgets[i].ino), count: forgets[i].nlookup) }
+        for forget in UnsafeBufferPointer(start: forgets, count: forgets == nil ? 0 : count) {
+            s.fileSystem.forget(InodeNumber(forget.ino), count: forget.nlookup)
         }
         reply.none()
     }
 
-    static func mknod(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?,
-                      mode: mode_t, rdev: dev_t) {
-        do throws(Errno) {
-            reply.entry(try s.fileSystem.mknod(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode),
-                                               rdev: UInt64(rdev), caller: caller(reply)))
-        } catch {
-            reply.error(error)
+    static func mknod(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t, rdev: dev_t) {
+        let caller = reply.caller
+        reply.entry { () throws(Errno) in
+            try s.fileSystem.mknod(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), rdev: UInt64(rdev), caller: caller)
         }
     }
 
     static func mkdir(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t) {
-        do throws(Errno) {
-            reply.entry(try s.fileSystem.mkdir(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller(reply)))
-        } catch {
-            reply.error(error)
-        }
+        let caller = reply.caller
+        reply.entry { () throws(Errno) in try s.fileSystem.mkdir(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller) }
     }
 
-    static func symlink(_ s: FuseSession, _ reply: consuming Reply, target: UnsafePointer<CChar>?, parent: fuse_ino_t,
-                        name: UnsafePointer<CChar>?) {
-        do throws(Errno) {
-            reply.entry(try s.fileSystem.symlink(target: Self.name(target), parent: InodeNumber(parent), name: Self.name(name),
-                                                 caller: caller(reply)))
-        } catch {
-            reply.error(error)
-        }
+    static func symlink(_ s: FuseSession, _ reply: consuming Reply, target: UnsafePointer<CChar>?, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
+        let caller = reply.caller
+        reply.entry { () throws(Errno) in try s.fileSystem.symlink(target: Self.name(target), parent: InodeNumber(parent), name: Self.name(name), caller: caller) }
     }
 
     static func link(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, newParent: fuse_ino_t, newName: UnsafePointer<CChar>?) {
-        do throws(Errno) {
-            reply.entry(try s.fileSystem.link(InodeNumber(ino), newParent: InodeNumber(newParent), newName: Self.name(newName)))
-        } catch {
-            reply.error(error)
-        }
+        reply.entry { () throws(Errno) in try s.fileSystem.link(InodeNumber(ino), newParent: InodeNumber(newParent), newName: Self.name(newName)) }
     }
 
     static func unlink(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        do throws(Errno) {
-            try s.fileSystem.unlink(parent: InodeNumber(parent), name: Self.name(name))
-            reply.success()
-        } catch {
-            reply.error(error)
-        }
+        reply.success { () throws(Errno) in try s.fileSystem.unlink(parent: InodeNumber(parent), name: Self.name(name)) }
     }
 
     static func rmdir(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        do throws(Errno) {
-            try s.fileSystem.rmdir(parent: InodeNumber(parent), name: Self.name(name))
-            reply.success()
-        } catch {
-            reply.error(error)
-        }
+        reply.success { () throws(Errno) in try s.fileSystem.rmdir(parent: InodeNumber(parent), name: Self.name(name)) }
     }
 
     static func rename(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?,
                        newParent: fuse_ino_t, newName: UnsafePointer<CChar>?, flags: UInt32) {
-        do throws(Errno) {
+        reply.success { () throws(Errno) in
             try s.fileSystem.rename(parent: InodeNumber(parent), name: Self.name(name), newParent: InodeNumber(newParent),
                                     newName: Self.name(newName), flags: RenameFlags(rawValue: flags))
-            reply.success()
-        } catch {
-            reply.error(error)
         }
     }
 
     static func readlink(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t) {
-        do throws(Errno) {
-            reply.link(target: try s.fileSystem.readlink(InodeNumber(ino)))
-        } catch {
-            reply.error(error)
-        }
+        reply.link { () throws(Errno) in try s.fileSystem.readlink(InodeNumber(ino)) }
     }
 
     // MARK: attributes
 
     static func getattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t) {
-        do throws(Errno) {
-            reply.attributes(try s.fileSystem.getattr(InodeNumber(ino)))
-        } catch {
-            reply.error(error)
-        }
+        reply.attributes { () throws(Errno) in try s.fileSystem.getattr(InodeNumber(ino)) }
     }
 
     static func setattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, attr: UnsafeMutablePointer<stat>?, toSet: Int32) {
         guard let attr else { return reply.error(.invalidArgument) }
         // With the kill-privilege handover, a setattr that sets nothing is the kernel's own
         // "clear setuid/setgid" (a chown to -1:-1, or the first write to a setuid file).
-        let clears = FuseKernelFeatures.requestClearsSetID || (s.features.granted && toSet == 0)
-        do throws(Errno) {
-            reply.attributes(try s.fileSystem.setattr(InodeNumber(ino), changes(from: attr.pointee, toSet), caller: caller(reply),
-                                                      clearSetIDAsked: clears))
-        } catch {
-            reply.error(error)
+        let clears = reply.clearsSetID || (s.features.granted && toSet == 0), caller = reply.caller
+        reply.attributes { () throws(Errno) in
+            try s.fileSystem.setattr(InodeNumber(ino), changes(from: attr.pointee, toSet), caller: caller, clearSetIDAsked: clears)
         }
     }
 
     static func statfs(_ s: FuseSession, _ reply: consuming Reply) {
-        let usage = s.fileSystem.usage()
-        var st = statvfs()
-        st.f_bsize = UInt(PageStore.pageSize)
-        st.f_frsize = UInt(PageStore.pageSize)
-        st.f_blocks = UInt(usage.totalPages)
-        st.f_bfree = UInt(usage.freePages)
-        st.f_bavail = UInt(usage.freePages)
-        st.f_files = UInt(usage.totalInodes)
-        st.f_ffree = UInt(usage.freeInodes)
-        st.f_favail = UInt(usage.freeInodes)
-        st.f_namemax = UInt(FileSystem.nameMax)
-        reply.statfs(st)
+        reply.statfs(statvfs(s.fileSystem.usage()))
     }
 
     // MARK: files
@@ -199,49 +137,53 @@ enum FuseHandlers {
     // release tells (FORGET comes later, and asynchronously).
     static func open(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
+        let caller = reply.caller, clears = reply.clearsSetID
+        let outcome: OpenOutcome
         do throws(Errno) {
-            let outcome = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags),
-                                                caller: caller(reply), clearSetIDAsked: FuseKernelFeatures.requestClearsSetID)
-            if let file = outcome.passthrough {
-                switch s.passthroughDevice.map({ PassthroughRegistration.id(for: file, device: $0) }) {
-                case .success(let id):
-                    reply.openedPassthrough(backingID: id, handle: passthroughHandle, directIO: outcome.writes)
-                    if outcome.modeChanged { s.invalidateAttributes(ino) }
-                    return
-                case .failure(let error):
-                    s.noteRefusedPassthrough(error)
-                    s.fileSystem.passthroughRefused(InodeNumber(ino))
-                case nil:
-                    s.fileSystem.passthroughRefused(InodeNumber(ino))
-                }
-            }
+            outcome = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags), caller: caller, clearSetIDAsked: clears)
+        } catch {
+            return reply.error(error)
+        }
+        if let backingID = passthroughID(s, InodeNumber(ino), outcome) {
+            reply.openedPassthrough(backingID: backingID, handle: passthroughHandle, directIO: outcome.writes)
+        } else {
             setCaching(s, fi)
             reply.opened(fi)
-            if outcome.modeChanged { s.invalidateAttributes(ino) }
-        } catch {
-            reply.error(error)
         }
+        if outcome.modeChanged { s.invalidateAttributes(ino) }
+    }
+
+    /// The backing id the open passes through, registered with the kernel; nil for an ordinary
+    /// open (none offered, or the kernel refused it: then the file system is told).
+    private static func passthroughID(_ s: FuseSession, _ ino: InodeNumber, _ outcome: OpenOutcome) -> Int32? {
+        guard let file = outcome.passthrough else { return nil }
+        switch s.passthrough?.opened(ino, file: file) {
+        case .success(let id):
+            return id
+        case .failure(let error):
+            s.noteRefusedPassthrough(error)
+            s.fileSystem.passthroughRefused(ino)
+        case nil:
+            s.fileSystem.passthroughRefused(ino)
+        }
+        return nil
     }
 
     static func create(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t,
                        fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
-        do throws(Errno) {
-            let attributes = try s.fileSystem.create(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller(reply))
-            setCaching(s, fi)
-            reply.created(attributes, fi)
-        } catch {
-            reply.error(error)
-        }
+        let caller = reply.caller
+        setCaching(s, fi)
+        reply.answer({ () throws(Errno) in
+            try s.fileSystem.create(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller)
+        }, { $0.sendCreated($1, fi) })
     }
 
     static func read(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, size: Int, offset: off_t,
                      fi: UnsafeMutablePointer<fuse_file_info>?) {
         // The read request carries the file's open flags, with or without an open.
         let noatime = fi.map { OpenFlags(rawValue: $0.pointee.flags).noatime } ?? false
-        reply.vectors { (send) throws(Errno) in
-            try s.fileSystem.read(InodeNumber(ino), offset: Int64(offset), count: size, noatime: noatime, send)
-        }
+        reply.vectors { (send) throws(Errno) in try s.fileSystem.read(InodeNumber(ino), offset: Int64(offset), count: size, noatime: noatime, send) }
     }
 
     static func write(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, buf: UnsafePointer<CChar>?, size: Int,
@@ -249,74 +191,75 @@ enum FuseHandlers {
         // A writeback of mapped pages (FUSE_WRITE_CACHE): older kernels take a short count there
         // as success and drop the rest, so it must store all or fail whole.
         let writeback = fi.map { cfuse_fi_writepage($0) != 0 } ?? false
-        do throws(Errno) {
-            let result = try s.fileSystem.write(InodeNumber(ino), offset: Int64(offset), data: UnsafeRawBufferPointer(start: buf, count: size),
-                                                caller: caller(reply), clearSetIDAsked: FuseKernelFeatures.requestClearsSetID,
-                                                wholeOrNothing: writeback)
-            reply.written(result.written)
+        let caller = reply.caller, clears = reply.clearsSetID
+        reply.answer({ () throws(Errno) in
+            try s.fileSystem.write(InodeNumber(ino), offset: Int64(offset), data: UnsafeRawBufferPointer(start: buf, count: size),
+                                   caller: caller, clearSetIDAsked: clears, wholeOrNothing: writeback)
+        }, { r, result in
+            r.sendWritten(result.written)
             if result.modeChanged { s.invalidateAttributes(ino) }
-        } catch {
-            reply.error(error)
-        }
+        })
     }
 
     /// The handle of opens the kernel serves through a backing file (others have 0).
     static let passthroughHandle: UInt64 = 1
 
     static func release(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
-        s.fileSystem.release(InodeNumber(ino), passthrough: fi?.pointee.fh == passthroughHandle)
+        let passthrough = fi?.pointee.fh == passthroughHandle
+        s.fileSystem.release(InodeNumber(ino), passthrough: passthrough)
+        if passthrough { s.passthrough?.released(InodeNumber(ino)) }
         reply.success()
     }
 
     static func fallocate(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, mode: Int32, offset: off_t, length: off_t) {
-        do throws(Errno) {
+        reply.success { () throws(Errno) in
             try s.fileSystem.fallocate(InodeNumber(ino), mode: FallocateMode(rawValue: mode), offset: Int64(offset), length: Int64(length))
-            reply.success()
-        } catch {
-            reply.error(error)
         }
     }
 
     static func lseek(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, offset: off_t, whence: Int32) {
-        guard let whence = SeekWhence(rawValue: whence) else { return reply.error(.invalidArgument) }
-        do throws(Errno) {
-            reply.position(try s.fileSystem.seek(InodeNumber(ino), offset: Int64(offset), whence: whence))
-        } catch {
-            reply.error(error)
+        reply.position { () throws(Errno) in
+            guard let whence = SeekWhence(rawValue: whence) else { throw .invalidArgument }
+            return try s.fileSystem.seek(InodeNumber(ino), offset: Int64(offset), whence: whence)
         }
     }
 
     // MARK: directories
 
     static func readdir(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, size: Int, offset: off_t, plus: Bool) {
-        let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 8)
         defer { buffer.deallocate() }
-        let req = reply.request
+        let request = reply.request
+        reply.answer({ () throws(Errno) in
+            try listDirectory(s, InodeNumber(ino), offset: Int64(offset), plus: plus, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<size]), request)
+        }, { $0.sendBytes(UnsafeRawBufferPointer(rebasing: buffer[..<$1])) })
+    }
+
+    /// Fills `buffer` with the entries from `offset` in the kernel's dirent layout; returns the
+    /// bytes used. (libfuse 3.14 reads no request in fuse_add_direntry*; nil in tests.)
+    private static func listDirectory(_ s: FuseSession, _ ino: InodeNumber, offset: Int64, plus: Bool,
+                                      into buffer: UnsafeMutableRawBufferPointer, _ request: fuse_req_t?) throws(Errno) -> Int {
+        let start = buffer.baseAddress?.assumingMemoryBound(to: CChar.self)
         var used = 0
-        do throws(Errno) {
-            try s.fileSystem.readdir(InodeNumber(ino), offset: Int64(offset), plus: plus) { entry in
-                var cName = entry.name
-                cName.append(0)
-                let needed: Int = cName.withUnsafeBufferPointer { nameBuf in
-                    nameBuf.withMemoryRebound(to: CChar.self) { n in
-                        if plus, let attributes = entry.attributes {
-                            var e = Reply.entryParameters(attributes)
-                            return fuse_add_direntry_plus(req, buffer + used, size - used, n.baseAddress, &e, off_t(entry.nextOffset))
-                        }
-                        var st = stat()
-                        st.st_ino = UInt(entry.ino.rawValue)
-                        st.st_mode = UInt32(entry.type) << 12
-                        return fuse_add_direntry(req, buffer + used, size - used, n.baseAddress, &st, off_t(entry.nextOffset))
+        try s.fileSystem.readdir(ino, offset: offset, plus: plus) { entry in
+            guard let start else { return false }
+            let needed: Int = (entry.name + [0]).withUnsafeBufferPointer { nameBuf in
+                nameBuf.withMemoryRebound(to: CChar.self) { n in
+                    if plus, let attributes = entry.attributes {
+                        var e = Reply.entryParameters(attributes)
+                        return fuse_add_direntry_plus(request, start + used, buffer.count - used, n.baseAddress, &e, off_t(entry.nextOffset))
                     }
+                    var st = stat()
+                    st.st_ino = UInt(entry.ino.rawValue)
+                    st.st_mode = UInt32(entry.type) << 12
+                    return fuse_add_direntry(request, start + used, buffer.count - used, n.baseAddress, &st, off_t(entry.nextOffset))
                 }
-                if needed > size - used { return false }
-                used += needed
-                return true
             }
-            reply.bytes(buffer, count: used)
-        } catch {
-            reply.error(error)
+            if needed > buffer.count - used { return false }
+            used += needed
+            return true
         }
+        return used
     }
 
     // MARK: extended attributes
@@ -324,36 +267,39 @@ enum FuseHandlers {
     static func setxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?,
                          value: UnsafePointer<CChar>?, size: Int, flags: Int32) {
         let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
-        do throws(Errno) {
-            try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags))
-            reply.success()
-        } catch {
-            reply.error(error)
-        }
+        reply.success { () throws(Errno) in try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags)) }
     }
 
+    /// The root's status and request counts are the transport's to answer (`transportAttribute`).
     static func getxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?, size: Int) {
-        do throws(Errno) {
-            reply.xattr(try s.fileSystem.getxattr(InodeNumber(ino), name: Self.name(name)), bufferSize: size)
-        } catch {
-            reply.error(error)
+        reply.xattr(bufferSize: size) { () throws(Errno) in
+            let ino = InodeNumber(ino), name = Self.name(name)
+            if let answered = try s.transportAttribute(ino, name: name) { return answered }
+            return try s.fileSystem.getxattr(ino, name: name)
         }
     }
 
     static func listxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, size: Int) {
-        do throws(Errno) {
-            reply.xattr(try s.fileSystem.listxattr(InodeNumber(ino)), bufferSize: size)
-        } catch {
-            reply.error(error)
-        }
+        reply.xattr(bufferSize: size) { () throws(Errno) in try s.fileSystem.listxattr(InodeNumber(ino)) }
     }
 
     static func removexattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        do throws(Errno) {
-            try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name))
-            reply.success()
-        } catch {
-            reply.error(error)
-        }
+        reply.success { () throws(Errno) in try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name)) }
+    }
+}
+
+extension statvfs {
+    /// statfs's answer: page-size blocks, NAME_MAX, and the totals only when limited.
+    init(_ usage: FileSystemUsage) {
+        self.init()
+        f_bsize = UInt(PageSize.bytes)
+        f_frsize = UInt(PageSize.bytes)
+        f_blocks = UInt(usage.totalPages)
+        f_bfree = UInt(usage.freePages)
+        f_bavail = UInt(usage.freePages)
+        f_files = UInt(usage.totalInodes)
+        f_ffree = UInt(usage.freeInodes)
+        f_favail = UInt(usage.freeInodes)
+        f_namemax = UInt(FileSystem.nameMax)
     }
 }

@@ -3,22 +3,24 @@ import Glibc
 import Synchronization
 import SystemPackage
 
-/// One mount's FUSE session: the libfuse session, the file system it serves, and what INIT
-/// settled with this kernel. libfuse hands it back as userdata with every request, to the INIT
-/// and DESTROY callbacks and to the custom I/O hooks, so nothing about a session is global.
-final class FuseSession: @unchecked Sendable {
+/// One mount's FUSE session: the connection (`FuseConnection`, the transport's part) with the
+/// file system it serves and what the handlers need. libfuse hands it back as userdata with
+/// every request and to the INIT and DESTROY callbacks, so nothing about a session is global.
+final class FuseSession: FuseConnection, @unchecked Sendable {
     let fileSystem: FileSystem
-    /// The protocol features negotiated past libfuse 3.14 (written only while INIT is handled,
-    /// before the kernel sends any other request).
-    let features = FuseKernelFeatures()
-    /// Requests by kind, for the root's `user.chargefs.requests` attribute.
-    let requests = RequestCounts()
-    /// The libfuse session; set once, before the first request is read.
-    private(set) var handle: OpaquePointer?
 
     init(fileSystem: FileSystem) {
         self.fileSystem = fileSystem
-        fileSystem.reportRequests { [requests] in requests.text }
+    }
+    /// The root's read-only attributes that the transport answers: the status (the tree's lines,
+    /// then the transport's) and the requests by kind. nil for any other name.
+    func transportAttribute(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8]? {
+        guard ino == FileSystem.rootIno else { return nil }
+        if name == FileSystem.requestsXattr { return Array(requests.text.utf8) }
+        if name == FileSystem.statusXattr {
+            return try fileSystem.getxattr(ino, name: name) + Array("transport=\(transport)\n".utf8)
+        }
+        return nil
     }
 
     /// Creates the libfuse session for `arguments` (argv form, libfuse's options).
@@ -41,12 +43,12 @@ final class FuseSession: @unchecked Sendable {
     }
 
     /// Where backing files are registered for passthrough; nil until INIT took passthrough.
-    private(set) var passthroughDevice: PassthroughRegistration.Device?
+    private(set) var passthrough: PassthroughRegistry?
 
     /// INIT took FUSE passthrough: large read-only opens may now be handed to the kernel.
-    func startPassthrough() {
-        guard let handle, let device = PassthroughRegistration.Device(sessionFD: fuse_session_fd(handle)) else { return }
-        passthroughDevice = device
+    override func passthroughNegotiated() {
+        guard let handle, let device = PassthroughRegistry.Device(sessionFD: fuse_session_fd(handle)) else { return }
+        passthrough = PassthroughRegistry(device: device)
         fileSystem.noteKernelPassthrough(true)
     }
 
@@ -56,46 +58,6 @@ final class FuseSession: @unchecked Sendable {
     func noteRefusedPassthrough(_ error: Errno) {
         guard !refusalLogged.exchange(true, ordering: .relaxed) else { return }
         Log.line("passthrough: the kernel refused a backing file (\(error)); such opens are served by the daemon")
-    }
-
-    /// FUSE over io_uring, once INIT claimed it; nil while /dev/fuse serves everything.
-    private var uring: UringTransport?
-
-    /// Sets up the rings while the INIT reply is being written; false (logged) if this host
-    /// refuses them, and the reply then does not claim io_uring.
-    func prepareUring(payloadSize: Int) -> Bool {
-        guard let handle else { return false }
-        do throws(Errno) {
-            uring = try UringTransport(session: self, fuseFD: fuse_session_fd(handle), payloadSize: payloadSize)
-            return true
-        } catch {
-            Log.line("io_uring: cannot set up the rings (\(error)); serving over /dev/fuse")
-            return false
-        }
-    }
-
-    /// Registers the rings once the INIT reply claiming io_uring is written. The kernel holds
-    /// requests until every queue registered; a failed registration turns io_uring off for the
-    /// connection, and /dev/fuse serves.
-    func startUring(initReplyWritten: Bool) {
-        guard let uring else { return }
-        guard initReplyWritten else {
-            self.uring = nil
-            return
-        }
-        fileSystem.noteTransport(ioUring: true)
-        if let error = uring.start() {
-            fileSystem.noteTransport(ioUring: false)
-            Log.line("io_uring: the kernel refused the rings (\(error)); serving over /dev/fuse")
-        } else {
-            Log.line("serving over io_uring: \(uring.queueCount) queues, \(UringQueue.initialWorkers) workers each (up to \(UringQueue.maxWorkers))")
-        }
-    }
-
-    /// Ends the queue threads (after the /dev/fuse loop ended).
-    func stopUring() {
-        uring?.stop()
-        uring = nil
     }
 
     /// Tells the kernel its cached attributes of `ino` are stale (a mode changed behind its back).

@@ -3,6 +3,10 @@ import Synchronization
 
 /// Leaves this process created (so that a leftover `chargefs-<ourpid>` of an earlier process that
 /// had our pid, e.g. pid 1 in a container, is told apart from our own).
+///
+/// Global on purpose: a leaf is named after the process (`chargefs-<pid>`), so what it answers,
+/// "did this process make that leaf", is a fact about the process, shared by every charger in it
+/// (the daemon has one; tests make many), and must be one set for them all.
 private let createdLeaves = Mutex<Set<String>>([])
 
 /// The leaf `<target>/chargefs-<daemonpid>` that holds the charge helper. A leaf rather than the

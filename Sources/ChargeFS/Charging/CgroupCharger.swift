@@ -56,9 +56,10 @@ public final class CgroupCharger: PageCharger {
 
     /// How long a helper that is not frozen may stay silent before it is presumed stuck and killed.
     static let helperTimeoutMs = 60_000
-    static let cacheLifetime: Duration = .milliseconds(100)
-    /// Tests that must race the kernel stretch the lifetime (a slow guest takes > 100 ms between steps).
-    nonisolated(unsafe) var cacheLifetimeForTests: Duration?
+    public static let defaultCacheLifetime: Duration = .milliseconds(100)
+    /// How long a headroom read stays good. This charger's own setting, fixed at creation: tests
+    /// that must race the kernel stretch it (a slow guest takes > 100 ms between steps).
+    let cacheLifetime: Duration
 
     private struct Channel {
         var helper: ChargeHelper?
@@ -73,8 +74,10 @@ public final class CgroupCharger: PageCharger {
     }
 
     /// - Parameter helperPath: the helper program; by default next to the running executable.
-    public init(target: CgroupTarget, arena: FileDescriptor, helperPath: String? = nil) throws(CgroupError) {
+    public init(target: CgroupTarget, arena: FileDescriptor, helperPath: String? = nil,
+                cacheLifetime: Duration = CgroupCharger.defaultCacheLifetime) throws(CgroupError) {
         self.target = target
+        self.cacheLifetime = cacheLifetime
         let path = helperPath ?? ChargeHelper.defaultPath()
         guard access(path, X_OK) == 0 else {
             throw CgroupError(.io, "memcg=\(target.path): the charge helper \(path) is missing or not executable (install \(ChargeHelper.programName) next to chargefsd)")
@@ -227,7 +230,7 @@ public final class CgroupCharger: PageCharger {
 
     private func checkRoom(_ ch: inout Channel, _ length: Int64) throws(Errno) {
         let now = ContinuousClock.now
-        if let at = ch.readAt, now - at < (cacheLifetimeForTests ?? Self.cacheLifetime) {
+        if let at = ch.readAt, now - at < cacheLifetime {
             guard let seen = ch.roomSeen else { return }  // unlimited a moment ago
             if ch.chargedSinceRead + length <= seen / 2 {
                 ch.chargedSinceRead += length

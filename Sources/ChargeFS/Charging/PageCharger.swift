@@ -7,9 +7,11 @@ import SystemPackage
 
 /// Who pays for the pages of the arena.
 ///
-/// The page store keeps all file data in one memfd (the arena). The kernel charges a shmem page
-/// to the memory cgroup of the process that instantiates it, and keeps it there until the page is
-/// freed; so whoever calls `fallocate` on a range of the arena decides who pays. A charger is
+/// The page store keeps file data in one file of shared memory (the arena: a file on a private
+/// tmpfs, or a memfd without CAP_SYS_ADMIN), and a large file's data in a backing file of its
+/// own on that tmpfs. The kernel charges a shmem page to the memory cgroup of the process that
+/// instantiates it, and keeps it there until the page is freed; so whoever calls `fallocate` on
+/// a range of the arena decides who pays. A charger is
 /// built for one arena (it is given the fd once) and does exactly that, nothing else: the page
 /// store calls `charge` before it hands out a page, and punches the range itself when the page is
 /// freed (which gives the charge back, whoever punches).

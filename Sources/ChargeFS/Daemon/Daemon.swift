@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 import SystemPackage
 
@@ -15,7 +16,7 @@ public enum Daemon {
 
     /// One line on stderr, prefixed with the program's name.
     public static func printError(_ message: String) {
-        let line = "chargefsd: \(String(String.UnicodeScalarView(message.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })))\n"
+        let line = "chargefsd: \(printable(message))\n"
         _ = line.withCString { write(STDERR_FILENO, $0, strlen($0)) }
     }
 
@@ -37,33 +38,7 @@ public enum Daemon {
         guard let resolved = realpath(path, nil) else { return false }
         defer { free(resolved) }
         let want = String(cString: resolved)
-        guard let file = fopen("/proc/self/mountinfo", "r") else { return false }
-        defer { fclose(file) }
-        var line: UnsafeMutablePointer<CChar>?
-        var capacity = 0
-        defer { free(line) }
-        while getline(&line, &capacity, file) > 0, let line {
-            let fields = String(cString: line).split(separator: " ")
-            guard fields.count > 8, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
-            if unescapeMountField(fields[4]) == want && fields[dash + 1] == "fuse.chargefsd" { return true }
-        }
-        return false
-    }
-
-    static func unescapeMountField(_ field: Substring) -> String {
-        var bytes: [UInt8] = []
-        var chars = Array(field.utf8)[...]
-        while let c = chars.first {
-            chars = chars.dropFirst()
-            if c == UInt8(ascii: "\\"), chars.count >= 3,
-               let v = UInt8(String(decoding: chars.prefix(3), as: UTF8.self), radix: 8) {
-                bytes.append(v)
-                chars = chars.dropFirst(3)
-            } else {
-                bytes.append(c)
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
+        return MountTable.current().contains { $0.mountPoint == want && $0.fileSystemType == "fuse.chargefsd" }
     }
 
     /// Background mode: the parent waits until the child reports the mount ready (exit 0) or an
@@ -128,78 +103,98 @@ public enum Daemon {
 
     /// Mounts and serves until unmounted or signalled; returns the exit status.
     public static func run(options: MountOptions, target: CgroupTarget?, readiness: Int32?) -> Int32 {
-        // Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
-        // the knob opens a kernel interface to every FUSE daemon on the host.
-        let uringSupport = UringTransport.hostSupport()
-        if options.ioUring == .on && uringSupport != .enabled {
-            report(readiness, uringSupport == .absent
-                ? "io_uring=on: this kernel has no FUSE over io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)"
-                : "io_uring=on: FUSE over io_uring is disabled on this host (\(UringTransport.enableKnob) is N; root may set it to Y)")
+        do throws(StartFailure) {
+            let transport = try chooseTransport(options)
+            let fs = try makeFileSystem(options, target: target)
+            defer { fs.stopCharging() }
+            return try serve(fs, options: options, transport: transport, readiness: readiness)
+        } catch {
+            report(readiness, error.message)
             return 1
         }
-        var wantsUring = options.ioUring != .off && uringSupport == .enabled
-        var devFuseReason = options.ioUring == .off ? "io_uring=off"
-            : uringSupport == .absent ? "this kernel has no FUSE over io_uring" : "\(UringTransport.enableKnob) is N"
-        if wantsUring, let error = UringTransport.probe() {
-            if options.ioUring == .on {
-                report(readiness, "io_uring=on: chargefsd may not use io_uring here (\(error); see the sysctl kernel.io_uring_disabled)")
-                return 1
-            }
-            wantsUring = false
-            devFuseReason = "io_uring is not available to chargefsd: \(error)"
-        }
+    }
 
+    /// Why the daemon could not start: the one line the user sees.
+    struct StartFailure: Error {
+        let message: String
+        init(_ message: String) { self.message = message }
+    }
+
+    /// Whether requests come over io_uring, and if not why not (for the log).
+    struct TransportChoice {
+        var wantsUring: Bool
+        var devFuseReason: String
+    }
+
+    /// Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
+    /// the knob opens a kernel interface to every FUSE daemon on the host.
+    static func chooseTransport(_ options: MountOptions) throws(StartFailure) -> TransportChoice {
+        let uringSupport = UringTransport.hostSupport()
+        if options.ioUring == .on && uringSupport != .enabled {
+            throw StartFailure(uringSupport == .absent
+                ? "io_uring=on: this kernel has no FUSE over io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)"
+                : "io_uring=on: FUSE over io_uring is disabled on this host (\(UringTransport.enableKnob) is N; root may set it to Y)")
+        }
+        var choice = TransportChoice(
+            wantsUring: options.ioUring != .off && uringSupport == .enabled,
+            devFuseReason: options.ioUring == .off ? "io_uring=off"
+                : uringSupport == .absent ? "this kernel has no FUSE over io_uring" : "\(UringTransport.enableKnob) is N")
+        if choice.wantsUring, let error = UringTransport.probe() {
+            if options.ioUring == .on {
+                throw StartFailure("io_uring=on: chargefsd may not use io_uring here (\(error); see the sysctl kernel.io_uring_disabled)")
+            }
+            choice = TransportChoice(wantsUring: false, devFuseReason: "io_uring is not available to chargefsd: \(error)")
+        }
+        return choice
+    }
+
+    /// The arena, the charger for `target` (the daemon's own cgroup without one), and the tree.
+    static func makeFileSystem(_ options: MountOptions, target: CgroupTarget?) throws(StartFailure) -> FileSystem {
         let config = options.fileSystemConfig
-        let capacity = config.maxBytes.map { Int($0 / Int64(PageStore.pageSize)) + PageStore.reserveLimit + 1024 }
+        let capacity = config.maxBytes.map { Int($0 / Int64(PageSize.bytes)) + PageStore.reserveLimit + 1024 }
         let arena: Arena
         do {
             // Huge pages are refused only where they would break a target's charge.
             arena = try Arena(capacityPages: capacity ?? Int(UInt32.max) - 1, allowHugePages: target == nil)
         } catch {
-            report(readiness, "\(error)")
-            return 1
+            throw StartFailure("\(error)")
         }
-        let store: PageStore
         do {
             let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger(arena: arena.fileDescriptor)
-            store = PageStore(arena: arena, charger: charger)
+            return FileSystem(config: config, store: PageStore(arena: arena, charger: charger))
         } catch {
             // A CgroupError names the target itself.
-            report(readiness, error is CgroupError ? "\(error)" : "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
-            return 1
+            throw StartFailure(error is CgroupError ? "\(error)" : "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
         }
-        let fs = FileSystem(config: config, store: store)
-        defer { fs.stopCharging() }
+    }
 
+    /// Mounts `fs`, serves it until unmounted or stopped, and tears down in reverse order;
+    /// returns the exit status.
+    static func serve(_ fs: FileSystem, options: MountOptions, transport: TransportChoice, readiness: Int32?) throws(StartFailure) -> Int32 {
         if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
-        fuse.features.wantsIoUring = wantsUring
-        fuse.features.wantsPassthrough = config.passthroughMinBytes != nil
+        fuse.features.wantsIoUring = transport.wantsUring
+        fuse.features.wantsPassthrough = options.fileSystemConfig.passthroughMinBytes != nil
+        fuse.features.offerDirectIOMmap = CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease())
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
-            report(readiness, "cannot start a FUSE session with options '\(options.fuseOptionList)'")
-            return 1
+            throw StartFailure("cannot start a FUSE session with options '\(options.fuseOptionList)'")
         }
         defer { fuse_session_destroy(session) }
-        guard fuse_set_signal_handlers(session) == 0 else {
-            report(readiness, "cannot install signal handlers")
-            return 1
-        }
+        guard fuse_set_signal_handlers(session) == 0 else { throw StartFailure("cannot install signal handlers") }
         defer { fuse_remove_signal_handlers(session) }
         guard fuse_session_mount(session, options.mountpoint) == 0 else {
-            report(readiness, "cannot mount on \(options.mountpoint) (is /dev/fuse available, and may you mount there?)")
-            return 1
+            throw StartFailure("cannot mount on \(options.mountpoint) (is /dev/fuse available, and may you mount there?)")
         }
         // Protocol features libfuse 3.14 cannot negotiate (FuseKernelFeatures): our own clearing of
         // setuid/setgid, and shared mmap of direct-I/O files.
         guard FuseKernelFeatures.install(on: fuse) else {
             fuse_session_unmount(session)
-            report(readiness, "cannot set up the FUSE session's I/O")
-            return 1
+            throw StartFailure("cannot set up the FUSE session's I/O")
         }
         report(readiness, "ready")
-        if !wantsUring { Log.line("serving over /dev/fuse (\(devFuseReason))") }
+        if !transport.wantsUring { Log.line("serving over /dev/fuse (\(transport.devFuseReason))") }
         // One worker per CPU we may run on (up to 8): requests wake the longest-waiting worker,
         // so spare workers only rotate cold stacks and buffers (8 workers on one CPU made 4 KiB
         // creates 25-35% slower than one). A rescue worker starts only when every worker has been

@@ -4,7 +4,7 @@ import Glibc
 /// A bad command line or mount option: one line that names the problem.
 public struct UsageError: Error, CustomStringConvertible, Equatable {
     public let description: String
-    public init(_ description: String) { self.description = String(String.UnicodeScalarView(description.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? "?" : $0 })) }
+    public init(_ description: String) { self.description = printable(description) }
 }
 
 /// `-o io_uring=`: FUSE over io_uring (per-CPU queues) or /dev/fuse.
@@ -203,7 +203,7 @@ public struct MountOptions: Sendable, Equatable {
             }
             // tmpfs's arithmetic (shmem_parse_one): bytes of RAM times percent / 100, rounded up
             // to whole pages.
-            let pageSize = Int64(PageStore.pageSize)
+            let pageSize = Int64(PageSize.bytes)
             let bytes = physicalPages * pageSize * percent / 100
             return (bytes + pageSize - 1) / pageSize * pageSize
         }
@@ -212,13 +212,13 @@ public struct MountOptions: Sendable, Equatable {
 
     /// RAM in pages, as tmpfs counts it (totalram_pages).
     public static var physicalPages: Int64 {
-        cfuse_physical_memory() / Int64(PageStore.pageSize)
+        cfuse_physical_memory() / Int64(PageSize.bytes)
     }
 
     /// size= as the file system takes it: nil for unlimited. The default is tmpfs's: half of
     /// RAM's pages (not half of its bytes, which differs by a page when the count is odd).
     public var effectiveMaxBytes: Int64? {
-        let bytes = sizeBytes ?? Self.physicalPages / 2 * Int64(PageStore.pageSize)
+        let bytes = sizeBytes ?? Self.physicalPages / 2 * Int64(PageSize.bytes)
         return bytes == 0 ? nil : bytes
     }
 

@@ -5,10 +5,32 @@ import SystemPackage
 /// The file system as callers see it: one method per operation, taking plain values and
 /// returning attributes or an errno, so it runs the same in-process (tests) and behind FUSE.
 ///
-/// This type only locks; what each operation means lives in `FileSystemCore`. One reader-writer
-/// lock guards the whole tree: reads of data and attributes share it, anything that changes the
-/// tree or a count holds it alone. Lock order: this lock, then the page store's, then the
-/// charger's.
+/// This type only locks; what each operation means lives in `FileSystemCore`.
+///
+/// Locks, in the one order they may nest:
+/// 1. The tree lock (`core`), a reader-writer lock: reads of data and attributes share it;
+///    anything that changes the tree, a count or the page store holds it alone. The page store
+///    has no lock of its own: it is the tree's (only a `PendingCharge` runs outside it).
+/// 2. The charger's channel to its helper (`CgroupCharger`), taken by each charge: with no tree
+///    lock held on the charge path below; under it only for a truncate up of a file read
+///    through passthrough, and for the status attribute's headroom.
+/// The Bridge's passthrough table and the transport's locks are never taken with either held.
+///
+/// The charge path, whole (tmpfs's order: charge, insert, account; undo each on failure):
+/// 1. Pick (Pages, under the tree lock): an operation short of charged pages stops before it
+///    changes anything and returns `.charge(PendingCharge)`: arena pages from
+///    `PageStore.pickForCharging` (punched ones first, then never-used ones), or a backing
+///    file's holes (`storeBacked`, `allocateBacked`).
+/// 2. Charge (Charging, no lock held): `PendingCharge.charge` has the `PageCharger` instantiate
+///    the ranges: `DaemonCharger` itself, `CgroupCharger` through its helper in the target's
+///    leaf cgroup, which refuses (ENOSPC) before the target or an ancestor would reach its
+///    limit; near the limit a run is halved down to what is still wanted.
+/// 3. Settle and run again (here, `charging`, under the tree lock again): the charged pages join
+///    the reserve (or the backing file's map) and the operation runs again in the same lock hold
+///    and takes them; what was refused is a hole again; in the last round the operation stores
+///    what is charged (a short write, or ENOSPC).
+/// 4. Give back (Pages): freed pages wait in the reserve up to `reserveLimit`, then are punched
+///    out of the arena in batches, which uncharges them.
 public final class FileSystem: Sendable {
     public static let rootIno = InodeNumber.root
     public static let nameMax = 255
@@ -16,19 +38,16 @@ public final class FileSystem: Sendable {
     public static let xattrNameMax = 255
     /// The root's read-only status attribute (getfattr -n user.chargefs.status MOUNTPOINT).
     public static let statusXattr: FileName = Array("user.chargefs.status".utf8)
-    /// The root's read-only count of requests by kind, as the transport reports them.
+    /// The root's read-only count of requests by kind: reserved here (no one may set it; empty
+    /// in-process), answered by the transport, which sees the requests.
     public static let requestsXattr: FileName = Array("user.chargefs.requests".utf8)
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
     /// `config.caching` as the mount resolved it at INIT; read without the lock on every open.
     private let resolvedCaching: Atomic<UInt8>
-    /// Whether FUSE over io_uring serves this mount (else /dev/fuse), for the status attribute.
-    private let servedOverIoUring = Atomic(false)
     /// Whether the kernel took FUSE passthrough at INIT.
     private let kernelPassthrough = Atomic(false)
-    /// Where `requestsXattr` comes from: the transport, which sees the requests (none in-process).
-    private let requestReport = Mutex<(@Sendable () -> String)?>(nil)
 
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
@@ -46,19 +65,6 @@ public final class FileSystem: Sendable {
     public func resolveCaching(_ caching: FileCaching) {
         resolvedCaching.store(Self.code(caching), ordering: .relaxed)
     }
-
-    /// Which transport serves requests: set when io_uring's rings register or fail.
-    public func noteTransport(ioUring: Bool) {
-        servedOverIoUring.store(ioUring, ordering: .relaxed)
-    }
-
-    /// Sets what the root's `user.chargefs.requests` attribute shows.
-    public func reportRequests(with report: @escaping @Sendable () -> String) {
-        requestReport.withLock { $0 = report }
-    }
-
-    /// `io_uring` or `dev-fuse`, as the status attribute and the log name it.
-    public var transport: String { servedOverIoUring.load(ordering: .relaxed) ? "io_uring" : "dev-fuse" }
 
     @inline(__always)
     private func exclusive<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
@@ -108,11 +114,10 @@ public final class FileSystem: Sendable {
     public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags) throws(Errno) {
         try exclusive { c throws(Errno) in try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
     }
-    /// Open of an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc).
-    /// Returns true when truncating cleared setuid/setgid (the kernel's cached mode is then stale).
-    @discardableResult
-    /// Opens a file. `passthrough` is the backing file the kernel may read for this open itself
-    /// (FUSE passthrough; see FileSystemCore+Backing for when): give it to the kernel, then call
+    /// Opens an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc), and
+    /// says whether truncating cleared setuid/setgid (the kernel's cached mode is then stale).
+    /// `passthrough` is the file the kernel may read for this open itself (FUSE passthrough; see
+    /// FileSystemCore+Backing for when): give it to the kernel, then call
     /// `release(_:passthrough: true)` at the close, or `passthroughRefused` if the kernel would
     /// not take it.
     public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
@@ -125,9 +130,10 @@ public final class FileSystem: Sendable {
         case .none:
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
-            return OpenOutcome(modeChanged: modeChanged, passthrough: file, writes: flags.mayWrite)
+            return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
         case .needsBacking(let pages):
-            return OpenOutcome(modeChanged: modeChanged, passthrough: makeBacking(ino, pages: pages, store: store, forOpen: true),
+            return OpenOutcome(modeChanged: modeChanged,
+                               passthrough: makeBacking(ino, pages: pages, store: store, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }
@@ -179,16 +185,21 @@ public final class FileSystem: Sendable {
                      _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
         // relatime moves atime rarely (after a change, or daily): then the read runs under the
         // exclusive lock and atime moves before the reply, so a stat right after sees it.
-        let done = try shared { (c: FileSystemCore) throws(Errno) -> Bool in
-            if !noatime && c.atimeIsStale(ino) { return false }
-            try c.read(ino, offset: offset, count: count, body)
-            return true
+        // A copy (a backing file's data) is answered after the lock is released.
+        let step = try shared { (c: FileSystemCore) throws(Errno) -> CopiedRead?? in
+            if !noatime && c.atimeIsStale(ino) { return .none }
+            return .some(try c.read(ino, offset: offset, count: count, body))
         }
-        if done { return }
-        try exclusive { (c: FileSystemCore) throws(Errno) -> Void in
-            c.touchAtime(ino)
-            try c.read(ino, offset: offset, count: count, body)
+        let copy: CopiedRead?
+        if let step {
+            copy = step
+        } else {
+            copy = try exclusive { (c: FileSystemCore) throws(Errno) -> CopiedRead? in
+                c.touchAtime(ino)
+                return try c.read(ino, offset: offset, count: count, body)
+            }
         }
+        copy?.send(body)
     }
     /// Writes. `clearSetIDAsked`: the kernel flagged the write (its caller lacks CAP_FSETID).
     /// `wholeOrNothing`: a writeback of mapped pages, which must store every byte or none (the
@@ -214,7 +225,8 @@ public final class FileSystem: Sendable {
     /// need keeps growing between rounds (its file changed meanwhile) gets that far.
     static let chargeRounds = 8
 
-    /// Runs an operation that may need pages charged first. The charge runs with no lock held:
+    /// Runs an operation that may need pages charged first (steps 1 to 3 of the charge path in
+    /// this type's comment). The charge runs with no lock held:
     /// a target that is frozen (docker pause, cgroup.freeze) or slow stalls only the operations
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
     /// pages charged join the reserve and the operation runs again in the same lock hold, so no
@@ -259,11 +271,9 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
-        if ino == Self.rootIno && name == Self.requestsXattr {
-            return Array((requestReport.withLock { $0 }?() ?? "").utf8)
-        }
-        let caching = caching, transport = transport, passthrough = passthroughEnabled
-        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, transport: transport, passthrough: passthrough) }
+        if ino == Self.rootIno && name == Self.requestsXattr { return [] }
+        let caching = caching, passthrough = passthroughEnabled
+        return try shared { c throws(Errno) in try c.getxattr(ino, name: name, caching: caching, passthrough: passthrough) }
     }
     /// Names, each NUL-terminated, as listxattr returns them.
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
@@ -284,6 +294,4 @@ public final class FileSystem: Sendable {
     public func stopCharging() {
         core.withWriteLock { c in c.store.shutdownCharger() }
     }
-    /// Live inodes, for tests that look for leaks.
-    public var inodeCount: Int { core.withReadLock { c in c.inodes.count } }
 }

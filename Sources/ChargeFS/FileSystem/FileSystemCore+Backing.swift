@@ -87,7 +87,7 @@ extension FileSystemCore {
             var run = 1
             while index + run < n, inode.pages.page(at: index + run) == first &+ UInt32(run) { run += 1 }
             do throws(Errno) {
-                try file.write(store.address(of: first), length: run * Self.pageSize, at: Int64(index) * Int64(Self.pageSize))
+                try file.write(store.address(of: first), length: run * PageSize.bytes, at: Int64(index) * Int64(PageSize.bytes))
             } catch {
                 return .none
             }
@@ -112,14 +112,15 @@ extension FileSystemCore {
     func trimAhead(_ inode: Inode) {
         guard let backing = inode.backing, backing.aheadEnd > 0 else { return }
         let from = Self.pagesCovering(inode.size)
-        if backing.aheadEnd > from {
+        // A punch the kernel refuses leaves the pages where they are, past the end: they stay in
+        // the file's map (as a KEEP_SIZE allocation's would), so stored and charged bytes still
+        // count them, and the file may grow into them later.
+        if backing.aheadEnd > from, (inode.pages.nextData(from: from) ?? Int.max) < backing.aheadEnd,
+           backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes)) {
             var marks: [UInt32] = []
             inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
-            if !marks.isEmpty {
-                backing.punch(offset: Int64(from) * Int64(Self.pageSize), length: Int64(backing.aheadEnd - from) * Int64(Self.pageSize))
-                store.noteBackingPages(-marks.count)
-                backing.shrinks += 1
-            }
+            store.noteBackingPages(-marks.count)
+            backing.shrinks += 1
         }
         backing.aheadEnd = 0
     }
@@ -128,10 +129,6 @@ extension FileSystemCore {
     func passthroughEnded(_ ino: InodeNumber) {
         guard let inode = inodes[ino], inode.passthroughOpens > 0 else { return }
         inode.passthroughOpens -= 1
-        // The kernel let go of the backing file with the last passthrough open (before it sent
-        // the release); so does its registration now: a registered file lives as long as the
-        // FUSE connection, which outlives a killed daemon until the unmount.
-        if inode.passthroughOpens == 0 { inode.backing?.registration.withLock { $0 = nil } }
     }
 
     /// Frees a backing file with all its pages (the file's last close after its unlink).
@@ -147,14 +144,16 @@ extension FileSystemCore {
 
     // MARK: - Data
 
-    /// One buffer filled by pread: holes read as zeros without a page being allocated.
-    func readBacked(_ backing: BackingFile, from offset: Int64, count: Int,
-                    _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+    /// One buffer filled by pread: holes read as zeros without a page being allocated. A copy,
+    /// so the caller answers with it after the tree's lock is released.
+    func readBacked(_ backing: BackingFile, from offset: Int64, count: Int) throws(Errno) -> CopiedRead {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 16)
-        defer { buffer.deallocate() }
-        let n = try backing.read(into: buffer, length: count, at: offset)
-        var vector = iovec(iov_base: buffer, iov_len: n)
-        withUnsafePointer(to: &vector) { body(UnsafeBufferPointer(start: $0, count: n > 0 ? 1 : 0)) }
+        do throws(Errno) {
+            return CopiedRead(buffer: buffer, count: try backing.read(into: buffer, length: count, at: offset))
+        } catch {
+            buffer.deallocate()
+            throw error
+        }
     }
 
     /// Page indexes in [from, last] that are holes, as runs; ENOSPC when more of them than
@@ -200,7 +199,7 @@ extension FileSystemCore {
     /// limit the leading part that has pages is written, as in the arena.
     func storeBacked(_ source: UnsafeRawPointer, count: Int, in inode: Inode, _ backing: BackingFile, at offset: Int64,
                      wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<Int> {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let end = offset + Int64(count)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
@@ -247,11 +246,10 @@ extension FileSystemCore {
         var added = 0
         for run in runs {
             for index in run.first..<(run.first + run.count) where inode.pages.page(at: index) == 0 {
-                if unchanged {
+                // A page the kernel would not punch stays the file's: a charged page of zeros.
+                if unchanged || !target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes)) {
                     inode.pages.set(PageMap.inBackingFile, at: index)
                     added += 1
-                } else {
-                    target.file.punch(offset: Int64(index) * Int64(Self.pageSize), length: Int64(Self.pageSize))
                 }
             }
         }
@@ -261,7 +259,7 @@ extension FileSystemCore {
     /// The backing file follows the size. Shrinking frees its pages past the end (and zeroes the
     /// rest of the last page, as tmpfs does); growing with passthrough opens charges the new pages.
     func truncateBacked(_ inode: Inode, _ backing: BackingFile, to size: Int64) throws(Errno) {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         if size > inode.size, inode.passthroughOpens > 0 {
             let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pagesCovering(size) - 1, limit: pagesAllowed)
             // Charged here, under the lock: only a truncate up of a file being read through
@@ -285,28 +283,31 @@ extension FileSystemCore {
 
     /// Whole pages inside the range are freed, unless passthrough opens exist: then zeroed.
     func punchBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64) throws(Errno) {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let firstFull = Self.pagesCovering(offset)
         let lastFull = Int(end / pageSize)  // exclusive
         guard inode.passthroughOpens == 0, firstFull < lastFull else {
-            zero(inode, from: offset, to: end)
-            return
+            return try zero(inode, from: offset, to: end)
         }
-        zero(inode, from: offset, to: Int64(firstFull) * pageSize)
-        var marks: [UInt32] = []
-        inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
-        if !marks.isEmpty {
-            backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize)
-            store.noteBackingPages(-marks.count)
-            backing.shrinks += 1
+        try zero(inode, from: offset, to: Int64(firstFull) * pageSize)
+        if (inode.pages.nextData(from: firstFull) ?? Int.max) < lastFull {
+            if backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize) {
+                var marks: [UInt32] = []
+                inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
+                store.noteBackingPages(-marks.count)
+                backing.shrinks += 1
+            } else {
+                // Refused: the pages stay (and stay counted), and must read as zeros now.
+                try zero(inode, from: Int64(firstFull) * pageSize, to: Int64(lastFull) * pageSize)
+            }
         }
-        zero(inode, from: Int64(lastFull) * pageSize, to: end)
+        try zero(inode, from: Int64(lastFull) * pageSize, to: end)
     }
 
     /// fallocate's allocation: every hole in the range, all or nothing.
     func allocateBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64,
                         supply: PageSupply) throws(Errno) -> PendingCharge? {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize), lastIndex = Int((end - 1) / pageSize)
         // Pages the caller allocates past the end are theirs to keep: no trimming from here on.
         backing.aheadEnd = 0

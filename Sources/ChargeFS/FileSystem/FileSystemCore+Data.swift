@@ -4,23 +4,22 @@ import SystemPackage
 
 /// File contents: read, write, truncate, fallocate, SEEK_DATA/SEEK_HOLE.
 extension FileSystemCore {
-    static let pageSize = PageStore.pageSize
     /// tmpfs's s_maxbytes (MAX_LFS_FILESIZE).
     static let maxFileSize = Int64.max
 
-    static let physicalPages = Int(cfuse_physical_memory()) / PageStore.pageSize
+    static let physicalPages = Int(cfuse_physical_memory()) / PageSize.bytes
 
     /// Pages that hold `bytes` from offset 0 (the page index just past them), rounding up; a
     /// value near 2^63 (tmpfs's size limit) must not overflow on the way.
     static func pagesCovering(_ bytes: Int64) -> Int {
-        Int(bytes / Int64(pageSize)) + (bytes % Int64(pageSize) == 0 ? 0 : 1)
+        Int(bytes / Int64(PageSize.bytes)) + (bytes % Int64(PageSize.bytes) == 0 ? 0 : 1)
     }
 
     /// Splits the byte range [from, to) at page boundaries and calls `body` with each piece's
     /// page index, offset inside the page and length, until it returns false.
     @inline(__always)
     func forEachPageSpan(from: Int64, to: Int64, _ body: (_ index: Int, _ inner: Int, _ length: Int) -> Bool) {
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         var position = from
         while position < to {
             let inner = Int(position % pageSize)
@@ -36,18 +35,22 @@ extension FileSystemCore {
         return inode
     }
 
-    /// Runs under the shared lock: changes nothing (atime is the caller's business).
-    func read(_ ino: InodeNumber, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) {
+    /// Runs under the shared lock: changes nothing (atime is the caller's business). Arena data
+    /// goes to `body` as iovecs into the arena, under the lock (zero-copy: once it is released a
+    /// writer may free and reuse those pages); a backing file's data comes back as a copy, which
+    /// the caller hands to `body` after releasing the lock. nil when `body` was called.
+    func read(_ ino: InodeNumber, offset: Int64, count: Int, _ body: (UnsafeBufferPointer<iovec>) -> Void) throws(Errno) -> CopiedRead? {
         let inode = try regularFile(ino)
         if offset < 0 { throw .invalidArgument }
         guard offset < inode.size, count > 0 else {
-            return body(UnsafeBufferPointer(start: nil, count: 0))
+            body(UnsafeBufferPointer(start: nil, count: 0))
+            return nil
         }
         let end = offset + min(Int64(count), inode.size - offset)
         if let backing = inode.backing {
-            return try readBacked(backing, from: offset, count: Int(end - offset), body)
+            return try readBacked(backing, from: offset, count: Int(end - offset))
         }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         // On the stack for small reads (the common 4 KiB case): no allocation per request.
         let capacity = Int((end - offset) / pageSize) + 2
         withUnsafeTemporaryAllocation(of: iovec.self, capacity: capacity) { vectors in
@@ -67,6 +70,7 @@ extension FileSystemCore {
             }
             body(UnsafeBufferPointer(rebasing: vectors[0..<count]))
         }
+        return nil
     }
 
     /// Clears setuid/setgid as the VFS does when a file is written, truncated or chowned
@@ -124,7 +128,7 @@ extension FileSystemCore {
         if let backing = inode.backing {
             return try storeBacked(source, count: data.count, in: inode, backing, at: offset, wholeOrNothing: wholeOrNothing, supply: supply)
         }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
 
@@ -135,20 +139,41 @@ extension FileSystemCore {
         for index in firstIndex...lastIndex where inode.pages.page(at: index) == 0 { missing += 1 }
         var fresh: [UInt32] = []
         if missing > 0 {
-            let allowed = maxPages.map { max(0, $0 - store.pagesInUse) } ?? missing
-            if wholeOrNothing && allowed < missing { throw .noSpace }
-            let needed = min(missing, allowed)
-            if let pending = chargeNeeded(needed, supply) { return .charge(pending) }
-            fresh.reserveCapacity(needed)
-            store.takeCharged(needed, into: &fresh)
-            if wholeOrNothing && fresh.count < missing {
-                store.free(fresh)
-                throw .noSpace
+            switch try takeFresh(missing, wholeOrNothing: wholeOrNothing, supply: supply) {
+            case .charge(let pending): return .charge(pending)
+            case .done(let pages): fresh = pages
             }
         }
+        let written = try copy(source, into: inode, from: offset, to: end, fresh: fresh)
+        if written == 0 { throw .noSpace }
+        return .done(noteStored(inode, offset: offset, count: written))
+    }
+
+    /// Charged pages for `missing` holes, as many as size= allows (all or none with
+    /// `wholeOrNothing`), or the charge to run first.
+    private func takeFresh(_ missing: Int, wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<[UInt32]> {
+        let allowed = maxPages.map { max(0, $0 - store.pagesInUse) } ?? missing
+        if wholeOrNothing && allowed < missing { throw .noSpace }
+        let needed = min(missing, allowed)
+        if let pending = chargeNeeded(needed, supply) { return .charge(pending) }
+        var fresh: [UInt32] = []
+        fresh.reserveCapacity(needed)
+        store.takeCharged(needed, into: &fresh)
+        if wholeOrNothing && fresh.count < missing {
+            store.free(fresh)
+            throw .noSpace
+        }
+        return .done(fresh)
+    }
+
+    /// Copies [offset, end) of the write into the file's pages, placing `fresh` ones in its holes
+    /// in order, up to the first hole no fresh page is left for; returns the bytes copied. Runs
+    /// of consecutive arena pages are one pwrite each. Fresh pages the copy did not reach go
+    /// back to the store.
+    private func copy(_ source: UnsafeRawPointer, into inode: Inode, from offset: Int64, to end: Int64,
+                      fresh: [UInt32]) throws(Errno) -> Int {
         var freshIterator = fresh.makeIterator()
         var written = 0
-        // Copy in runs of consecutive arena pages: one pwrite each.
         var runPage: UInt32 = 0
         var runInner = 0
         var runLength = 0
@@ -161,7 +186,7 @@ extension FileSystemCore {
                 guard let next = freshIterator.next() else { return false }
                 page = next
             }
-            if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / Self.pageSize) {
+            if runLength > 0 && inner == 0 && page == runPage &+ UInt32((runInner + runLength) / PageSize.bytes) {
                 runLength += length
             } else {
                 if runLength > 0 {
@@ -182,15 +207,15 @@ extension FileSystemCore {
             written += length
             return true
         }
+        let untouched = Array(freshIterator)
         if let storeFailure {
-            store.free(unplaced + Array(freshIterator))  // taken for pages the write did not reach
+            store.free(unplaced + untouched)  // taken for pages the write did not reach
             throw storeFailure
         }
         if runLength > 0 {
             try store.store(source + (written - runLength), length: runLength, page: runPage, inner: runInner)
         }
-        if written == 0 { throw .noSpace }
-        return .done(noteStored(inode, offset: offset, count: written))
+        return written
     }
 
     /// What a write that stored `count` bytes at `offset` does to the file beside its data:
@@ -217,7 +242,7 @@ extension FileSystemCore {
         if let backing = inode.backing {
             return try truncateBacked(inode, backing, to: size)
         }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         if size < inode.size {
             let keepPages = Self.pagesCovering(size)
             var freed: [UInt32] = []
@@ -227,7 +252,7 @@ extension FileSystemCore {
             let inner = Int(size % pageSize)
             if inner != 0 {
                 let page = inode.pages.page(at: Int(size / pageSize))
-                if page != 0 { memset(store.address(of: page) + inner, 0, Self.pageSize - inner) }
+                if page != 0 { memset(store.address(of: page) + inner, 0, PageSize.bytes - inner) }
             }
         }
         inode.size = size
@@ -244,43 +269,50 @@ extension FileSystemCore {
         if offset < 0 || length <= 0 { throw .invalidArgument }
         let (end, overflow) = offset.addingReportingOverflow(length)
         if overflow || end > Self.maxFileSize { throw .fileTooLarge }
-        let pageSize = Int64(Self.pageSize)
         let now = timespec.now
-        if punch, let backing = inode.backing {
-            try punchBacked(inode, backing, from: offset, to: end)
-            inode.mtime = now
-            inode.ctime = now
-            return .done(())
-        }
-        if !punch, let backing = inode.backing {
-            if let pending = try allocateBacked(inode, backing, from: offset, to: end, supply: supply) { return .charge(pending) }
-            if !keepSize && end > inode.size {
-                try backing.setSize(end)
-                inode.size = end
-            }
-            inode.ctime = now
-            if !keepSize { inode.mtime = now }
-            return .done(())
-        }
         if punch {
-            // Whole pages inside the range go, even past EOF (KEEP_SIZE allocations live there).
-            let punchEnd = end
-            let firstFull = Self.pagesCovering(offset)
-            let lastFull = Int(punchEnd / pageSize)  // exclusive
-            zero(inode, from: offset, to: min(punchEnd, Int64(firstFull) * pageSize))
-            if firstFull < lastFull {
-                var freed: [UInt32] = []
-                inode.pages.remove(from: firstFull, to: lastFull, into: &freed)
-                store.free(freed)
-                zero(inode, from: Int64(lastFull) * pageSize, to: punchEnd)
-            } else if Int64(firstFull) * pageSize < punchEnd {
-                zero(inode, from: Int64(firstFull) * pageSize, to: punchEnd)
+            if let backing = inode.backing {
+                try punchBacked(inode, backing, from: offset, to: end)
+            } else {
+                try punchArena(inode, from: offset, to: end)
             }
             inode.mtime = now
             inode.ctime = now
             return .done(())
         }
-        // Allocate every hole in the range, all or nothing.
+        if let backing = inode.backing {
+            if let pending = try allocateBacked(inode, backing, from: offset, to: end, supply: supply) { return .charge(pending) }
+            if !keepSize && end > inode.size { try backing.setSize(end) }
+        } else if let pending = try allocateArena(inode, from: offset, to: end, supply: supply) {
+            return .charge(pending)
+        }
+        if !keepSize && end > inode.size { inode.size = end }
+        inode.ctime = now
+        if !keepSize { inode.mtime = now }
+        return .done(())
+    }
+
+    /// fallocate's punch in the arena: whole pages inside the range go, even past EOF (KEEP_SIZE
+    /// allocations live there); the partial pages at its ends are zeroed.
+    private func punchArena(_ inode: Inode, from offset: Int64, to end: Int64) throws(Errno) {
+        let pageSize = Int64(PageSize.bytes)
+        let firstFull = Self.pagesCovering(offset)
+        let lastFull = Int(end / pageSize)  // exclusive
+        try zero(inode, from: offset, to: min(end, Int64(firstFull) * pageSize))
+        if firstFull < lastFull {
+            var freed: [UInt32] = []
+            inode.pages.remove(from: firstFull, to: lastFull, into: &freed)
+            store.free(freed)
+            try zero(inode, from: Int64(lastFull) * pageSize, to: end)
+        } else if Int64(firstFull) * pageSize < end {
+            try zero(inode, from: Int64(firstFull) * pageSize, to: end)
+        }
+    }
+
+    /// fallocate's allocation in the arena: every hole in the range, all or nothing; the charge
+    /// to run first when the reserve is short.
+    private func allocateArena(_ inode: Inode, from offset: Int64, to end: Int64, supply: PageSupply) throws(Errno) -> PendingCharge? {
+        let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
         // Refuse what can never fit before walking the range: it may span 2^50 pages.
@@ -293,45 +325,49 @@ extension FileSystemCore {
             holes.append(index)
             index = inode.pages.nextHole(from: index + 1)
         }
-        if !holes.isEmpty {
-            if let max = maxPages, store.pagesInUse + holes.count > max { throw .noSpace }
-            if let pending = chargeNeeded(holes.count, supply) { return .charge(pending) }
-            var fresh: [UInt32] = []
-            fresh.reserveCapacity(holes.count)
-            if store.takeCharged(holes.count, into: &fresh) < holes.count {
-                store.free(fresh)
-                throw .noSpace
-            }
-            for (slot, page) in zip(holes, fresh) { inode.pages.set(page, at: slot) }
+        guard !holes.isEmpty else { return nil }
+        if let max = maxPages, store.pagesInUse + holes.count > max { throw .noSpace }
+        if let pending = chargeNeeded(holes.count, supply) { return pending }
+        var fresh: [UInt32] = []
+        fresh.reserveCapacity(holes.count)
+        if store.takeCharged(holes.count, into: &fresh) < holes.count {
+            store.free(fresh)
+            throw .noSpace
         }
-        if !keepSize && end > inode.size { inode.size = end }
-        inode.ctime = now
-        if !keepSize { inode.mtime = now }
-        return .done(())
+        for (slot, page) in zip(holes, fresh) { inode.pages.set(page, at: slot) }
+        return nil
     }
 
-    /// Writes zeros over [from, to) where pages exist (holes already read as zero).
-    func zero(_ inode: Inode, from: Int64, to: Int64) {
+    /// Writes zeros over [from, to) where pages exist (holes already read as zero). Only a
+    /// backing file's pwrite can fail: then the error, since old bytes would otherwise stay.
+    func zero(_ inode: Inode, from: Int64, to: Int64) throws(Errno) {
         // A backing file's bytes past the end are zeros already (fresh pages, or zeroed by the
         // truncate that left them there), and a pwrite there would move its size.
         let to = inode.backing == nil ? to : min(to, inode.size)
+        var failure: Errno?
         forEachPageSpan(from: from, to: to) { index, inner, length in
             let page = inode.pages.page(at: index)
             guard page != 0 else { return true }
-            if let backing = inode.backing {
-                // Through the file: the daemon maps no backing file.
-                try? backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(Self.pageSize) + Int64(inner))
-            } else {
+            guard let backing = inode.backing else {
                 memset(store.address(of: page) + inner, 0, length)
+                return true
             }
-            return true
+            // Through the file: the daemon maps no backing file.
+            do throws(Errno) {
+                try backing.write(Arena.zeros, length: length, at: Int64(index) * Int64(PageSize.bytes) + Int64(inner))
+                return true
+            } catch {
+                failure = error
+                return false
+            }
         }
+        if let failure { throw failure }
     }
 
     func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
         let inode = try regularFile(ino)
         if offset < 0 || offset >= inode.size { throw .noSuchAddressOrDevice }
-        let pageSize = Int64(Self.pageSize)
+        let pageSize = Int64(PageSize.bytes)
         let index = Int(offset / pageSize)
         switch whence {
         case .data:

@@ -36,10 +36,10 @@ extension FileSystemCore {
     }
 
     /// `caching`: the mount's resolved cache mode, which the status attribute shows.
-    func getxattr(_ ino: InodeNumber, name: FileName, caching: FileCaching, transport: String, passthrough: Bool) throws(Errno) -> [UInt8] {
+    func getxattr(_ ino: InodeNumber, name: FileName, caching: FileCaching, passthrough: Bool) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
-        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, transport: transport, passthrough: passthrough).utf8) }
+        if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, passthrough: passthrough).utf8) }
         guard let value = inode.xattrs?[name] else {
             try Self.checkName(name)
             throw .noData
@@ -65,9 +65,10 @@ extension FileSystemCore {
         inode.ctime = .now
     }
 
-    /// What `getfattr -n user.chargefs.status MOUNTPOINT` shows: who pays, and how much.
-    func statusText(caching: FileCaching, transport: String, passthrough: Bool) -> String {
-        let page = Int64(PageStore.pageSize)
+    /// What `getfattr -n user.chargefs.status MOUNTPOINT` shows of the tree: who pays, and how
+    /// much (the transport adds its own line, `transport=`).
+    func statusText(caching: FileCaching, passthrough: Bool) -> String {
+        let page = Int64(PageSize.bytes)
         let used = Int64(store.pagesInUse) * page
         let charged = Int64(store.pagesCharged) * page
         var lines = [
@@ -76,7 +77,6 @@ extension FileSystemCore {
             "charged_bytes=\(charged)",
             "size_limit_bytes=\(config.maxBytes.map(String.init) ?? "unlimited")",
             "cache=\(caching.rawValue)",
-            "transport=\(transport)",
             "passthrough=\(passthrough ? "on" : "off")",
             "backing_files=\(backingFiles)",
         ]

@@ -18,7 +18,7 @@ final class FileSystemCore {
         self.config = config
         self.store = store
         if let bytes = config.maxBytes {
-            maxPages = Int((bytes + Int64(PageStore.pageSize) - 1) / Int64(PageStore.pageSize))
+            maxPages = Int((bytes + Int64(PageSize.bytes) - 1) / Int64(PageSize.bytes))
         } else {
             maxPages = nil
         }
@@ -97,7 +97,7 @@ final class FileSystemCore {
 
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
     func storedBytes() -> (used: Int64, charged: Int64) {
-        (Int64(store.pagesInUse * PageStore.pageSize), Int64(store.pagesCharged * PageStore.pageSize))
+        (Int64(store.pagesInUse * PageSize.bytes), Int64(store.pagesCharged * PageSize.bytes))
     }
 
     func destroy() {
@@ -433,7 +433,7 @@ final class FileSystemCore {
         let used = Int64(store.pagesInUse)
         var total = maxPages.map { Int64($0) }
         if let headroom = store.availableBytes() {
-            total = min(total ?? .max, used + max(0, headroom) / Int64(PageStore.pageSize))
+            total = min(total ?? .max, used + max(0, headroom) / Int64(PageSize.bytes))
         }
         let freeInodes = config.maxInodes.map { max(0, $0 - inodeSlots) } ?? 0
         return FileSystemUsage(totalPages: total ?? 0, freePages: total.map { max(0, $0 - used) } ?? 0,

@@ -3,25 +3,6 @@ import SystemPackage
 
 // The values the file system API takes and returns.
 
-/// Who asks: the kernel tells us the uid/gid of the process behind each request.
-public struct Caller: Sendable {
-    public var uid: UInt32
-    public var gid: UInt32
-    /// Supplementary groups, asked for only when needed (reading them costs a /proc read).
-    public var supplementaryGroups: @Sendable () -> [UInt32]
-    public init(uid: UInt32, gid: UInt32, supplementaryGroups: @escaping @Sendable () -> [UInt32] = { [] }) {
-        self.uid = uid
-        self.gid = gid
-        self.supplementaryGroups = supplementaryGroups
-    }
-    /// Root (tests, and the daemon's own setup); a request always names its real caller.
-    public static let root = Caller(uid: 0, gid: 0)
-
-    func isMember(_ group: UInt32) -> Bool {
-        gid == group || supplementaryGroups().contains(group)
-    }
-}
-
 /// tmpfs's mount-time settings.
 public struct FileSystemConfig: Sendable {
     /// size=: bytes of data, nil for unlimited.
@@ -41,53 +22,6 @@ public struct FileSystemConfig: Sendable {
     /// kernel memory (about 2 KiB) than its pages in the arena save in round trips.
     public static let defaultPassthroughMinBytes: Int64 = 1 << 20
     public init() {}
-}
-
-/// How read(2) and write(2) reach a file's data.
-public enum FileCaching: String, Sendable {
-    /// Straight to chargefsd (FOPEN_DIRECT_IO): no FUSE page cache, whose pages the kernel would
-    /// charge to whichever cgroup reads or writes, and one round trip fewer per cached write (the
-    /// kernel's getxattr before it). Mappings still go through the page cache, kept coherent.
-    case direct
-    /// Through the kernel's page cache, kept across opens: re-reads cost no round trip.
-    case page
-    /// `direct`, on every kernel (see the Bridge's CacheModeChoice for why). The default.
-    case automatic
-}
-
-/// Attribute changes asked by setattr; nil fields stay.
-public struct AttributeChanges: Sendable {
-    public enum Time: Sendable {
-        case now
-        case set(timespec)
-    }
-    public var mode: UInt32?
-    public var uid: UInt32?
-    public var gid: UInt32?
-    public var size: Int64?
-    public var atime: Time?
-    public var mtime: Time?
-    public var ctime: timespec?
-    public init() {}
-}
-
-/// Figures for statfs.
-public struct FileSystemUsage: Sendable {
-    public var totalPages: Int64
-    public var freePages: Int64
-    public var totalInodes: Int64
-    public var freeInodes: Int64
-}
-
-/// One readdir entry.
-public struct DirectoryEntry {
-    public var name: FileName
-    public var ino: InodeNumber
-    public var type: UInt8
-    /// Offset to pass to resume after this entry.
-    public var nextOffset: Int64
-    /// Full attributes, for readdirplus (which counts as a lookup).
-    public var attributes: Attributes?
 }
 
 /// Where an operation that needs new pages takes them from.
@@ -121,8 +55,31 @@ public struct OpenOutcome: Sendable {
     /// O_TRUNC cleared setuid/setgid.
     public var modeChanged: Bool
     /// The file the kernel may read for this open itself (FUSE passthrough), or nil.
-    public var passthrough: BackingFile?
+    public var passthrough: PassthroughFile?
     /// The open may write: with `passthrough`, its reads and writes must still come here
     /// (direct I/O on top), only its mappings map the backing file.
     public var writes: Bool
+}
+
+/// A file the kernel may read for an open itself (FUSE passthrough): what the transport hands
+/// the kernel. Holding it keeps the file open; the file system keeps it at least until the last
+/// passthrough open is released (`FileSystem.release(_:passthrough:)`).
+public struct PassthroughFile: Sendable {
+    let backing: BackingFile
+    public var fileDescriptor: FileDescriptor { backing.fileDescriptor }
+    /// Whether two opens got the same file.
+    public static func same(_ a: PassthroughFile, _ b: PassthroughFile) -> Bool { a.backing === b.backing }
+}
+
+/// Bytes read into a buffer of their own (a backing file's), to answer with after the tree's
+/// lock is released; `send` hands them over once and frees the buffer.
+struct CopiedRead {
+    let buffer: UnsafeMutableRawPointer
+    let count: Int
+
+    func send(_ body: (UnsafeBufferPointer<iovec>) -> Void) {
+        var vector = iovec(iov_base: buffer, iov_len: count)
+        withUnsafePointer(to: &vector) { body(UnsafeBufferPointer(start: $0, count: count > 0 ? 1 : 0)) }
+        buffer.deallocate()
+    }
 }

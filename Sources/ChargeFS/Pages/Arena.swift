@@ -19,13 +19,10 @@ import SystemPackage
 /// arena refuses to start where a probe (or, failing that, the setting) says it would get huge
 /// folios: `force` for the private tmpfs; `always`, `within_size` and `force` for a memfd.
 public final class Arena {
-    /// The page size the whole store counts in; the kernel's must match it (checked at creation).
-    public static let pageSize = 4096
-
     /// A page of zeros of the store's own, for zeroing pages and for reading holes.
     public nonisolated(unsafe) static let zeros: UnsafeRawPointer = {
-        let page = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
-        memset(page, 0, pageSize)
+        let page = UnsafeMutableRawPointer.allocate(byteCount: PageSize.bytes, alignment: PageSize.bytes)
+        memset(page, 0, PageSize.bytes)
         return UnsafeRawPointer(page)
     }()
 
@@ -52,25 +49,17 @@ public final class Arena {
     let base: UnsafeMutableRawPointer
     let mappedBytes: Int
 
-    /// The two system calls that change page contents, replaceable by tests to inject failures.
-    struct Syscalls: Sendable {
-        var pwrite: @Sendable (_ fd: Int32, _ source: UnsafeRawPointer, _ count: Int, _ offset: Int64) -> Int
-        var fallocate: @Sendable (_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Int32
-
-        static let kernel = Syscalls(
-            pwrite: { fd, source, count, offset in Glibc.pwrite(fd, source, count, off_t(offset)) },
-            fallocate: { fd, mode, offset, length in cfuse_fallocate(fd, mode, offset, length) })
-    }
-    var syscalls = Syscalls.kernel
+    /// The system calls that change page contents, replaceable by tests to inject failures.
+    var syscalls = PageFileCalls.kernel
 
     /// `allowHugePages`: start even where the arena would get huge folios (with a warning); only
     /// for mounts whose pages nobody charges to a target, where they cost memory, not correctness.
     public init(capacityPages requested: Int = Int(UInt32.max) - 1, allowHugePages: Bool = false) throws(ArenaError) {
         let kernelPageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
-        guard kernelPageSize == Self.pageSize else { throw .pageSize(kernel: kernelPageSize) }
+        guard kernelPageSize == PageSize.bytes else { throw .pageSize(kernel: kernelPageSize) }
         let capacity = max(2, min(requested, Int(UInt32.max) - 1))
         let (fd, backing, root) = try Self.openBackingFile()
-        let bytes = (capacity + 1) * Self.pageSize
+        let bytes = (capacity + 1) * PageSize.bytes
         do throws(ArenaError) {
             guard ftruncate(fd, off_t(bytes)) == 0 else { throw ArenaError.system("ftruncate", Errno(rawValue: errno)) }
             try Self.refuseHugeFolios(fd, backing: backing, allow: allowHugePages)
@@ -118,28 +107,23 @@ public final class Arena {
 
     @inline(__always)
     public func address(of page: UInt32) -> UnsafeMutableRawPointer {
-        base + Int(page) &* Self.pageSize
+        base + Int(page) &* PageSize.bytes
     }
 
     @inline(__always)
-    static func offset(of page: UInt32) -> Int64 { Int64(page) &* Int64(pageSize) }
+    static func offset(of page: UInt32) -> Int64 { Int64(page) &* Int64(PageSize.bytes) }
 
     /// Copies `length` bytes to `offset`. pwrite rather than a copy through the mapping: one
     /// syscall instead of a page fault per page, and a failure is an error, not a SIGBUS.
     func write(_ source: UnsafeRawPointer, length: Int, at offset: Int64) throws(Errno) {
-        var done = 0
-        while done < length {
-            let n = try retryingInterrupts { syscalls.pwrite(fileDescriptor.rawValue, source + done, length - done, offset + Int64(done)) }
-            guard n > 0 else { throw .ioError }
-            done += n
-        }
+        try syscalls.write(fileDescriptor.rawValue, source, length: length, at: offset)
     }
 
     /// Zero-fills a whole page. True only when every byte was written: the caller's proof that the
     /// page holds nothing of its last file.
     func zero(_ page: UInt32) -> Bool {
         do {
-            try write(Self.zeros, length: Self.pageSize, at: Self.offset(of: page))
+            try write(Self.zeros, length: PageSize.bytes, at: Self.offset(of: page))
             return true
         } catch {
             return false
@@ -149,11 +133,7 @@ public final class Arena {
     /// Frees `count` pages from `first` (their memory and their charge). True when they are holes
     /// now, which read back as zeros.
     func punch(first: UInt32, count: Int) -> Bool {
-        let mode = Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE)
-        let punched = try? retryingInterrupts {
-            syscalls.fallocate(fileDescriptor.rawValue, mode, Self.offset(of: first), Int64(count * Self.pageSize))
-        }
-        return punched != nil
+        syscalls.punch(fileDescriptor.rawValue, offset: Self.offset(of: first), length: Int64(count * PageSize.bytes))
     }
 
     // MARK: - Creation
@@ -221,7 +201,7 @@ public final class Arena {
     /// Instantiates page 0 (never handed out) as the daemon and counts the blocks it took: the
     /// kernel's own answer, whatever its version and knobs. nil when the probe could not run.
     static func probeHugeFolios(_ fd: Int32) -> Bool? {
-        let size = Int64(pageSize)
+        let size = Int64(PageSize.bytes)
         guard cfuse_fallocate(fd, 0, 0, size) == 0 else { return nil }
         var st = stat()
         let measured = fstat(fd, &st) == 0 ? st.st_blocks > Int(size / 512) : nil
@@ -263,7 +243,7 @@ public enum ArenaError: Error, CustomStringConvertible, Equatable {
     public var description: String {
         switch self {
         case .pageSize(let kernel):
-            return "the kernel's page size is \(kernel) bytes; chargefs counts and charges in pages of \(Arena.pageSize)"
+            return "the kernel's page size is \(kernel) bytes; chargefs counts and charges in pages of \(PageSize.bytes)"
         case .hugePages(.memfd, let setting):
             return "the arena would get huge pages: without CAP_SYS_ADMIN chargefsd cannot mount its own tmpfs "
                 + "(huge=never) and uses a memfd, which follows \(Arena.shmemEnabledPath) ('\(setting ?? "?")'); "

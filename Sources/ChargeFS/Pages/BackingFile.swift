@@ -1,6 +1,5 @@
 import CFuse
 import Glibc
-import Synchronization
 import SystemPackage
 
 /// A large file's data in a file of its own on the arena's tmpfs, at the file's own offsets, so
@@ -14,9 +13,6 @@ import SystemPackage
 /// of an unlinked tmpfs file does, and its pages go (and their charge) when the mapping does.
 public final class BackingFile: @unchecked Sendable {
     public let fileDescriptor: FileDescriptor
-    /// The kernel's registration of this file for passthrough (a FUSE backing id), made once by
-    /// the FUSE layer and released with this file; nil until the first passthrough open.
-    public let registration = Mutex<AnyObject?>(nil)
     /// Bumped (under the tree's lock) whenever pages of the file are freed: a charge picked
     /// before then cannot tell which of its pages still exist.
     public internal(set) var shrinks: UInt64 = 0
@@ -24,22 +20,17 @@ public final class BackingFile: @unchecked Sendable {
     /// tree's lock): given back at the file's last close unless it grew into them. 0: none.
     var aheadEnd = 0
 
+    /// The system calls that change its contents, replaceable by tests to inject failures.
+    var syscalls = PageFileCalls.kernel
+
     init(_ fd: FileDescriptor) { fileDescriptor = fd }
 
-    deinit {
-        registration.withLock { $0 = nil }
-        close(fileDescriptor.rawValue)
-    }
+    deinit { close(fileDescriptor.rawValue) }
 
     /// Copies `length` bytes to `offset`. The pages must be charged already (a hole written here
     /// would be charged to the daemon).
     func write(_ source: UnsafeRawPointer, length: Int, at offset: Int64) throws(Errno) {
-        var done = 0
-        while done < length {
-            let n = try retryingInterrupts { pwrite(fileDescriptor.rawValue, source + done, length - done, off_t(offset + Int64(done))) }
-            guard n > 0 else { throw .ioError }
-            done += n
-        }
+        try syscalls.write(fileDescriptor.rawValue, source, length: length, at: offset)
     }
 
     /// Reads up to `length` bytes at `offset`; holes read as zeros and allocate nothing (tmpfs
@@ -54,11 +45,10 @@ public final class BackingFile: @unchecked Sendable {
         return done
     }
 
-    /// Frees the pages of [offset, offset + length) (their memory and their charge).
-    @discardableResult
+    /// Frees the pages of [offset, offset + length) (their memory and their charge); false when
+    /// the kernel would not (they are still there, and still charged).
     func punch(offset: Int64, length: Int64) -> Bool {
-        let mode = Int32(CFUSE_FALLOC_PUNCH_HOLE | CFUSE_FALLOC_KEEP_SIZE)
-        return (try? retryingInterrupts { cfuse_fallocate(fileDescriptor.rawValue, mode, offset, length) }) != nil
+        syscalls.punch(fileDescriptor.rawValue, offset: offset, length: length)
     }
 
     /// Follows the file's size; shrinking frees the pages past it.

@@ -20,7 +20,6 @@ import SystemPackage
 /// outside it (a charge may wait on a frozen or slow target); the pages it charges belong to no
 /// one else until `settle` takes them back.
 public final class PageStore {
-    public static let pageSize = Arena.pageSize
     /// Charged pages kept free for reuse, so that small writes do not each cost a charge round
     /// trip. This is the store's part of the slack between bytes stored and bytes charged.
     public static let reserveLimit = 64  // 256 KiB
@@ -93,8 +92,13 @@ public final class PageStore {
     /// inside it). Takes a charger round trip: call it with no lock of the tree held.
     public func makeBackingFile() throws(Errno) -> BackingFile {
         guard let root = arena.tmpfsRoot else { throw .notSupported }
-        return BackingFile(try charger.makeFile(in: root))
+        let file = BackingFile(try charger.makeFile(in: root))
+        file.syscalls = backingFileCalls
+        return file
     }
+
+    /// The system calls new backing files change their contents with (tests inject failures).
+    var backingFileCalls = PageFileCalls.kernel
 
     /// Pages of backing files count as in use, as arena pages do (size=, df, the status).
     public func noteBackingPages(_ delta: Int) { pagesInUse += delta }
@@ -302,8 +306,6 @@ public struct PendingCharge: Sendable {
         return out
     }
 
-    var count: Int { runs.reduce(0) { $0 + $1.count } }
-
     /// Charges the runs in order, and of the run the charger refuses near a limit its leading
     /// part (halving down to what is still wanted, then to one page); stops there. Returns the
     /// pages charged, counted from the first (give them to `settle`), and any error other than
@@ -315,7 +317,7 @@ public struct PendingCharge: Sendable {
             var n = run.count
             while true {
                 do {
-                    let offset = Int64(run.first * PageStore.pageSize), length = Int64(n * PageStore.pageSize)
+                    let offset = Int64(run.first * PageSize.bytes), length = Int64(n * PageSize.bytes)
                     if let file {
                         try charger.charge(file: file.file.fileDescriptor, offset: offset, length: length)
                     } else {

@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 
 /// Two features of the kernel's FUSE protocol that libfuse 3.14 (FUSE 7.31 in its own headers)
@@ -7,8 +8,8 @@ import Glibc
 /// - FUSE_HANDLE_KILLPRIV_V2: clearing setuid/setgid is ours. Without it the kernel asks
 ///   getxattr("security.capability") before every cached write, a second round trip per write(2).
 ///   With it the kernel marks inodes S_NOSEC and flags each write, truncate or open whose caller
-///   lacks CAP_FSETID; `read` notes that flag in a per-thread slot before libfuse decodes the
-///   request (libfuse handles a request on the thread that read it).
+///   lacks CAP_FSETID; `read` notes that flag in the thread's `HandlingThread` before libfuse
+///   decodes the request (libfuse handles a request on the thread that read it).
 /// - FUSE_DIRECT_IO_ALLOW_MMAP (7.39): files opened with direct I/O can still be mapped shared.
 ///   The kernel then writes back and drops cached pages of a range before each direct read or
 ///   write of it, so read(2), write(2) and a mapping stay coherent.
@@ -16,7 +17,7 @@ import Glibc
 /// `writev` adds the flags the kernel offered to the INIT reply, and FUSE_OVER_IO_URING where the
 /// mount wants it and its rings are ready (UringTransport); replies to requests that came over
 /// io_uring go back into their ring entries (UringWorker.captureReply). One instance per session (its
-/// `FuseSession` owns it); the hooks find it through the session's userdata.
+/// `FuseConnection` owns it); the hooks find it through the session's userdata.
 final class FuseKernelFeatures {
     /// The INIT request's id and the flags the kernel offered (flags2 in the high half); written
     /// by the one thread that reads INIT, before any other request exists.
@@ -27,24 +28,15 @@ final class FuseKernelFeatures {
 
     /// FUSE_DIRECT_IO_ALLOW_MMAP, in flags2 (bit 36 of the 64-bit flags); newer than the headers.
     static let directIOAllowMmap: UInt64 = 1 << 36
-    private static let slot: pthread_key_t? = {
-        var key = pthread_key_t()
-        return pthread_key_create(&key, nil) == 0 ? key : nil
-    }()
 
-    /// The kernel asked the request being handled on this thread to clear setuid/setgid.
-    static var requestClearsSetID: Bool {
-        guard let slot else { return false }
-        return pthread_getspecific(slot) != nil
-    }
-
-    /// Routes the session's traffic through the hooks; call after fuse_session_mount.
-    static func install(on session: FuseSession) -> Bool {
-        guard slot != nil, let handle = session.handle else { return false }
+    /// Routes the session's traffic through the hooks, on `fd`: by default the session's own
+    /// (call after fuse_session_mount); a connection taken over, or a test's socket, otherwise.
+    static func install(on session: FuseConnection, fd: Int32? = nil) -> Bool {
+        guard HandlingThread.available, let handle = session.handle else { return false }
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
             let n = Glibc.read(fd, buf, len)
-            if let session = FuseSession.of(userdata) {
+            if let session = FuseConnection.connection(userdata) {
                 session.requests.count(request: buf, length: n)
                 session.features.note(request: buf, length: n)
             }
@@ -54,13 +46,13 @@ final class FuseKernelFeatures {
             guard let iov else { return Glibc.writev(fd, iov, count) }
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
-            guard let session = FuseSession.of(userdata) else { return Glibc.writev(fd, iov, count) }
+            guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
             let written = Glibc.writev(fd, iov, count)
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
             return written
         }
-        return fuse_session_custom_io(handle, &io, fuse_session_fd(handle)) == 0
+        return fuse_session_custom_io(handle, &io, fd ?? fuse_session_fd(handle)) == 0
     }
 
     /// Reads what the kernel says in a request before libfuse decodes it (on the handling thread).
@@ -84,17 +76,18 @@ final class FuseKernelFeatures {
                 clears = argument(fuse_open_in.self).map { $0.open_flags & UInt32(FUSE_OPEN_KILL_SUIDGID) != 0 } ?? false
             case FUSE_INIT.rawValue:
                 // Older kernels send a shorter fuse_init_in; its first four fields never changed.
-                if arg.count >= 16 {
-                    var flags = UInt64(arg.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-                    if flags & UInt64(FUSE_INIT_EXT) != 0, arg.count >= 20 {
-                        flags |= UInt64(arg.loadUnaligned(fromByteOffset: 16, as: UInt32.self)) << 32
+                if arg.count >= Self.end(of: \fuse_init_in.flags) {
+                    let input = Self.prefix(of: arg, as: fuse_init_in())
+                    var flags = UInt64(input.flags)
+                    if flags & UInt64(FUSE_INIT_EXT) != 0, arg.count >= Self.end(of: \fuse_init_in.flags2) {
+                        flags |= UInt64(input.flags2) << 32
                     }
                     initRequest = (header.unique, flags)
                 }
             default: break
             }
         }
-        if let slot = Self.slot { pthread_setspecific(slot, clears ? UnsafeRawPointer(bitPattern: 1) : nil) }
+        HandlingThread.current?.clearsSetID = clears
     }
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
@@ -102,6 +95,9 @@ final class FuseKernelFeatures {
 
     /// Whether the mount wants FUSE over io_uring where the kernel offers it (set before mounting).
     var wantsIoUring = false
+    /// Whether to take FUSE_DIRECT_IO_ALLOW_MMAP where offered (set before mounting: the Bridge's
+    /// CacheModeChoice says whether this kernel maps direct-I/O files shared correctly).
+    var offerDirectIOMmap = true
     /// Whether the mount wants FUSE passthrough for large read-only opens (set before mounting).
     var wantsPassthrough = false
     /// FUSE_PASSTHROUGH (7.40), in flags2.
@@ -117,7 +113,7 @@ final class FuseKernelFeatures {
 
     /// Patches the INIT reply; returns whether it now claims FUSE over io_uring (its rings are
     /// then set up, and must be registered once the reply is written).
-    fileprivate func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int, session: FuseSession) -> Bool {
+    fileprivate func patchIfInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int, session: FuseConnection) -> Bool {
         guard let initRequest, !initPatched,
               count >= 2, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
               let reply = iov[1].iov_base else { return false }
@@ -126,57 +122,78 @@ final class FuseKernelFeatures {
         initPatched = true
         let replyBuffer = UnsafeMutableRawBufferPointer(start: reply, count: iov[1].iov_len)
         var adding = Self.addedFlags
-        if !CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease()) {
+        if !offerDirectIOMmap {
             adding &= ~Self.directIOAllowMmap   // mmap(MAP_SHARED) then fails with ENODEV: see CacheModeChoice
         }
         if wantsIoUring && !kernelOffersIoUring {
             Log.line("serving over /dev/fuse (the kernel did not offer FUSE over io_uring at INIT)")
         }
-        if wantsIoUring, kernelOffersIoUring, replyBuffer.count >= 36 {
-            // The kernel's payload buffers hold max(max_write, max_pages pages): fuse_init_out's
-            // max_write at byte 20, max_pages at 28.
-            let maxWrite = Int(replyBuffer.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
-            let maxPages = Int(replyBuffer.loadUnaligned(fromByteOffset: 28, as: UInt16.self))
-            if session.prepareUring(payloadSize: max(maxWrite, maxPages * Int(PageSize.bytes))) {
+        if wantsIoUring, kernelOffersIoUring, replyBuffer.count >= Self.end(of: \InitOut.flags2) {
+            // The kernel's payload buffers hold max(max_write, max_pages pages).
+            let out = Self.prefix(of: UnsafeRawBufferPointer(replyBuffer), as: InitOut())
+            if session.prepareUring(payloadSize: max(Int(out.max_write), Int(out.max_pages) * PageSize.bytes)) {
                 adding |= UInt64(CFUSE_OVER_IO_URING)
             }
         }
-        // Passthrough needs max_stack_depth (byte 36): the backing files are on tmpfs (depth 0),
-        // so 1. The kernel turns it off itself with FUSE_WRITEBACK_CACHE, which we never ask for.
-        if wantsPassthrough, initRequest.flags & Self.passthrough != 0, replyBuffer.count >= 40 {
+        // Passthrough needs max_stack_depth: the backing files are on tmpfs (depth 0), so 1. The
+        // kernel turns it off itself with FUSE_WRITEBACK_CACHE, which we never ask for.
+        if wantsPassthrough, initRequest.flags & Self.passthrough != 0, replyBuffer.count >= Self.end(of: \InitOut.max_stack_depth) {
             adding |= Self.passthrough
         }
         guard initRequest.flags & adding != 0 else { return false }
         let replyFlags = Self.patchInitReply(replyBuffer, offered: initRequest.flags, adding: adding)
         granted = replyFlags & UInt64(FUSE_HANDLE_KILLPRIV_V2) != 0
         ioUringClaimed = replyFlags & UInt64(CFUSE_OVER_IO_URING) != 0
-        if replyFlags & Self.passthrough != 0, let base = replyBuffer.baseAddress {
-            base.storeBytes(of: UInt32(1), toByteOffset: 36, as: UInt32.self)
-            session.startPassthrough()
+        if replyFlags & Self.passthrough != 0 {
+            var out = Self.prefix(of: UnsafeRawBufferPointer(replyBuffer), as: InitOut())
+            out.max_stack_depth = 1
+            Self.storePrefix(out, into: replyBuffer)
+            session.passthroughNegotiated()
         } else if wantsPassthrough {
             Log.line("passthrough: the kernel did not offer FUSE passthrough at INIT (Linux 6.9+); every read is served by the daemon")
         }
         return ioUringClaimed
     }
 
-    /// Adds what the kernel offered of `addedFlags` to a fuse_init_out, whose flags sit at byte 12
-    /// and flags2 (read by the kernel only with FUSE_INIT_EXT) at byte 32. Returns the flags the
-    /// reply now carries.
-    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64, adding: UInt64 = addedFlags) -> UInt64 {
-        guard reply.count >= 16, let base = reply.baseAddress else { return 0 }
-        var flags = UInt64(base.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-        let hasFlags2 = reply.count >= 36
-        if hasFlags2, flags & UInt64(FUSE_INIT_EXT) != 0 {
-            flags |= UInt64(base.loadUnaligned(fromByteOffset: 32, as: UInt32.self)) << 32
+    /// fuse_init_out as of protocol 7.40 (the C module asserts it matches the kernel's header).
+    typealias InitOut = cfuse_init_out_7_40
+
+    /// The byte just past a field: a message shorter than that does not carry it.
+    static func end<Root, Field>(of field: KeyPath<Root, Field>) -> Int {
+        MemoryLayout<Root>.offset(of: field).map { $0 + MemoryLayout<Field>.size } ?? Int.max
+    }
+
+    /// The struct a message holds, from as many of its bytes as the message has (an older
+    /// kernel's or libfuse's is shorter): the fields past its end stay as in `zero`.
+    static func prefix<T>(of bytes: UnsafeRawBufferPointer, as zero: T) -> T {
+        var value = zero
+        withUnsafeMutableBytes(of: &value) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes.prefix($0.count))) }
+        return value
+    }
+
+    /// Writes `value` back over the bytes the message has (never past its end).
+    static func storePrefix<T>(_ value: T, into bytes: UnsafeMutableRawBufferPointer) {
+        withUnsafeBytes(of: value) { source in
+            UnsafeMutableRawBufferPointer(rebasing: bytes.prefix(source.count)).copyMemory(from: UnsafeRawBufferPointer(rebasing: source.prefix(bytes.count)))
         }
+    }
+
+    /// Adds what the kernel offered of `addedFlags` to a fuse_init_out (flags2 is read by the
+    /// kernel only with FUSE_INIT_EXT, and exists only in a reply long enough to hold it).
+    /// Returns the flags the reply now carries.
+    static func patchInitReply(_ reply: UnsafeMutableRawBufferPointer, offered: UInt64, adding: UInt64 = addedFlags) -> UInt64 {
+        guard reply.count >= end(of: \InitOut.flags) else { return 0 }
+        var out = prefix(of: UnsafeRawBufferPointer(reply), as: InitOut())
+        var flags = UInt64(out.flags)
+        let hasFlags2 = reply.count >= end(of: \InitOut.flags2)
+        if hasFlags2, flags & UInt64(FUSE_INIT_EXT) != 0 { flags |= UInt64(out.flags2) << 32 }
         var add = offered & adding
         if !hasFlags2 || offered & UInt64(FUSE_INIT_EXT) == 0 { add &= 0xFFFF_FFFF }
         if add >> 32 != 0 { add |= UInt64(FUSE_INIT_EXT) }
         flags |= add
-        base.storeBytes(of: UInt32(truncatingIfNeeded: flags), toByteOffset: 12, as: UInt32.self)
-        if flags & UInt64(FUSE_INIT_EXT) != 0, hasFlags2 {
-            base.storeBytes(of: UInt32(truncatingIfNeeded: flags >> 32), toByteOffset: 32, as: UInt32.self)
-        }
+        out.flags = UInt32(truncatingIfNeeded: flags)
+        if flags & UInt64(FUSE_INIT_EXT) != 0, hasFlags2 { out.flags2 = UInt32(truncatingIfNeeded: flags >> 32) }
+        storePrefix(out, into: reply)
         return flags
     }
 }

@@ -6,38 +6,19 @@ import SystemPackage
 import XCTest
 @testable import ChargeFS
 
-/// A charger that blocks every charge until opened, as a frozen target's helper does.
-final class GateCharger: PageCharger, @unchecked Sendable {
-    private let inner: DaemonCharger
-    private let opened = DispatchSemaphore(value: 0)
-    private let waiting = Atomic<Int>(0)
-    init(arena: FileDescriptor) { inner = DaemonCharger(arena: arena) }
-    var chargesWaiting: Int { waiting.load(ordering: .relaxed) }
-    func open() { opened.signal() }
-    func charge(offset: Int64, length: Int64) throws(Errno) {
-        waiting.add(1, ordering: .relaxed)
-        opened.wait()
-        opened.signal()  // stays open for every later charge
-        waiting.subtract(1, ordering: .relaxed)
-        try inner.charge(offset: offset, length: length)
-    }
-    var summary: String { "gate" }
-    func shutdown() {}
-}
-
-/// Case 5 of issue 11: a write that waits for its pages to be charged (a frozen target) holds no
+/// A write that waits for its pages to be charged (a frozen target) holds no
 /// lock of the tree, so everything else goes on; it completes once the charge does.
 final class ChargeOutsideLockTests: XCTestCase {
     let me = Caller(uid: 1000, gid: 1000)
 
     /// A file system of 1 GiB whose every charge waits at a closed gate. The reserve starts
     /// empty, so the first new page needs a charge.
-    func gatedFileSystem() throws -> (FileSystem, GateCharger) {
-        var made: GateCharger?
+    func gatedFileSystem() throws -> (FileSystem, FakeCharger) {
+        var made: FakeCharger?
         var config = FileSystemConfig()
         config.maxBytes = 1 << 30
         let store = try PageStore(capacityPages: 1 << 16) { arena in
-            let g = GateCharger(arena: arena)
+            let g = FakeCharger(arena: arena, gated: true)
             made = g
             return g
         }
@@ -105,8 +86,8 @@ final class ChargeOutsideLockTests: XCTestCase {
     func testWriteOverScatteredFreePagesIsStoredWhole() throws {
         var config = FileSystemConfig()
         config.maxBytes = 1 << 30
-        let fs = FileSystem(config: config, store: try PageStore(capacityPages: 1 << 16) { CountingCharger(arena: $0) })
-        let page = [UInt8](repeating: 1, count: PageStore.pageSize)
+        let fs = FileSystem(config: config, store: try PageStore(capacityPages: 1 << 16) { FakeCharger(arena: $0) })
+        let page = [UInt8](repeating: 1, count: PageSize.bytes)
         var files: [FileName] = []
         for i in 0..<600 {
             let name = Array("f\(i)".utf8)
@@ -139,7 +120,7 @@ final class ChargeOutsideLockTests: XCTestCase {
             files.append(try fs.create(parent: InodeNumber.root, name: Array("w\(i)".utf8), mode: 0o100644, caller: me).ino)
         }
         let done = DispatchSemaphore(value: 0)
-        let page = [UInt8](repeating: 7, count: PageStore.pageSize)
+        let page = [UInt8](repeating: 7, count: PageSize.bytes)
         for ino in files {
             Thread.detachNewThread {
                 _ = page.withUnsafeBytes { try? fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
@@ -151,7 +132,7 @@ final class ChargeOutsideLockTests: XCTestCase {
         XCTAssertEqual(gate.chargesWaiting, writers, "every writer charges a batch of its own")
         gate.open()
         for _ in 0..<writers { XCTAssertEqual(done.wait(timeout: .now() + 10), .success) }
-        let page4K = Int64(PageStore.pageSize)
+        let page4K = Int64(PageSize.bytes)
         XCTAssertEqual(fs.storedBytes().used, Int64(writers) * page4K)
         XCTAssertLessThanOrEqual(fs.storedBytes().charged, Int64(writers + PageStore.reserveLimit) * page4K,
                                  "the batches charged at once are trimmed back to one reserve")

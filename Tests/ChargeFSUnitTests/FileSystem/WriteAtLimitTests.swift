@@ -3,33 +3,15 @@ import SystemPackage
 import XCTest
 @testable import ChargeFS
 
-/// A charger with a budget of pages, then ENOSPC: the cgroup at its limit, without a cgroup.
-final class BudgetCharger: PageCharger, @unchecked Sendable {
-    private let inner: DaemonCharger
-    var pagesLeft: Int
-    init(pages: Int, arena: FileDescriptor) {
-        pagesLeft = pages
-        inner = DaemonCharger(arena: arena)
-    }
-    func charge(offset: Int64, length: Int64) throws(Errno) {
-        let pages = Int(length) / PageStore.pageSize
-        guard pages <= pagesLeft else { throw .noSpace }
-        try inner.charge(offset: offset, length: length)
-        pagesLeft -= pages
-    }
-    var summary: String { "budget" }
-    func shutdown() {}
-}
-
 /// Writes that meet a limit (size= or the charger's): what is stored, what is returned.
 final class WriteAtLimitTests: XCTestCase {
     let me = Caller(uid: 1000, gid: 1000)
-    let page = PageStore.pageSize
+    let page = PageSize.bytes
 
     func makeFS(maxBytes: Int64?, chargerPages: Int) throws -> FileSystem {
         var config = FileSystemConfig()
         config.maxBytes = maxBytes
-        let store = try PageStore(capacityPages: 1 << 16) { BudgetCharger(pages: chargerPages, arena: $0) }
+        let store = try PageStore(capacityPages: 1 << 16) { FakeCharger(arena: $0, budget: chargerPages) }
         return FileSystem(config: config, store: store)
     }
 
@@ -87,24 +69,5 @@ final class WriteAtLimitTests: XCTestCase {
             // One that fits goes through whole.
             XCTAssertEqual(try write(fs, ino, [UInt8](repeating: 4, count: page), at: 0, writeback: true), page, name)
         }
-    }
-}
-
-/// cache= automatic is direct on every kernel (a page-cache copy charged to a writer inside the
-/// target lets the kernel OOM-kill it before 6.9); shared maps of direct-I/O files only from 6.9.
-final class CacheModeChoiceTests: XCTestCase {
-    func testAutomaticIsDirectEverywhere() {
-        XCTAssertEqual(CacheModeChoice.resolve(.automatic), .direct)
-        XCTAssertEqual(CacheModeChoice.resolve(.page), .page, "an explicit choice stands")
-        XCTAssertEqual(CacheModeChoice.resolve(.direct), .direct)
-    }
-
-    func testSharedMapsOfDirectIOFrom69() {
-        XCTAssertTrue(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.18.0-1-amd64"))
-        XCTAssertTrue(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.9.0"))
-        XCTAssertTrue(CacheModeChoice.mapsDirectIOShared(kernelRelease: "7.0.1"))
-        XCTAssertFalse(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.8.12-generic"), "6.6-6.8 may lack the VM_MAYSHARE fix")
-        XCTAssertFalse(CacheModeChoice.mapsDirectIOShared(kernelRelease: "6.1.0-57-amd64"))
-        XCTAssertFalse(CacheModeChoice.mapsDirectIOShared(kernelRelease: "garbage"))
     }
 }

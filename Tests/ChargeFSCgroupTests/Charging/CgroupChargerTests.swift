@@ -132,8 +132,8 @@ final class CgroupChargerTests: XCTestCase {
         return FileDescriptor(rawValue: fd)
     }
 
-    func makeCharger(_ cg: String, _ arena: FileDescriptor) throws -> CgroupCharger {
-        let c = try CgroupCharger(target: CgroupTarget.resolve(cg), arena: arena)
+    func makeCharger(_ cg: String, _ arena: FileDescriptor, cacheLifetime: Duration = CgroupCharger.defaultCacheLifetime) throws -> CgroupCharger {
+        let c = try CgroupCharger(target: CgroupTarget.resolve(cg), arena: arena, cacheLifetime: cacheLifetime)
         chargers.append(c)
         return c
     }
@@ -331,8 +331,7 @@ final class CgroupChargerTests: XCTestCase {
         let limitFile = version == .v1 ? "/memory.limit_in_bytes" : "/memory.max"
         let cg = try makeCgroup(limit: 256 * MiB)
         let arena = try makeArena()
-        let charger = try makeCharger(cg, arena)
-        charger.cacheLifetimeForTests = .seconds(60)  // the race must not depend on the guest's speed
+        let charger = try makeCharger(cg, arena, cacheLifetime: .seconds(60))  // the race must not depend on the guest's speed
         // Reads and caches the headroom. 16 MiB: the kernel scales oom_score_adj by the limit in
         // steps of 1/1000 (integer), so below 1000 pages (4 MiB) it would count for nothing.
         try charger.charge(offset: 0, length: 16 * MiB)

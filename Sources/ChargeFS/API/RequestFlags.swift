@@ -54,8 +54,6 @@ public struct OpenFlags: Sendable {
     public var mayWrite: Bool { rawValue & O_ACCMODE != O_RDONLY }
     public var truncates: Bool { rawValue & O_TRUNC != 0 }
     public var noatime: Bool { rawValue & Int32(CFUSE_O_NOATIME) != 0 }
-
-    public static func | (a: OpenFlags, b: Int32) -> OpenFlags { OpenFlags(rawValue: a.rawValue | b) }
 }
 
 /// The mode a create asks for: file type and permission bits, as st_mode (the kernel has already

@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 import SystemPackage
 
@@ -56,9 +57,9 @@ final class UringTransport: @unchecked Sendable {
     private let queues: [UringQueue]
 
     /// Sets up one ring per possible CPU with payload buffers of `payloadSize` bytes.
-    init(session: FuseSession, fuseFD: Int32, payloadSize: Int) throws(Errno) {
+    init(connection session: FuseConnection, fuseFD: Int32, payloadSize: Int) throws(Errno) {
         guard let cpus = Self.possibleCPUs() else { throw .noSuchFileOrDirectory }
-        let page = Int(PageSize.bytes)
+        let page = PageSize.bytes
         let size = max(8192, (payloadSize + page - 1) / page * page)
         var queues: [UringQueue] = []
         for qid in 0..<cpus {
@@ -81,10 +82,6 @@ final class UringTransport: @unchecked Sendable {
     func stop() {
         for queue in queues { queue.stop() }
     }
-}
-
-enum PageSize {
-    static let bytes = sysconf(Int32(_SC_PAGESIZE))
 }
 
 /// Waits for `count` threads to report; keeps the first failure.

@@ -1,4 +1,5 @@
 import CFuse
+import CFuseTransport
 import Glibc
 import Synchronization
 import SystemPackage
@@ -19,7 +20,7 @@ import SystemPackage
 final class UringQueue: @unchecked Sendable {
     let qid: UInt32
     private let cpu: UInt32?
-    private let session: FuseSession
+    private let session: FuseConnection
     private let fuseFD: Int32
     private let payloadSize: Int
     static let initialWorkers = 2
@@ -29,7 +30,7 @@ final class UringQueue: @unchecked Sendable {
     private let workers = Mutex<(list: [UringWorker], stopping: Bool)>(([], false))
 
     /// Sets up the first workers' rings (no thread yet, nothing registered with the kernel).
-    init(qid: UInt32, session: FuseSession, fuseFD: Int32, payloadSize: Int) throws(Errno) {
+    init(qid: UInt32, session: FuseConnection, fuseFD: Int32, payloadSize: Int) throws(Errno) {
         self.qid = qid
         cpu = cfuse_affinity_has_cpu(qid) != 0 ? qid : nil
         self.session = session
@@ -99,9 +100,9 @@ final class UringQueue: @unchecked Sendable {
 final class UringWorker: @unchecked Sendable {
     let qid: UInt32
     private unowned let queue: UringQueue
-    private let session: FuseSession
+    private let session: FuseConnection
     /// The C side's ring, entries and stop eventfd; a stable address the thread and `stop` share.
-    private let ring: UnsafeMutablePointer<cfuse_ring_queue>
+    private let ring: OpaquePointer
     private var thread: pthread_t?
 
     /// The entry whose reply this thread expects (set only while libfuse handles its request).
@@ -111,33 +112,24 @@ final class UringWorker: @unchecked Sendable {
 
     static let inHeaderSize = MemoryLayout<fuse_in_header>.size
     static let outHeaderSize = MemoryLayout<fuse_out_header>.size
-    /// Offsets in struct fuse_uring_req_header.
-    static let opInOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ)
-    static let ringInOutOffset = Int(CFUSE_URING_IN_OUT_HEADER_SZ + CFUSE_URING_OP_IN_OUT_SZ)
+    /// Where the request's first argument sits in struct fuse_uring_req_header (asserted in C).
+    static let opInOffset = MemoryLayout<cfuse_uring_req_header>.offset(of: \.op_in) ?? Int(CFUSE_URING_IN_OUT_HEADER_SZ)
 
-    /// The worker this thread is, for `captureReply`.
-    private static let slot: pthread_key_t? = {
-        var key = pthread_key_t()
-        return pthread_key_create(&key, nil) == 0 ? key : nil
-    }()
 
     /// Sets up the ring and its buffers (no thread yet, nothing registered with the kernel).
-    init(queue: UringQueue, session: FuseSession, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
-        guard Self.slot != nil else { throw .noMemory }
+    init(queue: UringQueue, session: FuseConnection, fuseFD: Int32, entries: UInt32, payloadSize: Int) throws(Errno) {
+        guard HandlingThread.available else { throw .noMemory }
         qid = queue.qid
         self.queue = queue
         self.session = session
-        ring = .allocate(capacity: 1)
-        let rc = cfuse_ring_queue_init(ring, fuseFD, qid, entries, payloadSize)
-        guard rc == 0 else {
-            ring.deallocate()
-            throw Errno(rawValue: -rc)
-        }
+        var made: OpaquePointer?
+        let rc = cfuse_ring_queue_new(&made, fuseFD, qid, entries, payloadSize)
+        guard rc == 0, let made else { throw Errno(rawValue: rc < 0 ? -rc : ENOMEM) }
+        ring = made
     }
 
     deinit {
-        cfuse_ring_queue_destroy(ring)
-        ring.deallocate()
+        cfuse_ring_queue_free(ring)
     }
 
     /// Starts the thread, which registers the entries and then serves; `registered` gets the
@@ -168,18 +160,25 @@ final class UringWorker: @unchecked Sendable {
     private func run(cpu: UInt32?, registered: (Int32) -> Void) {
         cfuse_set_thread_name("chargefs-ring\(qid)")
         if let cpu { _ = cfuse_bind_thread_to_cpu(cpu) }
-        if let slot = Self.slot { pthread_setspecific(slot, Unmanaged.passUnretained(self).toOpaque()) }
+        guard HandlingThread.serve(as: self) else {
+            registered(-ENOMEM)
+            return
+        }
         // Registered from this thread: the kernel completes each entry's command as task work of
         // the task that submitted it.
         let rc = cfuse_ring_queue_register(ring)
         registered(rc)
         guard rc == 0 else { return }
-        var live = Int(ring.pointee.count)
-        let batch = Int(ring.pointee.count) + 1
+        var live = Int(cfuse_ring_queue_count(ring))
+        let batch = live + 1
         var entries = [UnsafeMutablePointer<cfuse_ring_entry>?](repeating: nil, count: batch)
         var results = [Int32](repeating: 0, count: batch)
         var stopping = false
+        // Commits and retries the ring could not take yet (it was full): sent again before each
+        // wait, never dropped, since each carries a reply a caller waits for.
+        var unsent: [(entry: UnsafeMutablePointer<cfuse_ring_entry>, commitID: UInt64?)] = []
         while !stopping && live > 0 {
+            unsent.removeAll { send($0.entry, commitID: $0.commitID) }
             let n = cfuse_ring_queue_wait(ring, &entries, &results, UInt32(batch))
             if n < 0 {
                 Log.line("io_uring queue \(qid): wait failed: \(Errno(rawValue: -n)); queue stopped")
@@ -190,10 +189,12 @@ final class UringWorker: @unchecked Sendable {
                 switch results[i] {
                 case 0:
                     queue.workerBusy()
-                    serve(entry)
+                    let commitID = serve(entry)
                     queue.workerIdle()
+                    guard let commitID else { live -= 1; continue }  // an entry without buffers: never made
+                    if !send(entry, commitID: commitID) { unsent.append((entry, commitID)) }
                 case -EAGAIN, -EINTR:
-                    _ = cfuse_ring_queue_retry(ring, entry)
+                    if !send(entry, commitID: nil) { unsent.append((entry, nil)) }
                 case -ENOTCONN, -ECONNABORTED:
                     live -= 1  // unmounted: the kernel hands back each entry once
                 default:
@@ -204,19 +205,33 @@ final class UringWorker: @unchecked Sendable {
         }
     }
 
-    /// Rebuilds the entry's request for libfuse, has it handled, and queues the commit.
-    private func serve(_ entry: UnsafeMutablePointer<cfuse_ring_entry>) {
-        guard let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else { return }
+    /// Queues an entry's commit (its reply, with the fetch of the next request), or with a nil
+    /// `commitID` the retry of its last command; false when the ring cannot take it yet (said
+    /// once in the log; the caller keeps it for the next round).
+    private func send(_ entry: UnsafeMutablePointer<cfuse_ring_entry>, commitID: UInt64?) -> Bool {
+        let rc = commitID.map { cfuse_ring_queue_commit(ring, entry, $0) } ?? cfuse_ring_queue_retry(ring, entry)
+        if rc != 0 && !sendRefusalLogged {
+            sendRefusalLogged = true
+            Log.line("io_uring queue \(qid): the ring refused a commit (\(Errno(rawValue: -rc))); kept for the next round")
+        }
+        return rc == 0
+    }
+    private var sendRefusalLogged = false
+
+    /// Rebuilds the entry's request for libfuse and has it handled; returns the commit id to
+    /// send the reply with (the entry's buffers hold it), nil for an entry without buffers.
+    private func serve(_ entry: UnsafeMutablePointer<cfuse_ring_entry>) -> UInt64? {
+        guard let headerStruct = entry.pointee.header, let payload = entry.pointee.payload else { return nil }
+        let header = UnsafeMutableRawPointer(headerStruct)
+        let inOut = headerStruct.pointee.ring_ent_in_out
         let inHeader = header.loadUnaligned(as: fuse_in_header.self)
-        let inOut = header.loadUnaligned(fromByteOffset: Self.ringInOutOffset, as: cfuse_uring_ent_in_out.self)
         let payloadSize = Int(inOut.payload_sz)
         // The kernel's length counts every argument: what is not payload is the op's first one.
         let opSize = Int(inHeader.len) - Self.inHeaderSize - payloadSize
         guard opSize >= 0, opSize <= Int(CFUSE_URING_OP_IN_OUT_SZ), payloadSize <= entry.pointee.payload_size else {
             Log.line("io_uring queue \(qid): malformed request (opcode \(inHeader.opcode), length \(inHeader.len), payload \(payloadSize)); answered EIO")
             answerError(entry, unique: inHeader.unique, EIO)
-            _ = cfuse_ring_queue_commit(ring, entry, inOut.commit_id)
-            return
+            return inOut.commit_id
         }
         let total = Self.inHeaderSize + opSize + payloadSize
         // Rebuilt in place: the payload is not copied; the headers go into the unused end of the
@@ -242,33 +257,32 @@ final class UringWorker: @unchecked Sendable {
             Log.line("io_uring queue \(qid): no reply to opcode \(inHeader.opcode) on its thread; answered EIO")
             answerError(entry, unique: inHeader.unique, EIO)
         }
-        _ = cfuse_ring_queue_commit(ring, entry, inOut.commit_id)
+        return inOut.commit_id
     }
 
     private func answerError(_ entry: UnsafeMutablePointer<cfuse_ring_entry>, unique: UInt64, _ error: Int32) {
-        guard let header = UnsafeMutableRawPointer(entry.pointee.header) else { return }
-        header.storeBytes(of: fuse_out_header(len: UInt32(Self.outHeaderSize), error: -error, unique: unique), as: fuse_out_header.self)
-        header.storeBytes(of: 0, toByteOffset: Self.ringInOutOffset + 16, as: UInt32.self)  // payload_sz
+        guard let headerStruct = entry.pointee.header else { return }
+        UnsafeMutableRawPointer(headerStruct).storeBytes(of: fuse_out_header(len: UInt32(Self.outHeaderSize), error: -error, unique: unique),
+                                                         as: fuse_out_header.self)
+        headerStruct.pointee.ring_ent_in_out.payload_sz = 0
     }
 
     /// The custom writev hook's first look: a reply to the request this thread's queue is
     /// handling goes into its ring entry (out header, then payload). Returns the bytes taken, or
     /// nil for anything else (notifications, replies on /dev/fuse's own threads).
     static func captureReply(_ iov: UnsafePointer<iovec>, _ count: Int) -> Int? {
-        guard let slot, let raw = pthread_getspecific(slot) else { return nil }
-        let worker = Unmanaged<UringWorker>.fromOpaque(raw).takeUnretainedValue()
-        guard let entry = worker.current, !worker.answered, count >= 1, iov[0].iov_len >= outHeaderSize,
+        guard let worker = HandlingThread.existing?.uringWorker, let entry = worker.current, !worker.answered, count >= 1, iov[0].iov_len >= outHeaderSize,
               let first = iov[0].iov_base else { return nil }
         let out = first.loadUnaligned(as: fuse_out_header.self)
         guard out.unique == worker.currentUnique else { return nil }
         worker.answered = true
         let total = (0..<count).reduce(0) { $0 + iov[$1].iov_len }
         guard total - outHeaderSize <= entry.pointee.payload_size,
-              let header = UnsafeMutableRawPointer(entry.pointee.header), let payload = entry.pointee.payload else {
+              let headerStruct = entry.pointee.header, let payload = entry.pointee.payload else {
             worker.answerError(entry, unique: out.unique, EIO)
             return total
         }
-        header.copyMemory(from: first, byteCount: outHeaderSize)
+        UnsafeMutableRawPointer(headerStruct).copyMemory(from: first, byteCount: outHeaderSize)
         // Everything after the out header, from whichever vectors hold it, is payload.
         var skip = outHeaderSize
         var written = 0
@@ -279,7 +293,7 @@ final class UringWorker: @unchecked Sendable {
             written += len - skip
             skip = 0
         }
-        header.storeBytes(of: UInt32(written), toByteOffset: ringInOutOffset + 16, as: UInt32.self)  // payload_sz
+        headerStruct.pointee.ring_ent_in_out.payload_sz = UInt32(written)
         return total
     }
 }

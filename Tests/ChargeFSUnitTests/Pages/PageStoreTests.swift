@@ -4,26 +4,13 @@ import SystemPackage
 import XCTest
 @testable import ChargeFS
 
-/// Counts charge calls (and does them, in this process).
-final class CountingCharger: PageCharger, @unchecked Sendable {
-    private let inner: DaemonCharger
-    var calls = 0
-    init(arena: FileDescriptor) { inner = DaemonCharger(arena: arena) }
-    func charge(offset: Int64, length: Int64) throws(Errno) {
-        calls += 1
-        try inner.charge(offset: offset, length: length)
-    }
-    var summary: String { "counting" }
-    func shutdown() {}
-}
-
 final class PageStoreTests: XCTestCase {
     /// One page at a time (a 4 KiB random write each) must be charged in batches, whether the
     /// pages are fresh or were punched out by an earlier free.
     func testSinglePageAllocationsAreChargedInBatches() throws {
-        var made: CountingCharger?
+        var made: FakeCharger?
         let store = try PageStore(capacityPages: 1 << 16) { arena in
-            let c = CountingCharger(arena: arena)
+            let c = FakeCharger(arena: arena)
             made = c
             return c
         }
@@ -31,7 +18,7 @@ final class PageStoreTests: XCTestCase {
         var pages: [UInt32] = []
         for _ in 0..<256 { try store.allocate(1, into: &pages) }
         XCTAssertLessThanOrEqual(charger.calls, 256 / PageStore.chargeBatch + 1, "fresh pages")
-        var ones = [UInt8](repeating: 0xff, count: PageStore.pageSize)
+        var ones = [UInt8](repeating: 0xff, count: PageSize.bytes)
         for page in pages { try store.store(&ones, length: ones.count, page: page, inner: 0) }
         store.free(pages)  // 64 stay in the reserve, the rest are punched
         XCTAssertEqual(store.pagesCharged, PageStore.reserveLimit)
@@ -49,7 +36,7 @@ final class PageStoreTests: XCTestCase {
 
     /// Fills `pages` with a byte no fresh page holds.
     func fillStale(_ store: PageStore, _ pages: [UInt32]) throws {
-        var stale = [UInt8](repeating: 0xAB, count: PageStore.pageSize)
+        var stale = [UInt8](repeating: 0xAB, count: PageSize.bytes)
         for page in pages { try store.store(&stale, length: stale.count, page: page, inner: 0) }
     }
 
@@ -61,7 +48,7 @@ final class PageStoreTests: XCTestCase {
     }
 
     func assertZero(_ store: PageStore, _ pages: [UInt32], file: StaticString = #filePath, line: UInt = #line) {
-        let dirty = pages.filter { memcmp(store.address(of: $0), Arena.zeros, PageStore.pageSize) != 0 }
+        let dirty = pages.filter { memcmp(store.address(of: $0), Arena.zeros, PageSize.bytes) != 0 }
         XCTAssertEqual(dirty, [], "pages handed out with stale bytes", file: file, line: line)
     }
 
@@ -124,7 +111,7 @@ final class PageStoreTests: XCTestCase {
         try store.allocate(256, into: &pages)
         try fillStale(store, pages)
         let bad = pages[200]
-        let badOffset = Int64(bad) * Int64(PageStore.pageSize)
+        let badOffset = Int64(bad) * Int64(PageSize.bytes)
         store.arena.syscalls.fallocate = { fd, mode, offset, length in
             if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0, offset <= badOffset, badOffset < offset + length {
                 errno = EIO
@@ -240,16 +227,16 @@ final class PageStoreTests: XCTestCase {
         let fs = FileSystem(config: FileSystemConfig(), store: store)
         let me = Caller(uid: 0, gid: 0)
         let ino = try fs.mknod(parent: FileSystem.rootIno, name: Array("f".utf8), mode: 0o100644, rdev: 0, caller: me).ino
-        let page = [UInt8](repeating: 7, count: PageStore.pageSize)
-        _ = try page.withUnsafeBytes { try fs.write(ino, offset: Int64(PageStore.pageSize), data: $0, caller: me, clearSetIDAsked: false) }
+        let page = [UInt8](repeating: 7, count: PageSize.bytes)
+        _ = try page.withUnsafeBytes { try fs.write(ino, offset: Int64(PageSize.bytes), data: $0, caller: me, clearSetIDAsked: false) }
         // Pages 0 and 2 are new and not adjacent in the arena to page 1's: the copy of the first
         // run fails while page 2's is still unplaced.
         failing.failing = true
-        let three = [UInt8](repeating: 9, count: 3 * PageStore.pageSize)
+        let three = [UInt8](repeating: 9, count: 3 * PageSize.bytes)
         XCTAssertThrowsError(try three.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }) {
             XCTAssertEqual($0 as? Errno, .ioError)
         }
         failing.failing = false
-        XCTAssertEqual(fs.storedBytes().used, Int64(2 * PageStore.pageSize), "page 1, and page 0 placed before the failure")
+        XCTAssertEqual(fs.storedBytes().used, Int64(2 * PageSize.bytes), "page 1, and page 0 placed before the failure")
     }
 }

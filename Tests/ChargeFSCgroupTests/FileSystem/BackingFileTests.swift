@@ -3,6 +3,7 @@
 // backing files live on a private tmpfs, which needs CAP_SYS_ADMIN); the kernel side (a reader's
 // cgroup charged nothing, reads that bypass the daemon) is scripts/tests/passthrough.sh.
 
+import CFuse
 import Glibc
 import SystemPackage
 import XCTest
@@ -11,7 +12,7 @@ import XCTest
 final class BackingFileTests: XCTestCase {
     let me = Caller(uid: 0, gid: 0)
     let root = InodeNumber.root
-    let page = PageStore.pageSize
+    let page = PageSize.bytes
     let readOnly = OpenFlags(rawValue: O_RDONLY)
 
     override func setUpWithError() throws {
@@ -48,7 +49,7 @@ final class BackingFileTests: XCTestCase {
     }
 
     /// What the kernel would read through passthrough: the backing file itself.
-    func backingContents(_ file: BackingFile) -> [UInt8] {
+    func backingContents(_ file: PassthroughFile) -> [UInt8] {
         var st = stat()
         guard fstat(file.fileDescriptor.rawValue, &st) == 0 else { return [] }
         var out = [UInt8](repeating: 0, count: Int(st.st_size))
@@ -57,7 +58,7 @@ final class BackingFileTests: XCTestCase {
     }
 
     /// Allocated bytes of the backing file, from the kernel (st_blocks).
-    func allocated(_ file: BackingFile) -> Int {
+    func allocated(_ file: PassthroughFile) -> Int {
         var st = stat()
         return fstat(file.fileDescriptor.rawValue, &st) == 0 ? Int(st.st_blocks) * 512 : -1
     }
@@ -88,7 +89,7 @@ final class BackingFileTests: XCTestCase {
         XCTAssertEqual(try fs.getattr(ino).blocks * 512, Int64((data.count + page - 1) / page * page))
         // A second read-only open shares the backing file.
         let second = try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false)
-        XCTAssertTrue(second.passthrough === file)
+        XCTAssertTrue(second.passthrough.map { PassthroughFile.same($0, file) } ?? false)
         fs.release(ino, passthrough: true)
         fs.release(ino, passthrough: true)
         // Writes after the move land in the backing file.
@@ -204,5 +205,60 @@ final class BackingFileTests: XCTestCase {
         XCTAssertEqual(allocated(file), pagesOfSize * page)
         XCTAssertEqual(backingContents(file), model)
         fs.release(ino, passthrough: true)
+    }
+
+    /// A punch the kernel refuses (injected) leaves the pages where they are: still counted in
+    /// stored bytes and st_blocks, and reading as zeros (written over instead). A zeroing it
+    /// refuses too is EIO, never old bytes kept in silence.
+    func testRefusedPunchAndZeroingAreAccountedNotIgnored() throws {
+        let fs = try makeFS()
+        let data = random(2 << 20)
+        let ino = try create(fs, "big", bytes: data)
+        let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
+        fs.release(ino, passthrough: true)  // no passthrough open left: a punch frees pages again
+        file.backing.syscalls.fallocate = { _, _, _, _ in errno = EIO; return -1 }
+        let stored = fs.storedBytes().used, blocks = try fs.getattr(ino).blocks
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 0, length: 1 << 20)
+        XCTAssertEqual(fs.storedBytes().used, stored, "the pages the kernel kept are still counted")
+        XCTAssertEqual(try fs.getattr(ino).blocks, blocks)
+        let after = try contents(fs, ino)
+        XCTAssertEqual(Array(after[..<(1 << 20)]), [UInt8](repeating: 0, count: 1 << 20), "the punched range reads zeros")
+        XCTAssertEqual(Array(after[(1 << 20)...]), Array(data[(1 << 20)...]), "the rest is untouched")
+
+        file.backing.syscalls.pwrite = { _, _, _, _ in errno = EIO; return -1 }
+        XCTAssertThrowsError(try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: (1 << 20) + 100, length: 1000)) {
+            XCTAssertEqual($0 as? Errno, .ioError, "a zeroing that fails is the caller's error")
+        }
+        file.backing.syscalls = .kernel
+        try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: (1 << 20) + 100, length: 1000)
+        XCTAssertEqual(Array(try contents(fs, ino)[((1 << 20) + 100)..<((1 << 20) + 1100)]), [UInt8](repeating: 0, count: 1000))
+    }
+
+    /// The pages an appending file charged ahead are given back at its last close by a punch;
+    /// one the kernel refuses (injected) leaves them counted, not dropped from the books.
+    func testRefusedTrimKeepsWhatWasChargedAheadCounted() throws {
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        config.caching = .direct
+        let store = try PageStore { DaemonCharger(arena: $0) }
+        store.backingFileCalls.fallocate = { fd, mode, offset, length in
+            if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { errno = EIO; return -1 }
+            return cfuse_fallocate(fd, mode, offset, length)
+        }
+        let fs = FileSystem(config: config, store: store)
+        fs.resolveCaching(.direct)
+        fs.noteKernelPassthrough(true)
+        let ino = try fs.create(parent: root, name: Array("grow".utf8), mode: 0o100644, caller: me).ino
+        var model: [UInt8] = []
+        for chunk in [random(1 << 20), random(3000)] {
+            _ = try chunk.withUnsafeBytes { try fs.write(ino, offset: Int64(model.count), data: $0, caller: me, clearSetIDAsked: false) }
+            model += chunk
+        }
+        let blocks = try fs.getattr(ino).blocks
+        XCTAssertGreaterThan(Int(blocks) * 512, (model.count + page - 1) / page * page, "a batch was charged ahead")
+        fs.release(ino)
+        XCTAssertEqual(try fs.getattr(ino).blocks, blocks, "the refused trim leaves the pages counted")
+        XCTAssertEqual(fs.storedBytes().used, blocks * 512)
+        XCTAssertEqual(try contents(fs, ino), model)
     }
 }

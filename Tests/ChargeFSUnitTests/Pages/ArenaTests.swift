@@ -8,8 +8,8 @@ import XCTest
 /// and the huge-page rules it refuses to start under.
 final class ArenaTests: XCTestCase {
     func testPageSizeIsTheKernels() {
-        XCTAssertEqual(Arena.pageSize, Int(sysconf(Int32(_SC_PAGESIZE))))
-        XCTAssertEqual(PageStore.pageSize, Arena.pageSize)
+        XCTAssertEqual(PageSize.bytes, Int(sysconf(Int32(_SC_PAGESIZE))))
+        XCTAssertEqual(PageSize.bytes, PageSize.bytes)
     }
 
     /// The whole mapping is marked "dd" (VM_DONTDUMP) and, with THP, "nh" (VM_NOHUGEPAGE) in smaps.
