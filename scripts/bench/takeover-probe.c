@@ -55,6 +55,7 @@
 #define NOTIFY_RESEND 7
 #define HAS_RESEND (1ULL << 39)
 #define UNIQUE_RESEND (1ULL << 63)
+#define OVER_IO_URING (1ULL << 41)   /* offered in INIT only while /sys/module/fuse/parameters/enable_uring is Y */
 
 #define DATA_MAX 4096
 struct state {                   /* lives in the memfd: outlives every server */
@@ -386,8 +387,8 @@ int main(int argc, char **argv) {
     char tmo[32] = "absent";
     FILE *tf = fopen("/proc/sys/fs/fuse/default_request_timeout", "r");
     if (tf) { if (!fgets(tmo, sizeof tmo, tf)) strcpy(tmo, "?"); tmo[strcspn(tmo, "\n")] = 0; fclose(tf); }
-    fact(1, "init", "protocol 7.%u flags 0x%llx FUSE_HAS_RESEND=%s saved_bytes=%d default_request_timeout=%s",
-         ii->minor, flags, has_resend ? "yes" : "no", S->init_len, tmo);
+    fact(1, "init", "protocol 7.%u flags 0x%llx FUSE_HAS_RESEND=%s FUSE_OVER_IO_URING=%s saved_bytes=%d default_request_timeout=%s",
+         ii->minor, flags, has_resend ? "yes" : "no", flags & OVER_IO_URING ? "offered" : "not-offered", S->init_len, tmo);
     struct stat st_before; fstat(fd_before, &st_before);
 
     /* 1. nobody serves: a caller waits; then the successor answers it */
