@@ -15,8 +15,9 @@
  *     fuse_session_process_buf, drops the reply in the writev hook, optionally writes
  *     FUSE_NOTIFY_RESEND, and serves the kernel's existing node ids. File contents and sizes live
  *     in the memfd, so they outlive every server.
- * Files: /hello (ino 2, read-write, 4 KiB max) and /slow (ino 3: the first server sleeps on a
- * READ of it when the orchestrator arms it, so a request is in flight when it is killed).
+ * Files: /hello (ino 2, read-write, 4 KiB max), /slow (ino 3: a server sleeps on a READ of it
+ * when the orchestrator arms it, so a request is in flight when it is killed) and /new (ino 4,
+ * made by CREATE; when armed, the server applies the create, then sleeps before answering).
  * Entry and attribute timeouts are 0 and files are direct_io, so every call reaches a server.
  *
  * Output: one line per fact, "FACT <name> <ok|FAIL|NA> <figures>"; exit 0 when no FAIL.
@@ -71,6 +72,10 @@ struct state {                   /* lives in the memfd: outlives every server */
     int use_clone;               /* next server serves on a FUSE_DEV_IOC_CLONE fd */
     int slow_armed, slow_reading;
     unsigned long long resent_seen; /* requests with bit 63 of unique that a server saw */
+    int new_exists;              /* /new (ino 4) was created */
+    int create_armed, create_applied; /* the server sleeps after applying a CREATE, before answering */
+    int use_slot;                /* a server answers a resent CREATE it finds in the slot from it */
+    unsigned long long slot_unique; /* the in-flight slot: unique of the CREATE applied, not answered */
     int size;
     unsigned char data[DATA_MAX];
 };
@@ -84,6 +89,7 @@ static double now(void) {
 
 /* ---------------------------------------------------------------- server */
 static int serve_fd = -1, drop_replies;
+static uint64_t cur_unique;   /* the request being handled (one thread per server here) */
 
 static ssize_t hook_read(int fd, void *buf, size_t len, void *u) {
     (void)u;
@@ -91,6 +97,7 @@ static ssize_t hook_read(int fd, void *buf, size_t len, void *u) {
     if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
         struct fuse_in_header *h = buf;
         if (h->opcode == FUSE_INIT && n <= (ssize_t)sizeof S->init) { memcpy(S->init, buf, (size_t)n); S->init_len = (int)n; }
+        cur_unique = h->unique;
         if (h->unique & UNIQUE_RESEND) __atomic_add_fetch(&S->resent_seen, 1, __ATOMIC_SEQ_CST);
     }
     return n;
@@ -106,16 +113,39 @@ static void fill(struct stat *st, fuse_ino_t ino) {
     st->st_mode = ino == 1 ? S_IFDIR | 0755 : S_IFREG | 0644;
     st->st_size = ino == 2 ? S->size : ino == 3 ? 9 : 0;
 }
+static void reply_new(fuse_req_t r, struct fuse_file_info *fi) {
+    struct fuse_entry_param e; memset(&e, 0, sizeof e);
+    e.ino = 4; e.generation = 1; fill(&e.attr, 4);
+    fi->direct_io = 1; fi->fh = 1004;
+    fuse_reply_create(r, &e, fi);
+}
+/* CREATE is not idempotent: applied twice, O_EXCL answers EEXIST for the caller's own file. The
+ * slot (the unique of a create applied and not yet answered, kept in the memfd) lets a successor
+ * recognise a resent request it already applied and answer it as the first time. */
+static void op_create(fuse_req_t r, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi) {
+    (void)mode;
+    uint64_t u = cur_unique & ~UNIQUE_RESEND;
+    if (parent != 1 || strcmp(name, "new")) { fuse_reply_err(r, EACCES); return; }
+    if (S->new_exists) {
+        if (S->use_slot && S->slot_unique == u) { reply_new(r, fi); S->slot_unique = 0; return; }
+        fuse_reply_err(r, EEXIST); return;
+    }
+    S->slot_unique = u;                       /* recorded with the change, before it is visible */
+    __atomic_store_n(&S->new_exists, 1, __ATOMIC_RELEASE);
+    if (S->create_armed) { S->create_applied = 1; sleep(60); }   /* killed here */
+    reply_new(r, fi);
+    S->slot_unique = 0;
+}
 static void op_lookup(fuse_req_t r, fuse_ino_t parent, const char *name) {
     struct fuse_entry_param e; memset(&e, 0, sizeof e);
-    fuse_ino_t ino = parent != 1 ? 0 : !strcmp(name, "hello") ? 2 : !strcmp(name, "slow") ? 3 : 0;
+    fuse_ino_t ino = parent != 1 ? 0 : !strcmp(name, "hello") ? 2 : !strcmp(name, "slow") ? 3 : !strcmp(name, "new") && S->new_exists ? 4 : 0;
     if (!ino) { fuse_reply_err(r, ENOENT); return; }
     e.ino = ino; e.generation = 1; fill(&e.attr, ino);
     fuse_reply_entry(r, &e);
 }
 static void op_getattr(fuse_req_t r, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)fi; struct stat st;
-    if (ino > 3) { fuse_reply_err(r, ENOENT); return; }   /* a node id this filesystem never made */
+    if (ino > 4 || (ino == 4 && !S->new_exists)) { fuse_reply_err(r, ENOENT); return; }   /* a node id this filesystem never made */
     fill(&st, ino); fuse_reply_attr(r, &st, 0);
 }
 static void op_open(fuse_req_t r, fuse_ino_t ino, struct fuse_file_info *fi) {
@@ -182,7 +212,7 @@ static int serve(int devfd, int memfd, int sock, const char *mnt) {
     }
     struct fuse_lowlevel_ops ops; memset(&ops, 0, sizeof ops);
     ops.lookup = op_lookup; ops.getattr = op_getattr; ops.open = op_open; ops.read = op_read;
-    ops.write = op_write; ops.flush = op_ok; ops.release = op_ok;
+    ops.write = op_write; ops.create = op_create; ops.flush = op_ok; ops.release = op_ok;
     char *av[] = { "takeover-probe", NULL };
     struct fuse_args args = FUSE_ARGS_INIT(1, av);
     struct fuse_session *se = fuse_session_new(&args, &ops, sizeof ops, NULL);
@@ -258,14 +288,15 @@ static void fact(int ok, const char *name, const char *fmt, ...) {
     va_end(ap);
     if (ok == 0) failures++;
 }
-static char path_hello[4096], path_slow[4096];
+static char path_hello[4096], path_slow[4096], path_new[4096];
 
 /* A caller in a child: returns its pid; the exit code says what it saw (0 ok, else errno). */
-enum { OP_STAT, OP_READ_SLOW };
+enum { OP_STAT, OP_READ_SLOW, OP_CREATE_EXCL };
 static pid_t caller(int op) {
     pid_t p = fork();
     if (p == 0) {
         if (op == OP_STAT) { struct stat st; _exit(stat(path_hello, &st) == 0 ? 0 : errno); }
+        if (op == OP_CREATE_EXCL) { int f = open(path_new, O_CREAT | O_EXCL | O_RDWR, 0644); _exit(f >= 0 ? 0 : errno); }
         int fd = open(path_slow, O_RDONLY);
         if (fd < 0) _exit(errno);
         char b[32]; ssize_t n = read(fd, b, sizeof b);
@@ -362,6 +393,7 @@ int main(int argc, char **argv) {
     MNT = argv[1];
     snprintf(path_hello, sizeof path_hello, "%s/hello", MNT);
     snprintf(path_slow, sizeof path_slow, "%s/slow", MNT);
+    snprintf(path_new, sizeof path_new, "%s/new", MNT);
     struct stat mst;
     if (stat(MNT, &mst) != 0 || !S_ISDIR(mst.st_mode)) { fprintf(stderr, "takeover-probe: %s is not a directory\n", MNT); return 2; }
     prctl(PR_SET_CHILD_SUBREAPER, 1);   /* servers orphaned by a dead keeper come back to us */
@@ -433,6 +465,28 @@ int main(int argc, char **argv) {
              S->resent_seen - seen0, (now() - t0) * 1e3, r == 0 ? "ok" : r < 0 ? "still waiting" : strerror(r < 128 ? r : EIO));
     } else {
         fact(-1, "resend", "this kernel offers no FUSE_HAS_RESEND (protocol 7.%u < 7.40): a request in flight cannot be resent", ii->minor);
+    }
+
+    /* 3b. a CREATE O_EXCL applied, then killed before its answer, resent: without and with the slot */
+    if (has_resend) {
+        int got[2];
+        for (int slot = 0; slot < 2; slot++) {
+            S->new_exists = 0; S->slot_unique = 0; S->use_slot = slot; S->want_resend = 1;
+            S->create_applied = 0; S->create_armed = 1;
+            c = caller(OP_CREATE_EXCL);
+            int applied = wait_flag(&S->create_applied, 5000);
+            S->create_armed = 0;
+            g = kill_server();
+            got[slot] = applied ? wait_for(c, 5000) : -2;
+            wait_ready(g, 5000);
+        }
+        S->use_slot = 0;
+        fact(got[0] == EEXIST && got[1] == 0, "resend_create",
+             "open(O_CREAT|O_EXCL) applied by the server, killed before the answer, resent: a successor that applies it again answers %s; one that finds its unique in the in-flight slot answers %s",
+             got[0] == EEXIST ? "EEXIST (the caller's own file)" : got[0] == 0 ? "success (unexpected)" : got[0] < 0 ? "nothing" : strerror(got[0] < 128 ? got[0] : EIO),
+             got[1] == 0 ? "success" : got[1] < 0 ? "nothing" : strerror(got[1] < 128 ? got[1] : EIO));
+    } else {
+        fact(-1, "resend_create", "no resend on this kernel: a CREATE in flight at a crash is never answered");
     }
 
     /* 4. a request in flight without the resend: the caller waits while the successor serves others */

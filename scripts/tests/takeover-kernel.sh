@@ -12,7 +12,7 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
 
-TESTS=(build init survives_server_death successor_serves resend no_resend_waits clone_fd respawn_ms both_dead)
+TESTS=(build init survives_server_death successor_serves resend resend_create no_resend_waits clone_fd respawn_ms both_dead)
 KILLS=${TAKEOVER_KILLS:-20}
 
 # Kernel at least $1.$2?
@@ -49,7 +49,7 @@ num() { sed -nE "s#.*$2.*#\1#p" <<< "$1" | head -1; }
 t_build() {
   probe
   check "the probe built and ran to its end (exit $PROBE_RC, 0 = no fact failed)" [ "$PROBE_RC" = 0 ]
-  check "every fact reported" [ "$(grep -c '^FACT ' <<< "$OUT")" -ge 8 ]
+  check "every fact reported" [ "$(grep -c '^FACT ' <<< "$OUT")" -ge 9 ]
 }
 
 t_init() {
@@ -88,6 +88,17 @@ t_resend() {
   else
     log "  this kernel ($(uname -r)) has no FUSE_NOTIFY_RESEND: asserting the documented behaviour instead (see no_resend_waits)"
     check "the probe says resend is not available ($l)" grep -q '^FACT resend NA .*no FUSE_HAS_RESEND' <<< "$l"
+  fi
+}
+
+t_resend_create() {
+  probe
+  local l; l=$(line resend_create)
+  if grep -q 'FUSE_HAS_RESEND=yes' <<< "$(line init)"; then
+    check "a resent CREATE O_EXCL applied twice answers EEXIST; found by its unique in the slot, it succeeds ($l)" \
+      grep -q ' ok .*applies it again answers EEXIST.*in-flight slot answers success$' <<< "$l"
+  else
+    check "the probe says a CREATE in flight cannot be resent here ($l)" grep -q '^FACT resend_create NA ' <<< "$l"
   fi
 }
 
