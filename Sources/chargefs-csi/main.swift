@@ -72,7 +72,7 @@ do {
 
 let manager = VolumeManager(
     config: .init(tree: tree, hostViewProblem: hostViewProblem,
-                  chargefsd: Chargefsd(binary: chargefsdPath, daemonCgroupProcs: daemonCgroup + "/cgroup.procs"),
+                  mounter: Chargefsd(binary: chargefsdPath, daemonCgroupProcs: daemonCgroup + "/cgroup.procs"),
                   state: state, podCgroupWait: options.podCgroupWait),
     log: log)
 log("\(IdentityService.driverName) \(IdentityService.version) node=\(options.nodeID) cgroups=\(tree.root) (v\(tree.version == .v2 ? 2 : 1)) daemons=\(daemonCgroup) chargefsd=\(chargefsdPath) state=\(options.stateDir) volumes=\(await manager.publishedCount)")
