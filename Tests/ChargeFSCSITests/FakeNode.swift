@@ -43,10 +43,11 @@ final class FakeMounter: VolumeMounter, @unchecked Sendable {
         let (error, gate): (String?, DispatchSemaphore?) = locked {
             calls.append("mount \(target)")
             defer { nextMountError = nil; pendingHold = nil }
-            held = pendingHold
+            if let hold = pendingHold { held = hold }
             return (nextMountError, pendingHold)
         }
-        gate?.wait()
+        // bounded, so that a test whose release never comes fails instead of hanging
+        if let gate, gate.wait(timeout: .now() + 10) == .timedOut { return "fake mount: held for 10 s, never released" }
         if let error { return error }
         locked {
             if mounts[target] != nil { stackedMounts += 1 }
