@@ -28,6 +28,18 @@ final class VolumeManagerTests: XCTestCase {
         return ""
     }
 
+    /// The usual start: pod A's cgroup, a target for its volume, a manager.
+    func start() throws -> (VolumeManager, String) {
+        try node.addPod(podA)
+        return (try node.manager(), try node.target("a"))
+    }
+
+    func assertPublished(_ m: VolumeManager, _ count: Int, _ message: String = "",
+                         file: StaticString = #filePath, line: UInt = #line) async {
+        let published = await m.publishedCount
+        XCTAssertEqual(published, count, message, file: file, line: line)
+    }
+
     // MARK: publish
 
     func testPublishMountsChargedToThePodAndRecordsIt() async throws {
@@ -43,14 +55,11 @@ final class VolumeManagerTests: XCTestCase {
         var isDir: ObjCBool = false
         XCTAssertTrue(FileManager.default.fileExists(atPath: target, isDirectory: &isDir) && isDir.boolValue)
         XCTAssertEqual(node.recordFiles.count, 1)
-        let published = await m.publishedCount
-        XCTAssertEqual(published, 1)
+        await assertPublished(m, 1)
     }
 
     func testTheSamePublishAgainIsOKAndMountsOnce() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         let req = publishRequest(volumeID: "v1", target: target, podUID: podA)
         try await m.publish(req)
         try await m.publish(req)
@@ -62,9 +71,7 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testPublishAgainWithOtherParametersIsAlreadyExists() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA, size: "16Mi"))
         await expect(.alreadyExists) { try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA, size: "32Mi")) }
         await expect(.alreadyExists) { try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA, readOnly: true)) }
@@ -73,9 +80,7 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testATargetHoldingAnotherVolumeIsAlreadyExists() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA))
         let msg = await expect(.alreadyExists) { try await m.publish(publishRequest(volumeID: "v2", target: target, podUID: podA)) }
         XCTAssertTrue(msg.contains("v1"), msg)
@@ -86,13 +91,8 @@ final class VolumeManagerTests: XCTestCase {
     /// and only one mount is made. Before the target was claimed with the volume id in one step,
     /// both passed the check, both mounted, and the second stacked on the first.
     func testTwoVolumesRacingForOneTargetMountOnce() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
-        node.mounter.holdNextMount()
-        let req1 = publishRequest(volumeID: "v1", target: target, podUID: podA)
-        let first = Task { try await m.publish(req1) }
-        try await waitFor { self.node.mounter.mountCalls == 1 }
+        let (m, target) = try start()
+        let first = try await publishHeld(m, publishRequest(volumeID: "v1", target: target, podUID: podA))
         let msg = await expect(.aborted) { try await m.publish(publishRequest(volumeID: "v2", target: target, podUID: podA)) }
         XCTAssertTrue(msg.contains("v1"), msg)
         node.mounter.releaseHeldMount()
@@ -104,13 +104,9 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testTheSameVolumeTwiceAtOnceIsAborted() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
-        node.mounter.holdNextMount()
+        let (m, target) = try start()
         let req = publishRequest(volumeID: "v1", target: target, podUID: podA)
-        let first = Task { try await m.publish(req) }
-        try await waitFor { self.node.mounter.mountCalls == 1 }
+        let first = try await publishHeld(m, req)
         await expect(.aborted) { try await m.publish(req) }
         // an unpublish racing the publish must not pass it by (the CO would think it gone)
         await expect(.aborted) { try await m.unpublish(volumeID: "v1", targetPath: target) }
@@ -121,9 +117,7 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testMalformedRequestsAreInvalidArgumentAndMountNothing() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         let good = publishRequest(volumeID: "v1", target: target, podUID: podA)
         var cases: [(String, PublishRequest)] = []
         func variant(_ name: String, _ change: (inout PublishRequest) -> Void) {
@@ -180,16 +174,13 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testAFailedMountIsInternalAndLeavesNothing() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         node.mounter.failNextMount("chargefsd failed (exit 1): memcg=...: no room")
         let msg = await expect(.internal) { try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA)) }
         XCTAssertTrue(msg.contains("no room"), msg)
         XCTAssertFalse(FileManager.default.fileExists(atPath: target), "the target it created is removed")
         XCTAssertEqual(node.recordFiles, [])
-        let published = await m.publishedCount
-        XCTAssertEqual(published, 0)
+        await assertPublished(m, 0)
         try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA))  // a retry works
     }
 
@@ -203,23 +194,18 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testARecordThatCannotBeSavedUndoesTheMount() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         // the state directory replaced by a file: every save fails
         try FileManager.default.removeItem(atPath: node.stateDir)
         XCTAssertTrue(FileManager.default.createFile(atPath: node.stateDir, contents: nil))
         await expect(.internal) { try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA)) }
         XCTAssertEqual(node.mounter.mountCalls, 1)
         XCTAssertEqual(node.mounter.mountedTargets, [:], "mounted without a record: unmounted again")
-        let published = await m.publishedCount
-        XCTAssertEqual(published, 0)
+        await assertPublished(m, 0)
     }
 
     func testADeadDaemonIsRemountedOnTheSamePublish() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         let req = publishRequest(volumeID: "v1", target: target, podUID: podA)
         try await m.publish(req)
         node.mounter.setState(target, .dead)
@@ -233,9 +219,7 @@ final class VolumeManagerTests: XCTestCase {
     // MARK: unpublish
 
     func testUnpublishUnmountsRemovesTargetAndRecordAndIsIdempotent() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA))
         try await m.unpublish(volumeID: "v1", targetPath: target)
         XCTAssertEqual(node.mounter.mountedTargets, [:])
@@ -249,15 +233,12 @@ final class VolumeManagerTests: XCTestCase {
     }
 
     func testAFailedUnmountIsInternalAndKeepsTheVolume() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA))
         node.mounter.failNextUnmount("cannot unmount \(target): Device or resource busy")
         await expect(.internal) { try await m.unpublish(volumeID: "v1", targetPath: target) }
         XCTAssertEqual(node.recordFiles.count, 1)
-        let published = await m.publishedCount
-        XCTAssertEqual(published, 1)
+        await assertPublished(m, 1)
         try await m.unpublish(volumeID: "v1", targetPath: target)
         XCTAssertEqual(node.recordFiles, [])
     }
@@ -278,8 +259,7 @@ final class VolumeManagerTests: XCTestCase {
         XCTAssertEqual(node.recordFiles.count, 1)
         XCTAssertEqual(node.mounter.mountedTargets, [:], "the volume itself is unmounted")
         let restarted = try node.manager()
-        let found = await restarted.publishedCount
-        XCTAssertEqual(found, 1, "a restarted plugin still knows it and can unpublish it")
+        await assertPublished(restarted, 1, "a restarted plugin still knows it and can unpublish it")
         failing.on = false
         try await m.unpublish(volumeID: "v1", targetPath: target)
         let after = await m.recordsNotRemoved
@@ -290,9 +270,7 @@ final class VolumeManagerTests: XCTestCase {
     // MARK: stats
 
     func testStats() async throws {
-        try node.addPod(podA)
-        let target = try node.target("a")
-        let m = try node.manager()
+        let (m, target) = try start()
         await expect(.notFound) { _ = try await m.stats(volumeID: "v1", volumePath: target) }
         try await m.publish(publishRequest(volumeID: "v1", target: target, podUID: podA))
         let u = try await m.stats(volumeID: "v1", volumePath: target)
@@ -318,8 +296,7 @@ final class VolumeManagerTests: XCTestCase {
             try await m.publish(publishRequest(volumeID: "v2", target: tb, podUID: podB, size: "1Gi"))
         }
         let m = try node.manager()  // the daemons kept serving meanwhile (the fake's mounts stay)
-        let count = await m.publishedCount
-        XCTAssertEqual(count, 2)
+        await assertPublished(m, 2)
         XCTAssertTrue(node.logLines.all.contains { $0.contains("volume=v1") && $0.contains("still mounted") })
         _ = try await m.stats(volumeID: "v2", volumePath: tb)
         try await m.publish(reqA)
@@ -347,9 +324,17 @@ final class VolumeManagerTests: XCTestCase {
     func testAnUnreadableRecordIsReportedAndIgnored() async throws {
         XCTAssertTrue(FileManager.default.createFile(atPath: node.stateDir + "/garbage.json", contents: Data("{".utf8)))
         let m = try node.manager()
-        let count = await m.publishedCount
-        XCTAssertEqual(count, 0)
+        await assertPublished(m, 0)
         XCTAssertTrue(node.logLines.all.contains { $0.contains("cannot read") && $0.contains("garbage.json") })
+    }
+
+    /// Starts `req` with its mount held (until `releaseHeldMount`) and returns once that mount
+    /// has begun.
+    func publishHeld(_ m: VolumeManager, _ req: PublishRequest) async throws -> Task<Void, any Error> {
+        node.mounter.holdNextMount()
+        let task = Task { try await m.publish(req) }
+        try await waitFor { self.node.mounter.mountCalls == 1 }
+        return task
     }
 
     /// Polls `condition` every 10 ms for up to 5 s.
