@@ -64,7 +64,13 @@ struct StateStore: Sendable {
 
     /// Every record; unreadable files are reported and left alone.
     func loadAll(log: (String) -> Void) -> [VolumeRecord] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        let names: [String]
+        do {
+            names = try FileManager.default.contentsOfDirectory(atPath: dir)
+        } catch {
+            log("state: cannot list \(dir): \(error.localizedDescription); no volume of a previous instance is known")
+            return []
+        }
         var out: [VolumeRecord] = []
         for n in names.sorted() where n.hasSuffix(".json") {
             let p = dir + "/" + n

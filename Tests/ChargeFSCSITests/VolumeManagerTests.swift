@@ -337,6 +337,18 @@ final class VolumeManagerTests: XCTestCase {
         return task
     }
 
+    func testAnUnlistableStateDirectoryIsReported() async throws {
+        let state = try StateStore(dir: node.stateDir)
+        try FileManager.default.removeItem(atPath: node.stateDir)
+        XCTAssertTrue(FileManager.default.createFile(atPath: node.stateDir, contents: nil))
+        let lines = node.logLines
+        let m = VolumeManager(config: .init(tree: CgroupTree(root: node.cgroupRoot, version: .v2), hostViewProblem: nil,
+                                            mounter: node.mounter, state: state, podCgroupWait: 0.1),
+                              log: { lines.append($0) })
+        await assertPublished(m, 0)
+        XCTAssertTrue(node.logLines.all.contains { $0.contains("cannot list") && $0.contains(node.stateDir) }, "\(node.logLines.all)")
+    }
+
     /// Polls `condition` every 10 ms for up to 5 s.
     func waitFor(_ condition: () -> Bool, file: StaticString = #filePath, line: UInt = #line) async throws {
         let deadline = ContinuousClock.now + .seconds(5)
