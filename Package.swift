@@ -93,6 +93,9 @@ let package = Package(
         ),
         // Black box through a real mount of the built chargefsd (root, /dev/fuse).
         .testTarget(name: "ChargeFSMountTests", dependencies: ["TestSupport"]),
+        // chargefs-csi's VolumeManager in-process: a fake mounter and a cgroup tree in a temporary
+        // directory (no root, no mount; scripts/tests/csi.sh is the end-to-end test).
+        .testTarget(name: "ChargeFSCSITests", dependencies: ["chargefs-csi"]),
         // Real kernel charging: cgroups of this host (root).
         .testTarget(
             name: "ChargeFSCgroupTests",

@@ -23,14 +23,14 @@ source "$here/tests/lib.sh"
 
 if [ "$setup" = 1 ]; then
   echo "== setup (scripts/setup.sh)"
-  bash "$here/setup.sh"
+  bash "$here/setup.sh" --daemon
 fi
 [ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH=$PATH:/opt/swift/usr/bin
 if [ -z "${CHARGEFSD:-}" ]; then
   scratch=(); [ -z "${SWIFT_SCRATCH:-}" ] || scratch=(--scratch-path "$SWIFT_SCRATCH")
   CHARGEFSD=$(cd "$repo" && swift build "${scratch[@]}" --show-bin-path)/chargefsd
 fi
-[ -x "$CHARGEFSD" ] || die "no daemon at $CHARGEFSD (build it: swift build)"
+[ -x "$CHARGEFSD" ] || die "no daemon at $CHARGEFSD (build it: bash scripts/build.sh --daemon)"
 
 limit=$(( ${DEMO_LIMIT_MB:-64} * MiB ))
 ver=$(cg_version)

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Prepares a machine to build, test, demo and benchmark chargefs. Idempotent.
-# Usage: scripts/setup.sh [--release] [--no-build]
+# Usage: scripts/setup.sh [--release] [--daemon] [--no-build]
 #   installs the Debian packages that are missing (apt-get update only then), checks /dev/fuse,
-#   builds debug (`swift build`), and release too with --release. --no-build only installs.
+#   builds debug what ships (scripts/build.sh), and release too with --release; --daemon builds
+#   only chargefsd and its helper (the demo's need). --no-build only installs.
 # Env: SWIFT_SCRATCH=DIR builds into DIR instead of .build (--scratch-path).
 set -euo pipefail
-usage() { sed -n '2,6s/^# \{0,1\}//p' "$0"; }
-release=0 build=1
+usage() { sed -n '2,7s/^# \{0,1\}//p' "$0"; }
+release=0 build=1 only=()
 for a in "$@"; do
   case "$a" in
     --release) release=1 ;;
     --no-build) build=0 ;;
+    --daemon) only=(--daemon) ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -68,14 +70,5 @@ echo "setup: cgroup v2 guest: $(bash "$repo/scripts/vm-run.sh" --which)"
 bash "$repo/scripts/vm-run.sh" --prepare
 
 [ "$build" = 1 ] || exit 0
-if ! command -v swift >/dev/null; then
-  [ -x /opt/swift/usr/bin/swift ] && export PATH=$PATH:/opt/swift/usr/bin
-fi
-command -v swift >/dev/null || { echo "setup: swift not found (expected /opt/swift)" >&2; exit 1; }
-scratch=(); [ -z "${SWIFT_SCRATCH:-}" ] || scratch=(--scratch-path "$SWIFT_SCRATCH")
-echo "setup: swift build -c debug ${scratch[*]}"
-swift build -c debug "${scratch[@]}"
-if [ "$release" = 1 ]; then
-  echo "setup: swift build -c release ${scratch[*]}"
-  swift build -c release "${scratch[@]}"
-fi
+bash "$repo/scripts/build.sh" "${only[@]}" -c debug
+[ "$release" = 0 ] || bash "$repo/scripts/build.sh" "${only[@]}" -c release

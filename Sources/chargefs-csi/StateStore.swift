@@ -15,9 +15,12 @@ struct VolumeRecord: Codable, Equatable, Sendable {
 
 struct StateStore: Sendable {
     let dir: String
+    /// unlink(2), or a stand-in that fails (the unit tests inject failures here): 0 or an errno.
+    private let unlinkFile: @Sendable (String) -> Int32
 
-    init(dir: String) throws(CSIError) {
+    init(dir: String, unlinkFile: @escaping @Sendable (String) -> Int32 = { unlink($0) == 0 ? 0 : errno }) throws(CSIError) {
         self.dir = dir
+        self.unlinkFile = unlinkFile
         do {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
                                                     attributes: [.posixPermissions: 0o700])
@@ -49,13 +52,25 @@ struct StateStore: Sendable {
         }
     }
 
-    func remove(_ volumeID: String) {
-        try? FileManager.default.removeItem(atPath: file(for: volumeID))
+    /// Removes a volume's record; one already gone is removed. INTERNAL when the file stays: a
+    /// restarted plugin would load it as a published volume.
+    func remove(_ volumeID: String) throws(CSIError) {
+        let path = file(for: volumeID)
+        let err = unlinkFile(path)
+        guard err == 0 || err == ENOENT else {
+            throw CSIError(.internal, "cannot remove the state of volume \(volumeID) (\(path)): \(String(cString: strerror(err)))")
+        }
     }
 
     /// Every record; unreadable files are reported and left alone.
     func loadAll(log: (String) -> Void) -> [VolumeRecord] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        let names: [String]
+        do {
+            names = try FileManager.default.contentsOfDirectory(atPath: dir)
+        } catch {
+            log("state: cannot list \(dir): \(error.localizedDescription); no volume of a previous instance is known")
+            return []
+        }
         var out: [VolumeRecord] = []
         for n in names.sorted() where n.hasSuffix(".json") {
             let p = dir + "/" + n

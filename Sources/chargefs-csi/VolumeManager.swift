@@ -21,7 +21,7 @@ actor VolumeManager {
         var tree: CgroupTree
         /// Why publishing is refused (the plugin cannot see the host's cgroup tree), or nil.
         var hostViewProblem: String?
-        var chargefsd: Chargefsd
+        var mounter: any VolumeMounter
         var state: StateStore
         /// Seconds to wait for a pod's cgroup to appear.
         var podCgroupWait: Double
@@ -33,7 +33,14 @@ actor VolumeManager {
     private let config: Config
     private let log: @Sendable (String) -> Void
     private var volumes: [String: VolumeRecord] = [:]
-    private var busy: Set<String> = []
+    /// The volume ids and target paths of the calls in progress, claimed together in one step
+    /// before a call's first await (see `claim`).
+    private var busyVolumes: Set<String> = []
+    private var busyTargets: [String: String] = [:]
+    /// Volumes unmounted whose record the state store could not remove: they stay known, so
+    /// that the CO's retry of the unpublish (it retries until OK) removes the record, and a
+    /// restarted plugin does not take them for live volumes meanwhile.
+    private(set) var recordsNotRemoved: Set<String> = []
 
     init(config: Config, log: @escaping @Sendable (String) -> Void) {
         self.config = config
@@ -41,7 +48,7 @@ actor VolumeManager {
         // The volumes a previous instance published: their daemons kept serving meanwhile.
         for r in config.state.loadAll(log: log) {
             volumes[r.volumeID] = r
-            let serving = Chargefsd.isChargefsMount(r.targetPath)
+            let serving = config.mounter.volumeState(r.targetPath) != .absent
             log("state: volume=\(r.volumeID) pod=\(r.podUID) target=\(r.targetPath) \(serving ? "still mounted" : "not mounted (will be remounted on publish, cleaned on unpublish)")")
         }
     }
@@ -51,6 +58,40 @@ actor VolumeManager {
     // MARK: - NodePublishVolume
 
     func publish(_ req: PublishRequest) async throws(CSIError) {
+        let (target, podUID, attrs) = try Self.validate(req)
+        try claim(volumeID: req.volumeID, target: target)
+        defer { release(volumeID: req.volumeID, target: target) }
+
+        if let old = volumes[req.volumeID] {
+            guard old.targetPath == target, old.attributes == attrs, old.readOnly == req.readOnly, old.podUID == podUID else {
+                throw CSIError(.alreadyExists, "volume \(req.volumeID) is already published at \(old.targetPath) with other parameters (pod \(old.podUID), \(old.attributes.mountOptions.joined(separator: ",")))")
+            }
+            if try await stillServing(volumeID: req.volumeID, target: target) { return }
+        }
+        if let problem = config.hostViewProblem {
+            throw CSIError(.failedPrecondition, "publishing refused: \(problem)")
+        }
+        let podCgroup = try await findPodCgroup(uid: podUID)
+        try await mount(target: target, podCgroup: podCgroup, attributes: attrs, readOnly: req.readOnly)
+        let record = VolumeRecord(volumeID: req.volumeID, targetPath: target, podUID: podUID, podCgroup: podCgroup,
+                                  attributes: attrs, readOnly: req.readOnly,
+                                  publishedAt: Date().formatted(.iso8601))
+        do {
+            try config.state.save(record)
+        } catch {
+            // Without a record a restarted plugin could not unpublish it: undo the mount.
+            if let err = await blocking({ [mounter = config.mounter] in mounter.unmountVolume(target: target) }) {
+                throw CSIError(.internal, "\(error.message); and undoing the mount failed: \(err)")
+            }
+            throw error
+        }
+        volumes[req.volumeID] = record
+        log("publish volume=\(req.volumeID) pod=\(podUID) cgroup=\(podCgroup) size=\(attrs.sizeBytes.map(String.init) ?? "default") target=\(target)\(req.readOnly ? " ro" : "")")
+    }
+
+    /// The checks that need no state: INVALID_ARGUMENT for anything malformed. Returns the
+    /// normalised target path, the pod's uid and the volume's attributes.
+    private static func validate(_ req: PublishRequest) throws(CSIError) -> (String, String, VolumeAttributes) {
         guard !req.volumeID.isEmpty else { throw CSIError(.invalidArgument, "volume_id is missing") }
         guard !req.targetPath.isEmpty else { throw CSIError(.invalidArgument, "target_path is missing") }
         switch req.access {
@@ -62,57 +103,82 @@ actor VolumeManager {
         guard req.targetPath.hasPrefix("/"), !req.targetPath.split(separator: "/").contains("..") else {
             throw CSIError(.invalidArgument, "target_path \"\(req.targetPath)\" is not an absolute path")
         }
-        guard req.volumeContext[Self.ephemeralKey] == "true" else {
-            throw CSIError(.invalidArgument, "csi.chargefs.io serves only CSI ephemeral inline volumes (volume_context \(Self.ephemeralKey)=\"true\"); it has no controller to provision persistent volumes")
+        guard req.volumeContext[ephemeralKey] == "true" else {
+            throw CSIError(.invalidArgument, "csi.chargefs.io serves only CSI ephemeral inline volumes (volume_context \(ephemeralKey)=\"true\"); it has no controller to provision persistent volumes")
         }
-        guard let podUID = req.volumeContext[Self.podUIDKey], !podUID.isEmpty else {
-            throw CSIError(.invalidArgument, "volume_context has no \(Self.podUIDKey): the CSIDriver object needs podInfoOnMount: true")
+        guard let podUID = req.volumeContext[podUIDKey], !podUID.isEmpty else {
+            throw CSIError(.invalidArgument, "volume_context has no \(podUIDKey): the CSIDriver object needs podInfoOnMount: true")
         }
         guard PodCgroup.isValidUID(podUID) else {
-            throw CSIError(.invalidArgument, "\(Self.podUIDKey) \"\(podUID)\" is not a pod uid")
+            throw CSIError(.invalidArgument, "\(podUIDKey) \"\(podUID)\" is not a pod uid")
         }
         let attrs = try VolumeAttributes.parse(req.volumeContext)
-        let target = normalise(req.targetPath)
-        // Claimed before the first await: the actor lets other calls in while this one waits.
-        guard busy.insert(req.volumeID).inserted else {
-            throw CSIError(.aborted, "an operation on volume \(req.volumeID) is already in progress")
-        }
-        defer { busy.remove(req.volumeID) }
+        return (normalise(req.targetPath), podUID, attrs)
+    }
 
-        if let old = volumes[req.volumeID] {
-            guard old.targetPath == target, old.attributes == attrs, old.readOnly == req.readOnly, old.podUID == podUID else {
-                throw CSIError(.alreadyExists, "volume \(req.volumeID) is already published at \(old.targetPath) with other parameters (pod \(old.podUID), \(old.attributes.mountOptions.joined(separator: ",")))")
-            }
-            switch await blocking({ Chargefsd.mountState(target) }) {
-            case .serving: return  // the same request again: done
-            case .dead:
-                // its chargefsd died (killed, OOM): the data is gone with it; clear the dead mount
-                // ("Transport endpoint is not connected") and serve an empty volume again
-                log("publish volume=\(req.volumeID): its chargefsd is gone; remounting \(target)")
-                if let err = await blocking({ Chargefsd.unmount(target: target) }) {
-                    throw CSIError(.internal, err)
-                }
-            case .absent: break  // the record survived a reboot, the mount did not: mount again
-            }
+    /// Claims a volume id and its target path for one call, checking both in the same step: an
+    /// actor lets other calls in at every await, so a check before an await and an insert after
+    /// it would let two volume ids publish on one path. ABORTED while another call holds either
+    /// (the CSI spec's "operation already in progress"); ALREADY_EXISTS when another published
+    /// volume holds the path.
+    private func claim(volumeID: String, target: String) throws(CSIError) {
+        guard !busyVolumes.contains(volumeID) else {
+            throw CSIError(.aborted, "an operation on volume \(volumeID) is already in progress")
         }
-        if let other = volumes.values.first(where: { $0.targetPath == target && $0.volumeID != req.volumeID }) {
+        if let other = busyTargets[target], other != volumeID {
+            throw CSIError(.aborted, "an operation on volume \(other) at target_path \(target) is already in progress")
+        }
+        if let other = volumes.values.first(where: { $0.targetPath == target && $0.volumeID != volumeID }) {
             throw CSIError(.alreadyExists, "target_path \(target) already holds volume \(other.volumeID)")
         }
-        if let problem = config.hostViewProblem {
-            throw CSIError(.failedPrecondition, "publishing refused: \(problem)")
-        }
+        busyVolumes.insert(volumeID)
+        busyTargets[target] = volumeID
+    }
 
-        guard let podCgroup = await PodCgroup.wait(root: config.tree.root, uid: podUID, timeout: config.podCgroupWait) else {
-            let looked = PodCgroup.candidates(uid: podUID).joined(separator: ", ")
-            throw CSIError(.unavailable, "the cgroup of pod \(podUID) did not appear under \(config.tree.root) within \(config.podCgroupWait) s (looked for \(looked))")
-        }
+    private func release(volumeID: String, target: String) {
+        busyVolumes.remove(volumeID)
+        if busyTargets[target] == volumeID { busyTargets[target] = nil }
+    }
 
+    /// A volume published before, asked for again with the same parameters: true when its
+    /// daemon still serves (nothing to do); false when it must be mounted again, after clearing
+    /// a dead mount (its chargefsd was killed: the data went with it, the volume comes back
+    /// empty) or when the mount did not survive a reboot.
+    private func stillServing(volumeID: String, target: String) async throws(CSIError) -> Bool {
+        let mounter = config.mounter
+        switch await blocking({ mounter.volumeState(target) }) {
+        case .serving:
+            return true
+        case .dead:
+            log("publish volume=\(volumeID): its chargefsd is gone; remounting \(target)")
+            if let err = await blocking({ mounter.unmountVolume(target: target) }) {
+                throw CSIError(.internal, err)
+            }
+            return false
+        case .absent:
+            return false
+        }
+    }
+
+    /// The pod's cgroup, waiting for it up to --pod-cgroup-wait; UNAVAILABLE when it never comes.
+    private func findPodCgroup(uid: String) async throws(CSIError) -> String {
+        guard let podCgroup = await PodCgroup.wait(root: config.tree.root, uid: uid, timeout: config.podCgroupWait) else {
+            let looked = PodCgroup.candidates(uid: uid).joined(separator: ", ")
+            throw CSIError(.unavailable, "the cgroup of pod \(uid) did not appear under \(config.tree.root) within \(config.podCgroupWait) s (looked for \(looked))")
+        }
+        return podCgroup
+    }
+
+    /// Creates the target directory when missing and mounts the volume there, charged to the
+    /// pod's cgroup; INTERNAL with the daemon's own words when that fails (a directory it
+    /// created is removed again).
+    private func mount(target: String, podCgroup: String, attributes: VolumeAttributes, readOnly: Bool) async throws(CSIError) {
         // allow_other: the containers' uids are not the mounter's (FUSE lets in only the mounter
         // otherwise); mode= (1777 by default) then decides, as on a memory emptyDir.
-        var opts = ["memcg=\(podCgroup)", "allow_other"] + attrs.mountOptions
-        if req.readOnly { opts.append("ro") }
+        var opts = ["memcg=\(podCgroup)", "allow_other"] + attributes.mountOptions
+        if readOnly { opts.append("ro") }
         let options = opts
-        let chargefsd = config.chargefsd
+        let mounter = config.mounter
         let logFile = config.state.dir + "/mount-\(UUID().uuidString).log"  // chargefsd's own words
         let failure: String? = await blocking {
             // The CO creates target_path's parent; the plugin creates target_path itself.
@@ -126,8 +192,10 @@ actor VolumeManager {
             } else if !isDir.boolValue {
                 return "target_path \(target) exists and is not a directory"
             }
-            if let err = chargefsd.mount(target: target, options: options, logFile: logFile) {
-                if created { try? FileManager.default.removeItem(atPath: target) }
+            if let err = mounter.mountVolume(target: target, options: options, logFile: logFile) {
+                if created && rmdir(target) != 0 && errno != ENOENT {
+                    return err + "; and removing \(target) failed: \(String(cString: strerror(errno)))"
+                }
                 return err
             }
             return nil
@@ -135,18 +203,6 @@ actor VolumeManager {
         if let failure {
             throw CSIError(.internal, "pod cgroup \(podCgroup): \(failure)")
         }
-        let record = VolumeRecord(volumeID: req.volumeID, targetPath: target, podUID: podUID, podCgroup: podCgroup,
-                                  attributes: attrs, readOnly: req.readOnly,
-                                  publishedAt: Date().formatted(.iso8601))
-        do {
-            try config.state.save(record)
-        } catch {
-            // Without a record a restarted plugin could not unpublish it: undo the mount.
-            _ = await blocking { Chargefsd.unmount(target: target) }
-            throw error
-        }
-        volumes[req.volumeID] = record
-        log("publish volume=\(req.volumeID) pod=\(podUID) cgroup=\(podCgroup) size=\(attrs.sizeBytes.map(String.init) ?? "default") target=\(target)\(req.readOnly ? " ro" : "")")
     }
 
     // MARK: - NodeUnpublishVolume
@@ -154,23 +210,35 @@ actor VolumeManager {
     func unpublish(volumeID: String, targetPath: String) async throws(CSIError) {
         guard !volumeID.isEmpty else { throw CSIError(.invalidArgument, "volume_id is missing") }
         guard !targetPath.isEmpty else { throw CSIError(.invalidArgument, "target_path is missing") }
-        let target = normalise(targetPath)
-        // Unknown, or already unpublished: nothing to do, and that is success (idempotent).
-        guard let record = volumes[volumeID], record.targetPath == target else { return }
-        guard busy.insert(volumeID).inserted else {
+        let target = Self.normalise(targetPath)
+        // A publish of it still in progress could finish after an OK here: the CO retries.
+        guard !busyVolumes.contains(volumeID) else {
             throw CSIError(.aborted, "an operation on volume \(volumeID) is already in progress")
         }
-        defer { busy.remove(volumeID) }
+        // Unknown, or already unpublished: nothing to do, and that is success (idempotent).
+        guard let record = volumes[volumeID], record.targetPath == target else { return }
+        try claim(volumeID: volumeID, target: target)
+        defer { release(volumeID: volumeID, target: target) }
+        let mounter = config.mounter
         let failure: String? = await blocking {
-            if let err = Chargefsd.unmount(target: target) { return err }
+            if let err = mounter.unmountVolume(target: target) { return err }
             // The spec: the plugin removes the target_path it created.
-            if Chargefsd.mountType(target) == nil { try? FileManager.default.removeItem(atPath: target) }
+            if !mounter.hasMount(at: target) && rmdir(target) != 0 && errno != ENOENT {
+                return "unmounted, but cannot remove target_path \(target): \(String(cString: strerror(errno)))"
+            }
             return nil
         }
         if let failure {
             throw CSIError(.internal, "pod \(record.podUID) cgroup \(record.podCgroup): \(failure)")
         }
-        config.state.remove(volumeID)
+        do {
+            try config.state.remove(volumeID)
+        } catch {
+            recordsNotRemoved.insert(volumeID)
+            log("unpublish volume=\(volumeID): unmounted, but its record stays until a retry removes it (\(recordsNotRemoved.count) such): \(error.message)")
+            throw error
+        }
+        recordsNotRemoved.remove(volumeID)
         volumes[volumeID] = nil
         log("unpublish volume=\(volumeID) pod=\(record.podUID) cgroup=\(record.podCgroup) size=\(record.attributes.sizeBytes.map(String.init) ?? "default") target=\(target)")
     }
@@ -180,23 +248,24 @@ actor VolumeManager {
     func stats(volumeID: String, volumePath: String) async throws(CSIError) -> Chargefsd.Usage {
         guard !volumeID.isEmpty else { throw CSIError(.invalidArgument, "volume_id is missing") }
         guard !volumePath.isEmpty else { throw CSIError(.invalidArgument, "volume_path is missing") }
-        let path = normalise(volumePath)
+        let path = Self.normalise(volumePath)
         guard let record = volumes[volumeID] else {
             throw CSIError(.notFound, "volume \(volumeID) is not published on this node")
         }
         guard record.targetPath == path else {
             throw CSIError(.notFound, "volume \(volumeID) is not published at \(path) (it is at \(record.targetPath))")
         }
+        let mounter = config.mounter
         let result = await blocking { () -> Result<Chargefsd.Usage, CSIError> in
-            guard Chargefsd.isChargefsMount(path) else {
+            guard mounter.volumeState(path) != .absent else {
                 return .failure(CSIError(.notFound, "volume \(volumeID): \(path) is no longer mounted"))
             }
-            return Chargefsd.usage(path)
+            return mounter.volumeUsage(path)
         }
         return try result.get()
     }
 
-    private func normalise(_ p: String) -> String {
+    private static func normalise(_ p: String) -> String {
         p.count > 1 && p.hasSuffix("/") ? String(p.dropLast()) : p
     }
 }

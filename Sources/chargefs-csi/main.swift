@@ -96,7 +96,7 @@ do {
 
 let manager = VolumeManager(
     config: .init(tree: tree, hostViewProblem: hostViewProblem,
-                  chargefsd: Chargefsd(binary: hostDaemon?.command.last ?? chargefsdPath, daemonCgroupProcs: daemonCgroupProcs, host: hostDaemon),
+                  mounter: Chargefsd(binary: hostDaemon?.command.last ?? chargefsdPath, daemonCgroupProcs: daemonCgroupProcs, host: hostDaemon),
                   state: state, podCgroupWait: options.podCgroupWait),
     log: log)
 log("\(IdentityService.driverName) \(IdentityService.version) node=\(options.nodeID) cgroups=\(tree.root) (v\(tree.version == .v2 ? 2 : 1)) daemons=\(daemonCgroupProcs.map { ($0 as NSString).deletingLastPathComponent }.joined(separator: ",")) chargefsd=\(hostDaemon.map { "\($0.dir) in the mount namespace of pid \($0.namespacePid)" } ?? chargefsdPath) state=\(options.stateDir) volumes=\(await manager.publishedCount)")
