@@ -68,12 +68,14 @@ t_set_unset_moves() {
   check "T took the 20 MiB (±1 MiB)" near "$(rise "$T" "$t1")" $((20 * MiB)) "$SLACK"
   check "A gave it all back (helper gone too: ≤ 1 MiB above where it started)" le "$(rise "$A" "$a0")" "$SLACK"
   check "data intact after two moves" cmp "$SCR/src" "$MNT/a/f"
-  # and set again on the now-full directory: the pages already there move into A
+  # and set again on a directory already holding files: their pages move into A. (Small files:
+  # a large file of the mount's target read through passthrough has a backing file of its own,
+  # which does not move: EBUSY, see the design notes.)
   t1=$(cg_usage "$T"); a0=$(cg_usage "$A")
-  check "setfattr again on a non-empty directory" setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"
+  check "setfattr again on a non-empty directory" setfattr -n user.chargefs.memcg -v "$A" "$MNT/a/sub"
   log "  after set: A rose by $(fmt_mib "$(rise "$A" "$a0")"), T by $(fmt_mib "$(rise "$T" "$t1")")"
-  check "A took the 20 MiB already there (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((20 * MiB)) $((2 * SLACK))
-  check "T gave them back (±1 MiB)" near "$(rise "$T" "$t1")" $((-20 * MiB)) "$SLACK"
+  check "A took the 4 MiB already there (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((4 * MiB)) $((2 * SLACK))
+  check "T gave them back (±1 MiB)" near "$(rise "$T" "$t1")" $((-4 * MiB)) "$SLACK"
   check "data intact" cmp "$SCR/src" "$MNT/a/f"
 }
 
@@ -140,6 +142,7 @@ t_refusals() {
   local A; new_cg A a $((64 * MiB))
   cfs_stage_for_others
   mkdir "$MNT/mine" "$MNT/roots"
+  chmod 777 "$MNT/roots"   # the kernel's own check lets a non-owner through to ours
   chown 65534:65534 "$MNT/mine"
   small_files "$MNT/mine" 2; chown -R 65534:65534 "$MNT/mine"
   local a0 t0; a0=$(cg_usage "$A"); t0=$(cg_usage "$T")
@@ -185,7 +188,9 @@ def write(client, mib, name):
     block = os.urandom(1 << 20)
     try:
         for i in range(mib):
-            os.write(fd, block)
+            done = 0
+            while done < len(block):  # a write near the limit may be short
+                done += os.write(fd, block[done:])
         return mib
     except OSError as e:
         if e.errno != errno.ENOSPC: raise
@@ -198,7 +203,7 @@ PY
   log "  service: $out"
   set -- $out
   check "client3 got ENOSPC ($3 $4 $5 $6)" [ "$3" = ENOSPC ]
-  check "client1 and client2 went on after it" [ "$6 $7" = "8 8" ]
+  check "client1 and client2 went on after it" [ "$7 $8" = "8 8" ]
   log "  C1 +$(fmt_mib "$(rise "$C1" "$c10")"), C2 +$(fmt_mib "$(rise "$C2" "$c20")"), C3 +$(fmt_mib "$(rise "$C3" "$c30")"), S +$(fmt_mib "$(rise "$S" "$s0")"), T +$(fmt_mib "$(rise "$T" "$t0")")"
   check "client1 rose by 16 MiB (±1 MiB)" near "$(rise "$C1" "$c10")" $((16 * MiB)) "$SLACK"
   check "client2 rose by 20 MiB (±1 MiB)" near "$(rise "$C2" "$c20")" $((20 * MiB)) "$SLACK"
