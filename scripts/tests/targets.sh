@@ -15,7 +15,7 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 source "$(dirname "$SELF")/lib.sh"
 
 SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge batching
-TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1)
+TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget)
 
 # new_env: scratch dir SCR (searchable by all: uid 65534 runs commands in it), the mount's target
 # T (256 MiB) with the daemon in D, and $MNT mounted with memcg=$T.
@@ -212,6 +212,26 @@ PY
   # cache=direct (the default where the kernel allows it) leaves no FUSE page cache to the writer.
   check "the service's cgroup rose by nothing (≤ 1 MiB)" le "$(rise "$S" "$s0")" "$SLACK"
   check "the mount's target rose by nothing (≤ 1 MiB)" le "$(rise "$T" "$t0")" "$SLACK"
+}
+
+# A live retarget: the attribute on the mount's root moves the whole mount but subtrees with a
+# target of their own; -x gives the mount's memcg= back.
+t_root_retarget() {
+  new_env
+  local A B; new_cg A a $((256 * MiB)); new_cg B b $((64 * MiB))
+  mkdir "$MNT/own"; setfattr -n user.chargefs.memcg -v "$B" "$MNT/own"
+  small_files "$MNT/d" 16
+  small_files "$MNT/own" 4
+  local a0 b0 t0; a0=$(cg_usage "$A"); b0=$(cg_usage "$B"); t0=$(cg_usage "$T")
+  check "setfattr on the mount's root" setfattr -n user.chargefs.memcg -v "$A" "$MNT"
+  log "  A +$(fmt_mib "$(rise "$A" "$a0")"), T $(fmt_mib "$(rise "$T" "$t0")"), B $(fmt_mib "$(rise "$B" "$b0")")"
+  check "A took the root's 16 MiB (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((16 * MiB)) $((2 * SLACK))
+  check "T gave them back (±1 MiB)" near "$(rise "$T" "$t0")" $((-16 * MiB)) "$SLACK"
+  check "the subtree with its own target stayed (±1 MiB)" near "$(rise "$B" "$b0")" 0 "$SLACK"
+  check "getfattr on the root shows A" [ "$(target_of "$MNT")" = "$(realpath "$A")" ]
+  check "setfattr -x on the root" setfattr -x user.chargefs.memcg "$MNT"
+  check "T holds them again (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
+  check "getfattr on the root shows memcg= again" [ "$(target_of "$MNT")" = "$(realpath "$T")" ]
 }
 
 test_main "target tests" 180 "$@"
