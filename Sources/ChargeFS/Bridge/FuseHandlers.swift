@@ -267,7 +267,8 @@ enum FuseHandlers {
     static func setxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?,
                          value: UnsafePointer<CChar>?, size: Int, flags: Int32) {
         let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
-        reply.success { () throws(Errno) in try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags)) }
+        let caller = reply.caller
+        reply.success { () throws(Errno) in try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags), caller: caller) }
     }
 
     /// The root's status and request counts are the transport's to answer (`transportAttribute`).
@@ -284,7 +285,8 @@ enum FuseHandlers {
     }
 
     static func removexattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        reply.success { () throws(Errno) in try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name)) }
+        let caller = reply.caller
+        reply.success { () throws(Errno) in try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name), caller: caller) }
     }
 }
 

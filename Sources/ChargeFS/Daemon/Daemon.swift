@@ -161,7 +161,10 @@ public enum Daemon {
         }
         do {
             let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger(arena: arena.fileDescriptor)
-            return FileSystem(config: config, store: PageStore(arena: arena, charger: charger))
+            let store = PageStore(arena: arena, charger: charger, key: target?.resolvedPath ?? "")
+            // Directories' own targets (user.chargefs.memcg), each with its helper when first set.
+            store.targets = CgroupChargeTargets(limitPolicy: options.memcgLimit)
+            return FileSystem(config: config, store: store)
         } catch {
             // A CgroupError names the target itself.
             throw StartFailure(error is CgroupError ? "\(error)" : "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")

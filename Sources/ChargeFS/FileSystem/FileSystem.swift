@@ -13,7 +13,10 @@ import SystemPackage
 ///    has no lock of its own: it is the tree's (only a `PendingCharge` runs outside it).
 /// 2. The charger's channel to its helper (`CgroupCharger`), taken by each charge: with no tree
 ///    lock held on the charge path below; under it only for a truncate up of a file read
-///    through passthrough, and for the status attribute's headroom.
+///    through passthrough, for the status attribute's headroom, and for a move between targets
+///    (`FileSystemCore+Targets`: a directory's target set or removed, a rename into another
+///    target), which charges the new target's pages with the tree held so that nothing changes
+///    the moving files meanwhile.
 /// The Bridge's passthrough table and the transport's locks are never taken with either held.
 ///
 /// The charge path, whole (tmpfs's order: charge, insert, account; undo each on failure):
@@ -41,6 +44,9 @@ public final class FileSystem: Sendable {
     /// The root's read-only count of requests by kind: reserved here (no one may set it; empty
     /// in-process), answered by the transport, which sees the requests.
     public static let requestsXattr: FileName = Array("user.chargefs.requests".utf8)
+    /// A directory's charge target (setfattr/getfattr -n user.chargefs.memcg DIR; see
+    /// FileSystemCore+Targets).
+    public static let memcgXattr: FileName = Array("user.chargefs.memcg".utf8)
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
@@ -122,12 +128,12 @@ public final class FileSystem: Sendable {
     /// not take it.
     public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
         let enabled = passthroughEnabled
-        let (modeChanged, step, store) = try exclusive { c throws(Errno) in
+        let (modeChanged, step, store, target) = try exclusive { c throws(Errno) in
             (try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked),
-             c.passthroughStep(ino, flags: flags, enabled: enabled), c.store)
+             c.passthroughStep(ino, flags: flags, enabled: enabled), c.store, c.inodes[ino]?.chargeTarget ?? 0)
         }
         switch step {
-        case .none:
+        case .none, .needsBacking where target != 0:
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
@@ -146,7 +152,10 @@ public final class FileSystem: Sendable {
         let pending = store.pendingCharge(of: file, runs: [(0, pages)], wanted: pages, owner: ino.rawValue, shrinks: 0)
         let (charged, failure) = pending.charge()
         guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
-        let step = core.withWriteLock { c in c.adoptBacking(ino, file, chargedPages: pages, forOpen: forOpen) }
+        let step = core.withWriteLock { c in
+            c.store.activeTarget = 0  // only the mount's own target's files get backing files
+            return c.adoptBacking(ino, file, chargedPages: pages, forOpen: forOpen)
+        }
         if case .granted(let granted) = step { return granted }
         return nil
     }
@@ -212,7 +221,7 @@ public final class FileSystem: Sendable {
         }
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.
-        if let pages = result.dueForBackingFile, passthroughEnabled {
+        if let pages = result.dueForBackingFile, passthroughEnabled, core.withReadLock({ $0.inodes[ino]?.chargeTarget ?? 0 }) == 0 {
             makeBacking(ino, pages: pages, store: core.withReadLock { $0.store }, forOpen: false)
         }
         return result
@@ -267,8 +276,8 @@ public final class FileSystem: Sendable {
     public func usage() -> FileSystemUsage {
         core.withReadLock { c in c.usage() }
     }
-    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags) }
+    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags, caller: Caller = .root) throws(Errno) {
+        try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags, caller: caller) }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
         if ino == Self.rootIno && name == Self.requestsXattr { return [] }
@@ -279,12 +288,17 @@ public final class FileSystem: Sendable {
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.listxattr(ino) }
     }
-    public func removexattr(_ ino: InodeNumber, name: FileName) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.removexattr(ino, name: name) }
+    public func removexattr(_ ino: InodeNumber, name: FileName, caller: Caller = .root) throws(Errno) {
+        try exclusive { c throws(Errno) in try c.removexattr(ino, name: name, caller: caller) }
     }
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
     public func storedBytes() -> (used: Int64, charged: Int64) {
         core.withReadLock { c in c.storedBytes() }
+    }
+    /// The pages files hold in charge target `index` (0: the mount's), and its cgroup ("" when
+    /// it is the daemon's own, or was given back).
+    public func chargeTarget(_ index: Int) -> (pagesInUse: Int, cgroup: String) {
+        core.withReadLock { c in (c.store.pagesInUse(target: index), c.store.targetKey(index)) }
     }
     /// Frees everything (unmount): every page goes back to the store and is uncharged.
     public func destroy() {

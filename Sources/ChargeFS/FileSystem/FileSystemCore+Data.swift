@@ -101,6 +101,7 @@ extension FileSystemCore {
     func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller, clearSetIDAsked: Bool,
                wholeOrNothing: Bool, supply: PageSupply) throws(Errno) -> NeedingPages<WriteResult> {
         let inode = try regularFile(ino)
+        store.activeTarget = inode.chargeTarget
         let sizeBefore = inode.size
         let written: Int
         switch try storeData(data, in: inode, at: offset, wholeOrNothing: wholeOrNothing, supply: supply) {
@@ -239,6 +240,7 @@ extension FileSystemCore {
     /// Sets the size; shrinking frees whole pages past the end and zeroes the rest of the last one,
     /// so growing again later reads zeros there.
     func truncate(_ inode: Inode, to size: Int64) throws(Errno) {
+        store.activeTarget = inode.chargeTarget
         if let backing = inode.backing {
             return try truncateBacked(inode, backing, to: size)
         }
@@ -260,6 +262,7 @@ extension FileSystemCore {
 
     func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64,
                    supply: PageSupply) throws(Errno) -> NeedingPages<Void> {
+        store.activeTarget = try regularFile(ino).chargeTarget
         let keepSize = mode.contains(.keepSize)
         let punch = mode.contains(.punchHole)
         if !mode.subtracting([.keepSize, .punchHole]).isEmpty || (punch && !keepSize) {

@@ -14,10 +14,11 @@ extension FileSystemCore {
         }
     }
 
-    func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags) throws(Errno) {
+    func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags, caller: Caller) throws(Errno) {
         let inode = try inode(ino)
         try Self.checkName(name)
         if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
+        if name == FileSystem.memcgXattr { return try setTarget(inode, value: value, flags: flags, caller: caller) }
         if ino == FileSystem.rootIno && (name == FileSystem.statusXattr || name == FileSystem.requestsXattr) { throw .notPermitted }
         let exists = inode.xattrs?[name] != nil
         if flags.contains(.create) && exists { throw .fileExists }
@@ -40,6 +41,7 @@ extension FileSystemCore {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
         if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, passthrough: passthrough).utf8) }
+        if name == FileSystem.memcgXattr { return try effectiveTarget(inode) }
         guard let value = inode.xattrs?[name] else {
             try Self.checkName(name)
             throw .noData
@@ -50,16 +52,18 @@ extension FileSystemCore {
     func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         let inode = try inode(ino)
         var list: [UInt8] = []
-        for name in (inode.xattrs?.keys.sorted { $0.lexicographicallyPrecedes($1) }) ?? [] {
+        let own = inode.ownsTarget ? [FileSystem.memcgXattr] : []
+        for name in own + ((inode.xattrs?.keys.sorted { $0.lexicographicallyPrecedes($1) }) ?? []) {
             list += name
             list.append(0)
         }
         return list
     }
 
-    func removexattr(_ ino: InodeNumber, name: FileName) throws(Errno) {
+    func removexattr(_ ino: InodeNumber, name: FileName, caller: Caller) throws(Errno) {
         let inode = try inode(ino)
         try Self.checkName(name)
+        if name == FileSystem.memcgXattr { return try removeTarget(inode, caller: caller) }
         guard inode.xattrs?.removeValue(forKey: name) != nil else { throw .noData }
         if inode.xattrs?.isEmpty == true { inode.xattrs = nil }
         inode.ctime = .now

@@ -85,6 +85,10 @@ final class FileSystemCore {
         inodes.remove(inode.ino)
         if inode.openCount > 0 { inodeSlots -= 1 }  // no release will come for it now
         releaseAllPages(of: inode)
+        if inode.ownsTarget {
+            inode.ownsTarget = false
+            releaseIfUnused(inode.chargeTarget)
+        }
     }
 
     func releaseAllPages(of inode: Inode) {
@@ -92,7 +96,11 @@ final class FileSystemCore {
         guard inode.pages.count > 0 else { return }
         var freed: [UInt32] = []
         inode.pages.removeAll(into: &freed)
+        store.activeTarget = inode.chargeTarget
         store.free(freed)
+        if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
+            store.releaseTarget(inode.chargeTarget)
+        }
     }
 
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
@@ -130,6 +138,7 @@ final class FileSystemCore {
         }
         let inode = inodes.insert { Inode(ino: $0, mode: newMode, uid: caller.uid, gid: gid, now: now) }
         inode.rdev = rdev
+        inode.chargeTarget = dirInode.chargeTarget
         if inode.isDirectory {
             inode.nlink = 2
             inode.payload = .directory(Directory(parent: dirInode.ino))
@@ -255,6 +264,9 @@ final class FileSystemCore {
         if exchange {
             guard let existing else { throw .noSuchFileOrDirectory }
             if moving === existing { return }
+            // Two targets would each have to take the other's pages: refused, as XFS refuses a
+            // rename across project quota directories (mv copies, which charges the copy).
+            if fromInode.chargeTarget != toInode.chargeTarget { throw Errno(rawValue: EXDEV) }
             // Neither may end up inside itself.
             if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
             if existing.isDirectory && isWithin(fromInode.ino, existing.ino) { throw .invalidArgument }
@@ -286,6 +298,10 @@ final class FileSystemCore {
             }
         }
         if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
+        // Into another target: the pages move with it (charged there first: ENOSPC moves nothing).
+        if !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
+            try retarget(moving, to: toInode.chargeTarget, backed: Errno(rawValue: EXDEV))
+        }
 
         fromDir.remove(name)
         if let existing {

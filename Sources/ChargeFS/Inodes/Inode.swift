@@ -41,6 +41,11 @@ final class Inode {
     var payload = Payload.none
     /// Extended attributes; nil until the first one is set.
     var xattrs: [[UInt8]: [UInt8]]?
+    /// The page store's target this inode's pages are charged to (0: the mount's): a directory's
+    /// own (user.chargefs.memcg) or inherited from its parent when it was made or moved.
+    var chargeTarget = 0
+    /// A directory whose target is its own rather than its parent's.
+    var ownsTarget = false
 
     init(ino: InodeNumber, mode: UInt32, uid: UInt32, gid: UInt32, now: timespec) {
         self.ino = ino

@@ -40,6 +40,20 @@ struct PageMap {
         count += 1
     }
 
+    /// Puts `page` in place of the page held at `index` (a move between targets).
+    func replace(at index: Int, with page: UInt32) {
+        chunks[index >> Self.chunkShift]?.slots[index & (Self.chunkSlots - 1)] = page
+    }
+
+    /// Every page held, with its index, in no particular order.
+    func forEach(_ body: (_ index: Int, _ page: UInt32) -> Void) {
+        for (key, chunk) in chunks {
+            for slot in 0..<Self.chunkSlots where chunk.slots[slot] != 0 {
+                body((key << Self.chunkShift) + slot, chunk.slots[slot])
+            }
+        }
+    }
+
     /// Empties slots [from, to) and returns the pages they held.
     mutating func remove(from: Int, to: Int, into freed: inout [UInt32]) {
         guard from < to, count > 0 else { return }

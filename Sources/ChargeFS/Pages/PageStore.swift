@@ -29,7 +29,26 @@ public final class PageStore {
     /// charge round trip serves 64 single-page writes.
     static let chargeBatch = reserveLimit
 
-    private let charger: PageCharger
+    /// One charge target's own pages: its charger, and the charged pages it keeps for reuse
+    /// (a page charged to one target must never be handed to a file of another).
+    struct Pool {
+        let charger: PageCharger
+        /// The target's cgroup path after realpath ("" for the mount's own).
+        let key: String
+        var reserve: [UInt32] = []
+        var freed: [UInt32] = []
+        var pagesInUse = 0
+    }
+    /// Index 0 is the mount's own target (memcg=, or the daemon); others are directories'
+    /// targets (`openTarget`), opened when first set. A slot whose target was given back is nil.
+    private var pools: [Pool?]
+    /// The target the current operation charges to and frees into: set by the file system for
+    /// the inode it works on, under its exclusive lock (so no other operation sees it change).
+    public var activeTarget = 0
+    private var charger: PageCharger { pools[activeTarget]?.charger ?? mountCharger }
+    /// The mount's own target's charger (pool 0's), which alone makes backing files: a large
+    /// file under a directory's own target stays in the arena (no passthrough).
+    private let mountCharger: PageCharger
     let arena: Arena
     var capacityPages: Int { arena.capacityPages }
 
@@ -40,10 +59,16 @@ public final class PageStore {
     /// Charged pages that read as zeros (just charged: holes). Newly charged runs are pushed in
     /// descending order, so that taking from the end hands a write ascending pages (one copy per
     /// run).
-    private var reserve: [UInt32] = []
+    private var reserve: [UInt32] {
+        get { pools[activeTarget]?.reserve ?? [] }
+        _modify { yield &pools[activeTarget]!.reserve }
+    }
     /// Charged pages given back by files, still holding their data: zero-filled only when handed
     /// out again (`takeCharged`, last freed first), punched in batches when the reserve overflows.
-    private var freed: [UInt32] = []
+    private var freed: [UInt32] {
+        get { pools[activeTarget]?.freed ?? [] }
+        _modify { yield &pools[activeTarget]!.freed }
+    }
     /// Pages that belong to files right now.
     public private(set) var pagesInUse = 0
     /// Freed pages whose punch failed (and which were not zero-filled into the reserve): never
@@ -51,13 +76,57 @@ public final class PageStore {
     public private(set) var pagesLost = 0
 
     /// Pages charged to the charger's cgroup (in use, the reserve, and any lost).
-    public var pagesCharged: Int { pagesInUse + reserve.count + freed.count + pagesLost }
+    public var pagesCharged: Int {
+        pagesInUse + pagesLost + pools.reduce(0) { $0 + ($1.map { $0.reserve.count + $0.freed.count } ?? 0) }
+    }
 
     /// A store on `arena` whose pages `charger` pays for (a charger that instantiates pages from
     /// another process was built from the same arena's `fileDescriptor`).
-    public init(arena: Arena, charger: PageCharger) {
+    /// `key`: the mount's target cgroup after realpath ("" for the daemon's own cgroup).
+    public init(arena: Arena, charger: PageCharger, key: String = "") {
         self.arena = arena
-        self.charger = charger
+        self.pools = [Pool(charger: charger, key: key)]
+        self.mountCharger = charger
+    }
+
+    /// Opens directories' targets (nil: no directory may have one, EOPNOTSUPP).
+    public var targets: (any ChargeTargets)?
+
+    /// The cgroup path (after realpath) of target `index`; "" for the daemon's own cgroup.
+    public func targetKey(_ index: Int) -> String { pools.indices.contains(index) ? pools[index]?.key ?? "" : "" }
+
+    /// The pages files of target `index` hold.
+    public func pagesInUse(target index: Int) -> Int { pools.indices.contains(index) ? pools[index]?.pagesInUse ?? 0 : 0 }
+
+    /// The target for `path` if the caller may charge it (ChargeTargets.check): the one already
+    /// open for that cgroup, else a new one, whose charger (a helper) starts now: only targets
+    /// in use cost a helper.
+    public func openTarget(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> Int {
+        guard let targets else { throw .notSupported }
+        let key = try targets.check(path, uid: uid, gid: gid)
+        if let found = pools.firstIndex(where: { $0?.key == key }) { return found }
+        let pool = Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key)
+        if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
+            pools[free] = pool
+            return free
+        }
+        pools.append(pool)
+        return pools.count - 1
+    }
+
+    /// Gives a directory's target back once no file holds its pages and no directory names it:
+    /// its kept pages are punched and its helper stops. The mount's own target stays.
+    public func releaseTarget(_ index: Int) {
+        guard index > 0, pools.indices.contains(index), let pool = pools[index], pool.pagesInUse == 0 else { return }
+        let active = activeTarget
+        activeTarget = index
+        var all = reserve + freed
+        reserve.removeAll()
+        freed.removeAll()
+        punch(&all)
+        activeTarget = active
+        pool.charger.shutdown()
+        pools[index] = nil
     }
 
     /// A store on an arena of its own, paid for by the charger `makeCharger` builds for that
@@ -69,13 +138,16 @@ public final class PageStore {
     }
 
     /// Bytes that can still be charged (the cgroup's headroom); nil when nothing limits it.
-    public func availableBytes() -> Int64? { charger.availableBytes() }
+    public func availableBytes() -> Int64? { mountCharger.availableBytes() }
 
     /// Where charges go, for logs and the status attribute.
-    public var chargeSummary: String { charger.summary }
+    public var chargeSummary: String { mountCharger.summary }
 
     /// Stops the charger (its helper and leaf cgroup); the pages stay readable.
-    public func shutdownCharger() { charger.shutdown() }
+    public func shutdownCharger() {
+        mountCharger.shutdown()
+        for pool in pools.dropFirst() { pool?.charger.shutdown() }
+    }
 
     @inline(__always)
     public func address(of page: UInt32) -> UnsafeMutableRawPointer {
@@ -92,7 +164,7 @@ public final class PageStore {
     /// inside it). Takes a charger round trip: call it with no lock of the tree held.
     public func makeBackingFile() throws(Errno) -> BackingFile {
         guard let root = arena.tmpfsRoot else { throw .notSupported }
-        let file = BackingFile(try charger.makeFile(in: root))
+        let file = BackingFile(try mountCharger.makeFile(in: root))
         file.syscalls = backingFileCalls
         return file
     }
@@ -108,7 +180,7 @@ public final class PageStore {
     public func pendingCharge(of file: BackingFile, runs: [(first: Int, count: Int)], wanted: Int,
                               owner: UInt64, shrinks: UInt64) -> PendingCharge {
         PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
-                      charger: charger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks))
+                      charger: mountCharger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks), target: 0)
     }
 
     /// Charged pages ready to hand out (those a file gave back are zero-filled on the way).
@@ -134,6 +206,7 @@ public final class PageStore {
             }
         }
         pagesInUse += got
+        pools[activeTarget]?.pagesInUse += got
         punch(&failed)
         return got
     }
@@ -162,12 +235,15 @@ public final class PageStore {
             picked += n
         }
         guard picked > 0 else { return nil }
-        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger, file: nil)
+        return PendingCharge(runs: runs, wanted: min(wanted, picked), charger: charger, file: nil, target: activeTarget)
     }
 
     /// Takes back picked pages: the first `charged` of them (in the order they were picked)
     /// join the reserve (zero: never used, or punched), the rest are holes again.
     public func settle(_ pending: PendingCharge, charged: Int) {
+        let active = activeTarget
+        activeTarget = pools.indices.contains(pending.target) && pools[pending.target] != nil ? pending.target : 0
+        defer { activeTarget = active }
         var left = max(0, charged)
         var ready: [UInt32] = []
         var holes: [UInt32] = []
@@ -192,6 +268,7 @@ public final class PageStore {
         var toPunch: [UInt32] = []
         for page in pages {
             pagesInUse -= 1
+            pools[activeTarget]?.pagesInUse -= 1
             if reserve.count + freed.count < Self.reserveLimit {
                 freed.append(page)
             } else {
@@ -240,10 +317,15 @@ public final class PageStore {
 
     /// Releases the whole reserve (used when the mount must hand every byte back).
     public func trimReserve() {
-        var all = reserve + freed
-        reserve.removeAll()
-        freed.removeAll()
-        punch(&all)
+        let active = activeTarget
+        defer { activeTarget = active }
+        for index in pools.indices where pools[index] != nil {
+            activeTarget = index
+            var all = reserve + freed
+            reserve.removeAll()
+            freed.removeAll()
+            punch(&all)
+        }
     }
 
     /// Punches `pages` out of the arena in consecutive runs. Only pages whose punch succeeded
@@ -293,6 +375,8 @@ public struct PendingCharge: Sendable {
     let wanted: Int
     let charger: PageCharger
     public let file: FileTarget?
+    /// The store's target the pages are charged to (`PageStore.activeTarget` when picked).
+    public var target: Int = 0
 
     /// The runs charged when `charge` reported `charged` pages (in the order they were picked).
     public func chargedRuns(_ charged: Int) -> [(first: Int, count: Int)] {
@@ -337,3 +421,4 @@ public struct PendingCharge: Sendable {
         return (charged, nil)
     }
 }
+

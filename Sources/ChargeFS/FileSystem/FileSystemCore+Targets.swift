@@ -1,0 +1,126 @@
+import Glibc
+import SystemPackage
+
+/// A charge target per directory (user.chargefs.memcg).
+///
+/// - A directory with a target of its own charges every page stored below it to that cgroup,
+///   except below a subdirectory with its own; a new file or directory takes its parent's
+///   target when it is made. getfattr shows the target a directory's (or file's) pages go to
+///   (ENODATA when that is the daemon's own cgroup); `setfattr -x` gives the parent's back.
+/// - Setting or removing a target moves the pages already stored below: all of them are charged
+///   to the new target first (ENOSPC, and nothing moves, when it has no room, at its limit or
+///   an ancestor's), then copied and the old ones freed. A rename into a directory of another
+///   target moves the renamed file's (or tree's) pages the same way; a RENAME_EXCHANGE between
+///   targets is refused with EXDEV. A hard link moves nothing: the inode stays charged to the
+///   target it was made or last moved under, whichever names link it.
+/// - Permission: the caller must own the directory (or be uid 0: FUSE passes no capabilities,
+///   so uid 0 stands for CAP_FOWNER) and be allowed to move a process into the target (write
+///   access to its cgroup.procs, checked by the kernel as for the mount's memcg=); else EPERM.
+/// - Each target has its own charger (a helper in a leaf of it), started when the target is
+///   first set and stopped once no directory names it and no file holds its pages. Files below
+///   a directory's own target stay in the arena: only the mount's target makes backing files.
+extension FileSystemCore {
+    /// The target path shown for `inode`; ENODATA for the daemon's own cgroup.
+    func effectiveTarget(_ inode: Inode) throws(Errno) -> [UInt8] {
+        let key = store.targetKey(inode.chargeTarget)
+        if key.isEmpty { throw .noData }
+        return Array(key.utf8)
+    }
+
+    /// Whether a directory still names target `index` as its own.
+    func targetNamed(_ index: Int) -> Bool {
+        inodes.all.contains { $0.ownsTarget && $0.chargeTarget == index }
+    }
+
+    func setTarget(_ dir: Inode, value: [UInt8], flags: XattrFlags, caller: Caller) throws(Errno) {
+        guard dir.isDirectory else { throw .invalidArgument }
+        if flags.contains(.create) && dir.ownsTarget { throw .fileExists }
+        if flags.contains(.replace) && !dir.ownsTarget { throw .noData }
+        guard caller.uid == 0 || caller.uid == dir.uid else { throw .notPermitted }
+        let path = String(decoding: value.prefix { $0 != 0 }, as: UTF8.self)
+        guard path.hasPrefix("/") else { throw .invalidArgument }
+        let old = dir.chargeTarget, wasOwn = dir.ownsTarget
+        let index = try store.openTarget(path, uid: caller.uid, gid: caller.gid)
+        do {
+            try retarget(dir, to: index)
+        } catch {
+            if !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
+            throw error
+        }
+        dir.ownsTarget = true
+        dir.ctime = .now
+        if wasOwn && old != index { releaseIfUnused(old) }
+    }
+
+    func removeTarget(_ dir: Inode, caller: Caller) throws(Errno) {
+        guard dir.ownsTarget else { throw .noData }
+        guard caller.uid == 0 || caller.uid == dir.uid else { throw .notPermitted }
+        let old = dir.chargeTarget
+        let parentTarget = dir.ino == FileSystem.rootIno ? 0 : (dir.directory.flatMap { inodes[$0.parent] }?.chargeTarget ?? 0)
+        try retarget(dir, to: parentTarget)
+        dir.ownsTarget = false
+        dir.ctime = .now
+        releaseIfUnused(old)
+    }
+
+    func releaseIfUnused(_ index: Int) {
+        if index != 0 && !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
+    }
+
+    /// Moves `top` and everything below it that takes its target from it to target `index`:
+    /// the pages are charged there first (all or nothing), then copied, the old ones freed.
+    /// A backing file's pages (a large file of the mount's target, read through passthrough) do
+    /// not move: `backed` is the error then (EXDEV for a rename: mv copies the file instead).
+    func retarget(_ top: Inode, to index: Int, backed: Errno = .resourceBusy) throws(Errno) {
+        var moving: [Inode] = []
+        var pending = [top]
+        while let inode = pending.popLast() {
+            guard inode === top || !inode.ownsTarget else { continue }
+            moving.append(inode)
+            inode.directory?.forEach(from: 0) { entry in
+                if let child = inodes[entry.ino] { pending.append(child) }
+                return true
+            }
+        }
+        let files = moving.filter { $0.isRegular && $0.chargeTarget != index && $0.pages.count > 0 }
+        // A backing file's pages are the mount target's (passthrough); they do not move.
+        if files.contains(where: { $0.backing != nil }) { throw backed }
+        let needed = files.reduce(0) { $0 + $1.pages.count }
+        if needed > 0 { try chargeForMove(needed, to: index) }
+        for file in files {
+            store.activeTarget = index
+            var fresh: [UInt32] = []
+            store.takeCharged(file.pages.count, into: &fresh)
+            var old: [UInt32] = []
+            old.reserveCapacity(fresh.count)
+            file.pages.forEach { i, page in
+                guard let to = fresh.popLast() else { return }
+                // Read through the daemon's mapping of a page that exists: no new charge.
+                try? store.store(store.address(of: page), length: PageSize.bytes, page: to, inner: 0)
+                file.pages.replace(at: i, with: to)
+                old.append(page)
+            }
+            store.free(fresh)  // none left unless a zero-fill failed above
+            store.activeTarget = file.chargeTarget
+            store.free(old)
+        }
+        for inode in moving { inode.chargeTarget = index }
+        store.activeTarget = index
+        store.trimReserveToLimit()
+    }
+
+    /// Charges `pages` pages to target `index` into its reserve, or none (ENOSPC, or the
+    /// charger's error) when it has no room for all of them.
+    private func chargeForMove(_ pages: Int, to index: Int) throws(Errno) {
+        store.activeTarget = index
+        while store.chargedFreePages < pages {
+            guard let pending = store.pickForCharging(pages - store.chargedFreePages) else { throw .noSpace }
+            let (charged, failure) = pending.charge()
+            store.settle(pending, charged: charged)
+            if charged < pending.wanted || failure != nil {
+                store.trimReserveToLimit()
+                throw failure ?? .noSpace
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+import Glibc
+import SystemPackage
+import XCTest
+@testable import ChargeFS
+
+/// A charge target per directory (user.chargefs.memcg), in-process: fake cgroups whose chargers
+/// keep a budget of pages, and a permission rule of their own.
+final class DirectoryTargetTests: XCTestCase {
+    let owner = Caller(uid: 1000, gid: 1000)
+    let other = Caller(uid: 1001, gid: 1001)
+    let page = PageSize.bytes
+    let memcg = FileSystem.memcgXattr
+
+    /// Cgroups "/cg/NAME" with a budget each; only uid 0 and 1000 may charge them.
+    final class FakeTargets: ChargeTargets, @unchecked Sendable {
+        let budgets: [String: Int]
+        var chargers: [String: FakeCharger] = [:]
+        init(_ budgets: [String: Int]) { self.budgets = budgets }
+        func check(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> String {
+            guard budgets[path] != nil else { throw .noSuchFileOrDirectory }
+            guard uid == 0 || uid == 1000 else { throw .notPermitted }
+            return path
+        }
+        func charger(for key: String, arena: FileDescriptor) throws(Errno) -> PageCharger {
+            let c = FakeCharger(arena: arena, budget: budgets[key])
+            chargers[key] = c
+            return c
+        }
+    }
+
+    func makeFS(_ targets: FakeTargets) throws -> FileSystem {
+        let store = try PageStore(capacityPages: 1 << 16) { DaemonCharger(arena: $0) }
+        store.targets = targets
+        return FileSystem(config: FileSystemConfig(), store: store)
+    }
+
+    func mkdir(_ fs: FileSystem, _ n: String, in parent: InodeNumber = FileSystem.rootIno) throws -> InodeNumber {
+        try fs.mkdir(parent: parent, name: Array(n.utf8), mode: 0o755, caller: owner).ino
+    }
+
+    func write(_ fs: FileSystem, in dir: InodeNumber, _ n: String, pages: Int, byte: UInt8 = 7) throws -> InodeNumber {
+        let ino = try fs.create(parent: dir, name: Array(n.utf8), mode: 0o100644, caller: owner).ino
+        let bytes = [UInt8](repeating: byte, count: pages * page)
+        let written = try bytes.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: owner, clearSetIDAsked: false).written }
+        XCTAssertEqual(written, bytes.count)
+        return ino
+    }
+
+    func read(_ fs: FileSystem, _ ino: InodeNumber, count: Int) throws -> [UInt8] {
+        var out: [UInt8] = []
+        try fs.read(ino, offset: 0, count: count, noatime: true) { vectors in
+            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
+        }
+        return out
+    }
+
+    func target(_ fs: FileSystem, _ ino: InodeNumber) -> String? {
+        (try? fs.getxattr(ino, name: memcg)).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    func testWritesBelowChargeTheDirectorysTargetAndMoveBackOnRemove() throws {
+        let targets = FakeTargets(["/cg/a": 1000])
+        let fs = try makeFS(targets)
+        let a = try mkdir(fs, "a")
+        try fs.setxattr(a, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: owner)
+        XCTAssertEqual(target(fs, a), "/cg/a")
+        XCTAssertNil(target(fs, FileSystem.rootIno), "the daemon's own cgroup: no target to show")
+        let sub = try mkdir(fs, "sub", in: a)
+        let f = try write(fs, in: sub, "f", pages: 100)
+        XCTAssertEqual(target(fs, f), "/cg/a", "inherited")
+        let charger = try XCTUnwrap(targets.chargers["/cg/a"])
+        XCTAssertLessThanOrEqual(try XCTUnwrap(charger.pagesLeft), 900, "the target paid for the 100 pages")
+        XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 100)
+        try fs.removexattr(a, name: memcg, caller: owner)
+        XCTAssertNil(target(fs, a))
+        XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 0)
+        XCTAssertEqual(fs.chargeTarget(1).cgroup, "", "given back once nothing is left")
+        XCTAssertEqual(try read(fs, f, count: 100 * page), [UInt8](repeating: 7, count: 100 * page))
+    }
+
+    func testNoRoomMovesNothing() throws {
+        let targets = FakeTargets(["/cg/small": 50])
+        let fs = try makeFS(targets)
+        let d = try mkdir(fs, "d")
+        let f = try write(fs, in: d, "f", pages: 80)
+        XCTAssertThrowsError(try fs.setxattr(d, name: memcg, value: Array("/cg/small".utf8), flags: [], caller: owner)) {
+            XCTAssertEqual($0 as? Errno, .noSpace)
+        }
+        XCTAssertNil(target(fs, d))
+        XCTAssertEqual(fs.chargeTarget(0).pagesInUse, 80)
+        XCTAssertEqual(try read(fs, f, count: 80 * page), [UInt8](repeating: 7, count: 80 * page))
+    }
+
+    func testRefusals() throws {
+        let fs = try makeFS(FakeTargets(["/cg/a": 1000]))
+        let d = try mkdir(fs, "d")
+        XCTAssertThrowsError(try fs.setxattr(d, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: other)) {
+            XCTAssertEqual($0 as? Errno, .notPermitted, "not the owner")
+        }
+        let mine = try fs.mkdir(parent: FileSystem.rootIno, name: Array("mine".utf8), mode: 0o755, caller: other).ino
+        XCTAssertThrowsError(try fs.setxattr(mine, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: other)) {
+            XCTAssertEqual($0 as? Errno, .notPermitted, "may not charge that cgroup")
+        }
+        XCTAssertThrowsError(try fs.setxattr(d, name: memcg, value: Array("/cg/none".utf8), flags: [], caller: owner)) {
+            XCTAssertEqual($0 as? Errno, .noSuchFileOrDirectory)
+        }
+        XCTAssertThrowsError(try fs.removexattr(d, name: memcg, caller: owner)) { XCTAssertEqual($0 as? Errno, .noData) }
+        XCTAssertNil(target(fs, d))
+        XCTAssertNil(target(fs, mine))
+    }
+
+    func testRenameCarriesTheCharge() throws {
+        let targets = FakeTargets(["/cg/a": 1000, "/cg/b": 1000])
+        let fs = try makeFS(targets)
+        let a = try mkdir(fs, "a"), b = try mkdir(fs, "b")
+        try fs.setxattr(a, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: owner)
+        try fs.setxattr(b, name: memcg, value: Array("/cg/b".utf8), flags: [], caller: owner)
+        let f = try write(fs, in: a, "f", pages: 30, byte: 9)
+        try fs.rename(parent: a, name: Array("f".utf8), newParent: b, newName: Array("f".utf8), flags: [])
+        XCTAssertEqual(target(fs, f), "/cg/b")
+        XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 0)
+        XCTAssertEqual(fs.chargeTarget(2).pagesInUse, 30)
+        XCTAssertEqual(try read(fs, f, count: 30 * page), [UInt8](repeating: 9, count: 30 * page))
+    }
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# A charge target per directory (setfattr -n user.chargefs.memcg -v CGROUP DIR), against the
+# kernel's own counters.
+# Usage: scripts/tests/targets.sh [TEST...]        (all tests when none given; root only)
+#        scripts/tests/targets.sh --list
+# Runs on the cgroup version that has the memory controller here (v1 on this kind of host);
+# CHARGEFS_CGROUP_VERSION=1|2 forces one; on v2 in a guest:
+#   bash scripts/vm-run.sh -- env CHARGEFS_CGROUP_VERSION=2 CHARGEFSD=... bash scripts/tests/targets.sh
+# Env: CHARGEFSD=path to the daemon (default .build/debug/chargefsd), CFS_TEST_TIMEOUT=seconds
+# per test (default 180), CFS_CG_PARENT=where to create test cgroups (default: below our own).
+# Prints "N passed, N failed" and exits non-zero when any test failed.
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+
+SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge batching
+TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget)
+
+# new_env: scratch dir SCR (searchable by all: uid 65534 runs commands in it), the mount's target
+# T (256 MiB) with the daemon in D, and $MNT mounted with memcg=$T.
+new_env() {
+  cfs_new_env cfstgt
+  chmod 755 "$SCR" "$MNT"
+  cg_create "$T" $((256 * MiB))
+  cg_create "$D"
+  cfs_mount "$MNT" "memcg=$T,size=1g,allow_other" "$D"
+  sleep 0.3
+}
+
+# new_cg VAR NAME [LIMIT]: a client cgroup below cg_parent, its path in VAR (in this shell, so
+# that cleanup removes it).
+new_cg() {
+  printf -v "$1" '%s' "$PARENT/cfstgt-$$-$2"
+  cg_create "${!1}" "${3:-}"
+}
+
+target_of() { getfattr --absolute-names --only-values -n user.chargefs.memcg "$1" 2>/dev/null || echo "(none)"; }
+# small_files DIR MIB: MIB MiB of 256 KiB files (below the passthrough threshold: arena pages).
+small_files() {
+  local i
+  mkdir -p "$1"
+  for ((i = 0; i < $2 * 4; i++)); do head -c $((256 * 1024)) /dev/urandom > "$1/f$i"; done
+}
+rise() { echo $(( $(cg_usage "$1") - $2 )); }
+
+# A target set on a directory charges what is written below; setfattr -x moves it all back.
+t_set_unset_moves() {
+  new_env
+  local A; new_cg A a $((64 * MiB))
+  mkdir "$MNT/a"
+  local a0 t0; a0=$(cg_usage "$A"); t0=$(cg_usage "$T")
+  check "setfattr on a directory" setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"
+  check "getfattr shows the directory's target" [ "$(target_of "$MNT/a")" = "$(realpath "$A")" ]
+  check "the mount's root still shows the mount's target" [ "$(target_of "$MNT")" = "$(realpath "$T")" ]
+  a0=$(cg_usage "$A")   # the helper started in A's leaf
+  head -c $((16 * MiB)) /dev/urandom > "$SCR/src"
+  dd if="$SCR/src" of="$MNT/a/f" bs=1M status=none
+  mkdir "$MNT/a/sub"; small_files "$MNT/a/sub" 4
+  check "a file created below inherits it" [ "$(target_of "$MNT/a/sub/f0")" = "$(realpath "$A")" ]
+  log "  A rose by $(fmt_mib "$(rise "$A" "$a0")"), T by $(fmt_mib "$(rise "$T" "$t0")")"
+  check "A charged the 20 MiB written below a (±1 MiB)" near "$(rise "$A" "$a0")" $((20 * MiB)) "$SLACK"
+  check "T charged none of it (≤ 1 MiB)" le "$(rise "$T" "$t0")" "$SLACK"
+  local t1; t1=$(cg_usage "$T")
+  check "setfattr -x" setfattr -x user.chargefs.memcg "$MNT/a"
+  check "getfattr shows the parent's target again" [ "$(target_of "$MNT/a")" = "$(realpath "$T")" ]
+  log "  after -x: A at +$(fmt_mib "$(rise "$A" "$a0")"), T rose by $(fmt_mib "$(rise "$T" "$t1")")"
+  check "T took the 20 MiB (±1 MiB)" near "$(rise "$T" "$t1")" $((20 * MiB)) "$SLACK"
+  check "A gave it all back (helper gone too: ≤ 1 MiB above where it started)" le "$(rise "$A" "$a0")" "$SLACK"
+  check "data intact after two moves" cmp "$SCR/src" "$MNT/a/f"
+  # and set again on a directory already holding files: their pages move into A. (Small files:
+  # a large file of the mount's target read through passthrough has a backing file of its own,
+  # which does not move: EBUSY, see the design notes.)
+  t1=$(cg_usage "$T"); a0=$(cg_usage "$A")
+  check "setfattr again on a non-empty directory" setfattr -n user.chargefs.memcg -v "$A" "$MNT/a/sub"
+  log "  after set: A rose by $(fmt_mib "$(rise "$A" "$a0")"), T by $(fmt_mib "$(rise "$T" "$t1")")"
+  check "A took the 4 MiB already there (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((4 * MiB)) $((2 * SLACK))
+  check "T gave them back (±1 MiB)" near "$(rise "$T" "$t1")" $((-4 * MiB)) "$SLACK"
+  check "data intact" cmp "$SCR/src" "$MNT/a/f"
+}
+
+# ENOSPC at a directory's target limit, and at an ancestor's, while the rest of the mount writes on.
+t_enospc_each_target() {
+  new_env
+  local A P C; new_cg A a $((16 * MiB)); new_cg P p $((16 * MiB)); C=$P/c; cg_create "$C"
+  mkdir "$MNT/a" "$MNT/c"
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"
+  setfattr -n user.chargefs.memcg -v "$C" "$MNT/c"
+  local err
+  err=$(dd if=/dev/zero of="$MNT/a/big" bs=1M count=32 2>&1 >/dev/null || true)
+  check "a: ENOSPC at A's 16 MiB limit (dd: $err)" grep -q "No space left" <<<"$err"
+  check "A stays under its limit" le "$(cg_usage "$A")" $((16 * MiB))
+  err=$(dd if=/dev/zero of="$MNT/c/big" bs=1M count=32 2>&1 >/dev/null || true)
+  check "c: ENOSPC at its parent P's 16 MiB limit (dd: $err)" grep -q "No space left" <<<"$err"
+  check "P stays under its limit" le "$(cg_usage "$P")" $((16 * MiB))
+  local t0; t0=$(cg_usage "$T")
+  check "the root (T) still takes 32 MiB" dd if=/dev/zero of="$MNT/root" bs=1M count=32 status=none
+  check "T charged them (±1 MiB)" near "$(rise "$T" "$t0")" $((32 * MiB)) "$SLACK"
+  rm "$MNT/a/big"
+  check "a takes 8 MiB again once its file is gone" dd if=/dev/zero of="$MNT/a/again" bs=1M count=8 status=none
+}
+
+# A new target without room for what is already there: ENOSPC, and nothing moves.
+t_set_without_room_moves_nothing() {
+  new_env
+  local X; new_cg X x $((8 * MiB))
+  small_files "$MNT/d" 12
+  (cd "$MNT/d" && sha256sum f*) > "$SCR/sums"
+  local x0 t0; x0=$(cg_usage "$X"); t0=$(cg_usage "$T")
+  local err; err=$(setfattr -n user.chargefs.memcg -v "$X" "$MNT/d" 2>&1 || true)
+  check "setfattr refused with ENOSPC ($err)" grep -q "No space left" <<<"$err"
+  check "getfattr still shows the mount's target" [ "$(target_of "$MNT/d")" = "$(realpath "$T")" ]
+  log "  X at +$(fmt_mib "$(rise "$X" "$x0")"), T at +$(fmt_mib "$(rise "$T" "$t0")")"
+  check "X holds nothing of it (≤ 1 MiB)" le "$(rise "$X" "$x0")" "$SLACK"
+  check "T still holds the 12 MiB (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
+  check "data intact" bash -c "cd '$MNT/d' && sha256sum --quiet -c '$SCR/sums'"
+}
+
+# A rename between targets carries the file's charge.
+t_rename_carries() {
+  new_env
+  local A B; new_cg A a $((64 * MiB)); new_cg B b $((64 * MiB))
+  mkdir "$MNT/a" "$MNT/b"
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"
+  setfattr -n user.chargefs.memcg -v "$B" "$MNT/b"
+  head -c $((8 * MiB)) /dev/urandom > "$SCR/src"
+  cp "$SCR/src" "$MNT/a/x"
+  local a0 b0 t0; a0=$(cg_usage "$A"); b0=$(cg_usage "$B"); t0=$(cg_usage "$T")
+  check "rename a/x -> b/x" python3 -c "import os,sys; os.rename(sys.argv[1], sys.argv[2])" "$MNT/a/x" "$MNT/b/x"
+  log "  A $(fmt_mib "$(rise "$A" "$a0")"), B +$(fmt_mib "$(rise "$B" "$b0")")"
+  check "A fell by 8 MiB (±1 MiB)" near "$(rise "$A" "$a0")" $((-8 * MiB)) "$SLACK"
+  check "B rose by 8 MiB (±1 MiB)" near "$(rise "$B" "$b0")" $((8 * MiB)) "$SLACK"
+  check "getfattr on the file shows B" [ "$(target_of "$MNT/b/x")" = "$(realpath "$B")" ]
+  check "rename b/x -> root" python3 -c "import os,sys; os.rename(sys.argv[1], sys.argv[2])" "$MNT/b/x" "$MNT/x"
+  check "T took it (±1 MiB)" near "$(rise "$T" "$t0")" $((8 * MiB)) "$SLACK"
+  check "data intact" cmp "$SCR/src" "$MNT/x"
+}
+
+# Only the directory's owner (or root) with write access to the target's cgroup.procs may set it.
+t_refusals() {
+  new_env
+  local A; new_cg A a $((64 * MiB))
+  cfs_stage_for_others
+  mkdir "$MNT/mine" "$MNT/roots"
+  chmod 777 "$MNT/roots"   # the kernel's own check lets a non-owner through to ours
+  chown 65534:65534 "$MNT/mine"
+  small_files "$MNT/mine" 2; chown -R 65534:65534 "$MNT/mine"
+  local a0 t0; a0=$(cg_usage "$A"); t0=$(cg_usage "$T")
+  local as=(setpriv --reuid 65534 --regid 65534 --clear-groups)
+  local err
+  err=$("${as[@]}" setfattr -n user.chargefs.memcg -v "$A" "$MNT/mine" 2>&1 || true)
+  check "owner without write access to A's cgroup.procs: EPERM ($err)" grep -q "Operation not permitted" <<<"$err"
+  chown 65534 "$A/cgroup.procs"
+  CFS_UNDO+=("chown 0 '$A/cgroup.procs'")
+  err=$("${as[@]}" setfattr -n user.chargefs.memcg -v "$A" "$MNT/roots" 2>&1 || true)
+  check "access to A but not the directory's owner: EPERM ($err)" grep -q "Operation not permitted" <<<"$err"
+  check "nothing changed: mine still on T" [ "$(target_of "$MNT/mine")" = "$(realpath "$T")" ]
+  check "nothing changed: roots still on T" [ "$(target_of "$MNT/roots")" = "$(realpath "$T")" ]
+  check "nothing charged to A (≤ 1 MiB)" le "$(rise "$A" "$a0")" "$SLACK"
+  check "T unchanged (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
+  check "owner with access to A: allowed" "${as[@]}" setfattr -n user.chargefs.memcg -v "$A" "$MNT/mine"
+  check "A took mine's 2 MiB (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((2 * MiB)) $((2 * SLACK))
+  chown 0 "$A/cgroup.procs"
+  err=$("${as[@]}" setfattr -x user.chargefs.memcg "$MNT/roots" 2>&1 || true)
+  check "-x where nothing is set: ENODATA ($err)" grep -q "No such attribute" <<<"$err"
+}
+
+# Use case 1: one service writes for three clients into three directories with three targets.
+t_use_case_1() {
+  new_env
+  local S C1 C2 C3
+  new_cg S service; new_cg C1 c1 $((64 * MiB)); new_cg C2 c2 $((64 * MiB)); new_cg C3 c3 $((16 * MiB))
+  local i c
+  for i in 1 2 3; do
+    mkdir "$MNT/client$i"
+    c=C$i
+    setfattr -n user.chargefs.memcg -v "${!c}" "$MNT/client$i"
+  done
+  local s0 c10 c20 c30 t0
+  s0=$(cg_usage "$S"); c10=$(cg_usage "$C1"); c20=$(cg_usage "$C2"); c30=$(cg_usage "$C3"); t0=$(cg_usage "$T")
+  # The service: one process, writing 8 MiB for client1, 12 for client2, 24 for client3 (which
+  # has room for 16), then 8 more for client1 and client2 each.
+  cat > "$SCR/service.py" <<'PY'
+import errno, os, sys
+mnt = sys.argv[1]
+def write(client, mib, name):
+    fd = os.open(f"{mnt}/client{client}/{name}", os.O_WRONLY | os.O_CREAT, 0o644)
+    block = os.urandom(1 << 20)
+    try:
+        for i in range(mib):
+            done = 0
+            while done < len(block):  # a write near the limit may be short
+                done += os.write(fd, block[done:])
+        return mib
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        return f"ENOSPC after {i} MiB"
+    finally:
+        os.close(fd)
+print(write(1, 8, "a"), write(2, 12, "a"), write(3, 24, "a"), write(1, 8, "b"), write(2, 8, "b"))
+PY
+  local out; out=$(cg_run_in "$S" python3 "$SCR/service.py" "$MNT")
+  log "  service: $out"
+  set -- $out
+  check "client3 got ENOSPC ($3 $4 $5 $6)" [ "$3" = ENOSPC ]
+  check "client1 and client2 went on after it" [ "$7 $8" = "8 8" ]
+  log "  C1 +$(fmt_mib "$(rise "$C1" "$c10")"), C2 +$(fmt_mib "$(rise "$C2" "$c20")"), C3 +$(fmt_mib "$(rise "$C3" "$c30")"), S +$(fmt_mib "$(rise "$S" "$s0")"), T +$(fmt_mib "$(rise "$T" "$t0")")"
+  check "client1 rose by 16 MiB (±1 MiB)" near "$(rise "$C1" "$c10")" $((16 * MiB)) "$SLACK"
+  check "client2 rose by 20 MiB (±1 MiB)" near "$(rise "$C2" "$c20")" $((20 * MiB)) "$SLACK"
+  check "client3 is at its 16 MiB limit (within 1 MiB)" ge "$(cg_usage "$C3")" $((15 * MiB))
+  check "client3 stays under its limit" le "$(cg_usage "$C3")" $((16 * MiB))
+  # cache=direct (the default where the kernel allows it) leaves no FUSE page cache to the writer.
+  check "the service's cgroup rose by nothing (≤ 1 MiB)" le "$(rise "$S" "$s0")" "$SLACK"
+  check "the mount's target rose by nothing (≤ 1 MiB)" le "$(rise "$T" "$t0")" "$SLACK"
+}
+
+# A live retarget: the attribute on the mount's root moves the whole mount but subtrees with a
+# target of their own; -x gives the mount's memcg= back.
+t_root_retarget() {
+  new_env
+  local A B; new_cg A a $((256 * MiB)); new_cg B b $((64 * MiB))
+  mkdir "$MNT/own"; setfattr -n user.chargefs.memcg -v "$B" "$MNT/own"
+  small_files "$MNT/d" 16
+  small_files "$MNT/own" 4
+  local a0 b0 t0; a0=$(cg_usage "$A"); b0=$(cg_usage "$B"); t0=$(cg_usage "$T")
+  check "setfattr on the mount's root" setfattr -n user.chargefs.memcg -v "$A" "$MNT"
+  log "  A +$(fmt_mib "$(rise "$A" "$a0")"), T $(fmt_mib "$(rise "$T" "$t0")"), B $(fmt_mib "$(rise "$B" "$b0")")"
+  check "A took the root's 16 MiB (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((16 * MiB)) $((2 * SLACK))
+  check "T gave them back (±1 MiB)" near "$(rise "$T" "$t0")" $((-16 * MiB)) "$SLACK"
+  check "the subtree with its own target stayed (±1 MiB)" near "$(rise "$B" "$b0")" 0 "$SLACK"
+  check "getfattr on the root shows A" [ "$(target_of "$MNT")" = "$(realpath "$A")" ]
+  check "setfattr -x on the root" setfattr -x user.chargefs.memcg "$MNT"
+  check "T holds them again (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
+  check "getfattr on the root shows memcg= again" [ "$(target_of "$MNT")" = "$(realpath "$T")" ]
+}
+
+test_main "target tests" 180 "$@"
