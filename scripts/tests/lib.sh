@@ -350,3 +350,32 @@ test_main() {
   [ $# = 0 ] || sel=("$@")
   run_tests "$SELF" "${CFS_TEST_TIMEOUT:-$tmo}" "${sel[@]}"
 }
+
+# cfs_on_v2 FILE ARGS...: runs the test file FILE (a scripts/tests/*.sh) on cgroup v2's memory
+# controller: here when this kernel has it, otherwise inside a guest kernel with cgroup v2
+# (scripts/vm-run.sh: User-Mode Linux or QEMU, both 6.1). FILE prints "N passed, N failed"; a run
+# that cannot happen prints why and counts as failed. Exits with FILE's status.
+cfs_on_v2() {
+  local file=$1 vm=$CFS_REPO/scripts/vm-run.sh bin kind rc=0; shift
+  if CHARGEFS_CGROUP_VERSION='' cg_available 2; then
+    CHARGEFS_CGROUP_VERSION=2 exec bash "$file" "$@"
+  fi
+  if [ -n "${CHARGEFS_IN_VM:-}" ]; then
+    echo "cannot run: inside the guest but no cgroup v2 memory controller"; echo "0 passed, 1 failed"; exit 1
+  fi
+  if [ ! -f "$vm" ]; then
+    echo "cannot run: this host has no cgroup v2 memory controller and scripts/vm-run.sh is missing"
+    echo "0 passed, 1 failed"; exit 1
+  fi
+  if ! bin=$(cfs_daemon_bin 2>&1); then echo "cannot run: $bin"; echo "0 passed, 1 failed"; exit 1; fi
+  kind=$(bash "$vm" --which)
+  log "no cgroup v2 memory controller here: running $(basename "$file") inside a guest ($kind)"
+  # The guest sees the host's / read-only, so paths stay valid; it gets no environment, so pass it.
+  bash "$vm" --timeout "${CFS_VM_TIMEOUT:-1500}" -- \
+    env CHARGEFS_IN_VM=1 CHARGEFS_CGROUP_VERSION=2 CHARGEFSD="$bin" TMPDIR=/tmp \
+    CFS_TEST_TIMEOUT="${CFS_TEST_TIMEOUT:-400}" PATH="$PATH" \
+    bash "$file" "$@" || rc=$?
+  # FILE printed its own summary line inside the guest; a guest that died prints none.
+  if [ "$rc" != 0 ]; then log "$kind guest run exited $rc"; fi
+  exit "$rc"
+}
