@@ -41,13 +41,42 @@ extension FileSystemCore {
         return n == 0 || inode.pages.nextHole(from: 0) >= n
     }
 
-    /// After a write: the pages to charge for moving the file into a backing file, when this
-    /// write took it past the threshold with no hole in it (checked once, at the crossing, when
-    /// the walk is short); a file that crosses with holes moves at a read-only open instead.
-    func dueForBackingFile(_ inode: Inode, sizeBefore: Int64) -> Int? {
-        guard inode.backing == nil, let min = config.passthroughMinBytes, sizeBefore < min, inode.size >= min,
-              store.canMakeBackingFiles, isDense(inode) else { return nil }
-        return Self.pagesCovering(inode.size)
+    /// The runs of pages to charge for moving the file into a backing file now, when a change
+    /// takes it from below the threshold to at least it (`reaching`: its size, or the end of an
+    /// allocation): a fallocate (before it allocates), a truncate up (before mmap stores), or a
+    /// write, in order or not. Holes stay holes, so the move copies at most what a file below the
+    /// threshold holds (about 1 MiB), and no read-only open of it has to copy anything later.
+    /// A write of `written` bytes that leaves holes moves the file only when it is at least a
+    /// charge batch: each write into a backing file's hole is a charge round trip of its own,
+    /// where the arena serves 64 small writes with one (fio's 4 KiB random writes stay there).
+    func dueForBackingFile(_ inode: Inode, sizeBefore: Int64, reaching: Int64? = nil, written: Int? = nil) -> [Range<Int>]? {
+        guard inode.isRegular, inode.backing == nil, let min = config.passthroughMinBytes, sizeBefore < min,
+              (reaching ?? inode.size) >= min, store.canMakeBackingFiles,
+              // What a file below the threshold holds, plus the write that took it past (a file
+              // with more, KEEP_SIZE pages past its end, moves at an open as before).
+              inode.pages.count <= 2 * Self.pagesCovering(min) + PageStore.chargeBatch else { return nil }
+        if let written, written < PageStore.chargeBatch * PageSize.bytes, !isDense(inode) { return nil }
+        return heldRuns(inode)
+    }
+
+    /// The file's pages below its size, as runs of indexes (a walk: only for files that hold few).
+    private func heldRuns(_ inode: Inode) -> [Range<Int>] {
+        let n = Self.pagesCovering(inode.size)
+        var runs: [Range<Int>] = []
+        var next = inode.pages.nextData(from: 0)
+        while let first = next, first < n {
+            let end = min(inode.pages.nextHole(from: first), n)
+            runs.append(first..<end)
+            next = inode.pages.nextData(from: end)
+        }
+        return runs
+    }
+
+    /// `dueForBackingFile` for a fallocate about to run: before it allocates, so the allocation
+    /// goes straight into the backing file (fio's and databases' preallocation).
+    func dueForBackingFile(_ ino: InodeNumber, allocatingTo end: Int64) -> [Range<Int>]? {
+        guard let inode = inodes[ino] else { return nil }
+        return dueForBackingFile(inode, sizeBefore: inode.size, reaching: end)
     }
 
     /// Whether this open (already counted in `openCount`) goes through the backing file. Once
@@ -71,19 +100,24 @@ extension FileSystemCore {
         return .needsBacking(pages: Self.pagesCovering(inode.size))
     }
 
-    /// Moves the file's data into `file` (made and charged for `chargedPages` pages) and, with
+    /// Moves the file's data into `file` (made and charged for the pages of `charged`) and, with
     /// `forOpen`, counts the open that asked as a passthrough one; `.none` when the file changed
-    /// meanwhile so that it no longer qualifies (the caller drops `file`, which gives its charge
-    /// back).
-    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, chargedPages: Int, forOpen: Bool) -> PassthroughStep {
-        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
-              !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0), isDense(inode),
-              Self.pagesCovering(inode.size) <= chargedPages else { return .none }
+    /// meanwhile so that it no longer qualifies, or its pages are not those charged (the caller
+    /// drops `file`, which gives its charge back).
+    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, charged: [Range<Int>], forOpen: Bool) -> PassthroughStep {
+        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil else { return .none }
+        if forOpen {
+            guard inode.openCount == 1, inode.passthroughOpens == 0, isDense(inode),
+                  charged.count == 1, charged[0].lowerBound == 0, Self.pagesCovering(inode.size) <= charged[0].count else { return .none }
+        } else {
+            guard heldRuns(inode) == charged else { return .none }
+        }
         let n = Self.pagesCovering(inode.size)
         // Copy in runs of consecutive arena pages: one pwrite each.
-        var index = 0
+        var index = inode.pages.nextData(from: 0) ?? n
         while index < n {
             let first = inode.pages.page(at: index)
+            guard first != 0 else { index = inode.pages.nextData(from: index) ?? n; continue }
             var run = 1
             while index + run < n, inode.pages.page(at: index + run) == first &+ UInt32(run) { run += 1 }
             do throws(Errno) {
@@ -99,8 +133,13 @@ extension FileSystemCore {
         freed.reserveCapacity(inode.pages.count)
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
         store.free(freed)
-        for i in 0..<n { inode.pages.set(PageMap.inBackingFile, at: i) }
-        store.noteBackingPages(n)
+        var moved = 0
+        for run in charged {
+            let below = run.clamped(to: 0..<n)
+            for i in below { inode.pages.set(PageMap.inBackingFile, at: i) }
+            moved += below.count
+        }
+        store.noteBackingPages(moved)
         inode.backing = file
         backingFiles += 1
         if forOpen { inode.passthroughOpens += 1 }
