@@ -230,7 +230,8 @@ extension FileSystemCore {
     private func charge(_ inode: Inode, _ backing: BackingFile, _ runs: [(first: Int, count: Int)]) -> PendingCharge? {
         let missing = runs.reduce(0) { $0 + $1.count }
         guard missing > 0 else { return nil }
-        return store.pendingCharge(of: backing, runs: runs, wanted: missing, owner: inode.ino.rawValue, shrinks: backing.shrinks)
+        return store.pendingCharge(of: backing, runs: runs, wanted: missing, owner: inode.ino.rawValue, shrinks: backing.shrinks,
+                                   wholeOrNothing: true)
     }
 
     /// A write into a file with a backing file: its missing pages (and, with passthrough opens,
@@ -282,16 +283,23 @@ extension FileSystemCore {
         let runs = pending.chargedRuns(charged)
         guard let inode = inodes[InodeNumber(target.owner)], inode.backing === target.file else { return }
         let unchanged = target.file.shrinks == target.shrinks
-        var added = 0
+        // Short for an all-or-nothing operation: what it charged goes back (pages another
+        // operation took into the map meanwhile are theirs, and stay).
+        let undo = target.wholeOrNothing && charged < pending.wanted
+        var added = 0, punched = false
         for run in runs {
             for index in run.first..<(run.first + run.count) where inode.pages.page(at: index) == 0 {
                 // A page the kernel would not punch stays the file's: a charged page of zeros.
-                if unchanged || !target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes)) {
+                if (unchanged && !undo) || !target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes)) {
                     inode.pages.set(PageMap.inBackingFile, at: index)
                     added += 1
+                } else {
+                    punched = true
                 }
             }
         }
+        // Pages were freed: a charge picked before now cannot tell which of its pages exist.
+        if undo && punched { target.file.shrinks += 1 }
         store.noteBackingPages(added)
     }
 
