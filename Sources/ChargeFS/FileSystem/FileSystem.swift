@@ -140,9 +140,9 @@ public final class FileSystem: Sendable {
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
-        case .needsBacking(let pages):
+        case .needsBacking(let runs):
             return OpenOutcome(modeChanged: modeChanged,
-                               passthrough: makeBacking(ino, runs: [0..<pages], store: store, forOpen: true).map(PassthroughFile.init),
+                               passthrough: makeBacking(ino, runs: runs, store: store, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }

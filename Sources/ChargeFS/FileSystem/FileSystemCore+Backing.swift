@@ -25,7 +25,7 @@ extension FileSystemCore {
     enum PassthroughStep {
         case none
         /// The file qualifies but has no backing file yet: make one of `pages` pages.
-        case needsBacking(pages: Int)
+        case needsBacking(runs: [Range<Int>])
         /// Counted as a passthrough open of this backing file.
         case granted(BackingFile)
     }
@@ -59,13 +59,15 @@ extension FileSystemCore {
         return heldRuns(inode)
     }
 
-    /// The file's pages below its size, as runs of indexes (a walk: only for files that hold few).
+    /// The file's pages, as runs of indexes, those past its end (KEEP_SIZE allocations) too: a
+    /// dense file's at a glance, others by a walk (only files that hold little get that far).
     private func heldRuns(_ inode: Inode) -> [Range<Int>] {
         let n = Self.pagesCovering(inode.size)
+        if inode.pages.count == n, inode.pages.nextData(from: n) == nil { return n == 0 ? [] : [0..<n] }
         var runs: [Range<Int>] = []
         var next = inode.pages.nextData(from: 0)
-        while let first = next, first < n {
-            let end = min(inode.pages.nextHole(from: first), n)
+        while let first = next {
+            let end = inode.pages.nextHole(from: first)
             runs.append(first..<end)
             next = inode.pages.nextData(from: end)
         }
@@ -97,7 +99,7 @@ extension FileSystemCore {
             return .granted(backing)
         }
         guard store.canMakeBackingFiles else { return .none }
-        return .needsBacking(pages: Self.pagesCovering(inode.size))
+        return .needsBacking(runs: heldRuns(inode))
     }
 
     /// Moves the file's data into `file` (made and charged for the pages of `charged`) and, with
@@ -105,39 +107,36 @@ extension FileSystemCore {
     /// meanwhile so that it no longer qualifies, or its pages are not those charged (the caller
     /// drops `file`, which gives its charge back).
     func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, charged: [Range<Int>], forOpen: Bool) -> PassthroughStep {
-        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil else { return .none }
-        if forOpen {
-            guard inode.openCount == 1, inode.passthroughOpens == 0, isDense(inode),
-                  charged.count == 1, charged[0].lowerBound == 0, Self.pagesCovering(inode.size) <= charged[0].count else { return .none }
-        } else {
-            guard heldRuns(inode) == charged else { return .none }
-        }
+        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
+              !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0 && isDense(inode)),
+              heldRuns(inode) == charged else { return .none }
         let n = Self.pagesCovering(inode.size)
-        // Copy in runs of consecutive arena pages: one pwrite each.
+        // Copy in runs of consecutive arena pages: one pwrite each, none past the size (the
+        // backing file never shrinks here: that would free its pages past the end).
         var index = inode.pages.nextData(from: 0) ?? n
         while index < n {
             let first = inode.pages.page(at: index)
             guard first != 0 else { index = inode.pages.nextData(from: index) ?? n; continue }
             var run = 1
             while index + run < n, inode.pages.page(at: index + run) == first &+ UInt32(run) { run += 1 }
+            let offset = Int64(index) * Int64(PageSize.bytes)
             do throws(Errno) {
-                try file.write(store.address(of: first), length: run * PageSize.bytes, at: Int64(index) * Int64(PageSize.bytes))
+                try file.write(store.address(of: first), length: Int(min(Int64(run * PageSize.bytes), inode.size - offset)), at: offset)
             } catch {
                 return .none
             }
             index += run
         }
         do throws(Errno) { try file.setSize(inode.size) } catch { return .none }
-        // Pages past the end (KEEP_SIZE allocations) go: the backing file holds the data only.
+        // Pages past the end (KEEP_SIZE allocations) were charged in the backing file as zeros.
         var freed: [UInt32] = []
         freed.reserveCapacity(inode.pages.count)
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
         store.free(freed)
         var moved = 0
         for run in charged {
-            let below = run.clamped(to: 0..<n)
-            for i in below { inode.pages.set(PageMap.inBackingFile, at: i) }
-            moved += below.count
+            for i in run { inode.pages.set(PageMap.inBackingFile, at: i) }
+            moved += run.count
         }
         store.noteBackingPages(moved)
         inode.backing = file
