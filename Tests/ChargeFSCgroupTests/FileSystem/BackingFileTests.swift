@@ -317,6 +317,31 @@ final class BackingFileTests: XCTestCase {
         XCTAssertEqual(try backingFiles(fs), patterns.count)
     }
 
+    /// Small writes that leave holes keep a file in the arena past the threshold (in a backing
+    /// file each would be a charge round trip of its own); a write of a charge batch or more
+    /// there moves it; either way a later read-only open of the then dense file passes through.
+    func testSmallSparseWritesStayInTheArena() throws {
+        let fs = try makeFS()
+        let small = try fs.create(parent: root, name: Array("small-writes".utf8), mode: 0o100644, caller: me).ino
+        let page4k = random(4096)
+        _ = try page4k.withUnsafeBytes { try fs.write(small, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
+        XCTAssertEqual(try backingFiles(fs), 0, "a 4 KiB write at 5 MiB: still in the arena")
+        let big = try fs.create(parent: root, name: Array("big-writes".utf8), mode: 0o100644, caller: me).ino
+        let quarter = random(256 << 10)
+        _ = try quarter.withUnsafeBytes { try fs.write(big, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
+        XCTAssertEqual(try backingFiles(fs), 1, "a 256 KiB write at 5 MiB: moved")
+        for ino in [small, big] {
+            var data = [UInt8](repeating: 7, count: 6 << 20)
+            _ = try data.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
+            data = try contents(fs, ino)
+            fs.release(ino)
+            let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
+            XCTAssertEqual(backingContents(file), data)
+            fs.release(ino, passthrough: true)
+        }
+        XCTAssertEqual(try backingFiles(fs), 2, "the arena file moved at its open")
+    }
+
     /// A large file left in the arena (no descriptor for a backing file while it was written)
     /// whose first read-only open finds no room for the move (the target near its limit refuses
     /// the charge): an ordinary open through the daemon, no error, every byte, nothing charged
