@@ -5,7 +5,9 @@
 # Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-setup]
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
-#   --only      runs one group of workloads (seq, rand, meta, readdir, par8, real) and no memory probe;
+#   --only      runs one group of workloads (seq, rand, first, meta, readdir, par8, real) and no memory probe;
+#               first: the first sequential read of a file just written by each pattern (fallocate
+#               then write, dense append, random 1 MiB fill, mmap, O_DIRECT, cp, dd);
 #               real: untar, git clone, git fsck, make, SQLite and rm -rf as a user runs them
 #               (unpinned), on fresh tmpfs, chargefs over /dev/fuse and (where the kernel has it)
 #               over io_uring, and memfs_ll where it is built
@@ -39,8 +41,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$only_given:$only" in 0:|1:seq|1:rand|1:meta|1:readdir|1:par8|1:real) ;;
-  *) echo "bench.sh: --only needs one of seq, rand, meta, readdir, par8, real, not '$only'" >&2; exit 2 ;;
+case "$only_given:$only" in 0:|1:seq|1:rand|1:first|1:meta|1:readdir|1:par8|1:real) ;;
+  *) echo "bench.sh: --only needs one of seq, rand, first, meta, readdir, par8, real, not '$only'" >&2; exit 2 ;;
 esac
 [[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
@@ -274,6 +276,12 @@ m = mmap.mmap(-1, n)
 for i in range(0, n, 4096): m[i] = 1' "$PREFAULT_MIB"
 }
 
+# fill MNT FIO-ARGS...: writes first.0.0 ($SEQ bytes, 1 MiB blocks) the way the arguments say.
+fill() {
+  local dir=$1; shift
+  run fio --directory="$dir" --name=first --bs=1M --size="$SEQ" --ioengine=psync --fallocate=none "$@" --output-format=terse >/dev/null
+}
+
 # One workload on one filesystem; appends to R (and, for reads, the daemon's CPU time to CPUR
 # and the bytes read to BYTESR).
 declare -A CPUR BYTESR
@@ -303,6 +311,21 @@ do_wl() {
       run "$MB" unlink "$m/dir" "$NDIR" >/dev/null; rmdir "$m/dir" ;;
     par8) v=$(fio_val "$m" bw --name=par --rw=write --bs=1M --size="$PAR" --numjobs=8 --group_reporting --end_fsync=1)
           rm -f "$m"/par.* ;;
+    # The first sequential read of a file just written (the write is not timed): whatever the
+    # file system does at the first open of a file written that way (a move into a backing
+    # file, say) is in the figure.
+    1st-*)
+      rm -f "$m"/first.*
+      case "$w" in
+        1st-falloc) fill "$m" --rw=write --fallocate=posix ;;
+        1st-append) fill "$m" --rw=write ;;
+        1st-rand)   fill "$m" --rw=randwrite ;;
+        1st-mmap)   fill "$m" --rw=write --ioengine=mmap ;;
+        1st-direct) fill "$m" --rw=write --direct=1 ;;
+        1st-cp)     run cp "$W/first.src" "$m/first.0.0" ;;
+        1st-dd)     run dd if="$W/first.src" of="$m/first.0.0" bs=1M status=none ;;
+      esac
+      v=$(fio_val "$m" bw --name=first --rw=read --bs=1M --size="$SEQ"); rm -f "$m"/first.* ;;
   esac
   add "$w" "$f" "$v"
   case "$w" in
@@ -314,16 +337,21 @@ do_wl() {
 
 wl seqwrite MiB/s; wl seqread MiB/s; wl randwrite IOPS; wl randread IOPS; wl reread IOPS
 wl create ops/s; wl stat ops/s; wl unlink ops/s; wl readdir entries/s; wl par8 MiB/s
+FIRSTS="1st-falloc 1st-append 1st-rand 1st-mmap 1st-direct 1st-cp 1st-dd"
+for w in $FIRSTS; do wl "$w" MiB/s; done
 # order matters: seqread reads seqwrite's file, randread and reread randwrite's, stat/unlink create's
-groups=("seqwrite seqread" "randwrite randread reread" "create stat unlink" "readdir" "par8")
+groups=("seqwrite seqread" "randwrite randread reread" "$FIRSTS" "create stat unlink" "readdir" "par8")
 case "$only" in
   "") ;;
   real) groups=() ;;
   seq) groups=("seqwrite seqread") ;;
   rand) groups=("randwrite randread reread") ;;
+  first) groups=("$FIRSTS") ;;
   meta) groups=("create stat unlink") ;;
   readdir|par8) groups=("$only") ;;
 esac
+# cp's and dd's source for the first-read rows, written once (random: nothing compresses or dedups)
+case " ${groups[*]+"${groups[*]}"} " in *" 1st-cp "*) head -c "$SEQ_B" /dev/urandom > "$W/first.src" ;; esac
 for g in ${groups[@]+"${groups[@]}"}; do
   for ((r = 1; r <= reps; r++)); do
     # The two chargefs mounts swap places every repetition, so neither always runs right after

@@ -10,6 +10,10 @@
   passthrough.py writer_mmap FILE   with a reader open (passthrough), a writer's open passes
                               through too (the kernel takes no other kind then) with direct I/O:
                               its shared mapping, its write(2) and the reader agree.
+  passthrough.py fill PATTERN SOURCE FILE   writes SOURCE's bytes (whole MiBs) into FILE the
+                              way PATTERN says: falloc (posix_fallocate, then 1 MiB writes),
+                              reverse (1 MiB writes, last first), mmap (ftruncate, stores through a
+                              shared mapping, msync).
 Prints one line per check ("ok: ..." or "FAIL: ..."); exit 1 when any failed.
 """
 import errno
@@ -130,6 +134,30 @@ def writer_mmap(path):
     os.close(reader)
 
 
+def fill(pattern, source, path):
+    with open(source, "rb") as f:
+        data = f.read()
+    mib = 1 << 20
+    pieces = range(0, len(data), mib)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    if pattern == "falloc":
+        os.posix_fallocate(fd, 0, len(data))
+    if pattern == "mmap":
+        os.ftruncate(fd, len(data))
+        m = mmap.mmap(fd, len(data), flags=mmap.MAP_SHARED)
+        for at in pieces:
+            m[at:at + mib] = data[at:at + mib]
+        m.flush()
+        m.close()
+    else:
+        for at in (reversed(pieces) if pattern == "reverse" else pieces):
+            os.pwrite(fd, data[at:at + mib], at)
+    os.close(fd)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "fill":
+        fill(*sys.argv[2:5])
+        sys.exit(0)
     {"rw": rw, "map": map_all, "writer_mmap": writer_mmap}[sys.argv[1]](sys.argv[2])
     sys.exit(1 if fails else 0)

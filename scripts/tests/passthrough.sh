@@ -7,6 +7,11 @@
 #                         daemon's CPU time for those reads against a passthrough=off mount
 #   reader_charged_nothing reads and maps (shared, private) of a passthrough open: the reader's
 #                         cgroup holds no shmem; the target is charged what is stored (±1 MiB)
+#   backed_before_open    files of 16 MiB written without a dense append past 1 MiB (fallocate then
+#                         write, writes last piece first, stores through mmap + msync, dd) each
+#                         have a backing file before any read-only open (the status), so that
+#                         open copies nothing; each passes through and reads back, the reader's
+#                         cgroup holds no shmem, the target is charged what is stored (±1 MiB)
 #   writers_beside_readers a read-only (passthrough) and a read-write open of one file: overwrite,
 #                         write past the end, truncate up, punch, truncate down through the writer,
 #                         each seen at once through the reader (pread, shared and private maps);
@@ -27,7 +32,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(reads_bypass_daemon reader_charged_nothing writers_beside_readers writer_mmap descriptors_run_short not_offered
+TESTS=(reads_bypass_daemon reader_charged_nothing backed_before_open writers_beside_readers writer_mmap descriptors_run_short not_offered
        crash_with_reader_open)
 PY=$(dirname "$SELF")/passthrough.py
 
@@ -86,6 +91,28 @@ t_reader_charged_nothing() {
   check "the target is charged what is stored (48 MiB, ±1 MiB)" near "$(cg_shmem "$T")" $((48 * MiB)) "$MiB"
   rm "$MNT/big"
   check "unlink gives the charge back (to the reserve, ≤ 1 MiB)" shmem_drops_to "$T" "$MiB"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_backed_before_open() {
+  setup
+  head -c $((16 * MiB)) /dev/urandom > "$SCR/src"
+  local n=0 pattern
+  for pattern in falloc reverse mmap dd; do
+    if [ "$pattern" = dd ]; then
+      dd if="$SCR/src" of="$MNT/$pattern" bs=4M status=none
+    else
+      "$CFS_PYTHON" "$PY" fill "$pattern" "$SCR/src" "$MNT/$pattern"
+    fi
+    n=$((n + 1))
+    check "$pattern: backed before its first read-only open" [ "$(status_of "$MNT" backing_files)" = "$n" ]
+    check "$pattern: reads back through the reader" in_reader cmp "$SCR/src" "$MNT/$pattern"
+    check "$pattern: the open made no other backing file" [ "$(status_of "$MNT" backing_files)" = "$n" ]
+  done
+  check "maps read back (shared, private)" in_reader "$CFS_PYTHON" "$PY" map "$MNT/falloc"
+  check "the reader's cgroup holds no shmem" [ "$(cg_shmem "$R")" = 0 ]
+  log "  target: shmem $(cg_shmem "$T"), stored $(status_of "$MNT" stored_bytes)"
+  check "the target is charged what is stored (64 MiB, ±1 MiB)" near "$(cg_shmem "$T")" $((64 * MiB)) "$MiB"
   check "clean unmount" cfs_umount "$MNT" "$DPID"
 }
 

@@ -94,7 +94,16 @@ public final class FileSystem: Sendable {
     /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
     public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, caller: Caller,
                         clearSetIDAsked: Bool) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.setattr(ino, changes, caller: caller, clearSetIDAsked: clearSetIDAsked) }
+        let (attributes, due) = try exclusive { c throws(Errno) in
+            let sizeBefore = changes.size == nil ? nil : c.inodes[ino]?.size
+            let attributes = try c.setattr(ino, changes, caller: caller, clearSetIDAsked: clearSetIDAsked)
+            // A truncate up past the threshold (as before writing through mmap) moves the file
+            // now, holding what it held below the threshold, not at its first read-only open.
+            let due = sizeBefore.flatMap { before in c.inodes[ino].flatMap { c.dueForBackingFile($0, sizeBefore: before) } }
+            return (attributes, due.map { ($0, c.store) })
+        }
+        if let (runs, store) = due, passthroughEnabled { makeBacking(ino, runs: runs, store: store, forOpen: false) }
+        return attributes
     }
     public func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.readlink(ino) }
@@ -137,24 +146,29 @@ public final class FileSystem: Sendable {
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
-        case .needsBacking(let pages):
+        case .needsBacking(let runs):
             return OpenOutcome(modeChanged: modeChanged,
-                               passthrough: makeBacking(ino, pages: pages, store: store, forOpen: true).map(PassthroughFile.init),
+                               passthrough: makeBacking(ino, runs: runs, store: store, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }
 
-    /// Makes and charges a backing file with no lock held (a frozen target stalls only this
-    /// open), then moves the file's data into it. nil (an ordinary open) when anything is short.
+    /// Makes and charges a backing file for the pages of `runs` with no lock held (a frozen
+    /// target stalls only this open or change), then moves the file's data into it. nil (an
+    /// ordinary open; the file stays in the arena) when anything is short.
     @discardableResult
-    private func makeBacking(_ ino: InodeNumber, pages: Int, store: PageStore, forOpen: Bool) -> BackingFile? {
+    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], store: PageStore, forOpen: Bool) -> BackingFile? {
         guard let file = try? store.makeBackingFile() else { return nil }
-        let pending = store.pendingCharge(of: file, runs: [(0, pages)], wanted: pages, owner: ino.rawValue, shrinks: 0)
-        let (charged, failure) = pending.charge()
-        guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
+        let pages = runs.reduce(0) { $0 + $1.count }
+        if pages > 0 {
+            let pending = store.pendingCharge(of: file, runs: runs.map { ($0.lowerBound, $0.count) }, wanted: pages,
+                                              owner: ino.rawValue, shrinks: 0)
+            let (charged, failure) = pending.charge()
+            guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
+        }
         let step = core.withWriteLock { c in
             c.store.activeTarget = 0  // only the mount's own target's files get backing files
-            return c.adoptBacking(ino, file, chargedPages: pages, forOpen: forOpen)
+            return c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
         }
         if case .granted(let granted) = step { return granted }
         return nil
@@ -221,12 +235,18 @@ public final class FileSystem: Sendable {
         }
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.
-        if let pages = result.dueForBackingFile, passthroughEnabled, core.withReadLock({ $0.inodes[ino]?.chargeTarget ?? 0 }) == 0 {
-            makeBacking(ino, pages: pages, store: core.withReadLock { $0.store }, forOpen: false)
+        if let runs = result.dueForBackingFile, passthroughEnabled {
+            makeBacking(ino, runs: runs, store: core.withReadLock { $0.store }, forOpen: false)
         }
         return result
     }
+    /// A fallocate that takes a small file past the threshold moves it first (what it holds),
+    /// so that the allocation lands in the backing file and no open has to move it later.
     public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+        if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
+           let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
+            makeBacking(ino, runs: runs, store: store, forOpen: false)
+        }
         try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
     }
 

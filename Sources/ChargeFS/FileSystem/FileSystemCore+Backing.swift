@@ -25,7 +25,7 @@ extension FileSystemCore {
     enum PassthroughStep {
         case none
         /// The file qualifies but has no backing file yet: make one of `pages` pages.
-        case needsBacking(pages: Int)
+        case needsBacking(runs: [Range<Int>])
         /// Counted as a passthrough open of this backing file.
         case granted(BackingFile)
     }
@@ -41,13 +41,46 @@ extension FileSystemCore {
         return n == 0 || inode.pages.nextHole(from: 0) >= n
     }
 
-    /// After a write: the pages to charge for moving the file into a backing file, when this
-    /// write took it past the threshold with no hole in it (checked once, at the crossing, when
-    /// the walk is short); a file that crosses with holes moves at a read-only open instead.
-    func dueForBackingFile(_ inode: Inode, sizeBefore: Int64) -> Int? {
-        guard inode.backing == nil, let min = config.passthroughMinBytes, sizeBefore < min, inode.size >= min,
-              store.canMakeBackingFiles, isDense(inode) else { return nil }
-        return Self.pagesCovering(inode.size)
+    /// The runs of pages to charge for moving the file into a backing file now, when a change
+    /// takes it from below the threshold to at least it (`reaching`: its size, or the end of an
+    /// allocation): a fallocate (before it allocates), a truncate up (before mmap stores), or a
+    /// write, in order or not. Holes stay holes, so the move copies at most what a file below the
+    /// threshold holds (about 1 MiB), and no read-only open of it has to copy anything later.
+    /// A write of `written` bytes that leaves holes moves the file only when it is at least a
+    /// charge batch: each write into a backing file's hole is a charge round trip of its own,
+    /// where the arena serves 64 small writes with one (fio's 4 KiB random writes stay there).
+    func dueForBackingFile(_ inode: Inode, sizeBefore: Int64, reaching: Int64? = nil, written: Int? = nil) -> [Range<Int>]? {
+        // Only the mount's own target's files get backing files (a directory's target keeps its
+        // files in the arena: its pages are its pool's).
+        guard inode.isRegular, inode.backing == nil, inode.chargeTarget == 0, let min = config.passthroughMinBytes, sizeBefore < min,
+              (reaching ?? inode.size) >= min, store.canMakeBackingFiles,
+              // What a file below the threshold holds, plus the write that took it past (a file
+              // with more, KEEP_SIZE pages past its end, moves at an open as before).
+              inode.pages.count <= 2 * Self.pagesCovering(min) + PageStore.chargeBatch else { return nil }
+        if let written, written < PageStore.chargeBatch * PageSize.bytes, !isDense(inode) { return nil }
+        return heldRuns(inode)
+    }
+
+    /// The file's pages, as runs of indexes, those past its end (KEEP_SIZE allocations) too: a
+    /// dense file's at a glance, others by a walk (only files that hold little get that far).
+    private func heldRuns(_ inode: Inode) -> [Range<Int>] {
+        let n = Self.pagesCovering(inode.size)
+        if inode.pages.count == n, inode.pages.nextData(from: n) == nil { return n == 0 ? [] : [0..<n] }
+        var runs: [Range<Int>] = []
+        var next = inode.pages.nextData(from: 0)
+        while let first = next {
+            let end = inode.pages.nextHole(from: first)
+            runs.append(first..<end)
+            next = inode.pages.nextData(from: end)
+        }
+        return runs
+    }
+
+    /// `dueForBackingFile` for a fallocate about to run: before it allocates, so the allocation
+    /// goes straight into the backing file (fio's and databases' preallocation).
+    func dueForBackingFile(_ ino: InodeNumber, allocatingTo end: Int64) -> [Range<Int>]? {
+        guard let inode = inodes[ino] else { return nil }
+        return dueForBackingFile(inode, sizeBefore: inode.size, reaching: end)
     }
 
     /// Whether this open (already counted in `openCount`) goes through the backing file. Once
@@ -68,39 +101,46 @@ extension FileSystemCore {
             return .granted(backing)
         }
         guard store.canMakeBackingFiles else { return .none }
-        return .needsBacking(pages: Self.pagesCovering(inode.size))
+        return .needsBacking(runs: heldRuns(inode))
     }
 
-    /// Moves the file's data into `file` (made and charged for `chargedPages` pages) and, with
+    /// Moves the file's data into `file` (made and charged for the pages of `charged`) and, with
     /// `forOpen`, counts the open that asked as a passthrough one; `.none` when the file changed
-    /// meanwhile so that it no longer qualifies (the caller drops `file`, which gives its charge
-    /// back).
-    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, chargedPages: Int, forOpen: Bool) -> PassthroughStep {
+    /// meanwhile so that it no longer qualifies, or its pages are not those charged (the caller
+    /// drops `file`, which gives its charge back).
+    func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, charged: [Range<Int>], forOpen: Bool) -> PassthroughStep {
         guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
-              !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0), isDense(inode),
-              Self.pagesCovering(inode.size) <= chargedPages else { return .none }
+              !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0 && isDense(inode)),
+              heldRuns(inode) == charged else { return .none }
         let n = Self.pagesCovering(inode.size)
-        // Copy in runs of consecutive arena pages: one pwrite each.
-        var index = 0
+        // Copy in runs of consecutive arena pages: one pwrite each, none past the size (the
+        // backing file never shrinks here: that would free its pages past the end).
+        var index = inode.pages.nextData(from: 0) ?? n
         while index < n {
             let first = inode.pages.page(at: index)
+            guard first != 0 else { index = inode.pages.nextData(from: index) ?? n; continue }
             var run = 1
             while index + run < n, inode.pages.page(at: index + run) == first &+ UInt32(run) { run += 1 }
+            let offset = Int64(index) * Int64(PageSize.bytes)
             do throws(Errno) {
-                try file.write(store.address(of: first), length: run * PageSize.bytes, at: Int64(index) * Int64(PageSize.bytes))
+                try file.write(store.address(of: first), length: Int(min(Int64(run * PageSize.bytes), inode.size - offset)), at: offset)
             } catch {
                 return .none
             }
             index += run
         }
         do throws(Errno) { try file.setSize(inode.size) } catch { return .none }
-        // Pages past the end (KEEP_SIZE allocations) go: the backing file holds the data only.
+        // Pages past the end (KEEP_SIZE allocations) were charged in the backing file as zeros.
         var freed: [UInt32] = []
         freed.reserveCapacity(inode.pages.count)
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
         store.free(freed)
-        for i in 0..<n { inode.pages.set(PageMap.inBackingFile, at: i) }
-        store.noteBackingPages(n)
+        var moved = 0
+        for run in charged {
+            for i in run { inode.pages.set(PageMap.inBackingFile, at: i) }
+            moved += run.count
+        }
+        store.noteBackingPages(moved)
         inode.backing = file
         backingFiles += 1
         if forOpen { inode.passthroughOpens += 1 }
@@ -191,7 +231,8 @@ extension FileSystemCore {
     private func charge(_ inode: Inode, _ backing: BackingFile, _ runs: [(first: Int, count: Int)]) -> PendingCharge? {
         let missing = runs.reduce(0) { $0 + $1.count }
         guard missing > 0 else { return nil }
-        return store.pendingCharge(of: backing, runs: runs, wanted: missing, owner: inode.ino.rawValue, shrinks: backing.shrinks)
+        return store.pendingCharge(of: backing, runs: runs, wanted: missing, owner: inode.ino.rawValue, shrinks: backing.shrinks,
+                                   wholeOrNothing: true)
     }
 
     /// A write into a file with a backing file: its missing pages (and, with passthrough opens,
@@ -243,16 +284,23 @@ extension FileSystemCore {
         let runs = pending.chargedRuns(charged)
         guard let inode = inodes[InodeNumber(target.owner)], inode.backing === target.file else { return }
         let unchanged = target.file.shrinks == target.shrinks
-        var added = 0
+        // Short for an all-or-nothing operation: what it charged goes back (pages another
+        // operation took into the map meanwhile are theirs, and stay).
+        let undo = target.wholeOrNothing && charged < pending.wanted
+        var added = 0, punched = false
         for run in runs {
             for index in run.first..<(run.first + run.count) where inode.pages.page(at: index) == 0 {
                 // A page the kernel would not punch stays the file's: a charged page of zeros.
-                if unchanged || !target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes)) {
+                if (unchanged && !undo) || !target.file.punch(offset: Int64(index) * Int64(PageSize.bytes), length: Int64(PageSize.bytes)) {
                     inode.pages.set(PageMap.inBackingFile, at: index)
                     added += 1
+                } else {
+                    punched = true
                 }
             }
         }
+        // Pages were freed: a charge picked before now cannot tell which of its pages exist.
+        if undo && punched { target.file.shrinks += 1 }
         store.noteBackingPages(added)
     }
 

@@ -112,7 +112,7 @@ extension FileSystemCore {
         // before a cached write, but a direct-I/O write reaches us without that.
         removeFileCapabilities(inode)
         var result = WriteResult(written: written, modeChanged: clearSetID(inode, caller, kernelAsked: clearSetIDAsked))
-        result.dueForBackingFile = dueForBackingFile(inode, sizeBefore: sizeBefore)
+        result.dueForBackingFile = dueForBackingFile(inode, sizeBefore: sizeBefore, written: written)
         return .done(result)
     }
 

@@ -45,9 +45,9 @@ public struct WriteResult: Sendable, Equatable {
     public var written: Int
     /// The write cleared setuid/setgid: the kernel's cached mode is stale.
     public var modeChanged: Bool
-    /// The write took the file past `passthroughMinBytes` with no hole in it: it is due to move
-    /// into a backing file of its own (pages to charge for that).
-    var dueForBackingFile: Int? = nil
+    /// The write took the file past `passthroughMinBytes`: it is due to move into a backing file
+    /// of its own (the runs of pages to charge for that).
+    var dueForBackingFile: [Range<Int>]? = nil
 }
 
 /// What an open gives the caller.

@@ -178,9 +178,10 @@ public final class PageStore {
     /// A charge of page ranges of a backing file (pages `first..<first+count` of the file), for
     /// `wanted` of them; `owner` and `shrinks` say which file and which of its shapes it was for.
     public func pendingCharge(of file: BackingFile, runs: [(first: Int, count: Int)], wanted: Int,
-                              owner: UInt64, shrinks: UInt64) -> PendingCharge {
+                              owner: UInt64, shrinks: UInt64, wholeOrNothing: Bool = false) -> PendingCharge {
         PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
-                      charger: mountCharger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks), target: 0)
+                      charger: mountCharger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
+                                                                            wholeOrNothing: wholeOrNothing), target: 0)
     }
 
     /// Charged pages ready to hand out (those a file gave back are zero-filled on the way).
@@ -369,6 +370,10 @@ public struct PendingCharge: Sendable {
         /// they were picked: a shrink meanwhile may have freed some of them again.
         public let owner: UInt64
         public let shrinks: UInt64
+        /// For an operation that stores all or nothing (fallocate, a truncate up under
+        /// passthrough): a charge short of `wanted` is given back whole, as tmpfs undoes a
+        /// fallocate that ran out of room, rather than left as pages the file did not get.
+        public var wholeOrNothing = false
     }
     let runs: [Run]
     /// What the caller needs of them; near a limit the charge settles for this much.

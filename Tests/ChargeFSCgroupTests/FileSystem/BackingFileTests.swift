@@ -261,4 +261,145 @@ final class BackingFileTests: XCTestCase {
         XCTAssertEqual(fs.storedBytes().used, blocks * 512)
         XCTAssertEqual(try contents(fs, ino), model)
     }
+
+    func backingFiles(_ fs: FileSystem) throws -> Int? {
+        let status = try fs.getxattr(root, name: FileSystem.statusXattr)
+        for line in status.split(separator: 10) where line.starts(with: Array("backing_files=".utf8)) {
+            return Int(String(decoding: line.dropFirst(14), as: UTF8.self))
+        }
+        return nil
+    }
+
+    /// Writes `data` in 1 MiB pieces, in the order `order` gives the pieces.
+    func writePieces(_ fs: FileSystem, _ ino: InodeNumber, _ data: [UInt8], order: [Int]) throws {
+        for i in order {
+            let piece = Array(data[(i << 20)..<min(data.count, (i + 1) << 20)])
+            let n = try piece.withUnsafeBytes { try fs.write(ino, offset: Int64(i << 20), data: $0, caller: me, clearSetIDAsked: false).written }
+            XCTAssertEqual(n, piece.count)
+        }
+    }
+
+    /// A large file that never crossed 1 MiB through a dense append (preallocated as fio does,
+    /// written out of order, grown by a truncate before mmap writes) has its backing file before
+    /// its first read-only open: that open copies nothing, it only passes the file through.
+    func testLargeFilesAreBackedBeforeTheirFirstOpen() throws {
+        let fs = try makeFS()
+        let size = 6 << 20
+        var changes = AttributeChanges()
+        changes.size = Int64(size)
+        let patterns: [(String, (InodeNumber) throws -> Void)] = [
+            ("fallocate then write", { ino in try fs.fallocate(ino, mode: [], offset: 0, length: Int64(size)) }),
+            ("fallocate KEEP_SIZE", { ino in try fs.fallocate(ino, mode: [.keepSize], offset: 0, length: Int64(size)) }),
+            ("truncate up (mmap)", { ino in _ = try fs.setattr(ino, changes, caller: self.me, clearSetIDAsked: false) }),
+            ("out of order", { _ in }),
+        ]
+        for (number, (what, prepare)) in patterns.enumerated() {
+            let data = random(size)
+            let ino = try fs.create(parent: root, name: Array("f\(number)".utf8), mode: 0o100644, caller: me).ino
+            try writePieces(fs, ino, Array(data[..<4096]), order: [0])  // a small head, moved along
+            try prepare(ino)
+            try writePieces(fs, ino, data, order: Array((0..<(size >> 20)).reversed()))
+            fs.release(ino)
+            XCTAssertEqual(try backingFiles(fs), number + 1, "\(what): backed before any open")
+            let stored = fs.storedBytes()
+            XCTAssertEqual(stored.used, Int64((number + 1) * size), "\(what): stored what was written, once")
+            let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
+                                     "\(what): the first read-only open passes through")
+            XCTAssertEqual(try backingFiles(fs), number + 1, "\(what): the open made no backing file")
+            XCTAssertEqual(fs.storedBytes().used, stored.used, "\(what): the open moved nothing")
+            XCTAssertEqual(fs.storedBytes().charged, stored.charged, "\(what): nor charged anything")
+            XCTAssertEqual(backingContents(file), data, "\(what): the backing file holds every byte")
+            XCTAssertEqual(try contents(fs, ino), data)
+            fs.release(ino, passthrough: true)
+        }
+        // A small file stays in the arena.
+        _ = try create(fs, "small", bytes: random(100_000))
+        XCTAssertEqual(try backingFiles(fs), patterns.count)
+    }
+
+    /// Small writes that leave holes keep a file in the arena past the threshold (in a backing
+    /// file each would be a charge round trip of its own); a write of a charge batch or more
+    /// there moves it; either way a later read-only open of the then dense file passes through.
+    func testSmallSparseWritesStayInTheArena() throws {
+        let fs = try makeFS()
+        let small = try fs.create(parent: root, name: Array("small-writes".utf8), mode: 0o100644, caller: me).ino
+        let page4k = random(4096)
+        _ = try page4k.withUnsafeBytes { try fs.write(small, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
+        XCTAssertEqual(try backingFiles(fs), 0, "a 4 KiB write at 5 MiB: still in the arena")
+        let big = try fs.create(parent: root, name: Array("big-writes".utf8), mode: 0o100644, caller: me).ino
+        let quarter = random(256 << 10)
+        _ = try quarter.withUnsafeBytes { try fs.write(big, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
+        XCTAssertEqual(try backingFiles(fs), 1, "a 256 KiB write at 5 MiB: moved")
+        for ino in [small, big] {
+            var data = [UInt8](repeating: 7, count: 6 << 20)
+            _ = try data.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
+            data = try contents(fs, ino)
+            fs.release(ino)
+            let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
+            XCTAssertEqual(backingContents(file), data)
+            fs.release(ino, passthrough: true)
+        }
+        XCTAssertEqual(try backingFiles(fs), 2, "the arena file moved at its open")
+    }
+
+    /// A large file left in the arena (no descriptor for a backing file while it was written)
+    /// whose first read-only open finds no room for the move (the target near its limit refuses
+    /// the charge): an ordinary open through the daemon, no error, every byte, nothing charged
+    /// twice; once there is room, a later open moves it.
+    func testNoRoomForTheMoveAtOpenDegradesToTheDaemonPath() throws {
+        var config = FileSystemConfig()
+        config.maxBytes = 1 << 30
+        config.caching = .direct
+        let charger = BackingRefusingCharger()
+        let fs = FileSystem(config: config, store: try PageStore { charger.inner = DaemonCharger(arena: $0); return charger })
+        fs.resolveCaching(.direct)
+        fs.noteKernelPassthrough(true)
+        let data = random(4 << 20)
+        let ino = try fs.create(parent: root, name: Array("big".utf8), mode: 0o100644, caller: me).ino
+        charger.refuseFiles = true
+        try fs.fallocate(ino, mode: [], offset: 0, length: Int64(data.count))
+        try writePieces(fs, ino, data, order: Array(0..<4))
+        fs.release(ino)
+        XCTAssertGreaterThan(charger.refusedFiles, 0, "the move was tried while it was written")
+        XCTAssertEqual(try backingFiles(fs), 0)
+        charger.refuseFiles = false
+        charger.refuseCharges = true
+        let before = fs.storedBytes()
+        let outcome = try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false)
+        XCTAssertGreaterThan(charger.refusedCharges, 0, "the open tried the move and was refused")
+        XCTAssertNil(outcome.passthrough, "an ordinary open, not an error")
+        XCTAssertEqual(try backingFiles(fs), 0)
+        XCTAssertEqual(try contents(fs, ino), data, "read through the daemon")
+        XCTAssertEqual(fs.storedBytes().used, before.used)
+        XCTAssertEqual(fs.storedBytes().charged, before.charged, "nothing left charged by the refused move")
+        fs.release(ino)
+        charger.refuseCharges = false
+        XCTAssertNotNil(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "room again: it moves")
+        XCTAssertEqual(try contents(fs, ino), data)
+        fs.release(ino, passthrough: true)
+    }
+}
+
+/// Charges in-process, and refuses what a test says: making a backing file (descriptors short)
+/// and charging one (ENOSPC: a target too near its limit for the move).
+private final class BackingRefusingCharger: PageCharger, @unchecked Sendable {
+    var inner: DaemonCharger?
+    var refuseFiles = false, refuseCharges = false
+    var refusedFiles = 0, refusedCharges = 0
+    func charge(offset: Int64, length: Int64) throws(Errno) {
+        guard let inner else { throw .notSupported }
+        try inner.charge(offset: offset, length: length)
+    }
+    func charge(file: FileDescriptor, offset: Int64, length: Int64) throws(Errno) {
+        guard let inner else { throw .notSupported }
+        if refuseCharges { refusedCharges += 1; throw .noSpace }
+        try inner.charge(file: file, offset: offset, length: length)
+    }
+    func makeFile(in directory: FileDescriptor) throws(Errno) -> FileDescriptor {
+        guard let inner else { throw .notSupported }
+        if refuseFiles { refusedFiles += 1; throw .tooManyOpenFiles }
+        return try inner.makeFile(in: directory)
+    }
+    var summary: String { "refusing backing files" }
+    func shutdown() {}
 }
