@@ -104,7 +104,7 @@ ctest_cleanup() {
     for m in $(awk -v d="$KDIR/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
-    for p in $(daemons_below "$KDIR"); do
+    for p in $(cfs_daemons_below "$KDIR"); do
       for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$p" 2>/dev/null || true
     done
@@ -120,15 +120,6 @@ ctest_cleanup() {
     done
   fi
   cfs_cleanup
-}
-# Pids of running chargefsd processes serving a path below $1 (an exited one not yet reaped by
-# its subreaper, conmon here, is a zombie with no arguments left: not running).
-daemons_below() {
-  local p
-  for p in $(pgrep -x chargefsd || true); do
-    tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$1/" && echo "$p"
-  done
-  return 0
 }
 
 # The plugin's podman arguments, made from deploy/kubernetes/daemonset.yaml: its security
@@ -328,8 +319,8 @@ t_pods() {
   check "no OOM kill in either pod" [ "$(cg_oom_kills "$P1")/$(cg_oom_kills "$P2")" = 0/0 ]
   check "nothing mounted below the kubelet dir" bash -c '! awk -v d="$1/" "index(\$5, d) == 1" /proc/self/mountinfo | grep -q .' _ "$KDIR"
   check "target dirs removed" bash -c '[ ! -e "$1" ] && [ ! -e "$2" ]' _ "$T1" "$T2"
-  for ((i = 0; i < 50; i++)); do [ -z "$(daemons_below "$KDIR")" ] && break; sleep 0.1; done
-  check "no chargefsd left running" [ -z "$(daemons_below "$KDIR")" ]
+  for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$KDIR")" ] && break; sleep 0.1; done
+  check "no chargefsd left running" [ -z "$(cfs_daemons_below "$KDIR")" ]
   "${PODMAN[@]}" stop -t 5 "$PL" >/dev/null
   log "  plugin log:"; plugin_log "$PL" | grep -E "publish|chargefsd=" | sed 's/^/    | /' >&2
 }
@@ -353,7 +344,7 @@ t_upgrade() {
   in_ctr "$C1" sh -c 'head -c 8388608 /dev/urandom > /data/a'
   in_ctr "$C3" sh -c 'head -c 4194304 /dev/urandom > /data/b'
   local sa sb; sa=$(md5sum < "$T1/a" | cut -d' ' -f1); sb=$(md5sum < "$T2/b" | cut -d' ' -f1)
-  local d1 d2 ppid; d1=$(daemons_below "$(dirname "$T1")"); d2=$(daemons_below "$(dirname "$T2")")
+  local d1 d2 ppid; d1=$(cfs_daemons_below "$(dirname "$T1")"); d2=$(cfs_daemons_below "$(dirname "$T2")")
   ppid=$("${PODMAN[@]}" inspect -f '{{.State.Pid}}' "$PL")
   log "  daemons $d1 and $d2; plugin pid $ppid; daemon 1: $(tr '\n' ' ' < "/proc/$d1/cgroup")"
   check "one daemon per volume" bash -c '[ -n "$1" ] && [ -n "$2" ] && [ "$1" != "$2" ] && [ "$(wc -w <<<"$1 $2")" = 2 ]' _ "$d1" "$d2"
@@ -390,7 +381,7 @@ t_upgrade() {
   # a pod started after the upgrade gets the new build's daemon, from its own copy on the host
   local T3 V3 d3
   open_volume "$(uuid)" $((32 * MiB)) 8Mi; T3=$T V3=$V
-  d3=$(daemons_below "$(dirname "$T3")")
+  d3=$(cfs_daemons_below "$(dirname "$T3")")
   log "  old daemon runs $(readlink "/proc/$d1/exe"), new $(readlink "/proc/$d3/exe")"
   check "the new volume runs the new build's daemon, the old ones keep theirs" \
     bash -c '[ -n "$2" ] && [ "$(readlink /proc/$1/exe)" != "$(readlink /proc/$2/exe)" ]' _ "$d1" "$d3"
@@ -415,8 +406,8 @@ t_upgrade() {
   done
   check "nothing mounted below the kubelet dir" bash -c '! awk -v d="$1/pods/" "index(\$5, d) == 1" /proc/self/mountinfo | grep -q .' _ "$KDIR"
   check "target dirs removed" bash -c '[ ! -e "$1" ] && [ ! -e "$2" ] && [ ! -e "$3" ]' _ "$T1" "$T2" "$T3"
-  for ((i = 0; i < 50; i++)); do [ -z "$(daemons_below "$KDIR")" ] && break; sleep 0.1; done
-  check "no chargefsd left running" [ -z "$(daemons_below "$KDIR")" ]
+  for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$KDIR")" ] && break; sleep 0.1; done
+  check "no chargefsd left running" [ -z "$(cfs_daemons_below "$KDIR")" ]
   check "no OOM kill in any pod" [ "$(cg_oom_kills "$P1")/$(cg_oom_kills "$P2")" = 0/0 ]
   "${PODMAN[@]}" stop -t 5 "$PL" >/dev/null
   log "  plugin log:"; plugin_log "$PL" | grep -E "publish|state:|chargefsd=" | sed 's/^/    | /' >&2

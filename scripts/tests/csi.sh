@@ -57,20 +57,12 @@ csi_cleanup() {
     for m in $(awk -v d="$SCR/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
-    for p in $(daemons_below "$SCR"); do
+    for p in $(cfs_daemons_below "$SCR"); do
       for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$p" 2>/dev/null || true
     done
   fi
   cfs_cleanup
-}
-# Pids of chargefsd processes whose arguments name a path below $1.
-daemons_below() {
-  local p
-  for p in $(pgrep -x chargefsd || true); do
-    tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$1/" && echo "$p"
-  done
-  return 0
 }
 
 # start_plugin [EXTRA_ARGS...]: starts chargefs-csi (recorded for cleanup) and waits for its socket.
@@ -158,7 +150,7 @@ t_rpcs() {
   start_plugin
   check "the RPC suite passes" csi suite "$SCR" "$uid" "$(uuid)"
   check "no mount left below the scratch dir" bash -c '! grep -qF "$1/" /proc/self/mountinfo' _ "$SCR"
-  check "no daemon left" [ -z "$(daemons_below "$SCR")" ]
+  check "no daemon left" [ -z "$(cfs_daemons_below "$SCR")" ]
   check "one log line per publish and unpublish" bash -c '
     [ "$(grep -c "^chargefs-csi: publish volume=v1 pod=$2 cgroup=.* size=33554432 target=" "$1")" = 1 ] &&
     [ "$(grep -c "^chargefs-csi: unpublish volume=v1 pod=$2 cgroup=.* size=33554432 target=" "$1")" = 1 ]' _ "$SCR/plugin.log" "$uid"
@@ -253,7 +245,7 @@ t_pod() {
   check "publish pod 1's volume: $out" [ "$out" = OK ]
   CFS_MOUNTS+=("$T1")
   check "fuse.chargefsd mount with allow_other" bash -c 'awk -v m="$1" "\$5 == m" /proc/self/mountinfo | grep -q "fuse.chargefsd .*allow_other"' _ "$T1"
-  local dpid; dpid=$(daemons_below "$SCR" | head -n1)
+  local dpid; dpid=$(cfs_daemons_below "$SCR" | head -n1)
   check "its daemon runs in the node-level cgroup, not the plugin's nor the pod's" [ "$(cg_of_pid "$dpid")" = "$ROOT/daemons" ]
   check "its daemon is in its own session" [ "$(ps -o sid= -p "$dpid" | tr -d ' ')" != "$(ps -o sid= -p "$PLUGIN_PID" | tr -d ' ')" ]
 
@@ -343,8 +335,8 @@ sys.exit(0 if s["used"] >= 16 << 20 and s["total"] <= 64 << 20 else 1)' "$st"
   check "and volume 2: $out" [ "$out" = OK ]
   check "nothing mounted" bash -c '! grep -qF "$1/" /proc/self/mountinfo' _ "$SCR"
   check "target dirs removed" bash -c '[ ! -e "$1" ] && [ ! -e "$2" ]' _ "$T1" "$T2"
-  local i; for ((i = 0; i < 50; i++)); do [ -z "$(daemons_below "$SCR")" ] && break; sleep 0.1; done
-  check "no chargefsd left running" [ -z "$(daemons_below "$SCR")" ]
+  local i; for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$SCR")" ] && break; sleep 0.1; done
+  check "no chargefsd left running" [ -z "$(cfs_daemons_below "$SCR")" ]
   local end1 end2
   for ((i = 0; i < 30; i++)); do
     end1=$(cg_usage "$P1"); end2=$(cg_usage "$P2")

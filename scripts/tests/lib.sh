@@ -228,6 +228,16 @@ cfs_umount() {
   ! is_mounted "$mnt"
 }
 
+# cfs_daemons_below DIR: pids of running chargefsd processes whose arguments name a path below
+# DIR (an exited one not yet reaped, a zombie, has no arguments left: not running).
+cfs_daemons_below() {
+  local p
+  for p in $(pgrep -x chargefsd || true); do
+    tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$1/" && echo "$p"
+  done
+  return 0
+}
+
 # cfs_tempdir PREFIX: prints a new temp dir. Called as $(...) it runs in a subshell, so the
 # caller must add it to CFS_DIRS itself for cleanup.
 cfs_tempdir() {
