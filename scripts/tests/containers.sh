@@ -22,6 +22,11 @@
 # when it fails. The image is built once per run (tag localhost/chargefs-csi:ctest-RUN) and
 # removed at the end; the debootstrap base (localhost/chargefs-base:bookworm and
 # .build-image/base-bookworm) is a cache and stays.
+#   sanity   (not in the default run: needs CSI_SANITY, a csi-sanity binary built outside the
+#            repository, e.g. kubernetes-csi/csi-test v5.3.1 from its vendor/ with Debian's Go)
+#            csi-sanity against the plugin in its container, the Controller specs skipped (a
+#            node-only driver); volume parameters name an ephemeral volume of a pod whose cgroup
+#            exists; the specs that call CreateVolume first cannot pass without a controller
 # Usage: scripts/tests/containers.sh [TEST...] | --list
 # Env: CHARGEFSD (its folder gives chargefs-csi and chargefs-charge-helper for the image),
 #      CFS_CONTAINERS_TIMEOUT (per test, default 420 s)
@@ -414,6 +419,34 @@ t_upgrade() {
 }
 
 # The group: one image build per run, removed at the end.
+t_sanity() {
+  if [ -z "${CSI_SANITY:-}" ] || [ ! -x "$CSI_SANITY" ]; then
+    log "  cannot run: CSI_SANITY names no csi-sanity binary (build it outside the repository)"; return 1
+  fi
+  [ -z "$(missing)" ] || { log "  cannot run: $(missing)"; return 1; }
+  setup
+  ensure_image "$IMG"
+  run_plugin "ctest-$$-plugin" "$IMG"
+  local uid; uid=$(uuid); new_pod "$uid" $((64 * MiB)) >/dev/null
+  printf 'csi.storage.k8s.io/ephemeral: "true"\ncsi.storage.k8s.io/pod.uid: "%s"\nsize: 16Mi\n' "$uid" >"$SCR/params.yaml"
+  mkdir -p "$KDIR/sanity"
+  local out rc=0
+  out=$(timeout 300 "$CSI_SANITY" --csi.endpoint "unix://$SOCK" --csi.mountdir "$KDIR/sanity/mount" \
+        --csi.stagingdir "$KDIR/sanity/staging" --csi.testvolumeparameters "$SCR/params.yaml" \
+        --ginkgo.skip 'Controller Server' --ginkgo.no-color 2>&1) || rc=$?
+  { grep -E "rpc error" <<<"$out" || true; } | sort | uniq -c | sed 's/^/    rpc: /' >&2
+  { grep -E '^(Ran |FAIL|PASS|SUCCESS)|\[FAIL\]|\[Fail\]' <<<"$out" || true; } | sed 's/^/    | /' >&2
+  local ran failed
+  ran=$(sed -n 's/^Ran \([0-9]*\) of.*/\1/p' <<<"$out" | tail -n1)
+  failed=$(sed -n 's/.* \([0-9]*\) Failed.*/\1/p' <<<"$out" | tail -n1)
+  log "  csi-sanity exit $rc: ran ${ran:-?}, failed ${failed:-?}"
+  check "csi-sanity ran specs against the containerized plugin" [ "${ran:-0}" -gt 0 ]
+  # the plugin serves every Node RPC: a spec can fail here only on a controller RPC it calls first
+  # (CreateVolume: the two node specs that make their own volume)
+  check "every failing spec failed on an RPC this node-only driver does not serve (Unimplemented)" \
+    [ "$(grep -c 'rpc error: code = Unimplemented' <<<"$out")" = "${failed:-0}" ]
+}
+
 if [ "${1:-}" = --one ] || [ "${1:-}" = --list ]; then test_main "container tests" 420 "$@"; fi
 if [ "$(id -u)" != 0 ]; then echo "container tests need root"; echo "0 passed, 1 failed"; exit 1; fi
 why=$(missing)
