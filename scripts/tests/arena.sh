@@ -201,10 +201,6 @@ t_core_dump() {
   check "the core is far smaller than the arena (< 128 MiB for a 1 GiB arena)" le "$size" $((128 * MiB))
 }
 
-kernel_at_least() {  # MAJOR MINOR
-  local v; v=$(uname -r); local ma=${v%%.*} rest=${v#*.}; local mi=${rest%%[!0-9]*}
-  [ "$ma" -gt "$1" ] || { [ "$ma" = "$1" ] && [ "$mi" -ge "$2" ]; }
-}
 stat_of() { awk -v k="$2" '$1 == k {print $2; f=1} END {if (!f) print 0}' "$1/memory.stat"; }
 
 # Swap (case 4): under memory pressure in the target, the arena's pages stay in RAM (tmpfs

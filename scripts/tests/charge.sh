@@ -44,10 +44,6 @@ new_env() {
 }
 
 # mount_target: mounts (extra options in MOUNT_EXTRA) $MNT charged to $T with the daemon in $D; records the baselines.
-kernel_at_least() {  # MAJOR MINOR
-  local v; v=$(uname -r); local ma=${v%%.*} rest=${v#*.}; local mi=${rest%%[!0-9]*}
-  [ "$ma" -gt "$1" ] || { [ "$ma" = "$1" ] && [ "$mi" -ge "$2" ]; }
-}
 cache_mode() { getfattr --absolute-names --only-values -n user.chargefs.status "$MNT" 2>/dev/null | sed -n 's/^cache=//p'; }
 
 mount_target() {

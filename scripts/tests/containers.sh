@@ -160,6 +160,15 @@ for a in c["args"]:
 print("\n".join(out + ["IMAGE"] + args))
 PYEOF
 }
+# plugin_up: a test's scratch world (setup), this run's image and the plugin running from it as
+# PLUGIN; fails saying why where podman, runc or the test's Python modules are missing.
+plugin_up() {
+  [ -z "$(missing)" ] || { log "  cannot run: $(missing)"; return 1; }
+  setup
+  ensure_image "$IMG"
+  PLUGIN=ctest-$$-plugin
+  run_plugin "$PLUGIN" "$IMG"
+}
 # run_plugin NAME IMAGE: starts the plugin container and waits for its socket.
 run_plugin() {
   local name=$1 image=$2 a args=()
@@ -260,11 +269,8 @@ start_pod2() {
 }
 
 t_pods() {
-  [ -z "$(missing)" ] || { log "  cannot run: $(missing)"; return 1; }
-  setup
-  ensure_image "$IMG"
-  local PL=ctest-$$-plugin
-  run_plugin "$PL" "$IMG"
+  plugin_up
+  local PL=$PLUGIN
   log "  plugin: podman run $(tr '\n' ' ' < "$SCR/plugin-args" | sed "s#$KDIR#KDIR#g")"
   check "the plugin runs privileged with host PID, from the manifest" \
     bash -c 'grep -qx -- --privileged "$1" && grep -qx -- --pid=host "$1"' _ "$SCR/plugin-args"
@@ -339,11 +345,8 @@ shared_cgroups() {
 }
 
 t_upgrade() {
-  [ -z "$(missing)" ] || { log "  cannot run: $(missing)"; return 1; }
-  setup
-  ensure_image "$IMG"
-  local PL=ctest-$$-plugin
-  run_plugin "$PL" "$IMG"
+  plugin_up
+  local PL=$PLUGIN
   start_pod1
   start_pod2
   in_ctr "$C1" sh -c 'head -c 8388608 /dev/urandom > /data/a'
@@ -423,10 +426,7 @@ t_sanity() {
   if [ -z "${CSI_SANITY:-}" ] || [ ! -x "$CSI_SANITY" ]; then
     log "  cannot run: CSI_SANITY names no csi-sanity binary (build it outside the repository)"; return 1
   fi
-  [ -z "$(missing)" ] || { log "  cannot run: $(missing)"; return 1; }
-  setup
-  ensure_image "$IMG"
-  run_plugin "ctest-$$-plugin" "$IMG"
+  plugin_up
   local uid; uid=$(uuid); new_pod "$uid" $((64 * MiB)) >/dev/null
   printf 'csi.storage.k8s.io/ephemeral: "true"\ncsi.storage.k8s.io/pod.uid: "%s"\nsize: 16Mi\n' "$uid" >"$SCR/params.yaml"
   mkdir -p "$KDIR/sanity"

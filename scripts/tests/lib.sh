@@ -228,6 +228,12 @@ cfs_umount() {
   ! is_mounted "$mnt"
 }
 
+# kernel_at_least MAJOR MINOR: whether the running kernel is at least MAJOR.MINOR.
+kernel_at_least() {
+  local v; v=$(uname -r); local ma=${v%%.*} rest=${v#*.}; local mi=${rest%%[!0-9]*}
+  [ "$ma" -gt "$1" ] || { [ "$ma" = "$1" ] && [ "$mi" -ge "$2" ]; }
+}
+
 # cfs_daemons_below DIR: pids of running chargefsd processes whose arguments name a path below
 # DIR (an exited one not yet reaped, a zombie, has no arguments left: not running).
 cfs_daemons_below() {

@@ -15,12 +15,6 @@ source "$(dirname "$SELF")/lib.sh"
 TESTS=(build init survives_server_death successor_serves resend resend_create no_resend_waits clone_fd respawn_ms both_dead)
 KILLS=${TAKEOVER_KILLS:-20}
 
-# Kernel at least $1.$2?
-kernel_at_least() {
-  local v; v=$(uname -r); local maj=${v%%.*} rest=${v#*.}; local min=${rest%%[!0-9]*}
-  [ "$maj" -gt "$1" ] || { [ "$maj" = "$1" ] && [ "$min" -ge "$2" ]; }
-}
-
 # probe: builds and runs the probe; sets OUT (its output) and PROBE_RC; the mount and every
 # process it started must be gone afterwards.
 probe() {

@@ -23,7 +23,6 @@ SHOW='uname -r; grep -qw memory /sys/fs/cgroup/cgroup.controllers && echo v2-mem
 boots() {  # boots KIND: runs SHOW in guest KIND and checks what came back
   local kind=$1 out rc=0 t0=$SECONDS
   out=$(bash "$VM" --vm "$kind" --timeout 300 -- bash -c "$SHOW" 2>&1) || rc=$?
-  out=$(tr -d '\r' <<<"$out")   # a console's line ends
   log "  $kind: exit $rc after $((SECONDS - t0)) s: $(grep -v '^\[' <<<"$out" | tr '\n' ' ')"
   check "$kind guest: the command's status (7) comes back" [ "$rc" = 7 ]
   check "$kind guest: cgroup v2 with the memory controller" grep -qx v2-memory <<<"$out"
