@@ -55,10 +55,113 @@ public final class FileSystem: Sendable {
     /// Whether the kernel took FUSE passthrough at INIT.
     private let kernelPassthrough = Atomic(false)
 
+    /// The state kept for a successor, nil unless asked for (docs/takeover.md). The same object
+    /// as the core's, held here too so that a due checkpoint is seen without the lock.
+    private let keeping: StateKeeping?
+
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
         core = ReadWriteLock(FileSystemCore(config: config, store: store))
         resolvedCaching = Atomic(Self.code(config.caching))
+        keeping = nil
+        takeover = nil
+    }
+
+    /// A file system that keeps its metadata in `state` for a successor (`init(takingOver:)`),
+    /// and hands `keeper` the descriptors a successor needs: the arena and its tmpfs, the state
+    /// files, and each backing file as it is made. Starts with a checkpoint of the empty tree.
+    public init(config: FileSystemConfig, store: sending PageStore, state: StateFiles, keeper: any DescriptorKeeper) throws(StateError) {
+        self.config = config
+        try keeper.keep(store.arena.fileDescriptor, as: .arena)
+        if let root = store.arena.tmpfsRoot { try keeper.keep(root, as: .arenaRoot) }
+        try keeper.keep(state.journal, as: .journal)
+        for (i, fd) in state.checkpoints.enumerated() { try keeper.keep(fd, as: .checkpoint(i)) }
+        let c = FileSystemCore(config: config, store: store)
+        let k = StateKeeping(files: state, keeper: keeper)
+        c.keeping = k
+        k.checkpointDue.store(true, ordering: .relaxed)
+        k.checkpointIfDue(c)
+        if let failure = k.failure { throw failure }
+        core = ReadWriteLock(c)
+        resolvedCaching = Atomic(Self.code(config.caching))
+        keeping = k
+        takeover = nil
+    }
+
+    /// Takes over a tree a dead server kept in `state` (same process or not): its checkpoint,
+    /// then each journal transaction after it, up to the first torn one (dropped). `store`
+    /// makes the page store on that server's arena (`Arena(adopting:)`,
+    /// `PageStore(adopting:...)`) from the arena pages the files hold and the count of their
+    /// pages in backing files; the other pages are punched, so what is charged is what the
+    /// files hold. Keeps state on from here, in the same files.
+    public init(takingOver state: StateFiles, keeper: any DescriptorKeeper, config: FileSystemConfig,
+                store makeStore: (_ inUse: [UInt32], _ backingPages: Int) -> PageStore) throws(StateError) {
+        var restorer = TreeRestorer(keeper: keeper, backingCalls: .kernel)
+        var checkpointSeq: UInt64 = 0
+        if let (seq, bytes) = try state.activeCheckpoint() {
+            try restorer.applyCheckpoint(bytes)
+            checkpointSeq = seq
+        }
+        let (transactions, dropped) = state.transactions(after: checkpointSeq)
+        for t in transactions { try restorer.apply(t.payload) }
+        guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
+        var inUse: [UInt32] = []
+        var backingPages = 0
+        for inode in restorer.inodes.all {
+            if inode.chargeTarget != 0 || inode.ownsTarget {
+                throw .unsupported("inode \(inode.ino) is charged to a directory's own target (user.chargefs.memcg)")
+            }
+            if inode.backing != nil {
+                backingPages += inode.pages.count
+            } else {
+                inode.pages.forEach { _, page in inUse.append(page) }
+            }
+        }
+        guard Set(inUse).count == inUse.count else { throw .corrupt("a page held by two files") }
+        let store = makeStore(inUse, backingPages)
+        guard inUse.allSatisfy({ Int($0) <= store.capacityPages }) else { throw .corrupt("a page past the arena's end") }
+        let c = FileSystemCore(config: config, store: store, restoring: restorer.inodes)
+        let k = StateKeeping(files: state, keeper: keeper)
+        k.nextBackingID = restorer.nextBackingID
+        k.backingIDs = restorer.backingIDs
+        for (unique, answer) in restorer.applied { k.remember(unique, answer) }
+        c.keeping = k
+        self.config = config
+        core = ReadWriteLock(c)
+        resolvedCaching = Atomic(Self.code(config.caching))
+        keeping = k
+        takeover = TakeoverReport(checkpointSeq: checkpointSeq, transactions: transactions.count, droppedBytes: dropped,
+                                  inodes: restorer.inodes.count)
+    }
+
+    /// What a takeover found (nil when this file system was not taken over).
+    public let takeover: TakeoverReport?
+
+    /// Checkpoints taken so far and the last one's duration in nanoseconds (0, 0 without state).
+    public var checkpointFigures: (count: Int, lastNanoseconds: UInt64) {
+        core.withReadLock { c in (c.keeping?.checkpoints ?? 0, c.keeping?.lastCheckpointNanoseconds ?? 0) }
+    }
+
+    /// Sets the journal size at which a checkpoint is due (tests).
+    public func setCheckpointBytes(_ bytes: Int) {
+        core.withWriteLock { c in c.keeping?.checkpointBytes = bytes }
+    }
+
+    /// Takes a checkpoint now (tests; an upgrade).
+    public func checkpointNow() {
+        keeping?.checkpointDue.store(true, ordering: .relaxed)
+        core.withReadLock { c in c.keeping?.checkpointIfDue(c) }
+    }
+
+    /// Records a change when state is kept (one nil check otherwise), in the caller's hold of
+    /// the exclusive lock.
+    @inline(__always)
+    private func record(_ c: FileSystemCore, _ request: RequestContext?, _ answer: @autoclosure () -> AppliedRequest,
+                        _ build: (inout StateChange) -> Void) {
+        guard let k = c.keeping else { return }
+        var change = StateChange()
+        build(&change)
+        k.commit(c, request, answer(), change)
     }
 
     private static let cachingCodes: [FileCaching] = [.automatic, .direct, .page]
@@ -74,7 +177,16 @@ public final class FileSystem: Sendable {
 
     @inline(__always)
     private func exclusive<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
-        try core.withWriteLock(body)
+        let result = try core.withWriteLock(body)
+        if let keeping { checkpointIfDue(keeping) }
+        return result
+    }
+
+    /// A checkpoint due is taken by the next caller of `exclusive` once it let go of the lock,
+    /// under the shared lock (readers go on; changes wait for it).
+    private func checkpointIfDue(_ keeping: StateKeeping) {
+        guard keeping.checkpointDue.load(ordering: .relaxed) else { return }
+        core.withReadLock { c in keeping.checkpointIfDue(c) }
     }
 
     @inline(__always)
@@ -86,20 +198,26 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.lookup(parent: parent, name: name) }
     }
     public func forget(_ ino: InodeNumber, count: UInt64) {
-        core.withWriteLock { c in c.forget(ino, count: count) }
+        core.withWriteLock { c in
+            c.forget(ino, count: count)
+            // Only an eviction is kept: lookup counts are set high after a takeover anyway.
+            if c.keeping != nil, c.inodes[ino] == nil { record(c, nil, .done) { $0.inode(ino) } }
+        }
     }
     public func getattr(_ ino: InodeNumber) throws(Errno) -> Attributes {
         try shared { c throws(Errno) in try c.inode(ino).attributes }
     }
     /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
     public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, caller: Caller,
-                        clearSetIDAsked: Bool) throws(Errno) -> Attributes {
-        let (attributes, due) = try exclusive { c throws(Errno) in
+                        clearSetIDAsked: Bool, request: RequestContext? = nil) throws(Errno) -> Attributes {
+        let (attributes, due) = try exclusive { c throws(Errno) -> (Attributes, ([Range<Int>], PageStore)?) in
+            if case .attributes(let a)? = c.keeping?.answer(for: request) { return (a, nil) }
             let sizeBefore = changes.size == nil ? nil : c.inodes[ino]?.size
             let attributes = try c.setattr(ino, changes, caller: caller, clearSetIDAsked: clearSetIDAsked)
             // A truncate up past the threshold (as before writing through mmap) moves the file
             // now, holding what it held below the threshold, not at its first read-only open.
             let due = sizeBefore.flatMap { before in c.inodes[ino].flatMap { c.dueForBackingFile($0, sizeBefore: before) } }
+            record(c, request, .attributes(attributes)) { $0.inode(ino) }
             return (attributes, due.map { ($0, c.store) })
         }
         if let (runs, store) = due, passthroughEnabled { makeBacking(ino, runs: runs, store: store, forOpen: false) }
@@ -108,26 +226,75 @@ public final class FileSystem: Sendable {
     public func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.readlink(ino) }
     }
-    public func mknod(parent: InodeNumber, name: FileName, mode: FileMode, rdev: UInt64, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.create(parent: parent, name: name, mode: mode, rdev: rdev, target: nil, caller: caller) }
+    /// A new name: made, or, for a resent request already applied, the answer it got.
+    private func creating(parent: InodeNumber, name: FileName, request: RequestContext?,
+                          _ make: (FileSystemCore) throws(Errno) -> Attributes) throws(Errno) -> Attributes {
+        try exclusive { c throws(Errno) in
+            if case .attributes(let a)? = c.keeping?.answer(for: request) { return a }
+            let a = try make(c)
+            record(c, request, .attributes(a)) { $0.inode(parent); $0.inode(a.ino); $0.entry(parent, name) }
+            return a
+        }
     }
-    public func mkdir(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.mkdir(parent: parent, name: name, mode: mode, caller: caller) }
+    public func mknod(parent: InodeNumber, name: FileName, mode: FileMode, rdev: UInt64, caller: Caller,
+                      request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.create(parent: parent, name: name, mode: mode, rdev: rdev, target: nil, caller: caller)
+        }
     }
-    public func symlink(target: [UInt8], parent: InodeNumber, name: FileName, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.symlink(target: target, parent: parent, name: name, caller: caller) }
+    public func mkdir(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller,
+                      request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.mkdir(parent: parent, name: name, mode: mode, caller: caller)
+        }
     }
-    public func link(_ ino: InodeNumber, newParent: InodeNumber, newName: FileName) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.link(ino, newParent: newParent, newName: newName) }
+    public func symlink(target: [UInt8], parent: InodeNumber, name: FileName, caller: Caller,
+                        request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.symlink(target: target, parent: parent, name: name, caller: caller)
+        }
     }
-    public func unlink(parent: InodeNumber, name: FileName) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.remove(parent: parent, name: name, directory: false) }
+    public func link(_ ino: InodeNumber, newParent: InodeNumber, newName: FileName,
+                     request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: newParent, name: newName, request: request) { c throws(Errno) in
+            try c.link(ino, newParent: newParent, newName: newName)
+        }
     }
-    public func rmdir(parent: InodeNumber, name: FileName) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.remove(parent: parent, name: name, directory: true) }
+    public func unlink(parent: InodeNumber, name: FileName, request: RequestContext? = nil) throws(Errno) {
+        try removing(parent: parent, name: name, directory: false, request: request)
     }
-    public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
+    public func rmdir(parent: InodeNumber, name: FileName, request: RequestContext? = nil) throws(Errno) {
+        try removing(parent: parent, name: name, directory: true, request: request)
+    }
+    private func removing(parent: InodeNumber, name: FileName, directory: Bool, request: RequestContext?) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            let victim = c.keeping == nil ? nil : c.inodes[parent]?.directory?.lookup(name)
+            try c.remove(parent: parent, name: name, directory: directory)
+            record(c, request, .done) { $0.inode(parent); $0.inode(victim); $0.entry(parent, name) }
+        }
+    }
+    public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags,
+                       request: RequestContext? = nil) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            guard c.keeping != nil else {
+                return try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+            }
+            let moving = c.inodes[parent]?.directory?.lookup(name)
+            let existing = c.inodes[newParent]?.directory?.lookup(newName)
+            let targetBefore = moving.flatMap { c.inodes[$0]?.chargeTarget }
+            try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+            record(c, request, .done) { change in
+                for ino in [parent, newParent] { change.inode(ino) }
+                change.inode(moving)
+                change.inode(existing)
+                change.entry(parent, name)
+                change.entry(newParent, newName)
+                // Into another target: every file below moved its pages (FileSystemCore+Targets).
+                if let moving, targetBefore != c.inodes[moving]?.chargeTarget { c.subtree(of: moving).forEach { change.inode($0) } }
+            }
+        }
     }
     /// Opens an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc), and
     /// says whether truncating cleared setuid/setgid (the kernel's cached mode is then stale).
@@ -135,11 +302,17 @@ public final class FileSystem: Sendable {
     /// FileSystemCore+Backing for when): give it to the kernel, then call
     /// `release(_:passthrough: true)` at the close, or `passthroughRefused` if the kernel would
     /// not take it.
-    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
+    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool,
+                     request: RequestContext? = nil) throws(Errno) -> OpenOutcome {
         let enabled = passthroughEnabled
-        let (modeChanged, step, store, target) = try exclusive { c throws(Errno) in
-            (try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked),
-             c.passthroughStep(ino, flags: flags, enabled: enabled), c.store, c.inodes[ino]?.chargeTarget ?? 0)
+        let (modeChanged, step, store, target) = try exclusive { c throws(Errno) -> (Bool, FileSystemCore.PassthroughStep, PageStore, Int) in
+            if case .opened(let modeChanged)? = c.keeping?.answer(for: request) {
+                return (modeChanged, FileSystemCore.PassthroughStep.none, c.store, 0)
+            }
+            let modeChanged = try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked)
+            let step = c.passthroughStep(ino, flags: flags, enabled: enabled)
+            record(c, request, .opened(modeChanged: modeChanged)) { $0.inode(ino) }
+            return (modeChanged, step, c.store, c.inodes[ino]?.chargeTarget ?? 0)
         }
         switch step {
         case .none, .needsBacking where target != 0:
@@ -168,7 +341,9 @@ public final class FileSystem: Sendable {
         }
         let step = core.withWriteLock { c in
             c.store.activeTarget = 0  // only the mount's own target's files get backing files
-            return c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
+            let step = c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
+            record(c, nil, .done) { $0.inode(ino) }
+            return step
         }
         if case .granted(let granted) = step { return granted }
         return nil
@@ -176,7 +351,10 @@ public final class FileSystem: Sendable {
 
     /// The kernel would not serve an open through its backing file: it is an ordinary open.
     public func passthroughRefused(_ ino: InodeNumber) {
-        core.withWriteLock { c in c.passthroughEnded(ino) }
+        core.withWriteLock { c in
+            c.passthroughEnded(ino)
+            record(c, nil, .done) { $0.inode(ino) }
+        }
     }
 
     /// Whether opens may pass through: the kernel took FUSE passthrough at INIT and file data
@@ -191,14 +369,19 @@ public final class FileSystem: Sendable {
         kernelPassthrough.store(available, ordering: .relaxed)
     }
     /// Creates a regular file and opens it (create(2) with O_CREAT).
-    public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller) }
+    public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller,
+                       request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller)
+        }
     }
     /// The last close of one open (or create) handle.
-    public func release(_ ino: InodeNumber, passthrough: Bool = false) {
+    public func release(_ ino: InodeNumber, passthrough: Bool = false, request: RequestContext? = nil) {
         core.withWriteLock { c in
+            if c.keeping?.answer(for: request) != nil { return }
             if passthrough { c.passthroughEnded(ino) }
             c.release(ino)
+            record(c, request, .done) { $0.inode(ino) }
         }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
@@ -219,6 +402,7 @@ public final class FileSystem: Sendable {
         } else {
             copy = try exclusive { (c: FileSystemCore) throws(Errno) -> CopiedRead? in
                 c.touchAtime(ino)
+                record(c, nil, .done) { $0.inode(ino) }
                 return try c.read(ino, offset: offset, count: count, body)
             }
         }
@@ -228,8 +412,13 @@ public final class FileSystem: Sendable {
     /// `wholeOrNothing`: a writeback of mapped pages, which must store every byte or none (the
     /// kernel ignores a short count there; see `FileSystemCore.write`).
     public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
-                      clearSetIDAsked: Bool, wholeOrNothing: Bool = false) throws(Errno) -> WriteResult {
-        let result = try charging { c, supply throws(Errno) in
+                      clearSetIDAsked: Bool, wholeOrNothing: Bool = false, request: RequestContext? = nil) throws(Errno) -> WriteResult {
+        if keeping != nil, case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
+            return WriteResult(written: count, modeChanged: modeChanged)
+        }
+        let result = try charging(commit: { c, result in
+            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.inode(ino) }
+        }) { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
                         wholeOrNothing: wholeOrNothing, supply: supply)
         }
@@ -242,12 +431,16 @@ public final class FileSystem: Sendable {
     }
     /// A fallocate that takes a small file past the threshold moves it first (what it holds),
     /// so that the allocation lands in the backing file and no open has to move it later.
-    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64,
+                          request: RequestContext? = nil) throws(Errno) {
+        if keeping != nil, core.withReadLock({ c in c.keeping?.answer(for: request) }) != nil { return }
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
            let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
             makeBacking(ino, runs: runs, store: store, forOpen: false)
         }
-        try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
+        try charging(commit: { c, _ in record(c, request, .done) { $0.inode(ino) } }) { c, supply throws(Errno) in
+            try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply)
+        }
     }
 
     /// Rounds of charging before an operation takes what is charged: only an operation whose
@@ -260,8 +453,15 @@ public final class FileSystem: Sendable {
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
     /// pages charged join the reserve and the operation runs again in the same lock hold, so no
     /// other writer takes them first.
-    private func charging<T>(_ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
-        var outcome = try exclusive { c throws(Errno) in try operation(c, .askForMore) }
+    /// `commit` records the change (kept state) in the same hold as the operation's last round.
+    private func charging<T>(commit: (FileSystemCore, T) -> Void,
+                             _ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
+        func run(_ c: FileSystemCore, _ supply: PageSupply) throws(Errno) -> NeedingPages<T> {
+            let outcome = try operation(c, supply)
+            if case .done(let result) = outcome { commit(c, result) }
+            return outcome
+        }
+        var outcome = try exclusive { c throws(Errno) in try run(c, .askForMore) }
         for round in 1...Self.chargeRounds {
             let pending: PendingCharge
             switch outcome {
@@ -278,7 +478,7 @@ public final class FileSystem: Sendable {
                 // may have landed in the reserve meanwhile).
                 defer { c.store.trimReserveToLimit() }
                 if let failure, charged == 0 { throw failure }
-                return try operation(c, supply)
+                return try run(c, supply)
             }
         }
         if case .done(let result) = outcome { return result }
@@ -291,13 +491,25 @@ public final class FileSystem: Sendable {
     /// Lists from `offset`; `body` returns false when its buffer is full (the entry it was given
     /// is then not counted). With `plus`, each listed entry but "." and ".." counts as a lookup.
     public func readdir(_ ino: InodeNumber, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.readdir(ino, offset: offset, plus: plus, body) }
+        try exclusive { c throws(Errno) in
+            let atime = c.keeping == nil || offset != 0 ? nil : c.inodes[ino]?.atime
+            try c.readdir(ino, offset: offset, plus: plus, body)
+            if let atime, c.inodes[ino]?.atime != atime { record(c, nil, .done) { $0.inode(ino) } }
+        }
     }
     public func usage() -> FileSystemUsage {
         core.withReadLock { c in c.usage() }
     }
-    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags, caller: Caller = .root) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags, caller: caller) }
+    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags, caller: Caller = .root,
+                         request: RequestContext? = nil) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            try c.setxattr(ino, name: name, value: value, flags: flags, caller: caller)
+            record(c, request, .done) { change in
+                change.inode(ino)
+                if name == Self.memcgXattr { c.subtree(of: ino).forEach { change.inode($0) } }
+            }
+        }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
         if ino == Self.rootIno && name == Self.requestsXattr { return [] }
@@ -308,8 +520,15 @@ public final class FileSystem: Sendable {
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.listxattr(ino) }
     }
-    public func removexattr(_ ino: InodeNumber, name: FileName, caller: Caller = .root) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.removexattr(ino, name: name, caller: caller) }
+    public func removexattr(_ ino: InodeNumber, name: FileName, caller: Caller = .root, request: RequestContext? = nil) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            try c.removexattr(ino, name: name, caller: caller)
+            record(c, request, .done) { change in
+                change.inode(ino)
+                if name == Self.memcgXattr { c.subtree(of: ino).forEach { change.inode($0) } }
+            }
+        }
     }
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
     public func storedBytes() -> (used: Int64, charged: Int64) {

@@ -7,12 +7,14 @@ import SystemPackage
 final class FileSystemCore {
     let config: FileSystemConfig
     let store: PageStore
-    private(set) var inodes = InodeTable()
+    var inodes = InodeTable()
     /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
-    private var inodeSlots: Int64 = 1
+    var inodeSlots: Int64 = 1
     let maxPages: Int?
     /// Files with a backing file of their own (for the status attribute).
     var backingFiles = 0
+    /// The state kept for a successor (docs/takeover.md); nil unless the mount asked for it.
+    var keeping: StateKeeping?
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
@@ -30,6 +32,29 @@ final class FileSystemCore {
         root.payload = .directory(Directory(parent: root.ino))
         root.lookups = 1  // the kernel's reference to the root, never forgotten
     }
+
+    /// A core over a tree rebuilt from kept state (a takeover): the counts that follow from the
+    /// tree are computed again, the kernel's lookup counts are unknown and set high (FORGETs
+    /// sent to the dead server are lost: an unlinked inode may then stay until unmount).
+    init(config: FileSystemConfig, store: PageStore, restoring table: InodeTable) {
+        self.config = config
+        self.store = store
+        if let bytes = config.maxBytes {
+            maxPages = Int((bytes + Int64(PageSize.bytes) - 1) / Int64(PageSize.bytes))
+        } else {
+            maxPages = nil
+        }
+        inodes = table
+        var slots: Int64 = 0
+        for inode in table.all {
+            inode.lookups = Self.lookupsAfterTakeover
+            if inode.backing != nil { backingFiles += 1 }
+            if inode.isDirectory { slots += 1 } else if inode.nlink > 0 { slots += Int64(inode.nlink) } else if inode.openCount > 0 { slots += 1 }
+        }
+        inodeSlots = slots
+    }
+
+    static let lookupsAfterTakeover: UInt64 = 1 << 40
 
     // MARK: lookup and lifetime
 

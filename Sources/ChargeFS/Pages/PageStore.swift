@@ -98,6 +98,30 @@ public final class PageStore {
     /// The pages files of target `index` hold.
     public func pagesInUse(target index: Int) -> Int { pools.indices.contains(index) ? pools[index]?.pagesInUse ?? 0 : 0 }
 
+    /// A store taking over an arena whose pages in use are `inUse` (read from the kept page
+    /// maps; all the mount's own target's: directories' targets are not taken over yet) plus
+    /// `backingPages` in backing files. Every other page below the highest in use is punched:
+    /// it was free, in a reserve, or picked by a charge the dead server never settled, and a
+    /// punch makes it a hole and gives its charge back, whichever it was (the charge is thus
+    /// recomputed from the page maps and cannot drift).
+    public convenience init(adopting arena: Arena, charger: PageCharger, key: String = "", inUse: [UInt32], backingPages: Int) {
+        self.init(arena: arena, charger: charger, key: key)
+        var used = [Bool](repeating: false, count: 0)
+        let highest = Int(inUse.max() ?? 0)
+        used = [Bool](repeating: false, count: highest + 1)
+        for page in inUse { used[Int(page)] = true }
+        nextFresh = highest + 1
+        var free: [UInt32] = []
+        if highest >= 1 { for page in 1...highest where !used[page] { free.append(UInt32(page)) } }
+        // Past the highest page in use, nothing is known: punch the rest of what the arena's
+        // file may hold (one call; a hole stays a hole).
+        let rest = arena.capacityPages + 1 - nextFresh
+        if rest > 0 { _ = arena.punch(first: UInt32(nextFresh), count: rest) }
+        punch(&free)
+        pagesInUse = inUse.count + backingPages
+        pools[0]?.pagesInUse = inUse.count
+    }
+
     /// The target for `path` if the caller may charge it (ChargeTargets.check): the one already
     /// open for that cgroup, else a new one, whose charger (a helper) starts now: only targets
     /// in use cost a helper.
