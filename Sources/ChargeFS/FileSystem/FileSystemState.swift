@@ -25,7 +25,7 @@ struct StateChange {
 final class StateKeeping: @unchecked Sendable {
     let files: StateFiles
     let keeper: any DescriptorKeeper
-    private var writer = StateWriter()
+    private let writer = StateWriter()
     /// Backing files no record names any more once the record being written is published.
     private var forgetAfterPublish: [UInt64] = []
     /// Ids of the backing files the keeper holds, by inode.
@@ -75,13 +75,13 @@ final class StateKeeping: @unchecked Sendable {
         guard failure == nil else { return }
         writer.reset()
         writer.u64(request?.original ?? 0)
-        answer.write(to: &writer)
+        answer.write(to: writer)
         forgetAfterPublish.removeAll(keepingCapacity: true)
         do throws(StateError) {
             for ino in change.inodes {
                 if let inode = core.inodes[ino] {
                     writer.u8(1)
-                    try encode(inode, pages: inode.pages.takeChanged(), into: &writer)
+                    try encode(inode, pages: inode.pages.takeChanged(), into: writer)
                 } else {
                     writer.u8(2)
                     writer.u64(ino.rawValue)
@@ -92,9 +92,9 @@ final class StateKeeping: @unchecked Sendable {
                 writer.u8(3)
                 writer.u64(dir.rawValue)
                 writer.blob(name)
-                let d = core.inodes[dir]?.directory
-                writer.u64(d?.lookup(name)?.rawValue ?? 0)
-                writer.u64(d?.cookie(of: name) ?? 0)
+                let entry = core.inodes[dir]?.directory?.entry(named: name)
+                writer.u64(entry?.ino.rawValue ?? 0)
+                writer.u64(entry?.cookie ?? 0)
             }
             try files.append(kind: 1, writer.bytes)
         } catch {
@@ -114,11 +114,12 @@ final class StateKeeping: @unchecked Sendable {
 
     /// One inode, whole but for its pages: `pages` is the span of its page map to record
     /// (nil: none; a takeover's checkpoint gives the whole map).
-    func encode(_ inode: Inode, pages: Range<Int>?, into w: inout StateWriter) throws(StateError) {
+    func encode(_ inode: Inode, pages: Range<Int>?, into w: StateWriter) throws(StateError) {
         w.u64(inode.ino.rawValue)
         w.u32(inode.generation); w.u32(inode.mode); w.u32(inode.uid); w.u32(inode.gid); w.u32(inode.nlink)
         w.u64(inode.rdev); w.i64(inode.size)
-        for t in [inode.atime, inode.mtime, inode.ctime] { w.i64(Int64(t.tv_sec)); w.i64(Int64(t.tv_nsec)) }
+        w.i64(Int64(inode.atime.tv_sec)); w.i64(Int64(inode.atime.tv_nsec)); w.i64(Int64(inode.mtime.tv_sec))
+        w.i64(Int64(inode.mtime.tv_nsec)); w.i64(Int64(inode.ctime.tv_sec)); w.i64(Int64(inode.ctime.tv_nsec))
         w.u32(inode.openCount); w.u32(inode.passthroughOpens)
         w.i64(Int64(inode.chargeTarget)); w.u8(inode.ownsTarget ? 1 : 0)
         switch inode.payload {
@@ -150,7 +151,7 @@ final class StateKeeping: @unchecked Sendable {
     private func backingID(of inode: Inode) throws(StateError) -> UInt64 {
         guard let backing = inode.backing else {
             // The file left its backing file (dropped): the keeper's copy goes after the publish.
-            if let id = backingIDs.removeValue(forKey: inode.ino) { forgetAfterPublish.append(id) }
+            if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: inode.ino) { forgetAfterPublish.append(id) }
             return 0
         }
         if backing.stateID == 0 {
@@ -175,7 +176,9 @@ final class StateKeeping: @unchecked Sendable {
         let start = timespec.now
         do throws(StateError) {
             forgetAfterPublish.removeAll(keepingCapacity: true)
-            try files.checkpoint(try snapshot(core))
+            let snapshot = try snapshot(core)
+            defer { withExtendedLifetime(snapshot) {} }  // its bytes are read through a pointer
+            try files.checkpoint(snapshot.bytes)
             for id in forgetAfterPublish { keeper.forget(.backingFile(id)) }
         } catch {
             fail(error)
@@ -189,8 +192,8 @@ final class StateKeeping: @unchecked Sendable {
 
     /// Every inode (with its whole page map and a directory's entries), the table's free
     /// numbers, the backing file ids and the last answers.
-    func snapshot(_ core: FileSystemCore) throws(StateError) -> [UInt8] {
-        var w = StateWriter(capacity: max(4096, core.inodes.count * 160))
+    func snapshot(_ core: FileSystemCore) throws(StateError) -> StateWriter {
+        let w = StateWriter(capacity: max(4096, core.inodes.count * 160))
         w.u64(StateFiles.version)
         w.u64(UInt64(core.inodes.slotCount))
         let free = core.inodes.freeList
@@ -201,7 +204,7 @@ final class StateKeeping: @unchecked Sendable {
         for inode in core.inodes.all {
             // The whole map; its changed span stays (the next record repeats part of it: harmless,
             // and nothing here may change the tree under the shared lock).
-            try encode(inode, pages: 0..<(Int.max >> 1), into: &w)
+            try encode(inode, pages: 0..<(Int.max >> 1), into: w)
             if let d = inode.directory {
                 w.u64(d.cookieCounter)
                 let entries = d.liveEntries
@@ -212,9 +215,9 @@ final class StateKeeping: @unchecked Sendable {
         w.u64(UInt64(appliedOrder.count))
         for unique in appliedOrder {
             w.u64(unique)
-            (applied[unique] ?? .done).write(to: &w)
+            (applied[unique] ?? .done).write(to: w)
         }
-        return w.bytes
+        return w
     }
 }
 

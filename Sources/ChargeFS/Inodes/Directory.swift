@@ -48,9 +48,11 @@ final class Directory {
         if tombstones > 32 && tombstones > index.count { compact() }
     }
 
-    /// The cookie `name` was listed under, nil when it is not in the directory.
-    func cookie(of name: FileName) -> UInt64? {
-        index[name].map { entries[$0].cookie }
+    /// The inode `name` names and the cookie it is listed under (one lookup), nil when it is
+    /// not in the directory.
+    func entry(named name: FileName) -> (ino: InodeNumber, cookie: UInt64)? {
+        guard let i = index[name] else { return nil }
+        return (entries[i].ino, entries[i].cookie)
     }
 
     /// Puts `name` at `ino` with the cookie it had (a takeover replaying a change): replaced in

@@ -24,14 +24,15 @@ public enum AppliedRequest: Sendable, Equatable {
     case written(count: Int, modeChanged: Bool)
     case opened(modeChanged: Bool)
 
-    public func write(to w: inout StateWriter) {
+    public func write(to w: StateWriter) {
         switch self {
         case .done: w.u8(0)
         case .attributes(let a):
             w.u8(1)
             w.u64(a.ino.rawValue); w.u32(a.generation); w.u32(a.mode); w.u32(a.nlink); w.u32(a.uid); w.u32(a.gid)
             w.u64(a.rdev); w.i64(a.size); w.i64(a.blocks)
-            for t in [a.atime, a.mtime, a.ctime] { w.i64(Int64(t.tv_sec)); w.i64(Int64(t.tv_nsec)) }
+            w.i64(Int64(a.atime.tv_sec)); w.i64(Int64(a.atime.tv_nsec)); w.i64(Int64(a.mtime.tv_sec)); w.i64(Int64(a.mtime.tv_nsec))
+            w.i64(Int64(a.ctime.tv_sec)); w.i64(Int64(a.ctime.tv_nsec))
         case .written(let count, let modeChanged):
             w.u8(2); w.u64(UInt64(count)); w.u8(modeChanged ? 1 : 0)
         case .opened(let modeChanged):

@@ -1,34 +1,73 @@
 import Glibc
 
-/// Appends little-endian values to a byte buffer: what a journal transaction or a checkpoint is
-/// written in. The buffer is kept and reused (no allocation per transaction once it has grown).
-public struct StateWriter {
-    public private(set) var bytes: [UInt8] = []
+/// Appends little-endian values to a buffer of its own: what a journal transaction or a
+/// checkpoint is written in. Kept and reused (no allocation per transaction once it has grown),
+/// and written with plain stores: a record costs tens of nanoseconds, not one generic append per
+/// field.
+public final class StateWriter {
+    private var base: UnsafeMutableRawPointer
+    private var capacity: Int
+    public private(set) var count = 0
 
-    public init(capacity: Int = 4096) { bytes.reserveCapacity(capacity) }
+    public init(capacity: Int = 4096) {
+        self.capacity = max(64, capacity)
+        base = UnsafeMutableRawPointer.allocate(byteCount: self.capacity, alignment: 16)
+    }
 
-    public mutating func reset() { bytes.removeAll(keepingCapacity: true) }
+    deinit { base.deallocate() }
+
+    public func reset() { count = 0 }
+
+    /// What was written so far (valid until the next write or reset).
+    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
 
     @inline(__always)
-    public mutating func u8(_ v: UInt8) { bytes.append(v) }
+    private func reserve(_ n: Int) {
+        if count + n > capacity { grow(count + n) }
+    }
 
-    @inline(__always)
-    public mutating func u32(_ v: UInt32) {
-        withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
+    private func grow(_ needed: Int) {
+        var size = capacity * 2
+        while size < needed { size *= 2 }
+        let bigger = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
+        bigger.copyMemory(from: base, byteCount: count)
+        base.deallocate()
+        base = bigger
+        capacity = size
     }
 
     @inline(__always)
-    public mutating func u64(_ v: UInt64) {
-        withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
+    public func u8(_ v: UInt8) {
+        reserve(1)
+        base.storeBytes(of: v, toByteOffset: count, as: UInt8.self)
+        count += 1
     }
 
     @inline(__always)
-    public mutating func i64(_ v: Int64) { u64(UInt64(bitPattern: v)) }
+    public func u32(_ v: UInt32) {
+        reserve(4)
+        base.storeBytes(of: v.littleEndian, toByteOffset: count, as: UInt32.self)
+        count += 4
+    }
+
+    @inline(__always)
+    public func u64(_ v: UInt64) {
+        reserve(8)
+        base.storeBytes(of: v.littleEndian, toByteOffset: count, as: UInt64.self)
+        count += 8
+    }
+
+    @inline(__always)
+    public func i64(_ v: Int64) { u64(UInt64(bitPattern: v)) }
 
     /// A length (UInt32) and the bytes.
-    public mutating func blob(_ v: [UInt8]) {
+    public func blob(_ v: [UInt8]) {
         u32(UInt32(truncatingIfNeeded: v.count))
-        bytes.append(contentsOf: v)
+        reserve(v.count)
+        v.withUnsafeBytes { p in
+            if let src = p.baseAddress { (base + count).copyMemory(from: src, byteCount: p.count) }
+        }
+        count += v.count
     }
 }
 

@@ -145,15 +145,13 @@ public final class StateFiles: @unchecked Sendable {
     // MARK: - Journal
 
     /// Appends one transaction and publishes it (the release store of the tail is its commit).
-    public func append(kind: UInt32, _ payload: [UInt8]) throws(StateError) {
+    public func append(kind: UInt32, _ payload: UnsafeRawBufferPointer) throws(StateError) {
         let tail = self.tail
         let padded = (payload.count + 7) & ~7
         let end = Self.headerBytes + tail + Self.transactionHeaderBytes + padded
         if end > fileBytes { try grow(to: end) }
         let at = base + Self.headerBytes + tail
-        payload.withUnsafeBytes { p in
-            if let src = p.baseAddress { (at + Self.transactionHeaderBytes).copyMemory(from: src, byteCount: p.count) }
-        }
+        if let src = payload.baseAddress { (at + Self.transactionHeaderBytes).copyMemory(from: src, byteCount: payload.count) }
         let seq = nextSeq
         at.storeBytes(of: UInt32(payload.count).littleEndian, as: UInt32.self)
         (at + 4).storeBytes(of: kind.littleEndian, as: UInt32.self)
@@ -245,14 +243,14 @@ public final class StateFiles: @unchecked Sendable {
     /// Writes a checkpoint holding every transaction up to `nextSeq - 1` into the inactive slot,
     /// switches to it, and restarts the journal (see the type's comment for why each step may be
     /// cut short by a crash).
-    public func checkpoint(_ bytes: [UInt8]) throws(StateError) {
+    public func checkpoint(_ bytes: UnsafeRawBufferPointer) throws(StateError) {
         let active = cfuse_load_acquire_u64(word(24))
         let slot = active == 0 ? 0 : Int((active & 1) ^ 1)
         let fd = checkpoints[slot].rawValue
         guard ftruncate(fd, off_t(bytes.count)) == 0 else { throw .system("ftruncate", errno) }
         var done = 0
         while done < bytes.count {
-            let n = bytes.withUnsafeBytes { p in p.baseAddress.map { pwrite(fd, $0 + done, bytes.count - done, off_t(done)) } ?? 0 }
+            let n = bytes.baseAddress.map { pwrite(fd, $0 + done, bytes.count - done, off_t(done)) } ?? 0
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { throw .system("pwrite", errno) }
             done += n
@@ -260,7 +258,7 @@ public final class StateFiles: @unchecked Sendable {
         let seq = nextSeq - 1
         word(32 + slot * 24).pointee = seq
         word(40 + slot * 24).pointee = UInt64(bytes.count)
-        word(48 + slot * 24).pointee = bytes.withUnsafeBytes { stateChecksum($0) }
+        word(48 + slot * 24).pointee = stateChecksum(bytes)
         let generation = (active >> 1) + 1
         cfuse_store_release_u64(word(24), generation << 1 | UInt64(slot))
         cfuse_store_release_u64(word(16), 0)

@@ -165,7 +165,7 @@ final class TakeoverStateTests: XCTestCase {
 
     /// Drops `fs` with no cleanup (no destroy, no release: what kill -9 leaves) and takes over.
     func takeOverAfterCrash(_ fs: inout FileSystem, _ keeper: InProcessKeeper, config: FileSystemConfig? = nil) throws -> FileSystem {
-        fs = try FileSystem(config: self.config(), store: try PageStore(capacityPages: 4) { DaemonCharger(arena: $0) })
+        fs = FileSystem(config: self.config(), store: try PageStore(capacityPages: 4) { DaemonCharger(arena: $0) })
         return try takeOver(keeper, config: config)
     }
 
@@ -280,7 +280,7 @@ final class TakeoverStateTests: XCTestCase {
     }
 
     func testNoStateByDefault() throws {
-        let fs = try FileSystem(config: config(), store: try PageStore(capacityPages: 64) { DaemonCharger(arena: $0) })
+        let fs = FileSystem(config: config(), store: try PageStore(capacityPages: 64) { DaemonCharger(arena: $0) })
         _ = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me, request: RequestContext(unique: 1))
         XCTAssertNil(fs.takeover)
         XCTAssertEqual(fs.checkpointFigures.count, 0)
