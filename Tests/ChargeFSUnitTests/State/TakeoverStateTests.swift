@@ -180,7 +180,8 @@ final class TakeoverStateTests: XCTestCase {
         }
         let checkpoints = fs.checkpointFigures.count
         XCTAssertGreaterThan(checkpoints, 3)
-        XCTAssertLessThan(try stateFiles(keeper).tail, 16 << 10, "the journal restarts after each checkpoint")
+        // About 150 KiB were journalled in all (~310 bytes a transaction): the journal restarts after each checkpoint.
+        XCTAssertLessThan(try stateFiles(keeper).tail, 64 << 10)
         let before = try dump(fs)
         fs = try takeOverAfterCrash(&fs, keeper)
         XCTAssertGreaterThan(try XCTUnwrap(fs.takeover).checkpointSeq, 0)
