@@ -280,6 +280,40 @@ final class TakeoverStateTests: XCTestCase {
         XCTAssertNil(keeper.descriptor(.backingFile(1)), "an unlinked file's backing file is let go")
     }
 
+    /// What the kernel holds across a takeover: readdir positions (cookies), and inode numbers
+    /// with generations, a number freed before the crash coming back with the next generation.
+    func testReaddirPositionsAndGenerations() throws {
+        var (fs, keeper) = try makeKept()
+        let d = try fs.mkdir(parent: root, name: n("d"), mode: 0o755, caller: me).ino
+        for i in 0..<50 { _ = try fs.mknod(parent: d, name: n("e\(i)"), mode: 0o100644, rdev: 0, caller: me) }
+        for i in stride(from: 0, to: 50, by: 3) { try fs.unlink(parent: d, name: n("e\(i)")) }
+        _ = try fs.mknod(parent: root, name: n("x"), mode: 0o100644, rdev: 0, caller: me)
+        _ = try fs.mkdir(parent: root, name: n("y"), mode: 0o700, caller: me)
+        try fs.rename(parent: root, name: n("x"), newParent: root, newName: n("y"), flags: .exchange)
+        _ = try fs.mkdir(parent: root, name: n("z"), mode: 0o700, caller: me)
+        try fs.rmdir(parent: root, name: n("z"))
+        var firstPart: [DirectoryEntry] = []
+        try fs.readdir(d, offset: 0, plus: false) { firstPart.append($0); return firstPart.count < 12 }
+        let resume = try XCTUnwrap(firstPart.last).nextOffset
+        func rest(_ fs: FileSystem) throws -> [String] {
+            var names: [String] = []
+            try fs.readdir(d, offset: resume, plus: false) { names.append("\(String(decoding: $0.name, as: UTF8.self))@\($0.nextOffset)"); return true }
+            return names
+        }
+        let a = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me)
+        try fs.unlink(parent: root, name: n("a"))
+        fs.forget(a.ino, count: 1)  // evicted: its number is free, with generation 1, at the crash
+        let restBefore = try rest(fs)
+        XCTAssertEqual(restBefore.count, 50 - 17 + 2 - 12)
+        let before = try dump(fs)
+        fs = try takeOverAfterCrash(&fs, keeper)
+        XCTAssertEqual(try dump(fs), before)
+        XCTAssertEqual(try rest(fs), restBefore, "a readdir resumed at the same offset lists the same entries")
+        let b = try fs.mknod(parent: root, name: n("b"), mode: 0o100644, rdev: 0, caller: me)
+        XCTAssertEqual(b.ino, a.ino, "the free number is reused")
+        XCTAssertEqual(b.generation, a.generation + 1, "with the next generation")
+    }
+
     func testNoStateByDefault() throws {
         let fs = FileSystem(config: config(), store: try PageStore(capacityPages: 64) { DaemonCharger(arena: $0) })
         _ = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me, request: RequestContext(unique: 1))
