@@ -79,6 +79,7 @@ public final class FileSystem: Sendable {
         let c = FileSystemCore(config: config, store: store)
         let k = StateKeeping(files: state, keeper: keeper)
         c.keeping = k
+        c.store.deferPunches = true
         k.checkpointDue.store(true, ordering: .relaxed)
         k.checkpointIfDue(c)
         if let failure = k.failure { throw failure }
@@ -126,6 +127,7 @@ public final class FileSystem: Sendable {
         k.backingIDs = restorer.backingIDs
         for (unique, answer) in restorer.applied { k.remember(unique, answer) }
         c.keeping = k
+        store.deferPunches = true
         self.config = config
         core = ReadWriteLock(c)
         resolvedCaching = Atomic(Self.code(config.caching))
@@ -145,6 +147,12 @@ public final class FileSystem: Sendable {
     /// Sets the journal size at which a checkpoint is due (tests).
     public func setCheckpointBytes(_ bytes: Int) {
         core.withWriteLock { c in c.keeping?.checkpointBytes = bytes }
+    }
+
+    /// Test hook: the next change is applied but its record is never published (a kill just
+    /// before the publish); drop the file system right after.
+    func dropNextRecordForTest() {
+        core.withWriteLock { c in c.keeping?.dropNextRecordForTest = true }
     }
 
     /// Takes a checkpoint now (tests; an upgrade).

@@ -136,6 +136,8 @@ final class FileSystemCore {
     func destroy() {
         for inode in inodes.all { releaseAllPages(of: inode) }
         store.trimReserve()
+        store.deferPunches = false
+        store.punchDeferred()
         inodes.removeAll()
     }
 

@@ -50,6 +50,10 @@ final class StateKeeping: @unchecked Sendable {
     private(set) var checkpoints = 0
     private(set) var lastCheckpointNanoseconds: UInt64 = 0
 
+    /// Test hook: the next commit writes nothing and does nothing after (a server killed just
+    /// before its publish; the test then drops the file system).
+    var dropNextRecordForTest = false
+
     init(files: StateFiles, keeper: any DescriptorKeeper) {
         self.files = files
         self.keeper = keeper
@@ -99,11 +103,19 @@ final class StateKeeping: @unchecked Sendable {
                 writer.u64(entry?.ino.rawValue ?? 0)
                 writer.u64(entry?.cookie ?? 0)
             }
+            if dropNextRecordForTest {
+                dropNextRecordForTest = false
+                return  // the server "died" before the publish: nothing after it runs either
+            }
             try files.append(kind: 1, writer.bytes)
         } catch {
             fail(error)
+            core.store.deferPunches = false
+            core.store.punchDeferred()
             return
         }
+        // The record no longer names the pages this change freed: they may go now.
+        core.store.punchDeferred()
         // Only once the record no longer names them: a crash before leaves them kept.
         for id in forgetAfterPublish { keeper.forget(.backingFile(id)) }
         if let request { remember(request.original, answer) }

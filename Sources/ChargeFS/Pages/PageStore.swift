@@ -75,9 +75,24 @@ public final class PageStore {
     /// handed out again, and still charged.
     public private(set) var pagesLost = 0
 
-    /// Pages charged to the charger's cgroup (in use, the reserve, and any lost).
+    /// Pages charged to the charger's cgroup (in use, the reserve, any lost, any whose punch waits).
     public var pagesCharged: Int {
-        pagesInUse + pagesLost + pools.reduce(0) { $0 + ($1.map { $0.reserve.count + $0.freed.count } ?? 0) }
+        pagesInUse + pagesLost + deferred.count + pools.reduce(0) { $0 + ($1.map { $0.reserve.count + $0.freed.count } ?? 0) }
+    }
+
+    /// With state kept for a successor (docs/takeover.md): punches wait for `punchDeferred`,
+    /// which the file system calls once the record that no longer names the pages is published.
+    /// A crash in between then leaves the successor's page maps over pages that still hold their
+    /// data, not over holes. The pages are charged meanwhile and handed to no one.
+    public var deferPunches = false
+    private var deferred: [UInt32] = []
+
+    /// Punches what waited for a record to be published.
+    public func punchDeferred() {
+        guard !deferred.isEmpty else { return }
+        var pages = deferred
+        deferred.removeAll()
+        punchNow(&pages)
     }
 
     /// A store on `arena` whose pages `charger` pays for (a charger that instantiates pages from
@@ -357,6 +372,16 @@ public final class PageStore {
     /// become reusable; a run that fails is retried page by page, and a page that fails alone is
     /// lost rather than handed to another file with its old contents.
     private func punch(_ pages: inout [UInt32]) {
+        guard !pages.isEmpty else { return }
+        if deferPunches {
+            deferred.append(contentsOf: pages)
+            pages.removeAll()
+            return
+        }
+        punchNow(&pages)
+    }
+
+    private func punchNow(_ pages: inout [UInt32]) {
         guard !pages.isEmpty else { return }
         pages.sort()
         var holes: [UInt32] = []
