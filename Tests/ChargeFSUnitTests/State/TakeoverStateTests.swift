@@ -337,6 +337,43 @@ final class TakeoverStateTests: XCTestCase {
         XCTAssertLessThanOrEqual(charged, Int64(PageStore.reserveLimit * PageSize.bytes))
     }
 
+    /// A crash while a checkpoint is written (into the inactive slot, before the switch): the
+    /// active one and the journal still hold everything. A corrupt active checkpoint is refused
+    /// with an error, never served.
+    func testACheckpointCutShortChangesNothing() throws {
+        var (fs, keeper) = try makeKept()
+        _ = try buildTree(fs)
+        fs.checkpointNow()
+        _ = try fs.mknod(parent: root, name: n("after-checkpoint"), mode: 0o100644, rdev: 0, caller: me)
+        let before = try dump(fs)
+        let state = try stateFiles(keeper)
+        // Which slot is active is the header's business: scribble on both, then put the active
+        // one back (what a half-written next checkpoint leaves in the other).
+        let active = try XCTUnwrap(try state.activeCheckpoint())
+        let junk = [UInt8](repeating: 0xA5, count: 1 << 16)
+        func put(_ bytes: [UInt8], _ fd: FileDescriptor) {
+            XCTAssertEqual(ftruncate(fd.rawValue, off_t(bytes.count)), 0)
+            XCTAssertEqual(bytes.withUnsafeBytes { pwrite(fd.rawValue, $0.baseAddress, $0.count, 0) }, bytes.count)
+        }
+        for fd in state.checkpoints { put(junk, fd) }
+        XCTAssertThrowsError(try state.activeCheckpoint(), "a corrupt checkpoint is detected")
+        var activeSlot: Int? = nil
+        for (i, fd) in state.checkpoints.enumerated() where activeSlot == nil {
+            put(active.bytes, fd)
+            if (try? state.activeCheckpoint()) != nil { activeSlot = i } else { put(junk, fd) }
+        }
+        XCTAssertNotNil(activeSlot, "the other slot holds junk, as a checkpoint cut short leaves it")
+        fs = try takeOverAfterCrash(&fs, keeper)
+        XCTAssertEqual(try dump(fs), before)
+        // The active one corrupt: the takeover fails (the keeper will abort the mount, step 3).
+        for fd in state.checkpoints { _ = ftruncate(fd.rawValue, 0) }
+        _ = try fs.mknod(parent: root, name: n("x"), mode: 0o100644, rdev: 0, caller: me)
+        fs = FileSystem(config: config(), store: try PageStore(capacityPages: 4) { DaemonCharger(arena: $0) })
+        XCTAssertThrowsError(try takeOver(keeper)) { error in
+            XCTAssertTrue("\(error)".contains("checkpoint"), "\(error)")
+        }
+    }
+
     func testNoStateByDefault() throws {
         let fs = FileSystem(config: config(), store: try PageStore(capacityPages: 64) { DaemonCharger(arena: $0) })
         _ = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me, request: RequestContext(unique: 1))
