@@ -36,6 +36,16 @@ public final class StateWriter {
         capacity = size
     }
 
+    /// Writes up to `maximum` bytes through `body` in one step (one check of room, one update of
+    /// the count: a record's fixed fields then cost plain stores); `body` returns how many it wrote.
+    @inline(__always)
+    public func fixed(_ maximum: Int, _ body: (inout FixedFields) -> Void) {
+        reserve(maximum)
+        var fields = FixedFields(base: base + count)
+        body(&fields)
+        count += min(fields.offset, maximum)
+    }
+
     @inline(__always)
     public func u8(_ v: UInt8) {
         reserve(1)
@@ -68,6 +78,18 @@ public final class StateWriter {
             if let src = p.baseAddress { (base + count).copyMemory(from: src, byteCount: p.count) }
         }
         count += v.count
+    }
+}
+
+/// Stores into room `StateWriter.fixed` reserved.
+public struct FixedFields {
+    let base: UnsafeMutableRawPointer
+    public private(set) var offset = 0
+
+    @inline(__always)
+    public mutating func put<T: FixedWidthInteger>(_ v: T) {
+        base.storeBytes(of: v.littleEndian, toByteOffset: offset, as: T.self)
+        offset += MemoryLayout<T>.size
     }
 }
 

@@ -172,7 +172,11 @@ public final class StateFiles: @unchecked Sendable {
         // Doubling, up to 64 MiB at a time: one ftruncate per many transactions.
         var size = fileBytes
         while size < bytes { size += min(size, 64 << 20) }
-        guard ftruncate(journal.rawValue, off_t(size)) == 0 else { throw .system("ftruncate", errno) }
+        // fallocate rather than ftruncate: the pages are allocated here, in one call, not by a
+        // page fault at the first touch of each (one fault per ~13 records on the hot path).
+        guard cfuse_fallocate(journal.rawValue, 0, Int64(fileBytes), Int64(size - fileBytes)) == 0 else {
+            throw .system("fallocate", errno)
+        }
         fileBytes = size
     }
 
