@@ -139,10 +139,12 @@ do {
     fs = nil  // the crash: nothing cleaned up; the keeper's descriptors remain
 
     t = now()
+    var cpu = cpuNow()
     let second = try takeOver(keeper)
     let fromJournal = now() - t
+    let fromJournalCPU = cpuNow() - cpu
     guard second.storedBytes().used == used else { fail("pages in use \(second.storedBytes().used) after the takeover, \(used) before") }
-    print("rebuild from the journal alone (\(second.takeover?.transactions ?? 0) transactions): \(fixed(fromJournal * 1000)) ms")
+    print("rebuild from the journal alone (\(second.takeover?.transactions ?? 0) transactions): \(fixed(fromJournal * 1000)) ms, CPU \(fixed(fromJournalCPU * 1000)) ms")
 
     second.checkpointNow()
     let figures = second.checkpointFigures
@@ -151,10 +153,12 @@ do {
     fs = second
     fs = nil
     t = now()
+    cpu = cpuNow()
     let third = try takeOver(keeper)
     let fromCheckpoint = now() - t
+    let fromCheckpointCPU = cpuNow() - cpu
     guard third.storedBytes().used == used else { fail("pages in use differ after the second takeover") }
-    print("rebuild from the checkpoint: \(fixed(fromCheckpoint * 1000)) ms (\(third.takeover?.inodes ?? 0) inodes)")
+    print("rebuild from the checkpoint: \(fixed(fromCheckpoint * 1000)) ms, CPU \(fixed(fromCheckpointCPU * 1000)) ms (\(third.takeover?.inodes ?? 0) inodes)")
 } catch {
     fail("\(error)")
 }
