@@ -421,7 +421,8 @@ public final class FileSystem: Sendable {
     /// kernel ignores a short count there; see `FileSystemCore.write`).
     public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
                       clearSetIDAsked: Bool, wholeOrNothing: Bool = false, request: RequestContext? = nil) throws(Errno) -> WriteResult {
-        if keeping != nil, case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
+        if keeping != nil, request?.isResend == true,
+           case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
             return WriteResult(written: count, modeChanged: modeChanged)
         }
         let result = try charging(commit: { c, result in
@@ -441,7 +442,7 @@ public final class FileSystem: Sendable {
     /// so that the allocation lands in the backing file and no open has to move it later.
     public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64,
                           request: RequestContext? = nil) throws(Errno) {
-        if keeping != nil, core.withReadLock({ c in c.keeping?.answer(for: request) }) != nil { return }
+        if keeping != nil, request?.isResend == true, core.withReadLock({ c in c.keeping?.answer(for: request) }) != nil { return }
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
            let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
             makeBacking(ino, runs: runs, store: store, forOpen: false)
