@@ -94,8 +94,11 @@ extension FileSystemCore {
             inode.passthroughOpens += 1
             return .granted(backing)
         }
+        // A small file passes through too when the open looks like a map or an exec
+        // (FileSystemCore+Mapped): its mappings then map the target's pages.
         guard enabled, let min = config.passthroughMinBytes, !flags.mayWrite, !flags.truncates,
-              inode.size >= min, inode.openCount == 1, isDense(inode) else { return .none }
+              inode.size >= min || wantsMappedPassthrough(inode, flags: flags), inode.openCount == 1,
+              isDense(inode) else { return .none }
         if let backing = inode.backing {
             inode.passthroughOpens += 1
             return .granted(backing)

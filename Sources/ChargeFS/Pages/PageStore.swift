@@ -95,15 +95,23 @@ public final class PageStore {
     /// The cgroup path (after realpath) of target `index`; "" for the daemon's own cgroup.
     public func targetKey(_ index: Int) -> String { pools.indices.contains(index) ? pools[index]?.key ?? "" : "" }
 
+    /// Directories' targets in use (index 1 on): each one's cgroup, the pages charged to it
+    /// (held by files, and kept for reuse) and its charger (for its limit and headroom).
+    public var directoryTargets: [(key: String, chargedPages: Int, charger: PageCharger)] {
+        pools.dropFirst().compactMap { pool in
+            pool.map { ($0.key, $0.pagesInUse + $0.reserve.count + $0.freed.count, $0.charger) }
+        }
+    }
+
     /// The pages files of target `index` hold.
     public func pagesInUse(target index: Int) -> Int { pools.indices.contains(index) ? pools[index]?.pagesInUse ?? 0 : 0 }
 
     /// The target for `path` if the caller may charge it (ChargeTargets.check): the one already
     /// open for that cgroup, else a new one, whose charger (a helper) starts now: only targets
     /// in use cost a helper.
-    public func openTarget(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> Int {
+    public func openTarget(_ path: String, uid: UInt32, gid: UInt32, groups: [UInt32] = []) throws(Errno) -> Int {
         guard let targets else { throw .notSupported }
-        let key = try targets.check(path, uid: uid, gid: gid)
+        let key = try targets.check(path, uid: uid, gid: gid, groups: groups)
         if let found = pools.firstIndex(where: { $0?.key == key }) { return found }
         let pool = Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key)
         if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
