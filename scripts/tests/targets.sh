@@ -90,8 +90,7 @@ t_set_unset_moves() {
   check "A gave it all back (helper gone too: ≤ 1 MiB above where it started)" le "$(rise "$A" "$a0")" "$SLACK"
   check "data intact after two moves" cmp "$SCR/src" "$MNT/a/f"
   # and set again on a directory already holding files: their pages move into A. (Small files:
-  # a large file of the mount's target read through passthrough has a backing file of its own,
-  # which does not move: EBUSY, see the design notes.)
+  # mapped_then_moved has files with backing files of their own.)
   t1=$(cg_usage "$T"); a0=$(cg_usage "$A")
   check "setfattr again on a non-empty directory" setfattr -n user.chargefs.memcg -v "$A" "$MNT/a/sub"
   log "  after set: A rose by $(fmt_mib "$(rise "$A" "$a0")"), T by $(fmt_mib "$(rise "$T" "$t1")")"
