@@ -17,6 +17,17 @@ source "$(dirname "$SELF")/lib.sh"
 SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge batching
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
        mapped_then_moved supplementary_groups status_per_target use_case_3)
+# The mapped-file rule needs FUSE passthrough (6.9+): on an older kernel (the 6.1 guest of
+# targets-v2.sh) a job that maps a file from the mount pays for its pages (README), so the two
+# tests of that rule are left out of the default list, said aloud; named, they fail there.
+if ! kernel_at_least 6 9 && [ "${1:-}" != --one ] && [ "${1:-}" != --list ] && [ $# = 0 ]; then
+  log "targets.sh: $(uname -r) has no FUSE passthrough (6.9+): mapped_then_moved and use_case_3 left out"
+  TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
+         supplementary_groups status_per_target)
+fi
+passthrough_or_fail() {
+  kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has no FUSE passthrough (6.9+), which the mapped-file rule needs"; return 1; }
+}
 
 # new_env: scratch dir SCR (searchable by all: uid 65534 runs commands in it), the mount's target
 # T (256 MiB) with the daemon in D, and $MNT mounted with memcg=$T.
@@ -259,6 +270,7 @@ t_root_retarget() {
 # targets still work (the data leaves its backing file for the new target's arena); while a
 # program from there runs (its executable held open) EBUSY, and nothing moves.
 t_mapped_then_moved() {
+  passthrough_or_fail
   new_env
   local A B J; new_cg A a $((64 * MiB)); new_cg B b $((64 * MiB)); new_cg J job
   stage_runtime "$MNT/x" /usr/bin/xz /usr/bin/sleep
@@ -346,7 +358,8 @@ t_status_per_target() {
 # 512 KiB), and the target holds the runtime.
 t_use_case_3() {
   local py=/usr/bin/python3.11
-  [ -x "$py" ] || { log "  $py missing"; return 1; }
+  [ -x "$py" ] || { log "  cannot run: $py missing"; return 1; }
+  passthrough_or_fail
   new_env
   local t0; t0=$(cg_usage "$T")
   stage_runtime "$MNT/rt" "$py" /usr/lib/python3.11/lib-dynload/*.so
