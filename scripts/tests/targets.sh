@@ -289,12 +289,15 @@ t_mapped_then_moved() {
   check "A took them (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" "$bytes" $((2 * SLACK))
   check "T gave them back (±1 MiB)" near "$(rise "$T" "$t0")" $((-bytes)) "$SLACK"
   check "no backing file left there (libc's went too)" [ "$(backing_files "$MNT")" = 0 ]
-  # Below a directory's own target files stay in the arena: a job mapping them pays for the
-  # pages it faults (page cache, at most the files' size; README, "Limitations").
+  # Below a directory's own target, mapped and executed files get backing files of that
+  # target's: a job running them there is charged nothing either, and A holds them.
   local J2; new_cg J2 job2
+  a0=$(cg_usage "$A")
   check "xz still runs from there" cg_run_in "$J2" chroot "$MNT/x" /usr/bin/xz --version
-  log "  a job running it there: $(fmt_mib "$(cg_file "$J2")") of file pages"
-  check "that job paid at most the files' size" le "$(cg_file "$J2")" "$bytes"
+  log "  a job running it there: $(fmt_mib "$(cg_file "$J2")") of file pages; A $(fmt_mib "$(rise "$A" "$a0")"); backing files $(backing_files "$MNT")"
+  check "that job was charged no file pages (≤ 64 KiB)" le "$(cg_file "$J2")" $((64 * 1024))
+  check "the four ELF files got backing files of A's" [ "$(backing_files "$MNT")" = 4 ]
+  check "A still holds them (±1 MiB)" near "$(rise "$A" "$a0")" 0 "$SLACK"
   check "setfattr -x" setfattr -x user.chargefs.memcg "$MNT/x"
   check "T holds them again (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
   check "run again: backing files again" cg_run_in "$J" chroot "$MNT/x" /usr/bin/xz --version

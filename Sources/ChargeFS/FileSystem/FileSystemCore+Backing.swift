@@ -97,7 +97,7 @@ extension FileSystemCore {
         // A small file passes through too when the open looks like a map or an exec
         // (FileSystemCore+Mapped): its mappings then map the target's pages.
         guard enabled, let min = config.passthroughMinBytes, !flags.mayWrite, !flags.truncates,
-              inode.size >= min || wantsMappedPassthrough(inode, flags: flags), inode.openCount == 1,
+              (inode.size >= min && inode.chargeTarget == 0) || wantsMappedPassthrough(inode, flags: flags), inode.openCount == 1,
               isDense(inode) else { return .none }
         if let backing = inode.backing {
             inode.passthroughOpens += 1
@@ -112,7 +112,8 @@ extension FileSystemCore {
     /// meanwhile so that it no longer qualifies, or its pages are not those charged (the caller
     /// drops `file`, which gives its charge back).
     func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, charged: [Range<Int>], forOpen: Bool) -> PassthroughStep {
-        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
+        // The file must still be charged where its backing file was made (a move meanwhile).
+        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil, inode.chargeTarget == file.target,
               !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0 && isDense(inode)),
               heldRuns(inode) == charged else { return .none }
         let n = Self.pagesCovering(inode.size)
@@ -137,13 +138,14 @@ extension FileSystemCore {
         var freed: [UInt32] = []
         freed.reserveCapacity(inode.pages.count)
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
+        store.activeTarget = inode.chargeTarget
         store.free(freed)
         var moved = 0
         for run in charged {
             for i in run { inode.pages.set(PageMap.inBackingFile, at: i) }
             moved += run.count
         }
-        store.noteBackingPages(moved)
+        store.noteBackingPages(moved, of: file)
         inode.backing = file
         backingFiles += 1
         if forOpen { inode.passthroughOpens += 1 }
@@ -162,7 +164,7 @@ extension FileSystemCore {
            backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes)) {
             var marks: [UInt32] = []
             inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
-            store.noteBackingPages(-marks.count)
+            store.noteBackingPages(-marks.count, of: backing)
             backing.shrinks += 1
         }
         backing.aheadEnd = 0
@@ -179,7 +181,7 @@ extension FileSystemCore {
         let held = inode.pages.count
         var marks: [UInt32] = []
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &marks)
-        store.noteBackingPages(-held)
+        if let backing = inode.backing { store.noteBackingPages(-held, of: backing) }
         inode.backing?.shrinks += 1
         inode.backing = nil  // closed: its pages go now, or with the last mapping of it
         backingFiles -= 1
@@ -304,7 +306,7 @@ extension FileSystemCore {
         }
         // Pages were freed: a charge picked before now cannot tell which of its pages exist.
         if undo && punched { target.file.shrinks += 1 }
-        store.noteBackingPages(added)
+        store.noteBackingPages(added, of: target.file)
     }
 
     /// The backing file follows the size. Shrinking frees its pages past the end (and zeroes the
@@ -326,7 +328,7 @@ extension FileSystemCore {
         if size < inode.size {
             var marks: [UInt32] = []
             inode.pages.remove(from: Self.pagesCovering(size), to: Int.max >> 1, into: &marks)
-            store.noteBackingPages(-marks.count)
+            store.noteBackingPages(-marks.count, of: backing)
             backing.shrinks += 1
         }
         inode.size = size
@@ -345,7 +347,7 @@ extension FileSystemCore {
             if backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize) {
                 var marks: [UInt32] = []
                 inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
-                store.noteBackingPages(-marks.count)
+                store.noteBackingPages(-marks.count, of: backing)
                 backing.shrinks += 1
             } else {
                 // Refused: the pages stay (and stay counted), and must read as zeros now.

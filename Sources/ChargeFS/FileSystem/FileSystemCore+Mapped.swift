@@ -35,7 +35,7 @@ extension FileSystemCore {
     /// object). Reads only the file's first bytes, through the daemon's own view of the page
     /// that holds them (no new charge).
     func wantsMappedPassthrough(_ inode: Inode, flags: OpenFlags) -> Bool {
-        guard config.mappedPassthrough, inode.isRegular, inode.chargeTarget == 0, !flags.mayWrite, !flags.truncates,
+        guard config.mappedPassthrough, inode.isRegular, !flags.mayWrite, !flags.truncates,
               inode.size > 0 else { return false }
         if flags.rawValue & Self.execOpenFlag != 0 { return true }
         return startsWithELFMagic(inode)
@@ -105,7 +105,7 @@ extension FileSystemCore {
         for (file, pairs) in copies {
             var marks: [UInt32] = []
             file.pages.remove(from: 0, to: Int.max >> 1, into: &marks)
-            store.noteBackingPages(-marks.count)
+            if let backing = file.backing { store.noteBackingPages(-marks.count, of: backing) }
             for pair in pairs { file.pages.set(pair.page, at: pair.index) }
             file.backing?.shrinks += 1
             file.backing = nil

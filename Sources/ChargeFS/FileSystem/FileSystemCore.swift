@@ -92,12 +92,15 @@ final class FileSystemCore {
     }
 
     func releaseAllPages(of inode: Inode) {
-        if inode.backing != nil { return dropBacking(of: inode) }
-        guard inode.pages.count > 0 else { return }
-        var freed: [UInt32] = []
-        inode.pages.removeAll(into: &freed)
-        store.activeTarget = inode.chargeTarget
-        store.free(freed)
+        if inode.backing != nil {
+            dropBacking(of: inode)
+        } else {
+            guard inode.pages.count > 0 else { return }
+            var freed: [UInt32] = []
+            inode.pages.removeAll(into: &freed)
+            store.activeTarget = inode.chargeTarget
+            store.free(freed)
+        }
         if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
             store.releaseTarget(inode.chargeTarget)
         }

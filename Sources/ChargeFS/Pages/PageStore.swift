@@ -168,8 +168,25 @@ public final class PageStore {
     /// (a memfd arena follows the host's huge-page setting) and the charger can make them.
     public var canMakeBackingFiles: Bool { arena.tmpfsRoot != nil }
 
-    /// A new, empty backing file on the arena's tmpfs, made by the charger (for a memcg= target,
-    /// inside it). Takes a charger round trip: call it with no lock of the tree held.
+    /// A new, empty backing file on the arena's tmpfs, made by target `target`'s charger (for a
+    /// cgroup, inside it), which charges its pages too. Takes a charger round trip: call it with
+    /// no lock of the tree held (the charger is looked up under it: `backingCharger`).
+    static func makeBackingFile(root: FileDescriptor, charger: PageCharger, target: Int,
+                                       calls: PageFileCalls) throws(Errno) -> BackingFile {
+        let file = BackingFile(try charger.makeFile(in: root), target: target)
+        file.syscalls = calls
+        return file
+    }
+
+    /// What `makeBackingFile` needs of the store for target `target`, read under the tree's lock:
+    /// nil when no backing file can be made (no private tmpfs, or the target was given back).
+    func backingMaker(target: Int) -> (root: FileDescriptor, charger: PageCharger, calls: PageFileCalls)? {
+        guard let root = arena.tmpfsRoot else { return nil }
+        guard target == 0 || (pools.indices.contains(target) && pools[target] != nil) else { return nil }
+        return (root, pools[target]?.charger ?? mountCharger, backingFileCalls)
+    }
+
+    /// A new, empty backing file of the mount's own target (see the static form).
     public func makeBackingFile() throws(Errno) -> BackingFile {
         guard let root = arena.tmpfsRoot else { throw .notSupported }
         let file = BackingFile(try mountCharger.makeFile(in: root))
@@ -180,16 +197,21 @@ public final class PageStore {
     /// The system calls new backing files change their contents with (tests inject failures).
     var backingFileCalls = PageFileCalls.kernel
 
-    /// Pages of backing files count as in use, as arena pages do (size=, df, the status).
-    public func noteBackingPages(_ delta: Int) { pagesInUse += delta }
+    /// Pages of backing files count as in use, as arena pages do (size=, df, the status), and
+    /// as their target's (which is not given back while a file holds its pages).
+    public func noteBackingPages(_ delta: Int, of file: BackingFile) {
+        pagesInUse += delta
+        if pools.indices.contains(file.target) { pools[file.target]?.pagesInUse += delta }
+    }
 
     /// A charge of page ranges of a backing file (pages `first..<first+count` of the file), for
     /// `wanted` of them; `owner` and `shrinks` say which file and which of its shapes it was for.
     public func pendingCharge(of file: BackingFile, runs: [(first: Int, count: Int)], wanted: Int,
                               owner: UInt64, shrinks: UInt64, wholeOrNothing: Bool = false) -> PendingCharge {
-        PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
-                      charger: mountCharger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
-                                                                            wholeOrNothing: wholeOrNothing), target: 0)
+        let charger = pools.indices.contains(file.target) ? pools[file.target]?.charger ?? mountCharger : mountCharger
+        return PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
+                             charger: charger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
+                                                                              wholeOrNothing: wholeOrNothing), target: file.target)
     }
 
     /// Charged pages ready to hand out (those a file gave back are zero-filled on the way).

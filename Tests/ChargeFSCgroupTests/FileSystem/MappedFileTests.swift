@@ -101,7 +101,8 @@ final class MappedFileTests: XCTestCase {
 
     /// A target set above a small file that got a backing file (mapped, then closed) moves its
     /// data into the new target's arena; with a passthrough open live, EBUSY and nothing moves;
-    /// a rename across targets the same (EXDEV); -x brings it back to the mount's target.
+    /// a rename across targets the same (EXDEV); mapped there, a backing file of that target's;
+    /// -x brings it back to the mount's target.
     func testMovesTakeMappedFilesOutOfTheirBackingFiles() throws {
         let fs = try makeFS()
         let dir = try fs.mkdir(parent: root, name: Array("lib".utf8), mode: 0o755, caller: me).ino
@@ -126,13 +127,19 @@ final class MappedFileTests: XCTestCase {
         XCTAssertEqual(fs.chargeTarget(2).pagesInUse, (elf.count + 4095) / 4096, "its pages are the new target's (index 2: /cg/b took 1)")
         XCTAssertEqual(fs.storedBytes().used, used, "stored bytes unchanged by the move")
         XCTAssertEqual(try contents(fs, lib), elf)
-        XCTAssertNil(try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
-                     "below a directory's own target files stay in the arena")
-        fs.release(lib)
-        // Back to the mount's target: mapped again, it gets a backing file again; then a rename
-        // into the other target moves it out of that one.
+        // Mapped below a directory's own target: a backing file of that target's.
+        let underA = try XCTUnwrap(try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
+                                   "below a directory's own target too")
+        XCTAssertEqual(underA.backing.target, 2, "made and charged by the directory's target")
+        XCTAssertEqual(fs.chargeTarget(2).pagesInUse, (elf.count + 4095) / 4096, "its pages still count as that target's")
+        XCTAssertEqual(backingContents(underA), elf)
+        fs.release(lib, passthrough: true)
+        // Back to the mount's target: out of that backing file into the arena; mapped again, a
+        // backing file of the mount's target; then a rename into the other target moves it out.
         try fs.removexattr(dir, name: memcg, caller: me)
+        XCTAssertEqual(try backingFiles(fs), "backing_files=0")
         XCTAssertEqual(fs.chargeTarget(0).pagesInUse, (elf.count + 4095) / 4096)
+        XCTAssertEqual(fs.chargeTarget(2).cgroup, "", "the directory's target given back once nothing holds its pages")
         XCTAssertNotNil(try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
         fs.release(lib, passthrough: true)
         XCTAssertEqual(try backingFiles(fs), "backing_files=1")
