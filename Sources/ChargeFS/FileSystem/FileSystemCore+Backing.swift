@@ -50,8 +50,8 @@ extension FileSystemCore {
     /// charge batch: each write into a backing file's hole is a charge round trip of its own,
     /// where the arena serves 64 small writes with one (fio's 4 KiB random writes stay there).
     func dueForBackingFile(_ inode: Inode, sizeBefore: Int64, reaching: Int64? = nil, written: Int? = nil) -> [Range<Int>]? {
-        // Only the mount's own target's files get backing files (a directory's target keeps its
-        // files in the arena: its pages are its pool's).
+        // Only the mount's own target's large files move at a change (a directory's target keeps
+        // its files in the arena, but for those mapped or executed: FileSystemCore+Mapped).
         guard inode.isRegular, inode.backing == nil, inode.chargeTarget == 0, let min = config.passthroughMinBytes, sizeBefore < min,
               (reaching ?? inode.size) >= min, store.canMakeBackingFiles,
               // What a file below the threshold holds, plus the write that took it past (a file

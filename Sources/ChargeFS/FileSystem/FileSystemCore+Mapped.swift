@@ -17,13 +17,13 @@ import SystemPackage
 /// Other read-only opens of small files (scripts, .py, .pyc: read, not mapped) stay in the
 /// arena, as before, and cost no backing file.
 ///
-/// Only files charged to the mount's own target: a directory's target keeps its files in the
-/// arena (its pages are its pool's), so a job that maps a file below a directory with its own
-/// target is still charged for the pages it faults (reclaimable page cache). A move to another
-/// target (a target set or removed above, a rename) takes a small file's data out of its backing
-/// file back into the arena of the new target, unless a passthrough open of it is live (a
-/// program from the mount still running holds its executable open): then EBUSY (EXDEV for a
-/// rename), as for a large file.
+/// Whatever the file's target: below a directory with a target of its own the backing file is
+/// made and charged by that target's charger (`BackingFile.target`), and ELF files of 1 MiB or
+/// more pass through there too (other large files only under the mount's own target). A move to
+/// another target (a target set or removed above, a rename) takes a file's data out of its
+/// backing file into the arena of the new target, unless a passthrough open of it is live (a
+/// program from there still running holds its executable open): then EBUSY (EXDEV for a
+/// rename). The next map or exec makes a backing file of the new target's.
 /// Cost: a backing file per such file, about 1.8 KB of the target's kernel memory and a
 /// descriptor of the daemon's (docs/design.md, "Mapped and executed files").
 extension FileSystemCore {

@@ -18,9 +18,10 @@ import SystemPackage
 ///   access to its cgroup.procs, checked by the kernel with the caller's uid, gid and
 ///   supplementary groups); else EPERM.
 /// - Each target has its own charger (a helper in a leaf of it), started when the target is
-///   first set and stopped once no directory names it and no file holds its pages. Files below
-///   a directory's own target stay in the arena: only the mount's target makes backing files;
-///   a file that had one moves out of it into the new target's arena (FileSystemCore+Mapped).
+///   first set and stopped once no directory names it and no file holds its pages (backing
+///   files included). Files below a directory's own target stay in the arena, but for those
+///   mapped or executed, which get backing files of its own (FileSystemCore+Mapped); a file with
+///   a backing file moves out of it into the new target's arena.
 extension FileSystemCore {
     /// The target path shown for `inode`; ENODATA for the daemon's own cgroup.
     func effectiveTarget(_ inode: Inode) throws(Errno) -> [UInt8] {

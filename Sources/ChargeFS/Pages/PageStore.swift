@@ -46,8 +46,9 @@ public final class PageStore {
     /// the inode it works on, under its exclusive lock (so no other operation sees it change).
     public var activeTarget = 0
     private var charger: PageCharger { pools[activeTarget]?.charger ?? mountCharger }
-    /// The mount's own target's charger (pool 0's), which alone makes backing files: a large
-    /// file under a directory's own target stays in the arena (no passthrough).
+    /// The mount's own target's charger (pool 0's). A backing file is made and charged by its
+    /// own target's charger (`BackingFile.target`: a directory's target's for a mapped or
+    /// executed file below it).
     private let mountCharger: PageCharger
     let arena: Arena
     var capacityPages: Int { arena.capacityPages }
