@@ -30,9 +30,9 @@ extension FileSystemCore {
     /// `__FMODE_EXEC`: the kernel's exec opens carry it in the open flags FUSE passes on.
     static let execOpenFlag: Int32 = 0x20
 
-    /// Whether a read-only open of `inode`, below the passthrough threshold, should pass
-    /// through because a mapping is likely to follow (an exec, or a loader's open of an ELF
-    /// object). Reads only the file's first bytes, through the daemon's own view of the page
+    /// Whether a read-only open of `inode` (below the passthrough threshold, or of any size
+    /// below a directory's own target) should pass through because a mapping is likely to
+    /// follow (an exec, or a loader's open of an ELF object). Reads only the file's first bytes, through the daemon's own view of the page
     /// that holds them (no new charge).
     func wantsMappedPassthrough(_ inode: Inode, flags: OpenFlags) -> Bool {
         guard config.mappedPassthrough, inode.isRegular, !flags.mayWrite, !flags.truncates,
