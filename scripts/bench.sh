@@ -420,9 +420,9 @@ if [ "$only" = writes ]; then
         rm -f "$m"/wseq.*
         prefault
         # chargefs's own count of WRITE requests during the overwrites: one per write(2)?
-        [ "$f" != cfs ] || w0=$(getfattr --only-values -n user.chargefs.requests "$m" | sed -n 's/^WRITE=//p')
+        [ "$f" != cfs ] || w0=$(getfattr --only-values -n user.chargefs.requests "$m" 2>/dev/null | sed -n 's/^WRITE=//p')
         add "wovw-$place" "$f" "$(fio_val "$m" iops --name=wovw --rw=randwrite --bs=4k --size="$RAND" --overwrite=1 --runtime="$RUNTIME" --time_based)"
-        [ "$f" != cfs ] || WREQ[$place]="${WREQ[$place]:-} $(( $(getfattr --only-values -n user.chargefs.requests "$m" | sed -n 's/^WRITE=//p') - w0 ))"
+        [ "$f" != cfs ] || WREQ[$place]="${WREQ[$place]:-} $(( $(getfattr --only-values -n user.chargefs.requests "$m" 2>/dev/null | sed -n 's/^WRITE=//p') - w0 ))"
         rm -f "$m"/wovw.*
       done
       echo "  [writes, $place CPU] repetition $r done:$(for f in "${order[@]}"; do for w in wseq wread wovw; do printf ' %s/%s=%s' "$f" "$w" "$(awk '{print $NF}' <<<"${R["$w-$place|$f"]}")"; done; done)" >&2
