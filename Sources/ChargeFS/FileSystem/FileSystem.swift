@@ -195,11 +195,12 @@ public final class FileSystem: Sendable {
     public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
         try exclusive { c throws(Errno) in try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller) }
     }
-    /// The last close of one open (or create) handle.
-    public func release(_ ino: InodeNumber, passthrough: Bool = false) {
+    /// The last close of one open (or create) handle; whether that was the file's last open.
+    @discardableResult
+    public func release(_ ino: InodeNumber, passthrough: Bool = false) -> Bool {
         core.withWriteLock { c in
             if passthrough { c.passthroughEnded(ino) }
-            c.release(ino)
+            return c.release(ino)
         }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store

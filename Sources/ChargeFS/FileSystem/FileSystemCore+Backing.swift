@@ -38,7 +38,7 @@ extension FileSystemCore {
         let held = inode.pages.count
         if held < n { return false }
         if held == n && inode.pages.nextData(from: n) == nil { return true }
-        return n == 0 || inode.pages.nextHole(from: 0) >= n
+        return n == 0 || inode.pages.nextHole(from: 0, before: n) >= n
     }
 
     /// The runs of pages to charge for moving the file into a backing file now, when a change
@@ -207,14 +207,14 @@ extension FileSystemCore {
         var runs: [(first: Int, count: Int)] = []
         guard from <= last else { return runs }
         if (last - from + 1) - inode.pages.count > limit { throw .noSpace }
-        var index = inode.pages.nextHole(from: from)
+        var index = inode.pages.nextHole(from: from, before: last + 1)
         while index <= last {
             if let tail = runs.last, tail.first + tail.count == index {
                 runs[runs.count - 1].count += 1
             } else {
                 runs.append((index, 1))
             }
-            index = inode.pages.nextHole(from: index + 1)
+            index = inode.pages.nextHole(from: index + 1, before: last + 1)
         }
         return runs
     }
@@ -274,7 +274,7 @@ extension FileSystemCore {
         }
         // What is still a hole now was refused: write up to the first one (none at all when the
         // gap that must be filled first is one).
-        let firstHole = inode.pages.nextHole(from: gapFrom)
+        let firstHole = inode.pages.nextHole(from: gapFrom, before: lastIndex + 1)
         if firstHole <= lastIndex && (wholeOrNothing || firstHole < firstIndex) { throw .noSpace }
         let writable = firstHole > lastIndex ? count : Int(Int64(firstHole) * pageSize - offset)
         if writable <= 0 { throw .noSpace }
@@ -367,7 +367,7 @@ extension FileSystemCore {
         let holes = try holeRuns(inode, from: firstIndex, through: lastIndex, limit: pagesAllowed)
         if holes.reduce(0, { $0 + $1.count }) > pagesAllowed { throw .noSpace }
         if supply == .askForMore, let pending = charge(inode, backing, holes) { return pending }
-        if inode.pages.nextHole(from: firstIndex) <= lastIndex { throw .noSpace }
+        if inode.pages.nextHole(from: firstIndex, before: lastIndex + 1) <= lastIndex { throw .noSpace }
         return nil
     }
 }

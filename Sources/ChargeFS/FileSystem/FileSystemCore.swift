@@ -395,8 +395,10 @@ final class FileSystemCore {
         return modeChanged
     }
 
-    func release(_ ino: InodeNumber) {
-        guard let inode = inodes[ino], inode.openCount > 0 else { return }
+    /// Whether that was the file's last open.
+    @discardableResult
+    func release(_ ino: InodeNumber) -> Bool {
+        guard let inode = inodes[ino], inode.openCount > 0 else { return false }
         inode.openCount -= 1
         if inode.openCount == 0 && inode.nlink == 0 {
             inodeSlots -= 1
@@ -404,6 +406,7 @@ final class FileSystemCore {
         } else if inode.openCount == 0 {
             trimAhead(inode)
         }
+        return inode.openCount == 0
     }
 
     // MARK: directories
