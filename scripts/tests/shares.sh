@@ -33,6 +33,7 @@ new_env() {
   sleep 0.3
 }
 
+not_mounted() { ! is_mounted "$1"; }
 rise() { echo $(( $(cg_usage "$1") - $2 )); }
 shares() { getfattr --absolute-names --only-values -n user.chargefs.shares "$MNT"; }
 # shares_of CGROUP FIELD: the bytes in FIELD (owned, shared, hosted) of CGROUP's line; 0 if none.
@@ -130,18 +131,26 @@ t_refusals() {
   local opts
   for opts in "${bad[@]}"; do
     rc=0; out=$(timeout 20 "$bin" "$MNT" -o "$opts" -f 2>&1) || rc=$?
-    log "  -o $opts: exit $rc: $out"
-    check "-o $opts refused (exit $rc)" [ "$rc" != 0 ]
-    check "-o $opts: one line" [ "$(printf '%s\n' "$out" | wc -l)" = 1 ]
-    check "-o $opts: nothing mounted" ! is_mounted "$MNT"
+    log "  -o ${opts//$PARENT/PARENT}: exit $rc: ${out//$PARENT/PARENT}"
+    check "refused (exit $rc)" [ "$rc" != 0 ]
+    check "one line" [ "$(printf '%s\n' "$out" | wc -l)" = 1 ]
+    check "nothing mounted" not_mounted "$MNT"
   done
+  # A cgroup of another controller (v1 hosts mount each controller apart).
+  if [ "$(cg_version)" = 1 ] && [ -d /sys/fs/cgroup/pids ]; then
+    rc=0; out=$(timeout 20 "$bin" "$MNT" -o "memcg=auto,memcg_scope=/sys/fs/cgroup/pids" -f 2>&1) || rc=$?
+    log "  -o memcg=auto,memcg_scope=/sys/fs/cgroup/pids: exit $rc: $out"
+    check "a cgroup without the memory controller: refused, one line, named" \
+      bash -c '[ "$1" != 0 ] && [ "$(printf "%s\n" "$2" | wc -l)" = 1 ] && grep -q "memcg_scope=.*memory controller" <<<"$2"' _ "$rc" "$out"
+    check "nothing mounted" not_mounted "$MNT"
+  fi
   check "the scope's error names memcg_scope" bash -c "'$bin' '$MNT' -o 'memcg=auto,memcg_scope=$SCR' -f 2>&1 | grep -q '^.*memcg_scope='"
   # Another user, without write access to P's cgroup.procs: refused.
   cfs_stage_for_others
   rc=0; out=$(timeout 20 setpriv --reuid 65534 --regid 65534 --clear-groups "$CFS_PUBLIC/chargefsd" "$MNT" -o "memcg=auto,memcg_scope=$P" -f 2>&1) || rc=$?
   log "  uid 65534: exit $rc: $out"
   check "uid 65534 without delegation: refused, permission named" grep -q "permission denied" <<<"$out"
-  check "nothing mounted" ! is_mounted "$MNT"
+  check "nothing mounted" not_mounted "$MNT"
   cg_create "$D"
   cfs_mount "$MNT" "memcg=auto,memcg_scope=$P" "$D"
   mkdir "$MNT/d"
