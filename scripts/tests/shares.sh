@@ -64,9 +64,16 @@ t_tejun_example() {
   check "shares: C shares 8 MiB" [ "$(shares_of "$C" shared)" = $((8 * MiB)) ]
   check "shares: P hosts 8 MiB" [ "$(shares_of "$P" hosted)" = $((8 * MiB)) ]
   check "shares: B owns nothing now" [ "$(shares_of "$B" owned)" = 0 ]
-  # B fills a file of its own: ENOSPC about 8 MiB before its 48 MiB limit.
+  # fallocate is checked the same way: 42 MiB would fit in B's 48 MiB alone, not with the 8 shared.
+  local fa
+  fa=$(cg_run_in "$B" fallocate -l $((42 * MiB)) "$MNT/fa" 2>&1 || true)
+  check "B's fallocate of 42 MiB: ENOSPC with 8 MiB shared ($fa)" grep -q "No space left" <<<"$fa"
+  check "and it allocated nothing" [ "$(stat -c %b "$MNT/fa" 2>/dev/null || echo 0)" = 0 ]
+  rm -f "$MNT/fa"
+  # B fills a file of its own: ENOSPC about 8 MiB before its 48 MiB limit (256 KiB writes: dd's
+  # own buffer, in B too while it runs, stays small).
   local err bstop
-  err=$(cg_run_in "$B" dd if=/dev/zero of="$MNT/g" bs=1M count=64 2>&1 >/dev/null || true)
+  err=$(cg_run_in "$B" dd if=/dev/zero of="$MNT/g" bs=256k count=256 2>&1 >/dev/null || true)
   bstop=$(cg_usage "$B")
   log "  B stopped at usage $(fmt_mib "$bstop") with g at $(fmt_mib "$(stat -c %s "$MNT/g")") (dd: $err)"
   check "B's write ended in ENOSPC" grep -q "No space left" <<<"$err"

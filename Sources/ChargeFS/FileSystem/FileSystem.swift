@@ -261,12 +261,13 @@ public final class FileSystem: Sendable {
     }
     /// A fallocate that takes a small file past the threshold moves it first (what it holds),
     /// so that the allocation lands in the backing file and no open has to move it later.
-    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    /// `caller`: under memcg=auto, whose shares the allocation is checked against (as a write's).
+    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64, caller: Caller? = nil) throws(Errno) {
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
            let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
             makeBacking(ino, runs: runs, store: store, forOpen: false)
         }
-        try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
+        try charging(by: caller) { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
     }
 
     /// Rounds of charging before an operation takes what is charged: only an operation whose

@@ -155,6 +155,14 @@ final class SharedChargingTests: XCTestCase {
             XCTAssertEqual(error as? Errno, .noSpace)
         }
 
+        // fallocate counts the shares as a write does: all or nothing.
+        XCTAssertThrowsError(try fs.fallocate(h, mode: .allocate, offset: 0, length: 1 << 20, caller: inC)) { error in
+            XCTAssertEqual(error as? Errno, .noSpace)
+        }
+        XCTAssertEqual(try fs.getattr(h).size, 0, "nothing allocated")
+        scope.counters["/P/C"] = (0, 4 << 20)
+        XCTAssertNoThrow(try fs.fallocate(h, mode: .allocate, offset: 0, length: 1 << 20, caller: inC))
+
         // Removing the shared file gives it back everywhere.
         try fs.unlink(parent: FileSystem.rootIno, name: Array("f".utf8))
         for _ in 0..<3 { fs.release(f) }  // the create's open and C's two
