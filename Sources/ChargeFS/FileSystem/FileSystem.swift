@@ -47,6 +47,11 @@ public final class FileSystem: Sendable {
     /// A directory's charge target (setfattr/getfattr -n user.chargefs.memcg DIR; see
     /// FileSystemCore+Targets).
     public static let memcgXattr: FileName = Array("user.chargefs.memcg".utf8)
+    /// memcg=auto: the root's read-only table of who owns, shares and hosts what
+    /// (getfattr -n user.chargefs.shares MOUNTPOINT; see FileSystemCore+Shares).
+    public static let sharesXattr: FileName = Array("user.chargefs.shares".utf8)
+    /// Room kept below a limit by the shared-charge check, as the charger keeps it.
+    static let sharedCheckMargin: Int64 = 256 * 1024
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
@@ -55,8 +60,15 @@ public final class FileSystem: Sendable {
     /// Whether the kernel took FUSE passthrough at INIT.
     private let kernelPassthrough = Atomic(false)
 
+    /// memcg=auto: the cgroup a calling process counts as, and a cgroup's counters up to the
+    /// scope; both read the kernel's files, so they are asked with no lock held. nil otherwise.
+    private let callerCgroup: (@Sendable (Int32) -> String)?
+    private let sharedLevels: (@Sendable (String) -> [(cgroup: String, used: Int64, limit: Int64?)])?
+
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
         core = ReadWriteLock(FileSystemCore(config: config, store: store))
         resolvedCaching = Atomic(Self.code(config.caching))
     }
@@ -137,9 +149,11 @@ public final class FileSystem: Sendable {
     /// not take it.
     public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
         let enabled = passthroughEnabled
+        let cgroup = callerCgroup?(caller.pid)
         let (modeChanged, step, target) = try exclusive { c throws(Errno) in
-            (try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked),
-             c.passthroughStep(ino, flags: flags, enabled: enabled), c.inodes[ino]?.chargeTarget ?? 0)
+            let modeChanged = try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked)
+            if let cgroup, let inode = c.inodes[ino] { c.noteUser(inode, cgroup: cgroup) }
+            return (modeChanged, c.passthroughStep(ino, flags: flags, enabled: enabled), c.inodes[ino]?.chargeTarget ?? 0)
         }
         switch step {
         case .none:
@@ -193,7 +207,12 @@ public final class FileSystem: Sendable {
     }
     /// Creates a regular file and opens it (create(2) with O_CREAT).
     public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller) }
+        let cgroup = callerCgroup?(caller.pid)
+        return try exclusive { c throws(Errno) in
+            let attributes = try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller)
+            if let cgroup, let inode = c.inodes[attributes.ino] { c.noteUser(inode, cgroup: cgroup) }
+            return attributes
+        }
     }
     /// The last close of one open (or create) handle; whether that was the file's last open.
     @discardableResult
@@ -231,7 +250,7 @@ public final class FileSystem: Sendable {
     /// kernel ignores a short count there; see `FileSystemCore.write`).
     public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
                       clearSetIDAsked: Bool, wholeOrNothing: Bool = false) throws(Errno) -> WriteResult {
-        let result = try charging { c, supply throws(Errno) in
+        let result = try charging(by: caller) { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
                         wholeOrNothing: wholeOrNothing, supply: supply)
         }
@@ -244,12 +263,13 @@ public final class FileSystem: Sendable {
     }
     /// A fallocate that takes a small file past the threshold moves it first (what it holds),
     /// so that the allocation lands in the backing file and no open has to move it later.
-    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    /// `caller`: under memcg=auto, whose shares the allocation is checked against (as a write's).
+    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64, caller: Caller? = nil) throws(Errno) {
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
            let runs = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length) }) {
             makeBacking(ino, runs: runs, forOpen: false)
         }
-        try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
+        try charging(by: caller) { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
     }
 
     /// Rounds of charging before an operation takes what is charged: only an operation whose
@@ -262,7 +282,10 @@ public final class FileSystem: Sendable {
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
     /// pages charged join the reserve and the operation runs again in the same lock hold, so no
     /// other writer takes them first.
-    private func charging<T>(_ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
+    /// `caller`: under memcg=auto, whose shares the charge is checked against first
+    /// (`admitsShared`); a refusal stores what is already charged, as a charger's refusal does.
+    private func charging<T>(by caller: Caller? = nil,
+                             _ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
         var outcome = try exclusive { c throws(Errno) in try operation(c, .askForMore) }
         for round in 1...Self.chargeRounds {
             let pending: PendingCharge
@@ -270,7 +293,8 @@ public final class FileSystem: Sendable {
             case .done(let result): return result
             case .charge(let p): pending = p
             }
-            let (charged, failure) = pending.charge()
+            let admitted = caller.map { admitsShared($0, bytes: Int64(pending.wanted * PageSize.bytes)) } ?? true
+            let (charged, failure): (Int, Errno?) = admitted ? pending.charge() : (0, nil)
             // The charger refused part of it (or failed): store what fits; and so in the last round.
             let supply: PageSupply = charged < pending.wanted || failure != nil || round == Self.chargeRounds
                 ? .useWhatIsCharged : .askForMore
@@ -285,6 +309,21 @@ public final class FileSystem: Sendable {
         }
         if case .done(let result) = outcome { return result }
         throw .noSpace  // not reached: the last round never asks for a charge
+    }
+    /// memcg=auto: whether `bytes` more fit for `caller`'s cgroup X with its shares counted: at
+    /// X and each ancestor up to the scope that carries shared bytes, usage + shared + bytes
+    /// must stay within the limit less the margin. Costs nothing while X shares nothing; then
+    /// a read of X's counters per charge (one per 256 KiB written at most).
+    private func admitsShared(_ caller: Caller, bytes: Int64) -> Bool {
+        guard let callerCgroup, let sharedLevels else { return true }
+        let cgroup = callerCgroup(caller.pid)
+        let shared = core.withReadLock { c in c.sharedBytes(from: cgroup) }
+        if shared.isEmpty { return true }
+        for level in sharedLevels(cgroup) {
+            guard let limit = level.limit, let carried = shared[level.cgroup] else { continue }
+            if level.used + carried + bytes > limit - Self.sharedCheckMargin { return false }
+        }
+        return true
     }
     /// SEEK_DATA and SEEK_HOLE.
     public func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {

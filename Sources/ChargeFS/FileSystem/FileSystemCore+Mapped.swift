@@ -35,7 +35,9 @@ extension FileSystemCore {
     /// follow (an exec, or a loader's open of an ELF object). Reads only the file's first bytes, through the daemon's own view of the page
     /// that holds them (no new charge).
     func wantsMappedPassthrough(_ inode: Inode, flags: OpenFlags) -> Bool {
-        guard config.mappedPassthrough, inode.isRegular, !flags.mayWrite, !flags.truncates,
+        // Under memcg=auto a file's pages move between cgroups' arenas as it is shared: it stays
+        // in the arena, and a mapping of it is charged as before.
+        guard config.mappedPassthrough, !sharesCharges, inode.isRegular, !flags.mayWrite, !flags.truncates,
               inode.size > 0 else { return false }
         if flags.rawValue & Self.execOpenFlag != 0 { return true }
         return startsWithELFMagic(inode)

@@ -37,6 +37,8 @@ extension FileSystemCore {
 
     func setTarget(_ dir: Inode, value: [UInt8], flags: XattrFlags, caller: Caller) throws(Errno) {
         guard dir.isDirectory else { throw .invalidArgument }
+        // memcg=auto charges by who uses a file, not where it is: no directory target.
+        if sharesCharges { throw .invalidArgument }
         if flags.contains(.create) && dir.ownsTarget { throw .fileExists }
         if flags.contains(.replace) && !dir.ownsTarget { throw .noData }
         guard caller.uid == 0 || caller.uid == dir.uid else { throw .notPermitted }
@@ -69,7 +71,7 @@ extension FileSystemCore {
     }
 
     func releaseIfUnused(_ index: Int) {
-        if index != 0 && !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
+        if index != 0 && !sharesCharges && !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
     }
 
     /// Moves `top` and everything below it that takes its target from it to target `index`:

@@ -19,7 +19,7 @@ extension FileSystemCore {
         try Self.checkName(name)
         if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
         if name == FileSystem.memcgXattr { return try setTarget(inode, value: value, flags: flags, caller: caller) }
-        if ino == FileSystem.rootIno && (name == FileSystem.statusXattr || name == FileSystem.requestsXattr) { throw .notPermitted }
+        if ino == FileSystem.rootIno && (name == FileSystem.statusXattr || name == FileSystem.requestsXattr || name == FileSystem.sharesXattr) { throw .notPermitted }
         let exists = inode.xattrs?[name] != nil
         if flags.contains(.create) && exists { throw .fileExists }
         if flags.contains(.replace) && !exists { throw .noData }
@@ -41,6 +41,7 @@ extension FileSystemCore {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
         if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, passthrough: passthrough).utf8) }
+        if ino == FileSystem.rootIno && name == FileSystem.sharesXattr { return try sharesText() }
         if name == FileSystem.memcgXattr { return try effectiveTarget(inode) }
         guard let value = inode.xattrs?[name] else {
             try Self.checkName(name)

@@ -13,6 +13,9 @@ final class FileSystemCore {
     let maxPages: Int?
     /// Files with a backing file of their own (for the status attribute).
     var backingFiles = 0
+    /// memcg=auto: files used by more than one cgroup, or hosted above their one user (the
+    /// shared-charge check walks these only).
+    var sharedInodes = Set<InodeNumber>()
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
@@ -83,6 +86,7 @@ final class FileSystemCore {
     func evictIfUnused(_ inode: Inode) {
         guard inode.nlink == 0, inode.lookups == 0, inode.ino != FileSystem.rootIno else { return }
         inodes.remove(inode.ino)
+        sharedInodes.remove(inode.ino)
         if inode.openCount > 0 { inodeSlots -= 1 }  // no release will come for it now
         releaseAllPages(of: inode)
         if inode.ownsTarget {
@@ -101,7 +105,9 @@ final class FileSystemCore {
             store.activeTarget = inode.chargeTarget
             store.free(freed)
         }
-        if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
+        // memcg=auto keeps every cgroup's target (and helper) until unmount: files that name
+        // it may have no pages yet.
+        if !sharesCharges && inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
             store.releaseTarget(inode.chargeTarget)
         }
     }
@@ -269,7 +275,7 @@ final class FileSystemCore {
             if moving === existing { return }
             // Two targets would each have to take the other's pages: refused, as XFS refuses a
             // rename across project quota directories (mv copies, which charges the copy).
-            if fromInode.chargeTarget != toInode.chargeTarget { throw Errno(rawValue: EXDEV) }
+            if fromInode.chargeTarget != toInode.chargeTarget && !sharesCharges { throw Errno(rawValue: EXDEV) }
             // Neither may end up inside itself.
             if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
             if existing.isDirectory && isWithin(fromInode.ino, existing.ino) { throw .invalidArgument }
@@ -302,7 +308,8 @@ final class FileSystemCore {
         }
         if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
         // Into another target: the pages move with it (charged there first: ENOSPC moves nothing).
-        if !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
+        // Under memcg=auto a file's host is who uses it, not where it is: nothing moves.
+        if !sharesCharges && !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
             try retarget(moving, to: toInode.chargeTarget, backed: Errno(rawValue: EXDEV))
         }
 

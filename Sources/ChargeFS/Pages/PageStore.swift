@@ -123,6 +123,50 @@ public final class PageStore {
         return pools.count - 1
     }
 
+    /// memcg=auto (nil on other mounts): the scope P, whose cgroups files are charged to.
+    public var shares: (any SharedScope)?
+
+    /// memcg=auto: P after realpath (pool 0's key), nil on other mounts.
+    public var sharedScopePath: String? { shares?.scopePath }
+
+    /// memcg=auto: the cgroup a calling process counts as (its own inside P, else P), for the
+    /// file system's facade to ask with no lock held (it reads /proc).
+    public var callerCgroupLookup: (@Sendable (Int32) -> String)? {
+        guard let shares else { return nil }
+        return { pid in shares.cgroupPath(ofProcess: pid) }
+    }
+
+    /// memcg=auto: usage and limit of a cgroup and its ancestors up to P (reads cgroupfs: ask
+    /// with no lock held).
+    public var sharedLevelsLookup: (@Sendable (String) -> [(cgroup: String, used: Int64, limit: Int64?)])? {
+        guard let shares else { return nil }
+        return { path in shares.levels(of: path) }
+    }
+
+    /// memcg=auto: the target for cgroup `path` (inside P), opened with its charger when first
+    /// named. The mounter's permission on P covers every cgroup below it, so nothing is checked
+    /// per cgroup. A cgroup that cannot take a charger (removed meanwhile, no memory controller
+    /// of its own on v2) gives way to its parent, up to P (target 0).
+    public func openSharedTarget(_ path: String) -> Int {
+        guard let scope = sharedScopePath, let targets else { return 0 }
+        var level = path
+        while level != scope && level.hasPrefix(scope + "/") {
+            if let found = pools.firstIndex(where: { $0?.key == level }) { return found }
+            if let charger = try? targets.charger(for: level, arena: arena.fileDescriptor) {
+                let pool = Pool(charger: charger, key: level)
+                if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
+                    pools[free] = pool
+                    return free
+                }
+                pools.append(pool)
+                return pools.count - 1
+            }
+            guard let slash = level.lastIndex(of: "/") else { break }
+            level = String(level[..<slash])
+        }
+        return 0
+    }
+
     /// Gives a directory's target back once no file holds its pages and no directory names it:
     /// its kept pages are punched and its helper stops. The mount's own target stays.
     public func releaseTarget(_ index: Int) {
