@@ -47,6 +47,11 @@ public final class FileSystem: Sendable {
     /// A directory's charge target (setfattr/getfattr -n user.chargefs.memcg DIR; see
     /// FileSystemCore+Targets).
     public static let memcgXattr: FileName = Array("user.chargefs.memcg".utf8)
+    /// memcg=auto: the root's read-only table of who owns, shares and hosts what
+    /// (getfattr -n user.chargefs.shares MOUNTPOINT; see FileSystemCore+Shares).
+    public static let sharesXattr: FileName = Array("user.chargefs.shares".utf8)
+    /// Room kept below a limit by the shared-charge check, as the charger keeps it.
+    static let sharedCheckMargin: Int64 = 256 * 1024
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
@@ -58,9 +63,15 @@ public final class FileSystem: Sendable {
     /// The state kept for a successor, nil unless asked for (docs/takeover.md). The same object
     /// as the core's, held here too so that a due checkpoint is seen without the lock.
     private let keeping: StateKeeping?
+    /// memcg=auto: the cgroup a calling process counts as, and a cgroup's counters up to the
+    /// scope; both read the kernel's files, so they are asked with no lock held. nil otherwise.
+    private let callerCgroup: (@Sendable (Int32) -> String)?
+    private let sharedLevels: (@Sendable (String) -> [(cgroup: String, used: Int64, limit: Int64?)])?
 
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
         core = ReadWriteLock(FileSystemCore(config: config, store: store))
         resolvedCaching = Atomic(Self.code(config.caching))
         keeping = nil
@@ -72,6 +83,8 @@ public final class FileSystem: Sendable {
     /// files, and each backing file as it is made. Starts with a checkpoint of the empty tree.
     public init(config: FileSystemConfig, store: sending PageStore, state: StateFiles, keeper: any DescriptorKeeper) throws(StateError) {
         self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
         try keeper.keep(store.arena.fileDescriptor, as: .arena)
         if let root = store.arena.tmpfsRoot { try keeper.keep(root, as: .arenaRoot) }
         try keeper.keep(state.journal, as: .journal)
@@ -110,7 +123,8 @@ public final class FileSystem: Sendable {
         var backingPages = 0
         for inode in restorer.inodes.all {
             if inode.chargeTarget != 0 || inode.ownsTarget {
-                throw .unsupported("inode \(inode.ino) is charged to a directory's own target (user.chargefs.memcg)")
+                throw .unsupported("inode \(inode.ino) is charged to a target other than the mount's "
+                                   + "(a directory's own user.chargefs.memcg, or memcg=auto's): their pools are not taken over yet")
             }
             if inode.backing != nil {
                 backingPages += inode.pages.count
@@ -120,6 +134,8 @@ public final class FileSystem: Sendable {
         }
         guard Set(inUse).count == inUse.count else { throw .corrupt("a page held by two files") }
         let store = makeStore(inUse, backingPages)
+        // memcg=auto: which cgroups use each file is not kept (FileSystemCore+Shares).
+        if store.sharedScopePath != nil { throw .unsupported("memcg=auto: who shares which file is not kept yet") }
         guard inUse.allSatisfy({ Int($0) <= store.capacityPages }) else { throw .corrupt("a page past the arena's end") }
         let c = FileSystemCore(config: config, store: store, restoring: restorer.inodes)
         let k = StateKeeping(files: state, keeper: keeper)
@@ -129,6 +145,8 @@ public final class FileSystem: Sendable {
         c.keeping = k
         store.deferPunches = true
         self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
         core = ReadWriteLock(c)
         resolvedCaching = Atomic(Self.code(config.caching))
         keeping = k
@@ -228,7 +246,7 @@ public final class FileSystem: Sendable {
             record(c, request, .attributes(attributes)) { $0.inode(ino) }
             return (attributes, due.map { ($0, c.store) })
         }
-        if let (runs, store) = due, passthroughEnabled { makeBacking(ino, runs: runs, store: store, forOpen: false) }
+        if let (runs, _) = due, passthroughEnabled { makeBacking(ino, runs: runs, forOpen: false) }
         return attributes
     }
     public func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
@@ -313,42 +331,47 @@ public final class FileSystem: Sendable {
     public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool,
                      request: RequestContext? = nil) throws(Errno) -> OpenOutcome {
         let enabled = passthroughEnabled
-        let (modeChanged, step, store, target) = try exclusive { c throws(Errno) -> (Bool, FileSystemCore.PassthroughStep, PageStore, Int) in
+        let cgroup = callerCgroup?(caller.pid)
+        let (modeChanged, step, target) = try exclusive { c throws(Errno) -> (Bool, FileSystemCore.PassthroughStep, Int) in
             if case .opened(let modeChanged)? = c.keeping?.answer(for: request) {
-                return (modeChanged, FileSystemCore.PassthroughStep.none, c.store, 0)
+                return (modeChanged, FileSystemCore.PassthroughStep.none, 0)
             }
             let modeChanged = try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked)
+            if let cgroup, let inode = c.inodes[ino] { c.noteUser(inode, cgroup: cgroup) }
             let step = c.passthroughStep(ino, flags: flags, enabled: enabled)
             record(c, request, .opened(modeChanged: modeChanged)) { $0.inode(ino) }
-            return (modeChanged, step, c.store, c.inodes[ino]?.chargeTarget ?? 0)
+            return (modeChanged, step, c.inodes[ino]?.chargeTarget ?? 0)
         }
         switch step {
-        case .none, .needsBacking where target != 0:
+        case .none:
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
         case .needsBacking(let runs):
             return OpenOutcome(modeChanged: modeChanged,
-                               passthrough: makeBacking(ino, runs: runs, store: store, forOpen: true).map(PassthroughFile.init),
+                               passthrough: makeBacking(ino, runs: runs, target: target, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }
 
     /// Makes and charges a backing file for the pages of `runs` with no lock held (a frozen
-    /// target stalls only this open or change), then moves the file's data into it. nil (an
-    /// ordinary open; the file stays in the arena) when anything is short.
+    /// target stalls only this open or change), by the charger of `target` (the file's), then
+    /// moves the file's data into it. nil (an ordinary open; the file stays in the arena) when
+    /// anything is short, or the file moved to another target meanwhile.
     @discardableResult
-    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], store: PageStore, forOpen: Bool) -> BackingFile? {
-        guard let file = try? store.makeBackingFile() else { return nil }
+    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], target: Int = 0, forOpen: Bool) -> BackingFile? {
+        guard let maker = core.withReadLock({ $0.store.backingMaker(target: target) }),
+              let file = try? PageStore.makeBackingFile(root: maker.root, charger: maker.charger, target: target, calls: maker.calls)
+        else { return nil }
         let pages = runs.reduce(0) { $0 + $1.count }
         if pages > 0 {
-            let pending = store.pendingCharge(of: file, runs: runs.map { ($0.lowerBound, $0.count) }, wanted: pages,
-                                              owner: ino.rawValue, shrinks: 0)
+            let pending = PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.lowerBound, count: $0.count) }, wanted: pages,
+                                        charger: maker.charger,
+                                        file: PendingCharge.FileTarget(file: file, owner: ino.rawValue, shrinks: 0), target: target)
             let (charged, failure) = pending.charge()
             guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
         }
         let step = core.withWriteLock { c in
-            c.store.activeTarget = 0  // only the mount's own target's files get backing files
             let step = c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
             record(c, nil, .done) { $0.inode(ino) }
             return step
@@ -379,17 +402,23 @@ public final class FileSystem: Sendable {
     /// Creates a regular file and opens it (create(2) with O_CREAT).
     public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller,
                        request: RequestContext? = nil) throws(Errno) -> Attributes {
-        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
-            try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller)
+        let cgroup = callerCgroup?(caller.pid)
+        return try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            let attributes = try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller)
+            if let cgroup, let inode = c.inodes[attributes.ino] { c.noteUser(inode, cgroup: cgroup) }
+            return attributes
         }
     }
-    /// The last close of one open (or create) handle.
-    public func release(_ ino: InodeNumber, passthrough: Bool = false, request: RequestContext? = nil) {
+    /// The last close of one open (or create) handle; whether that was the file's last open
+    /// (false for a resent release already applied).
+    @discardableResult
+    public func release(_ ino: InodeNumber, passthrough: Bool = false, request: RequestContext? = nil) -> Bool {
         core.withWriteLock { c in
-            if c.keeping?.answer(for: request) != nil { return }
+            if c.keeping?.answer(for: request) != nil { return false }
             if passthrough { c.passthroughEnded(ino) }
-            c.release(ino)
+            let last = c.release(ino)
             record(c, request, .done) { $0.inode(ino) }
+            return last
         }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
@@ -425,7 +454,7 @@ public final class FileSystem: Sendable {
            case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
             return WriteResult(written: count, modeChanged: modeChanged)
         }
-        let result = try charging(commit: { c, result in
+        let result = try charging(by: caller, commit: { c, result in
             record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.inode(ino) }
         }) { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
@@ -434,20 +463,21 @@ public final class FileSystem: Sendable {
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.
         if let runs = result.dueForBackingFile, passthroughEnabled {
-            makeBacking(ino, runs: runs, store: core.withReadLock { $0.store }, forOpen: false)
+            makeBacking(ino, runs: runs, forOpen: false)
         }
         return result
     }
     /// A fallocate that takes a small file past the threshold moves it first (what it holds),
     /// so that the allocation lands in the backing file and no open has to move it later.
-    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64,
+    /// `caller`: under memcg=auto, whose shares the allocation is checked against (as a write's).
+    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64, caller: Caller? = nil,
                           request: RequestContext? = nil) throws(Errno) {
         if keeping != nil, request?.isResend == true, core.withReadLock({ c in c.keeping?.answer(for: request) }) != nil { return }
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
-           let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
-            makeBacking(ino, runs: runs, store: store, forOpen: false)
+           let runs = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length) }) {
+            makeBacking(ino, runs: runs, forOpen: false)
         }
-        try charging(commit: { c, _ in record(c, request, .done) { $0.inode(ino) } }) { c, supply throws(Errno) in
+        try charging(by: caller, commit: { c, _ in record(c, request, .done) { $0.inode(ino) } }) { c, supply throws(Errno) in
             try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply)
         }
     }
@@ -462,8 +492,10 @@ public final class FileSystem: Sendable {
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
     /// pages charged join the reserve and the operation runs again in the same lock hold, so no
     /// other writer takes them first.
+    /// `caller`: under memcg=auto, whose shares the charge is checked against first
+    /// (`admitsShared`); a refusal stores what is already charged, as a charger's refusal does.
     /// `commit` records the change (kept state) in the same hold as the operation's last round.
-    private func charging<T>(commit: (FileSystemCore, T) -> Void,
+    private func charging<T>(by caller: Caller? = nil, commit: (FileSystemCore, T) -> Void,
                              _ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
         func run(_ c: FileSystemCore, _ supply: PageSupply) throws(Errno) -> NeedingPages<T> {
             let outcome = try operation(c, supply)
@@ -477,7 +509,8 @@ public final class FileSystem: Sendable {
             case .done(let result): return result
             case .charge(let p): pending = p
             }
-            let (charged, failure) = pending.charge()
+            let admitted = caller.map { admitsShared($0, bytes: Int64(pending.wanted * PageSize.bytes)) } ?? true
+            let (charged, failure): (Int, Errno?) = admitted ? pending.charge() : (0, nil)
             // The charger refused part of it (or failed): store what fits; and so in the last round.
             let supply: PageSupply = charged < pending.wanted || failure != nil || round == Self.chargeRounds
                 ? .useWhatIsCharged : .askForMore
@@ -492,6 +525,21 @@ public final class FileSystem: Sendable {
         }
         if case .done(let result) = outcome { return result }
         throw .noSpace  // not reached: the last round never asks for a charge
+    }
+    /// memcg=auto: whether `bytes` more fit for `caller`'s cgroup X with its shares counted: at
+    /// X and each ancestor up to the scope that carries shared bytes, usage + shared + bytes
+    /// must stay within the limit less the margin. Costs nothing while X shares nothing; then
+    /// a read of X's counters per charge (one per 256 KiB written at most).
+    private func admitsShared(_ caller: Caller, bytes: Int64) -> Bool {
+        guard let callerCgroup, let sharedLevels else { return true }
+        let cgroup = callerCgroup(caller.pid)
+        let shared = core.withReadLock { c in c.sharedBytes(from: cgroup) }
+        if shared.isEmpty { return true }
+        for level in sharedLevels(cgroup) {
+            guard let limit = level.limit, let carried = shared[level.cgroup] else { continue }
+            if level.used + carried + bytes > limit - Self.sharedCheckMargin { return false }
+        }
+        return true
     }
     /// SEEK_DATA and SEEK_HOLE.
     public func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {

@@ -15,6 +15,9 @@ final class FileSystemCore {
     var backingFiles = 0
     /// The state kept for a successor (docs/takeover.md); nil unless the mount asked for it.
     var keeping: StateKeeping?
+    /// memcg=auto: files used by more than one cgroup, or hosted above their one user (the
+    /// shared-charge check walks these only).
+    var sharedInodes = Set<InodeNumber>()
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
@@ -108,6 +111,7 @@ final class FileSystemCore {
     func evictIfUnused(_ inode: Inode) {
         guard inode.nlink == 0, inode.lookups == 0, inode.ino != FileSystem.rootIno else { return }
         inodes.remove(inode.ino)
+        sharedInodes.remove(inode.ino)
         if inode.openCount > 0 { inodeSlots -= 1 }  // no release will come for it now
         releaseAllPages(of: inode)
         if inode.ownsTarget {
@@ -117,13 +121,18 @@ final class FileSystemCore {
     }
 
     func releaseAllPages(of inode: Inode) {
-        if inode.backing != nil { return dropBacking(of: inode) }
-        guard inode.pages.count > 0 else { return }
-        var freed: [UInt32] = []
-        inode.pages.removeAll(into: &freed)
-        store.activeTarget = inode.chargeTarget
-        store.free(freed)
-        if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
+        if inode.backing != nil {
+            dropBacking(of: inode)
+        } else {
+            guard inode.pages.count > 0 else { return }
+            var freed: [UInt32] = []
+            inode.pages.removeAll(into: &freed)
+            store.activeTarget = inode.chargeTarget
+            store.free(freed)
+        }
+        // memcg=auto keeps every cgroup's target (and helper) until unmount: files that name
+        // it may have no pages yet.
+        if !sharesCharges && inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
             store.releaseTarget(inode.chargeTarget)
         }
     }
@@ -293,7 +302,7 @@ final class FileSystemCore {
             if moving === existing { return }
             // Two targets would each have to take the other's pages: refused, as XFS refuses a
             // rename across project quota directories (mv copies, which charges the copy).
-            if fromInode.chargeTarget != toInode.chargeTarget { throw Errno(rawValue: EXDEV) }
+            if fromInode.chargeTarget != toInode.chargeTarget && !sharesCharges { throw Errno(rawValue: EXDEV) }
             // Neither may end up inside itself.
             if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
             if existing.isDirectory && isWithin(fromInode.ino, existing.ino) { throw .invalidArgument }
@@ -326,7 +335,8 @@ final class FileSystemCore {
         }
         if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
         // Into another target: the pages move with it (charged there first: ENOSPC moves nothing).
-        if !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
+        // Under memcg=auto a file's host is who uses it, not where it is: nothing moves.
+        if !sharesCharges && !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
             try retarget(moving, to: toInode.chargeTarget, backed: Errno(rawValue: EXDEV))
         }
 
@@ -419,8 +429,10 @@ final class FileSystemCore {
         return modeChanged
     }
 
-    func release(_ ino: InodeNumber) {
-        guard let inode = inodes[ino], inode.openCount > 0 else { return }
+    /// Whether that was the file's last open.
+    @discardableResult
+    func release(_ ino: InodeNumber) -> Bool {
+        guard let inode = inodes[ino], inode.openCount > 0 else { return false }
         inode.openCount -= 1
         if inode.openCount == 0 && inode.nlink == 0 {
             inodeSlots -= 1
@@ -428,6 +440,7 @@ final class FileSystemCore {
         } else if inode.openCount == 0 {
             trimAhead(inode)
         }
+        return inode.openCount == 0
     }
 
     // MARK: directories
