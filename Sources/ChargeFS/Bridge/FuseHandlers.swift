@@ -37,6 +37,16 @@ enum FuseHandlers {
         if session.fileSystem.caching == .direct { cfuse_fi_set_direct_io(fi, 1) } else { cfuse_fi_set_keep_cache(fi, 1) }
     }
 
+    /// The request a change serves, when state is kept (otherwise nil, for one check): its
+    /// unique and opcode as the read hook noted them on this thread. An opcode other than the
+    /// handler's means the note is not this request's (a thread libfuse answers on without a
+    /// read): then nil, and a resend of it is served as a new request.
+    @inline(__always)
+    static func context(_ s: FuseSession, _ reply: borrowing Reply, _ opcode: fuse_opcode) -> RequestContext? {
+        guard s.fileSystem.keepsState, let context = reply.requestContext, context.opcode == opcode.rawValue else { return nil }
+        return context
+    }
+
     // MARK: session
 
     static func initialize(_ session: FuseSession, _ conn: UnsafeMutablePointer<fuse_conn_info>) {
@@ -71,39 +81,51 @@ enum FuseHandlers {
     }
 
     static func mknod(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t, rdev: dev_t) {
-        let caller = reply.caller
+        let caller = reply.caller, request = context(s, reply, FUSE_MKNOD)
         reply.entry { () throws(Errno) in
-            try s.fileSystem.mknod(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), rdev: UInt64(rdev), caller: caller)
+            try s.fileSystem.mknod(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), rdev: UInt64(rdev), caller: caller,
+                                   request: request)
         }
     }
 
     static func mkdir(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t) {
-        let caller = reply.caller
-        reply.entry { () throws(Errno) in try s.fileSystem.mkdir(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller) }
+        let caller = reply.caller, request = context(s, reply, FUSE_MKDIR)
+        reply.entry { () throws(Errno) in
+            try s.fileSystem.mkdir(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller, request: request)
+        }
     }
 
     static func symlink(_ s: FuseSession, _ reply: consuming Reply, target: UnsafePointer<CChar>?, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        let caller = reply.caller
-        reply.entry { () throws(Errno) in try s.fileSystem.symlink(target: Self.name(target), parent: InodeNumber(parent), name: Self.name(name), caller: caller) }
+        let caller = reply.caller, request = context(s, reply, FUSE_SYMLINK)
+        reply.entry { () throws(Errno) in
+            try s.fileSystem.symlink(target: Self.name(target), parent: InodeNumber(parent), name: Self.name(name), caller: caller, request: request)
+        }
     }
 
     static func link(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, newParent: fuse_ino_t, newName: UnsafePointer<CChar>?) {
-        reply.entry { () throws(Errno) in try s.fileSystem.link(InodeNumber(ino), newParent: InodeNumber(newParent), newName: Self.name(newName)) }
+        let request = context(s, reply, FUSE_LINK)
+        reply.entry { () throws(Errno) in
+            try s.fileSystem.link(InodeNumber(ino), newParent: InodeNumber(newParent), newName: Self.name(newName), request: request)
+        }
     }
 
     static func unlink(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        reply.success { () throws(Errno) in try s.fileSystem.unlink(parent: InodeNumber(parent), name: Self.name(name)) }
+        let request = context(s, reply, FUSE_UNLINK)
+        reply.success { () throws(Errno) in try s.fileSystem.unlink(parent: InodeNumber(parent), name: Self.name(name), request: request) }
     }
 
     static func rmdir(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        reply.success { () throws(Errno) in try s.fileSystem.rmdir(parent: InodeNumber(parent), name: Self.name(name)) }
+        let request = context(s, reply, FUSE_RMDIR)
+        reply.success { () throws(Errno) in try s.fileSystem.rmdir(parent: InodeNumber(parent), name: Self.name(name), request: request) }
     }
 
     static func rename(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?,
                        newParent: fuse_ino_t, newName: UnsafePointer<CChar>?, flags: UInt32) {
+        // RENAME2 (flags) or the older RENAME: libfuse calls this one handler for both.
+        let request = context(s, reply, FUSE_RENAME2) ?? context(s, reply, FUSE_RENAME)
         reply.success { () throws(Errno) in
             try s.fileSystem.rename(parent: InodeNumber(parent), name: Self.name(name), newParent: InodeNumber(newParent),
-                                    newName: Self.name(newName), flags: RenameFlags(rawValue: flags))
+                                    newName: Self.name(newName), flags: RenameFlags(rawValue: flags), request: request)
         }
     }
 
@@ -122,8 +144,10 @@ enum FuseHandlers {
         // With the kill-privilege handover, a setattr that sets nothing is the kernel's own
         // "clear setuid/setgid" (a chown to -1:-1, or the first write to a setuid file).
         let clears = reply.clearsSetID || (s.features.granted && toSet == 0), caller = reply.caller
+        let request = context(s, reply, FUSE_SETATTR)
         reply.attributes { () throws(Errno) in
-            try s.fileSystem.setattr(InodeNumber(ino), changes(from: attr.pointee, toSet), caller: caller, clearSetIDAsked: clears)
+            try s.fileSystem.setattr(InodeNumber(ino), changes(from: attr.pointee, toSet), caller: caller, clearSetIDAsked: clears,
+                                     request: request)
         }
     }
 
@@ -137,10 +161,11 @@ enum FuseHandlers {
     // release tells (FORGET comes later, and asynchronously).
     static func open(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
-        let caller = reply.caller, clears = reply.clearsSetID
+        let caller = reply.caller, clears = reply.clearsSetID, request = context(s, reply, FUSE_OPEN)
         let outcome: OpenOutcome
         do throws(Errno) {
-            outcome = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags), caller: caller, clearSetIDAsked: clears)
+            outcome = try s.fileSystem.open(InodeNumber(ino), flags: OpenFlags(rawValue: fi.pointee.flags), caller: caller, clearSetIDAsked: clears,
+                                            request: request)
         } catch {
             return reply.error(error)
         }
@@ -172,10 +197,11 @@ enum FuseHandlers {
     static func create(_ s: FuseSession, _ reply: consuming Reply, parent: fuse_ino_t, name: UnsafePointer<CChar>?, mode: mode_t,
                        fi: UnsafeMutablePointer<fuse_file_info>?) {
         guard let fi else { return reply.error(.invalidArgument) }
-        let caller = reply.caller
+        let caller = reply.caller, request = context(s, reply, FUSE_CREATE)
         setCaching(s, fi)
         reply.answer({ () throws(Errno) in
-            try s.fileSystem.create(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller)
+            try s.fileSystem.create(parent: InodeNumber(parent), name: Self.name(name), mode: FileMode(rawValue: mode), caller: caller,
+                                    request: request)
         }, { $0.sendCreated($1, fi) })
     }
 
@@ -192,10 +218,10 @@ enum FuseHandlers {
         // as success and drop the rest, so it must store all or fail whole.
         let writeback = fi.map { cfuse_fi_writepage($0) != 0 } ?? false
         if writeback && s.fileSystem.caching == .direct { s.pageCacheDrops.noteWriteback(InodeNumber(ino)) }
-        let caller = reply.caller, clears = reply.clearsSetID
+        let caller = reply.caller, clears = reply.clearsSetID, request = context(s, reply, FUSE_WRITE)
         reply.answer({ () throws(Errno) in
             try s.fileSystem.write(InodeNumber(ino), offset: Int64(offset), data: UnsafeRawBufferPointer(start: buf, count: size),
-                                   caller: caller, clearSetIDAsked: clears, wholeOrNothing: writeback)
+                                   caller: caller, clearSetIDAsked: clears, wholeOrNothing: writeback, request: request)
         }, { r, result in
             r.sendWritten(result.written)
             if result.modeChanged { s.invalidateAttributes(ino) }
@@ -207,7 +233,7 @@ enum FuseHandlers {
 
     static func release(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
         let passthrough = fi?.pointee.fh == passthroughHandle
-        let last = s.fileSystem.release(InodeNumber(ino), passthrough: passthrough)
+        let last = s.fileSystem.release(InodeNumber(ino), passthrough: passthrough, request: context(s, reply, FUSE_RELEASE))
         if passthrough { s.passthrough?.released(InodeNumber(ino)) }
         reply.success()
         // After the reply (the kernel does not wait for a release) and outside the tree's lock:
@@ -216,10 +242,10 @@ enum FuseHandlers {
     }
 
     static func fallocate(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, mode: Int32, offset: off_t, length: off_t) {
-        let caller = reply.caller
+        let caller = reply.caller, request = context(s, reply, FUSE_FALLOCATE)
         reply.success { () throws(Errno) in
             try s.fileSystem.fallocate(InodeNumber(ino), mode: FallocateMode(rawValue: mode), offset: Int64(offset), length: Int64(length),
-                                       caller: caller)
+                                       caller: caller, request: request)
         }
     }
 
@@ -273,8 +299,11 @@ enum FuseHandlers {
     static func setxattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?,
                          value: UnsafePointer<CChar>?, size: Int, flags: Int32) {
         let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
-        let caller = reply.caller
-        reply.success { () throws(Errno) in try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags), caller: caller) }
+        let caller = reply.caller, request = context(s, reply, FUSE_SETXATTR)
+        reply.success { () throws(Errno) in
+            try s.fileSystem.setxattr(InodeNumber(ino), name: Self.name(name), value: bytes, flags: XattrFlags(rawValue: flags), caller: caller,
+                                      request: request)
+        }
     }
 
     /// The root's status and request counts are the transport's to answer (`transportAttribute`).
@@ -291,8 +320,8 @@ enum FuseHandlers {
     }
 
     static func removexattr(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, name: UnsafePointer<CChar>?) {
-        let caller = reply.caller
-        reply.success { () throws(Errno) in try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name), caller: caller) }
+        let caller = reply.caller, request = context(s, reply, FUSE_REMOVEXATTR)
+        reply.success { () throws(Errno) in try s.fileSystem.removexattr(InodeNumber(ino), name: Self.name(name), caller: caller, request: request) }
     }
 }
 

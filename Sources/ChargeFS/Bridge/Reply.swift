@@ -58,6 +58,17 @@ struct Reply: ~Copyable {
         return HandlingThread.clearsSetID
     }
 
+    /// The request's unique and opcode as the kernel sent them (bit 63 of unique: a resend
+    /// after a takeover). Read only while state is kept (`FuseHandlers.context`).
+    var requestContext: RequestContext? {
+        if let recorder {
+            let r = recorder.takeUnretainedValue()
+            return r.unique.map { RequestContext(unique: $0, opcode: r.opcode) }
+        }
+        guard let thread = HandlingThread.existing else { return nil }
+        return RequestContext(unique: thread.unique, opcode: thread.opcode)
+    }
+
     // MARK: answers that run the call
 
     /// Runs `body` and answers with `send` and what it returned, or with the errno it threw.
@@ -253,9 +264,14 @@ final class ReplyRecorder {
     var answers: [Answer] = []
     var caller: Caller
     var clearsSetID: Bool
+    /// The request's unique (nil: none known) and opcode, as the read hook notes them.
+    var unique: UInt64?
+    var opcode: UInt32
 
-    init(caller: Caller = .root, clearsSetID: Bool = false) {
+    init(caller: Caller = .root, clearsSetID: Bool = false, unique: UInt64? = nil, opcode: UInt32 = 0) {
         self.caller = caller
         self.clearsSetID = clearsSetID
+        self.unique = unique
+        self.opcode = opcode
     }
 }

@@ -154,6 +154,11 @@ public final class FileSystem: Sendable {
                                   inodes: restorer.inodes.count)
     }
 
+    /// Whether state is kept for a successor: the Bridge then reads each request's unique and
+    /// passes it (`RequestContext`); otherwise it passes nil and pays this one check.
+    @inline(__always)
+    public var keepsState: Bool { keeping != nil }
+
     /// What a takeover found (nil when this file system was not taken over).
     public let takeover: TakeoverReport?
 
@@ -410,14 +415,15 @@ public final class FileSystem: Sendable {
         }
     }
     /// The last close of one open (or create) handle; whether that was the file's last open
-    /// (false for a resent release already applied).
+    /// (for a resent release already applied, what the first one answered).
     @discardableResult
     public func release(_ ino: InodeNumber, passthrough: Bool = false, request: RequestContext? = nil) -> Bool {
         core.withWriteLock { c in
-            if c.keeping?.answer(for: request) != nil { return false }
+            // A resend already applied says what the first answer said (the kept answer).
+            if case .released(let last)? = c.keeping?.answer(for: request) { return last }
             if passthrough { c.passthroughEnded(ino) }
             let last = c.release(ino)
-            record(c, request, .done) { $0.inode(ino) }
+            record(c, request, .released(last: last)) { $0.inode(ino) }
             return last
         }
     }

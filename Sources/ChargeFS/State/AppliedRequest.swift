@@ -1,12 +1,18 @@
 import Glibc
 
 /// The FUSE request an operation serves: its `unique`, which the kernel never reuses on a
-/// connection and resends with bit 63 set after FUSE_NOTIFY_RESEND.
+/// connection and resends with bit 63 set after FUSE_NOTIFY_RESEND, and its opcode (the Bridge
+/// checks it against the handler's own, so a thread's stale request is never taken for the one
+/// it handles; not kept in the journal: a unique alone names a request).
 public struct RequestContext: Sendable, Equatable {
     public static let resendBit: UInt64 = 1 << 63
     public let unique: UInt64
+    public let opcode: UInt32
 
-    public init(unique: UInt64) { self.unique = unique }
+    public init(unique: UInt64, opcode: UInt32 = 0) {
+        self.unique = unique
+        self.opcode = opcode
+    }
 
     /// The kernel resent it: a dead server may have applied it already.
     public var isResend: Bool { unique & Self.resendBit != 0 }
@@ -17,12 +23,15 @@ public struct RequestContext: Sendable, Equatable {
 /// The answer a request that changed the tree got, kept with the transaction that recorded the
 /// change: a resent request found applied gets it again instead of being applied twice.
 public enum AppliedRequest: Sendable, Equatable {
-    /// unlink, rmdir, rename, setxattr, removexattr, release, fallocate.
+    /// unlink, rmdir, rename, setxattr, removexattr, fallocate.
     case done
     /// create, mknod, mkdir, symlink, link, setattr.
     case attributes(Attributes)
     case written(count: Int, modeChanged: Bool)
     case opened(modeChanged: Bool)
+    /// release: whether it was the file's last open (the Bridge then drops the page cache a
+    /// mapping left; a resend must say the same).
+    case released(last: Bool)
 
     public func write(to w: StateWriter) {
         switch self {
@@ -37,6 +46,8 @@ public enum AppliedRequest: Sendable, Equatable {
             w.u8(2); w.u64(UInt64(count)); w.u8(modeChanged ? 1 : 0)
         case .opened(let modeChanged):
             w.u8(3); w.u8(modeChanged ? 1 : 0)
+        case .released(let last):
+            w.u8(4); w.u8(last ? 1 : 0)
         }
     }
 
@@ -56,6 +67,7 @@ public enum AppliedRequest: Sendable, Equatable {
             guard count <= UInt64(Int.max) else { throw .corrupt("a write of \(count) bytes") }
             return .written(count: Int(count), modeChanged: try r.u8() != 0)
         case 3: return .opened(modeChanged: try r.u8() != 0)
+        case 4: return .released(last: try r.u8() != 0)
         case let tag: throw .corrupt("answer kind \(tag)")
         }
     }

@@ -60,9 +60,12 @@ final class FuseKernelFeatures {
         let errnoSaved = errno
         defer { errno = errnoSaved }
         var clears = false
+        var unique: UInt64 = 0, opcode: UInt32 = 0
         let headerSize = MemoryLayout<fuse_in_header>.size
         if let request, length >= headerSize {
             let header = request.loadUnaligned(as: fuse_in_header.self)
+            unique = header.unique
+            opcode = header.opcode
             let arg = UnsafeRawBufferPointer(start: request + headerSize, count: length - headerSize)
             func argument<T>(_ type: T.Type) -> T? {
                 arg.count >= MemoryLayout<T>.size ? arg.loadUnaligned(as: T.self) : nil
@@ -87,7 +90,11 @@ final class FuseKernelFeatures {
             default: break
             }
         }
-        HandlingThread.current?.clearsSetID = clears
+        if let thread = HandlingThread.current {
+            thread.clearsSetID = clears
+            thread.unique = unique
+            thread.opcode = opcode
+        }
     }
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.

@@ -14,6 +14,11 @@ final class HandlingThread {
     /// The kernel flagged the request being handled here to clear setuid/setgid
     /// (FUSE_HANDLE_KILLPRIV_V2); written by the read hook, read by the handler.
     var clearsSetID = false
+    /// The request being handled here: its unique (bit 63 set for a resend) and opcode, from its
+    /// header; written by the read hook, read by the Bridge only while state is kept (a resent
+    /// request already applied gets its saved answer).
+    var unique: UInt64 = 0
+    var opcode: UInt32 = 0
     /// The io_uring worker this thread is; nil on /dev/fuse's threads.
     private(set) var uringWorker: UringWorker?
 
