@@ -121,11 +121,15 @@ public final class FileSystem: Sendable {
         guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
         var inUse: [UInt32] = []
         var backingPages = 0
+        // Pages by charge target (a directory's own, memcg=auto's hosts): recounted from the
+        // maps, as the mount's own target's are.
+        var perTarget: [Int: Int] = [:]
+        let keys = restorer.targetKeys
         for inode in restorer.inodes.all {
-            if inode.chargeTarget != 0 || inode.ownsTarget {
-                throw .unsupported("inode \(inode.ino) is charged to a target other than the mount's "
-                                   + "(a directory's own user.chargefs.memcg, or memcg=auto's): their pools are not taken over yet")
+            guard inode.chargeTarget == 0 || (keys.indices.contains(inode.chargeTarget) && keys[inode.chargeTarget] != nil) else {
+                throw .corrupt("inode \(inode.ino) is charged to target \(inode.chargeTarget), which the state does not name")
             }
+            perTarget[inode.chargeTarget, default: 0] += inode.pages.count
             if inode.backing != nil {
                 backingPages += inode.pages.count
             } else {
@@ -134,9 +138,10 @@ public final class FileSystem: Sendable {
         }
         guard Set(inUse).count == inUse.count else { throw .corrupt("a page held by two files") }
         let store = makeStore(inUse, backingPages)
-        // memcg=auto: which cgroups use each file is not kept (FileSystemCore+Shares).
-        if store.sharedScopePath != nil { throw .unsupported("memcg=auto: who shares which file is not kept yet") }
         guard inUse.allSatisfy({ Int($0) <= store.capacityPages }) else { throw .corrupt("a page past the arena's end") }
+        if let (key, error) = store.adoptTargets(keys, pagesInUse: perTarget) {
+            throw .unsupported("charge target \(key) cannot be opened again (\(error)): its files' pages stay charged to it")
+        }
         let c = FileSystemCore(config: config, store: store, restoring: restorer.inodes)
         let k = StateKeeping(files: state, keeper: keeper)
         k.nextBackingID = restorer.nextBackingID

@@ -53,6 +53,10 @@ final class FileSystemCore {
             inode.lookups = Self.lookupsAfterTakeover
             if inode.backing != nil { backingFiles += 1 }
             if inode.isDirectory { slots += 1 } else if inode.nlink > 0 { slots += Int64(inode.nlink) } else if inode.openCount > 0 { slots += 1 }
+            // memcg=auto: as noteUser marks them (after the store's targets are adopted).
+            if let first = inode.users.first, inode.users.count > 1 || store.targetKey(inode.chargeTarget) != first {
+                sharedInodes.insert(inode.ino)
+            }
         }
         inodeSlots = slots
     }

@@ -49,6 +49,9 @@ final class StateKeeping: @unchecked Sendable {
     /// Checkpoints taken, and the last one's duration (tests, docs/takeover.md).
     private(set) var checkpoints = 0
     private(set) var lastCheckpointNanoseconds: UInt64 = 0
+    /// The store's `targetsGeneration` the last published record or checkpoint holds the
+    /// table of (-1: none yet).
+    var recordedTargetsGeneration = -1
 
     /// Test hook: the next commit writes nothing and does nothing after (a server killed just
     /// before its publish; the test then drops the file system).
@@ -84,6 +87,13 @@ final class StateKeeping: @unchecked Sendable {
         writer.u64(request?.original ?? 0)
         answer.write(to: writer)
         forgetAfterPublish.removeAll(keepingCapacity: true)
+        // A target opened or given back (a directory's user.chargefs.memcg, memcg=auto's
+        // hosts): the whole table, before the inodes that name its indexes.
+        let targetsGeneration = core.store.targetsGeneration
+        if targetsGeneration != recordedTargetsGeneration {
+            writer.u8(4)
+            Self.writeTargets(core.store.targetKeys, into: writer)
+        }
         do throws(StateError) {
             for ino in change.inodes {
                 if let inode = core.inodes[ino] {
@@ -114,12 +124,20 @@ final class StateKeeping: @unchecked Sendable {
             core.store.punchDeferred()
             return
         }
+        recordedTargetsGeneration = targetsGeneration
         // The record no longer names the pages this change freed: they may go now.
         core.store.punchDeferred()
         // Only once the record no longer names them: a crash before leaves them kept.
         for id in forgetAfterPublish { keeper.forget(.backingFile(id)) }
         if let request { remember(request.original, answer) }
         if files.tail >= max(checkpointBytes, lastCheckpointBytes) { checkpointDue.store(true, ordering: .relaxed) }
+    }
+
+    static func writeTargets(_ keys: [String?], into w: StateWriter) {
+        w.u32(UInt32(keys.count))
+        for key in keys {
+            if let key { w.u8(1); w.blob(Array(key.utf8)) } else { w.u8(0) }
+        }
     }
 
     private func fail(_ error: StateError) {
@@ -152,6 +170,9 @@ final class StateKeeping: @unchecked Sendable {
         } else {
             w.u32(.max)
         }
+        // memcg=auto: the cgroups that use the file (its host is its target).
+        w.u32(UInt32(inode.users.count))
+        for user in inode.users { w.blob(Array(user.utf8)) }
         w.u64(try backingID(of: inode))
         guard let pages else { return w.u8(0) }
         w.u8(1)
@@ -244,6 +265,8 @@ final class StateKeeping: @unchecked Sendable {
             w.u64(unique)
             (applied[unique] ?? .done).write(to: w)
         }
+        Self.writeTargets(core.store.targetKeys, into: w)
+        recordedTargetsGeneration = core.store.targetsGeneration
         return w
     }
 }
@@ -254,6 +277,8 @@ struct TreeRestorer {
     var applied: [(UInt64, AppliedRequest)] = []
     var nextBackingID: UInt64 = 1
     var backingIDs: [InodeNumber: UInt64] = [:]
+    /// Each charge target's cgroup by index, as last recorded ([""]: the mount's alone).
+    var targetKeys: [String?] = [""]
     let keeper: any DescriptorKeeper
     /// Backing files opened so far, by id (one object per file, shared by its inode).
     private var backings: [UInt64: BackingFile] = [:]
@@ -305,6 +330,17 @@ struct TreeRestorer {
         }
         let answers = try r.u64()
         for _ in 0..<answers { applied.append((try r.u64(), try AppliedRequest.read(from: &r))) }
+        targetKeys = try Self.readTargets(&r)
+    }
+
+    static func readTargets(_ r: inout StateReader) throws(StateError) -> [String?] {
+        let count = try r.u32()
+        guard count >= 1, count < 1 << 20 else { throw StateError.corrupt("\(count) charge targets") }
+        var keys: [String?] = []
+        for _ in 0..<count {
+            keys.append(try r.u8() == 0 ? nil : String(decoding: try r.blob(max: 4096), as: UTF8.self))
+        }
+        return keys
     }
 
     mutating func apply(_ payload: UnsafeRawBufferPointer) throws(StateError) {
@@ -325,6 +361,7 @@ struct TreeRestorer {
                 let ino = try r.u64(), cookie = try r.u64()
                 guard let d = inodes[dir]?.directory else { throw StateError.corrupt("an entry in \(dir), not a directory") }
                 if ino == 0 { d.remove(name) } else { d.restore(name, ino: InodeNumber(rawValue: ino), cookie: cookie) }
+            case 4: targetKeys = try Self.readTargets(&r)
             case let tag: throw StateError.corrupt("record kind \(tag)")
             }
         }
@@ -373,12 +410,18 @@ struct TreeRestorer {
             for _ in 0..<xattrCount { xattrs[try r.blob(max: 1 << 16)] = try r.blob(max: 1 << 17) }
             inode.xattrs = xattrs
         }
+        let userCount = try r.u32()
+        guard userCount < 1 << 16 else { throw StateError.corrupt("\(userCount) users of inode \(ino)") }
+        var users: [String] = []
+        for _ in 0..<userCount { users.append(String(decoding: try r.blob(max: 4096), as: UTF8.self)) }
+        inode.users = users
         let backingID = try r.u64()
         if backingID == 0 {
             inode.backing = nil
             backingIDs[ino] = nil
         } else if inode.backing?.stateID != backingID {
-            inode.backing = try backing(backingID)
+            // Made by its inode's target's charger (a directory target's for a mapped file).
+            inode.backing = try backing(backingID, target: inode.chargeTarget)
             backingIDs[ino] = backingID
         }
         if try r.u8() == 1 {
@@ -397,14 +440,14 @@ struct TreeRestorer {
         return inode
     }
 
-    private mutating func backing(_ id: UInt64) throws(StateError) -> BackingFile {
+    private mutating func backing(_ id: UInt64, target: Int) throws(StateError) -> BackingFile {
         if let found = backings[id] { return found }
         guard let kept = keeper.descriptor(.backingFile(id)) else {
             throw StateError.corrupt("backing file \(id) is not held by the keeper")
         }
         let fd = fcntl(kept.rawValue, F_DUPFD_CLOEXEC, 0)
         guard fd >= 0 else { throw StateError.system("dup", errno) }
-        let file = BackingFile(FileDescriptor(rawValue: fd))
+        let file = BackingFile(FileDescriptor(rawValue: fd), target: target)
         file.syscalls = backingCalls
         file.stateID = id
         backings[id] = file

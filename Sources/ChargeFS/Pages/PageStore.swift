@@ -111,6 +111,36 @@ public final class PageStore {
     /// The cgroup path (after realpath) of target `index`; "" for the daemon's own cgroup.
     public func targetKey(_ index: Int) -> String { pools.indices.contains(index) ? pools[index]?.key ?? "" : "" }
 
+    /// Moves whenever a target is opened or given back: kept state records the table
+    /// (`targetKeys`) in the next transaction when it moved (one compare per change otherwise).
+    public private(set) var targetsGeneration = 0
+    /// Each target's cgroup by index (nil: a slot given back); index 0 is the mount's.
+    public var targetKeys: [String?] { pools.map { $0?.key } }
+
+    /// A takeover: opens the targets a dead server had, at the same indexes (files name them
+    /// by index), each with a new charger (a helper in a leaf of it: the old one went with the
+    /// server), and sets the pages each one's files hold (`pagesInUse`, by index; backing files'
+    /// pages included, as `noteBackingPages` counts them). The pages stay charged where they
+    /// are: a charge belongs to the page, not to the helper that made it. Returns the target
+    /// that could not be opened and why (its cgroup removed meanwhile; ENOTSUP: no `targets`).
+    public func adoptTargets(_ keys: [String?], pagesInUse counts: [Int: Int]) -> (key: String, error: Errno)? {
+        for (index, key) in keys.enumerated() where index > 0 {
+            guard let key else { continue }
+            guard let targets else { return (key, .notSupported) }
+            let charger: PageCharger
+            do throws(Errno) {
+                charger = try targets.charger(for: key, arena: arena.fileDescriptor)
+            } catch {
+                return (key, error)
+            }
+            while pools.count <= index { pools.append(nil) }
+            pools[index] = Pool(charger: charger, key: key, pagesInUse: counts[index] ?? 0)
+        }
+        pools[0]?.pagesInUse = counts[0] ?? 0
+        targetsGeneration += 1
+        return nil
+    }
+
     /// Directories' targets in use (index 1 on): each one's cgroup, the pages charged to it
     /// (held by files, and kept for reuse) and its charger (for its limit and headroom).
     public var directoryTargets: [(key: String, chargedPages: Int, charger: PageCharger)] {
@@ -123,7 +153,7 @@ public final class PageStore {
     public func pagesInUse(target index: Int) -> Int { pools.indices.contains(index) ? pools[index]?.pagesInUse ?? 0 : 0 }
 
     /// A store taking over an arena whose pages in use are `inUse` (read from the kept page
-    /// maps; all the mount's own target's: directories' targets are not taken over yet) plus
+    /// maps; their targets are set by `adoptTargets`) plus
     /// `backingPages` in backing files. Every other page below the highest in use is punched:
     /// it was free, in a reserve, or picked by a charge the dead server never settled, and a
     /// punch makes it a hole and gives its charge back, whichever it was (the charge is thus
@@ -154,6 +184,7 @@ public final class PageStore {
         let key = try targets.check(path, uid: uid, gid: gid, groups: groups)
         if let found = pools.firstIndex(where: { $0?.key == key }) { return found }
         let pool = Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key)
+        targetsGeneration += 1
         if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
             pools[free] = pool
             return free
@@ -193,6 +224,7 @@ public final class PageStore {
             if let found = pools.firstIndex(where: { $0?.key == level }) { return found }
             if let charger = try? targets.charger(for: level, arena: arena.fileDescriptor) {
                 let pool = Pool(charger: charger, key: level)
+                targetsGeneration += 1
                 if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
                     pools[free] = pool
                     return free
@@ -219,6 +251,7 @@ public final class PageStore {
         activeTarget = active
         pool.charger.shutdown()
         pools[index] = nil
+        targetsGeneration += 1
     }
 
     /// A store on an arena of its own, paid for by the charger `makeCharger` builds for that

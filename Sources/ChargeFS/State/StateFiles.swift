@@ -21,7 +21,9 @@ import SystemPackage
 /// seq the checkpoint already holds, which the scan skips.
 public final class StateFiles: @unchecked Sendable {
     public static let magic: UInt64 = 0x4554_4154_5353_4643  // "CFSSTATE"
-    public static let version: UInt64 = 1
+    /// 2: inode records carry memcg=auto users and the passthrough backing id; transactions and
+    /// checkpoints carry the charge-target table.
+    public static let version: UInt64 = 2
     static let headerBytes = 4096
     static let transactionHeaderBytes = 24
     public static let initMaxBytes = 2048
