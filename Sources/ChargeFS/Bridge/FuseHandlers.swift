@@ -184,6 +184,7 @@ enum FuseHandlers {
         guard let file = outcome.passthrough else { return nil }
         switch s.passthrough?.opened(ino, file: file) {
         case .success(let id):
+            s.fileSystem.notePassthroughID(ino, id)
             return id
         case .failure(let error):
             s.noteRefusedPassthrough(error)

@@ -37,6 +37,16 @@ final class PassthroughRegistry: Sendable {
 
     init(device: Device) { self.device = device }
 
+    /// A successor's registry: the registrations a dead server made on this connection, which
+    /// the kernel still holds (`FileSystem.passthroughRegistrations`), each with its live opens,
+    /// so that their releases close them and new opens of those inodes name the same ids.
+    init(device: Device, adopting registrations: [InodeNumber: (id: Int32, opens: UInt32)]) {
+        self.device = device
+        slots.withLock { slots in
+            for (ino, r) in registrations where r.id > 0 && r.opens > 0 { slots[ino] = Slot(id: r.id, opens: Int(r.opens)) }
+        }
+    }
+
     /// The backing id for a passthrough open of `ino` served from `file`, registering it at the
     /// first such open; the errno when the kernel refuses (EPERM without CAP_SYS_ADMIN in the
     /// initial namespace, ...). Each success must be matched by one `released(_:)`.

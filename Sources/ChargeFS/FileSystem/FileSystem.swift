@@ -390,6 +390,29 @@ public final class FileSystem: Sendable {
         return nil
     }
 
+    /// The kernel's backing id a passthrough open of `ino` names (registered by the Bridge),
+    /// kept for a successor: the id belongs to the connection and outlives this server. Only
+    /// with state kept (one check otherwise); recorded when it changes, at the first such open.
+    public func notePassthroughID(_ ino: InodeNumber, _ id: Int32) {
+        guard keeping != nil else { return }
+        core.withWriteLock { c in
+            guard let inode = c.inodes[ino], inode.passthroughOpens > 0, inode.passthroughID != id else { return }
+            inode.passthroughID = id
+            record(c, nil, .done) { $0.inode(ino) }
+        }
+    }
+
+    /// The kernel's backing ids live passthrough opens name, by inode, with the number of such
+    /// opens (what a successor's registry takes over; empty without kept state).
+    public var passthroughRegistrations: [InodeNumber: (id: Int32, opens: UInt32)] {
+        core.withReadLock { c in
+            guard c.keeping != nil else { return [:] }
+            var out: [InodeNumber: (id: Int32, opens: UInt32)] = [:]
+            for inode in c.inodes.all where inode.passthroughID != 0 { out[inode.ino] = (inode.passthroughID, inode.passthroughOpens) }
+            return out
+        }
+    }
+
     /// The kernel would not serve an open through its backing file: it is an ordinary open.
     public func passthroughRefused(_ ino: InodeNumber) {
         core.withWriteLock { c in

@@ -174,6 +174,8 @@ extension FileSystemCore {
     func passthroughEnded(_ ino: InodeNumber) {
         guard let inode = inodes[ino], inode.passthroughOpens > 0 else { return }
         inode.passthroughOpens -= 1
+        // The registry closes the registration with the last of them.
+        if inode.passthroughOpens == 0 { inode.passthroughID = 0 }
     }
 
     /// Frees a backing file with all its pages (the file's last close after its unlink).

@@ -173,6 +173,7 @@ final class StateKeeping: @unchecked Sendable {
         // memcg=auto: the cgroups that use the file (its host is its target).
         w.u32(UInt32(inode.users.count))
         for user in inode.users { w.blob(Array(user.utf8)) }
+        w.u32(UInt32(bitPattern: inode.passthroughID))
         w.u64(try backingID(of: inode))
         guard let pages else { return w.u8(0) }
         w.u8(1)
@@ -415,6 +416,7 @@ struct TreeRestorer {
         var users: [String] = []
         for _ in 0..<userCount { users.append(String(decoding: try r.blob(max: 4096), as: UTF8.self)) }
         inode.users = users
+        inode.passthroughID = Int32(bitPattern: try r.u32())
         let backingID = try r.u64()
         if backingID == 0 {
             inode.backing = nil

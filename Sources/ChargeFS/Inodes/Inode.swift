@@ -32,6 +32,10 @@ final class Inode {
     /// the backing file never has a hole below its size: a reader's page fault on a hole would
     /// allocate a page charged to the reader.
     var passthroughOpens: UInt32 = 0
+    /// The kernel's backing id (FUSE_DEV_IOC_BACKING_OPEN) those opens name, 0 when none is
+    /// registered or state is not kept: the Bridge's registry owns the registration; this copy
+    /// is kept for a successor, since ids belong to the connection and outlive the server.
+    var passthroughID: Int32 = 0
     /// What only some kinds of inode have; one field, since an inode is at most one kind.
     enum Payload {
         case none
