@@ -2,15 +2,20 @@
 # Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup (and
 # chargefs over FUSE's io_uring transport where the kernel has it), side by side, same pinning,
 # each workload on each in alternation, medians of 4 runs.
-# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-setup]
+# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-uring] [--no-setup]
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
-#   --only      runs one group of workloads (seq, rand, first, meta, readdir, par8, real) and no memory probe;
+#   --only      runs one group of workloads (seq, rand, first, meta, readdir, par8, real, writes) and no memory probe;
 #               first: the first sequential read of a file just written by each pattern (fallocate
 #               then write, dense append, random 1 MiB fill, mmap, O_DIRECT, cp, dd);
 #               real: untar, git clone, git fsck, make, SQLite and rm -rf as a user runs them
 #               (unpinned), on fresh tmpfs, chargefs over /dev/fuse and (where the kernel has it)
-#               over io_uring, and memfs_ll where it is built
+#               over io_uring, and memfs_ll where it is built;
+#               writes (only with --only): 1 MiB sequential writes, the read of that file and 4 KiB
+#               random overwrites of a laid-out file, with the daemons and fio on one CPU and then
+#               on two (daemons on BENCH_CROSS_CPU, default 1), on tmpfs, chargefs, floorfs and
+#               floorfs --splice
+#   --no-uring  every chargefs mount says io_uring=off, and no io_uring column
 #   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
 #               options, in the same run, and prints chargefs/baseline per workload
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
@@ -26,7 +31,7 @@ repo=$(cd "$here/.." && pwd)
 # 4 repetitions by default: the two chargefs mounts swap order every repetition, and an even
 # count gives each order the same weight in the memcg/no-memcg ratio (whichever ran second lost
 # 5-18% in some 3-repetition runs, on rows where memcg= runs no code at all).
-quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline=
+quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline= uring=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
@@ -36,13 +41,14 @@ while [ $# -gt 0 ]; do
     --baseline) baseline=${2:-}; shift $(($# > 1)); [ -x "$baseline" ] ||
       { echo "bench.sh: --baseline needs an executable chargefsd, not '$baseline'" >&2; exit 2; } ;;
     --no-setup) setup=0 ;;
-    -h|--help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    --no-uring) uring=0 ;;
+    -h|--help) sed -n '2,26s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '5s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
 done
-case "$only_given:$only" in 0:|1:seq|1:rand|1:first|1:meta|1:readdir|1:par8|1:real) ;;
-  *) echo "bench.sh: --only needs one of seq, rand, first, meta, readdir, par8, real, not '$only'" >&2; exit 2 ;;
+case "$only_given:$only" in 0:|1:seq|1:rand|1:first|1:meta|1:readdir|1:par8|1:real|1:writes) ;;
+  *) echo "bench.sh: --only needs one of seq, rand, first, meta, readdir, par8, real, writes, not '$only'" >&2; exit 2 ;;
 esac
 [[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
@@ -100,7 +106,9 @@ FS=(tmpfs cfs cfsm cfsp)
 # exit trap if anything fails in between.
 URING_KNOB=/sys/module/fuse/parameters/enable_uring
 URING_OLD=
-if [ -e "$URING_KNOB" ]; then
+if [ "$uring" = 0 ]; then
+  echo "no io_uring column (--no-uring); every chargefs mount says io_uring=off" >&2
+elif [ -e "$URING_KNOB" ]; then
   URING_OLD=$(cat "$URING_KNOB")
   trap 'echo "$URING_OLD" > "$URING_KNOB"; cfs_cleanup' EXIT
   FS+=(cfsu)
@@ -115,6 +123,7 @@ mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpf
 CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page"
                  [base]="size=$FSSIZE" [cfsu]="size=$FSSIZE,io_uring=on")
+if [ "$uring" = 0 ]; then for f in cfs cfsm cfsp base; do OPTS[$f]+=,io_uring=off; done; fi
 # mount_cfs F: mounts chargefs mount F with its options, from the baseline build for "base".
 mount_cfs() {
   if [ "$1" = base ]; then CHARGEFSD=$baseline cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"
@@ -145,6 +154,12 @@ start_floor floor
 start_floor pass --passthrough
 grep -q "passthrough negotiated" "$W/pass.log" ||
   { echo "no passthrough floor: $(cat "$W/pass.log")"; FLOORS=(floor); }
+# floorfs --splice (the writes group only): libfuse's splice paths, requests spliced from
+# /dev/fuse into a pipe and a write's data from there into the memfd, reads spliced back out.
+if [ "$only" = writes ]; then
+  start_floor splice --splice
+  grep -q "splice negotiated" "$W/splice.log" || die "floorfs --splice: $(cat "$W/splice.log")"
+fi
 
 # The peer: libfuse's own example memfs_ll (example/memfs_ll.cc, libfuse 3.17+), a multithreaded
 # low-level FUSE file system holding files in std::vectors, for the metadata rows (create, stat,
@@ -349,6 +364,7 @@ case "$only" in
   first) groups=("$FIRSTS") ;;
   meta) groups=("create stat unlink") ;;
   readdir|par8) groups=("$only") ;;
+  writes) groups=() ;;
 esac
 # cp's and dd's source for the first-read rows, written once (random: nothing compresses or dedups)
 case " ${groups[*]+"${groups[*]}"} " in *" 1st-cp "*) head -c "$SEQ_B" /dev/urandom > "$W/first.src" ;; esac
@@ -373,6 +389,47 @@ for g in ${groups[@]+"${groups[@]}"}; do
     echo "  [$g] repetition $r done:$(for f in "${order[@]}"; do for w in $g; do printf ' %s/%s=%s' "$f" "$w" "$(awk '{print $NF}' <<<"${R["$w|$f"]}")"; done; done)" >&2
   done
 done
+
+# --- writes: what a write costs, on one CPU and across two -----------------------------------------
+# 1 MiB sequential writes of a new file (then one sequential read of it), and 4 KiB random
+# overwrites of a file fio lays out whole first (every page exists: nothing is allocated or
+# charged by an overwrite), on tmpfs, chargefs (the default mount), floorfs (the round trip
+# alone) and floorfs --splice, in alternation; first with the daemons and fio on CPU $DCPU/$CCPU as
+# everywhere else, then with the daemons moved (taskset -a) to BENCH_CROSS_CPU: a request then
+# wakes a thread on the other CPU and its reply wakes fio back.
+XCPU=${BENCH_CROSS_CPU:-1}
+WROWS=(wseq-same wread-same wovw-same wseq-cross wread-cross wovw-cross)
+declare -A WLABEL=([wseq-same]="seq write 1M, same CPU" [wread-same]="its read 1M, same CPU" [wovw-same]="4k overwrite, same CPU"
+                   [wseq-cross]="seq write 1M, cross CPU" [wread-cross]="its read 1M, cross CPU" [wovw-cross]="4k overwrite, cross CPU")
+declare -A WUNIT=([wseq]=MiB/s [wread]=MiB/s [wovw]=IOPS) WREQ
+if [ "$only" = writes ]; then
+  WFS=(tmpfs cfs floor splice); [ -z "$baseline" ] || WFS+=(base)
+  [ "$XCPU" != "$CCPU" ] || die "BENCH_CROSS_CPU ($XCPU) must differ from BENCH_CLIENT_CPU ($CCPU)"
+  [ "$XCPU" -lt "$ncpu" ] || die "BENCH_CROSS_CPU $XCPU: this machine has $ncpu CPUs"
+  # repin CPU: every thread of every daemon of the writes rows onto CPU (threads made later inherit it)
+  repin() { local f; for f in "${WFS[@]}"; do [ -z "${PID[$f]:-}" ] || taskset -a -cp "$1" "${PID[$f]}" >/dev/null; done; }
+  for ((r = 1; r <= reps; r++)); do
+    order=("${WFS[@]}"); [ $((r % 2)) = 0 ] && order=(tmpfs "${WFS[@]:2}" cfs)
+    for place in same cross; do
+      if [ "$place" = same ]; then repin "$DCPU"; else repin "$XCPU"; fi
+      for f in "${order[@]}"; do
+        m=${MNT[$f]}
+        prefault
+        add "wseq-$place" "$f" "$(fio_val "$m" bw --name=wseq --rw=write --bs=1M --size="$SEQ" --end_fsync=1)"
+        add "wread-$place" "$f" "$(fio_val "$m" bw --name=wseq --rw=read --bs=1M --size="$SEQ")"
+        rm -f "$m"/wseq.*
+        prefault
+        # chargefs's own count of WRITE requests during the overwrites: one per write(2)?
+        [ "$f" != cfs ] || w0=$(getfattr --only-values -n user.chargefs.requests "$m" 2>/dev/null | sed -n 's/^WRITE=//p')
+        add "wovw-$place" "$f" "$(fio_val "$m" iops --name=wovw --rw=randwrite --bs=4k --size="$RAND" --overwrite=1 --runtime="$RUNTIME" --time_based)"
+        [ "$f" != cfs ] || WREQ[$place]="${WREQ[$place]:-} $(( $(getfattr --only-values -n user.chargefs.requests "$m" 2>/dev/null | sed -n 's/^WRITE=//p') - w0 ))"
+        rm -f "$m"/wovw.*
+      done
+      echo "  [writes, $place CPU] repetition $r done:$(for f in "${order[@]}"; do for w in wseq wread wovw; do printf ' %s/%s=%s' "$f" "$w" "$(awk '{print $NF}' <<<"${R["$w-$place|$f"]}")"; done; done)" >&2
+    done
+  done
+  repin "$DCPU"
+fi
 
 # --- real workloads: what a pod does on its scratch volume, unpinned -----------------------------
 # Fresh mounts whose daemons run unpinned (the kernel places them, as for a user), each workload
@@ -522,7 +579,29 @@ fi
 # --- report --------------------------------------------------------------------------------------
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
-if [ "$only" != real ]; then
+if [ "$only" = writes ]; then
+  echo
+  echo "Writes, medians of $reps run(s); higher is better. same CPU: daemons on CPU $DCPU, fio on CPU $CCPU;"
+  echo "cross CPU: daemons on CPU $XCPU, fio on CPU $CCPU. floor = floorfs; splice = floorfs --splice."
+  printf '| %-24s | %-6s | %9s | %9s | %7s | %9s | %7s | %9s | %7s | %9s | %9s |' row unit tmpfs chargefs /tmpfs floor /tmpfs splice /tmpfs splice/floor cfs/floor
+  [ -z "$baseline" ] || printf ' %9s | %9s |' baseline cfs/base
+  printf '\n|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|' -------------------------- -------- ----------- ----------- --------- ----------- --------- ----------- --------- ----------- -----------
+  [ -z "$baseline" ] || printf '%s|%s|' ----------- -----------
+  echo
+  for w in "${WROWS[@]}"; do
+    t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); fl=$(median <<<"${R["$w|floor"]:-}"); sp=$(median <<<"${R["$w|splice"]:-}")
+    printf '| %-24s | %-6s | %9s | %9s | %7s | %9s | %7s | %9s | %7s | %9s | %9s |' "${WLABEL[$w]}" "${WUNIT[${w%-*}]}" "$t" "$c" "$(ratio "$c" "$t")" \
+      "$fl" "$(ratio "$fl" "$t")" "$sp" "$(ratio "$sp" "$t")" "$(ratio "$sp" "$fl")" "$(ratio "$c" "$fl")"
+    if [ -n "$baseline" ]; then b=$(median <<<"${R["$w|base"]:-}"); printf ' %9s | %9s |' "$b" "$(ratio "$c" "$b")"; fi
+    echo
+  done
+  echo "Each repetition (tmpfs chargefs floor splice${baseline:+ baseline}):"
+  for w in "${WROWS[@]}"; do
+    printf '  %-24s' "${WLABEL[$w]}"; for f in "${WFS[@]}"; do printf ' %s:%s' "$f" "$(echo ${R["$w|$f"]:-} | tr ' ' ',')"; done; echo
+  done
+  echo "chargefs WRITE requests during each repetition's overwrite run (fio's 4 KiB layout of $RAND included): same CPU${WREQ[same]:-}; cross CPU${WREQ[cross]:-}"
+fi
+if [ "$only" != real ] && [ "$only" != writes ]; then
 echo
 echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
 echo "chargefs = the default (cache=direct); cache=page = chargefs -o cache=page, without memcg=."
@@ -612,7 +691,7 @@ if [ ${#PEERS[@]} -gt 0 ]; then
     echo
   done
 fi
-if [ -n "$baseline" ]; then
+if [ -n "$baseline" ] && [ "$only" != writes ]; then
   echo
   echo "This build against the baseline build ($baseline), both with the default options, same run:"
   printf '| %-10s | %-9s | %12s | %12s | %17s |\n' workload unit baseline chargefs chargefs/baseline

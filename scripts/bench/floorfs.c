@@ -15,7 +15,13 @@
  * Needs CAP_SYS_ADMIN. The kernel then reads up to the memfd's size (4 GiB), not the file's: a
  * read past the end sees zeros, which fio never asks for.
  *
- * Usage: floorfs [--passthrough] MOUNTPOINT   (foreground; unmount to stop)
+ * --splice: libfuse's zero-copy paths, to show what splice allows: requests are spliced from
+ * /dev/fuse into a pipe (FUSE_CAP_SPLICE_READ), a WRITE's data goes from that pipe into the
+ * memfd by splice (write_buf, FUSE_BUF_SPLICE_MOVE) without passing through the daemon's memory,
+ * and a READ's reply is spliced from the memfd through a pipe into /dev/fuse (fuse_reply_data,
+ * FUSE_CAP_SPLICE_WRITE and FUSE_CAP_SPLICE_MOVE). Not combined with --passthrough.
+ *
+ * Usage: floorfs [--passthrough | --splice] MOUNTPOINT   (foreground; unmount to stop)
  * Built by scripts/bench.sh with cc at run time.
  */
 #define FUSE_USE_VERSION 312
@@ -35,7 +41,7 @@
 #define FILE_INO 2
 #define MAX_SIZE (4LL << 30)
 
-static int data_fd = -1;
+static int data_fd = -1, use_splice;
 static char *data_map;
 static off_t file_size;
 
@@ -124,6 +130,13 @@ static void ff_init(void *userdata, struct fuse_conn_info *conn) {
     conn->max_write = 1 << 20;
     conn->max_readahead = 1 << 20;
     conn->want &= ~(FUSE_CAP_AUTO_INVAL_DATA | FUSE_CAP_WRITEBACK_CACHE);
+    if (use_splice) {
+        unsigned want = FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+        if ((conn->capable & want) != want)
+            fprintf(stderr, "floorfs: splice not offered (capable %#x)\n", conn->capable & want);
+        conn->want |= conn->capable & want;
+        if (conn->want & FUSE_CAP_SPLICE_READ) fprintf(stderr, "floorfs: splice negotiated\n");
+    }
 }
 
 static void ff_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
@@ -167,6 +180,33 @@ static void ff_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     fuse_reply_buf(req, data_map + off, size);
 }
 
+/* --splice: the reply's data spliced from the memfd (libfuse moves it through a pipe). */
+static void ff_read_splice(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)ino; (void)fi;
+    if (off >= file_size) { fuse_reply_buf(req, NULL, 0); return; }
+    if ((off_t)size > file_size - off) size = (size_t)(file_size - off);
+    struct fuse_bufvec bv = FUSE_BUFVEC_INIT(size);
+    bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    bv.buf[0].fd = data_fd;
+    bv.buf[0].pos = off;
+    fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+}
+
+/* --splice: a WRITE's data still in libfuse's pipe goes into the memfd by splice. */
+static void ff_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *in, off_t off, struct fuse_file_info *fi) {
+    (void)ino; (void)fi;
+    size_t size = fuse_buf_size(in);
+    if (off < 0 || off + (off_t)size > MAX_SIZE) { fuse_reply_err(req, EFBIG); return; }
+    struct fuse_bufvec out = FUSE_BUFVEC_INIT(size);
+    out.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    out.buf[0].fd = data_fd;
+    out.buf[0].pos = off;
+    ssize_t n = fuse_buf_copy(&out, in, FUSE_BUF_SPLICE_MOVE);
+    if (n < 0) { fuse_reply_err(req, (int)-n); return; }
+    if (off + n > file_size) file_size = off + n;
+    fuse_reply_write(req, (size_t)n);
+}
+
 static void ff_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
     (void)ino; (void)fi;
     if (off < 0 || off + (off_t)size > MAX_SIZE) { fuse_reply_err(req, EFBIG); return; }
@@ -188,7 +228,7 @@ static void ff_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_err(req, 0);
 }
 
-static const struct fuse_lowlevel_ops ops = {
+static struct fuse_lowlevel_ops ops = {
     .init = ff_init, .lookup = ff_lookup, .getattr = ff_getattr, .setattr = ff_setattr,
     .open = ff_open, .create = ff_create, .read = ff_read, .write = ff_write,
     .unlink = ff_unlink, .release = ff_release,
@@ -196,11 +236,16 @@ static const struct fuse_lowlevel_ops ops = {
 
 int main(int argc, char **argv) {
     int passthrough = argc == 3 && strcmp(argv[1], "--passthrough") == 0;
-    if (argc != 2 + passthrough) {
-        fprintf(stderr, "usage: floorfs [--passthrough] MOUNTPOINT\n");
+    use_splice = argc == 3 && strcmp(argv[1], "--splice") == 0;
+    if (argc != 2 + passthrough + use_splice) {
+        fprintf(stderr, "usage: floorfs [--passthrough | --splice] MOUNTPOINT\n");
         return 2;
     }
-    const char *mountpoint = argv[1 + passthrough];
+    const char *mountpoint = argv[argc - 1];
+    if (use_splice) {
+        ops.read = ff_read_splice;
+        ops.write_buf = ff_write_buf;  /* libfuse splices requests in only for a write_buf */
+    }
     data_fd = memfd_create("floorfs", MFD_CLOEXEC);
     if (data_fd < 0 || ftruncate(data_fd, MAX_SIZE) != 0) { perror("floorfs: memfd"); return 1; }
     data_map = mmap(NULL, MAX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, data_fd, 0);

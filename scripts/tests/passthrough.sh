@@ -12,6 +12,11 @@
 #                         have a backing file before any read-only open (the status), so that
 #                         open copies nothing; each passes through and reads back, the reader's
 #                         cgroup holds no shmem, the target is charged what is stored (±1 MiB)
+#   mmap_cache_dropped    a 32 MiB file written through a shared mapping from a cgroup of its own
+#                         (the "writer"): after its close the writer's cgroup holds none of the
+#                         page cache the mapping used (the daemon drops it at the last release), so
+#                         the reader's passthrough open has none to invalidate; the bytes read back,
+#                         the reader holds no shmem and no cache, the target what is stored (±1 MiB)
 #   writers_beside_readers a read-only (passthrough) and a read-write open of one file: overwrite,
 #                         write past the end, truncate up, punch, truncate down through the writer,
 #                         each seen at once through the reader (pread, shared and private maps);
@@ -32,7 +37,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(reads_bypass_daemon reader_charged_nothing backed_before_open writers_beside_readers writer_mmap descriptors_run_short not_offered
+TESTS=(reads_bypass_daemon reader_charged_nothing backed_before_open mmap_cache_dropped writers_beside_readers writer_mmap descriptors_run_short not_offered
        crash_with_reader_open)
 PY=$(dirname "$SELF")/passthrough.py
 
@@ -40,6 +45,13 @@ PY=$(dirname "$SELF")/passthrough.py
 shmem_drops_to() { local i; for i in $(seq 50); do [ "$(cg_shmem "$1")" -le "$2" ] && return 0; sleep 0.1; done; return 1; }
 status_of() { getfattr -n user.chargefs.status --only-values "$1" 2>/dev/null | sed -n "s/^$2=//p"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# cg_file CG: page cache bytes charged to the cgroup and its descendants (shmem included).
+cg_file() {
+  if [ "$(cg_version)" = 1 ]; then awk '$1 == "total_cache" {print $2}' "$1/memory.stat"
+  else awk '$1 == "file" {print $2}' "$1/memory.stat"; fi
+}
+# file_drops_to CG BYTES: the cgroup's page cache falls to BYTES within 5 s.
+file_drops_to() { local i; for i in $(seq 50); do [ "$(cg_file "$1")" -le "$2" ] && return 0; sleep 0.1; done; return 1; }
 
 # setup NAME [OPTS]: a target (512 MiB), a reader cgroup, a mount; sets SCR MNT T R DPID.
 setup() {
@@ -113,6 +125,30 @@ t_backed_before_open() {
   check "the reader's cgroup holds no shmem" [ "$(cg_shmem "$R")" = 0 ]
   log "  target: shmem $(cg_shmem "$T"), stored $(status_of "$MNT" stored_bytes)"
   check "the target is charged what is stored (64 MiB, ±1 MiB)" near "$(cg_shmem "$T")" $((64 * MiB)) "$MiB"
+  check "clean unmount" cfs_umount "$MNT" "$DPID"
+}
+
+t_mmap_cache_dropped() {
+  setup
+  local wcg; wcg=$(cg_parent)/cfspt-$$-writer; cg_create "$wcg"
+  head -c $((32 * MiB)) /dev/urandom > "$SCR/src"
+  "$CFS_PYTHON" -c 'pass'   # the interpreter's own files cached before the writer's baseline
+  local w0; w0=$(cg_file "$wcg")
+  # ftruncate to 32 MiB, stores through a shared mapping, msync, munmap, close (passthrough.py fill)
+  cg_run_in "$wcg" "$CFS_PYTHON" "$PY" fill mmap "$SCR/src" "$MNT/mapped"
+  log "  writer's page cache: $(cg_file "$wcg") right after its close (before it $w0)"
+  # Without the drop, the 32 MiB the mapping used stay on the writer until reclaim, and the next
+  # passthrough open invalidates them before it returns.
+  check "the writer's cgroup gives back the mapping's page cache (≤ its start + 4 MiB)" file_drops_to "$wcg" $((w0 + 4 * MiB))
+  log "  writer's page cache: $(cg_file "$wcg") after the last release"
+  check "backed before its first read-only open" [ "$(status_of "$MNT" backing_files)" = 1 ]
+  local r0; r0=$(cg_file "$R")
+  check "the bytes read back through the reader" in_reader cmp "$SCR/src" "$MNT/mapped"
+  check "it passed through (no other backing file)" [ "$(status_of "$MNT" backing_files)" = 1 ]
+  log "  reader: shmem $(cg_shmem "$R"), page cache $(cg_file "$R") (before the read $r0); target shmem $(cg_shmem "$T")"
+  check "the reader's cgroup holds no shmem" [ "$(cg_shmem "$R")" = 0 ]
+  check "the reader's cgroup gained no page cache for the file (≤ 4 MiB)" le "$(cg_file "$R")" $((r0 + 4 * MiB))
+  check "the target is charged what is stored (32 MiB, ±1 MiB)" near "$(cg_shmem "$T")" $((32 * MiB)) "$MiB"
   check "clean unmount" cfs_umount "$MNT" "$DPID"
 }
 

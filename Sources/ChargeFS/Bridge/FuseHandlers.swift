@@ -191,6 +191,7 @@ enum FuseHandlers {
         // A writeback of mapped pages (FUSE_WRITE_CACHE): older kernels take a short count there
         // as success and drop the rest, so it must store all or fail whole.
         let writeback = fi.map { cfuse_fi_writepage($0) != 0 } ?? false
+        if writeback && s.fileSystem.caching == .direct { s.pageCacheDrops.noteWriteback(InodeNumber(ino)) }
         let caller = reply.caller, clears = reply.clearsSetID
         reply.answer({ () throws(Errno) in
             try s.fileSystem.write(InodeNumber(ino), offset: Int64(offset), data: UnsafeRawBufferPointer(start: buf, count: size),
@@ -206,9 +207,12 @@ enum FuseHandlers {
 
     static func release(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, fi: UnsafeMutablePointer<fuse_file_info>?) {
         let passthrough = fi?.pointee.fh == passthroughHandle
-        s.fileSystem.release(InodeNumber(ino), passthrough: passthrough)
+        let last = s.fileSystem.release(InodeNumber(ino), passthrough: passthrough)
         if passthrough { s.passthrough?.released(InodeNumber(ino)) }
         reply.success()
+        // After the reply (the kernel does not wait for a release) and outside the tree's lock:
+        // the page cache a mapping left (PageCacheDrops says why).
+        if last && s.pageCacheDrops.take(InodeNumber(ino)) { s.dropPageCache(ino) }
     }
 
     static func fallocate(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, mode: Int32, offset: off_t, length: off_t) {

@@ -60,6 +60,16 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
         Log.line("passthrough: the kernel refused a backing file (\(error)); such opens are served by the daemon")
     }
 
+    /// Files whose mapped pages were written back, for a drop of their page cache at the last close.
+    let pageCacheDrops = PageCacheDrops()
+
+    /// Drops the kernel's page cache of `ino` (every page; clean by now: the kernel writes a
+    /// mapping's dirty pages back when it is unmapped, before the release). Called with no lock
+    /// of ours held: the kernel locks each page, which a request in flight may hold.
+    func dropPageCache(_ ino: fuse_ino_t) {
+        if let handle { _ = fuse_lowlevel_notify_inval_inode(handle, ino, 0, 0) }
+    }
+
     /// Tells the kernel its cached attributes of `ino` are stale (a mode changed behind its back).
     /// Attributes only (negative offset): takes no inode lock a writer may hold.
     func invalidateAttributes(_ ino: fuse_ino_t) {

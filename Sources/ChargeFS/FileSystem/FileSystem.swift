@@ -114,7 +114,7 @@ public final class FileSystem: Sendable {
             let due = sizeBefore.flatMap { before in c.inodes[ino].flatMap { c.dueForBackingFile($0, sizeBefore: before) } }
             return (attributes, due.map { ($0, c.store) })
         }
-        if let (runs, store) = due, passthroughEnabled { makeBacking(ino, runs: runs, store: store, forOpen: false) }
+        if let (runs, _) = due, passthroughEnabled { makeBacking(ino, runs: runs, forOpen: false) }
         return attributes
     }
     public func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
@@ -150,40 +150,41 @@ public final class FileSystem: Sendable {
     public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
         let enabled = passthroughEnabled
         let cgroup = callerCgroup?(caller.pid)
-        let (modeChanged, step, store, target) = try exclusive { c throws(Errno) in
+        let (modeChanged, step, target) = try exclusive { c throws(Errno) in
             let modeChanged = try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked)
             if let cgroup, let inode = c.inodes[ino] { c.noteUser(inode, cgroup: cgroup) }
-            return (modeChanged, c.passthroughStep(ino, flags: flags, enabled: enabled), c.store, c.inodes[ino]?.chargeTarget ?? 0)
+            return (modeChanged, c.passthroughStep(ino, flags: flags, enabled: enabled), c.inodes[ino]?.chargeTarget ?? 0)
         }
         switch step {
-        case .none, .needsBacking where target != 0:
+        case .none:
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
         case .needsBacking(let runs):
             return OpenOutcome(modeChanged: modeChanged,
-                               passthrough: makeBacking(ino, runs: runs, store: store, forOpen: true).map(PassthroughFile.init),
+                               passthrough: makeBacking(ino, runs: runs, target: target, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }
 
     /// Makes and charges a backing file for the pages of `runs` with no lock held (a frozen
-    /// target stalls only this open or change), then moves the file's data into it. nil (an
-    /// ordinary open; the file stays in the arena) when anything is short.
+    /// target stalls only this open or change), by the charger of `target` (the file's), then
+    /// moves the file's data into it. nil (an ordinary open; the file stays in the arena) when
+    /// anything is short, or the file moved to another target meanwhile.
     @discardableResult
-    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], store: PageStore, forOpen: Bool) -> BackingFile? {
-        guard let file = try? store.makeBackingFile() else { return nil }
+    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], target: Int = 0, forOpen: Bool) -> BackingFile? {
+        guard let maker = core.withReadLock({ $0.store.backingMaker(target: target) }),
+              let file = try? PageStore.makeBackingFile(root: maker.root, charger: maker.charger, target: target, calls: maker.calls)
+        else { return nil }
         let pages = runs.reduce(0) { $0 + $1.count }
         if pages > 0 {
-            let pending = store.pendingCharge(of: file, runs: runs.map { ($0.lowerBound, $0.count) }, wanted: pages,
-                                              owner: ino.rawValue, shrinks: 0)
+            let pending = PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.lowerBound, count: $0.count) }, wanted: pages,
+                                        charger: maker.charger,
+                                        file: PendingCharge.FileTarget(file: file, owner: ino.rawValue, shrinks: 0), target: target)
             let (charged, failure) = pending.charge()
             guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
         }
-        let step = core.withWriteLock { c in
-            c.store.activeTarget = 0  // only the mount's own target's files get backing files
-            return c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
-        }
+        let step = core.withWriteLock { c in c.adoptBacking(ino, file, charged: runs, forOpen: forOpen) }
         if case .granted(let granted) = step { return granted }
         return nil
     }
@@ -213,11 +214,12 @@ public final class FileSystem: Sendable {
             return attributes
         }
     }
-    /// The last close of one open (or create) handle.
-    public func release(_ ino: InodeNumber, passthrough: Bool = false) {
+    /// The last close of one open (or create) handle; whether that was the file's last open.
+    @discardableResult
+    public func release(_ ino: InodeNumber, passthrough: Bool = false) -> Bool {
         core.withWriteLock { c in
             if passthrough { c.passthroughEnded(ino) }
-            c.release(ino)
+            return c.release(ino)
         }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
@@ -255,7 +257,7 @@ public final class FileSystem: Sendable {
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.
         if let runs = result.dueForBackingFile, passthroughEnabled {
-            makeBacking(ino, runs: runs, store: core.withReadLock { $0.store }, forOpen: false)
+            makeBacking(ino, runs: runs, forOpen: false)
         }
         return result
     }
@@ -264,8 +266,8 @@ public final class FileSystem: Sendable {
     /// `caller`: under memcg=auto, whose shares the allocation is checked against (as a write's).
     public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64, caller: Caller? = nil) throws(Errno) {
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
-           let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
-            makeBacking(ino, runs: runs, store: store, forOpen: false)
+           let runs = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length) }) {
+            makeBacking(ino, runs: runs, forOpen: false)
         }
         try charging(by: caller) { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
     }

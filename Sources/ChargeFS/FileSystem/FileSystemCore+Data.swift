@@ -323,10 +323,10 @@ extension FileSystemCore {
         let available = maxPages.map { $0 - store.pagesInUse } ?? Self.physicalPages
         if atLeastMissing > available { throw .noSpace }
         var holes: [Int] = []
-        var index = inode.pages.nextHole(from: firstIndex)
+        var index = inode.pages.nextHole(from: firstIndex, before: lastIndex + 1)
         while index <= lastIndex {
             holes.append(index)
-            index = inode.pages.nextHole(from: index + 1)
+            index = inode.pages.nextHole(from: index + 1, before: lastIndex + 1)
         }
         guard !holes.isEmpty else { return nil }
         if let max = maxPages, store.pagesInUse + holes.count > max { throw .noSpace }

@@ -91,6 +91,13 @@ extension FileSystemCore {
         let usage = usage()
         lines.append("effective_limit_bytes=\(usage.totalPages * page)")
         lines.append("available_bytes=\(usage.freePages * page)")
+        // One line per directory's own target in use: who pays below it, and how much room it has.
+        for t in store.directoryTargets {
+            var line = "dir_target=\(t.key) charged_bytes=\(Int64(t.chargedPages) * page)"
+            line += " limit_bytes=\(t.charger.limitBytes().map(String.init) ?? "unlimited")"
+            if let headroom = t.charger.availableBytes() { line += " headroom_bytes=\(max(0, headroom))" }
+            lines.append(line)
+        }
         return lines.joined(separator: "\n") + "\n"
     }
 }

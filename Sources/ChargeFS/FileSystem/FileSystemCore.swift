@@ -96,12 +96,15 @@ final class FileSystemCore {
     }
 
     func releaseAllPages(of inode: Inode) {
-        if inode.backing != nil { return dropBacking(of: inode) }
-        guard inode.pages.count > 0 else { return }
-        var freed: [UInt32] = []
-        inode.pages.removeAll(into: &freed)
-        store.activeTarget = inode.chargeTarget
-        store.free(freed)
+        if inode.backing != nil {
+            dropBacking(of: inode)
+        } else {
+            guard inode.pages.count > 0 else { return }
+            var freed: [UInt32] = []
+            inode.pages.removeAll(into: &freed)
+            store.activeTarget = inode.chargeTarget
+            store.free(freed)
+        }
         if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
             store.releaseTarget(inode.chargeTarget)
         }
@@ -397,8 +400,10 @@ final class FileSystemCore {
         return modeChanged
     }
 
-    func release(_ ino: InodeNumber) {
-        guard let inode = inodes[ino], inode.openCount > 0 else { return }
+    /// Whether that was the file's last open.
+    @discardableResult
+    func release(_ ino: InodeNumber) -> Bool {
+        guard let inode = inodes[ino], inode.openCount > 0 else { return false }
         inode.openCount -= 1
         if inode.openCount == 0 && inode.nlink == 0 {
             inodeSlots -= 1
@@ -406,6 +411,7 @@ final class FileSystemCore {
         } else if inode.openCount == 0 {
             trimAhead(inode)
         }
+        return inode.openCount == 0
     }
 
     // MARK: directories

@@ -22,8 +22,13 @@ public final class BackingFile: @unchecked Sendable {
 
     /// The system calls that change its contents, replaceable by tests to inject failures.
     var syscalls = PageFileCalls.kernel
+    /// The page store's target whose charger made it and charges its pages (0: the mount's).
+    public let target: Int
 
-    init(_ fd: FileDescriptor) { fileDescriptor = fd }
+    init(_ fd: FileDescriptor, target: Int = 0) {
+        fileDescriptor = fd
+        self.target = target
+    }
 
     deinit { close(fileDescriptor.rawValue) }
 

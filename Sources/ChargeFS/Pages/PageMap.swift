@@ -114,17 +114,24 @@ struct PageMap {
         return best
     }
 
-    /// First page index >= `index` that is a hole.
-    func nextHole(from index: Int) -> Int {
+    /// First page index >= `index` that is a hole, or `limit` when none is below it: the walk
+    /// stops there, and skips full chunks whole. (Unbounded, the check of a 4 KiB write's own
+    /// page walked a dense file to its end: 77% of the daemon's CPU in 4 KiB overwrites of a
+    /// 256 MiB file, 2026-12-06.)
+    func nextHole(from index: Int, before limit: Int = Int.max) -> Int {
         var i = index
-        while true {
+        while i < limit {
             guard let chunk = chunks[i >> Self.chunkShift] else { return i }
-            var slot = i & (Self.chunkSlots - 1)
-            while slot < Self.chunkSlots {
-                if chunk.slots[slot] == 0 { return ((i >> Self.chunkShift) << Self.chunkShift) + slot }
-                slot += 1
+            let chunkStart = (i >> Self.chunkShift) << Self.chunkShift
+            if chunk.used < Self.chunkSlots {
+                var slot = i & (Self.chunkSlots - 1)
+                while slot < Self.chunkSlots {
+                    if chunk.slots[slot] == 0 { return min(chunkStart + slot, limit) }
+                    slot += 1
+                }
             }
-            i = ((i >> Self.chunkShift) + 1) << Self.chunkShift
+            i = chunkStart + Self.chunkSlots
         }
+        return limit
     }
 }

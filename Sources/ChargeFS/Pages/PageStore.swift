@@ -46,8 +46,9 @@ public final class PageStore {
     /// the inode it works on, under its exclusive lock (so no other operation sees it change).
     public var activeTarget = 0
     private var charger: PageCharger { pools[activeTarget]?.charger ?? mountCharger }
-    /// The mount's own target's charger (pool 0's), which alone makes backing files: a large
-    /// file under a directory's own target stays in the arena (no passthrough).
+    /// The mount's own target's charger (pool 0's). A backing file is made and charged by its
+    /// own target's charger (`BackingFile.target`: a directory's target's for a mapped or
+    /// executed file below it).
     private let mountCharger: PageCharger
     let arena: Arena
     var capacityPages: Int { arena.capacityPages }
@@ -95,15 +96,23 @@ public final class PageStore {
     /// The cgroup path (after realpath) of target `index`; "" for the daemon's own cgroup.
     public func targetKey(_ index: Int) -> String { pools.indices.contains(index) ? pools[index]?.key ?? "" : "" }
 
+    /// Directories' targets in use (index 1 on): each one's cgroup, the pages charged to it
+    /// (held by files, and kept for reuse) and its charger (for its limit and headroom).
+    public var directoryTargets: [(key: String, chargedPages: Int, charger: PageCharger)] {
+        pools.dropFirst().compactMap { pool in
+            pool.map { ($0.key, $0.pagesInUse + $0.reserve.count + $0.freed.count, $0.charger) }
+        }
+    }
+
     /// The pages files of target `index` hold.
     public func pagesInUse(target index: Int) -> Int { pools.indices.contains(index) ? pools[index]?.pagesInUse ?? 0 : 0 }
 
     /// The target for `path` if the caller may charge it (ChargeTargets.check): the one already
     /// open for that cgroup, else a new one, whose charger (a helper) starts now: only targets
     /// in use cost a helper.
-    public func openTarget(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> Int {
+    public func openTarget(_ path: String, uid: UInt32, gid: UInt32, groups: [UInt32] = []) throws(Errno) -> Int {
         guard let targets else { throw .notSupported }
-        let key = try targets.check(path, uid: uid, gid: gid)
+        let key = try targets.check(path, uid: uid, gid: gid, groups: groups)
         if let found = pools.firstIndex(where: { $0?.key == key }) { return found }
         let pool = Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key)
         if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
@@ -204,8 +213,25 @@ public final class PageStore {
     /// (a memfd arena follows the host's huge-page setting) and the charger can make them.
     public var canMakeBackingFiles: Bool { arena.tmpfsRoot != nil }
 
-    /// A new, empty backing file on the arena's tmpfs, made by the charger (for a memcg= target,
-    /// inside it). Takes a charger round trip: call it with no lock of the tree held.
+    /// A new, empty backing file on the arena's tmpfs, made by target `target`'s charger (for a
+    /// cgroup, inside it), which charges its pages too. Takes a charger round trip: call it with
+    /// no lock of the tree held (the charger is looked up under it: `backingCharger`).
+    static func makeBackingFile(root: FileDescriptor, charger: PageCharger, target: Int,
+                                       calls: PageFileCalls) throws(Errno) -> BackingFile {
+        let file = BackingFile(try charger.makeFile(in: root), target: target)
+        file.syscalls = calls
+        return file
+    }
+
+    /// What `makeBackingFile` needs of the store for target `target`, read under the tree's lock:
+    /// nil when no backing file can be made (no private tmpfs, or the target was given back).
+    func backingMaker(target: Int) -> (root: FileDescriptor, charger: PageCharger, calls: PageFileCalls)? {
+        guard let root = arena.tmpfsRoot else { return nil }
+        guard target == 0 || (pools.indices.contains(target) && pools[target] != nil) else { return nil }
+        return (root, pools[target]?.charger ?? mountCharger, backingFileCalls)
+    }
+
+    /// A new, empty backing file of the mount's own target (see the static form).
     public func makeBackingFile() throws(Errno) -> BackingFile {
         guard let root = arena.tmpfsRoot else { throw .notSupported }
         let file = BackingFile(try mountCharger.makeFile(in: root))
@@ -216,16 +242,21 @@ public final class PageStore {
     /// The system calls new backing files change their contents with (tests inject failures).
     var backingFileCalls = PageFileCalls.kernel
 
-    /// Pages of backing files count as in use, as arena pages do (size=, df, the status).
-    public func noteBackingPages(_ delta: Int) { pagesInUse += delta }
+    /// Pages of backing files count as in use, as arena pages do (size=, df, the status), and
+    /// as their target's (which is not given back while a file holds its pages).
+    public func noteBackingPages(_ delta: Int, of file: BackingFile) {
+        pagesInUse += delta
+        if pools.indices.contains(file.target) { pools[file.target]?.pagesInUse += delta }
+    }
 
     /// A charge of page ranges of a backing file (pages `first..<first+count` of the file), for
     /// `wanted` of them; `owner` and `shrinks` say which file and which of its shapes it was for.
     public func pendingCharge(of file: BackingFile, runs: [(first: Int, count: Int)], wanted: Int,
                               owner: UInt64, shrinks: UInt64, wholeOrNothing: Bool = false) -> PendingCharge {
-        PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
-                      charger: mountCharger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
-                                                                            wholeOrNothing: wholeOrNothing), target: 0)
+        let charger = pools.indices.contains(file.target) ? pools[file.target]?.charger ?? mountCharger : mountCharger
+        return PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
+                             charger: charger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
+                                                                              wholeOrNothing: wholeOrNothing), target: file.target)
     }
 
     /// Charged pages ready to hand out (those a file gave back are zero-filled on the way).

@@ -84,7 +84,7 @@ final class SharedChargingTests: XCTestCase {
         func levels(of path: String) -> [(cgroup: String, used: Int64, limit: Int64?)] {
             SharedCharging.levels(from: path, scope: scopePath).map { ($0, counters[$0]?.used ?? 0, counters[$0]?.limit) }
         }
-        func check(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> String { path }
+        func check(_ path: String, uid: UInt32, gid: UInt32, groups: [UInt32]) throws(Errno) -> String { path }
         func charger(for key: String, arena: FileDescriptor) throws(Errno) -> PageCharger {
             let c = FakeCharger(arena: arena)
             chargers[key] = c

@@ -99,4 +99,30 @@ final class PageMapTests: XCTestCase {
         XCTAssertNil(map.nextData(from: 3 * slots))
         XCTAssertEqual(map.count, 2 * slots)
     }
+
+    /// With a limit the walk stops there: the limit when no hole is below it, else the hole.
+    func testNextHoleStopsAtItsLimit() {
+        var map = PageMap()
+        for index in 0..<(4 * slots) where index != 3 * slots + 7 { map.set(UInt32(index + 1), at: index) }
+        XCTAssertEqual(map.nextHole(from: 5, before: 6), 6)
+        XCTAssertEqual(map.nextHole(from: 0, before: 3 * slots), 3 * slots)
+        XCTAssertEqual(map.nextHole(from: slots + 3, before: 3 * slots + 7), 3 * slots + 7)
+        XCTAssertEqual(map.nextHole(from: slots + 3, before: 3 * slots + 8), 3 * slots + 7)
+        XCTAssertEqual(map.nextHole(from: 0, before: Int.max), 3 * slots + 7)
+        XCTAssertEqual(map.nextHole(from: 3 * slots + 8, before: 5 * slots), 4 * slots)
+        XCTAssertEqual(map.nextHole(from: 9 * slots, before: 10 * slots), 9 * slots)
+        // The random map of testIterationIsInFileOrder, every limit: min(first hole, limit).
+        var random = SplitMix64(seed: 12)
+        var sparse = PageMap()
+        for _ in 0..<400 {
+            let index = Int(random.next() % UInt64(4 * slots))
+            if sparse.page(at: index) == 0 { sparse.set(1, at: index) }
+        }
+        for from in stride(from: 0, to: 4 * slots, by: 37) {
+            for limit in stride(from: from + 1, to: 4 * slots + 1, by: 53) {
+                XCTAssertEqual(sparse.nextHole(from: from, before: limit), min(sparse.nextHole(from: from), limit),
+                               "nextHole(\(from), before: \(limit))")
+            }
+        }
+    }
 }
