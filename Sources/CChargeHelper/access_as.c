@@ -7,11 +7,13 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
-int chargehelper_access_as(const char *path, int mode, uid_t uid, gid_t gid) {
+int chargehelper_access_as(const char *path, int mode, uid_t uid, gid_t gid, size_t ngroups, const gid_t *groups) {
     pid_t pid = _Fork();
     if (pid < 0) return -errno;
     if (pid == 0) {
-        if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0 ||
+        // Raw syscalls: glibc's wrappers would apply each change to every thread they think
+        // the process has (their setxid broadcast); this copy has one thread.
+        if (syscall(SYS_setgroups, ngroups, ngroups ? groups : NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0 ||
             syscall(SYS_setresuid, uid, uid, uid) != 0) _exit(255);
         _exit(access(path, mode) == 0 ? 0 : (errno & 0x7f));
     }

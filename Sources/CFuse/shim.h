@@ -120,4 +120,11 @@ enum {
     CFUSE_MADV_DONTDUMP = 16,    /* MADV_DONTDUMP */
 };
 
+// ---- State (Sources/ChargeFS/State) -----------------------------------------------------------
+// The journal's tail and the active checkpoint word live in a shared memfd mapping that a
+// successor reads: a release store publishes what was written before it, an acquire load sees it
+// (Swift's Atomic cannot be placed over mapped memory).
+static inline void cfuse_store_release_u64(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
+static inline uint64_t cfuse_load_acquire_u64(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
+
 #endif

@@ -45,11 +45,13 @@ do throws(UsageError) {
 }
 // Resolved once, before anything starts, so a bad target mounts nothing.
 var target: CgroupTarget?
-if let memcg = options.memcg {
+if let memcg = options.chargeTargetPath {
     do throws(CgroupError) {
         target = try CgroupTarget.resolve(memcg, limitPolicy: options.memcgLimit)
     } catch {
-        fail(error.description)
+        // Under memcg=auto the path checked is memcg_scope's: name that option.
+        let message = error.description
+        fail(options.memcgAuto && message.hasPrefix("memcg=") ? "memcg_scope=" + message.dropFirst(6) : message)
     }
 }
 

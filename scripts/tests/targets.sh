@@ -15,7 +15,19 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 source "$(dirname "$SELF")/lib.sh"
 
 SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge batching
-TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget)
+TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
+       mapped_then_moved supplementary_groups status_per_target use_case_3)
+# The mapped-file rule needs FUSE passthrough (6.9+): on an older kernel (the 6.1 guest of
+# targets-v2.sh) a job that maps a file from the mount pays for its pages (README), so the two
+# tests of that rule are left out of the default list, said aloud; named, they fail there.
+if ! kernel_at_least 6 9 && [ "${1:-}" != --one ] && [ "${1:-}" != --list ] && [ $# = 0 ]; then
+  log "targets.sh: $(uname -r) has no FUSE passthrough (6.9+): mapped_then_moved and use_case_3 left out"
+  TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
+         supplementary_groups status_per_target)
+fi
+passthrough_or_fail() {
+  kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has no FUSE passthrough (6.9+), which the mapped-file rule needs"; return 1; }
+}
 
 # new_env: scratch dir SCR (searchable by all: uid 65534 runs commands in it), the mount's target
 # T (256 MiB) with the daemon in D, and $MNT mounted with memcg=$T.
@@ -43,6 +55,26 @@ small_files() {
   for ((i = 0; i < $2 * 4; i++)); do head -c $((256 * 1024)) /dev/urandom > "$1/f$i"; done
 }
 rise() { echo $(( $(cg_usage "$1") - $2 )); }
+# File pages (page cache, mapped or not) charged to a cgroup and its children, in bytes.
+cg_file() {
+  if [ "$(cg_version)" = 1 ]; then
+    awk '$1 == "total_cache" {c=$2} $1 == "total_shmem" {s=$2} END {print c - s}' "$1/memory.stat"
+  else
+    awk '$1 == "file" {f=$2} $1 == "shmem" {s=$2} END {print f - s}' "$1/memory.stat"
+  fi
+}
+status_of() { getfattr --absolute-names --only-values -n user.chargefs.status "$1"; }
+backing_files() { status_of "$1" | sed -n 's/^backing_files=//p'; }
+# stage_runtime ROOT FILE...: FILEs and the shared objects they load (ldd: libraries, loader)
+# copied into ROOT at the same paths, contents of symlinks, so that `chroot ROOT FILE` runs.
+stage_runtime() {
+  local root=$1 f lib; shift
+  for f in "$@"; do echo "$f"; ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}'; done |
+    sort -u | while read -r lib; do
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+    done
+}
 
 # A target set on a directory charges what is written below; setfattr -x moves it all back.
 t_set_unset_moves() {
@@ -69,8 +101,7 @@ t_set_unset_moves() {
   check "A gave it all back (helper gone too: ≤ 1 MiB above where it started)" le "$(rise "$A" "$a0")" "$SLACK"
   check "data intact after two moves" cmp "$SCR/src" "$MNT/a/f"
   # and set again on a directory already holding files: their pages move into A. (Small files:
-  # a large file of the mount's target read through passthrough has a backing file of its own,
-  # which does not move: EBUSY, see the design notes.)
+  # mapped_then_moved has files with backing files of their own.)
   t1=$(cg_usage "$T"); a0=$(cg_usage "$A")
   check "setfattr again on a non-empty directory" setfattr -n user.chargefs.memcg -v "$A" "$MNT/a/sub"
   log "  after set: A rose by $(fmt_mib "$(rise "$A" "$a0")"), T by $(fmt_mib "$(rise "$T" "$t1")")"
@@ -232,6 +263,137 @@ t_root_retarget() {
   check "setfattr -x on the root" setfattr -x user.chargefs.memcg "$MNT"
   check "T holds them again (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
   check "getfattr on the root shows memcg= again" [ "$(target_of "$MNT")" = "$(realpath "$T")" ]
+}
+
+# Mapped and executed small files are charged to the target, not to the job that maps them
+# (they pass through a backing file); a target set above them afterwards, -x, and renames across
+# targets still work (the data leaves its backing file for the new target's arena); while a
+# program from there runs (its executable held open) EBUSY, and nothing moves.
+t_mapped_then_moved() {
+  passthrough_or_fail
+  new_env
+  local A B J; new_cg A a $((64 * MiB)); new_cg B b $((64 * MiB)); new_cg J job
+  stage_runtime "$MNT/x" /usr/bin/xz /usr/bin/sleep
+  local bf0; bf0=$(backing_files "$MNT")
+  chroot / true   # the host's chroot and its libraries in the page cache before the job runs
+  check "the job runs xz from the mount" cg_run_in "$J" chroot "$MNT/x" /usr/bin/xz --version
+  log "  job's file pages: $(fmt_mib "$(cg_file "$J")"); backing files $bf0 -> $(backing_files "$MNT")"
+  check "the job was charged no file pages for the loader, xz and liblzma (≤ 64 KiB)" le "$(cg_file "$J")" $((64 * 1024))
+  # libc (1.9 MB) got its backing file when it was written; the loader, xz and liblzma (all
+  # below 1 MiB) when they were executed and mapped.
+  check "the three small ELF files got backing files" [ "$(backing_files "$MNT")" = $((bf0 + 3)) ]
+  local bytes; bytes=$(du -sb --apparent-size "$MNT/x" | cut -f1)
+  local a0 t0; a0=$(cg_usage "$A"); t0=$(cg_usage "$T")
+  check "setfattr above files that were executed and mapped" setfattr -n user.chargefs.memcg -v "$A" "$MNT/x"
+  log "  A +$(fmt_mib "$(rise "$A" "$a0")"), T $(fmt_mib "$(rise "$T" "$t0")") for $(fmt_mib "$bytes"); backing files $(backing_files "$MNT")"
+  check "A took them (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" "$bytes" $((2 * SLACK))
+  check "T gave them back (±1 MiB)" near "$(rise "$T" "$t0")" $((-bytes)) "$SLACK"
+  check "no backing file left there (libc's went too)" [ "$(backing_files "$MNT")" = 0 ]
+  # Below a directory's own target, mapped and executed files get backing files of that
+  # target's: a job running them there is charged nothing either, and A holds them.
+  local J2; new_cg J2 job2
+  a0=$(cg_usage "$A")
+  check "xz still runs from there" cg_run_in "$J2" chroot "$MNT/x" /usr/bin/xz --version
+  log "  a job running it there: $(fmt_mib "$(cg_file "$J2")") of file pages; A $(fmt_mib "$(rise "$A" "$a0")"); backing files $(backing_files "$MNT")"
+  check "that job was charged no file pages (≤ 64 KiB)" le "$(cg_file "$J2")" $((64 * 1024))
+  check "the four ELF files got backing files of A's" [ "$(backing_files "$MNT")" = 4 ]
+  check "A still holds them (±1 MiB)" near "$(rise "$A" "$a0")" 0 "$SLACK"
+  check "setfattr -x" setfattr -x user.chargefs.memcg "$MNT/x"
+  check "T holds them again (±1 MiB)" near "$(rise "$T" "$t0")" 0 "$SLACK"
+  check "run again: backing files again" cg_run_in "$J" chroot "$MNT/x" /usr/bin/xz --version
+  mkdir "$MNT/b"; setfattr -n user.chargefs.memcg -v "$B" "$MNT/b"
+  local b0; b0=$(cg_usage "$B")
+  check "rename of the executed xz into B's directory (not EXDEV)" mv "$MNT/x/usr/bin/xz" "$MNT/b/xz"
+  check "B took it (±1 MiB)" near "$(rise "$B" "$b0")" "$(stat -c %s /usr/bin/xz)" "$SLACK"
+  check "cmp after the moves" cmp /usr/bin/xz "$MNT/b/xz"
+  mv "$MNT/b/xz" "$MNT/x/usr/bin/xz"
+  # A program from the mount running: its executable is held open through passthrough.
+  ( echo "$BASHPID" > "$J/cgroup.procs" && exec chroot "$MNT/x" /usr/bin/sleep 60 ) &
+  local pid=$!; CFS_PIDS+=("$pid"); sleep 1
+  local err; err=$(setfattr -n user.chargefs.memcg -v "$A" "$MNT/x" 2>&1 || true)
+  check "while it runs: EBUSY ($err)" grep -q "Device or resource busy" <<<"$err"
+  check "nothing changed: still on T" [ "$(target_of "$MNT/x")" = "$(realpath "$T")" ]
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  sleep 0.5   # the release of its executable reaches the daemon asynchronously
+  check "once it ended: allowed" setfattr -n user.chargefs.memcg -v "$A" "$MNT/x"
+}
+
+# A caller allowed to write the target's cgroup.procs only through a supplementary group may set
+# it on a directory it owns; without that group, EPERM.
+t_supplementary_groups() {
+  new_env
+  local A; new_cg A a $((64 * MiB))
+  cfs_stage_for_others
+  mkdir "$MNT/mine"; small_files "$MNT/mine" 1; chown -R 65534:65534 "$MNT/mine"
+  chgrp 4242 "$A/cgroup.procs"; chmod g+w "$A/cgroup.procs"
+  CFS_UNDO+=("chgrp 0 '$A/cgroup.procs'; chmod g-w '$A/cgroup.procs'")
+  local err
+  err=$(setpriv --reuid 65534 --regid 65534 --clear-groups setfattr -n user.chargefs.memcg -v "$A" "$MNT/mine" 2>&1 || true)
+  check "without the group: EPERM ($err)" grep -q "Operation not permitted" <<<"$err"
+  check "nothing changed" [ "$(target_of "$MNT/mine")" = "$(realpath "$T")" ]
+  local a0; a0=$(cg_usage "$A")
+  check "with group 4242 as a supplementary group: allowed" \
+    setpriv --reuid 65534 --regid 65534 --groups 4242 setfattr -n user.chargefs.memcg -v "$A" "$MNT/mine"
+  check "getfattr shows A" [ "$(target_of "$MNT/mine")" = "$(realpath "$A")" ]
+  check "A took the 1 MiB (±1 MiB, plus its helper)" near "$(rise "$A" "$a0")" $((1 * MiB)) $((2 * SLACK))
+}
+
+# The status attribute has one line per directory target: its cgroup, bytes charged, its limit.
+t_status_per_target() {
+  new_env
+  local A B; new_cg A a $((64 * MiB)); new_cg B b
+  mkdir "$MNT/a" "$MNT/b"
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"
+  setfattr -n user.chargefs.memcg -v "$B" "$MNT/b"
+  dd if=/dev/zero of="$MNT/a/f" bs=1M count=8 status=none
+  local st la lb; st=$(status_of "$MNT")
+  log "$(grep '^dir_target=' <<<"$st" | sed 's/^/  /')"
+  la=$(grep "^dir_target=$(realpath "$A") " <<<"$st" || true)
+  lb=$(grep "^dir_target=$(realpath "$B") " <<<"$st" || true)
+  check "a line for A" [ -n "$la" ]
+  check "a line for B" [ -n "$lb" ]
+  local charged; charged=$(sed -n 's/.* charged_bytes=\([0-9]*\).*/\1/p' <<<"$la")
+  check "A's line: 8 MiB charged (≤ 8.25 MiB, its kept pages included)" near "${charged:-0}" $((8 * MiB + 128 * 1024)) $((128 * 1024))
+  check "A's line: its 64 MiB limit" grep -q " limit_bytes=$((64 * MiB))\( \|$\)" <<<"$la"
+  check "A's line: its headroom" grep -q " headroom_bytes=[0-9]" <<<"$la"
+  check "B's line: nothing charged" grep -q " charged_bytes=0 " <<<"$lb"
+  setfattr -x user.chargefs.memcg "$MNT/b"
+  check "B's line gone with its target" bash -c "! getfattr --only-values -n user.chargefs.status '$MNT' | grep -q '^dir_target=$(realpath "$B") '"
+}
+
+# Use case 3: a Python runtime installed on a mount, run by three jobs in three cgroups, the
+# first alone: each job is charged no more file pages than with the host's own copy (within
+# 512 KiB), and the target holds the runtime.
+t_use_case_3() {
+  local py=/usr/bin/python3.11
+  [ -x "$py" ] || { log "  cannot run: $py missing"; return 1; }
+  passthrough_or_fail
+  new_env
+  local t0; t0=$(cg_usage "$T")
+  stage_runtime "$MNT/rt" "$py" /usr/lib/python3.11/lib-dynload/*.so
+  tar -C / --exclude=python3.11/config-3.11-x86_64-linux-gnu --exclude=python3.11/test -cf - usr/lib/python3.11 | tar -C "$MNT/rt" -xf -
+  local bytes; bytes=$(du -sb --apparent-size "$MNT/rt" | cut -f1)
+  log "  runtime on the mount: $(fmt_mib "$bytes") in $(find "$MNT/rt" -type f | wc -l) files"
+  local job='import json, decimal, datetime, bz2, lzma, hashlib, sqlite3, ctypes, zoneinfo, csv, asyncio, email.parser; print(decimal.Decimal(1) / 7)'
+  local H1 H2 H3 M1 M2 M3 i
+  new_cg H1 h1; new_cg H2 h2; new_cg H3 h3; new_cg M1 m1; new_cg M2 m2; new_cg M3 m3
+  # The host's own copy: the first job alone, then two at once.
+  check "host job 1" cg_run_in "$H1" "$py" -c "$job"
+  cg_run_in "$H2" "$py" -c "$job" >/dev/null & local p2=$!
+  cg_run_in "$H3" "$py" -c "$job" >/dev/null & local p3=$!
+  check "host jobs 2 and 3" wait "$p2" "$p3"
+  check "mount job 1 (alone)" cg_run_in "$M1" chroot "$MNT/rt" "$py" -c "$job"
+  cg_run_in "$M2" chroot "$MNT/rt" "$py" -c "$job" >/dev/null & p2=$!
+  cg_run_in "$M3" chroot "$MNT/rt" "$py" -c "$job" >/dev/null & p3=$!
+  check "mount jobs 2 and 3" wait "$p2" "$p3"
+  local h m
+  for i in 1 2 3; do
+    h=H$i; m=M$i
+    log "  job $i: file pages $(fmt_mib "$(cg_file "${!m}")") from the mount, $(fmt_mib "$(cg_file "${!h}")") from the host's copy"
+    check "job $i: no more file pages than with the host's copy (+512 KiB)" le "$(cg_file "${!m}")" $(( $(cg_file "${!h}") + 512 * 1024 ))
+  done
+  log "  T +$(fmt_mib "$(rise "$T" "$t0")") for $(fmt_mib "$bytes"); $(status_of "$MNT" | grep -E '^(stored_bytes|backing_files)=' | tr '\n' ' ')"
+  check "T holds the runtime (≥ its size - 1 MiB)" ge "$(rise "$T" "$t0")" $((bytes - MiB))
 }
 
 test_main "target tests" 180 "$@"

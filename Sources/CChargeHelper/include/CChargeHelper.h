@@ -50,9 +50,9 @@ ssize_t chargehelper_recv_with_fd(int sock, void *buf, size_t len, int *fd_out);
 pid_t chargehelper_spawn(const char *path, int exe_fd, int arena_fd, int cgroup_dir_fd, int procs_fd,
                          int *sock_out, int *stage_out);
 
-/// access(path, mode) as seen by uid/gid (no supplementary groups), checked by the kernel in a
-/// forked child that drops to those ids. Returns 0 or -errno.
-int chargehelper_access_as(const char *path, int mode, uid_t uid, gid_t gid);
+/// access(path, mode) as seen by uid/gid and the `ngroups` supplementary groups `groups` (none:
+/// 0, NULL), checked by the kernel in a forked child that drops to those ids. Returns 0 or -errno.
+int chargehelper_access_as(const char *path, int mode, uid_t uid, gid_t gid, size_t ngroups, const gid_t *groups);
 
 /// waitpid status decoding (macros Swift cannot call).
 int chargehelper_wifsignaled(int status);

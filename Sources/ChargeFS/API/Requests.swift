@@ -6,11 +6,15 @@ import Glibc
 public struct Caller: Sendable {
     public var uid: UInt32
     public var gid: UInt32
+    /// The calling process (its thread group), as the kernel names it in the caller's pid
+    /// namespace as the daemon sees it; 0 when unknown (in-process callers).
+    public var pid: Int32 = 0
     /// Supplementary groups, asked for only when needed (reading them costs a /proc read).
     public var supplementaryGroups: @Sendable () -> [UInt32]
-    public init(uid: UInt32, gid: UInt32, supplementaryGroups: @escaping @Sendable () -> [UInt32] = { [] }) {
+    public init(uid: UInt32, gid: UInt32, pid: Int32 = 0, supplementaryGroups: @escaping @Sendable () -> [UInt32] = { [] }) {
         self.uid = uid
         self.gid = gid
+        self.pid = pid
         self.supplementaryGroups = supplementaryGroups
     }
     /// Root (tests, and the daemon's own setup); a request always names its real caller.

@@ -216,8 +216,10 @@ enum FuseHandlers {
     }
 
     static func fallocate(_ s: FuseSession, _ reply: consuming Reply, ino: fuse_ino_t, mode: Int32, offset: off_t, length: off_t) {
+        let caller = reply.caller
         reply.success { () throws(Errno) in
-            try s.fileSystem.fallocate(InodeNumber(ino), mode: FallocateMode(rawValue: mode), offset: Int64(offset), length: Int64(length))
+            try s.fileSystem.fallocate(InodeNumber(ino), mode: FallocateMode(rawValue: mode), offset: Int64(offset), length: Int64(length),
+                                       caller: caller)
         }
     }
 

@@ -44,7 +44,7 @@ struct Reply: ~Copyable {
         if let recorder { return recorder.takeUnretainedValue().caller }
         guard let ctx = fuse_req_ctx(request) else { return .root }
         nonisolated(unsafe) let request = request
-        return Caller(uid: ctx.pointee.uid, gid: ctx.pointee.gid) {
+        return Caller(uid: ctx.pointee.uid, gid: ctx.pointee.gid, pid: ctx.pointee.pid) {
             // Valid only while the request is being handled, which is when the core asks.
             var groups = [gid_t](repeating: 0, count: 256)
             let n = fuse_req_getgroups(request, Int32(groups.count), &groups)

@@ -42,9 +42,10 @@ public final class CgroupTarget: Sendable {
 
     /// Resolves and validates `path`.
     /// - Parameter accessAs: check write access to cgroup.procs for these ids (by a forked child
-    ///   that drops to them) instead of this process's real uid/gid (access(2)).
+    ///   that drops to them) instead of this process's real uid/gid (access(2)); `groups`: the
+    ///   supplementary groups it drops to with them (none by default).
     public static func resolve(_ path: String, limitPolicy: CgroupLimitPolicy = .high,
-                               accessAs: (uid: uid_t, gid: gid_t)? = nil) throws(CgroupError) -> CgroupTarget {
+                               accessAs: (uid: uid_t, gid: gid_t)? = nil, groups: [gid_t] = []) throws(CgroupError) -> CgroupTarget {
         let resolved = try cgRealPath(path)
         var st = stat()
         guard stat(resolved, &st) == 0 else { throw cgErrnoError(path, errno) }
@@ -73,7 +74,7 @@ public final class CgroupTarget: Sendable {
                 }
             }
         }
-        try checkMayMoveProcesses(path: path, resolved: resolved, accessAs: accessAs)
+        try checkMayMoveProcesses(path: path, resolved: resolved, accessAs: accessAs, groups: groups)
 
         // Open the counters of every level up to the mount root.
         var owned: [FileDescriptor] = []
@@ -120,11 +121,12 @@ public final class CgroupTarget: Sendable {
 
     /// The permission rule of the tmpfs memcg= patch: the mounter must be allowed to move
     /// processes into the target, i.e. write its cgroup.procs.
-    static func checkMayMoveProcesses(path: String, resolved: String, accessAs: (uid: uid_t, gid: gid_t)?) throws(CgroupError) {
+    static func checkMayMoveProcesses(path: String, resolved: String, accessAs: (uid: uid_t, gid: gid_t)?,
+                                      groups: [gid_t] = []) throws(CgroupError) {
         let procs = resolved + "/cgroup.procs"
         let rc: Int32
         if let ids = accessAs {
-            rc = chargehelper_access_as(procs, W_OK, ids.uid, ids.gid)
+            rc = groups.withUnsafeBufferPointer { chargehelper_access_as(procs, W_OK, ids.uid, ids.gid, $0.count, $0.baseAddress) }
         } else {
             rc = access(procs, W_OK) == 0 ? 0 : -errno
         }

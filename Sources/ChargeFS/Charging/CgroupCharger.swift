@@ -165,6 +165,10 @@ public final class CgroupCharger: PageCharger {
         }
     }
 
+    public func limitBytes() -> Int64? {
+        (try? target.targetUsage())?.limit
+    }
+
     public func shutdown() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         // A charge waiting for a frozen helper sees `closed` within a second and lets go.

@@ -43,11 +43,16 @@ public protocol PageCharger: AnyObject, Sendable {
     /// The bytes that can still be charged (the effective headroom, for statfs/df); nil when
     /// nothing limits it.
     func availableBytes() -> Int64?
+
+    /// The cgroup's own limit in bytes (the status attribute's per-target line); nil when it
+    /// has none, or the charger knows none.
+    func limitBytes() -> Int64?
 }
 
 extension PageCharger {
     /// Chargers that know no limit need not say so.
     public func availableBytes() -> Int64? { nil }
+    public func limitBytes() -> Int64? { nil }
     /// Chargers that make no backing files (tests' fakes): large files then stay in the arena.
     public func charge(file: FileDescriptor, offset: Int64, length: Int64) throws(Errno) { throw .notSupported }
     public func makeFile(in directory: FileDescriptor) throws(Errno) -> FileDescriptor { throw .notSupported }

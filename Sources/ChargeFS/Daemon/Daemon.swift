@@ -164,10 +164,12 @@ public enum Daemon {
             let store = PageStore(arena: arena, charger: charger, key: target?.resolvedPath ?? "")
             // Directories' own targets (user.chargefs.memcg), each with its helper when first set.
             store.targets = CgroupChargeTargets(limitPolicy: options.memcgLimit)
+            // memcg=auto: the mount's target is the scope P, each file charged to its users' cgroups.
+            if options.memcgAuto, let target { store.shares = CgroupSharedScope(scope: target) }
             return FileSystem(config: config, store: store)
         } catch {
             // A CgroupError names the target itself.
-            throw StartFailure(error is CgroupError ? "\(error)" : "\(options.memcg.map { "memcg=\($0): " } ?? "")\(error)")
+            throw StartFailure(error is CgroupError ? "\(error)" : "\(options.chargeTargetPath.map { "memcg=\($0): " } ?? "")\(error)")
         }
     }
 

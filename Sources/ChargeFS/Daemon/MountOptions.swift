@@ -36,6 +36,14 @@ public struct MountOptions: Sendable, Equatable {
     public var rootUid: UInt32?
     public var rootGid: UInt32?
     public var memcg: String?
+    /// memcg_scope=P, with memcg=auto only: the cgroup whose subtree shares charges.
+    public var memcgScope: String?
+    /// memcg=auto: each file charged to its users' cgroups inside memcg_scope (Tejun Heo's
+    /// shared charging; FileSystemCore+Shares).
+    public var memcgAuto: Bool { memcg == "auto" }
+    /// The cgroup the mount's own charger (and its permission check) is for: memcg=PATH, or
+    /// memcg_scope=P under memcg=auto.
+    public var chargeTargetPath: String? { memcgAuto ? memcgScope : memcg }
     /// memcg_limit=high|max: which v2 limit ends the room (see CgroupLimitPolicy).
     public var memcgLimit = CgroupLimitPolicy.high
     public var noatime = false
@@ -92,6 +100,12 @@ public struct MountOptions: Sendable, Equatable {
             }
         }
         if o.showHelp || o.showVersion || o.cleanupTarget != nil { return o }
+        if let scope = o.memcgScope, !o.memcgAuto {
+            throw UsageError("memcg_scope=\(scope): only with memcg=auto")
+        }
+        if o.memcgAuto && o.memcgScope == nil {
+            throw UsageError("memcg=auto needs memcg_scope=/sys/fs/cgroup/... (the cgroup whose subtree shares charges)")
+        }
         switch positional.count {
         case 1: o.mountpoint = positional[0]
         case 2: o.source = positional[0]; o.mountpoint = positional[1]
@@ -124,8 +138,12 @@ public struct MountOptions: Sendable, Equatable {
             case "gid": rootGid = try Self.parseID(try required(), option: "gid")
             case "memcg":
                 let v = try required()
-                guard v.hasPrefix("/") else { throw UsageError("memcg=\(v): must be an absolute path under /sys/fs/cgroup") }
+                guard v.hasPrefix("/") || v == "auto" else { throw UsageError("memcg=\(v): must be an absolute path under /sys/fs/cgroup, or auto") }
                 memcg = v
+            case "memcg_scope":
+                let v = try required()
+                guard v.hasPrefix("/") else { throw UsageError("memcg_scope=\(v): must be an absolute path under /sys/fs/cgroup") }
+                memcgScope = v
             case "memcg_limit":
                 let v = try required()
                 guard let policy = CgroupLimitPolicy(rawValue: v) else {
@@ -236,7 +254,8 @@ public struct MountOptions: Sendable, Equatable {
         c.rootGid = rootGid ?? getgid()
         c.noatime = noatime
         c.caching = caching
-        if !readPassthrough { c.passthroughMinBytes = nil }
+        // memcg=auto moves files between cgroups, and a backing file's pages cannot move.
+        if !readPassthrough || memcgAuto { c.passthroughMinBytes = nil }
         return c
     }
 
@@ -250,7 +269,8 @@ public struct MountOptions: Sendable, Equatable {
     /// The source column of /proc/mounts and findmnt: names the cgroup that pays.
     public var fsname: String {
         let base = String(source.map { $0 == "," ? "_" : $0 })
-        guard let memcg else { return base }
+        guard let memcg = chargeTargetPath else { return base }
+        if memcgAuto { return "\(base):memcg=auto:\(String(memcg.map { $0 == "," ? "_" : $0 }))" }
         return "\(base):memcg=\(String(memcg.map { $0 == "," ? "_" : $0 }))"
     }
 
@@ -267,6 +287,12 @@ public struct MountOptions: Sendable, Equatable {
       uid=N, gid=N      owner of the root directory (default: the caller's)
       memcg=PATH        charge every stored page to this memory cgroup (v1 or v2); writes that
                         would pass its memory limit (or an ancestor's) get ENOSPC
+      memcg=auto,memcg_scope=PATH
+                        charge each file to the cgroup (inside PATH) of the process that writes
+                        it; once a process of another cgroup opens it, to their nearest common
+                        ancestor (never above PATH), counted as shared by each: ENOSPC when a
+                        cgroup's usage plus its shared bytes would pass its limit. Permission as
+                        for memcg=PATH. getfattr -n user.chargefs.shares MOUNTPOINT shows it
       memcg_limit=high  (default) on cgroup v2, ENOSPC at the lower of memory.high and memory.max:
                         stored pages cannot be reclaimed, so above memory.high the kernel would
                         throttle the whole cgroup for as long as they are stored

@@ -47,6 +47,11 @@ public final class FileSystem: Sendable {
     /// A directory's charge target (setfattr/getfattr -n user.chargefs.memcg DIR; see
     /// FileSystemCore+Targets).
     public static let memcgXattr: FileName = Array("user.chargefs.memcg".utf8)
+    /// memcg=auto: the root's read-only table of who owns, shares and hosts what
+    /// (getfattr -n user.chargefs.shares MOUNTPOINT; see FileSystemCore+Shares).
+    public static let sharesXattr: FileName = Array("user.chargefs.shares".utf8)
+    /// Room kept below a limit by the shared-charge check, as the charger keeps it.
+    static let sharedCheckMargin: Int64 = 256 * 1024
 
     private let core: ReadWriteLock<FileSystemCore>
     public let config: FileSystemConfig
@@ -55,10 +60,134 @@ public final class FileSystem: Sendable {
     /// Whether the kernel took FUSE passthrough at INIT.
     private let kernelPassthrough = Atomic(false)
 
+    /// The state kept for a successor, nil unless asked for (docs/takeover.md). The same object
+    /// as the core's, held here too so that a due checkpoint is seen without the lock.
+    private let keeping: StateKeeping?
+    /// memcg=auto: the cgroup a calling process counts as, and a cgroup's counters up to the
+    /// scope; both read the kernel's files, so they are asked with no lock held. nil otherwise.
+    private let callerCgroup: (@Sendable (Int32) -> String)?
+    private let sharedLevels: (@Sendable (String) -> [(cgroup: String, used: Int64, limit: Int64?)])?
+
     public init(config: FileSystemConfig, store: sending PageStore) {
         self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
         core = ReadWriteLock(FileSystemCore(config: config, store: store))
         resolvedCaching = Atomic(Self.code(config.caching))
+        keeping = nil
+        takeover = nil
+    }
+
+    /// A file system that keeps its metadata in `state` for a successor (`init(takingOver:)`),
+    /// and hands `keeper` the descriptors a successor needs: the arena and its tmpfs, the state
+    /// files, and each backing file as it is made. Starts with a checkpoint of the empty tree.
+    public init(config: FileSystemConfig, store: sending PageStore, state: StateFiles, keeper: any DescriptorKeeper) throws(StateError) {
+        self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
+        try keeper.keep(store.arena.fileDescriptor, as: .arena)
+        if let root = store.arena.tmpfsRoot { try keeper.keep(root, as: .arenaRoot) }
+        try keeper.keep(state.journal, as: .journal)
+        for (i, fd) in state.checkpoints.enumerated() { try keeper.keep(fd, as: .checkpoint(i)) }
+        let c = FileSystemCore(config: config, store: store)
+        let k = StateKeeping(files: state, keeper: keeper)
+        c.keeping = k
+        c.store.deferPunches = true
+        k.checkpointDue.store(true, ordering: .relaxed)
+        k.checkpointIfDue(c)
+        if let failure = k.failure { throw failure }
+        core = ReadWriteLock(c)
+        resolvedCaching = Atomic(Self.code(config.caching))
+        keeping = k
+        takeover = nil
+    }
+
+    /// Takes over a tree a dead server kept in `state` (same process or not): its checkpoint,
+    /// then each journal transaction after it, up to the first torn one (dropped). `store`
+    /// makes the page store on that server's arena (`Arena(adopting:)`,
+    /// `PageStore(adopting:...)`) from the arena pages the files hold and the count of their
+    /// pages in backing files; the other pages are punched, so what is charged is what the
+    /// files hold. Keeps state on from here, in the same files.
+    public init(takingOver state: StateFiles, keeper: any DescriptorKeeper, config: FileSystemConfig,
+                store makeStore: (_ inUse: [UInt32], _ backingPages: Int) -> PageStore) throws(StateError) {
+        var restorer = TreeRestorer(keeper: keeper, backingCalls: .kernel)
+        var checkpointSeq: UInt64 = 0
+        if let (seq, bytes) = try state.activeCheckpoint() {
+            try restorer.applyCheckpoint(bytes)
+            checkpointSeq = seq
+        }
+        let (transactions, dropped) = state.transactions(after: checkpointSeq)
+        for t in transactions { try restorer.apply(t.payload) }
+        guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
+        var inUse: [UInt32] = []
+        var backingPages = 0
+        for inode in restorer.inodes.all {
+            if inode.chargeTarget != 0 || inode.ownsTarget {
+                throw .unsupported("inode \(inode.ino) is charged to a target other than the mount's "
+                                   + "(a directory's own user.chargefs.memcg, or memcg=auto's): their pools are not taken over yet")
+            }
+            if inode.backing != nil {
+                backingPages += inode.pages.count
+            } else {
+                inode.pages.forEach { _, page in inUse.append(page) }
+            }
+        }
+        guard Set(inUse).count == inUse.count else { throw .corrupt("a page held by two files") }
+        let store = makeStore(inUse, backingPages)
+        // memcg=auto: which cgroups use each file is not kept (FileSystemCore+Shares).
+        if store.sharedScopePath != nil { throw .unsupported("memcg=auto: who shares which file is not kept yet") }
+        guard inUse.allSatisfy({ Int($0) <= store.capacityPages }) else { throw .corrupt("a page past the arena's end") }
+        let c = FileSystemCore(config: config, store: store, restoring: restorer.inodes)
+        let k = StateKeeping(files: state, keeper: keeper)
+        k.nextBackingID = restorer.nextBackingID
+        k.backingIDs = restorer.backingIDs
+        for (unique, answer) in restorer.applied { k.remember(unique, answer) }
+        c.keeping = k
+        store.deferPunches = true
+        self.config = config
+        callerCgroup = store.callerCgroupLookup
+        sharedLevels = store.sharedLevelsLookup
+        core = ReadWriteLock(c)
+        resolvedCaching = Atomic(Self.code(config.caching))
+        keeping = k
+        takeover = TakeoverReport(checkpointSeq: checkpointSeq, transactions: transactions.count, droppedBytes: dropped,
+                                  inodes: restorer.inodes.count)
+    }
+
+    /// What a takeover found (nil when this file system was not taken over).
+    public let takeover: TakeoverReport?
+
+    /// Checkpoints taken so far and the last one's duration in nanoseconds (0, 0 without state).
+    public var checkpointFigures: (count: Int, lastNanoseconds: UInt64) {
+        core.withReadLock { c in (c.keeping?.checkpoints ?? 0, c.keeping?.lastCheckpointNanoseconds ?? 0) }
+    }
+
+    /// Sets the journal size at which a checkpoint is due (tests).
+    public func setCheckpointBytes(_ bytes: Int) {
+        core.withWriteLock { c in c.keeping?.checkpointBytes = bytes }
+    }
+
+    /// Test hook: the next change is applied but its record is never published (a kill just
+    /// before the publish); drop the file system right after.
+    func dropNextRecordForTest() {
+        core.withWriteLock { c in c.keeping?.dropNextRecordForTest = true }
+    }
+
+    /// Takes a checkpoint now (tests; an upgrade).
+    public func checkpointNow() {
+        keeping?.checkpointDue.store(true, ordering: .relaxed)
+        core.withReadLock { c in c.keeping?.checkpointIfDue(c) }
+    }
+
+    /// Records a change when state is kept (one nil check otherwise), in the caller's hold of
+    /// the exclusive lock.
+    @inline(__always)
+    private func record(_ c: FileSystemCore, _ request: RequestContext?, _ answer: @autoclosure () -> AppliedRequest,
+                        _ build: (inout StateChange) -> Void) {
+        guard let k = c.keeping else { return }
+        var change = StateChange()
+        build(&change)
+        k.commit(c, request, answer(), change)
     }
 
     private static let cachingCodes: [FileCaching] = [.automatic, .direct, .page]
@@ -74,7 +203,16 @@ public final class FileSystem: Sendable {
 
     @inline(__always)
     private func exclusive<T>(_ body: (FileSystemCore) throws(Errno) -> T) throws(Errno) -> T {
-        try core.withWriteLock(body)
+        let result = try core.withWriteLock(body)
+        if let keeping { checkpointIfDue(keeping) }
+        return result
+    }
+
+    /// A checkpoint due is taken by the next caller of `exclusive` once it let go of the lock,
+    /// under the shared lock (readers go on; changes wait for it).
+    private func checkpointIfDue(_ keeping: StateKeeping) {
+        guard keeping.checkpointDue.load(ordering: .relaxed) else { return }
+        core.withReadLock { c in keeping.checkpointIfDue(c) }
     }
 
     @inline(__always)
@@ -86,48 +224,103 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in try c.lookup(parent: parent, name: name) }
     }
     public func forget(_ ino: InodeNumber, count: UInt64) {
-        core.withWriteLock { c in c.forget(ino, count: count) }
+        core.withWriteLock { c in
+            c.forget(ino, count: count)
+            // Only an eviction is kept: lookup counts are set high after a takeover anyway.
+            if c.keeping != nil, c.inodes[ino] == nil { record(c, nil, .done) { $0.inode(ino) } }
+        }
     }
     public func getattr(_ ino: InodeNumber) throws(Errno) -> Attributes {
         try shared { c throws(Errno) in try c.inode(ino).attributes }
     }
     /// `clearSetIDAsked`: the kernel asked this truncate or chown to clear setuid/setgid.
     public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, caller: Caller,
-                        clearSetIDAsked: Bool) throws(Errno) -> Attributes {
-        let (attributes, due) = try exclusive { c throws(Errno) in
+                        clearSetIDAsked: Bool, request: RequestContext? = nil) throws(Errno) -> Attributes {
+        let (attributes, due) = try exclusive { c throws(Errno) -> (Attributes, ([Range<Int>], PageStore)?) in
+            if case .attributes(let a)? = c.keeping?.answer(for: request) { return (a, nil) }
             let sizeBefore = changes.size == nil ? nil : c.inodes[ino]?.size
             let attributes = try c.setattr(ino, changes, caller: caller, clearSetIDAsked: clearSetIDAsked)
             // A truncate up past the threshold (as before writing through mmap) moves the file
             // now, holding what it held below the threshold, not at its first read-only open.
             let due = sizeBefore.flatMap { before in c.inodes[ino].flatMap { c.dueForBackingFile($0, sizeBefore: before) } }
+            record(c, request, .attributes(attributes)) { $0.inode(ino) }
             return (attributes, due.map { ($0, c.store) })
         }
-        if let (runs, store) = due, passthroughEnabled { makeBacking(ino, runs: runs, store: store, forOpen: false) }
+        if let (runs, _) = due, passthroughEnabled { makeBacking(ino, runs: runs, forOpen: false) }
         return attributes
     }
     public func readlink(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.readlink(ino) }
     }
-    public func mknod(parent: InodeNumber, name: FileName, mode: FileMode, rdev: UInt64, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.create(parent: parent, name: name, mode: mode, rdev: rdev, target: nil, caller: caller) }
+    /// A new name: made, or, for a resent request already applied, the answer it got.
+    private func creating(parent: InodeNumber, name: FileName, request: RequestContext?,
+                          _ make: (FileSystemCore) throws(Errno) -> Attributes) throws(Errno) -> Attributes {
+        try exclusive { c throws(Errno) in
+            if case .attributes(let a)? = c.keeping?.answer(for: request) { return a }
+            let a = try make(c)
+            record(c, request, .attributes(a)) { $0.inode(parent); $0.inode(a.ino); $0.entry(parent, name) }
+            return a
+        }
     }
-    public func mkdir(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.mkdir(parent: parent, name: name, mode: mode, caller: caller) }
+    public func mknod(parent: InodeNumber, name: FileName, mode: FileMode, rdev: UInt64, caller: Caller,
+                      request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.create(parent: parent, name: name, mode: mode, rdev: rdev, target: nil, caller: caller)
+        }
     }
-    public func symlink(target: [UInt8], parent: InodeNumber, name: FileName, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.symlink(target: target, parent: parent, name: name, caller: caller) }
+    public func mkdir(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller,
+                      request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.mkdir(parent: parent, name: name, mode: mode, caller: caller)
+        }
     }
-    public func link(_ ino: InodeNumber, newParent: InodeNumber, newName: FileName) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.link(ino, newParent: newParent, newName: newName) }
+    public func symlink(target: [UInt8], parent: InodeNumber, name: FileName, caller: Caller,
+                        request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            try c.symlink(target: target, parent: parent, name: name, caller: caller)
+        }
     }
-    public func unlink(parent: InodeNumber, name: FileName) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.remove(parent: parent, name: name, directory: false) }
+    public func link(_ ino: InodeNumber, newParent: InodeNumber, newName: FileName,
+                     request: RequestContext? = nil) throws(Errno) -> Attributes {
+        try creating(parent: newParent, name: newName, request: request) { c throws(Errno) in
+            try c.link(ino, newParent: newParent, newName: newName)
+        }
     }
-    public func rmdir(parent: InodeNumber, name: FileName) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.remove(parent: parent, name: name, directory: true) }
+    public func unlink(parent: InodeNumber, name: FileName, request: RequestContext? = nil) throws(Errno) {
+        try removing(parent: parent, name: name, directory: false, request: request)
     }
-    public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
+    public func rmdir(parent: InodeNumber, name: FileName, request: RequestContext? = nil) throws(Errno) {
+        try removing(parent: parent, name: name, directory: true, request: request)
+    }
+    private func removing(parent: InodeNumber, name: FileName, directory: Bool, request: RequestContext?) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            let victim = c.keeping == nil ? nil : c.inodes[parent]?.directory?.lookup(name)
+            try c.remove(parent: parent, name: name, directory: directory)
+            record(c, request, .done) { $0.inode(parent); $0.inode(victim); $0.entry(parent, name) }
+        }
+    }
+    public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags,
+                       request: RequestContext? = nil) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            guard c.keeping != nil else {
+                return try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+            }
+            let moving = c.inodes[parent]?.directory?.lookup(name)
+            let existing = c.inodes[newParent]?.directory?.lookup(newName)
+            let targetBefore = moving.flatMap { c.inodes[$0]?.chargeTarget }
+            try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
+            record(c, request, .done) { change in
+                for ino in [parent, newParent] { change.inode(ino) }
+                change.inode(moving)
+                change.inode(existing)
+                change.entry(parent, name)
+                change.entry(newParent, newName)
+                // Into another target: every file below moved its pages (FileSystemCore+Targets).
+                if let moving, targetBefore != c.inodes[moving]?.chargeTarget { c.subtree(of: moving).forEach { change.inode($0) } }
+            }
+        }
     }
     /// Opens an existing inode; handles O_TRUNC (the kernel passes it with atomic_o_trunc), and
     /// says whether truncating cleared setuid/setgid (the kernel's cached mode is then stale).
@@ -135,40 +328,53 @@ public final class FileSystem: Sendable {
     /// FileSystemCore+Backing for when): give it to the kernel, then call
     /// `release(_:passthrough: true)` at the close, or `passthroughRefused` if the kernel would
     /// not take it.
-    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool) throws(Errno) -> OpenOutcome {
+    public func open(_ ino: InodeNumber, flags: OpenFlags, caller: Caller, clearSetIDAsked: Bool,
+                     request: RequestContext? = nil) throws(Errno) -> OpenOutcome {
         let enabled = passthroughEnabled
-        let (modeChanged, step, store, target) = try exclusive { c throws(Errno) in
-            (try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked),
-             c.passthroughStep(ino, flags: flags, enabled: enabled), c.store, c.inodes[ino]?.chargeTarget ?? 0)
+        let cgroup = callerCgroup?(caller.pid)
+        let (modeChanged, step, target) = try exclusive { c throws(Errno) -> (Bool, FileSystemCore.PassthroughStep, Int) in
+            if case .opened(let modeChanged)? = c.keeping?.answer(for: request) {
+                return (modeChanged, FileSystemCore.PassthroughStep.none, 0)
+            }
+            let modeChanged = try c.open(ino, flags: flags, caller: caller, clearSetIDAsked: clearSetIDAsked)
+            if let cgroup, let inode = c.inodes[ino] { c.noteUser(inode, cgroup: cgroup) }
+            let step = c.passthroughStep(ino, flags: flags, enabled: enabled)
+            record(c, request, .opened(modeChanged: modeChanged)) { $0.inode(ino) }
+            return (modeChanged, step, c.inodes[ino]?.chargeTarget ?? 0)
         }
         switch step {
-        case .none, .needsBacking where target != 0:
+        case .none:
             return OpenOutcome(modeChanged: modeChanged, passthrough: nil, writes: flags.mayWrite)
         case .granted(let file):
             return OpenOutcome(modeChanged: modeChanged, passthrough: PassthroughFile(backing: file), writes: flags.mayWrite)
         case .needsBacking(let runs):
             return OpenOutcome(modeChanged: modeChanged,
-                               passthrough: makeBacking(ino, runs: runs, store: store, forOpen: true).map(PassthroughFile.init),
+                               passthrough: makeBacking(ino, runs: runs, target: target, forOpen: true).map(PassthroughFile.init),
                                writes: false)
         }
     }
 
     /// Makes and charges a backing file for the pages of `runs` with no lock held (a frozen
-    /// target stalls only this open or change), then moves the file's data into it. nil (an
-    /// ordinary open; the file stays in the arena) when anything is short.
+    /// target stalls only this open or change), by the charger of `target` (the file's), then
+    /// moves the file's data into it. nil (an ordinary open; the file stays in the arena) when
+    /// anything is short, or the file moved to another target meanwhile.
     @discardableResult
-    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], store: PageStore, forOpen: Bool) -> BackingFile? {
-        guard let file = try? store.makeBackingFile() else { return nil }
+    private func makeBacking(_ ino: InodeNumber, runs: [Range<Int>], target: Int = 0, forOpen: Bool) -> BackingFile? {
+        guard let maker = core.withReadLock({ $0.store.backingMaker(target: target) }),
+              let file = try? PageStore.makeBackingFile(root: maker.root, charger: maker.charger, target: target, calls: maker.calls)
+        else { return nil }
         let pages = runs.reduce(0) { $0 + $1.count }
         if pages > 0 {
-            let pending = store.pendingCharge(of: file, runs: runs.map { ($0.lowerBound, $0.count) }, wanted: pages,
-                                              owner: ino.rawValue, shrinks: 0)
+            let pending = PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.lowerBound, count: $0.count) }, wanted: pages,
+                                        charger: maker.charger,
+                                        file: PendingCharge.FileTarget(file: file, owner: ino.rawValue, shrinks: 0), target: target)
             let (charged, failure) = pending.charge()
             guard failure == nil, charged == pages else { return nil }  // dropping the file uncharges it
         }
         let step = core.withWriteLock { c in
-            c.store.activeTarget = 0  // only the mount's own target's files get backing files
-            return c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
+            let step = c.adoptBacking(ino, file, charged: runs, forOpen: forOpen)
+            record(c, nil, .done) { $0.inode(ino) }
+            return step
         }
         if case .granted(let granted) = step { return granted }
         return nil
@@ -176,7 +382,10 @@ public final class FileSystem: Sendable {
 
     /// The kernel would not serve an open through its backing file: it is an ordinary open.
     public func passthroughRefused(_ ino: InodeNumber) {
-        core.withWriteLock { c in c.passthroughEnded(ino) }
+        core.withWriteLock { c in
+            c.passthroughEnded(ino)
+            record(c, nil, .done) { $0.inode(ino) }
+        }
     }
 
     /// Whether opens may pass through: the kernel took FUSE passthrough at INIT and file data
@@ -191,15 +400,25 @@ public final class FileSystem: Sendable {
         kernelPassthrough.store(available, ordering: .relaxed)
     }
     /// Creates a regular file and opens it (create(2) with O_CREAT).
-    public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller) throws(Errno) -> Attributes {
-        try exclusive { c throws(Errno) in try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller) }
+    public func create(parent: InodeNumber, name: FileName, mode: FileMode, caller: Caller,
+                       request: RequestContext? = nil) throws(Errno) -> Attributes {
+        let cgroup = callerCgroup?(caller.pid)
+        return try creating(parent: parent, name: name, request: request) { c throws(Errno) in
+            let attributes = try c.createAndOpen(parent: parent, name: name, mode: mode, caller: caller)
+            if let cgroup, let inode = c.inodes[attributes.ino] { c.noteUser(inode, cgroup: cgroup) }
+            return attributes
+        }
     }
-    /// The last close of one open (or create) handle; whether that was the file's last open.
+    /// The last close of one open (or create) handle; whether that was the file's last open
+    /// (false for a resent release already applied).
     @discardableResult
-    public func release(_ ino: InodeNumber, passthrough: Bool = false) -> Bool {
+    public func release(_ ino: InodeNumber, passthrough: Bool = false, request: RequestContext? = nil) -> Bool {
         core.withWriteLock { c in
+            if c.keeping?.answer(for: request) != nil { return false }
             if passthrough { c.passthroughEnded(ino) }
-            return c.release(ino)
+            let last = c.release(ino)
+            record(c, request, .done) { $0.inode(ino) }
+            return last
         }
     }
     /// Reads into the caller's hands: `body` sees the bytes as iovecs pointing into the store
@@ -220,6 +439,7 @@ public final class FileSystem: Sendable {
         } else {
             copy = try exclusive { (c: FileSystemCore) throws(Errno) -> CopiedRead? in
                 c.touchAtime(ino)
+                record(c, nil, .done) { $0.inode(ino) }
                 return try c.read(ino, offset: offset, count: count, body)
             }
         }
@@ -229,26 +449,37 @@ public final class FileSystem: Sendable {
     /// `wholeOrNothing`: a writeback of mapped pages, which must store every byte or none (the
     /// kernel ignores a short count there; see `FileSystemCore.write`).
     public func write(_ ino: InodeNumber, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller,
-                      clearSetIDAsked: Bool, wholeOrNothing: Bool = false) throws(Errno) -> WriteResult {
-        let result = try charging { c, supply throws(Errno) in
+                      clearSetIDAsked: Bool, wholeOrNothing: Bool = false, request: RequestContext? = nil) throws(Errno) -> WriteResult {
+        if keeping != nil, request?.isResend == true,
+           case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
+            return WriteResult(written: count, modeChanged: modeChanged)
+        }
+        let result = try charging(by: caller, commit: { c, result in
+            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.inode(ino) }
+        }) { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
                         wholeOrNothing: wholeOrNothing, supply: supply)
         }
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.
         if let runs = result.dueForBackingFile, passthroughEnabled {
-            makeBacking(ino, runs: runs, store: core.withReadLock { $0.store }, forOpen: false)
+            makeBacking(ino, runs: runs, forOpen: false)
         }
         return result
     }
     /// A fallocate that takes a small file past the threshold moves it first (what it holds),
     /// so that the allocation lands in the backing file and no open has to move it later.
-    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64) throws(Errno) {
+    /// `caller`: under memcg=auto, whose shares the allocation is checked against (as a write's).
+    public func fallocate(_ ino: InodeNumber, mode: FallocateMode, offset: Int64, length: Int64, caller: Caller? = nil,
+                          request: RequestContext? = nil) throws(Errno) {
+        if keeping != nil, request?.isResend == true, core.withReadLock({ c in c.keeping?.answer(for: request) }) != nil { return }
         if passthroughEnabled, !mode.contains(.punchHole), offset >= 0, length > 0, offset <= Int64.max - length,
-           let (runs, store) = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length).map { ($0, c.store) } }) {
-            makeBacking(ino, runs: runs, store: store, forOpen: false)
+           let runs = core.withReadLock({ c in c.dueForBackingFile(ino, allocatingTo: offset + length) }) {
+            makeBacking(ino, runs: runs, forOpen: false)
         }
-        try charging { c, supply throws(Errno) in try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply) }
+        try charging(by: caller, commit: { c, _ in record(c, request, .done) { $0.inode(ino) } }) { c, supply throws(Errno) in
+            try c.fallocate(ino, mode: mode, offset: offset, length: length, supply: supply)
+        }
     }
 
     /// Rounds of charging before an operation takes what is charged: only an operation whose
@@ -261,15 +492,25 @@ public final class FileSystem: Sendable {
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
     /// pages charged join the reserve and the operation runs again in the same lock hold, so no
     /// other writer takes them first.
-    private func charging<T>(_ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
-        var outcome = try exclusive { c throws(Errno) in try operation(c, .askForMore) }
+    /// `caller`: under memcg=auto, whose shares the charge is checked against first
+    /// (`admitsShared`); a refusal stores what is already charged, as a charger's refusal does.
+    /// `commit` records the change (kept state) in the same hold as the operation's last round.
+    private func charging<T>(by caller: Caller? = nil, commit: (FileSystemCore, T) -> Void,
+                             _ operation: (FileSystemCore, PageSupply) throws(Errno) -> NeedingPages<T>) throws(Errno) -> T {
+        func run(_ c: FileSystemCore, _ supply: PageSupply) throws(Errno) -> NeedingPages<T> {
+            let outcome = try operation(c, supply)
+            if case .done(let result) = outcome { commit(c, result) }
+            return outcome
+        }
+        var outcome = try exclusive { c throws(Errno) in try run(c, .askForMore) }
         for round in 1...Self.chargeRounds {
             let pending: PendingCharge
             switch outcome {
             case .done(let result): return result
             case .charge(let p): pending = p
             }
-            let (charged, failure) = pending.charge()
+            let admitted = caller.map { admitsShared($0, bytes: Int64(pending.wanted * PageSize.bytes)) } ?? true
+            let (charged, failure): (Int, Errno?) = admitted ? pending.charge() : (0, nil)
             // The charger refused part of it (or failed): store what fits; and so in the last round.
             let supply: PageSupply = charged < pending.wanted || failure != nil || round == Self.chargeRounds
                 ? .useWhatIsCharged : .askForMore
@@ -279,11 +520,26 @@ public final class FileSystem: Sendable {
                 // may have landed in the reserve meanwhile).
                 defer { c.store.trimReserveToLimit() }
                 if let failure, charged == 0 { throw failure }
-                return try operation(c, supply)
+                return try run(c, supply)
             }
         }
         if case .done(let result) = outcome { return result }
         throw .noSpace  // not reached: the last round never asks for a charge
+    }
+    /// memcg=auto: whether `bytes` more fit for `caller`'s cgroup X with its shares counted: at
+    /// X and each ancestor up to the scope that carries shared bytes, usage + shared + bytes
+    /// must stay within the limit less the margin. Costs nothing while X shares nothing; then
+    /// a read of X's counters per charge (one per 256 KiB written at most).
+    private func admitsShared(_ caller: Caller, bytes: Int64) -> Bool {
+        guard let callerCgroup, let sharedLevels else { return true }
+        let cgroup = callerCgroup(caller.pid)
+        let shared = core.withReadLock { c in c.sharedBytes(from: cgroup) }
+        if shared.isEmpty { return true }
+        for level in sharedLevels(cgroup) {
+            guard let limit = level.limit, let carried = shared[level.cgroup] else { continue }
+            if level.used + carried + bytes > limit - Self.sharedCheckMargin { return false }
+        }
+        return true
     }
     /// SEEK_DATA and SEEK_HOLE.
     public func seek(_ ino: InodeNumber, offset: Int64, whence: SeekWhence) throws(Errno) -> Int64 {
@@ -292,13 +548,25 @@ public final class FileSystem: Sendable {
     /// Lists from `offset`; `body` returns false when its buffer is full (the entry it was given
     /// is then not counted). With `plus`, each listed entry but "." and ".." counts as a lookup.
     public func readdir(_ ino: InodeNumber, offset: Int64, plus: Bool, _ body: (DirectoryEntry) -> Bool) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.readdir(ino, offset: offset, plus: plus, body) }
+        try exclusive { c throws(Errno) in
+            let atime = c.keeping == nil || offset != 0 ? nil : c.inodes[ino]?.atime
+            try c.readdir(ino, offset: offset, plus: plus, body)
+            if let atime, c.inodes[ino]?.atime != atime { record(c, nil, .done) { $0.inode(ino) } }
+        }
     }
     public func usage() -> FileSystemUsage {
         core.withReadLock { c in c.usage() }
     }
-    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags, caller: Caller = .root) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.setxattr(ino, name: name, value: value, flags: flags, caller: caller) }
+    public func setxattr(_ ino: InodeNumber, name: FileName, value: [UInt8], flags: XattrFlags, caller: Caller = .root,
+                         request: RequestContext? = nil) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            try c.setxattr(ino, name: name, value: value, flags: flags, caller: caller)
+            record(c, request, .done) { change in
+                change.inode(ino)
+                if name == Self.memcgXattr { c.subtree(of: ino).forEach { change.inode($0) } }
+            }
+        }
     }
     public func getxattr(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8] {
         if ino == Self.rootIno && name == Self.requestsXattr { return [] }
@@ -309,8 +577,15 @@ public final class FileSystem: Sendable {
     public func listxattr(_ ino: InodeNumber) throws(Errno) -> [UInt8] {
         try shared { c throws(Errno) in try c.listxattr(ino) }
     }
-    public func removexattr(_ ino: InodeNumber, name: FileName, caller: Caller = .root) throws(Errno) {
-        try exclusive { c throws(Errno) in try c.removexattr(ino, name: name, caller: caller) }
+    public func removexattr(_ ino: InodeNumber, name: FileName, caller: Caller = .root, request: RequestContext? = nil) throws(Errno) {
+        try exclusive { c throws(Errno) in
+            if c.keeping?.answer(for: request) != nil { return }
+            try c.removexattr(ino, name: name, caller: caller)
+            record(c, request, .done) { change in
+                change.inode(ino)
+                if name == Self.memcgXattr { c.subtree(of: ino).forEach { change.inode($0) } }
+            }
+        }
     }
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
     public func storedBytes() -> (used: Int64, charged: Int64) {

@@ -50,8 +50,8 @@ extension FileSystemCore {
     /// charge batch: each write into a backing file's hole is a charge round trip of its own,
     /// where the arena serves 64 small writes with one (fio's 4 KiB random writes stay there).
     func dueForBackingFile(_ inode: Inode, sizeBefore: Int64, reaching: Int64? = nil, written: Int? = nil) -> [Range<Int>]? {
-        // Only the mount's own target's files get backing files (a directory's target keeps its
-        // files in the arena: its pages are its pool's).
+        // Only the mount's own target's large files move at a change (a directory's target keeps
+        // its files in the arena, but for those mapped or executed: FileSystemCore+Mapped).
         guard inode.isRegular, inode.backing == nil, inode.chargeTarget == 0, let min = config.passthroughMinBytes, sizeBefore < min,
               (reaching ?? inode.size) >= min, store.canMakeBackingFiles,
               // What a file below the threshold holds, plus the write that took it past (a file
@@ -94,8 +94,11 @@ extension FileSystemCore {
             inode.passthroughOpens += 1
             return .granted(backing)
         }
+        // A small file passes through too when the open looks like a map or an exec
+        // (FileSystemCore+Mapped): its mappings then map the target's pages.
         guard enabled, let min = config.passthroughMinBytes, !flags.mayWrite, !flags.truncates,
-              inode.size >= min, inode.openCount == 1, isDense(inode) else { return .none }
+              (inode.size >= min && inode.chargeTarget == 0) || wantsMappedPassthrough(inode, flags: flags), inode.openCount == 1,
+              isDense(inode) else { return .none }
         if let backing = inode.backing {
             inode.passthroughOpens += 1
             return .granted(backing)
@@ -109,7 +112,8 @@ extension FileSystemCore {
     /// meanwhile so that it no longer qualifies, or its pages are not those charged (the caller
     /// drops `file`, which gives its charge back).
     func adoptBacking(_ ino: InodeNumber, _ file: BackingFile, charged: [Range<Int>], forOpen: Bool) -> PassthroughStep {
-        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil,
+        // The file must still be charged where its backing file was made (a move meanwhile).
+        guard let inode = inodes[ino], inode.isRegular, inode.backing == nil, inode.chargeTarget == file.target,
               !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0 && isDense(inode)),
               heldRuns(inode) == charged else { return .none }
         let n = Self.pagesCovering(inode.size)
@@ -134,13 +138,14 @@ extension FileSystemCore {
         var freed: [UInt32] = []
         freed.reserveCapacity(inode.pages.count)
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &freed)
+        store.activeTarget = inode.chargeTarget
         store.free(freed)
         var moved = 0
         for run in charged {
             for i in run { inode.pages.set(PageMap.inBackingFile, at: i) }
             moved += run.count
         }
-        store.noteBackingPages(moved)
+        store.noteBackingPages(moved, of: file)
         inode.backing = file
         backingFiles += 1
         if forOpen { inode.passthroughOpens += 1 }
@@ -159,7 +164,7 @@ extension FileSystemCore {
            backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes)) {
             var marks: [UInt32] = []
             inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
-            store.noteBackingPages(-marks.count)
+            store.noteBackingPages(-marks.count, of: backing)
             backing.shrinks += 1
         }
         backing.aheadEnd = 0
@@ -176,7 +181,7 @@ extension FileSystemCore {
         let held = inode.pages.count
         var marks: [UInt32] = []
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &marks)
-        store.noteBackingPages(-held)
+        if let backing = inode.backing { store.noteBackingPages(-held, of: backing) }
         inode.backing?.shrinks += 1
         inode.backing = nil  // closed: its pages go now, or with the last mapping of it
         backingFiles -= 1
@@ -301,7 +306,7 @@ extension FileSystemCore {
         }
         // Pages were freed: a charge picked before now cannot tell which of its pages exist.
         if undo && punched { target.file.shrinks += 1 }
-        store.noteBackingPages(added)
+        store.noteBackingPages(added, of: target.file)
     }
 
     /// The backing file follows the size. Shrinking frees its pages past the end (and zeroes the
@@ -323,7 +328,7 @@ extension FileSystemCore {
         if size < inode.size {
             var marks: [UInt32] = []
             inode.pages.remove(from: Self.pagesCovering(size), to: Int.max >> 1, into: &marks)
-            store.noteBackingPages(-marks.count)
+            store.noteBackingPages(-marks.count, of: backing)
             backing.shrinks += 1
         }
         inode.size = size
@@ -342,7 +347,7 @@ extension FileSystemCore {
             if backing.punch(offset: Int64(firstFull) * pageSize, length: Int64(lastFull - firstFull) * pageSize) {
                 var marks: [UInt32] = []
                 inode.pages.remove(from: firstFull, to: lastFull, into: &marks)
-                store.noteBackingPages(-marks.count)
+                store.noteBackingPages(-marks.count, of: backing)
                 backing.shrinks += 1
             } else {
                 // Refused: the pages stay (and stay counted), and must read as zeros now.

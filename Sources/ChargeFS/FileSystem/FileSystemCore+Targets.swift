@@ -15,10 +15,13 @@ import SystemPackage
 ///   target it was made or last moved under, whichever names link it.
 /// - Permission: the caller must own the directory (or be uid 0: FUSE passes no capabilities,
 ///   so uid 0 stands for CAP_FOWNER) and be allowed to move a process into the target (write
-///   access to its cgroup.procs, checked by the kernel as for the mount's memcg=); else EPERM.
+///   access to its cgroup.procs, checked by the kernel with the caller's uid, gid and
+///   supplementary groups); else EPERM.
 /// - Each target has its own charger (a helper in a leaf of it), started when the target is
-///   first set and stopped once no directory names it and no file holds its pages. Files below
-///   a directory's own target stay in the arena: only the mount's target makes backing files.
+///   first set and stopped once no directory names it and no file holds its pages (backing
+///   files included). Files below a directory's own target stay in the arena, but for those
+///   mapped or executed, which get backing files of its own (FileSystemCore+Mapped); a file with
+///   a backing file moves out of it into the new target's arena.
 extension FileSystemCore {
     /// The target path shown for `inode`; ENODATA for the daemon's own cgroup.
     func effectiveTarget(_ inode: Inode) throws(Errno) -> [UInt8] {
@@ -34,13 +37,17 @@ extension FileSystemCore {
 
     func setTarget(_ dir: Inode, value: [UInt8], flags: XattrFlags, caller: Caller) throws(Errno) {
         guard dir.isDirectory else { throw .invalidArgument }
+        // memcg=auto charges by who uses a file, not where it is: no directory target.
+        if sharesCharges { throw .invalidArgument }
         if flags.contains(.create) && dir.ownsTarget { throw .fileExists }
         if flags.contains(.replace) && !dir.ownsTarget { throw .noData }
         guard caller.uid == 0 || caller.uid == dir.uid else { throw .notPermitted }
         let path = String(decoding: value.prefix { $0 != 0 }, as: UTF8.self)
         guard path.hasPrefix("/") else { throw .invalidArgument }
         let old = dir.chargeTarget, wasOwn = dir.ownsTarget
-        let index = try store.openTarget(path, uid: caller.uid, gid: caller.gid)
+        // The caller's supplementary groups (libfuse reads them from /proc/PID/status, "Groups:")
+        // count as they would for the caller's own write to cgroup.procs.
+        let index = try store.openTarget(path, uid: caller.uid, gid: caller.gid, groups: caller.supplementaryGroups())
         do {
             try retarget(dir, to: index)
         } catch {
@@ -64,13 +71,14 @@ extension FileSystemCore {
     }
 
     func releaseIfUnused(_ index: Int) {
-        if index != 0 && !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
+        if index != 0 && !sharesCharges && !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
     }
 
     /// Moves `top` and everything below it that takes its target from it to target `index`:
     /// the pages are charged there first (all or nothing), then copied, the old ones freed.
-    /// A backing file's pages (a large file of the mount's target, read through passthrough) do
-    /// not move: `backed` is the error then (EXDEV for a rename: mv copies the file instead).
+    /// A file with a backing file (the mount's target's: a large file, or a small one mapped or
+    /// executed) moves into the new target's arena, unless the kernel reads it for a live
+    /// passthrough open: `backed` is the error then (EXDEV for a rename: mv copies the file).
     func retarget(_ top: Inode, to index: Int, backed: Errno = .resourceBusy) throws(Errno) {
         var moving: [Inode] = []
         var pending = [top]
@@ -82,11 +90,23 @@ extension FileSystemCore {
                 return true
             }
         }
-        let files = moving.filter { $0.isRegular && $0.chargeTarget != index && $0.pages.count > 0 }
-        // A backing file's pages are the mount target's (passthrough); they do not move.
-        if files.contains(where: { $0.backing != nil }) { throw backed }
-        let needed = files.reduce(0) { $0 + $1.pages.count }
+        let all = moving.filter { $0.isRegular && $0.chargeTarget != index && $0.pages.count > 0 }
+        // A backing file the kernel reads for a live passthrough open (a running program's
+        // executable, a reader's open) cannot be swapped under it: its pages stay.
+        if all.contains(where: { $0.backing != nil && $0.passthroughOpens > 0 }) { throw backed }
+        let needed = all.reduce(0) { $0 + $1.pages.count }
         if needed > 0 { try chargeForMove(needed, to: index) }
+        // Backing files with no passthrough open (a library mapped and closed, a program that
+        // ended) move into the arena of the new target: copied first, all of them, so that a
+        // failed read changes nothing; put in place with the rest below.
+        let unbacking: [(Inode, [(index: Int, page: UInt32)])]
+        do throws(Errno) {
+            unbacking = try copyOutOfBacking(all.filter { $0.backing != nil }, to: index)
+        } catch {
+            store.trimReserveToLimit()
+            throw error
+        }
+        let files = all.filter { $0.backing == nil }
         for file in files {
             store.activeTarget = index
             var fresh: [UInt32] = []
@@ -104,6 +124,7 @@ extension FileSystemCore {
             store.activeTarget = file.chargeTarget
             store.free(old)
         }
+        commitUnbacking(unbacking)
         for inode in moving { inode.chargeTarget = index }
         store.activeTarget = index
         store.trimReserveToLimit()

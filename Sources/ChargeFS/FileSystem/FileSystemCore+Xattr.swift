@@ -19,7 +19,7 @@ extension FileSystemCore {
         try Self.checkName(name)
         if value.count > FileSystem.xattrSizeMax { throw .argListTooLong }
         if name == FileSystem.memcgXattr { return try setTarget(inode, value: value, flags: flags, caller: caller) }
-        if ino == FileSystem.rootIno && (name == FileSystem.statusXattr || name == FileSystem.requestsXattr) { throw .notPermitted }
+        if ino == FileSystem.rootIno && (name == FileSystem.statusXattr || name == FileSystem.requestsXattr || name == FileSystem.sharesXattr) { throw .notPermitted }
         let exists = inode.xattrs?[name] != nil
         if flags.contains(.create) && exists { throw .fileExists }
         if flags.contains(.replace) && !exists { throw .noData }
@@ -41,6 +41,7 @@ extension FileSystemCore {
         let inode = try inode(ino)
         if name.count > FileSystem.xattrNameMax { throw .outOfRange }
         if ino == FileSystem.rootIno && name == FileSystem.statusXattr { return Array(statusText(caching: caching, passthrough: passthrough).utf8) }
+        if ino == FileSystem.rootIno && name == FileSystem.sharesXattr { return try sharesText() }
         if name == FileSystem.memcgXattr { return try effectiveTarget(inode) }
         guard let value = inode.xattrs?[name] else {
             try Self.checkName(name)
@@ -90,6 +91,13 @@ extension FileSystemCore {
         let usage = usage()
         lines.append("effective_limit_bytes=\(usage.totalPages * page)")
         lines.append("available_bytes=\(usage.freePages * page)")
+        // One line per directory's own target in use: who pays below it, and how much room it has.
+        for t in store.directoryTargets {
+            var line = "dir_target=\(t.key) charged_bytes=\(Int64(t.chargedPages) * page)"
+            line += " limit_bytes=\(t.charger.limitBytes().map(String.init) ?? "unlimited")"
+            if let headroom = t.charger.availableBytes() { line += " headroom_bytes=\(max(0, headroom))" }
+            lines.append(line)
+        }
         return lines.joined(separator: "\n") + "\n"
     }
 }

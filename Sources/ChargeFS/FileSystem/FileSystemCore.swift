@@ -7,12 +7,17 @@ import SystemPackage
 final class FileSystemCore {
     let config: FileSystemConfig
     let store: PageStore
-    private(set) var inodes = InodeTable()
+    var inodes = InodeTable()
     /// Inode slots in use, counted as tmpfs does: one per inode plus one per extra hard link.
-    private var inodeSlots: Int64 = 1
+    var inodeSlots: Int64 = 1
     let maxPages: Int?
     /// Files with a backing file of their own (for the status attribute).
     var backingFiles = 0
+    /// The state kept for a successor (docs/takeover.md); nil unless the mount asked for it.
+    var keeping: StateKeeping?
+    /// memcg=auto: files used by more than one cgroup, or hosted above their one user (the
+    /// shared-charge check walks these only).
+    var sharedInodes = Set<InodeNumber>()
 
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
@@ -30,6 +35,29 @@ final class FileSystemCore {
         root.payload = .directory(Directory(parent: root.ino))
         root.lookups = 1  // the kernel's reference to the root, never forgotten
     }
+
+    /// A core over a tree rebuilt from kept state (a takeover): the counts that follow from the
+    /// tree are computed again, the kernel's lookup counts are unknown and set high (FORGETs
+    /// sent to the dead server are lost: an unlinked inode may then stay until unmount).
+    init(config: FileSystemConfig, store: PageStore, restoring table: InodeTable) {
+        self.config = config
+        self.store = store
+        if let bytes = config.maxBytes {
+            maxPages = Int((bytes + Int64(PageSize.bytes) - 1) / Int64(PageSize.bytes))
+        } else {
+            maxPages = nil
+        }
+        inodes = table
+        var slots: Int64 = 0
+        for inode in table.all {
+            inode.lookups = Self.lookupsAfterTakeover
+            if inode.backing != nil { backingFiles += 1 }
+            if inode.isDirectory { slots += 1 } else if inode.nlink > 0 { slots += Int64(inode.nlink) } else if inode.openCount > 0 { slots += 1 }
+        }
+        inodeSlots = slots
+    }
+
+    static let lookupsAfterTakeover: UInt64 = 1 << 40
 
     // MARK: lookup and lifetime
 
@@ -83,6 +111,7 @@ final class FileSystemCore {
     func evictIfUnused(_ inode: Inode) {
         guard inode.nlink == 0, inode.lookups == 0, inode.ino != FileSystem.rootIno else { return }
         inodes.remove(inode.ino)
+        sharedInodes.remove(inode.ino)
         if inode.openCount > 0 { inodeSlots -= 1 }  // no release will come for it now
         releaseAllPages(of: inode)
         if inode.ownsTarget {
@@ -92,13 +121,18 @@ final class FileSystemCore {
     }
 
     func releaseAllPages(of inode: Inode) {
-        if inode.backing != nil { return dropBacking(of: inode) }
-        guard inode.pages.count > 0 else { return }
-        var freed: [UInt32] = []
-        inode.pages.removeAll(into: &freed)
-        store.activeTarget = inode.chargeTarget
-        store.free(freed)
-        if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
+        if inode.backing != nil {
+            dropBacking(of: inode)
+        } else {
+            guard inode.pages.count > 0 else { return }
+            var freed: [UInt32] = []
+            inode.pages.removeAll(into: &freed)
+            store.activeTarget = inode.chargeTarget
+            store.free(freed)
+        }
+        // memcg=auto keeps every cgroup's target (and helper) until unmount: files that name
+        // it may have no pages yet.
+        if !sharesCharges && inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
             store.releaseTarget(inode.chargeTarget)
         }
     }
@@ -111,6 +145,8 @@ final class FileSystemCore {
     func destroy() {
         for inode in inodes.all { releaseAllPages(of: inode) }
         store.trimReserve()
+        store.deferPunches = false
+        store.punchDeferred()
         inodes.removeAll()
     }
 
@@ -266,7 +302,7 @@ final class FileSystemCore {
             if moving === existing { return }
             // Two targets would each have to take the other's pages: refused, as XFS refuses a
             // rename across project quota directories (mv copies, which charges the copy).
-            if fromInode.chargeTarget != toInode.chargeTarget { throw Errno(rawValue: EXDEV) }
+            if fromInode.chargeTarget != toInode.chargeTarget && !sharesCharges { throw Errno(rawValue: EXDEV) }
             // Neither may end up inside itself.
             if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
             if existing.isDirectory && isWithin(fromInode.ino, existing.ino) { throw .invalidArgument }
@@ -299,7 +335,8 @@ final class FileSystemCore {
         }
         if moving.isDirectory && isWithin(toInode.ino, moving.ino) { throw .invalidArgument }
         // Into another target: the pages move with it (charged there first: ENOSPC moves nothing).
-        if !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
+        // Under memcg=auto a file's host is who uses it, not where it is: nothing moves.
+        if !sharesCharges && !moving.ownsTarget && moving.chargeTarget != toInode.chargeTarget {
             try retarget(moving, to: toInode.chargeTarget, backed: Errno(rawValue: EXDEV))
         }
 

@@ -21,6 +21,9 @@ public struct FileSystemConfig: Sendable {
     /// 1 MiB: below it a file's reads are few and short, and its own file would cost more
     /// kernel memory (about 2 KiB) than its pages in the arena save in round trips.
     public static let defaultPassthroughMinBytes: Int64 = 1 << 20
+    /// Smaller files pass through too when an open looks like a map or an exec (an exec open,
+    /// an ELF file): FileSystemCore+Mapped. Off only in tests that measure without it.
+    public var mappedPassthrough = true
     public init() {}
 }
 

@@ -48,6 +48,37 @@ final class Directory {
         if tombstones > 32 && tombstones > index.count { compact() }
     }
 
+    /// The inode `name` names and the cookie it is listed under (one lookup), nil when it is
+    /// not in the directory.
+    func entry(named name: FileName) -> (ino: InodeNumber, cookie: UInt64)? {
+        guard let i = index[name] else { return nil }
+        return (entries[i].ino, entries[i].cookie)
+    }
+
+    /// Puts `name` at `ino` with the cookie it had (a takeover replaying a change): replaced in
+    /// place when the name is there, else appended (cookies only grow, so order is kept).
+    func restore(_ name: FileName, ino: InodeNumber, cookie: UInt64) {
+        if let i = index[name] {
+            if entries[i].cookie == cookie {
+                entries[i].ino = ino
+                return
+            }
+            remove(name)  // removed and made again since: listed again, under its new cookie
+        }
+        index[name] = entries.count
+        entries.append(Entry(name: name, ino: ino, cookie: cookie))
+        nextCookie = max(nextCookie, cookie + 1)
+    }
+
+    /// The next cookie, for a checkpoint; and its restore.
+    var cookieCounter: UInt64 {
+        get { nextCookie }
+        set { nextCookie = max(nextCookie, newValue) }
+    }
+
+    /// Live entries in cookie order.
+    var liveEntries: [Entry] { entries.filter { $0.ino != 0 } }
+
     private func compact() {
         entries.removeAll { $0.ino == 0 }
         tombstones = 0

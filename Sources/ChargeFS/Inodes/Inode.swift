@@ -44,6 +44,9 @@ final class Inode {
     /// The page store's target this inode's pages are charged to (0: the mount's): a directory's
     /// own (user.chargefs.memcg) or inherited from its parent when it was made or moved.
     var chargeTarget = 0
+    /// memcg=auto: the cgroups (inside the scope) that have opened this file, first the one
+    /// that created it; they only grow (FileSystemCore+Shares: never unshared).
+    var users: [String] = []
     /// A directory whose target is its own rather than its parent's.
     var ownsTarget = false
 

@@ -38,6 +38,32 @@ struct InodeTable {
         count -= 1
     }
 
+    /// Puts `inode` at its own number (a takeover rebuilding the table): the slot may be new,
+    /// free for reuse (it is not free any more), or held by an older version of it (replaced).
+    mutating func restore(_ inode: Inode) {
+        let index = Int(inode.ino.rawValue)
+        if index >= slots.count { slots.append(contentsOf: repeatElement(nil, count: index + 1 - slots.count)) }
+        if slots[index] == nil {
+            count += 1
+            if let free = freeNumbers.lastIndex(where: { $0.ino == inode.ino }) { freeNumbers.remove(at: free) }
+        }
+        slots[index] = inode
+    }
+
+    /// Slots (number 0 included) and the free numbers with their last generations, as a
+    /// checkpoint keeps them, so that a reused number still gets a new generation.
+    var slotCount: Int { slots.count }
+    var freeList: [(ino: InodeNumber, generation: UInt32)] {
+        get { freeNumbers }
+        set { freeNumbers = newValue }
+    }
+
+    /// Makes room for `count` slots (a checkpoint's table size; numbers past the last inode
+    /// were given out once and are on the free list).
+    mutating func reserveSlots(_ total: Int) {
+        if total > slots.count { slots.append(contentsOf: repeatElement(nil, count: total - slots.count)) }
+    }
+
     var all: [Inode] { slots.compactMap { $0 } }
 
     mutating func removeAll() {

@@ -99,6 +99,44 @@ public final class Arena {
         self.mappedBytes = bytes
     }
 
+    /// Takes over an arena another server made (a takeover): duplicates of its file and of its
+    /// tmpfs root, mapped the same way. The pages are as that server left them.
+    public init(adopting file: FileDescriptor, tmpfsRoot root: FileDescriptor?, backing: Backing) throws(ArenaError) {
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0 else { throw .system("fstat", Errno(rawValue: errno)) }
+        let bytes = Int(st.st_size)
+        guard bytes >= 2 * PageSize.bytes, bytes % PageSize.bytes == 0 else {
+            throw .system("an arena of \(bytes) bytes", .invalidArgument)
+        }
+        let fd = fcntl(file.rawValue, F_DUPFD_CLOEXEC, 0)
+        guard fd >= 0 else { throw .system("dup", Errno(rawValue: errno)) }
+        var rootCopy: Int32? = nil
+        if let root {
+            let copy = fcntl(root.rawValue, F_DUPFD_CLOEXEC, 0)
+            guard copy >= 0 else {
+                let err = Errno(rawValue: errno)
+                close(fd)
+                throw .system("dup", err)
+            }
+            rootCopy = copy
+        }
+        let mapped = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+        guard let mapped, mapped != MAP_FAILED else {
+            let err = Errno(rawValue: errno)
+            close(fd)
+            if let rootCopy { close(rootCopy) }
+            throw .system("mmap", err)
+        }
+        _ = cfuse_madvise(mapped, bytes, Int32(CFUSE_MADV_DONTDUMP))
+        _ = cfuse_madvise(mapped, bytes, Int32(CFUSE_MADV_NOHUGEPAGE))
+        self.fileDescriptor = FileDescriptor(rawValue: fd)
+        self.tmpfsRoot = rootCopy.map { FileDescriptor(rawValue: $0) }
+        self.backing = backing
+        self.capacityPages = bytes / PageSize.bytes - 1
+        self.base = mapped
+        self.mappedBytes = bytes
+    }
+
     deinit {
         munmap(base, mappedBytes)
         close(fileDescriptor.rawValue)

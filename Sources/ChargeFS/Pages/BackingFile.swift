@@ -19,11 +19,18 @@ public final class BackingFile: @unchecked Sendable {
     /// Pages below this index past the file's end were charged ahead of appends (under the
     /// tree's lock): given back at the file's last close unless it grew into them. 0: none.
     var aheadEnd = 0
+    /// Its name in the kept state (0: not recorded yet): the keeper holds it under this id.
+    public internal(set) var stateID: UInt64 = 0
 
     /// The system calls that change its contents, replaceable by tests to inject failures.
     var syscalls = PageFileCalls.kernel
+    /// The page store's target whose charger made it and charges its pages (0: the mount's).
+    public let target: Int
 
-    init(_ fd: FileDescriptor) { fileDescriptor = fd }
+    init(_ fd: FileDescriptor, target: Int = 0) {
+        fileDescriptor = fd
+        self.target = target
+    }
 
     deinit { close(fileDescriptor.rawValue) }
 

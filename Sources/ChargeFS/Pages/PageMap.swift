@@ -18,6 +18,22 @@ struct PageMap {
     private(set) var chunks: [Int: Chunk] = [:]
     /// Pages held, for st_blocks.
     private(set) var count = 0
+    /// The span of indexes changed since `takeChanged` (the kept state records it; two compares
+    /// per change when no state is kept).
+    private var changedFrom = Int.max
+    private var changedTo = 0
+
+    @inline(__always)
+    private mutating func noteChanged(_ from: Int, _ to: Int) {
+        if from < changedFrom { changedFrom = from }
+        if to > changedTo { changedTo = to }
+    }
+
+    /// The span changed since the last call, nil when none; starts a new span.
+    mutating func takeChanged() -> Range<Int>? {
+        defer { changedFrom = .max; changedTo = 0 }
+        return changedFrom < changedTo ? changedFrom..<changedTo : nil
+    }
 
     @inline(__always)
     func page(at index: Int) -> UInt32 {
@@ -38,10 +54,12 @@ struct PageMap {
         chunk.slots[index & (Self.chunkSlots - 1)] = page
         chunk.used += 1
         count += 1
+        noteChanged(index, index + 1)
     }
 
     /// Puts `page` in place of the page held at `index` (a move between targets).
-    func replace(at index: Int, with page: UInt32) {
+    mutating func replace(at index: Int, with page: UInt32) {
+        noteChanged(index, index + 1)
         chunks[index >> Self.chunkShift]?.slots[index & (Self.chunkSlots - 1)] = page
     }
 
@@ -57,6 +75,7 @@ struct PageMap {
     /// Empties slots [from, to) and returns the pages they held.
     mutating func remove(from: Int, to: Int, into freed: inout [UInt32]) {
         guard from < to, count > 0 else { return }
+        noteChanged(from, to)
         let firstKey = from >> Self.chunkShift
         let lastKey = (to - 1) >> Self.chunkShift
         // Visit only existing chunks when the range is wider than the map.
@@ -82,6 +101,7 @@ struct PageMap {
     /// visits only existing chunks, and each only up to its last used slot.
     mutating func removeAll(into freed: inout [UInt32]) {
         guard count > 0 else { return }
+        noteChanged(0, Int.max >> 1)
         freed.reserveCapacity(freed.count + count)
         for chunk in chunks.values {
             var left = chunk.used

@@ -46,8 +46,9 @@ public final class PageStore {
     /// the inode it works on, under its exclusive lock (so no other operation sees it change).
     public var activeTarget = 0
     private var charger: PageCharger { pools[activeTarget]?.charger ?? mountCharger }
-    /// The mount's own target's charger (pool 0's), which alone makes backing files: a large
-    /// file under a directory's own target stays in the arena (no passthrough).
+    /// The mount's own target's charger (pool 0's). A backing file is made and charged by its
+    /// own target's charger (`BackingFile.target`: a directory's target's for a mapped or
+    /// executed file below it).
     private let mountCharger: PageCharger
     let arena: Arena
     var capacityPages: Int { arena.capacityPages }
@@ -75,9 +76,24 @@ public final class PageStore {
     /// handed out again, and still charged.
     public private(set) var pagesLost = 0
 
-    /// Pages charged to the charger's cgroup (in use, the reserve, and any lost).
+    /// Pages charged to the charger's cgroup (in use, the reserve, any lost, any whose punch waits).
     public var pagesCharged: Int {
-        pagesInUse + pagesLost + pools.reduce(0) { $0 + ($1.map { $0.reserve.count + $0.freed.count } ?? 0) }
+        pagesInUse + pagesLost + deferred.count + pools.reduce(0) { $0 + ($1.map { $0.reserve.count + $0.freed.count } ?? 0) }
+    }
+
+    /// With state kept for a successor (docs/takeover.md): punches wait for `punchDeferred`,
+    /// which the file system calls once the record that no longer names the pages is published.
+    /// A crash in between then leaves the successor's page maps over pages that still hold their
+    /// data, not over holes. The pages are charged meanwhile and handed to no one.
+    public var deferPunches = false
+    private var deferred: [UInt32] = []
+
+    /// Punches what waited for a record to be published.
+    public func punchDeferred() {
+        guard !deferred.isEmpty else { return }
+        var pages = deferred
+        deferred.removeAll()
+        punchNow(&pages)
     }
 
     /// A store on `arena` whose pages `charger` pays for (a charger that instantiates pages from
@@ -95,15 +111,47 @@ public final class PageStore {
     /// The cgroup path (after realpath) of target `index`; "" for the daemon's own cgroup.
     public func targetKey(_ index: Int) -> String { pools.indices.contains(index) ? pools[index]?.key ?? "" : "" }
 
+    /// Directories' targets in use (index 1 on): each one's cgroup, the pages charged to it
+    /// (held by files, and kept for reuse) and its charger (for its limit and headroom).
+    public var directoryTargets: [(key: String, chargedPages: Int, charger: PageCharger)] {
+        pools.dropFirst().compactMap { pool in
+            pool.map { ($0.key, $0.pagesInUse + $0.reserve.count + $0.freed.count, $0.charger) }
+        }
+    }
+
     /// The pages files of target `index` hold.
     public func pagesInUse(target index: Int) -> Int { pools.indices.contains(index) ? pools[index]?.pagesInUse ?? 0 : 0 }
+
+    /// A store taking over an arena whose pages in use are `inUse` (read from the kept page
+    /// maps; all the mount's own target's: directories' targets are not taken over yet) plus
+    /// `backingPages` in backing files. Every other page below the highest in use is punched:
+    /// it was free, in a reserve, or picked by a charge the dead server never settled, and a
+    /// punch makes it a hole and gives its charge back, whichever it was (the charge is thus
+    /// recomputed from the page maps and cannot drift).
+    public convenience init(adopting arena: Arena, charger: PageCharger, key: String = "", inUse: [UInt32], backingPages: Int) {
+        self.init(arena: arena, charger: charger, key: key)
+        var used = [Bool](repeating: false, count: 0)
+        let highest = Int(inUse.max() ?? 0)
+        used = [Bool](repeating: false, count: highest + 1)
+        for page in inUse { used[Int(page)] = true }
+        nextFresh = highest + 1
+        var free: [UInt32] = []
+        if highest >= 1 { for page in 1...highest where !used[page] { free.append(UInt32(page)) } }
+        // Past the highest page in use, nothing is known: punch the rest of what the arena's
+        // file may hold (one call; a hole stays a hole).
+        let rest = arena.capacityPages + 1 - nextFresh
+        if rest > 0 { _ = arena.punch(first: UInt32(nextFresh), count: rest) }
+        punch(&free)
+        pagesInUse = inUse.count + backingPages
+        pools[0]?.pagesInUse = inUse.count
+    }
 
     /// The target for `path` if the caller may charge it (ChargeTargets.check): the one already
     /// open for that cgroup, else a new one, whose charger (a helper) starts now: only targets
     /// in use cost a helper.
-    public func openTarget(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> Int {
+    public func openTarget(_ path: String, uid: UInt32, gid: UInt32, groups: [UInt32] = []) throws(Errno) -> Int {
         guard let targets else { throw .notSupported }
-        let key = try targets.check(path, uid: uid, gid: gid)
+        let key = try targets.check(path, uid: uid, gid: gid, groups: groups)
         if let found = pools.firstIndex(where: { $0?.key == key }) { return found }
         let pool = Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key)
         if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
@@ -112,6 +160,50 @@ public final class PageStore {
         }
         pools.append(pool)
         return pools.count - 1
+    }
+
+    /// memcg=auto (nil on other mounts): the scope P, whose cgroups files are charged to.
+    public var shares: (any SharedScope)?
+
+    /// memcg=auto: P after realpath (pool 0's key), nil on other mounts.
+    public var sharedScopePath: String? { shares?.scopePath }
+
+    /// memcg=auto: the cgroup a calling process counts as (its own inside P, else P), for the
+    /// file system's facade to ask with no lock held (it reads /proc).
+    public var callerCgroupLookup: (@Sendable (Int32) -> String)? {
+        guard let shares else { return nil }
+        return { pid in shares.cgroupPath(ofProcess: pid) }
+    }
+
+    /// memcg=auto: usage and limit of a cgroup and its ancestors up to P (reads cgroupfs: ask
+    /// with no lock held).
+    public var sharedLevelsLookup: (@Sendable (String) -> [(cgroup: String, used: Int64, limit: Int64?)])? {
+        guard let shares else { return nil }
+        return { path in shares.levels(of: path) }
+    }
+
+    /// memcg=auto: the target for cgroup `path` (inside P), opened with its charger when first
+    /// named. The mounter's permission on P covers every cgroup below it, so nothing is checked
+    /// per cgroup. A cgroup that cannot take a charger (removed meanwhile, no memory controller
+    /// of its own on v2) gives way to its parent, up to P (target 0).
+    public func openSharedTarget(_ path: String) -> Int {
+        guard let scope = sharedScopePath, let targets else { return 0 }
+        var level = path
+        while level != scope && level.hasPrefix(scope + "/") {
+            if let found = pools.firstIndex(where: { $0?.key == level }) { return found }
+            if let charger = try? targets.charger(for: level, arena: arena.fileDescriptor) {
+                let pool = Pool(charger: charger, key: level)
+                if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
+                    pools[free] = pool
+                    return free
+                }
+                pools.append(pool)
+                return pools.count - 1
+            }
+            guard let slash = level.lastIndex(of: "/") else { break }
+            level = String(level[..<slash])
+        }
+        return 0
     }
 
     /// Gives a directory's target back once no file holds its pages and no directory names it:
@@ -160,8 +252,25 @@ public final class PageStore {
     /// (a memfd arena follows the host's huge-page setting) and the charger can make them.
     public var canMakeBackingFiles: Bool { arena.tmpfsRoot != nil }
 
-    /// A new, empty backing file on the arena's tmpfs, made by the charger (for a memcg= target,
-    /// inside it). Takes a charger round trip: call it with no lock of the tree held.
+    /// A new, empty backing file on the arena's tmpfs, made by target `target`'s charger (for a
+    /// cgroup, inside it), which charges its pages too. Takes a charger round trip: call it with
+    /// no lock of the tree held (the charger is looked up under it: `backingCharger`).
+    static func makeBackingFile(root: FileDescriptor, charger: PageCharger, target: Int,
+                                       calls: PageFileCalls) throws(Errno) -> BackingFile {
+        let file = BackingFile(try charger.makeFile(in: root), target: target)
+        file.syscalls = calls
+        return file
+    }
+
+    /// What `makeBackingFile` needs of the store for target `target`, read under the tree's lock:
+    /// nil when no backing file can be made (no private tmpfs, or the target was given back).
+    func backingMaker(target: Int) -> (root: FileDescriptor, charger: PageCharger, calls: PageFileCalls)? {
+        guard let root = arena.tmpfsRoot else { return nil }
+        guard target == 0 || (pools.indices.contains(target) && pools[target] != nil) else { return nil }
+        return (root, pools[target]?.charger ?? mountCharger, backingFileCalls)
+    }
+
+    /// A new, empty backing file of the mount's own target (see the static form).
     public func makeBackingFile() throws(Errno) -> BackingFile {
         guard let root = arena.tmpfsRoot else { throw .notSupported }
         let file = BackingFile(try mountCharger.makeFile(in: root))
@@ -172,16 +281,21 @@ public final class PageStore {
     /// The system calls new backing files change their contents with (tests inject failures).
     var backingFileCalls = PageFileCalls.kernel
 
-    /// Pages of backing files count as in use, as arena pages do (size=, df, the status).
-    public func noteBackingPages(_ delta: Int) { pagesInUse += delta }
+    /// Pages of backing files count as in use, as arena pages do (size=, df, the status), and
+    /// as their target's (which is not given back while a file holds its pages).
+    public func noteBackingPages(_ delta: Int, of file: BackingFile) {
+        pagesInUse += delta
+        if pools.indices.contains(file.target) { pools[file.target]?.pagesInUse += delta }
+    }
 
     /// A charge of page ranges of a backing file (pages `first..<first+count` of the file), for
     /// `wanted` of them; `owner` and `shrinks` say which file and which of its shapes it was for.
     public func pendingCharge(of file: BackingFile, runs: [(first: Int, count: Int)], wanted: Int,
                               owner: UInt64, shrinks: UInt64, wholeOrNothing: Bool = false) -> PendingCharge {
-        PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
-                      charger: mountCharger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
-                                                                            wholeOrNothing: wholeOrNothing), target: 0)
+        let charger = pools.indices.contains(file.target) ? pools[file.target]?.charger ?? mountCharger : mountCharger
+        return PendingCharge(runs: runs.map { PendingCharge.Run(first: $0.first, count: $0.count) }, wanted: wanted,
+                             charger: charger, file: PendingCharge.FileTarget(file: file, owner: owner, shrinks: shrinks,
+                                                                              wholeOrNothing: wholeOrNothing), target: file.target)
     }
 
     /// Charged pages ready to hand out (those a file gave back are zero-filled on the way).
@@ -333,6 +447,16 @@ public final class PageStore {
     /// become reusable; a run that fails is retried page by page, and a page that fails alone is
     /// lost rather than handed to another file with its old contents.
     private func punch(_ pages: inout [UInt32]) {
+        guard !pages.isEmpty else { return }
+        if deferPunches {
+            deferred.append(contentsOf: pages)
+            pages.removeAll()
+            return
+        }
+        punchNow(&pages)
+    }
+
+    private func punchNow(_ pages: inout [UInt32]) {
         guard !pages.isEmpty else { return }
         pages.sort()
         var holes: [UInt32] = []

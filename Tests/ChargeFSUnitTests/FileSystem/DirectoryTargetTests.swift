@@ -16,9 +16,10 @@ final class DirectoryTargetTests: XCTestCase {
         let budgets: [String: Int]
         var chargers: [String: FakeCharger] = [:]
         init(_ budgets: [String: Int]) { self.budgets = budgets }
-        func check(_ path: String, uid: UInt32, gid: UInt32) throws(Errno) -> String {
+        func check(_ path: String, uid: UInt32, gid: UInt32, groups: [UInt32]) throws(Errno) -> String {
             guard budgets[path] != nil else { throw .noSuchFileOrDirectory }
-            guard uid == 0 || uid == 1000 else { throw .notPermitted }
+            // Group 2000 stands for a delegated cgroup.procs (group-writable).
+            guard uid == 0 || uid == 1000 || groups.contains(2000) else { throw .notPermitted }
             return path
         }
         func charger(for key: String, arena: FileDescriptor) throws(Errno) -> PageCharger {
@@ -121,5 +122,38 @@ final class DirectoryTargetTests: XCTestCase {
         XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 0)
         XCTAssertEqual(fs.chargeTarget(2).pagesInUse, 30)
         XCTAssertEqual(try read(fs, f, count: 30 * page), [UInt8](repeating: 9, count: 30 * page))
+    }
+    /// A caller allowed only through a supplementary group (group 2000 stands for a delegated,
+    /// group-writable cgroup.procs) may set a target on a directory it owns.
+    func testSupplementaryGroupsCount() throws {
+        let fs = try makeFS(FakeTargets(["/cg/a": 1000]))
+        let member = Caller(uid: 1001, gid: 1001, supplementaryGroups: { [5, 2000] })
+        let mine = try fs.mkdir(parent: FileSystem.rootIno, name: Array("mine".utf8), mode: 0o755, caller: member).ino
+        XCTAssertThrowsError(try fs.setxattr(mine, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: other)) {
+            XCTAssertEqual($0 as? Errno, .notPermitted, "not the owner")
+        }
+        try fs.setxattr(mine, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: member)
+        XCTAssertEqual(target(fs, mine), "/cg/a")
+    }
+
+    /// The status attribute has a line per directory target in use: its cgroup and what it holds.
+    func testStatusHasALinePerDirectoryTarget() throws {
+        let fs = try makeFS(FakeTargets(["/cg/a": 1000, "/cg/b": 1000]))
+        let a = try mkdir(fs, "a"), b = try mkdir(fs, "b")
+        try fs.setxattr(a, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: owner)
+        try fs.setxattr(b, name: memcg, value: Array("/cg/b".utf8), flags: [], caller: owner)
+        _ = try write(fs, in: a, "f", pages: 100)
+        let status = String(decoding: try fs.getxattr(FileSystem.rootIno, name: FileSystem.statusXattr), as: UTF8.self)
+        let lines = status.split(separator: "\n").filter { $0.hasPrefix("dir_target=") }
+        XCTAssertEqual(lines.count, 2, status)
+        let lineA = try XCTUnwrap(lines.first { $0.hasPrefix("dir_target=/cg/a ") })
+        // 100 pages in use, plus what the charge batch left in the reserve (64 pages at most).
+        let charged = try XCTUnwrap(lineA.split(separator: " ").first { $0.hasPrefix("charged_bytes=") }.flatMap { Int($0.dropFirst(14)) })
+        XCTAssertGreaterThanOrEqual(charged, 100 * page)
+        XCTAssertLessThanOrEqual(charged, (100 + PageStore.reserveLimit) * page)
+        XCTAssertTrue(lineA.contains(" limit_bytes=unlimited"), String(lineA))
+        try fs.removexattr(b, name: memcg, caller: owner)
+        let after = String(decoding: try fs.getxattr(FileSystem.rootIno, name: FileSystem.statusXattr), as: UTF8.self)
+        XCTAssertFalse(after.contains("dir_target=/cg/b"), "a target given back has no line")
     }
 }

@@ -1,0 +1,275 @@
+import CFuse
+import Glibc
+import SystemPackage
+
+/// The memfds a successor takes the mount's metadata from: a journal and two checkpoint slots.
+///
+/// The journal's file starts with a header page:
+///   0 magic, 8 version, 16 tail (bytes of published transactions after the header page;
+///   release-stored), 24 the active checkpoint word (0: none; else generation * 2 + slot;
+///   release-stored), 32 and 56 the two checkpoint descriptors {seq, length, checksum},
+///   80 the saved INIT's length and from 88 its bytes.
+/// Then transactions, each {payload length u32, kind u32, seq u64, checksum u64} and the payload,
+/// padded to 8 bytes. A transaction counts once the tail passes it (the one commit point: a crash
+/// before the store leaves it unpublished, rolled back); a successor also checks each one's
+/// checksum and that seqs follow one another, and stops at the first that fails (a tail whose
+/// bytes were torn or overwritten is dropped, never applied).
+///
+/// A checkpoint is the whole metadata in the inactive slot's memfd, then its descriptor, then
+/// the active word switched to it (release): a crash before the switch leaves the old one. The
+/// journal then restarts at offset 0; a crash before that restart only leaves transactions whose
+/// seq the checkpoint already holds, which the scan skips.
+public final class StateFiles: @unchecked Sendable {
+    public static let magic: UInt64 = 0x4554_4154_5353_4643  // "CFSSTATE"
+    public static let version: UInt64 = 1
+    static let headerBytes = 4096
+    static let transactionHeaderBytes = 24
+    public static let initMaxBytes = 2048
+    /// Address space reserved for the journal's mapping (the file grows into it).
+    static let journalReserve = 1 << 36
+
+    public let journal: FileDescriptor
+    public let checkpoints: [FileDescriptor]
+    private let base: UnsafeMutableRawPointer
+    /// Bytes of the journal file (header page included).
+    private var fileBytes: Int
+    /// The next transaction's seq.
+    public private(set) var nextSeq: UInt64 = 1
+
+    private init(journal: FileDescriptor, checkpoints: [FileDescriptor], base: UnsafeMutableRawPointer, fileBytes: Int) {
+        self.journal = journal
+        self.checkpoints = checkpoints
+        self.base = base
+        self.fileBytes = fileBytes
+    }
+
+    deinit {
+        munmap(base, Self.journalReserve)
+        close(journal.rawValue)
+        for fd in checkpoints { close(fd.rawValue) }
+    }
+
+    /// New, empty state files.
+    public static func create() throws(StateError) -> StateFiles {
+        var fds: [Int32] = []
+        for name in ["chargefs-journal", "chargefs-checkpoint-0", "chargefs-checkpoint-1"] {
+            let fd = cfuse_memfd_create(name, UInt32(CFUSE_MFD_CLOEXEC))
+            guard fd >= 0 else {
+                let err = errno
+                fds.forEach { close($0) }
+                throw .system("memfd_create", err)
+            }
+            fds.append(fd)
+        }
+        do throws(StateError) {
+            let initial = 1 << 20
+            guard ftruncate(fds[0], off_t(initial)) == 0 else { throw .system("ftruncate", errno) }
+            let base = try map(fds[0])
+            let files = StateFiles(journal: FileDescriptor(rawValue: fds[0]),
+                                   checkpoints: fds[1...].map { FileDescriptor(rawValue: $0) }, base: base, fileBytes: initial)
+            files.word(8).pointee = version
+            files.word(0).pointee = magic
+            return files
+        } catch {
+            fds.forEach { close($0) }
+            throw error
+        }
+    }
+
+    /// Takes over state files by descriptor (duplicates: the caller keeps its own). Checks the
+    /// header; the transactions are read by `transactions()`.
+    public static func adopt(journal: FileDescriptor, checkpoints: [FileDescriptor]) throws(StateError) -> StateFiles {
+        guard checkpoints.count == 2 else { throw .corrupt("\(checkpoints.count) checkpoint files (2 expected)") }
+        var fds: [Int32] = []
+        for fd in [journal] + checkpoints {
+            let copy = fcntl(fd.rawValue, F_DUPFD_CLOEXEC, 0)
+            guard copy >= 0 else {
+                let err = errno
+                fds.forEach { close($0) }
+                throw .system("dup", err)
+            }
+            fds.append(copy)
+        }
+        do throws(StateError) {
+            var st = stat()
+            guard fstat(fds[0], &st) == 0 else { throw .system("fstat", errno) }
+            guard st.st_size >= headerBytes else { throw .corrupt("the journal has \(st.st_size) bytes, less than its header") }
+            let base = try map(fds[0])
+            let v = base.load(fromByteOffset: 8, as: UInt64.self)
+            guard base.load(as: UInt64.self) == magic, v == version else {
+                munmap(base, journalReserve)
+                throw base.load(as: UInt64.self) == magic ? .version(v) : .corrupt("the journal's header has no chargefs magic")
+            }
+            return StateFiles(journal: FileDescriptor(rawValue: fds[0]),
+                              checkpoints: fds[1...].map { FileDescriptor(rawValue: $0) }, base: base, fileBytes: Int(st.st_size))
+        } catch {
+            fds.forEach { close($0) }
+            throw error
+        }
+    }
+
+    private static func map(_ fd: Int32) throws(StateError) -> UnsafeMutableRawPointer {
+        // The whole reserve: the file grows into it without a remap (touching past the file's
+        // end would be SIGBUS, so `append` grows the file first).
+        let mapped = mmap(nil, journalReserve, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+        guard let mapped, mapped != MAP_FAILED else { throw .system("mmap", errno) }
+        // Names, attributes and xattr values stay out of core dumps, as file data does.
+        _ = cfuse_madvise(mapped, journalReserve, Int32(CFUSE_MADV_DONTDUMP))
+        return mapped
+    }
+
+    @inline(__always)
+    private func word(_ offset: Int) -> UnsafeMutablePointer<UInt64> {
+        (base + offset).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// Bytes of published transactions.
+    public var tail: Int { Int(cfuse_load_acquire_u64(word(16))) }
+
+    // MARK: - INIT
+
+    /// Keeps the negotiated INIT (the request the kernel sent, to replay into a new session).
+    public func saveInit(_ bytes: [UInt8]) throws(StateError) {
+        guard bytes.count <= Self.initMaxBytes else { throw .unsupported("an INIT of \(bytes.count) bytes (at most \(Self.initMaxBytes))") }
+        bytes.withUnsafeBytes { p in if let src = p.baseAddress { (base + 88).copyMemory(from: src, byteCount: p.count) } }
+        cfuse_store_release_u64(word(80), UInt64(bytes.count))
+    }
+
+    /// The INIT saved by `saveInit`, nil when none was.
+    public var savedInit: [UInt8]? {
+        let n = Int(cfuse_load_acquire_u64(word(80)))
+        guard n > 0, n <= Self.initMaxBytes else { return nil }
+        return Array(UnsafeRawBufferPointer(start: base + 88, count: n))
+    }
+
+    // MARK: - Journal
+
+    /// Appends one transaction and publishes it (the release store of the tail is its commit).
+    public func append(kind: UInt32, _ payload: UnsafeRawBufferPointer) throws(StateError) {
+        let tail = self.tail
+        let padded = (payload.count + 7) & ~7
+        let end = Self.headerBytes + tail + Self.transactionHeaderBytes + padded
+        if end > fileBytes { try grow(to: end) }
+        let at = base + Self.headerBytes + tail
+        if let src = payload.baseAddress { (at + Self.transactionHeaderBytes).copyMemory(from: src, byteCount: payload.count) }
+        let seq = nextSeq
+        at.storeBytes(of: UInt32(payload.count).littleEndian, as: UInt32.self)
+        (at + 4).storeBytes(of: kind.littleEndian, as: UInt32.self)
+        (at + 8).storeBytes(of: seq.littleEndian, as: UInt64.self)
+        (at + 16).storeBytes(of: Self.checksum(at, payloadCount: payload.count).littleEndian, as: UInt64.self)
+        cfuse_store_release_u64(word(16), UInt64(tail + Self.transactionHeaderBytes + padded))
+        nextSeq += 1
+    }
+
+    /// The checksum of a transaction at `at`: its length, kind and seq, and its payload.
+    private static func checksum(_ at: UnsafeRawPointer, payloadCount: Int) -> UInt64 {
+        let head = stateChecksum(UnsafeRawBufferPointer(start: at, count: 16))
+        return stateChecksum(UnsafeRawBufferPointer(start: at + transactionHeaderBytes, count: payloadCount), seed: head)
+    }
+
+    private func grow(to bytes: Int) throws(StateError) {
+        guard bytes <= Self.journalReserve else { throw .unsupported("a journal past \(Self.journalReserve) bytes") }
+        // Doubling, up to 64 MiB at a time: one ftruncate per many transactions.
+        var size = fileBytes
+        while size < bytes { size += min(size, 64 << 20) }
+        // fallocate rather than ftruncate: the pages are allocated here, in one call, not by a
+        // page fault at the first touch of each (one fault per ~13 records on the hot path).
+        guard cfuse_fallocate(journal.rawValue, 0, Int64(fileBytes), Int64(size - fileBytes)) == 0 else {
+            throw .system("fallocate", errno)
+        }
+        fileBytes = size
+    }
+
+    /// One transaction as read back.
+    public struct Transaction {
+        public let kind: UInt32
+        public let seq: UInt64
+        public let payload: UnsafeRawBufferPointer
+    }
+
+    /// The published transactions after the active checkpoint, in order, up to the first that is
+    /// torn (bad checksum, bad length, a seq out of order): that one and what follows are dropped
+    /// and the tail is set back to the last good one. Also sets where appends go on.
+    public func transactions(after checkpointSeq: UInt64) -> (transactions: [Transaction], dropped: Int) {
+        let published = tail
+        var offset = 0
+        var out: [Transaction] = []
+        var expected: UInt64? = nil
+        var goodEnd = 0
+        while offset + Self.transactionHeaderBytes <= published {
+            let at = base + Self.headerBytes + offset
+            let count = Int(UInt32(littleEndian: at.loadUnaligned(as: UInt32.self)))
+            let kind = UInt32(littleEndian: (at + 4).loadUnaligned(as: UInt32.self))
+            let seq = UInt64(littleEndian: (at + 8).loadUnaligned(as: UInt64.self))
+            let sum = UInt64(littleEndian: (at + 16).loadUnaligned(as: UInt64.self))
+            let padded = (count + 7) & ~7
+            guard offset + Self.transactionHeaderBytes + padded <= published,
+                  Self.checksum(at, payloadCount: count) == sum,
+                  expected.map({ seq == $0 }) ?? true else { break }
+            if seq > checkpointSeq {
+                if expected == nil && seq != checkpointSeq + 1 { break }  // a gap after the checkpoint
+                out.append(Transaction(kind: kind, seq: seq,
+                                       payload: UnsafeRawBufferPointer(start: at + Self.transactionHeaderBytes, count: count)))
+                expected = seq + 1
+            }
+            offset += Self.transactionHeaderBytes + padded
+            goodEnd = offset
+        }
+        let dropped = published - goodEnd
+        if dropped > 0 { cfuse_store_release_u64(word(16), UInt64(goodEnd)) }
+        nextSeq = (out.last?.seq ?? checkpointSeq) + 1
+        return (out, dropped)
+    }
+
+    // MARK: - Checkpoints
+
+    /// The active checkpoint: its seq (the last transaction it holds) and bytes; nil when none.
+    public func activeCheckpoint() throws(StateError) -> (seq: UInt64, bytes: [UInt8])? {
+        let active = cfuse_load_acquire_u64(word(24))
+        guard active != 0 else { return nil }
+        let slot = Int(active & 1)
+        let seq = word(32 + slot * 24).pointee
+        let length = Int(word(40 + slot * 24).pointee)
+        let sum = word(48 + slot * 24).pointee
+        guard length >= 0, length < 1 << 40 else { throw .corrupt("a checkpoint of \(length) bytes") }
+        var bytes = [UInt8](repeating: 0, count: length)
+        var done = 0
+        while done < length {
+            let n = bytes.withUnsafeMutableBytes { p in p.baseAddress.map { pread(checkpoints[slot].rawValue, $0 + done, length - done, off_t(done)) } ?? 0 }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw .corrupt("checkpoint \(slot) is shorter than its \(length) bytes") }
+            done += n
+        }
+        guard bytes.withUnsafeBytes({ stateChecksum($0) }) == sum else { throw .corrupt("checkpoint \(slot)'s checksum") }
+        return (seq, bytes)
+    }
+
+    /// Writes a checkpoint holding every transaction up to `nextSeq - 1` into the inactive slot,
+    /// switches to it, and restarts the journal (see the type's comment for why each step may be
+    /// cut short by a crash).
+    public func checkpoint(_ bytes: UnsafeRawBufferPointer) throws(StateError) {
+        let active = cfuse_load_acquire_u64(word(24))
+        let slot = active == 0 ? 0 : Int((active & 1) ^ 1)
+        let fd = checkpoints[slot].rawValue
+        guard ftruncate(fd, off_t(bytes.count)) == 0 else { throw .system("ftruncate", errno) }
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.baseAddress.map { pwrite(fd, $0 + done, bytes.count - done, off_t(done)) } ?? 0
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw .system("pwrite", errno) }
+            done += n
+        }
+        let seq = nextSeq - 1
+        word(32 + slot * 24).pointee = seq
+        word(40 + slot * 24).pointee = UInt64(bytes.count)
+        word(48 + slot * 24).pointee = stateChecksum(bytes)
+        let generation = (active >> 1) + 1
+        cfuse_store_release_u64(word(24), generation << 1 | UInt64(slot))
+        cfuse_store_release_u64(word(16), 0)
+    }
+
+    /// Test hook: the journal's bytes after the header, to tear a transaction.
+    public func withJournalBytes<T>(_ body: (UnsafeMutableRawBufferPointer) -> T) -> T {
+        body(UnsafeMutableRawBufferPointer(start: base + Self.headerBytes, count: tail))
+    }
+}
