@@ -90,6 +90,8 @@ t_tejun_example() {
   check "rm: C back (±1 MiB, plus its helper)" near $((c3 - c0)) 0 $((SLACK + HELPER))
   check "rm: P back (±1 MiB, plus B's and C's helpers)" near $((p3 - p0)) 0 $((SLACK + 2 * HELPER))
   check "rm: the shares attribute is empty" [ -z "$(shares)" ]
+  # Holding no file, B's charge helper stopped: the job's cgroup can go while the mount stays.
+  check "B's cgroup can be removed while mounted (no helper left in it)" rmdir "$B"
   check "unmount" cfs_umount "$MNT" "$CFS_PID"
   local p4; p4=$(cg_usage "$P")
   log "  after unmount: P at $(fmt_mib $((p4 - P0))) from before the mount"
@@ -111,6 +113,7 @@ t_nested_ancestor() {
   log "  x $(fmt_mib $((x1 - x0))) then $(fmt_mib "$(rise "$X" "$x1")"), y $(fmt_mib "$(rise "$Y" "$y0")"), A +$(fmt_mib "$(rise "$A" "$a0")")"
   log "  shares:"; shares | sed 's/^/    /' >&2
   check "x gave it up (±1 MiB)" near "$(rise "$X" "$x1")" $((-4 * MiB)) "$SLACK"
+  check "x holds no file: its helper stopped (no chargefs-* leaf below x)" [ -z "$(find "$X" -mindepth 1 -type d -name 'chargefs-*')" ]
   check "y is charged nothing (±1 MiB)" near "$(rise "$Y" "$y0")" 0 "$SLACK"
   check "A holds it once (4 MiB ±1 MiB, plus x's and A's helpers)" near "$(rise "$A" "$a0")" $((4 * MiB)) $((SLACK + 2 * HELPER))
   check "B is not involved (±1 MiB)" near "$(rise "$B" "$b0")" 0 "$SLACK"

@@ -33,8 +33,11 @@ extension FileSystemCore {
         let host = SharedCharging.host(of: users, scope: scope)
         let index = store.openSharedTarget(host)
         if index != inode.chargeTarget || inode.users.isEmpty {
+            let old = inode.chargeTarget
             do throws(Errno) {
                 try retarget(inode, to: index)
+                // A cgroup left with no file stops its helper, so that its cgroup can be removed.
+                if old != index { releaseIfUnused(old) }
             } catch {
                 Log.line("memcg=auto: the pages of inode \(inode.ino.rawValue) stay with \(store.targetKey(inode.chargeTarget)): \(host) has no room to host them (\(error))")
                 return

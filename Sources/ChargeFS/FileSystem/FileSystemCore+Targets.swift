@@ -30,9 +30,12 @@ extension FileSystemCore {
         return Array(key.utf8)
     }
 
-    /// Whether a directory still names target `index` as its own.
+    /// Whether a directory still names target `index` as its own; under memcg=auto, whether
+    /// any inode that can still take pages is charged to it (a file may name it before it has
+    /// pages; one unlinked and closed cannot). Asked only when the target's last page goes.
     func targetNamed(_ index: Int) -> Bool {
-        inodes.all.contains { $0.ownsTarget && $0.chargeTarget == index }
+        if sharesCharges { return inodes.all.contains { $0.chargeTarget == index && ($0.nlink > 0 || $0.openCount > 0) } }
+        return inodes.all.contains { $0.ownsTarget && $0.chargeTarget == index }
     }
 
     func setTarget(_ dir: Inode, value: [UInt8], flags: XattrFlags, caller: Caller) throws(Errno) {
@@ -71,7 +74,7 @@ extension FileSystemCore {
     }
 
     func releaseIfUnused(_ index: Int) {
-        if index != 0 && !sharesCharges && !targetNamed(index) && store.pagesInUse(target: index) == 0 { store.releaseTarget(index) }
+        if index != 0 && store.pagesInUse(target: index) == 0 && !targetNamed(index) { store.releaseTarget(index) }
     }
 
     /// Moves `top` and everything below it that takes its target from it to target `index`:

@@ -134,9 +134,7 @@ final class FileSystemCore {
             store.activeTarget = inode.chargeTarget
             store.free(freed)
         }
-        // memcg=auto keeps every cgroup's target (and helper) until unmount: files that name
-        // it may have no pages yet.
-        if !sharesCharges && inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
+        if inode.chargeTarget != 0 && store.pagesInUse(target: inode.chargeTarget) == 0 && !targetNamed(inode.chargeTarget) {
             store.releaseTarget(inode.chargeTarget)
         }
     }

@@ -419,6 +419,18 @@ final class CgroupChargerTests: XCTestCase {
         XCTAssertNoThrow(try CgroupTarget.resolve(cg, accessAs: (65534, 65534)))
     }
 
+    /// A caller whose supplementary group may write cgroup.procs is allowed; the same ids
+    /// without that group are not (directories' targets pass the caller's groups).
+    func testSupplementaryGroupsCountForTheCaller() throws {
+        let cg = try makeCgroup(limit: nil)
+        XCTAssertEqual(chown(cg + "/cgroup.procs", 0, 4242), 0)
+        XCTAssertEqual(chmod(cg + "/cgroup.procs", 0o664), 0)
+        XCTAssertThrowsError(try CgroupTarget.resolve(cg, accessAs: (65534, 65534), groups: [100])) {
+            XCTAssertEqual(($0 as? CgroupError)?.kind, .permissionDenied)
+        }
+        XCTAssertNoThrow(try CgroupTarget.resolve(cg, accessAs: (65534, 65534), groups: [100, 4242]))
+    }
+
     func testCleanupStaleLeaves() throws {
         let cg = try makeCgroup(limit: nil)
         // A dead daemon's leaf: empty (its helper died with it).

@@ -135,16 +135,16 @@ final class SharedChargingTests: XCTestCase {
         _ = try fs.open(f, flags: OpenFlags(rawValue: O_RDONLY), caller: inC, clearSetIDAsked: false)
         XCTAssertEqual(fs.chargeTarget(0).pagesInUse, 100)
 
-        // B: 2 MiB limit, 1.5 MiB used, 400 KiB shared. A 1 MiB write stores only what B's
-        // reserve already holds (64 pages at most: no new charge is admitted), the next none.
+        XCTAssertEqual(fs.chargeTarget(1).cgroup, "", "B holds no file now: its pool and helper are given back")
+        // B: 2 MiB limit, 1.5 MiB used, 400 KiB shared: a 1 MiB write is refused before any
+        // charge (and B keeps no charged page to store part of it in).
         scope.counters["/P/B"] = (1536 * 1024, 2 << 20)
         let g = try fs.create(parent: FileSystem.rootIno, name: Array("g".utf8), mode: 0o100644, caller: inB).ino
         let chunk = [UInt8](repeating: 1, count: 1 << 20)
-        let short = try chunk.withUnsafeBytes { try fs.write(g, offset: 0, data: $0, caller: inB, clearSetIDAsked: false).written }
-        XCTAssertLessThanOrEqual(short, PageStore.reserveLimit * page, "1.5 MiB + 400 KiB + more > 2 MiB - 256 KiB")
-        XCTAssertThrowsError(try chunk.withUnsafeBytes { try fs.write(g, offset: Int64(short), data: $0, caller: inB, clearSetIDAsked: false) }) { error in
-            XCTAssertEqual(error as? Errno, .noSpace)
+        XCTAssertThrowsError(try chunk.withUnsafeBytes { try fs.write(g, offset: 0, data: $0, caller: inB, clearSetIDAsked: false) }) { error in
+            XCTAssertEqual(error as? Errno, .noSpace, "1.5 MiB + 400 KiB + 1 MiB > 2 MiB - 256 KiB")
         }
+        let short = 0
         scope.counters["/P/B"] = (200 * 1024, 2 << 20)
         XCTAssertEqual(try chunk.withUnsafeBytes { try fs.write(g, offset: Int64(short), data: $0, caller: inB, clearSetIDAsked: false).written },
                        chunk.count, "200 KiB + 400 KiB + 1 MiB fits")
