@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# A crashing chargefsd leaks no file data into its core dump (issue 21, "A crash leaks no file
+# data"). Root only. Each test writes files through a mount, reads them back, kills the daemon
+# with SIGSEGV with Swift's backtracer off (SWIFT_BACKTRACE=enable=no, as under systemd-coredump:
+# the kernel writes the core) and greps the core for the files' markers:
+#   core_small_files   64 small files, each written in ONE write(2) of a unique marker (so the
+#                      whole marker passes through a request buffer), read back: none in the core
+#   core_large_file    one 2 MiB file of numbered markers written in 1 MiB writes and read back:
+#                      none in the core (large requests, several pages of a request buffer)
+# Usage: scripts/tests/crash.sh [TEST...] | --list      Env: CHARGEFSD, CFS_TEST_TIMEOUT (90)
+# The host's core_pattern and core_uses_pid are changed only from just before the kill until the
+# core is written, and put back by the EXIT trap whatever happens.
+# Prints "N passed, N failed"; exit non-zero when any failed.
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+TESTS=(core_small_files core_large_file)
+
+# --- knobs, put back by the EXIT trap ----------------------------------------------------------
+KNOBS=()   # "path<TAB>old value"
+set_knob() {
+  local path=$1 value=$2
+  KNOBS+=("$path"$'\t'"$(cat "$path")")
+  echo "$value" > "$path"
+}
+restore_knobs() {
+  local i path old
+  for ((i = ${#KNOBS[@]} - 1; i >= 0; i--)); do
+    path=${KNOBS[i]%%$'\t'*}; old=${KNOBS[i]#*$'\t'}
+    echo "$old" > "$path" 2>/dev/null || log "warning: could not put $path back to '$old'"
+  done
+  KNOBS=()
+}
+crash_cleanup() { restore_knobs; cfs_cleanup; }
+
+new_env() {
+  trap crash_cleanup EXIT
+  SCR=$(cfs_tempdir cfscrash); CFS_DIRS+=("$SCR")
+  CFS_LOGDIR=$SCR
+  MNT=$SCR/mnt
+  mkdir -p "$MNT"
+  # A marker no daemon could hold but through file data (file names are f<i>, not markers).
+  RUN=$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')
+}
+
+# crash_and_grep PID: SIGSEGV to the daemon, waits for it and its core; sets CORE, CORE_SIZE,
+# FOUND (distinct markers in the core) and HITS (occurrences).
+crash_and_grep() {
+  local dpid=$1 i
+  set_knob /proc/sys/kernel/core_pattern "$SCR/core.%p"
+  set_knob /proc/sys/kernel/core_uses_pid 0
+  kill -SEGV "$dpid"
+  for ((i = 0; i < 600; i++)); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
+  wait "$dpid" 2>/dev/null || true
+  restore_knobs
+  # The dead daemon leaves a dead FUSE mount.
+  fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
+  CORE=$(find "$SCR" -maxdepth 1 -name "core.$dpid" -print -quit)
+  CORE_SIZE=0 FOUND=0 HITS=0
+  [ -n "$CORE" ] || return 0
+  CORE_SIZE=$(stat -c %s "$CORE")
+  FOUND=$({ grep -a -o "cfscrash-$RUN-[0-9]*-" "$CORE" || true; } | sort -u | wc -l)
+  HITS=$({ grep -a -o "cfscrash-$RUN-[0-9]*-" "$CORE" || true; } | wc -l)
+  log "  core: $(fmt_mib "$CORE_SIZE") (allocated $(du -k "$CORE" | awk '{print $1}') KiB); markers found: $FOUND distinct, $HITS occurrences"
+}
+
+daemon_env() {
+  ulimit -c unlimited
+  export SWIFT_BACKTRACE=enable=no
+}
+
+t_core_small_files() {
+  new_env
+  daemon_env
+  cfs_mount "$MNT" "size=256m"
+  local dpid=$CFS_PID i ok=0
+  for ((i = 0; i < 64; i++)); do
+    # One printf: one write(2), one FUSE_WRITE request carrying the whole marker.
+    printf 'cfscrash-%s-%d-padding-to-make-it-longer\n' "$RUN" "$i" > "$MNT/f$i"
+  done
+  for ((i = 0; i < 64; i++)); do
+    [ "$(cat "$MNT/f$i")" = "cfscrash-$RUN-$i-padding-to-make-it-longer" ] && ok=$((ok + 1))
+  done
+  check "the 64 files read back ($ok)" [ "$ok" = 64 ]
+  crash_and_grep "$dpid"
+  check "a core was written" [ -n "$CORE" ]
+  check "the core holds none of the 64 files' markers (found $FOUND)" [ "$FOUND" = 0 ]
+}
+
+t_core_large_file() {
+  new_env
+  daemon_env
+  cfs_mount "$MNT" "size=256m"
+  local dpid=$CFS_PID
+  # 2 MiB of 64-byte lines, each a numbered marker: every page of every request holds markers.
+  awk -v run="$RUN" 'BEGIN { zeros = sprintf("%063d", 0)
+    for (i = 0; i < 32768; i++) { line = sprintf("cfscrash-%s-%d-", run, i); printf "%s%s\n", line, substr(zeros, 1, 63 - length(line)) } }' \
+    > "$SCR/source"
+  check "the source is 2 MiB" [ "$(stat -c %s "$SCR/source")" = $((2 * MiB)) ]
+  dd if="$SCR/source" of="$MNT/big" bs=1M status=none
+  check "the file reads back whole" cmp -s "$SCR/source" "$MNT/big"
+  rm -f "$SCR/source"
+  crash_and_grep "$dpid"
+  check "a core was written" [ -n "$CORE" ]
+  check "the core holds none of the file's markers (found $FOUND)" [ "$FOUND" = 0 ]
+}
+
+test_main "crash tests" 90 "$@"
