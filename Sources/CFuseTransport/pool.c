@@ -7,7 +7,9 @@
 #include <semaphore.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- The session's workers ----------------------------------------------------------------
    libfuse's own multi-threaded loop starts a worker whenever a request finds none idle and ends
@@ -38,6 +40,50 @@ static uint64_t cfuse_now_ns(void) {
 
 static void *cfuse_pool_worker(void *arg);
 
+/* ---- Request buffers, out of core dumps -------------------------------------------------------
+   libfuse reads each request into buf->mem, malloc'ing it (se->bufsize) when it is NULL: a WRITE's
+   payload then sits in the heap, and a crashed server's core holds the last request of every
+   worker (issue 21: 64 small files' text, or a whole 2 MiB file, found in the core). So each
+   worker hands libfuse a buffer of its own: mapped, MADV_DONTDUMP, with a PROT_NONE guard page
+   after it (a request longer than the buffer fails the read with EFAULT instead of writing past
+   it). Its size is libfuse 3.14's se->bufsize, FUSE_MAX_MAX_PAGES (256) pages plus
+   FUSE_BUFFER_HEADER_SIZE (4096): libfuse passes that length to read(2), and the kernel writes at
+   most one request (max_write, 1 MiB, plus its headers) into it. */
+
+static size_t cfuse_request_buffer_size(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) page = 4096;
+    return 256u * (size_t)page + 4096u;
+}
+
+static size_t cfuse_request_mapping_size(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) page = 4096;
+    size_t p = (size_t)page;
+    return (cfuse_request_buffer_size() + p - 1) / p * p + p;  /* rounded up, plus the guard */
+}
+
+/* NULL when the mapping fails (then libfuse mallocs its own, as before: served, but dumpable). */
+static void *cfuse_request_buffer_new(void) {
+    size_t total = cfuse_request_mapping_size();
+    long page = sysconf(_SC_PAGESIZE);
+    size_t guard = page > 0 ? (size_t)page : 4096u;
+    void *mem = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) return NULL;
+    if (madvise(mem, total, MADV_DONTDUMP) != 0 ||
+        mprotect((char *)mem + total - guard, guard, PROT_NONE) != 0) {
+        munmap(mem, total);
+        return NULL;
+    }
+    return mem;
+}
+
+/* Frees what cfuse_request_buffer_new mapped, or what libfuse malloc'd in its place. */
+static void cfuse_request_buffer_free(void *mem, int mapped) {
+    if (mem == NULL) return;
+    if (mapped) munmap(mem, cfuse_request_mapping_size()); else free(mem);
+}
+
 /* With pool->lock held. */
 static int cfuse_pool_start(struct cfuse_pool *pool, int rescue) {
     if (pool->workers >= pool->max) return -1;
@@ -59,6 +105,8 @@ static void *cfuse_pool_worker(void *arg) {
     struct cfuse_pool *pool = (struct cfuse_pool *)((uintptr_t)arg & ~(uintptr_t)1u);
     struct fuse_buf buf;
     memset(&buf, 0, sizeof buf);
+    buf.mem = cfuse_request_buffer_new();
+    int mapped = buf.mem != NULL;
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
     for (;;) {
         if (fuse_session_exited(pool->se)) break;
@@ -76,9 +124,9 @@ static void *cfuse_pool_worker(void *arg) {
         int leave = rescue && pool->idle > 0;
         if (leave) pool->workers--; else pool->idle++;
         pthread_mutex_unlock(&pool->lock);
-        if (leave) { free(buf.mem); return NULL; }
+        if (leave) { cfuse_request_buffer_free(buf.mem, mapped); return NULL; }
     }
-    free(buf.mem);
+    cfuse_request_buffer_free(buf.mem, mapped);
     if (!fuse_session_exited(pool->se)) fuse_session_exit(pool->se);
     sem_post(&pool->finished);
     return NULL;

@@ -180,6 +180,9 @@ static int cfuse_ring_queue_init(struct cfuse_ring_queue *q, int fuse_fd, unsign
     void *buffers = mmap(NULL, q->buffers_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (q->entries == NULL || buffers == MAP_FAILED) { cfuse_ring_queue_destroy(q); return -ENOMEM; }
     q->buffers = buffers;
+    /* Requests' payloads (a WRITE's data) and replies (a READ's) pass through these buffers: out of
+       a crashed server's core dump, as libfuse's request buffers are (pool.c). */
+    if (madvise(buffers, q->buffers_size, MADV_DONTDUMP) != 0) { rc = -errno; cfuse_ring_queue_destroy(q); return rc; }
     for (unsigned i = 0; i < count; i++) {
         struct cfuse_ring_entry *e = &q->entries[i];
         e->header = (struct cfuse_uring_req_header *)(void *)((char *)buffers + per * i);
