@@ -7,6 +7,9 @@
 #                      whole marker passes through a request buffer), read back: none in the core
 #   core_large_file    one 2 MiB file of numbered markers written in 1 MiB writes and read back:
 #                      none in the core (large requests, several pages of a request buffer)
+#   core_backing_read  a 2 MiB file (a backing file of its own with passthrough=auto, Linux 6.9+)
+#                      read back through a read-write descriptor with the page cache dropped, so
+#                      the daemon preads it into buffers of its own: none in the core
 # Usage: scripts/tests/crash.sh [TEST...] | --list      Env: CHARGEFSD, CFS_TEST_TIMEOUT (90)
 # The host's core_pattern and core_uses_pid are changed only from just before the kill until the
 # core is written, and put back by the EXIT trap whatever happens.
@@ -15,7 +18,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(core_small_files core_large_file)
+TESTS=(core_small_files core_large_file core_backing_read)
 
 # --- knobs, put back by the EXIT trap ----------------------------------------------------------
 KNOBS=()   # "path<TAB>old value"
@@ -65,6 +68,14 @@ crash_and_grep() {
   log "  core: $(fmt_mib "$CORE_SIZE") (allocated $(du -k "$CORE" | awk '{print $1}') KiB); markers found: $FOUND distinct, $HITS occurrences"
 }
 
+# marker_file PATH: 2 MiB of 64-byte lines, each a numbered marker: every page of every request
+# that carries it holds markers.
+marker_file() {
+  awk -v run="$RUN" 'BEGIN { zeros = sprintf("%063d", 0)
+    for (i = 0; i < 32768; i++) { line = sprintf("cfscrash-%s-%d-", run, i); printf "%s%s\n", line, substr(zeros, 1, 63 - length(line)) } }' \
+    > "$1"
+}
+
 daemon_env() {
   ulimit -c unlimited
   export SWIFT_BACKTRACE=enable=no
@@ -93,13 +104,36 @@ t_core_large_file() {
   daemon_env
   cfs_mount "$MNT" "size=256m"
   local dpid=$CFS_PID
-  # 2 MiB of 64-byte lines, each a numbered marker: every page of every request holds markers.
-  awk -v run="$RUN" 'BEGIN { zeros = sprintf("%063d", 0)
-    for (i = 0; i < 32768; i++) { line = sprintf("cfscrash-%s-%d-", run, i); printf "%s%s\n", line, substr(zeros, 1, 63 - length(line)) } }' \
-    > "$SCR/source"
+  marker_file "$SCR/source"
   check "the source is 2 MiB" [ "$(stat -c %s "$SCR/source")" = $((2 * MiB)) ]
   dd if="$SCR/source" of="$MNT/big" bs=1M status=none
   check "the file reads back whole" cmp -s "$SCR/source" "$MNT/big"
+  rm -f "$SCR/source"
+  crash_and_grep "$dpid"
+  check "a core was written" [ -n "$CORE" ]
+  check "the core holds none of the file's markers (found $FOUND)" [ "$FOUND" = 0 ]
+}
+
+t_core_backing_read() {
+  new_env
+  daemon_env
+  cfs_mount "$MNT" "size=256m"
+  local dpid=$CFS_PID
+  marker_file "$SCR/source"
+  dd if="$SCR/source" of="$MNT/big" bs=1M status=none
+  # A read-write descriptor is never passed through: its reads come to the daemon, in 4 KiB and
+  # 128 KiB reads, with the file's page cache dropped before each pass.
+  check "the file reads back whole through a read-write descriptor" "$CFS_PYTHON" - "$MNT/big" "$SCR/source" <<'PY'
+import os, sys
+want = open(sys.argv[2], 'rb').read()
+fd = os.open(sys.argv[1], os.O_RDWR)
+for size in (4096, 131072):
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    got = b''.join(os.pread(fd, size, off) for off in range(0, len(want), size))
+    if got != want:
+        sys.exit(1)
+os.close(fd)
+PY
   rm -f "$SCR/source"
   crash_and_grep "$dpid"
   check "a core was written" [ -n "$CORE" ]

@@ -192,13 +192,17 @@ extension FileSystemCore {
     // MARK: - Data
 
     /// One buffer filled by pread: holes read as zeros without a page being allocated. A copy,
-    /// so the caller answers with it after the tree's lock is released.
+    /// so the caller answers with it after the tree's lock is released. The buffer is the
+    /// thread's dump-excluded scratch (file data stays out of a core dump, and no allocation per
+    /// read); the heap only when that cannot be mapped.
     func readBacked(_ backing: BackingFile, from offset: Int64, count: Int) throws(Errno) -> CopiedRead {
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 16)
+        let scratch = DumpExcluded.scratch(byteCount: count)
+        let buffer = scratch ?? UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 16)
         do throws(Errno) {
-            return CopiedRead(buffer: buffer, count: try backing.read(into: buffer, length: count, at: offset))
+            return CopiedRead(buffer: buffer, count: try backing.read(into: buffer, length: count, at: offset),
+                              owned: scratch == nil)
         } catch {
-            buffer.deallocate()
+            if scratch == nil { buffer.deallocate() }
             throw error
         }
     }

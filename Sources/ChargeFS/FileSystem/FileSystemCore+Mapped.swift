@@ -69,8 +69,11 @@ extension FileSystemCore {
     func copyOutOfBacking(_ files: [Inode], to index: Int) throws(Errno) -> [(Inode, [(index: Int, page: UInt32)])] {
         store.activeTarget = index
         var copies: [(Inode, [(index: Int, page: UInt32)])] = []
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: PageSize.bytes, alignment: PageSize.bytes)
-        defer { buffer.deallocate() }
+        // A page of file data at a time: a mapping out of core dumps (DumpExcluded), as every
+        // copy of file data outside the arena; the heap only if that cannot be mapped.
+        let mapped = DumpExcluded.map(byteCount: PageSize.bytes)
+        let buffer = mapped?.baseAddress ?? UnsafeMutableRawPointer.allocate(byteCount: PageSize.bytes, alignment: PageSize.bytes)
+        defer { if let mapped { DumpExcluded.unmap(mapped) } else { buffer.deallocate() } }
         func undo(_ extra: [UInt32]) {
             store.free(copies.flatMap { $0.1.map(\.page) } + extra)
         }

@@ -75,14 +75,17 @@ public struct PassthroughFile: Sendable {
 }
 
 /// Bytes read into a buffer of their own (a backing file's), to answer with after the tree's
-/// lock is released; `send` hands them over once and frees the buffer.
+/// lock is released; `send` hands them over once and frees the buffer when it is `owned` (a
+/// heap allocation); otherwise it is the thread's scratch (`DumpExcluded.scratch`), reused by
+/// the thread's next read.
 struct CopiedRead {
     let buffer: UnsafeMutableRawPointer
     let count: Int
+    var owned = true
 
     func send(_ body: (UnsafeBufferPointer<iovec>) -> Void) {
         var vector = iovec(iov_base: buffer, iov_len: count)
         withUnsafePointer(to: &vector) { body(UnsafeBufferPointer(start: $0, count: count > 0 ? 1 : 0)) }
-        buffer.deallocate()
+        if owned { buffer.deallocate() }
     }
 }
