@@ -94,9 +94,14 @@ t_core_small_files() {
     [ "$(cat "$MNT/f$i")" = "cfscrash-$RUN-$i-padding-to-make-it-longer" ] && ok=$((ok + 1))
   done
   check "the 64 files read back ($ok)" [ "$ok" = 64 ]
+  # Metadata a core may hold (docs/takeover.md, "Core dumps"): counted and shown, not refused.
+  touch "$MNT/cfsmeta-$RUN-name-"
+  ln -s "cfsmeta-$RUN-target-" "$MNT/link"
+  setfattr -n user.note -v "cfsmeta-$RUN-xattr-" "$MNT/f0" 2>/dev/null || log "  (no setfattr: no xattr in this run)"
   crash_and_grep "$dpid"
   check "a core was written" [ -n "$CORE" ]
   check "the core holds none of the 64 files' markers (found $FOUND)" [ "$FOUND" = 0 ]
+  [ -z "$CORE" ] || log "  metadata in the core (allowed): $({ grep -a -o "cfsmeta-$RUN-[a-z]*-" "$CORE" || true; } | sed "s/cfsmeta-$RUN-//; s/-$//" | sort | uniq -c | tr -s ' \n' ' ')"
 }
 
 t_core_large_file() {
