@@ -10,6 +10,9 @@
 #   core_backing_read  a 2 MiB file (a backing file of its own with passthrough=auto, Linux 6.9+)
 #                      read back through a read-write descriptor with the page cache dropped, so
 #                      the daemon preads it into buffers of its own: none in the core
+#   core_uring         64 small files and the 2 MiB file over FUSE's io_uring transport (Linux
+#                      6.14+): /sys/module/fuse/parameters/enable_uring is Y only from the mount
+#                      to the daemon's death (about a second), then put back
 # Usage: scripts/tests/crash.sh [TEST...] | --list      Env: CHARGEFSD, CFS_TEST_TIMEOUT (90)
 # The host's core_pattern and core_uses_pid are changed only from just before the kill until the
 # core is written, and put back by the EXIT trap whatever happens.
@@ -18,7 +21,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(core_small_files core_large_file core_backing_read)
+TESTS=(core_small_files core_large_file core_backing_read core_uring)
 
 # --- knobs, put back by the EXIT trap ----------------------------------------------------------
 KNOBS=()   # "path<TAB>old value"
@@ -143,6 +146,34 @@ PY
   crash_and_grep "$dpid"
   check "a core was written" [ -n "$CORE" ]
   check "the core holds none of the file's markers (found $FOUND)" [ "$FOUND" = 0 ]
+}
+
+t_core_uring() {
+  new_env
+  local knob=/sys/module/fuse/parameters/enable_uring
+  [ -w "$knob" ] || { log "  cannot run: $knob is missing ($(uname -r) has no FUSE over io_uring: 6.14+ with CONFIG_FUSE_IO_URING)"; return 1; }
+  daemon_env
+  local old_uring; old_uring=$(cat "$knob")
+  set_knob "$knob" Y
+  cfs_mount "$MNT" "size=256m,io_uring=on"
+  local dpid=$CFS_PID i ok=0
+  check "served over io_uring" grep -q 'transport=io_uring' <(getfattr --only-values -n user.chargefs.status "$MNT" 2>/dev/null)
+  for ((i = 0; i < 64; i++)); do
+    printf 'cfscrash-%s-%d-padding-to-make-it-longer\n' "$RUN" "$i" > "$MNT/f$i"
+  done
+  for ((i = 0; i < 64; i++)); do
+    [ "$(cat "$MNT/f$i")" = "cfscrash-$RUN-$i-padding-to-make-it-longer" ] && ok=$((ok + 1))
+  done
+  check "the 64 files read back ($ok)" [ "$ok" = 64 ]
+  marker_file "$SCR/source"
+  dd if="$SCR/source" of="$MNT/big" bs=1M status=none
+  check "the 2 MiB file reads back whole" cmp -s "$SCR/source" "$MNT/big"
+  rm -f "$SCR/source"
+  # crash_and_grep puts every knob back (enable_uring too) once the daemon is dead.
+  crash_and_grep "$dpid"
+  check "a core was written" [ -n "$CORE" ]
+  check "the core holds none of the markers (found $FOUND)" [ "$FOUND" = 0 ]
+  check "enable_uring put back ($old_uring)" [ "$(cat "$knob")" = "$old_uring" ]
 }
 
 test_main "crash tests" 90 "$@"
