@@ -36,7 +36,9 @@ if ! podman image exists "$base_image"; then
   rootfs=$cache/base-bookworm
   if [ ! -x "$rootfs/usr/bin/nsenter" ] || [ ! -x "$rootfs/usr/bin/fusermount3" ]; then
     command -v debootstrap >/dev/null || { echo "build-image.sh: debootstrap is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
-    mirror=${MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | grep -v security | head -n1 || true)}
+    # Comment lines are skipped: Debian's images name a snapshot.debian.org mirror in a comment.
+    mirror=${MIRROR:-$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
+      grep -vE '^[[:space:]]*#' | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -n1 || true)}
     mirror=${mirror:-http://deb.debian.org/debian}
     echo "build-image.sh: debootstrap bookworm from $mirror into $rootfs"
     rm -rf "$rootfs.tmp"; mkdir -p "$cache"
