@@ -17,25 +17,6 @@ SLACK=$((1 * MiB))
 THP=/sys/kernel/mm/transparent_hugepage
 TESTS=(thp_always thp_within_size_and_mthp thp_force_refused thp_memfd_refused core_dump swap)
 
-# --- knobs, put back by the EXIT trap ----------------------------------------------------------
-KNOBS=()   # "path<TAB>old value"
-knob_value() { sed -n 's/.*\[\(.*\)\].*/\1/p' "$1"; }
-# set_knob PATH VALUE: records the old value (once) and writes the new one.
-set_knob() {
-  local path=$1 value=$2 old
-  old=$(knob_value "$path")
-  [ -n "$old" ] || old=$(cat "$path")
-  KNOBS+=("$path"$'\t'"$old")
-  echo "$value" > "$path"
-}
-restore_knobs() {
-  local i path old
-  for ((i = ${#KNOBS[@]} - 1; i >= 0; i--)); do
-    path=${KNOBS[i]%%$'\t'*}; old=${KNOBS[i]#*$'\t'}
-    echo "$old" > "$path" 2>/dev/null || log "warning: could not put $path back to '$old'"
-  done
-  KNOBS=()
-}
 SWAPFILES=()  # swap files a test turned on
 arena_cleanup() {
   local f

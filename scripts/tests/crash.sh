@@ -23,21 +23,6 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 source "$(dirname "$SELF")/lib.sh"
 TESTS=(core_small_files core_large_file core_backing_read core_uring)
 
-# --- knobs, put back by the EXIT trap ----------------------------------------------------------
-KNOBS=()   # "path<TAB>old value"
-set_knob() {
-  local path=$1 value=$2
-  KNOBS+=("$path"$'\t'"$(cat "$path")")
-  echo "$value" > "$path"
-}
-restore_knobs() {
-  local i path old
-  for ((i = ${#KNOBS[@]} - 1; i >= 0; i--)); do
-    path=${KNOBS[i]%%$'\t'*}; old=${KNOBS[i]#*$'\t'}
-    echo "$old" > "$path" 2>/dev/null || log "warning: could not put $path back to '$old'"
-  done
-  KNOBS=()
-}
 crash_cleanup() { restore_knobs; cfs_cleanup; }
 
 new_env() {

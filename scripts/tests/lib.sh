@@ -395,3 +395,23 @@ cfs_on_v2() {
   if [ "$rc" != 0 ]; then log "$kind guest run exited $rc"; fi
   exit "$rc"
 }
+
+# --- kernel knobs a test sets, put back by its EXIT trap (restore_knobs) ----------------------
+KNOBS=()   # "path<TAB>old value"
+knob_value() { sed -n 's/.*\[\(.*\)\].*/\1/p' "$1"; }
+# set_knob PATH VALUE: records the old value (once) and writes the new one.
+set_knob() {
+  local path=$1 value=$2 old
+  old=$(knob_value "$path")
+  [ -n "$old" ] || old=$(cat "$path")
+  KNOBS+=("$path"$'\t'"$old")
+  echo "$value" > "$path"
+}
+restore_knobs() {
+  local i path old
+  for ((i = ${#KNOBS[@]} - 1; i >= 0; i--)); do
+    path=${KNOBS[i]%%$'\t'*}; old=${KNOBS[i]#*$'\t'}
+    echo "$old" > "$path" 2>/dev/null || log "warning: could not put $path back to '$old'"
+  done
+  KNOBS=()
+}

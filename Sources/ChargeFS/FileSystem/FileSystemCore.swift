@@ -19,14 +19,15 @@ final class FileSystemCore {
     /// shared-charge check walks these only).
     var sharedInodes = Set<InodeNumber>()
 
+    /// size= in pages, rounded up (nil: no size=).
+    private static func pageLimit(_ config: FileSystemConfig) -> Int? {
+        config.maxBytes.map { Int(($0 + Int64(PageSize.bytes) - 1) / Int64(PageSize.bytes)) }
+    }
+
     init(config: FileSystemConfig, store: PageStore) {
         self.config = config
         self.store = store
-        if let bytes = config.maxBytes {
-            maxPages = Int((bytes + Int64(PageSize.bytes) - 1) / Int64(PageSize.bytes))
-        } else {
-            maxPages = nil
-        }
+        maxPages = Self.pageLimit(config)
         let root = inodes.insert { ino in
             Inode(ino: ino, mode: ModeBits.directory | (config.rootMode & 0o7777),
                   uid: config.rootUid, gid: config.rootGid, now: .now)
@@ -42,11 +43,7 @@ final class FileSystemCore {
     init(config: FileSystemConfig, store: PageStore, restoring table: InodeTable) {
         self.config = config
         self.store = store
-        if let bytes = config.maxBytes {
-            maxPages = Int((bytes + Int64(PageSize.bytes) - 1) / Int64(PageSize.bytes))
-        } else {
-            maxPages = nil
-        }
+        maxPages = Self.pageLimit(config)
         inodes = table
         var slots: Int64 = 0
         for inode in table.all {

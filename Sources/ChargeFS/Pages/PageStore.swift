@@ -183,7 +183,11 @@ public final class PageStore {
         guard let targets else { throw .notSupported }
         let key = try targets.check(path, uid: uid, gid: gid, groups: groups)
         if let found = pools.firstIndex(where: { $0?.key == key }) { return found }
-        let pool = Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key)
+        return addPool(Pool(charger: try targets.charger(for: key, arena: arena.fileDescriptor), key: key))
+    }
+
+    /// Puts a new target's pool in the first free slot after the mount's own; its index.
+    private func addPool(_ pool: Pool) -> Int {
         targetsGeneration += 1
         if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
             pools[free] = pool
@@ -223,14 +227,7 @@ public final class PageStore {
         while level != scope && level.hasPrefix(scope + "/") {
             if let found = pools.firstIndex(where: { $0?.key == level }) { return found }
             if let charger = try? targets.charger(for: level, arena: arena.fileDescriptor) {
-                let pool = Pool(charger: charger, key: level)
-                targetsGeneration += 1
-                if let free = pools.indices.dropFirst().first(where: { pools[$0] == nil }) {
-                    pools[free] = pool
-                    return free
-                }
-                pools.append(pool)
-                return pools.count - 1
+                return addPool(Pool(charger: charger, key: level))
             }
             guard let slash = level.lastIndex(of: "/") else { break }
             level = String(level[..<slash])
