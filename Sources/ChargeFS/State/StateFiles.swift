@@ -19,11 +19,13 @@ import SystemPackage
 /// the active word switched to it (release): a crash before the switch leaves the old one. The
 /// journal then restarts at offset 0; a crash before that restart only leaves transactions whose
 /// seq the checkpoint already holds, which the scan skips.
-public final class StateFiles: @unchecked Sendable {
+public final class StateFiles: StateRoom, @unchecked Sendable {
     public static let magic: UInt64 = 0x4554_4154_5353_4643  // "CFSSTATE"
     /// 2: inode records carry memcg=auto users and the passthrough backing id; transactions and
-    /// checkpoints carry the charge-target table.
-    public static let version: UInt64 = 2
+    /// checkpoints carry the charge-target table. 3: a parent directory's times and link count
+    /// as a record of their own, an answer that names an inode recorded in its transaction, and
+    /// a four-lane checksum.
+    public static let version: UInt64 = 3
     static let headerBytes = 4096
     static let transactionHeaderBytes = 24
     public static let initMaxBytes = 2048
@@ -37,15 +39,24 @@ public final class StateFiles: @unchecked Sendable {
     private var fileBytes: Int
     /// The next transaction's seq.
     public private(set) var nextSeq: UInt64 = 1
+    /// The published tail as this process last stored it (it is the journal's only writer):
+    /// where the next transaction goes, without a load of the header word.
+    private var appendAt: Int
+    /// Set when a transaction being encoded could not get room (the file could not grow): its
+    /// bytes went to `spill` instead, and its commit fails with this.
+    private var roomFailure: StateError?
+    private var spill: UnsafeMutableRawPointer?
 
     private init(journal: FileDescriptor, checkpoints: [FileDescriptor], base: UnsafeMutableRawPointer, fileBytes: Int) {
         self.journal = journal
         self.checkpoints = checkpoints
         self.base = base
         self.fileBytes = fileBytes
+        appendAt = Int(cfuse_load_acquire_u64((base + 16).assumingMemoryBound(to: UInt64.self)))
     }
 
     deinit {
+        spill?.deallocate()
         munmap(base, Self.journalReserve)
         close(journal.rawValue)
         for fd in checkpoints { close(fd.rawValue) }
@@ -148,18 +159,55 @@ public final class StateFiles: @unchecked Sendable {
 
     /// Appends one transaction and publishes it (the release store of the tail is its commit).
     public func append(kind: UInt32, _ payload: UnsafeRawBufferPointer) throws(StateError) {
-        let tail = self.tail
-        let padded = (payload.count + 7) & ~7
-        let end = Self.headerBytes + tail + Self.transactionHeaderBytes + padded
+        var e = beginTransaction()
+        if let src = payload.baseAddress { e.take(payload.count).copyMemory(from: src, byteCount: payload.count) }
+        try commitTransaction(kind: kind, e)
+    }
+
+    /// An encoder whose bytes go straight into the journal's mapping, past the published tail
+    /// (unpublished until `commitTransaction`: a crash meanwhile leaves them ignored). One
+    /// transaction at a time, under the caller's lock.
+    @inline(__always)
+    func beginTransaction() -> StateEncoder {
+        let start = Self.headerBytes + appendAt + Self.transactionHeaderBytes
+        return StateEncoder(base: base + start, capacity: fileBytes - start, room: self)
+    }
+
+    /// Room past the file's end: the file grows under the mapping (the base stays). If it
+    /// cannot, the bytes go to a heap buffer and the commit fails.
+    func grow(_ at: UnsafeMutableRawPointer, used: Int, needed: Int) -> (base: UnsafeMutableRawPointer, capacity: Int) {
+        let start = at - base
+        if roomFailure == nil {
+            do throws(StateError) {
+                // Padding to 8 bytes included, so that the commit never grows the file.
+                try grow(to: start + needed + 8)
+                return (at, fileBytes - start)
+            } catch {
+                roomFailure = error
+            }
+        }
+        let bigger = UnsafeMutableRawPointer.allocate(byteCount: needed, alignment: 16)
+        bigger.copyMemory(from: at, byteCount: used)
+        spill?.deallocate()
+        spill = bigger
+        return (bigger, needed)
+    }
+
+    /// Seals what `e` (from `beginTransaction`) wrote into a transaction and publishes it: its
+    /// header and checksum, then the release store of the tail.
+    func commitTransaction(kind: UInt32, _ e: StateEncoder) throws(StateError) {
+        if let roomFailure { throw roomFailure }
+        let count = e.count
+        let padded = (count + 7) & ~7
+        let at = base + Self.headerBytes + appendAt
+        let end = Self.headerBytes + appendAt + Self.transactionHeaderBytes + padded
         if end > fileBytes { try grow(to: end) }
-        let at = base + Self.headerBytes + tail
-        if let src = payload.baseAddress { (at + Self.transactionHeaderBytes).copyMemory(from: src, byteCount: payload.count) }
-        let seq = nextSeq
-        at.storeBytes(of: UInt32(payload.count).littleEndian, as: UInt32.self)
+        at.storeBytes(of: UInt32(count).littleEndian, as: UInt32.self)
         (at + 4).storeBytes(of: kind.littleEndian, as: UInt32.self)
-        (at + 8).storeBytes(of: seq.littleEndian, as: UInt64.self)
-        (at + 16).storeBytes(of: Self.checksum(at, payloadCount: payload.count).littleEndian, as: UInt64.self)
-        cfuse_store_release_u64(word(16), UInt64(tail + Self.transactionHeaderBytes + padded))
+        (at + 8).storeBytes(of: nextSeq.littleEndian, as: UInt64.self)
+        (at + 16).storeBytes(of: Self.checksum(at, payloadCount: count).littleEndian, as: UInt64.self)
+        appendAt += Self.transactionHeaderBytes + padded
+        cfuse_store_release_u64(word(16), UInt64(appendAt))
         nextSeq += 1
     }
 
@@ -219,6 +267,7 @@ public final class StateFiles: @unchecked Sendable {
         }
         let dropped = published - goodEnd
         if dropped > 0 { cfuse_store_release_u64(word(16), UInt64(goodEnd)) }
+        appendAt = goodEnd
         nextSeq = (out.last?.seq ?? checkpointSeq) + 1
         return (out, dropped)
     }
@@ -268,6 +317,7 @@ public final class StateFiles: @unchecked Sendable {
         let generation = (active >> 1) + 1
         cfuse_store_release_u64(word(24), generation << 1 | UInt64(slot))
         cfuse_store_release_u64(word(16), 0)
+        appendAt = 0
     }
 
     /// Test hook: the journal's bytes after the header, to tear a transaction.
