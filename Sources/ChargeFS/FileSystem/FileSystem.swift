@@ -500,7 +500,7 @@ public final class FileSystem: Sendable {
             return WriteResult(written: count, modeChanged: modeChanged)
         }
         let result = try charging(by: caller, commit: { c, result in
-            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.inode(ino) }
+            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.data(ino) }
         }) { c, supply throws(Errno) in
             try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
                         wholeOrNothing: wholeOrNothing, supply: supply)

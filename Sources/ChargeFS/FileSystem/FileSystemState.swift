@@ -16,6 +16,8 @@ struct StateChange {
     private var moreInodes: [InodeNumber] = []
     private var p0: InodeNumber = 0, p1: InodeNumber = 0
     private var parentCount = 0
+    /// A file only written to (its data, size, times, mode), when no whole record names it.
+    private var written: InodeNumber = 0
 
     /// An entry as it is after the change, when the operation knows it (no lookup needed).
     struct Entry {
@@ -54,6 +56,11 @@ struct StateChange {
         if parentCount == 0 { p0 = ino } else if parentCount == 1 { p1 = ino } else { return inode(ino) }
         parentCount += 1
     }
+
+    /// A file whose data was written: recorded by what a write changes (`StateKeeping.encodeData`).
+    mutating func data(_ ino: InodeNumber) { written = ino }
+
+    var dataOnly: InodeNumber? { written == 0 || holds(written) ? nil : written }
 
     mutating func entry(_ dir: InodeNumber, _ name: FileName, now: (ino: InodeNumber, cookie: UInt64)? = nil) {
         let entry = Entry(dir: dir, name: name, now: now)
@@ -94,10 +101,13 @@ final class StateKeeping: @unchecked Sendable {
     /// Ids of the backing files the keeper holds, by inode.
     var backingIDs: [InodeNumber: UInt64] = [:]
     var nextBackingID: UInt64 = 1
-    /// The last answers, by the request's original unique (`appliedLimit` of them): a resend
-    /// comes for a request in flight at the crash, so the last few suffice.
-    private(set) var applied: [UInt64: AppliedRequest] = [:]
-    private(set) var appliedOrder: [UInt64] = []
+    /// The last answers (`appliedLimit` of them), by the request's original unique, in a ring:
+    /// a resend comes for a request in flight at the crash, so the last few suffice. Keeping one
+    /// is two stores (every change pays it); finding one is a scan of the ring, which only a
+    /// resent request (bit 63, after a takeover) pays.
+    private var appliedUniques = [UInt64](repeating: 0, count: StateKeeping.appliedLimit)
+    private var appliedAnswers = [AppliedRequest](repeating: .done, count: StateKeeping.appliedLimit)
+    private var appliedNext = 0
     static let appliedLimit = 1024
     /// A checkpoint is due once the journal holds this many bytes, or as many as the last
     /// checkpoint had if more: a checkpoint then costs at most as much writing as the journal it
@@ -126,19 +136,30 @@ final class StateKeeping: @unchecked Sendable {
     }
 
     func remember(_ unique: UInt64, _ answer: AppliedRequest) {
-        if applied.updateValue(answer, forKey: unique) == nil {
-            appliedOrder.append(unique)
-            if appliedOrder.count > Self.appliedLimit * 2 {
-                for old in appliedOrder.prefix(appliedOrder.count - Self.appliedLimit) { applied[old] = nil }
-                appliedOrder.removeFirst(appliedOrder.count - Self.appliedLimit)
-            }
-        }
+        guard unique != 0 else { return }
+        appliedUniques[appliedNext] = unique
+        appliedAnswers[appliedNext] = answer
+        appliedNext = appliedNext + 1 == Self.appliedLimit ? 0 : appliedNext + 1
+    }
+
+    /// The kept answers, oldest first.
+    func forEachApplied(_ body: (UInt64, AppliedRequest) -> Void) {
+        for i in appliedNext..<Self.appliedLimit where appliedUniques[i] != 0 { body(appliedUniques[i], appliedAnswers[i]) }
+        for i in 0..<appliedNext where appliedUniques[i] != 0 { body(appliedUniques[i], appliedAnswers[i]) }
     }
 
     /// The answer a resent request already got, nil when it was not applied (serve it).
     func answer(for request: RequestContext?) -> AppliedRequest? {
         guard let request, request.isResend else { return nil }
-        return applied[request.original]
+        // The newest first: a unique is kept once, but a scan from the newest is shortest for
+        // the requests in flight at the crash.
+        let unique = request.original
+        var i = appliedNext
+        for _ in 0..<Self.appliedLimit {
+            i = i == 0 ? Self.appliedLimit - 1 : i - 1
+            if appliedUniques[i] == unique { return appliedAnswers[i] }
+        }
+        return nil
     }
 
     /// Writes one transaction: `request`'s answer and the records of `change`, then publishes
@@ -170,6 +191,18 @@ final class StateKeeping: @unchecked Sendable {
         do throws(StateError) {
             try change.forEachInode { (ino: InodeNumber) throws(StateError) in
                 if let inode = core.inodes[ino] {
+                    e.u8(1)
+                    try encode(inode, pages: inode.pages.takeChanged(), into: &e)
+                } else {
+                    e.u8(2)
+                    e.u64(ino.rawValue)
+                    if let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+                }
+            }
+            if let ino = change.dataOnly {
+                if let inode = core.inodes[ino], inode.xattrs == nil, inode.backing == nil {
+                    encodeData(inode, into: &e)
+                } else if let inode = core.inodes[ino] {
                     e.u8(1)
                     try encode(inode, pages: inode.pages.takeChanged(), into: &e)
                 } else {
@@ -261,6 +294,12 @@ final class StateKeeping: @unchecked Sendable {
         for user in inode.users { e.blob(Array(user.utf8)) }
         e.u32(UInt32(bitPattern: inode.passthroughID))
         e.u64(try backingID(of: inode))
+        encodePages(inode, pages, into: &e)
+    }
+
+    /// The span `pages` of the inode's page map (nil: none): {1, from, to, count, (index, page)...}
+    /// or {0}.
+    private func encodePages(_ inode: Inode, _ pages: Range<Int>?, into e: inout StateEncoder) {
         guard let pages else { return e.u8(0) }
         e.u8(1)
         e.u64(UInt64(pages.lowerBound)); e.u64(UInt64(pages.upperBound))
@@ -279,6 +318,19 @@ final class StateKeeping: @unchecked Sendable {
         inode.pages.forEach { i, page in if pages.contains(i) { held.append((i, page)) } }
         e.u32(UInt32(held.count))
         for (i, page) in held { e.u64(UInt64(i)); e.u32(page) }
+    }
+
+    /// A write's record (kind 6): what a write changes beside the data, its mode (setuid and
+    /// setgid cleared), size and times, and the span of its page map. Only for a file with no
+    /// xattrs (a write may drop security.capability) and no backing file: others get a whole one.
+    private func encodeData(_ inode: Inode, into e: inout StateEncoder) {
+        let p = e.take(45)
+        p.put(UInt8(6), at: 0)
+        p.put(inode.ino.rawValue, at: 1); p.put(inode.mode, at: 9); p.put(inode.size, at: 13)
+        p.put(Int64(inode.mtime.tv_sec), at: 21); p.put(Int64(inode.mtime.tv_nsec), at: 29)
+        p.put(Int64(inode.ctime.tv_sec), at: 37)
+        e.i64(Int64(inode.ctime.tv_nsec))
+        encodePages(inode, inode.pages.takeChanged(), into: &e)
     }
 
     /// The keeper's id of the inode's backing file (0: none), handing a new one to the keeper.
@@ -348,10 +400,12 @@ final class StateKeeping: @unchecked Sendable {
                     for entry in entries { e.blob(entry.name); e.u64(entry.ino.rawValue); e.u64(entry.cookie) }
                 }
             }
-            e.u64(UInt64(appliedOrder.count))
-            for unique in appliedOrder {
+            var kept = 0
+            forEachApplied { _, _ in kept += 1 }
+            e.u64(UInt64(kept))
+            forEachApplied { unique, answer in
                 e.u64(unique)
-                (applied[unique] ?? .done).encode(into: &e)
+                answer.encode(into: &e)
             }
             Self.writeTargets(core.store.targetKeys, into: &e)
         }
@@ -469,6 +523,18 @@ struct TreeRestorer {
                 inode.nlink = nlink
                 inode.mtime = mtime
                 inode.ctime = ctime
+            case 6:
+                // A write: mode, size, times and the page span.
+                let ino = InodeNumber(rawValue: try r.u64())
+                let mode = try r.u32(), size = try r.i64()
+                let mtime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+                let ctime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+                guard let inode = inodes[ino] else { throw StateError.corrupt("a write to inode \(ino), which is not there") }
+                inode.mode = mode
+                inode.size = size
+                inode.mtime = mtime
+                inode.ctime = ctime
+                try Self.readPages(&r, into: inode)
             case let tag: throw StateError.corrupt("record kind \(tag)")
             }
         }
@@ -537,6 +603,12 @@ struct TreeRestorer {
             inode.backing = try backing(backingID, target: inode.chargeTarget)
             backingIDs[ino] = backingID
         }
+        try Self.readPages(&r, into: inode)
+        return inode
+    }
+
+    /// What `encodePages` wrote, applied to `inode`'s map.
+    private static func readPages(_ r: inout StateReader, into inode: Inode) throws(StateError) {
         if try r.u8() == 1 {
             let lo = try r.u64(), hi = try r.u64()
             guard lo <= hi, hi <= UInt64(Int.max >> 1) else { throw StateError.corrupt("pages \(lo)..<\(hi)") }
@@ -550,7 +622,6 @@ struct TreeRestorer {
             }
             _ = inode.pages.takeChanged()
         }
-        return inode
     }
 
     private mutating func backing(_ id: UInt64, target: Int) throws(StateError) -> BackingFile {

@@ -384,6 +384,36 @@ final class TakeoverStateTests: XCTestCase {
                                           request: RequestContext(unique: 1 | RequestContext.resendBit)))
     }
 
+    /// State written by an older chargefsd (version 2: whole parent records, the older checksum)
+    /// is refused with `StateError.version`, never read as this version's records; and so is a
+    /// checkpoint of another version.
+    func testAnOlderStateVersionIsRefused() throws {
+        var (fs, keeper) = try makeKept()
+        _ = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me)
+        XCTAssertEqual(StateFiles.version, 3)
+        let journal = try XCTUnwrap(keeper.descriptor(.journal))
+        var old = UInt64(2).littleEndian
+        XCTAssertEqual(pwrite(journal.rawValue, &old, 8, 8), 8)
+        XCTAssertThrowsError(try stateFiles(keeper)) { error in
+            XCTAssertEqual(error as? StateError, .version(2))
+            XCTAssertTrue("\(error)".contains("state version 2"), "\(error)")
+        }
+        var current = StateFiles.version.littleEndian
+        XCTAssertEqual(pwrite(journal.rawValue, &current, 8, 8), 8)
+        XCTAssertNoThrow(try stateFiles(keeper))
+        // The active checkpoint's own version word (its first 8 bytes), checksum kept valid by
+        // rewriting it as the header's descriptor says: rewritten as a whole checkpoint.
+        let state = try stateFiles(keeper)
+        var bytes = try XCTUnwrap(try state.activeCheckpoint()).bytes
+        bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(2).littleEndian, as: UInt64.self) }
+        try bytes.withUnsafeBytes { try state.checkpoint($0) }
+        fs = FileSystem(config: config(), store: try PageStore(capacityPages: 4) { DaemonCharger(arena: $0) })
+        XCTAssertThrowsError(try takeOver(keeper)) { error in
+            XCTAssertEqual(error as? StateError, .version(2))
+        }
+        _ = fs
+    }
+
     func testSavedInit() throws {
         let state = try StateFiles.create()
         XCTAssertNil(state.savedInit)
