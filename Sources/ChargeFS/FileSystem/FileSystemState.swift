@@ -105,8 +105,17 @@ final class StateKeeping: @unchecked Sendable {
     /// a resend comes for a request in flight at the crash, so the last few suffice. Keeping one
     /// is two stores (every change pays it); finding one is a scan of the ring, which only a
     /// resent request (bit 63, after a takeover) pays.
-    private var appliedUniques = [UInt64](repeating: 0, count: StateKeeping.appliedLimit)
-    private var appliedAnswers = [AppliedRequest](repeating: .done, count: StateKeeping.appliedLimit)
+    /// Allocated once (plain stores: no uniqueness or exclusivity check of an array property).
+    private let appliedUniques: UnsafeMutablePointer<UInt64> = {
+        let p = UnsafeMutablePointer<UInt64>.allocate(capacity: StateKeeping.appliedLimit)
+        p.initialize(repeating: 0, count: StateKeeping.appliedLimit)
+        return p
+    }()
+    private let appliedAnswers: UnsafeMutablePointer<AppliedRequest> = {
+        let p = UnsafeMutablePointer<AppliedRequest>.allocate(capacity: StateKeeping.appliedLimit)
+        p.initialize(repeating: .done, count: StateKeeping.appliedLimit)
+        return p
+    }()
     private var appliedNext = 0
     static let appliedLimit = 1024
     /// A checkpoint is due once the journal holds this many bytes, or as many as the last
@@ -133,6 +142,12 @@ final class StateKeeping: @unchecked Sendable {
     init(files: StateFiles, keeper: any DescriptorKeeper) {
         self.files = files
         self.keeper = keeper
+    }
+
+    deinit {
+        appliedUniques.deallocate()
+        appliedAnswers.deinitialize(count: Self.appliedLimit)
+        appliedAnswers.deallocate()
     }
 
     func remember(_ unique: UInt64, _ answer: AppliedRequest) {
@@ -304,14 +319,16 @@ final class StateKeeping: @unchecked Sendable {
         e.u8(1)
         e.u64(UInt64(pages.lowerBound)); e.u64(UInt64(pages.upperBound))
         if pages.count <= 4 * PageMap.chunkSlots {
-            // A small span (a write's pages): counted, then written, with no array between.
+            // A small span (a write's pages): one pass, each page looked up once, written
+            // straight after a count filled in at the end.
+            let countAt = e.count
+            e.u32(0)
             var n: UInt32 = 0
-            for i in pages where inode.pages.page(at: i) != 0 { n += 1 }
-            e.u32(n)
             for i in pages {
                 let page = inode.pages.page(at: i)
-                if page != 0 { e.u64(UInt64(i)); e.u32(page) }
+                if page != 0 { e.u64(UInt64(i)); e.u32(page); n += 1 }
             }
+            e.patch(n, at: countAt)
             return
         }
         var held: [(Int, UInt32)] = []

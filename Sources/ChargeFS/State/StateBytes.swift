@@ -68,6 +68,12 @@ struct StateEncoder {
     @inline(__always)
     mutating func i64(_ v: Int64) { u64(UInt64(bitPattern: v)) }
 
+    /// Overwrites a UInt32 written earlier at `offset` (a count known only after its items).
+    @inline(__always)
+    mutating func patch(_ v: UInt32, at offset: Int) {
+        base.storeBytes(of: v.littleEndian, toByteOffset: offset, as: UInt32.self)
+    }
+
     /// A length (UInt32) and the bytes.
     mutating func blob(_ v: [UInt8]) {
         v.withUnsafeBytes { p in blob(p) }
