@@ -92,15 +92,17 @@ struct StateChange {
 /// the tree's lock (commits under the exclusive one, a checkpoint under the shared one, which
 /// excludes commits). Present only when the mount asked for it: without it each operation pays
 /// one nil check.
+/// Its mutable properties are marked `@exclusivity(unchecked)`: each is used only under the
+/// tree's lock, and the dynamic check on every access was measurable on each commit.
 final class StateKeeping: @unchecked Sendable {
     let files: StateFiles
     let keeper: any DescriptorKeeper
     private let writer = StateWriter()
     /// Backing files no record names any more once the record being written is published.
-    private var forgetAfterPublish: [UInt64] = []
+    @exclusivity(unchecked) private var forgetAfterPublish: [UInt64] = []
     /// Ids of the backing files the keeper holds, by inode.
-    var backingIDs: [InodeNumber: UInt64] = [:]
-    var nextBackingID: UInt64 = 1
+    @exclusivity(unchecked) var backingIDs: [InodeNumber: UInt64] = [:]
+    @exclusivity(unchecked) var nextBackingID: UInt64 = 1
     /// The last answers (`appliedLimit` of them), by the request's original unique, in a ring:
     /// a resend comes for a request in flight at the crash, so the last few suffice. Keeping one
     /// is two stores (every change pays it); finding one is a scan of the ring, which only a
@@ -116,28 +118,28 @@ final class StateKeeping: @unchecked Sendable {
         p.initialize(repeating: .done, count: StateKeeping.appliedLimit)
         return p
     }()
-    private var appliedNext = 0
+    @exclusivity(unchecked) private var appliedNext = 0
     static let appliedLimit = 1024
     /// A checkpoint is due once the journal holds this many bytes, or as many as the last
     /// checkpoint had if more: a checkpoint then costs at most as much writing as the journal it
     /// trims (at 1M files one is ~160 MiB and takes about a second).
-    var checkpointBytes = 64 << 20
-    private(set) var lastCheckpointBytes = 0
+    @exclusivity(unchecked) var checkpointBytes = 64 << 20
+    @exclusivity(unchecked) private(set) var lastCheckpointBytes = 0
     let checkpointDue = Atomic(false)
     private let checkpointing = Atomic(false)
     /// Set when a record could not be written: the state no longer follows the tree, so no
     /// successor may take it over (the journal's header says so too; logged once).
-    private(set) var failure: StateError?
+    @exclusivity(unchecked) private(set) var failure: StateError?
     /// Checkpoints taken, and the last one's duration (tests, docs/takeover.md).
     private(set) var checkpoints = 0
     private(set) var lastCheckpointNanoseconds: UInt64 = 0
     /// The store's `targetsGeneration` the last published record or checkpoint holds the
     /// table of (-1: none yet).
-    var recordedTargetsGeneration = -1
+    @exclusivity(unchecked) var recordedTargetsGeneration = -1
 
     /// Test hook: the next commit writes nothing and does nothing after (a server killed just
     /// before its publish; the test then drops the file system).
-    var dropNextRecordForTest = false
+    @exclusivity(unchecked) var dropNextRecordForTest = false
 
     init(files: StateFiles, keeper: any DescriptorKeeper) {
         self.files = files
@@ -195,7 +197,7 @@ final class StateKeeping: @unchecked Sendable {
         } else {
             answer.encode(into: &e)
         }
-        forgetAfterPublish.removeAll(keepingCapacity: true)
+        if !forgetAfterPublish.isEmpty { forgetAfterPublish.removeAll(keepingCapacity: true) }
         // A target opened or given back (a directory's user.chargefs.memcg, memcg=auto's
         // hosts): the whole table, before the inodes that name its indexes.
         let targetsGeneration = core.store.targetsGeneration
@@ -211,7 +213,7 @@ final class StateKeeping: @unchecked Sendable {
                 } else {
                     e.u8(2)
                     e.u64(ino.rawValue)
-                    if let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+                    if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
                 }
             }
             if let ino = change.dataOnly {
@@ -223,7 +225,7 @@ final class StateKeeping: @unchecked Sendable {
                 } else {
                     e.u8(2)
                     e.u64(ino.rawValue)
-                    if let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+                    if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
                 }
             }
             change.forEachParent { ino in

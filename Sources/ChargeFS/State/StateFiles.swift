@@ -36,16 +36,18 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
     public let checkpoints: [FileDescriptor]
     private let base: UnsafeMutableRawPointer
     /// Bytes of the journal file (header page included).
-    private var fileBytes: Int
+    @exclusivity(unchecked) private var fileBytes: Int
+    // The mutable properties below skip Swift's dynamic exclusivity check: the journal has one
+    // writer at a time, under the file system's lock.
     /// The next transaction's seq.
-    public private(set) var nextSeq: UInt64 = 1
+    @exclusivity(unchecked) public private(set) var nextSeq: UInt64 = 1
     /// The published tail as this process last stored it (it is the journal's only writer):
     /// where the next transaction goes, without a load of the header word.
-    private var appendAt: Int
+    @exclusivity(unchecked) private var appendAt: Int
     /// Set when a transaction being encoded could not get room (the file could not grow): its
     /// bytes went to `spill` instead, and its commit fails with this.
-    private var roomFailure: StateError?
-    private var spill: UnsafeMutableRawPointer?
+    @exclusivity(unchecked) private var roomFailure: StateError?
+    @exclusivity(unchecked) private var spill: UnsafeMutableRawPointer?
 
     private init(journal: FileDescriptor, checkpoints: [FileDescriptor], base: UnsafeMutableRawPointer, fileBytes: Int) {
         self.journal = journal
