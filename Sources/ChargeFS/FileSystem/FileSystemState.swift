@@ -408,15 +408,18 @@ final class StateKeeping: @unchecked Sendable {
             for f in free { e.u64(f.ino.rawValue); e.u32(f.generation) }
             e.u64(nextBackingID)
             e.u64(UInt64(core.inodes.count))
-            for inode in core.inodes.all {
+            // In place: no array of every inode or of a directory's entries is built first.
+            try core.inodes.forEach { (inode: Inode) throws(StateError) in
                 // The whole map; its changed span stays (the next record repeats part of it:
                 // harmless, and nothing here may change the tree under the shared lock).
                 try encode(inode, pages: 0..<(Int.max >> 1), into: &e)
                 if let d = inode.directory {
                     e.u64(d.cookieCounter)
-                    let entries = d.liveEntries
-                    e.u64(UInt64(entries.count))
-                    for entry in entries { e.blob(entry.name); e.u64(entry.ino.rawValue); e.u64(entry.cookie) }
+                    e.u64(UInt64(d.liveCount))
+                    d.forEach(from: 0) { entry in
+                        e.blob(entry.name); e.u64(entry.ino.rawValue); e.u64(entry.cookie)
+                        return true
+                    }
                 }
             }
             var kept = 0

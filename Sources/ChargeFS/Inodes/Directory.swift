@@ -83,6 +83,9 @@ final class Directory {
     /// Live entries in cookie order.
     var liveEntries: [Entry] { entries.filter { $0.ino != 0 } }
 
+    /// How many live entries there are (without `liveEntries`' copy).
+    var liveCount: Int { index.count }
+
     private func compact() {
         entries.removeAll { $0.ino == 0 }
         tombstones = 0
