@@ -177,10 +177,12 @@ do {
     guard second.storedBytes().used == used else { fail("pages in use \(second.storedBytes().used) after the takeover, \(used) before") }
     print("rebuild from the journal alone (\(second.takeover?.transactions ?? 0) transactions): \(fixed(fromJournal * 1000)) ms, CPU \(fixed(fromJournalCPU * 1000)) ms")
 
+    cpu = cpuNow()
     second.checkpointNow()
+    let checkpointCPU = cpuNow() - cpu
     let figures = second.checkpointFigures
     let checkpointBytes = (try stateFiles(keeper).activeCheckpoint()?.bytes.count) ?? 0
-    print("checkpoint (under the shared lock): \(fixed(Double(figures.lastNanoseconds) / 1e6)) ms, \(checkpointBytes / 1024) KiB")
+    print("checkpoint (under the shared lock): \(fixed(Double(figures.lastNanoseconds) / 1e6)) ms, CPU \(fixed(checkpointCPU * 1000)) ms, \(checkpointBytes / 1024) KiB")
     fs = second
     fs = nil
     t = now()
