@@ -333,10 +333,17 @@ final class StateKeeping: @unchecked Sendable {
             e.patch(n, at: countAt)
             return
         }
-        var held: [(Int, UInt32)] = []
-        inode.pages.forEach { i, page in if pages.contains(i) { held.append((i, page)) } }
-        e.u32(UInt32(held.count))
-        for (i, page) in held { e.u64(UInt64(i)); e.u32(page) }
+        // A large span (a checkpoint's whole map, a truncate's tail): the map's pages in it,
+        // written as found (no array per inode), the count filled in after.
+        let countAt = e.count
+        e.u32(0)
+        var n: UInt32 = 0
+        if inode.pages.count > 0 {
+            inode.pages.forEach { i, page in
+                if pages.contains(i) { e.u64(UInt64(i)); e.u32(page); n += 1 }
+            }
+        }
+        e.patch(n, at: countAt)
     }
 
     /// A write's record (kind 6): what a write changes beside the data, its mode (setuid and
@@ -381,10 +388,9 @@ final class StateKeeping: @unchecked Sendable {
         let start = timespec.now
         do throws(StateError) {
             forgetAfterPublish.removeAll(keepingCapacity: true)
-            let snapshot = try snapshot(core)
-            defer { withExtendedLifetime(snapshot) {} }  // its bytes are read through a pointer
-            try files.checkpoint(snapshot.bytes)
-            lastCheckpointBytes = snapshot.count
+            lastCheckpointBytes = try files.writeCheckpoint { (e: inout StateEncoder) throws(StateError) in
+                try encodeSnapshot(core, into: &e)
+            }
             for id in forgetAfterPublish { keeper.forget(.backingFile(id)) }
         } catch {
             fail(error)
@@ -398,41 +404,37 @@ final class StateKeeping: @unchecked Sendable {
 
     /// Every inode (with its whole page map and a directory's entries), the table's free
     /// numbers, the backing file ids and the last answers.
-    func snapshot(_ core: FileSystemCore) throws(StateError) -> StateWriter {
-        let w = StateWriter(capacity: max(4096, core.inodes.count * 160))
-        try w.encode { (e: inout StateEncoder) throws(StateError) in
-            e.u64(StateFiles.version)
-            e.u64(UInt64(core.inodes.slotCount))
-            let free = core.inodes.freeList
-            e.u64(UInt64(free.count))
-            for f in free { e.u64(f.ino.rawValue); e.u32(f.generation) }
-            e.u64(nextBackingID)
-            e.u64(UInt64(core.inodes.count))
-            // In place: no array of every inode or of a directory's entries is built first.
-            try core.inodes.forEach { (inode: Inode) throws(StateError) in
-                // The whole map; its changed span stays (the next record repeats part of it:
-                // harmless, and nothing here may change the tree under the shared lock).
-                try encode(inode, pages: 0..<(Int.max >> 1), into: &e)
-                if let d = inode.directory {
-                    e.u64(d.cookieCounter)
-                    e.u64(UInt64(d.liveCount))
-                    d.forEach(from: 0) { entry in
-                        e.blob(entry.name); e.u64(entry.ino.rawValue); e.u64(entry.cookie)
-                        return true
-                    }
+    func encodeSnapshot(_ core: FileSystemCore, into e: inout StateEncoder) throws(StateError) {
+        e.u64(StateFiles.version)
+        e.u64(UInt64(core.inodes.slotCount))
+        let free = core.inodes.freeList
+        e.u64(UInt64(free.count))
+        for f in free { e.u64(f.ino.rawValue); e.u32(f.generation) }
+        e.u64(nextBackingID)
+        e.u64(UInt64(core.inodes.count))
+        // In place: no array of every inode or of a directory's entries is built first.
+        try core.inodes.forEach { (inode: Inode) throws(StateError) in
+            // The whole map; its changed span stays (the next record repeats part of it:
+            // harmless, and nothing here may change the tree under the shared lock).
+            try encode(inode, pages: 0..<(Int.max >> 1), into: &e)
+            if let d = inode.directory {
+                e.u64(d.cookieCounter)
+                e.u64(UInt64(d.liveCount))
+                d.forEach(from: 0) { entry in
+                    e.blob(entry.name); e.u64(entry.ino.rawValue); e.u64(entry.cookie)
+                    return true
                 }
             }
-            var kept = 0
-            forEachApplied { _, _ in kept += 1 }
-            e.u64(UInt64(kept))
-            forEachApplied { unique, answer in
-                e.u64(unique)
-                answer.encode(into: &e)
-            }
-            Self.writeTargets(core.store.targetKeys, into: &e)
         }
+        var kept = 0
+        forEachApplied { _, _ in kept += 1 }
+        e.u64(UInt64(kept))
+        forEachApplied { unique, answer in
+            e.u64(unique)
+            answer.encode(into: &e)
+        }
+        Self.writeTargets(core.store.targetKeys, into: &e)
         recordedTargetsGeneration = core.store.targetsGeneration
-        return w
     }
 }
 

@@ -58,6 +58,7 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
     }
 
     deinit {
+        for room in slotRooms { if let room { munmap(room.base, Self.journalReserve) } }
         spill?.deallocate()
         munmap(base, Self.journalReserve)
         close(journal.rawValue)
@@ -129,7 +130,7 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
         }
     }
 
-    private static func map(_ fd: Int32) throws(StateError) -> UnsafeMutableRawPointer {
+    static func map(_ fd: Int32) throws(StateError) -> UnsafeMutableRawPointer {
         // The whole reserve: the file grows into it without a remap (touching past the file's
         // end would be SIGBUS, so `append` grows the file first).
         let mapped = mmap(nil, journalReserve, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
@@ -321,6 +322,12 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
             guard n > 0 else { throw .system("pwrite", errno) }
             done += n
         }
+        publishCheckpoint(slot: slot, active: active, bytes)
+    }
+
+    /// The slot's descriptor, then the active word switched to it (release), then the journal
+    /// restarted (see the type's comment for a crash between any two).
+    private func publishCheckpoint(slot: Int, active: UInt64, _ bytes: UnsafeRawBufferPointer) {
         let seq = nextSeq - 1
         word(32 + slot * 24).pointee = seq
         word(40 + slot * 24).pointee = UInt64(bytes.count)
@@ -331,8 +338,82 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
         appendAt = 0
     }
 
+    /// Each checkpoint slot's mapping, made at its first `writeCheckpoint`.
+    private var slotRooms: [SlotRoom?] = [nil, nil]
+
+    /// Writes a checkpoint as `checkpoint(_:)` does, but encoded by `body` straight into the
+    /// inactive slot's memfd through a mapping: no heap buffer (fresh pages, each faulted in,
+    /// then copied by pwrite) and the slot's pages, allocated by an earlier checkpoint, reused.
+    /// Returns its size.
+    func writeCheckpoint(_ body: (inout StateEncoder) throws(StateError) -> Void) throws(StateError) -> Int {
+        let active = cfuse_load_acquire_u64(word(24))
+        let slot = active == 0 ? 0 : Int((active & 1) ^ 1)
+        let room: SlotRoom
+        if let made = slotRooms[slot] {
+            room = made
+        } else {
+            room = SlotRoom(fd: checkpoints[slot].rawValue, base: try Self.map(checkpoints[slot].rawValue))
+            slotRooms[slot] = room
+        }
+        try room.start()
+        var e = StateEncoder(base: room.base, capacity: room.allocated, room: room)
+        try body(&e)
+        if let failure = room.failure { throw failure }
+        publishCheckpoint(slot: slot, active: active, e.bytes)
+        return e.count
+    }
+
     /// Test hook: the journal's bytes after the header, to tear a transaction.
     public func withJournalBytes<T>(_ body: (UnsafeMutableRawBufferPointer) -> T) -> T {
         body(UnsafeMutableRawBufferPointer(start: base + Self.headerBytes, count: tail))
+    }
+}
+
+/// A checkpoint slot's memfd as a `StateRoom`: mapped like the journal (64 GiB of address space
+/// reserved, MADV_DONTDUMP), grown by fallocate and populated; its pages stay allocated for the
+/// next checkpoint into the same slot (the file is not truncated: the descriptor's length says
+/// how much is the checkpoint).
+final class SlotRoom: StateRoom {
+    let fd: Int32
+    let base: UnsafeMutableRawPointer
+    private(set) var allocated = 0
+    private(set) var failure: StateError?
+    private var spill: UnsafeMutableRawPointer?
+
+    init(fd: Int32, base: UnsafeMutableRawPointer) {
+        self.fd = fd
+        self.base = base
+    }
+
+    deinit { spill?.deallocate() }
+
+    /// Before each checkpoint: the file's size as it is now (a test, or `checkpoint(_:)`,
+    /// may have truncated it; stores past it would be SIGBUS).
+    func start() throws(StateError) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .system("fstat", errno) }
+        allocated = Int(st.st_size)
+        failure = nil
+    }
+
+    func grow(_ at: UnsafeMutableRawPointer, used: Int, needed: Int) -> (base: UnsafeMutableRawPointer, capacity: Int) {
+        if failure == nil, at == base {
+            var size = max(allocated, 1 << 20)
+            while size < needed { size += min(size, 64 << 20) }
+            if size <= StateFiles.journalReserve,
+               cfuse_fallocate(fd, 0, Int64(allocated), Int64(size - allocated)) == 0 {
+                _ = cfuse_madvise(base + allocated, size - allocated, Int32(CFUSE_MADV_POPULATE_WRITE))
+                allocated = size
+                return (base, size)
+            }
+            failure = size > StateFiles.journalReserve ? .unsupported("a checkpoint past \(StateFiles.journalReserve) bytes")
+                                                       : .system("fallocate", errno)
+        }
+        // Out of room: the bytes go to the heap and the checkpoint fails.
+        let bigger = UnsafeMutableRawPointer.allocate(byteCount: needed, alignment: 16)
+        bigger.copyMemory(from: at, byteCount: used)
+        spill?.deallocate()
+        spill = bigger
+        return (bigger, needed)
     }
 }
