@@ -499,11 +499,18 @@ public final class FileSystem: Sendable {
            case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
             return WriteResult(written: count, modeChanged: modeChanged)
         }
+        // A write may drop security.capability: a file that had xattrs before it gets a whole
+        // record (the write's narrow one leaves xattrs out, and the successor would keep the
+        // capability). Set by the round that stores (an earlier round stores nothing).
+        var hadXattrs = false
         let result = try charging(by: caller, commit: { c, result in
-            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.data(ino) }
+            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { change in
+                if hadXattrs { change.inode(ino) } else { change.data(ino) }
+            }
         }) { c, supply throws(Errno) in
-            try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
-                        wholeOrNothing: wholeOrNothing, supply: supply)
+            if c.keeping != nil { hadXattrs = c.inodes[ino]?.xattrs != nil }
+            return try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
+                               wholeOrNothing: wholeOrNothing, supply: supply)
         }
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.

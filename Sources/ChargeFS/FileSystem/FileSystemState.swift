@@ -347,8 +347,9 @@ final class StateKeeping: @unchecked Sendable {
     }
 
     /// A write's record (kind 6): what a write changes beside the data, its mode (setuid and
-    /// setgid cleared), size and times, and the span of its page map. Only for a file with no
-    /// xattrs (a write may drop security.capability) and no backing file: others get a whole one.
+    /// setgid cleared), size and times, and the span of its page map. Only for a file that had
+    /// no xattrs before the write (a write may drop security.capability: `FileSystem.write`
+    /// names such a file whole) and has no backing file: others get a whole one.
     private func encodeData(_ inode: Inode, into e: inout StateEncoder) {
         let p = e.take(45)
         p.put(UInt8(6), at: 0)
