@@ -42,13 +42,18 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
         userdata.map { Unmanaged<FuseSession>.fromOpaque($0).takeUnretainedValue() }
     }
 
+    /// A successor's: the passthrough registrations the kernel still holds for this connection
+    /// (`FileSystem.passthroughRegistrations`); set before the INIT replay.
+    var adoptedPassthrough: [InodeNumber: (id: Int32, opens: UInt32)]?
+
     /// Where backing files are registered for passthrough; nil until INIT took passthrough.
     private(set) var passthrough: PassthroughRegistry?
 
     /// INIT took FUSE passthrough: large read-only opens may now be handed to the kernel.
     override func passthroughNegotiated() {
         guard let handle, let device = PassthroughRegistry.Device(sessionFD: fuse_session_fd(handle)) else { return }
-        passthrough = PassthroughRegistry(device: device)
+        // A successor takes over the backing ids its predecessor registered on this connection.
+        passthrough = adoptedPassthrough.map { PassthroughRegistry(device: device, adopting: $0) } ?? PassthroughRegistry(device: device)
         fileSystem.noteKernelPassthrough(true)
     }
 

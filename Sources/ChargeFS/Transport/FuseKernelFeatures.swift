@@ -23,6 +23,9 @@ final class FuseKernelFeatures {
     /// by the one thread that reads INIT, before any other request exists.
     private var initRequest: (unique: UInt64, flags: UInt64)?
     private var initPatched = false
+    private var initReplySeen = false
+    /// The INIT request as the kernel sent it (a successor replays it); nil before INIT.
+    private(set) var initRequestBytes: [UInt8]?
     /// Whether the kernel took the handover: then all clearing is ours.
     private(set) var granted = false
 
@@ -47,9 +50,15 @@ final class FuseKernelFeatures {
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
             guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
+            let answersInit = session.features.isFirstInitReply(iov, Int(count))
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
+            if session.dropsReplies {
+                // A successor's replayed INIT: the kernel had its answer from the first server.
+                return (0..<Int(count)).reduce(0) { $0 + iov[$1].iov_len }
+            }
             let written = Glibc.writev(fd, iov, count)
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
+            if answersInit, written >= 0, let request = session.features.initRequestBytes { session.initAnswered?(request) }
             return written
         }
         return fuse_session_custom_io(handle, &io, fd ?? fuse_session_fd(handle)) == 0
@@ -86,6 +95,7 @@ final class FuseKernelFeatures {
                         flags |= UInt64(input.flags2) << 32
                     }
                     initRequest = (header.unique, flags)
+                    initRequestBytes = Array(UnsafeRawBufferPointer(start: request, count: length))
                 }
             default: break
             }
@@ -95,6 +105,26 @@ final class FuseKernelFeatures {
             thread.unique = unique
             thread.opcode = opcode
         }
+    }
+
+    /// Whether this reply answers INIT (the first time only): its request is then saved for a
+    /// successor, once the kernel has taken the reply.
+    fileprivate func isFirstInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
+        guard let initRequest, !initReplySeen, count >= 1, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size,
+              let header = iov[0].iov_base else { return false }
+        let out = header.loadUnaligned(as: fuse_out_header.self)
+        guard out.unique == initRequest.unique, out.error == 0 else { return false }
+        initReplySeen = true
+        return true
+    }
+
+    /// FUSE_HAS_RESEND (7.40, Linux 6.9+), in flags2: the kernel takes FUSE_NOTIFY_RESEND.
+    static let hasResend: UInt64 = 1 << 39
+
+    /// Whether the INIT request offered FUSE_HAS_RESEND.
+    var kernelOffersResend: Bool {
+        let needed = Self.hasResend | UInt64(FUSE_INIT_EXT)
+        return (initRequest?.flags ?? 0) & needed == needed
     }
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
