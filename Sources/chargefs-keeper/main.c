@@ -16,7 +16,8 @@
 // successor says it cannot take over (exit 75), it logs why, aborts the connection
 // (/sys/fs/fuse/connections/N/abort: callers get ENOTCONN instead of waiting forever) and exits 1.
 //
-// usage (by chargefsd only): chargefs-keeper SOCKFD SERVERPID [--detached] -- CHARGEFSD ARGS...
+// usage (by chargefsd only): chargefs-keeper SOCKFD SERVERPID MAX [--detached] -- CHARGEFSD ARGS...
+// (MAX: successors allowed in 60 s)
 #define _GNU_SOURCE
 #include "CKeeper.h"
 #include <errno.h>
@@ -35,7 +36,9 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
-enum { MAX_SUCCESSORS = 5, WINDOW_S = 60, EXIT_CANNOT_TAKE_OVER = 75 };
+enum { MAX_SUCCESSORS_LIMIT = 1000, WINDOW_S = 60, EXIT_CANNOT_TAKE_OVER = 75 };
+/* Successors allowed in WINDOW_S seconds (-o takeover_max=N, default 5). */
+static unsigned max_successors = 5;
 
 struct held { uint32_t kind; uint64_t id; int fd; };
 static struct held *files;
@@ -196,10 +199,13 @@ static int hand_over(int sock, unsigned takeovers) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 5) return 2;
+    if (argc < 6) return 2;
     int sock = atoi(argv[1]);
     pid_t server = (pid_t)atoi(argv[2]);
-    int a = 3;
+    long max = atol(argv[3]);
+    if (max < 1 || max > MAX_SUCCESSORS_LIMIT) return 2;
+    max_successors = (unsigned)max;
+    int a = 4;
     if (a < argc && !strcmp(argv[a], "--detached")) { use_syslog = 1; a++; }
     if (a >= argc || strcmp(argv[a], "--")) return 2;
     a++;
@@ -223,7 +229,7 @@ int main(int argc, char **argv) {
     sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    double starts[MAX_SUCCESSORS + 1];
+    double starts[MAX_SUCCESSORS_LIMIT + 1];
     unsigned nstarts = 0, takeovers = 0;
     double died_ms = 0;
     int pidfd = (int)syscall(SYS_pidfd_open, server, 0);
@@ -271,8 +277,8 @@ int main(int argc, char **argv) {
         unsigned recent = 0;
         for (unsigned i = 0; i < nstarts; i++) if (died_ms - starts[i] < WINDOW_S * 1e3) starts[recent++] = starts[i];
         nstarts = recent;
-        if (nstarts >= MAX_SUCCESSORS) {
-            say("server %d %s; %d successors in the last %d s died too: giving up", (int)server, cause, MAX_SUCCESSORS, WINDOW_S);
+        if (nstarts >= max_successors) {
+            say("server %d %s; %u successors in the last %d s died too: giving up", (int)server, cause, max_successors, WINDOW_S);
             abort_connection();
             return 1;
         }

@@ -47,7 +47,7 @@ enum Takeover {
         guard access(keeperPath, X_OK) == 0 else {
             throw Daemon.StartFailure("takeover: the keeper \(keeperPath) is missing or not executable (install \(keeperProgram) next to chargefsd)")
         }
-        var argv = [keeperPath, "%SOCK%", "%PID%"]
+        var argv = [keeperPath, "%SOCK%", "%PID%", String(options.takeoverMax)]
         if !options.foreground { argv.append("--detached") }
         argv += ["--", exe] + CommandLine.arguments.dropFirst()
         var cArgs = argv.map { strdup($0) }

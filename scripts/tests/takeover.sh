@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# -o takeover: a chargefsd killed with SIGKILL is replaced by a successor its keeper starts, and
+# nothing is lost (issue 21; docs/takeover.md). Root only; Linux 6.9+ for the resend (this host
+# is 6.18). Tests:
+#   kill_loop     10 kills of the serving process: files, modes, owners, times, xattrs,
+#                 symlinks, hard links, a sparse file and a 2 MiB passthrough file identical
+#                 after each (a stat/checksum listing made before); a descriptor opened before
+#                 the kills reads and writes after each; an appending writer running through
+#                 the kills sees no error and loses or repeats no line; after unmount no
+#                 chargefsd or keeper is left and the keeper exited 0
+#   charge        memcg= target (this host: cgroup v1): the target's usage unchanged within
+#                 1 MiB over 5 kills; after rm and unmount back near its baseline, no process
+#                 left in it, no leaf left below it
+#   crash_loop    a test hook (CHARGEFS_TEST_SUCCESSOR_DIES) makes every successor die: the
+#                 keeper stops after 5 successors, aborts the connection, and a stat answers
+#                 ENOTCONN within 30 s instead of hanging; the keeper exits 1 and says why
+#   kill_10k      10,000 files, 5 kills: time from each kill to the first answered request
+#                 (a LOOKUP), and the successor's own start as the keeper logs it (printed)
+# Usage: scripts/tests/takeover.sh [TEST...] | --list     Env: CHARGEFSD, CFS_TEST_TIMEOUT (180)
+# Prints "N passed, N failed"; exit non-zero when any failed.
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+TESTS=(kill_loop charge crash_loop kill_10k)
+
+new_env() {
+  cfs_new_env cfstakeover
+}
+
+# server_pid: the serving chargefsd (the keeper's child; the keeper is the pid we started).
+server_pid() { pgrep -P "$CFS_PID" -x chargefsd | head -1; }
+
+# kill_and_time N: SIGKILL to the server; once it is dead, a LOOKUP of a new name; prints the
+# milliseconds from the kill to its answer (ENOENT), or fails.
+kill_and_time() {
+  local pid; pid=$(server_pid)
+  [ -n "$pid" ] || { log "  no server to kill"; return 1; }
+  "$CFS_PYTHON" - "$pid" "$MNT/.probe-$1" <<'PY'
+import os, select, signal, sys, time
+pid, probe = int(sys.argv[1]), sys.argv[2]
+signal.alarm(20)
+fd = os.pidfd_open(pid)
+t0 = time.monotonic()
+os.kill(pid, signal.SIGKILL)
+select.select([fd], [], [], 10)   # dead: whatever answers next is its successor
+try:
+    os.stat(probe)
+    sys.exit("the probe exists")
+except FileNotFoundError:
+    pass
+print("%.2f" % ((time.monotonic() - t0) * 1e3))
+PY
+}
+
+# listing: what must not change across a kill (atime aside: reads move it).
+listing() {
+  (cd "$MNT" && find . \( -name writer.log -o -name held -o -name '.probe-*' \) -prune -o \
+     -printf '%p %y %m %U %G %s %b %n %T@ %C@ %l\n' | sort
+   cd "$MNT" && find . -type f ! -name writer.log ! -name held -exec md5sum {} + | sort -k2
+   cd "$MNT" && getfattr -R -h -d -m '^user\.t' . 2>/dev/null)
+}
+
+populate() {
+  mkdir -m 0750 "$MNT/dir" "$MNT/dir/sub"
+  chmod 1777 "$MNT/dir/sub"
+  for i in $(seq 1 40); do printf 'file %d %s\n' "$i" "$RANDOM$RANDOM" > "$MNT/dir/f$i"; done
+  chmod 0640 "$MNT/dir/f1"; chmod 2755 "$MNT/dir/f2"; chmod 0400 "$MNT/dir/f3"
+  chown 1234:5678 "$MNT/dir/f4"; chown 65534:65534 "$MNT/dir/sub"
+  touch -m -d '2001-02-03 04:05:06.123456789' "$MNT/dir/f5"
+  setfattr -n user.t.one -v hello "$MNT/dir/f6"
+  setfattr -n user.t.two -v 0x00ff00 "$MNT/dir/f6"
+  setfattr -n user.t.dir -v onadir "$MNT/dir/sub"
+  ln -s f7 "$MNT/dir/link7"; ln -s /nowhere/at/all "$MNT/dir/dangling"
+  ln "$MNT/dir/f8" "$MNT/dir/sub/hard8"
+  truncate -s 64M "$MNT/sparse"
+  printf 'middle' | dd of="$MNT/sparse" bs=1 seek=$((10 * MiB)) conv=notrunc status=none
+  head -c $((2 * MiB)) /dev/urandom > "$SCR/big.src"
+  cp "$SCR/big.src" "$MNT/big"
+  mknod "$MNT/fifo" p
+}
+
+# The writer: appends numbered lines through one O_APPEND descriptor until $SCR/stop exists;
+# any error goes to $SCR/writer.err.
+start_writer() {
+  "$CFS_PYTHON" - "$MNT/writer.log" "$SCR/stop" "$SCR/writer.err" <<'PY' &
+import os, sys, time
+path, stop, err = sys.argv[1:4]
+try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    i = 0
+    while not os.path.exists(stop):
+        line = b"line %d\n" % i
+        if os.write(fd, line) != len(line):
+            raise OSError("short write at line %d" % i)
+        i += 1
+        time.sleep(0.002)
+    os.close(fd)
+except Exception as e:
+    open(err, "w").write("%s\n" % e)
+    sys.exit(1)
+PY
+  WRITER=$!
+}
+
+# held_check K: through fds 7 (read-write, opened before the kills) and 8 (read-only, the large
+# file: passthrough), a write and a read after kill K.
+held_check() {
+  "$CFS_PYTHON" - "$1" "$SCR/big.src" <<'PY'
+import hashlib, os, sys
+k = int(sys.argv[1])
+data = b"kill %04d\n" % k
+os.pwrite(7, data, k * len(data))
+assert os.pread(7, len(data), k * len(data)) == data, "fd 7 reads back what it wrote"
+want = hashlib.md5(open(sys.argv[2], "rb").read()).hexdigest()
+got = hashlib.md5(b"".join(os.pread(8, 1 << 20, off) for off in range(0, 2 << 20, 1 << 20))).hexdigest()
+assert got == want, "fd 8 (the large file, opened before) reads its bytes"
+PY
+}
+
+t_kill_loop() {
+  new_env
+  # 10 kills in a few seconds: more than the default bound of 5 successors in 60 s.
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20"
+  local keeper=$CFS_PID k ms before after bad=0 held_bad=0
+  populate
+  : > "$MNT/held"
+  exec 7<>"$MNT/held" 8<"$MNT/big"
+  start_writer
+  sleep 0.2
+  before=$(listing)
+  check "the listing has the tree ($(wc -l <<<"$before") lines)" ge "$(wc -l <<<"$before")" 90
+  for k in $(seq 1 10); do
+    ms=$(kill_and_time "$k") || { log "  kill $k: no answer"; bad=$((bad + 1)); continue; }
+    after=$(listing)
+    if [ "$after" != "$before" ]; then
+      bad=$((bad + 1)); log "  kill $k: the tree differs:"; diff <(echo "$before") <(echo "$after") | head -10 >&2 || true
+    fi
+    held_check "$k" || held_bad=$((held_bad + 1))
+    log "  kill $k: answered after $ms ms; server now $(server_pid)"
+    sleep 0.1
+  done
+  touch "$SCR/stop"
+  local wrc=0; wait "$WRITER" || wrc=$?
+  check "the tree identical after each of 10 kills" [ "$bad" = 0 ]
+  check "descriptors opened before the kills read and write after each" [ "$held_bad" = 0 ]
+  check "the writer saw no error ($(cat "$SCR/writer.err" 2>/dev/null || echo none))" [ "$wrc" = 0 ]
+  local lines; lines=$(wc -l < "$MNT/writer.log")
+  check "the writer's $lines lines are each there once, in order" "$CFS_PYTHON" -c "
+import sys
+got = open('$MNT/writer.log', 'rb').read().split(b'\n')[:-1]
+sys.exit(0 if got == [b'line %d' % i for i in range(len(got))] and len(got) > 100 else 1)"
+  check "10 takeovers in the keeper's log" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 10 ]
+  exec 7<&- 8<&-
+  local server; server=$(server_pid)
+  cfs_umount "$MNT" "$keeper"
+  local rc=0; wait "$keeper" 2>/dev/null || rc=$?
+  check "after unmount the keeper is gone" bash -c "! kill -0 $keeper 2>/dev/null"
+  check "and the last server ($server) too" bash -c "! kill -0 ${server:-0} 2>/dev/null"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+  check "no keeper left for this mount" [ -z "$(pgrep -f "chargefs-keeper.*$MNT" || true)" ]
+  sed 's/^/  | /' "$CFS_LOG" | tail -4 >&2
+}
+
+t_charge() {
+  new_env
+  cg_create "$T" $((256 * MiB))
+  local base; base=$(cg_usage "$T")
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20,memcg=$T"
+  local keeper=$CFS_PID k i
+  for i in $(seq 1 64); do head -c 65536 /dev/urandom > "$MNT/s$i"; done
+  head -c $((8 * MiB)) /dev/urandom > "$MNT/big"
+  exec 8<"$MNT/big"
+  local u0; u0=$(cg_usage "$T")
+  check "the target is charged for the files ($(fmt_mib $((u0 - base))))" ge $((u0 - base)) $((12 * MiB))
+  local sum0; sum0=$(cd "$MNT" && md5sum s* big | md5sum)
+  for k in $(seq 1 5); do
+    kill_and_time "$k" >/dev/null || log "  kill $k: no answer"
+    local u; u=$(cg_usage "$T")
+    log "  kill $k: target usage $(fmt_mib "$u") (before the kills $(fmt_mib "$u0"))"
+    check "kill $k: the target's usage unchanged within 1 MiB" near "$u" "$u0" "$MiB"
+  done
+  check "the files read back" [ "$(cd "$MNT" && md5sum s* big | md5sum)" = "$sum0" ]
+  # A write after the takeovers is charged through the successor's helper.
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/after"
+  local u1; u1=$(cg_usage "$T")
+  check "a 4 MiB write after the kills is charged to the target ($(fmt_mib $((u1 - u0))))" near $((u1 - u0)) $((4 * MiB)) "$MiB"
+  exec 8<&-
+  rm -f "$MNT"/s* "$MNT/big" "$MNT/after"
+  cfs_umount "$MNT" "$keeper"
+  local end; end=$(cg_usage "$T")
+  log "  baseline $(fmt_mib "$base"), after rm and unmount $(fmt_mib "$end")"
+  check "after rm and unmount the charge is back near its baseline" near "$end" "$base" "$MiB"
+  check "no process left in the target" [ -z "$(cat "$T"/cgroup.procs "$T"/*/cgroup.procs 2>/dev/null)" ]
+  check "no leaf left below the target" [ -z "$(find "$T" -mindepth 1 -maxdepth 1 -type d)" ]
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+}
+
+t_crash_loop() {
+  new_env
+  export CHARGEFS_TEST_SUCCESSOR_DIES=1   # successors only: the first server serves
+  cfs_mount "$MNT" "size=64m,takeover"
+  unset CHARGEFS_TEST_SUCCESSOR_DIES
+  local keeper=$CFS_PID
+  echo data > "$MNT/f"
+  local t0=$SECONDS
+  kill -9 "$(server_pid)"
+  local out rc=0
+  out=$(timeout 60 stat "$MNT/f" 2>&1) || rc=$?
+  local took=$((SECONDS - t0))
+  log "  stat after $took s: $out"
+  check "the stat ended (not a hang): exit $rc" [ "$rc" != 124 ]
+  check "with ENOTCONN" grep -q 'Transport endpoint is not connected' <<<"$out"
+  check "within 30 s" le "$took" 30
+  local krc=0; wait "$keeper" 2>/dev/null || krc=$?
+  check "the keeper exited 1" [ "$krc" = 1 ]
+  check "its log says it gave up after 5 successors (the default bound)" grep -q '5 successors in the last 60 s died too: giving up' "$CFS_LOG"
+  check "and that it aborted the connection" grep -q 'aborted the connection' "$CFS_LOG"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+  sed 's/^/  | /' "$CFS_LOG" | tail -3 >&2
+}
+
+t_kill_10k() {
+  new_env
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20"
+  local keeper=$CFS_PID k ms all=()
+  "$CFS_PYTHON" - "$MNT" <<'PY'
+import os, sys
+root = sys.argv[1]
+for d in range(100):
+    os.mkdir(f"{root}/d{d}")
+    for f in range(100):
+        with open(f"{root}/d{d}/f{f}", "wb") as h:
+            h.write(b"%d/%d\n" % (d, f))
+PY
+  check "10,000 files" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
+  for k in $(seq 1 5); do
+    ms=$(kill_and_time "$k") || { log "  kill $k: no answer"; continue; }
+    all+=("$ms")
+    sleep 0.3
+  done
+  log "  kill to first answer at 10,000 files (ms): ${all[*]}"
+  log "  successors as the keeper saw them:"
+  grep 'serves,' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  grep 'takeover: pid' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  check "5 kills answered" [ "${#all[@]}" = 5 ]
+  check "the files are all there after the kills" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
+  check "and read back" [ "$(cat "$MNT/d42/f17")" = "42/17" ]
+  cfs_umount "$MNT" "$keeper"
+}
+
+test_main "takeover tests" 180 "$@"
