@@ -129,14 +129,38 @@ static int handle(int *sock, pid_t server, double started_ms) {
     return 1;
 }
 
-static void abort_connection(void) {
-    uint64_t dev;
-    if (!get_value(CKEEPER_CONN_DEV, &dev)) { say("no connection number known: nothing to abort"); return; }
-    char path[96];
-    snprintf(path, sizeof path, "/sys/fs/fuse/connections/%llu/abort", (unsigned long long)dev);
+/* The connection's abort file: /sys/fs/fuse/connections/N/abort where fusectl is mounted there,
+   else through a private fusectl mount of our own (fsopen + fsmount: attached nowhere, gone with
+   the fd), so the host's mounts are never changed. -1 with errno when neither works. */
+static int open_abort_file(unsigned long long conn) {
+    char rel[48], path[96];
+    snprintf(rel, sizeof rel, "%llu/abort", conn);
+    snprintf(path, sizeof path, "/sys/fs/fuse/connections/%s", rel);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || write(fd, "1", 1) != 1) say("cannot abort the connection (%s): %s", path, strerror(errno));
-    else say("aborted the connection (%s): callers now get ENOTCONN; unmount it", path);
+    if (fd >= 0 || errno != ENOENT) return fd;
+    int fs = (int)syscall(SYS_fsopen, "fusectl", 1 /* FSOPEN_CLOEXEC */);
+    if (fs < 0) return -1;
+    int mnt = -1;
+    if (syscall(SYS_fsconfig, fs, 6 /* FSCONFIG_CMD_CREATE */, NULL, NULL, 0) == 0)
+        mnt = (int)syscall(SYS_fsmount, fs, 1 /* FSMOUNT_CLOEXEC */, 0);
+    int e = errno;
+    close(fs);
+    if (mnt < 0) { errno = e; return -1; }
+    fd = openat(mnt, rel, O_WRONLY | O_CLOEXEC);
+    e = errno;
+    close(mnt);
+    errno = e;
+    return fd;
+}
+
+static void abort_connection(void) {
+    uint64_t conn;
+    if (!get_value(CKEEPER_CONN_DEV, &conn)) { say("no connection number known: the mount ends when this keeper exits"); return; }
+    int fd = open_abort_file((unsigned long long)conn);
+    if (fd < 0 || write(fd, "1", 1) != 1)
+        say("cannot abort connection %llu (%s): it ends when this keeper exits", (unsigned long long)conn, strerror(errno));
+    else
+        say("aborted connection %llu: callers now get ENOTCONN; unmount it", (unsigned long long)conn);
     if (fd >= 0) close(fd);
 }
 

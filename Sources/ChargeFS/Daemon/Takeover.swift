@@ -180,6 +180,14 @@ enum Takeover {
         let report = fs.takeover.map { "\($0.inodes) inodes, \($0.transactions) transactions after checkpoint \($0.checkpointSeq)" } ?? ""
         Log.line("takeover: pid \(getpid()) serves (takeover \(keeper.values[UInt32(CKEEPER_TAKEOVERS)] ?? 0)): \(report); "
                  + "tree rebuilt in \((rebuilt - started) / 1000) ms, serving \((serving - started) / 1000) ms after start; \(resent)")
+        // The next successor should not replay this one's journal again: a checkpoint, taken
+        // while requests are served (under the shared lock: reads go on, changes wait for it),
+        // a second after serving starts, so that the requests waiting now are answered first.
+        runDetached {
+            var pause = timespec(tv_sec: 1, tv_nsec: 0)
+            nanosleep(&pause, nil)
+            fs.checkpointNow()
+        }
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Daemon.maxWorkers, Daemon.stuckMs)
         if status == SIGTERM || status == SIGINT || status == SIGHUP {
             // Asked to stop: unmount as the first server would have (its libfuse knew the mountpoint).
@@ -188,6 +196,27 @@ enum Takeover {
             }
         }
         return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1
+    }
+
+    private final class Work: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+
+    /// Runs `body` on a thread of its own (detached); runs it here if no thread can be made.
+    static func runDetached(_ body: @escaping @Sendable () -> Void) {
+        let work = Unmanaged.passRetained(Work(body)).toOpaque()
+        var thread = pthread_t()
+        let made = pthread_create(&thread, nil, { arg in
+            guard let arg else { return nil }
+            Unmanaged<Work>.fromOpaque(arg).takeRetainedValue().body()
+            return nil
+        }, work)
+        if made == 0 {
+            pthread_detach(thread)
+        } else {
+            Unmanaged<Work>.fromOpaque(work).takeRetainedValue().body()
+        }
     }
 
     /// The tree a dead server kept, on its arena, with a new charger (a helper in the target:
