@@ -16,13 +16,19 @@
 #                 ENOTCONN within 30 s instead of hanging; the keeper exits 1 and says why
 #   kill_10k      10,000 files, 5 kills: time from each kill to the first answered request
 #                 (a LOOKUP), and the successor's own start as the keeper logs it (printed)
+#   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
+#                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
+#                 after it applied the request and before its reply; the kernel resends it to the
+#                 successor, which answers what the first would have: open(O_CREAT|O_EXCL)
+#                 succeeds (no EEXIST for its own file), rm succeeds (no ENOENT), mv succeeds,
+#                 mkdir succeeds; the tree is as after one application
 # Usage: scripts/tests/takeover.sh [TEST...] | --list     Env: CHARGEFSD, CFS_TEST_TIMEOUT (180)
 # Prints "N passed, N failed"; exit non-zero when any failed.
 set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k)
+TESTS=(kill_loop charge crash_loop kill_10k kill_create_excl kill_unlink kill_rename kill_mkdir)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -251,6 +257,70 @@ PY
   check "the files are all there after the kills" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
   check "and read back" [ "$(cat "$MNT/d42/f17")" = "42/17" ]
   cfs_umount "$MNT" "$keeper"
+}
+
+# kill_op OP COMMAND...: mounts with the kill hook armed for OP, runs COMMAND (which must
+# succeed although the server died answering it), and checks a takeover happened.
+kill_op() {
+  local op=$1; shift
+  new_env
+  mkdir -p "$MNT"
+  export CHARGEFS_TEST_KILL_BEFORE_REPLY=$op
+  cfs_mount "$MNT" "size=64m,takeover"
+  unset CHARGEFS_TEST_KILL_BEFORE_REPLY
+  KEEPER=$CFS_PID
+  PREP_DONE=1
+}
+
+resent_ok() {
+  check "the server died before answering, and one successor took over" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 1 ]
+  check "the successor asked for the resend" grep -q 'resend asked' "$CFS_LOG"
+  cfs_umount "$MNT" "$KEEPER"
+}
+
+t_kill_create_excl() {
+  kill_op create
+  local out rc=0
+  out=$("$CFS_PYTHON" -c "
+import os, sys
+fd = os.open('$MNT/new', os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o640)
+os.write(fd, b'mine')
+os.close(fd)" 2>&1) || rc=$?
+  check "open(O_CREAT|O_EXCL) succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "the file holds what was written" [ "$(cat "$MNT/new" 2>/dev/null)" = mine ]
+  check "with mode 0640" [ "$(stat -c %a "$MNT/new")" = 640 ]
+  check "one entry" [ "$(ls "$MNT" | wc -l)" = 1 ]
+  resent_ok
+}
+
+t_kill_unlink() {
+  kill_op unlink
+  echo x > "$MNT/gone"; echo y > "$MNT/stays"
+  local out rc=0
+  out=$(rm "$MNT/gone" 2>&1) || rc=$?
+  check "rm succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "the file is gone, the other stays" [ "$(ls "$MNT")" = stays ]
+  resent_ok
+}
+
+t_kill_rename() {
+  kill_op rename
+  echo moved > "$MNT/a"; echo other > "$MNT/c"
+  local out rc=0
+  out=$(mv "$MNT/a" "$MNT/b" 2>&1) || rc=$?
+  check "mv succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "a is gone, b holds its data" [ "$(ls "$MNT" | tr '\n' ' ')" = "b c " ] && [ "$(cat "$MNT/b")" = moved ]
+  resent_ok
+}
+
+t_kill_mkdir() {
+  kill_op mkdir
+  local out rc=0
+  out=$(mkdir -m 0710 "$MNT/dir" 2>&1) || rc=$?
+  check "mkdir succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "the directory is there with its mode" [ "$(stat -c %a "$MNT/dir")" = 710 ]
+  check "and holds nothing" [ -z "$(ls -A "$MNT/dir")" ]
+  resent_ok
 }
 
 test_main "takeover tests" 180 "$@"

@@ -12,13 +12,20 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
     init(fileSystem: FileSystem) {
         self.fileSystem = fileSystem
     }
+
+    /// -o takeover: servers this one's keeper started before it (0 for the first); nil without
+    /// takeover. Set before serving.
+    var takeovers: UInt64?
     /// The root's read-only attributes that the transport answers: the status (the tree's lines,
     /// then the transport's) and the requests by kind. nil for any other name.
     func transportAttribute(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8]? {
         guard ino == FileSystem.rootIno else { return nil }
         if name == FileSystem.requestsXattr { return Array(requests.text.utf8) }
         if name == FileSystem.statusXattr {
-            return try fileSystem.getxattr(ino, name: name) + Array("transport=\(transport)\n".utf8)
+            var text = "transport=\(transport)\n"
+            // -o takeover: who serves now, its keeper, and how many servers it replaced.
+            if let takeovers { text += "pid=\(getpid()) keeper=\(getppid()) takeovers=\(takeovers)\n" }
+            return try fileSystem.getxattr(ino, name: name) + Array(text.utf8)
         }
         return nil
     }

@@ -70,6 +70,7 @@ enum Takeover {
         /// /dev/fuse (the same open file), the connection's number and the arena's backing.
         func start(_ fuse: FuseSession, session: OpaquePointer, mountpoint: String) -> Bool {
             let state = self.state
+            fuse.takeovers = 0
             fuse.initAnswered = { request in
                 do throws(StateError) { try state.saveInit(request) } catch { Log.line("takeover: cannot save INIT: \(error)") }
             }
@@ -115,6 +116,8 @@ enum Takeover {
     static func serveAsSuccessor(options: MountOptions, target: CgroupTarget?) -> Int32 {
         let started = monotonicMicroseconds()
         if getenv(testSuccessorDies) != nil { kill(getpid(), SIGKILL) }
+        // The per-opcode kill hook kills the first server only (read once, at the first request).
+        unsetenv(FuseKernelFeatures.killBeforeReplyVariable)
         if !options.foreground { Log.detach() }
         let keeper: ProcessKeeper
         do throws(StateError) {
@@ -154,6 +157,7 @@ enum Takeover {
         fuse.features.wantsPassthrough = options.fileSystemConfig.passthroughMinBytes != nil
         fuse.features.offerDirectIOMmap = CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease())
         fuse.adoptedPassthrough = fs.passthroughRegistrations
+        fuse.takeovers = keeper.values[UInt32(CKEEPER_TAKEOVERS)] ?? 0
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             Log.line("takeover: cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1

@@ -50,6 +50,8 @@ final class FuseKernelFeatures {
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
             guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
+            // Test hook: the request was applied (and its record published), its answer not sent.
+            if FuseKernelFeatures.killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
             let answersInit = session.features.isFirstInitReply(iov, Int(count))
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
             if session.dropsReplies {
@@ -101,6 +103,9 @@ final class FuseKernelFeatures {
             }
         }
         if let thread = HandlingThread.current {
+            if Self.killBeforeReply != 0 {
+                thread.killBeforeReply = opcode == Self.killBeforeReply || (Self.killBeforeReply == FUSE_RENAME.rawValue && opcode == FUSE_RENAME2.rawValue)
+            }
             thread.clearsSetID = clears
             thread.unique = unique
             thread.opcode = opcode
@@ -126,6 +131,21 @@ final class FuseKernelFeatures {
         let needed = Self.hasResend | UInt64(FUSE_INIT_EXT)
         return (initRequest?.flags ?? 0) & needed == needed
     }
+
+    /// Test hook (scripts/tests/takeover.sh, per-opcode kills): CHARGEFS_TEST_KILL_BEFORE_REPLY=
+    /// create|unlink|rename|mkdir makes the server SIGKILL itself after it applied the first such
+    /// request and before its reply is written (rename: RENAME2 too). A successor unsets it.
+    static let killBeforeReplyVariable = "CHARGEFS_TEST_KILL_BEFORE_REPLY"
+    nonisolated(unsafe) static let killBeforeReply: UInt32 = {
+        guard let value = getenv(killBeforeReplyVariable) else { return 0 }
+        switch String(cString: value) {
+        case "create": return FUSE_CREATE.rawValue
+        case "unlink": return FUSE_UNLINK.rawValue
+        case "rename": return FUSE_RENAME.rawValue
+        case "mkdir": return FUSE_MKDIR.rawValue
+        default: return 0
+        }
+    }()
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
     static let addedFlags = UInt64(FUSE_HANDLE_KILLPRIV_V2) | directIOAllowMmap
