@@ -101,7 +101,7 @@ try:
         if os.write(fd, line) != len(line):
             raise OSError("short write at line %d" % i)
         i += 1
-        time.sleep(0.002)
+        time.sleep(0.0002)
     os.close(fd)
 except Exception as e:
     open(err, "w").write("%s\n" % e)
@@ -144,7 +144,9 @@ t_kill_loop() {
       bad=$((bad + 1)); log "  kill $k: the tree differs:"; diff <(echo "$before") <(echo "$after") | head -10 >&2 || true
     fi
     held_check "$k" || held_bad=$((held_bad + 1))
-    log "  kill $k: answered after $ms ms; server now $(server_pid)"
+    local st; st=$(getfattr --only-values -n user.chargefs.status "$MNT" 2>/dev/null | grep '^pid=' || true)
+    log "  kill $k: answered after $ms ms; $st"
+    [ "${st%% *}" = "pid=$(server_pid)" ] || { log "  the status names another pid than the server's"; bad=$((bad + 1)); }
     sleep 0.1
   done
   touch "$SCR/stop"

@@ -24,7 +24,7 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
         if name == FileSystem.statusXattr {
             var text = "transport=\(transport)\n"
             // -o takeover: who serves now, its keeper, and how many servers it replaced.
-            if let takeovers { text += "pid=\(getpid()) keeper=\(getppid()) takeovers=\(takeovers)\n" }
+            if let takeovers { text += "pid=\(getpid()) keeper=\(getppid()) takeovers=\(takeovers) resent=\(features.resent.load(ordering: .relaxed))\n" }
             return try fileSystem.getxattr(ino, name: name) + Array(text.utf8)
         }
         return nil

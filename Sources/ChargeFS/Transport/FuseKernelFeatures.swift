@@ -1,6 +1,7 @@
 import CFuse
 import CFuseTransport
 import Glibc
+import Synchronization
 
 /// Two features of the kernel's FUSE protocol that libfuse 3.14 (FUSE 7.31 in its own headers)
 /// cannot negotiate, added to the session through its custom I/O hooks on /dev/fuse:
@@ -26,6 +27,10 @@ final class FuseKernelFeatures {
     private var initReplySeen = false
     /// The INIT request as the kernel sent it (a successor replays it); nil before INIT.
     private(set) var initRequestBytes: [UInt8]?
+    /// Requests the kernel resent to this server (FUSE_NOTIFY_RESEND after a takeover: bit 63
+    /// of unique), for the status attribute.
+    let resent = Atomic<Int>(0)
+    static let resentBit: UInt64 = 1 << 63
     /// Whether the kernel took the handover: then all clearing is ours.
     private(set) var granted = false
 
@@ -77,6 +82,7 @@ final class FuseKernelFeatures {
             let header = request.loadUnaligned(as: fuse_in_header.self)
             unique = header.unique
             opcode = header.opcode
+            if unique & Self.resentBit != 0 { resent.add(1, ordering: .relaxed) }
             let arg = UnsafeRawBufferPointer(start: request + headerSize, count: length - headerSize)
             func argument<T>(_ type: T.Type) -> T? {
                 arg.count >= MemoryLayout<T>.size ? arg.loadUnaligned(as: T.self) : nil
