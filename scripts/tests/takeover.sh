@@ -17,6 +17,8 @@
 #   kill_10k      10,000 files, 5 kills 1.5 s apart: time from each kill to the first answered
 #                 request (a LOOKUP), and the successor's own start as the keeper logs it (printed;
 #                 the first rebuild replays the journal, the others a successor's checkpoint)
+#   sigterm_after_takeover  background mode (no -f): after a takeover, SIGTERM to the keeper (the
+#                 pid that mounted) unmounts: the successor unmounts, both exit, nothing is left
 #   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
 #                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
 #                 after it applied the request and before its reply; the kernel resends it to the
@@ -29,7 +31,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k kill_create_excl kill_unlink kill_rename kill_mkdir)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover kill_create_excl kill_unlink kill_rename kill_mkdir)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -262,6 +264,27 @@ PY
   check "the files are all there after the kills" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
   check "and read back" [ "$(cat "$MNT/d42/f17")" = "42/17" ]
   cfs_umount "$MNT" "$keeper"
+}
+
+t_sigterm_after_takeover() {
+  new_env
+  local bin; bin=$(cfs_daemon_bin)
+  "$bin" "$MNT" -o size=64m,takeover || { log "  the mount failed"; return 1; }
+  CFS_MOUNTS+=("$MNT")
+  local keeper; keeper=$(pgrep -f "chargefs-keeper.*$MNT" | head -1)
+  check "a keeper runs" [ -n "$keeper" ]
+  [ -n "$keeper" ] || return 1
+  CFS_PID=$keeper   # server_pid looks below it
+  echo kept > "$MNT/f"
+  kill -9 "$(server_pid)"
+  check "the file is there after the kill" [ "$(cat "$MNT/f")" = kept ]
+  check "a successor serves" [ -n "$(server_pid)" ]
+  kill -TERM "$keeper"
+  local i; for ((i = 0; i < 100; i++)); do is_mounted "$MNT" || break; sleep 0.1; done
+  check "SIGTERM to the keeper unmounted" bash -c "! awk -v m='$MNT' '\$2 == m {f=1} END {exit !f}' /proc/mounts"
+  for ((i = 0; i < 50; i++)); do kill -0 "$keeper" 2>/dev/null || break; sleep 0.1; done
+  check "the keeper exited" bash -c "! kill -0 $keeper 2>/dev/null"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
 }
 
 # kill_op OP COMMAND...: mounts with the kill hook armed for OP, runs COMMAND (which must

@@ -85,9 +85,7 @@ enum Takeover {
     /// The FUSE connection's number under /sys/fs/fuse/connections (the kernel's dev_t of the
     /// mount, major << 20 | minor), from mountinfo: no request to our own mount.
     static func connectionNumber(_ mountpoint: String) -> UInt64? {
-        guard let resolved = realpath(mountpoint, nil) else { return nil }
-        let want = String(cString: resolved)
-        free(resolved)
+        guard let want = absolutePath(mountpoint) else { return nil }
         guard let file = fopen("/proc/self/mountinfo", "r") else { return nil }
         defer { fclose(file) }
         var line: UnsafeMutablePointer<CChar>? = nil
@@ -104,6 +102,20 @@ enum Takeover {
         return found
     }
 
+    /// `path` made absolute through its parent only: nothing touches the mount itself, which
+    /// may have nobody serving it (a stat there would wait for a server forever).
+    static func absolutePath(_ path: String) -> String? {
+        var trimmed = path
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+        let slash = trimmed.lastIndex(of: "/")
+        let parent = slash.map { $0 == trimmed.startIndex ? "/" : String(trimmed[..<$0]) } ?? "."
+        let name = slash.map { String(trimmed[trimmed.index(after: $0)...]) } ?? trimmed
+        guard !name.isEmpty, name != ".", name != "..", let resolved = realpath(parent, nil) else { return nil }
+        defer { free(resolved) }
+        let base = String(cString: resolved)
+        return base == "/" ? "/" + name : base + "/" + name
+    }
+
     static func monotonicMicroseconds() -> UInt64 {
         var t = timespec()
         clock_gettime(CLOCK_MONOTONIC, &t)
@@ -115,6 +127,7 @@ enum Takeover {
     /// dead server had read and not answered, and serves. Returns the exit status.
     static func serveAsSuccessor(options: MountOptions, target: CgroupTarget?) -> Int32 {
         let started = monotonicMicroseconds()
+        let mountpoint = absolutePath(options.mountpoint) ?? options.mountpoint
         if getenv(testSuccessorDies) != nil { kill(getpid(), SIGKILL) }
         // The per-opcode kill hook kills the first server only (read once, at the first request).
         unsetenv(FuseKernelFeatures.killBeforeReplyVariable)
@@ -198,11 +211,12 @@ enum Takeover {
             fs.checkpointNow()
         }
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Daemon.maxWorkers, Daemon.stuckMs)
-        if status == SIGTERM || status == SIGINT || status == SIGHUP {
-            // Asked to stop: unmount as the first server would have (its libfuse knew the mountpoint).
-            if umount2(options.mountpoint, Int32(MNT_DETACH)) != 0 {
-                Log.line("cannot unmount \(options.mountpoint): \(Errno(rawValue: errno))")
-            }
+        // The loop ends on an unmount (nothing left to do) or a stop signal: then unmount as the
+        // first server would have (its libfuse knew the mountpoint; this session never mounted).
+        // mountinfo, not a stat: nobody serves the mount now.
+        let mounted = MountTable.current().contains { $0.mountPoint == mountpoint && $0.fileSystemType == "fuse.chargefsd" }
+        if mounted, umount2(mountpoint, Int32(MNT_DETACH)) != 0 {
+            Log.line("cannot unmount \(mountpoint): \(Errno(rawValue: errno))")
         }
         return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1
     }
