@@ -9,6 +9,10 @@
 #include <unistd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/syscall.h>
+#include <signal.h>
+#include <poll.h>
+#include <sys/wait.h>
 
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd) {
     struct iovec iov = { .iov_base = (void *)msg, .iov_len = sizeof *msg };
@@ -109,4 +113,45 @@ int ckeeper_notify_resend(int dev_fd) {
     ssize_t n;
     do n = write(dev_fd, &h, sizeof h); while (n < 0 && errno == EINTR);
     return n == (ssize_t)sizeof h ? 0 : n < 0 ? -errno : -EIO;
+}
+
+pid_t ckeeper_spawn(const char *path, char *const argv[], int *sock_out) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+    pid_t pid = _Fork();  // no atfork handlers: the child touches no locks
+    if (pid < 0) {
+        int e = errno;
+        close(sv[0]); close(sv[1]);
+        errno = e;
+        return -1;
+    }
+    if (pid == 0) {
+        if (dup2(sv[1], CKEEPER_SUCCESSOR_FD) != CKEEPER_SUCCESSOR_FD) _exit(127);
+        // Nothing of the server's but the socket: the keeper is sent what it must hold.
+        if (syscall(SYS_close_range, CKEEPER_SUCCESSOR_FD + 1, ~0U, 4U /* CLOSE_RANGE_CLOEXEC */) != 0) {
+            for (int fd = CKEEPER_SUCCESSOR_FD + 1; fd < 65536; fd++) (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+        }
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &sa, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execv(path, argv);
+        _exit(127);
+    }
+    close(sv[1]);
+    *sock_out = sv[0];
+    return pid;
+}
+
+int ckeeper_wait_for_exit(pid_t pid) {
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) return -errno;
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    while (poll(&p, 1, -1) < 0 && errno == EINTR) {}
+    close(fd);
+    (void)waitpid(pid, NULL, WNOHANG);  // reaped if it was our child (a keeper we started)
+    return 0;
 }

@@ -16,7 +16,8 @@
 // successor says it cannot take over (exit 75), it logs why, aborts the connection
 // (/sys/fs/fuse/connections/N/abort: callers get ENOTCONN instead of waiting forever) and exits 1.
 //
-// usage (by chargefsd only): chargefs-keeper SOCKFD SERVERPID MAX [--detached] -- CHARGEFSD ARGS...
+// usage (by chargefsd only): chargefs-keeper SOCKFD SERVERPID MAX [--detached] [--adopted] -- CHARGEFSD ARGS...
+// (--adopted: started by a server whose keeper died; that server is not our child)
 // (MAX: successors allowed in 60 s)
 #define _GNU_SOURCE
 #include "CKeeper.h"
@@ -48,6 +49,9 @@ static struct value values[16];
 static size_t nvalues;
 
 static int use_syslog;
+/* The server is not our child (a server restarted this keeper): its exit status cannot be read;
+   its BYE says it exits 0. Cleared once we start a successor (our child). */
+static int adopted, bye;
 static volatile sig_atomic_t stop_signal;
 
 static void say(const char *fmt, ...) {
@@ -118,6 +122,7 @@ static int handle(int *sock, pid_t server, double started_ms) {
         return 1;
     case CKEEPER_FORGET: forget(m.kind, m.id); break;
     case CKEEPER_SET: set_value(m.kind, m.value); break;
+    case CKEEPER_BYE: bye = 1; break;
     case CKEEPER_SERVING:
         if (started_ms > 0)
             say("successor %d serves, %.1f ms after its predecessor's death (its own start: %.1f ms)",
@@ -231,6 +236,7 @@ int main(int argc, char **argv) {
     max_successors = (unsigned)max;
     int a = 4;
     if (a < argc && !strcmp(argv[a], "--detached")) { use_syslog = 1; a++; }
+    if (a < argc && !strcmp(argv[a], "--adopted")) { adopted = 1; a++; }
     if (a >= argc || strcmp(argv[a], "--")) return 2;
     a++;
     if (a >= argc || sock < 0 || server <= 0) return 2;
@@ -275,19 +281,24 @@ int main(int argc, char **argv) {
             }
             if (died_ms > 0 && sock >= 0) { /* serving reported: the window ends */ }
         }
-        int status;
+        int status = 0;
         pid_t dead;
         int server_died = 0;
         while ((dead = waitpid(-1, &status, WNOHANG)) > 0) {
             if (dead == server) { server_died = 1; break; }
         }
+        // Not our child: its pidfd says it is gone, and only its BYE says how.
+        int unknown = 0;
+        if (!server_died && adopted && (pidfd < 0 || (n > 0 && (p[0].revents & (POLLIN | POLLHUP))))) server_died = unknown = 1;
         if (!server_died) continue;
         while (sock >= 0) handle(&sock, server, died_ms);  // EOF comes: the server is gone
         if (pidfd >= 0) { close(pidfd); pidfd = -1; }
         died_ms = now_ms();
         char cause[128];
-        describe(status, cause, sizeof cause);
-        if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return 0;  // unmounted, or stopped on request
+        if (unknown) snprintf(cause, sizeof cause, "died (how is not known to a restarted keeper)");
+        else describe(status, cause, sizeof cause);
+        if (unknown ? bye : WIFEXITED(status) && WEXITSTATUS(status) == 0) return 0;  // unmounted, or stopped on request
+        if (unknown) status = 1 << 8;  // treated as a non-zero exit
         if (!find(CKEEPER_DEV_FUSE, 0)) {
             // It failed before the mount was handed over: a startup failure, already reported.
             return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
@@ -306,6 +317,8 @@ int main(int argc, char **argv) {
             abort_connection();
             return 1;
         }
+        uint64_t before;  // a restarted keeper goes on counting where the server's count was
+        if (get_value(CKEEPER_TAKEOVERS, &before) && before > takeovers) takeovers = (unsigned)before;
         int ssock = -1;
         pid_t next = start_successor(args, nargs, &ssock);
         if (next < 0) {
@@ -320,6 +333,7 @@ int main(int argc, char **argv) {
         if (r < 0) say("successor %d did not take the files (%s)", (int)next, strerror(-r));
         server = next;
         sock = ssock;
+        adopted = 0;  // our child from here on
         pidfd = (int)syscall(SYS_pidfd_open, server, 0);
     }
 }

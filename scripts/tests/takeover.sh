@@ -19,6 +19,9 @@
 #                 the first rebuild replays the journal, the others a successor's checkpoint)
 #   sigterm_after_takeover  background mode (no -f): after a takeover, SIGTERM to the keeper (the
 #                 pid that mounted) unmounts: the successor unmounts, both exit, nothing is left
+#   keeper_killed kill -9 of the keeper: the server starts a new one (status keeper=), which
+#                 then takes over after a kill -9 of the server; 3 rounds; files intact; after
+#                 unmount nothing is left
 #   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
 #                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
 #                 after it applied the request and before its reply; the kernel resends it to the
@@ -31,7 +34,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover kill_create_excl kill_unlink kill_rename kill_mkdir)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed kill_create_excl kill_unlink kill_rename kill_mkdir)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -264,6 +267,50 @@ PY
   check "the files are all there after the kills" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
   check "and read back" [ "$(cat "$MNT/d42/f17")" = "42/17" ]
   cfs_umount "$MNT" "$keeper"
+}
+
+# status_field NAME: a field of the mount's status line pid=... keeper=... takeovers=...
+status_field() {
+  getfattr --only-values -n user.chargefs.status "$MNT" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$1=//p" | head -1
+}
+
+t_keeper_killed() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover,takeover_max=20"
+  echo kept > "$MNT/f"
+  mkdir "$MNT/d"; head -c $((2 * MiB)) /dev/urandom > "$MNT/d/big"
+  local sum; sum=$(md5sum < "$MNT/d/big")
+  local round keeper server i
+  for round in 1 2 3; do
+    keeper=$(status_field keeper); server=$(status_field pid)
+    kill -9 "$keeper"
+    local new=$keeper
+    for ((i = 0; i < 50; i++)); do
+      new=$(status_field keeper)
+      [ "$new" != "$keeper" ] && kill -0 "$new" 2>/dev/null && break
+      sleep 0.1
+    done
+    check "round $round: keeper $keeper killed, server $server started keeper $new" [ "$new" != "$keeper" ]
+    sleep 0.2   # the new keeper has been handed the files
+    kill -9 "$server"
+    local now=$server
+    for ((i = 0; i < 50; i++)); do
+      now=$(status_field pid)
+      [ -n "$now" ] && [ "$now" != "$server" ] && break
+      sleep 0.1
+    done
+    check "round $round: the new keeper's successor ($now) serves" [ -n "$now" -a "$now" != "$server" ]
+    check "round $round: the files are intact" [ "$(cat "$MNT/f")" = kept -a "$(md5sum < "$MNT/d/big")" = "$sum" ]
+    check "round $round: takeovers=$(status_field takeovers)" [ "$(status_field takeovers)" = "$round" ]
+  done
+  keeper=$(status_field keeper); server=$(status_field pid)
+  cfs_umount "$MNT"
+  for ((i = 0; i < 50; i++)); do kill -0 "$keeper" 2>/dev/null || break; sleep 0.1; done
+  check "after unmount the last keeper ($keeper) is gone" bash -c "! kill -0 $keeper 2>/dev/null"
+  check "and the last server ($server)" bash -c "! kill -0 $server 2>/dev/null"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+  check "no keeper left for this mount" [ -z "$(pgrep -f "chargefs-keeper.*$MNT" || true)" ]
+  grep -E 'keeper .* died|died \(how' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
 }
 
 t_sigterm_after_takeover() {

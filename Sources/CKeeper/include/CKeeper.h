@@ -10,6 +10,8 @@
 //   FORGET: close the one held as (kind, id).
 //   SET: remember `value` under `kind` (the connection's device number, the arena's backing).
 //   SERVING: this server serves requests now (`value`: its start-to-serving time in µs).
+//   BYE: this server is about to exit 0 (unmounted, or stopped): a keeper that is not its
+//   parent (one the server restarted) cannot read its exit status.
 // Keeper -> successor, right after it starts: KEEP for every file held, then SET for every value,
 // then END. Nothing in the keeper parses user input: only these fixed-size messages.
 
@@ -18,6 +20,7 @@
 
 enum {
     CKEEPER_KEEP = 1, CKEEPER_FORGET = 2, CKEEPER_SET = 3, CKEEPER_SERVING = 4, CKEEPER_END = 5,
+    CKEEPER_BYE = 6,
 };
 // What a file or value is (KeptDescriptor in Swift, plus the connection's own).
 enum {
@@ -48,6 +51,16 @@ int ckeeper_recv(int sock, struct ckeeper_msg *msg, int *fd_out);
 /// the fork failed or the keeper could not be exec'd (the parent has then exited). The parent
 /// never returns.
 int ckeeper_become_keeper(const char *keeper_path, char *const keeper_argv[]);
+
+/// Starts a new keeper from a server whose keeper died (a multithreaded process: the child runs
+/// only async-signal-safe calls): `argv[0]` is executed with its end of a new socket pair at
+/// fd 3 and nothing else of ours. Returns its pid and our end (close-on-exec) in *sock_out, or
+/// -1 with errno.
+pid_t ckeeper_spawn(const char *path, char *const argv[], int *sock_out);
+
+/// Waits until process `pid` has exited (its pidfd becomes readable). 0, or -errno when it
+/// cannot be watched (ESRCH: it is gone already).
+int ckeeper_wait_for_exit(pid_t pid);
 
 /// Writes FUSE_NOTIFY_RESEND on a /dev/fuse fd (Linux 6.9+). 0, or -errno.
 int ckeeper_notify_resend(int dev_fd);

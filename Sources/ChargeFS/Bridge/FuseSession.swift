@@ -16,6 +16,8 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
     /// -o takeover: servers this one's keeper started before it (0 for the first); nil without
     /// takeover. Set before serving.
     var takeovers: UInt64?
+    /// -o takeover: the keeper's pid now (a server restarts a dead one).
+    var keeperPid: (@Sendable () -> Int32)?
     /// The root's read-only attributes that the transport answers: the status (the tree's lines,
     /// then the transport's) and the requests by kind. nil for any other name.
     func transportAttribute(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8]? {
@@ -24,7 +26,7 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
         if name == FileSystem.statusXattr {
             var text = "transport=\(transport)\n"
             // -o takeover: who serves now, its keeper, and how many servers it replaced.
-            if let takeovers { text += "pid=\(getpid()) keeper=\(getppid()) takeovers=\(takeovers) resent=\(features.resent.load(ordering: .relaxed))\n" }
+            if let takeovers { text += "pid=\(getpid()) keeper=\(keeperPid?() ?? getppid()) takeovers=\(takeovers) resent=\(features.resent.load(ordering: .relaxed))\n" }
             return try fileSystem.getxattr(ino, name: name) + Array(text.utf8)
         }
         return nil

@@ -112,7 +112,9 @@ public enum Daemon {
             let (fs, state, arenaBacking) = try makeFileSystem(options, target: target, keeper: keeper)
             defer { fs.stopCharging() }
             let handover = keeper.flatMap { k in state.map { Takeover.Handover(keeper: k, state: $0, arenaBacking: arenaBacking) } }
-            return try serve(fs, options: options, transport: transport, readiness: readiness, handover: handover)
+            let status = try serve(fs, options: options, transport: transport, readiness: readiness, handover: handover)
+            if status == 0 { keeper?.bye() }
+            return status
         } catch {
             report(readiness, error.message)
             return 1
@@ -222,7 +224,7 @@ public enum Daemon {
         if let handover {
             // Before the first request is read: INIT is saved once answered, and the keeper holds
             // /dev/fuse from here on.
-            guard handover.start(fuse, session: session, mountpoint: options.mountpoint) else {
+            guard handover.start(fuse, session: session, options: options) else {
                 fuse_session_unmount(session)
                 throw StartFailure("takeover: cannot hand the mount to the keeper")
             }

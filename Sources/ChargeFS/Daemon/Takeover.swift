@@ -39,17 +39,26 @@ enum Takeover {
     /// Splits the daemon: the keeper execs in this process's place (its parent sees no change:
     /// same pid, and it exits when the mount ends), this function returns in the child, the
     /// server, with the keeper's socket. Call before any thread exists.
+    /// The keeper's path (beside chargefsd) and its argv, its socket and server named by
+    /// `sock` and `server`; `adopted`: started by a server whose keeper died.
+    static func keeperCommand(_ options: MountOptions, sock: String, server: String, adopted: Bool) -> (path: String, argv: [String])? {
+        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else { return nil }
+        let keeperPath = String(exe[...slash]) + keeperProgram
+        var argv = [keeperPath, sock, server, String(options.takeoverMax)]
+        if !options.foreground { argv.append("--detached") }
+        if adopted { argv.append("--adopted") }
+        // The first server's own arguments: what every successor is started with.
+        argv += ["--", exe] + CommandLine.arguments.dropFirst().filter { $0 != "--takeover" }
+        return (keeperPath, argv)
+    }
+
     static func startKeeper(_ options: MountOptions) throws(Daemon.StartFailure) -> ProcessKeeper {
-        guard let exe = executablePath(), let slash = exe.lastIndex(of: "/") else {
+        guard let (keeperPath, argv) = keeperCommand(options, sock: "%SOCK%", server: "%PID%", adopted: false) else {
             throw Daemon.StartFailure("takeover: cannot find the running chargefsd (/proc/self/exe)")
         }
-        let keeperPath = String(exe[...slash]) + keeperProgram
         guard access(keeperPath, X_OK) == 0 else {
             throw Daemon.StartFailure("takeover: the keeper \(keeperPath) is missing or not executable (install \(keeperProgram) next to chargefsd)")
         }
-        var argv = [keeperPath, "%SOCK%", "%PID%", String(options.takeoverMax)]
-        if !options.foreground { argv.append("--detached") }
-        argv += ["--", exe] + CommandLine.arguments.dropFirst()
         var cArgs = argv.map { strdup($0) }
         cArgs.append(nil)
         defer { cArgs.forEach { free($0) } }
@@ -57,7 +66,8 @@ enum Takeover {
         guard sock >= 0 else {
             throw Daemon.StartFailure("takeover: cannot start the keeper \(keeperPath): \(Errno(rawValue: -sock))")
         }
-        return ProcessKeeper(socket: sock)
+        // The keeper is the process we were: our parent.
+        return ProcessKeeper(socket: sock, pid: getppid())
     }
 
     /// What the first server hands the keeper once mounted.
@@ -68,7 +78,8 @@ enum Takeover {
 
         /// Before the first request is read: INIT is saved once answered, the keeper gets
         /// /dev/fuse (the same open file), the connection's number and the arena's backing.
-        func start(_ fuse: FuseSession, session: OpaquePointer, mountpoint: String) -> Bool {
+        func start(_ fuse: FuseSession, session: OpaquePointer, options: MountOptions) -> Bool {
+            let mountpoint = options.mountpoint
             let state = self.state
             fuse.takeovers = 0
             fuse.initAnswered = { request in
@@ -78,6 +89,8 @@ enum Takeover {
             if let number = Takeover.connectionNumber(mountpoint) { keeper.set(CKEEPER_CONN_DEV, number) }
             keeper.set(CKEEPER_ARENA_BACKING, arenaBacking)
             keeper.serving(startMicroseconds: 0)
+            fuse.keeperPid = { [keeper] in keeper.pid }
+            Takeover.watchKeeper(keeper, options: options)
             return true
         }
     }
@@ -152,7 +165,6 @@ enum Takeover {
             return cannotTakeOver
         }
         let (fs, state) = built
-        keeper.releaseReceived()
         defer { fs.stopCharging() }
         let rebuilt = monotonicMicroseconds()
         guard let savedInit = state.savedInit else {
@@ -171,6 +183,7 @@ enum Takeover {
         fuse.features.offerDirectIOMmap = CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease())
         fuse.adoptedPassthrough = fs.passthroughRegistrations
         fuse.takeovers = keeper.values[UInt32(CKEEPER_TAKEOVERS)] ?? 0
+        fuse.keeperPid = { [keeper] in keeper.pid }
         guard fuse.start(arguments: arguments), let session = fuse.handle else {
             Log.line("takeover: cannot start a FUSE session with options '\(options.fuseOptionList)'")
             return 1
@@ -210,6 +223,7 @@ enum Takeover {
             nanosleep(&pause, nil)
             fs.checkpointNow()
         }
+        watchKeeper(keeper, options: options)
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Daemon.maxWorkers, Daemon.stuckMs)
         // The loop ends on an unmount (nothing left to do) or a stop signal: then unmount as the
         // first server would have (its libfuse knew the mountpoint; this session never mounted).
@@ -218,7 +232,37 @@ enum Takeover {
         if mounted, umount2(mountpoint, Int32(MNT_DETACH)) != 0 {
             Log.line("cannot unmount \(mountpoint): \(Errno(rawValue: errno))")
         }
-        return status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP ? 0 : 1
+        let clean = status == 0 || status == SIGTERM || status == SIGINT || status == SIGHUP
+        if clean { keeper.bye() }
+        return clean ? 0 : 1
+    }
+
+    /// Watches the keeper (its pidfd) from a thread of its own; when it dies, starts a new one
+    /// (not our parent: `--adopted`) and hands it everything, so that only the server and its
+    /// keeper dying together loses the mount.
+    static func watchKeeper(_ keeper: ProcessKeeper, options: MountOptions) {
+        runDetached {
+            while true {
+                let pid = keeper.pid
+                let watched = ckeeper_wait_for_exit(pid)
+                if watched < 0 && watched != -ESRCH {
+                    Log.line("takeover: cannot watch keeper \(pid) (\(Errno(rawValue: -watched))): it is not restarted if it dies")
+                    return
+                }
+                guard let (path, argv) = keeperCommand(options, sock: String(CKEEPER_SUCCESSOR_FD), server: String(getpid()), adopted: true) else { return }
+                var cArgs = argv.map { strdup($0) }
+                cArgs.append(nil)
+                var sock: Int32 = -1
+                let newPid = cArgs.withUnsafeBufferPointer { ckeeper_spawn(path, $0.baseAddress, &sock) }
+                cArgs.forEach { free($0) }
+                guard newPid > 0 else {
+                    Log.line("takeover: keeper \(pid) died and a new one cannot start (\(Errno(rawValue: errno))): no takeover from here on")
+                    return
+                }
+                let handed = keeper.replace(socket: sock, pid: newPid)
+                Log.line("takeover: keeper \(pid) died; keeper \(newPid) started and handed \(handed) files")
+            }
+        }
     }
 
     private final class Work: @unchecked Sendable {
