@@ -8,9 +8,9 @@
 #                 the kills reads and writes after each; an appending writer running through
 #                 the kills sees no error and loses or repeats no line; after unmount no
 #                 chargefsd or keeper is left and the keeper exited 0
-#   charge        memcg= target (this host: cgroup v1): the target's usage unchanged within
-#                 1 MiB over 5 kills; after rm and unmount back near its baseline, no process
-#                 left in it, no leaf left below it
+#   charge        memcg= target (this host: cgroup v1) and a directory with a target of its own:
+#                 both usages unchanged within 1 MiB over 5 kills, writes after charged; after
+#                 rm and unmount back near their baselines, no process left, no leaf left
 #   crash_loop    a test hook (CHARGEFS_TEST_SUCCESSOR_DIES) makes every successor die: the
 #                 keeper stops after 5 successors, aborts the connection, and a stat answers
 #                 ENOTCONN within 30 s instead of hanging; the keeper exits 1 and says why
@@ -180,12 +180,20 @@ t_charge() {
   new_env
   cg_create "$T" $((256 * MiB))
   local base; base=$(cg_usage "$T")
+  # A directory with a target of its own (user.chargefs.memcg): taken over at its index.
+  local T2=$PARENT/cfstakeover-$$-dir
+  cg_create "$T2" $((256 * MiB))
   cfs_mount "$MNT" "size=512m,takeover,takeover_max=20,memcg=$T"
   local keeper=$CFS_PID k i
   for i in $(seq 1 64); do head -c 65536 /dev/urandom > "$MNT/s$i"; done
   head -c $((8 * MiB)) /dev/urandom > "$MNT/big"
+  mkdir "$MNT/own"
+  setfattr -n user.chargefs.memcg -v "$T2" "$MNT/own"
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/own/f"
   exec 8<"$MNT/big"
   local u0; u0=$(cg_usage "$T")
+  local d0; d0=$(cg_usage "$T2")
+  check "the directory's target is charged for its file ($(fmt_mib "$d0"))" ge "$d0" $((4 * MiB))
   check "the target is charged for the files ($(fmt_mib $((u0 - base))))" ge $((u0 - base)) $((12 * MiB))
   local sum0; sum0=$(cd "$MNT" && md5sum s* big | md5sum)
   for k in $(seq 1 5); do
@@ -193,15 +201,20 @@ t_charge() {
     local u; u=$(cg_usage "$T")
     log "  kill $k: target usage $(fmt_mib "$u") (before the kills $(fmt_mib "$u0"))"
     check "kill $k: the target's usage unchanged within 1 MiB" near "$u" "$u0" "$MiB"
+    check "kill $k: the directory's target's too ($(fmt_mib "$(cg_usage "$T2")"))" near "$(cg_usage "$T2")" "$d0" "$MiB"
   done
+  check "the directory still names its target" [ "$(getfattr --only-values -n user.chargefs.memcg "$MNT/own" 2>/dev/null)" = "$T2" ]
+  head -c $((2 * MiB)) /dev/urandom > "$MNT/own/g"
+  check "a write into it after the kills is charged to its target" near "$(cg_usage "$T2")" $((d0 + 2 * MiB)) "$MiB"
   check "the files read back" [ "$(cd "$MNT" && md5sum s* big | md5sum)" = "$sum0" ]
   # A write after the takeovers is charged through the successor's helper.
   head -c $((4 * MiB)) /dev/urandom > "$MNT/after"
   local u1; u1=$(cg_usage "$T")
   check "a 4 MiB write after the kills is charged to the target ($(fmt_mib $((u1 - u0))))" near $((u1 - u0)) $((4 * MiB)) "$MiB"
   exec 8<&-
-  rm -f "$MNT"/s* "$MNT/big" "$MNT/after"
+  rm -f "$MNT"/s* "$MNT/big" "$MNT/after" "$MNT/own/f" "$MNT/own/g"
   cfs_umount "$MNT" "$keeper"
+  check "the directory's target back near empty ($(fmt_mib "$(cg_usage "$T2")"))" le "$(cg_usage "$T2")" "$MiB"
   local end; end=$(cg_usage "$T")
   log "  baseline $(fmt_mib "$base"), after rm and unmount $(fmt_mib "$end")"
   check "after rm and unmount the charge is back near its baseline" near "$end" "$base" "$MiB"
