@@ -72,7 +72,7 @@ struct NodeService: Csi_V1_Node.SimpleServiceProtocol {
     /// expansion.
     func nodeGetCapabilities(request: Csi_V1_NodeGetCapabilitiesRequest, context: ServerContext) async throws -> Csi_V1_NodeGetCapabilitiesResponse {
         var r = Csi_V1_NodeGetCapabilitiesResponse()
-        r.capabilities = [.getVolumeStats, .volumeCondition].map { type in
+        r.capabilities = [Csi_V1_NodeServiceCapability.RPC.TypeEnum.getVolumeStats, .volumeCondition].map { type in
             var rpc = Csi_V1_NodeServiceCapability.RPC()
             rpc.type = type
             var cap = Csi_V1_NodeServiceCapability()

@@ -96,12 +96,20 @@ extension Chargefsd {
 
     /// Blocking: the root's status attribute, then statvfs.
     private static func readStatus(_ path: String) -> VolumeProbe {
+        guard let getxattr = libcGetxattr else { return .failed(ENOSYS) }
         var buf = [UInt8](repeating: 0, count: 4096)
-        let n = getxattr(path, "user.chargefs.status", &buf, buf.count)
+        let n = buf.withUnsafeMutableBytes { getxattr(path, "user.chargefs.status", $0.baseAddress, $0.count) }
         guard n >= 0 else { return .failed(errno) }
         return .answered(status: String(decoding: buf[0..<n], as: UTF8.self), usage: usage(path))
     }
 }
+
+/// glibc's getxattr(2): Swift's Glibc module leaves <sys/xattr.h> out, so it is looked up once.
+private typealias GetxattrFn = @convention(c) (UnsafePointer<CChar>?, UnsafePointer<CChar>?, UnsafeMutableRawPointer?, Int) -> Int
+private let libcGetxattr: GetxattrFn? = {
+    guard let handle = dlopen(nil, RTLD_NOW), let f = dlsym(handle, "getxattr") else { return nil }
+    return unsafeBitCast(f, to: GetxattrFn.self)
+}()
 
 /// The probes in progress, by path.
 private final class Probes: @unchecked Sendable {
