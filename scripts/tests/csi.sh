@@ -79,7 +79,7 @@ keepers_below() {
   return 0
 }
 # status_field MOUNT KEY: a value of the mount's user.chargefs.status (pid, keeper, takeovers).
-status_field() { getfattr --only-values -n user.chargefs.status "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n1; }
+status_field() { getfattr --absolute-names --only-values -n user.chargefs.status "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n1; }
 # gone PID: true once PID has exited (a zombie counts: its reaper may be slow).
 gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^[0-9]* (.*) Z' "/proc/$1/stat" 2>/dev/null; }
 
@@ -407,7 +407,7 @@ t_takeover() {
   check "publish (no takeover attribute: on by default): $out" [ "$out" = OK ]
   CFS_MOUNTS+=("$T")
   local server keeper; server=$(status_field "$T" pid); keeper=$(status_field "$T" keeper)
-  log "    status: $(getfattr --only-values -n user.chargefs.status "$T" 2>&1 | tr '\n' ' ')"
+  log "    status: $(getfattr --absolute-names --only-values -n user.chargefs.status "$T" 2>&1 | tr '\n' ' ')"
   [ -n "$server" ] && [ -n "$keeper" ] || { log "  FAIL: no pid= or keeper= in the status attribute"; return 1; }
   check "status shows a server and its keeper, 0 takeovers" [ "${server:+s}${keeper:+k}/$(status_field "$T" takeovers)" = sk/0 ]
   # only processes of this mount: both name its target in their arguments
