@@ -381,20 +381,28 @@ t_status_per_target() {
   check "B's line gone with its target" bash -c "! getfattr --only-values -n user.chargefs.status '$MNT' | grep -q '^dir_target=$(realpath "$B") '"
 }
 
+# python_runtime_env: the host's Python runtime (the binary, the libraries it and its extension
+# modules load, its standard library) staged into $MNT/rt of a new env (new_env); sets PY, JOB
+# (a job's program), RT_BYTES (the runtime's size) and RT_T0 (T's usage before it was staged).
+python_runtime_env() {
+  PY=/usr/bin/python3.11
+  [ -x "$PY" ] || { log "  cannot run: $PY missing"; return 1; }
+  new_env
+  RT_T0=$(cg_usage "$T")
+  stage_runtime "$MNT/rt" "$PY" /usr/lib/python3.11/lib-dynload/*.so
+  tar -C / --exclude=python3.11/config-3.11-x86_64-linux-gnu --exclude=python3.11/test -cf - usr/lib/python3.11 | tar -C "$MNT/rt" -xf -
+  RT_BYTES=$(du -sb --apparent-size "$MNT/rt" | cut -f1)
+  log "  runtime on the mount: $(fmt_mib "$RT_BYTES") in $(find "$MNT/rt" -type f | wc -l) files"
+  JOB='import json, decimal, datetime, bz2, lzma, hashlib, sqlite3, ctypes, zoneinfo, csv, asyncio, email.parser; print(decimal.Decimal(1) / 7)'
+}
+
 # Use case 3: a Python runtime installed on a mount, run by three jobs in three cgroups, the
 # first alone: each job is charged no more file pages than with the host's own copy (within
 # 512 KiB), and the target holds the runtime.
 t_use_case_3() {
-  local py=/usr/bin/python3.11
-  [ -x "$py" ] || { log "  cannot run: $py missing"; return 1; }
   passthrough_or_fail
-  new_env
-  local t0; t0=$(cg_usage "$T")
-  stage_runtime "$MNT/rt" "$py" /usr/lib/python3.11/lib-dynload/*.so
-  tar -C / --exclude=python3.11/config-3.11-x86_64-linux-gnu --exclude=python3.11/test -cf - usr/lib/python3.11 | tar -C "$MNT/rt" -xf -
-  local bytes; bytes=$(du -sb --apparent-size "$MNT/rt" | cut -f1)
-  log "  runtime on the mount: $(fmt_mib "$bytes") in $(find "$MNT/rt" -type f | wc -l) files"
-  local job='import json, decimal, datetime, bz2, lzma, hashlib, sqlite3, ctypes, zoneinfo, csv, asyncio, email.parser; print(decimal.Decimal(1) / 7)'
+  python_runtime_env || return 1
+  local py=$PY job=$JOB bytes=$RT_BYTES t0=$RT_T0
   local H1 H2 H3 M1 M2 M3 i
   new_cg H1 h1; new_cg H2 h2; new_cg H3 h3; new_cg M1 m1; new_cg M2 m2; new_cg M3 m3
   # The host's own copy: the first job alone, then two at once.
@@ -423,16 +431,9 @@ t_use_case_3() {
 # (fuse_file_mmap's invalidate_inode_pages2), so the next job's run takes those pages from the
 # first (uncharged there) and is charged them itself. The target holds the runtime throughout.
 t_use_case_3_before_6_9() {
-  local py=/usr/bin/python3.11
-  [ -x "$py" ] || { log "  cannot run: $py missing"; return 1; }
   before_6_9_or_fail
-  new_env
-  local t0; t0=$(cg_usage "$T")
-  stage_runtime "$MNT/rt" "$py" /usr/lib/python3.11/lib-dynload/*.so
-  tar -C / --exclude=python3.11/config-3.11-x86_64-linux-gnu --exclude=python3.11/test -cf - usr/lib/python3.11 | tar -C "$MNT/rt" -xf -
-  local bytes; bytes=$(du -sb --apparent-size "$MNT/rt" | cut -f1)
-  log "  runtime on the mount: $(fmt_mib "$bytes") in $(find "$MNT/rt" -type f | wc -l) files"
-  local job='import json, decimal, datetime, bz2, lzma, hashlib, sqlite3, ctypes, zoneinfo, csv, asyncio, email.parser; print(decimal.Decimal(1) / 7)'
+  python_runtime_env || return 1
+  local py=$PY job=$JOB bytes=$RT_BYTES t0=$RT_T0
   local H1 M1 M2
   new_cg H1 h1; new_cg M1 m1; new_cg M2 m2
   check "host job" cg_run_in "$H1" "$py" -c "$job"
