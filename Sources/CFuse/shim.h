@@ -118,6 +118,7 @@ enum {
     CFUSE_MOUNT_ATTR_PRIVATE_DATA = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
     CFUSE_MADV_NOHUGEPAGE = 15,  /* MADV_NOHUGEPAGE */
     CFUSE_MADV_DONTDUMP = 16,    /* MADV_DONTDUMP */
+    CFUSE_MADV_POPULATE_WRITE = 23,  /* MADV_POPULATE_WRITE (Linux 5.14) */
 };
 
 // ---- State (Sources/ChargeFS/State) -----------------------------------------------------------

@@ -2,9 +2,11 @@
 // without state, a checkpoint, and a successor's rebuild from the journal alone and from a
 // checkpoint, in-process (no mount: no kernel round trip is counted).
 // Build in release: swift build -c release --product chargefs-state-bench
-// Usage: chargefs-state-bench FILES [OPS [with|without]]   e.g. 10000 20000, or 1000000 0
+// Usage: chargefs-state-bench FILES [OPS [with|without|requests [warm]]]   e.g. 10000 20000, or 1000000 0
 // (rebuild only), or 0 100000 with (one pass of the operations with state only, for
-// `perf stat -e instructions:u`, which a loaded machine does not skew as it skews time)
+// `perf stat -e instructions:u` or `perf record`, which a loaded machine does not skew as it
+// skews time). `requests`: with state, each change passing a RequestContext as the Bridge does
+// (its answer kept for a resend), which `with` leaves out. `warm`: see `perOp`.
 import ChargeFS
 import Glibc
 import SystemPackage
@@ -41,7 +43,10 @@ guard args.count >= 2, let files = Int(args[1]), files >= 0 else { fail("usage: 
 let ops = args.count > 2 ? Int(args[2]) ?? -1 : 20_000
 guard ops >= 0 else { fail("OPS must be a number") }
 let only = args.count > 3 ? args[3] : nil
-guard only == nil || only == "with" || only == "without" else { fail("the third argument is with or without, not \(args[3])") }
+let warm = args.count > 4 && args[4] == "warm"
+guard only == nil || only == "with" || only == "without" || only == "requests" else {
+    fail("the third argument is with, without or requests, not \(args[3])")
+}
 let me = Caller(uid: 0, gid: 0)
 let page = [UInt8](repeating: 0x5a, count: 4096)
 
@@ -59,8 +64,28 @@ func makeFS(state: Bool, keeper: InProcessKeeper) throws -> FileSystem {
 }
 
 /// ns per operation: mknod, a 4 KiB write to a new page, an overwrite of it, getattr, unlink.
-func perOp(state: Bool) throws -> [(String, Double)] {
+/// `requests`: each change passes a unique, as the Bridge does with state kept.
+/// `warm`: the same operations run once untimed first (and, with state, a checkpoint then
+/// restarts the journal at offset 0), so the timed pass finds the journal's pages already
+/// allocated and mapped, as a mount does once its journal has reached its largest size; a
+/// fresh mount's journal allocates a page per ~25 records as it grows.
+func perOp(state: Bool, requests: Bool = false, warm: Bool = false) throws -> [(String, Double)] {
     let fs = try makeFS(state: state, keeper: InProcessKeeper())
+    if warm {
+        for i in 0..<ops {
+            let name: FileName = Array("w\(i)".utf8)
+            let ino = try fs.mknod(parent: .root, name: name, mode: 0o100644, rdev: 0, caller: me).ino
+            for _ in 0..<2 { _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) } }
+            try fs.unlink(parent: .root, name: name)
+        }
+        fs.checkpointNow()
+    }
+    var unique: UInt64 = 0
+    func request() -> RequestContext? {
+        guard requests else { return nil }
+        unique += 2
+        return RequestContext(unique: unique)
+    }
     let names: [FileName] = (0..<ops).map { Array("f\($0)".utf8) }
     var inos: [InodeNumber] = []
     inos.reserveCapacity(ops)
@@ -70,15 +95,21 @@ func perOp(state: Bool) throws -> [(String, Double)] {
         try body()
         out.append((what, (cpuNow() - t) / Double(ops) * 1e9))
     }
-    try timed("mknod") { for name in names { inos.append(try fs.mknod(parent: .root, name: name, mode: 0o100644, rdev: 0, caller: me).ino) } }
+    try timed("mknod") { for name in names { inos.append(try fs.mknod(parent: .root, name: name, mode: 0o100644, rdev: 0, caller: me, request: request()).ino) } }
     try timed("write 4 KiB, new page") {
-        for ino in inos { _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) } }
+        for ino in inos {
+            let r = request()
+            _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false, request: r) }
+        }
     }
     try timed("write 4 KiB, overwrite") {
-        for ino in inos { _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) } }
+        for ino in inos {
+            let r = request()
+            _ = try page.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false, request: r) }
+        }
     }
     try timed("getattr") { for ino in inos { _ = try fs.getattr(ino) } }
-    try timed("unlink") { for name in names { try fs.unlink(parent: .root, name: name) } }
+    try timed("unlink") { for name in names { try fs.unlink(parent: .root, name: name, request: request()) } }
     return out
 }
 
@@ -98,7 +129,7 @@ func takeOver(_ keeper: InProcessKeeper) throws -> FileSystem {
 
 do {
     if let only {
-        for (k, v) in try perOp(state: only == "with") { print("  \(k): \(fixed(v, 0)) ns") }
+        for (k, v) in try perOp(state: only != "without", requests: only == "requests", warm: warm) { print("  \(k): \(fixed(v, 0)) ns") }
         exit(0)
     }
     if ops > 0 {
@@ -146,10 +177,12 @@ do {
     guard second.storedBytes().used == used else { fail("pages in use \(second.storedBytes().used) after the takeover, \(used) before") }
     print("rebuild from the journal alone (\(second.takeover?.transactions ?? 0) transactions): \(fixed(fromJournal * 1000)) ms, CPU \(fixed(fromJournalCPU * 1000)) ms")
 
+    cpu = cpuNow()
     second.checkpointNow()
+    let checkpointCPU = cpuNow() - cpu
     let figures = second.checkpointFigures
     let checkpointBytes = (try stateFiles(keeper).activeCheckpoint()?.bytes.count) ?? 0
-    print("checkpoint (under the shared lock): \(fixed(Double(figures.lastNanoseconds) / 1e6)) ms, \(checkpointBytes / 1024) KiB")
+    print("checkpoint (under the shared lock): \(fixed(Double(figures.lastNanoseconds) / 1e6)) ms, CPU \(fixed(checkpointCPU * 1000)) ms, \(checkpointBytes / 1024) KiB")
     fs = second
     fs = nil
     t = now()

@@ -268,7 +268,16 @@ public final class FileSystem: Sendable {
         try exclusive { c throws(Errno) in
             if case .attributes(let a)? = c.keeping?.answer(for: request) { return a }
             let a = try make(c)
-            record(c, request, .attributes(a)) { $0.inode(parent); $0.inode(a.ino); $0.entry(parent, name) }
+            record(c, request, .attributes(a)) { change in
+                change.parent(parent)
+                change.inode(a.ino)
+                // The entry just made is the directory's newest: no second lookup of the name.
+                if let newest = c.inodes[parent]?.directory?.newest, newest.ino == a.ino, newest.name == name {
+                    change.entry(parent, name, now: (newest.ino, newest.cookie))
+                } else {
+                    change.entry(parent, name)
+                }
+            }
             return a
         }
     }
@@ -305,9 +314,8 @@ public final class FileSystem: Sendable {
     private func removing(parent: InodeNumber, name: FileName, directory: Bool, request: RequestContext?) throws(Errno) {
         try exclusive { c throws(Errno) in
             if c.keeping?.answer(for: request) != nil { return }
-            let victim = c.keeping == nil ? nil : c.inodes[parent]?.directory?.lookup(name)
-            try c.remove(parent: parent, name: name, directory: directory)
-            record(c, request, .done) { $0.inode(parent); $0.inode(victim); $0.entry(parent, name) }
+            let victim = try c.remove(parent: parent, name: name, directory: directory)
+            record(c, request, .done) { $0.parent(parent); $0.inode(victim); $0.entry(parent, name, now: (0, 0)) }
         }
     }
     public func rename(parent: InodeNumber, name: FileName, newParent: InodeNumber, newName: FileName, flags: RenameFlags,
@@ -322,7 +330,10 @@ public final class FileSystem: Sendable {
             let targetBefore = moving.flatMap { c.inodes[$0]?.chargeTarget }
             try c.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags)
             record(c, request, .done) { change in
-                for ino in [parent, newParent] { change.inode(ino) }
+                // A moved directory's own record carries its new parent; the two parents change
+                // only their link counts and times.
+                change.parent(parent)
+                change.parent(newParent)
                 change.inode(moving)
                 change.inode(existing)
                 change.entry(parent, name)
@@ -488,11 +499,18 @@ public final class FileSystem: Sendable {
            case .written(let count, let modeChanged)? = core.withReadLock({ c in c.keeping?.answer(for: request) }) {
             return WriteResult(written: count, modeChanged: modeChanged)
         }
+        // A write may drop security.capability: a file that had xattrs before it gets a whole
+        // record (the write's narrow one leaves xattrs out, and the successor would keep the
+        // capability). Set by the round that stores (an earlier round stores nothing).
+        var hadXattrs = false
         let result = try charging(by: caller, commit: { c, result in
-            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { $0.inode(ino) }
+            record(c, request, .written(count: result.written, modeChanged: result.modeChanged)) { change in
+                if hadXattrs { change.inode(ino) } else { change.data(ino) }
+            }
         }) { c, supply throws(Errno) in
-            try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
-                        wholeOrNothing: wholeOrNothing, supply: supply)
+            if c.keeping != nil { hadXattrs = c.inodes[ino]?.xattrs != nil }
+            return try c.write(ino, offset: offset, data: data, caller: caller, clearSetIDAsked: clearSetIDAsked,
+                               wholeOrNothing: wholeOrNothing, supply: supply)
         }
         // Past the passthrough threshold: the file moves into a backing file now, while it is
         // small (about 1 MiB to copy), rather than at its first read-only open.

@@ -253,7 +253,9 @@ final class FileSystemCore {
         evictIfUnused(victim)
     }
 
-    func remove(parent: InodeNumber, name: FileName, directory wantDirectory: Bool) throws(Errno) {
+    /// Removes a name; returns the inode it named.
+    @discardableResult
+    func remove(parent: InodeNumber, name: FileName, directory wantDirectory: Bool) throws(Errno) -> InodeNumber {
         let (dirInode, dir) = try directory(parent)
         if name.count > FileSystem.nameMax { throw .fileNameTooLong }
         guard let ino = dir.lookup(name), let victim = inodes[ino] else { throw .noSuchFileOrDirectory }
@@ -268,6 +270,7 @@ final class FileSystemCore {
         dirInode.mtime = now
         dirInode.ctime = now
         dropLink(victim, from: dirInode, dir, now: now)
+        return ino
     }
 
     /// True when `ino` is `ancestor` or lies below it.

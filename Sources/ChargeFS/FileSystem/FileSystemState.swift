@@ -4,120 +4,256 @@ import SystemPackage
 
 /// What one operation changed, named by the facade (`FileSystem`): the inodes it touched (each
 /// recorded whole but for its page map, of which only the span changed since the last record
-/// goes in) and the directory entries it touched (each recorded as it is now: an inode and its
-/// cookie, or gone). Records are snapshots, not steps, so a successor applies the last one and
-/// needs no rule per operation.
+/// goes in), the directories whose entries it changed (only their link count and times: a name
+/// made or removed changes nothing else of its directory), and the directory entries it touched
+/// (each recorded as it is now: an inode and its cookie, or gone). Records are snapshots, not
+/// steps, so a successor applies the last one and needs no rule per operation.
+/// Up to four inodes, two directories and two entries are held inline (no allocation per
+/// operation); more (a subtree's inodes) go into arrays.
 struct StateChange {
-    var inodes: [InodeNumber] = []
-    var entries: [(InodeNumber, FileName)] = []
+    private var i0: InodeNumber = 0, i1: InodeNumber = 0, i2: InodeNumber = 0, i3: InodeNumber = 0
+    private var inodeCount = 0
+    private var moreInodes: [InodeNumber] = []
+    private var p0: InodeNumber = 0, p1: InodeNumber = 0
+    private var parentCount = 0
+    /// A file only written to (its data, size, times, mode), when no whole record names it.
+    private var written: InodeNumber = 0
 
-    mutating func inode(_ ino: InodeNumber?) {
-        if let ino, !inodes.contains(ino) { inodes.append(ino) }
+    /// An entry as it is after the change, when the operation knows it (no lookup needed).
+    struct Entry {
+        let dir: InodeNumber
+        let name: FileName
+        let now: (ino: InodeNumber, cookie: UInt64)?
+    }
+    private var e0: Entry?, e1: Entry?
+    private var moreEntries: [Entry] = []
+
+    func holds(_ ino: InodeNumber) -> Bool {
+        switch inodeCount {
+        case 0: return false
+        case 1: return i0 == ino
+        case 2: return i0 == ino || i1 == ino
+        case 3: return i0 == ino || i1 == ino || i2 == ino
+        default: return i0 == ino || i1 == ino || i2 == ino || i3 == ino || moreInodes.contains(ino)
+        }
     }
 
-    mutating func entry(_ dir: InodeNumber, _ name: FileName) { entries.append((dir, name)) }
+    mutating func inode(_ ino: InodeNumber?) {
+        guard let ino, !holds(ino) else { return }
+        switch inodeCount {
+        case 0: i0 = ino
+        case 1: i1 = ino
+        case 2: i2 = ino
+        case 3: i3 = ino
+        default: moreInodes.append(ino)
+        }
+        inodeCount += 1
+    }
+
+    /// A directory a name was made in or removed from (recorded whole if also named by `inode`).
+    mutating func parent(_ ino: InodeNumber) {
+        if parentCount == 1 && p0 == ino { return }
+        if parentCount == 0 { p0 = ino } else if parentCount == 1 { p1 = ino } else { return inode(ino) }
+        parentCount += 1
+    }
+
+    /// A file whose data was written: recorded by what a write changes (`StateKeeping.encodeData`).
+    mutating func data(_ ino: InodeNumber) { written = ino }
+
+    var dataOnly: InodeNumber? { written == 0 || holds(written) ? nil : written }
+
+    mutating func entry(_ dir: InodeNumber, _ name: FileName, now: (ino: InodeNumber, cookie: UInt64)? = nil) {
+        let entry = Entry(dir: dir, name: name, now: now)
+        if e0 == nil { e0 = entry } else if e1 == nil { e1 = entry } else { moreEntries.append(entry) }
+    }
+
+    func forEachInode<E: Error>(_ body: (InodeNumber) throws(E) -> Void) throws(E) {
+        if inodeCount > 0 { try body(i0) }
+        if inodeCount > 1 { try body(i1) }
+        if inodeCount > 2 { try body(i2) }
+        if inodeCount > 3 { try body(i3) }
+        for ino in moreInodes { try body(ino) }
+    }
+
+    /// Directories recorded by their times and link count alone (not those recorded whole).
+    func forEachParent(_ body: (InodeNumber) -> Void) {
+        if parentCount > 0, !holds(p0) { body(p0) }
+        if parentCount > 1, !holds(p1) { body(p1) }
+    }
+
+    func forEachEntry(_ body: (Entry) -> Void) {
+        if let e0 { body(e0) }
+        if let e1 { body(e1) }
+        for e in moreEntries { body(e) }
+    }
 }
 
 /// The state a mount keeps for a successor (docs/takeover.md): owned by the core, used under
 /// the tree's lock (commits under the exclusive one, a checkpoint under the shared one, which
 /// excludes commits). Present only when the mount asked for it: without it each operation pays
 /// one nil check.
+/// Its mutable properties are marked `@exclusivity(unchecked)`: each is used only under the
+/// tree's lock, and the dynamic check on every access was measurable on each commit.
 final class StateKeeping: @unchecked Sendable {
     let files: StateFiles
     let keeper: any DescriptorKeeper
     private let writer = StateWriter()
     /// Backing files no record names any more once the record being written is published.
-    private var forgetAfterPublish: [UInt64] = []
+    @exclusivity(unchecked) private var forgetAfterPublish: [UInt64] = []
     /// Ids of the backing files the keeper holds, by inode.
-    var backingIDs: [InodeNumber: UInt64] = [:]
-    var nextBackingID: UInt64 = 1
-    /// The last answers, by the request's original unique (`appliedLimit` of them): a resend
-    /// comes for a request in flight at the crash, so the last few suffice.
-    private(set) var applied: [UInt64: AppliedRequest] = [:]
-    private(set) var appliedOrder: [UInt64] = []
+    @exclusivity(unchecked) var backingIDs: [InodeNumber: UInt64] = [:]
+    @exclusivity(unchecked) var nextBackingID: UInt64 = 1
+    /// The last answers (`appliedLimit` of them), by the request's original unique, in a ring:
+    /// a resend comes for a request in flight at the crash, so the last few suffice. Keeping one
+    /// is two stores (every change pays it); finding one is a scan of the ring, which only a
+    /// resent request (bit 63, after a takeover) pays.
+    /// Allocated once (plain stores: no uniqueness or exclusivity check of an array property).
+    private let appliedUniques: UnsafeMutablePointer<UInt64> = {
+        let p = UnsafeMutablePointer<UInt64>.allocate(capacity: StateKeeping.appliedLimit)
+        p.initialize(repeating: 0, count: StateKeeping.appliedLimit)
+        return p
+    }()
+    private let appliedAnswers: UnsafeMutablePointer<AppliedRequest> = {
+        let p = UnsafeMutablePointer<AppliedRequest>.allocate(capacity: StateKeeping.appliedLimit)
+        p.initialize(repeating: .done, count: StateKeeping.appliedLimit)
+        return p
+    }()
+    @exclusivity(unchecked) private var appliedNext = 0
     static let appliedLimit = 1024
     /// A checkpoint is due once the journal holds this many bytes, or as many as the last
     /// checkpoint had if more: a checkpoint then costs at most as much writing as the journal it
     /// trims (at 1M files one is ~160 MiB and takes about a second).
-    var checkpointBytes = 64 << 20
-    private(set) var lastCheckpointBytes = 0
+    @exclusivity(unchecked) var checkpointBytes = 64 << 20
+    @exclusivity(unchecked) private(set) var lastCheckpointBytes = 0
     let checkpointDue = Atomic(false)
     private let checkpointing = Atomic(false)
     /// Set when a record could not be written: the state no longer follows the tree, so no
     /// successor may take it over (the journal's header says so too; logged once).
-    private(set) var failure: StateError?
+    @exclusivity(unchecked) private(set) var failure: StateError?
     /// Checkpoints taken, and the last one's duration (tests, docs/takeover.md).
     private(set) var checkpoints = 0
     private(set) var lastCheckpointNanoseconds: UInt64 = 0
     /// The store's `targetsGeneration` the last published record or checkpoint holds the
     /// table of (-1: none yet).
-    var recordedTargetsGeneration = -1
+    @exclusivity(unchecked) var recordedTargetsGeneration = -1
 
     /// Test hook: the next commit writes nothing and does nothing after (a server killed just
     /// before its publish; the test then drops the file system).
-    var dropNextRecordForTest = false
+    @exclusivity(unchecked) var dropNextRecordForTest = false
 
     init(files: StateFiles, keeper: any DescriptorKeeper) {
         self.files = files
         self.keeper = keeper
     }
 
+    deinit {
+        appliedUniques.deallocate()
+        appliedAnswers.deinitialize(count: Self.appliedLimit)
+        appliedAnswers.deallocate()
+    }
+
     func remember(_ unique: UInt64, _ answer: AppliedRequest) {
-        if applied.updateValue(answer, forKey: unique) == nil {
-            appliedOrder.append(unique)
-            if appliedOrder.count > Self.appliedLimit * 2 {
-                for old in appliedOrder.prefix(appliedOrder.count - Self.appliedLimit) { applied[old] = nil }
-                appliedOrder.removeFirst(appliedOrder.count - Self.appliedLimit)
-            }
-        }
+        guard unique != 0 else { return }
+        appliedUniques[appliedNext] = unique
+        appliedAnswers[appliedNext] = answer
+        appliedNext = appliedNext + 1 == Self.appliedLimit ? 0 : appliedNext + 1
+    }
+
+    /// The kept answers, oldest first.
+    func forEachApplied(_ body: (UInt64, AppliedRequest) -> Void) {
+        for i in appliedNext..<Self.appliedLimit where appliedUniques[i] != 0 { body(appliedUniques[i], appliedAnswers[i]) }
+        for i in 0..<appliedNext where appliedUniques[i] != 0 { body(appliedUniques[i], appliedAnswers[i]) }
     }
 
     /// The answer a resent request already got, nil when it was not applied (serve it).
     func answer(for request: RequestContext?) -> AppliedRequest? {
         guard let request, request.isResend else { return nil }
-        return applied[request.original]
+        // The newest first: a unique is kept once, but a scan from the newest is shortest for
+        // the requests in flight at the crash.
+        let unique = request.original
+        var i = appliedNext
+        for _ in 0..<Self.appliedLimit {
+            i = i == 0 ? Self.appliedLimit - 1 : i - 1
+            if appliedUniques[i] == unique { return appliedAnswers[i] }
+        }
+        return nil
     }
 
     /// Writes one transaction: `request`'s answer and the records of `change`, then publishes
     /// it. Called in the same hold of the exclusive lock as the change, so records follow the
-    /// order of changes.
+    /// order of changes. The bytes go straight into the journal's mapping past its tail
+    /// (unpublished, so ignored by a successor, until the tail's release store).
     func commit(_ core: FileSystemCore, _ request: RequestContext?, _ answer: AppliedRequest, _ change: StateChange) {
         guard failure == nil else { return }
-        writer.reset()
-        writer.u64(request?.original ?? 0)
-        answer.write(to: writer)
-        forgetAfterPublish.removeAll(keepingCapacity: true)
+        var e = files.beginTransaction()
+        e.u64(request?.original ?? 0)
+        if request == nil {
+            e.u8(0)  // unique 0: no resend can ask for this answer
+        } else if case .attributes(let a) = answer, change.holds(a.ino), core.inodes[a.ino]?.attributes == a {
+            // The inode is recorded in this transaction: its attributes are the answer (a successor
+            // takes them from the inode once the transaction is applied). 9 bytes, not 101.
+            e.u8(5)
+            e.u64(a.ino.rawValue)
+        } else {
+            answer.encode(into: &e)
+        }
+        if !forgetAfterPublish.isEmpty { forgetAfterPublish.removeAll(keepingCapacity: true) }
         // A target opened or given back (a directory's user.chargefs.memcg, memcg=auto's
         // hosts): the whole table, before the inodes that name its indexes.
         let targetsGeneration = core.store.targetsGeneration
         if targetsGeneration != recordedTargetsGeneration {
-            writer.u8(4)
-            Self.writeTargets(core.store.targetKeys, into: writer)
+            e.u8(4)
+            Self.writeTargets(core.store.targetKeys, into: &e)
         }
         do throws(StateError) {
-            for ino in change.inodes {
+            try change.forEachInode { (ino: InodeNumber) throws(StateError) in
                 if let inode = core.inodes[ino] {
-                    writer.u8(1)
-                    try encode(inode, pages: inode.pages.takeChanged(), into: writer)
+                    e.u8(1)
+                    try encode(inode, pages: inode.pages.takeChanged(), into: &e)
                 } else {
-                    writer.u8(2)
-                    writer.u64(ino.rawValue)
-                    if let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+                    e.u8(2)
+                    e.u64(ino.rawValue)
+                    if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
                 }
             }
-            for (dir, name) in change.entries {
-                writer.u8(3)
-                writer.u64(dir.rawValue)
-                writer.blob(name)
-                let entry = core.inodes[dir]?.directory?.entry(named: name)
-                writer.u64(entry?.ino.rawValue ?? 0)
-                writer.u64(entry?.cookie ?? 0)
+            if let ino = change.dataOnly {
+                if let inode = core.inodes[ino], inode.xattrs == nil, inode.backing == nil {
+                    encodeData(inode, into: &e)
+                } else if let inode = core.inodes[ino] {
+                    e.u8(1)
+                    try encode(inode, pages: inode.pages.takeChanged(), into: &e)
+                } else {
+                    e.u8(2)
+                    e.u64(ino.rawValue)
+                    if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+                }
+            }
+            change.forEachParent { ino in
+                guard let inode = core.inodes[ino] else {
+                    e.u8(2)
+                    e.u64(ino.rawValue)
+                    return
+                }
+                let p = e.take(45)
+                p.put(UInt8(5), at: 0)
+                p.put(ino.rawValue, at: 1); p.put(inode.nlink, at: 9)
+                p.put(Int64(inode.mtime.tv_sec), at: 13); p.put(Int64(inode.mtime.tv_nsec), at: 21)
+                p.put(Int64(inode.ctime.tv_sec), at: 29); p.put(Int64(inode.ctime.tv_nsec), at: 37)
+            }
+            change.forEachEntry { entry in
+                e.u8(3)
+                e.u64(entry.dir.rawValue)
+                e.blob(entry.name)
+                let now = entry.now ?? core.inodes[entry.dir]?.directory?.entry(named: entry.name)
+                let p = e.take(16)
+                p.put(now?.ino.rawValue ?? 0, at: 0)
+                p.put(now?.cookie ?? 0, at: 8)
             }
             if dropNextRecordForTest {
                 dropNextRecordForTest = false
                 return  // the server "died" before the publish: nothing after it runs either
             }
-            try files.append(kind: 1, writer.bytes)
+            try files.commitTransaction(kind: 1, e)
         } catch {
             fail(error)
             core.store.deferPunches = false
@@ -128,15 +264,15 @@ final class StateKeeping: @unchecked Sendable {
         // The record no longer names the pages this change freed: they may go now.
         core.store.punchDeferred()
         // Only once the record no longer names them: a crash before leaves them kept.
-        for id in forgetAfterPublish { keeper.forget(.backingFile(id)) }
+        if !forgetAfterPublish.isEmpty { for id in forgetAfterPublish { keeper.forget(.backingFile(id)) } }
         if let request { remember(request.original, answer) }
         if files.tail >= max(checkpointBytes, lastCheckpointBytes) { checkpointDue.store(true, ordering: .relaxed) }
     }
 
-    static func writeTargets(_ keys: [String?], into w: StateWriter) {
-        w.u32(UInt32(keys.count))
+    static func writeTargets(_ keys: [String?], into e: inout StateEncoder) {
+        e.u32(UInt32(keys.count))
         for key in keys {
-            if let key { w.u8(1); w.blob(Array(key.utf8)) } else { w.u8(0) }
+            if let key { e.u8(1); e.blob(Array(key.utf8)) } else { e.u8(0) }
         }
     }
 
@@ -147,52 +283,81 @@ final class StateKeeping: @unchecked Sendable {
 
     /// One inode, whole but for its pages: `pages` is the span of its page map to record
     /// (nil: none; a takeover's checkpoint gives the whole map).
-    func encode(_ inode: Inode, pages: Range<Int>?, into w: StateWriter) throws(StateError) {
-        // The fixed fields in one step (112 bytes): the record's hot part.
-        w.fixed(112) { f in
-            f.put(inode.ino.rawValue)
-            f.put(inode.generation); f.put(inode.mode); f.put(inode.uid); f.put(inode.gid); f.put(inode.nlink)
-            f.put(inode.rdev); f.put(inode.size)
-            f.put(Int64(inode.atime.tv_sec)); f.put(Int64(inode.atime.tv_nsec))
-            f.put(Int64(inode.mtime.tv_sec)); f.put(Int64(inode.mtime.tv_nsec))
-            f.put(Int64(inode.ctime.tv_sec)); f.put(Int64(inode.ctime.tv_nsec))
-            f.put(inode.openCount); f.put(inode.passthroughOpens)
-            f.put(Int64(inode.chargeTarget)); f.put(UInt8(inode.ownsTarget ? 1 : 0))
-        }
+    func encode(_ inode: Inode, pages: Range<Int>?, into e: inout StateEncoder) throws(StateError) {
+        // The fixed fields in one step (109 bytes): the record's hot part.
+        let p = e.take(109)
+        p.put(inode.ino.rawValue, at: 0)
+        p.put(inode.generation, at: 8); p.put(inode.mode, at: 12); p.put(inode.uid, at: 16); p.put(inode.gid, at: 20)
+        p.put(inode.nlink, at: 24)
+        p.put(inode.rdev, at: 28); p.put(inode.size, at: 36)
+        p.put(Int64(inode.atime.tv_sec), at: 44); p.put(Int64(inode.atime.tv_nsec), at: 52)
+        p.put(Int64(inode.mtime.tv_sec), at: 60); p.put(Int64(inode.mtime.tv_nsec), at: 68)
+        p.put(Int64(inode.ctime.tv_sec), at: 76); p.put(Int64(inode.ctime.tv_nsec), at: 84)
+        p.put(inode.openCount, at: 92); p.put(inode.passthroughOpens, at: 96)
+        p.put(Int64(inode.chargeTarget), at: 100); p.put(UInt8(inode.ownsTarget ? 1 : 0), at: 108)
         switch inode.payload {
-        case .none: w.u8(0)
-        case .directory(let d): w.u8(1); w.u64(d.parent.rawValue)
-        case .symlink(let target): w.u8(2); w.blob(target)
+        case .none: e.u8(0)
+        case .directory(let d): e.u8(1); e.u64(d.parent.rawValue)
+        case .symlink(let target): e.u8(2); e.blob(target)
         }
         if let xattrs = inode.xattrs {
-            w.u32(UInt32(xattrs.count))
-            for (name, value) in xattrs { w.blob(name); w.blob(value) }
+            e.u32(UInt32(xattrs.count))
+            for (name, value) in xattrs { e.blob(name); e.blob(value) }
         } else {
-            w.u32(.max)
+            e.u32(.max)
         }
         // memcg=auto: the cgroups that use the file (its host is its target).
-        w.u32(UInt32(inode.users.count))
-        for user in inode.users { w.blob(Array(user.utf8)) }
-        w.u32(UInt32(bitPattern: inode.passthroughID))
-        w.u64(try backingID(of: inode))
-        guard let pages else { return w.u8(0) }
-        w.u8(1)
-        w.u64(UInt64(pages.lowerBound)); w.u64(UInt64(pages.upperBound))
+        e.u32(UInt32(inode.users.count))
+        for user in inode.users { e.blob(Array(user.utf8)) }
+        e.u32(UInt32(bitPattern: inode.passthroughID))
+        e.u64(try backingID(of: inode))
+        encodePages(inode, pages, into: &e)
+    }
+
+    /// The span `pages` of the inode's page map (nil: none): {1, from, to, count, (index, page)...}
+    /// or {0}.
+    private func encodePages(_ inode: Inode, _ pages: Range<Int>?, into e: inout StateEncoder) {
+        guard let pages else { return e.u8(0) }
+        e.u8(1)
+        e.u64(UInt64(pages.lowerBound)); e.u64(UInt64(pages.upperBound))
         if pages.count <= 4 * PageMap.chunkSlots {
-            // A small span (a write's pages): counted, then written, with no array between.
+            // A small span (a write's pages): one pass, each page looked up once, written
+            // straight after a count filled in at the end.
+            let countAt = e.count
+            e.u32(0)
             var n: UInt32 = 0
-            for i in pages where inode.pages.page(at: i) != 0 { n += 1 }
-            w.u32(n)
             for i in pages {
-                let p = inode.pages.page(at: i)
-                if p != 0 { w.u64(UInt64(i)); w.u32(p) }
+                let page = inode.pages.page(at: i)
+                if page != 0 { e.u64(UInt64(i)); e.u32(page); n += 1 }
             }
+            e.patch(n, at: countAt)
             return
         }
-        var held: [(Int, UInt32)] = []
-        inode.pages.forEach { i, p in if pages.contains(i) { held.append((i, p)) } }
-        w.u32(UInt32(held.count))
-        for (i, p) in held { w.u64(UInt64(i)); w.u32(p) }
+        // A large span (a checkpoint's whole map, a truncate's tail): the map's pages in it,
+        // written as found (no array per inode), the count filled in after.
+        let countAt = e.count
+        e.u32(0)
+        var n: UInt32 = 0
+        if inode.pages.count > 0 {
+            inode.pages.forEach { i, page in
+                if pages.contains(i) { e.u64(UInt64(i)); e.u32(page); n += 1 }
+            }
+        }
+        e.patch(n, at: countAt)
+    }
+
+    /// A write's record (kind 6): what a write changes beside the data, its mode (setuid and
+    /// setgid cleared), size and times, and the span of its page map. Only for a file that had
+    /// no xattrs before the write (a write may drop security.capability: `FileSystem.write`
+    /// names such a file whole) and has no backing file: others get a whole one.
+    private func encodeData(_ inode: Inode, into e: inout StateEncoder) {
+        let p = e.take(45)
+        p.put(UInt8(6), at: 0)
+        p.put(inode.ino.rawValue, at: 1); p.put(inode.mode, at: 9); p.put(inode.size, at: 13)
+        p.put(Int64(inode.mtime.tv_sec), at: 21); p.put(Int64(inode.mtime.tv_nsec), at: 29)
+        p.put(Int64(inode.ctime.tv_sec), at: 37)
+        e.i64(Int64(inode.ctime.tv_nsec))
+        encodePages(inode, inode.pages.takeChanged(), into: &e)
     }
 
     /// The keeper's id of the inode's backing file (0: none), handing a new one to the keeper.
@@ -224,10 +389,9 @@ final class StateKeeping: @unchecked Sendable {
         let start = timespec.now
         do throws(StateError) {
             forgetAfterPublish.removeAll(keepingCapacity: true)
-            let snapshot = try snapshot(core)
-            defer { withExtendedLifetime(snapshot) {} }  // its bytes are read through a pointer
-            try files.checkpoint(snapshot.bytes)
-            lastCheckpointBytes = snapshot.count
+            lastCheckpointBytes = try files.writeCheckpoint { (e: inout StateEncoder) throws(StateError) in
+                try encodeSnapshot(core, into: &e)
+            }
             for id in forgetAfterPublish { keeper.forget(.backingFile(id)) }
         } catch {
             fail(error)
@@ -241,34 +405,37 @@ final class StateKeeping: @unchecked Sendable {
 
     /// Every inode (with its whole page map and a directory's entries), the table's free
     /// numbers, the backing file ids and the last answers.
-    func snapshot(_ core: FileSystemCore) throws(StateError) -> StateWriter {
-        let w = StateWriter(capacity: max(4096, core.inodes.count * 160))
-        w.u64(StateFiles.version)
-        w.u64(UInt64(core.inodes.slotCount))
+    func encodeSnapshot(_ core: FileSystemCore, into e: inout StateEncoder) throws(StateError) {
+        e.u64(StateFiles.version)
+        e.u64(UInt64(core.inodes.slotCount))
         let free = core.inodes.freeList
-        w.u64(UInt64(free.count))
-        for f in free { w.u64(f.ino.rawValue); w.u32(f.generation) }
-        w.u64(nextBackingID)
-        w.u64(UInt64(core.inodes.count))
-        for inode in core.inodes.all {
-            // The whole map; its changed span stays (the next record repeats part of it: harmless,
-            // and nothing here may change the tree under the shared lock).
-            try encode(inode, pages: 0..<(Int.max >> 1), into: w)
+        e.u64(UInt64(free.count))
+        for f in free { e.u64(f.ino.rawValue); e.u32(f.generation) }
+        e.u64(nextBackingID)
+        e.u64(UInt64(core.inodes.count))
+        // In place: no array of every inode or of a directory's entries is built first.
+        try core.inodes.forEach { (inode: Inode) throws(StateError) in
+            // The whole map; its changed span stays (the next record repeats part of it:
+            // harmless, and nothing here may change the tree under the shared lock).
+            try encode(inode, pages: 0..<(Int.max >> 1), into: &e)
             if let d = inode.directory {
-                w.u64(d.cookieCounter)
-                let entries = d.liveEntries
-                w.u64(UInt64(entries.count))
-                for e in entries { w.blob(e.name); w.u64(e.ino.rawValue); w.u64(e.cookie) }
+                e.u64(d.cookieCounter)
+                e.u64(UInt64(d.liveCount))
+                d.forEach(from: 0) { entry in
+                    e.blob(entry.name); e.u64(entry.ino.rawValue); e.u64(entry.cookie)
+                    return true
+                }
             }
         }
-        w.u64(UInt64(appliedOrder.count))
-        for unique in appliedOrder {
-            w.u64(unique)
-            (applied[unique] ?? .done).write(to: w)
+        var kept = 0
+        forEachApplied { _, _ in kept += 1 }
+        e.u64(UInt64(kept))
+        forEachApplied { unique, answer in
+            e.u64(unique)
+            answer.encode(into: &e)
         }
-        Self.writeTargets(core.store.targetKeys, into: w)
+        Self.writeTargets(core.store.targetKeys, into: &e)
         recordedTargetsGeneration = core.store.targetsGeneration
-        return w
     }
 }
 
@@ -347,8 +514,16 @@ struct TreeRestorer {
     mutating func apply(_ payload: UnsafeRawBufferPointer) throws(StateError) {
         var r = StateReader(payload)
         let unique = try r.u64()
-        let answer = try AppliedRequest.read(from: &r)
-        if unique != 0 { applied.append((unique, answer)) }
+        // Answer kind 5: the attributes of an inode this transaction records, as applied.
+        var answerOf: InodeNumber? = nil
+        var answer = AppliedRequest.done
+        var probe = r
+        if try probe.u8() == 5 {
+            answerOf = InodeNumber(rawValue: try probe.u64())
+            r = probe
+        } else {
+            answer = try AppliedRequest.read(from: &r)
+        }
         while !r.atEnd {
             switch try r.u8() {
             case 1: _ = try upsert(&r)
@@ -363,9 +538,36 @@ struct TreeRestorer {
                 guard let d = inodes[dir]?.directory else { throw StateError.corrupt("an entry in \(dir), not a directory") }
                 if ino == 0 { d.remove(name) } else { d.restore(name, ino: InodeNumber(rawValue: ino), cookie: cookie) }
             case 4: targetKeys = try Self.readTargets(&r)
+            case 5:
+                // A directory's link count and times (a name made or removed in it).
+                let ino = InodeNumber(rawValue: try r.u64())
+                let nlink = try r.u32()
+                let mtime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+                let ctime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+                guard let inode = inodes[ino] else { throw StateError.corrupt("the times of inode \(ino), which is not there") }
+                inode.nlink = nlink
+                inode.mtime = mtime
+                inode.ctime = ctime
+            case 6:
+                // A write: mode, size, times and the page span.
+                let ino = InodeNumber(rawValue: try r.u64())
+                let mode = try r.u32(), size = try r.i64()
+                let mtime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+                let ctime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+                guard let inode = inodes[ino] else { throw StateError.corrupt("a write to inode \(ino), which is not there") }
+                inode.mode = mode
+                inode.size = size
+                inode.mtime = mtime
+                inode.ctime = ctime
+                try Self.readPages(&r, into: inode)
             case let tag: throw StateError.corrupt("record kind \(tag)")
             }
         }
+        if let answerOf {
+            guard let inode = inodes[answerOf] else { throw StateError.corrupt("an answer naming inode \(answerOf), which is not there") }
+            answer = .attributes(inode.attributes)
+        }
+        if unique != 0 { applied.append((unique, answer)) }
     }
 
     /// Reads one inode record and applies it (made, or updated in place).
@@ -426,6 +628,12 @@ struct TreeRestorer {
             inode.backing = try backing(backingID, target: inode.chargeTarget)
             backingIDs[ino] = backingID
         }
+        try Self.readPages(&r, into: inode)
+        return inode
+    }
+
+    /// What `encodePages` wrote, applied to `inode`'s map.
+    private static func readPages(_ r: inout StateReader, into inode: Inode) throws(StateError) {
         if try r.u8() == 1 {
             let lo = try r.u64(), hi = try r.u64()
             guard lo <= hi, hi <= UInt64(Int.max >> 1) else { throw StateError.corrupt("pages \(lo)..<\(hi)") }
@@ -439,7 +647,6 @@ struct TreeRestorer {
             }
             _ = inode.pages.takeChanged()
         }
-        return inode
     }
 
     private mutating func backing(_ id: UInt64, target: Int) throws(StateError) -> BackingFile {

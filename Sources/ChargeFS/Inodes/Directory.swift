@@ -55,6 +55,10 @@ final class Directory {
         return (entries[i].ino, entries[i].cookie)
     }
 
+    /// The entry added last (a tombstone if it was removed since): what a create just made, so
+    /// that recording it needs no second lookup of its name.
+    var newest: Entry? { entries.last }
+
     /// Puts `name` at `ino` with the cookie it had (a takeover replaying a change): replaced in
     /// place when the name is there, else appended (cookies only grow, so order is kept).
     func restore(_ name: FileName, ino: InodeNumber, cookie: UInt64) {
@@ -78,6 +82,9 @@ final class Directory {
 
     /// Live entries in cookie order.
     var liveEntries: [Entry] { entries.filter { $0.ino != 0 } }
+
+    /// How many live entries there are (without `liveEntries`' copy).
+    var liveCount: Int { index.count }
 
     private func compact() {
         entries.removeAll { $0.ino == 0 }

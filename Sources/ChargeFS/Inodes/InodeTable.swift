@@ -66,6 +66,11 @@ struct InodeTable {
 
     var all: [Inode] { slots.compactMap { $0 } }
 
+    /// Each inode in number order, without building `all`'s array (a checkpoint at 1M files).
+    func forEach<E: Error>(_ body: (Inode) throws(E) -> Void) throws(E) {
+        for slot in slots { if let inode = slot { try body(inode) } }
+    }
+
     mutating func removeAll() {
         slots = [nil]
         freeNumbers = []

@@ -87,13 +87,16 @@ public final class PageStore {
     /// data, not over holes. The pages are charged meanwhile and handed to no one.
     public var deferPunches = false
     private var deferred: [UInt32] = []
+    /// The pages being punched, swapped with `deferred`: both keep their buffers (no
+    /// allocation per published record; an unlink with state kept punches after each).
+    private var punching: [UInt32] = []
 
     /// Punches what waited for a record to be published.
     public func punchDeferred() {
         guard !deferred.isEmpty else { return }
-        var pages = deferred
-        deferred.removeAll()
-        punchNow(&pages)
+        swap(&deferred, &punching)
+        punchNow(&punching)
+        punching.removeAll(keepingCapacity: true)
     }
 
     /// A store on `arena` whose pages `charger` pays for (a charger that instantiates pages from

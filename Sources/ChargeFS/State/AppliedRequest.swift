@@ -34,20 +34,28 @@ public enum AppliedRequest: Sendable, Equatable {
     case released(last: Bool)
 
     public func write(to w: StateWriter) {
+        w.encode { encode(into: &$0) }
+    }
+
+    /// The answer's bytes (read back by `read(from:)`).
+    func encode(into e: inout StateEncoder) {
         switch self {
-        case .done: w.u8(0)
+        case .done: e.u8(0)
         case .attributes(let a):
-            w.u8(1)
-            w.u64(a.ino.rawValue); w.u32(a.generation); w.u32(a.mode); w.u32(a.nlink); w.u32(a.uid); w.u32(a.gid)
-            w.u64(a.rdev); w.i64(a.size); w.i64(a.blocks)
-            w.i64(Int64(a.atime.tv_sec)); w.i64(Int64(a.atime.tv_nsec)); w.i64(Int64(a.mtime.tv_sec)); w.i64(Int64(a.mtime.tv_nsec))
-            w.i64(Int64(a.ctime.tv_sec)); w.i64(Int64(a.ctime.tv_nsec))
+            let p = e.take(101)
+            p.put(UInt8(1), at: 0)
+            p.put(a.ino.rawValue, at: 1); p.put(a.generation, at: 9); p.put(a.mode, at: 13); p.put(a.nlink, at: 17)
+            p.put(a.uid, at: 21); p.put(a.gid, at: 25)
+            p.put(a.rdev, at: 29); p.put(a.size, at: 37); p.put(a.blocks, at: 45)
+            p.put(Int64(a.atime.tv_sec), at: 53); p.put(Int64(a.atime.tv_nsec), at: 61)
+            p.put(Int64(a.mtime.tv_sec), at: 69); p.put(Int64(a.mtime.tv_nsec), at: 77)
+            p.put(Int64(a.ctime.tv_sec), at: 85); p.put(Int64(a.ctime.tv_nsec), at: 93)
         case .written(let count, let modeChanged):
-            w.u8(2); w.u64(UInt64(count)); w.u8(modeChanged ? 1 : 0)
+            e.u8(2); e.u64(UInt64(count)); e.u8(modeChanged ? 1 : 0)
         case .opened(let modeChanged):
-            w.u8(3); w.u8(modeChanged ? 1 : 0)
+            e.u8(3); e.u8(modeChanged ? 1 : 0)
         case .released(let last):
-            w.u8(4); w.u8(last ? 1 : 0)
+            e.u8(4); e.u8(last ? 1 : 0)
         }
     }
 

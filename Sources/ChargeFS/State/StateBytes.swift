@@ -1,10 +1,103 @@
 import Glibc
 
-/// Appends little-endian values to a buffer of its own: what a journal transaction or a
-/// checkpoint is written in. Kept and reused (no allocation per transaction once it has grown),
-/// and written with plain stores: a record costs tens of nanoseconds, not one generic append per
-/// field.
-public final class StateWriter {
+/// Where a `StateEncoder` gets more room when a record outgrows what it was given: the
+/// journal's file grown under its mapping (same base), or a heap buffer reallocated.
+protocol StateRoom: AnyObject {
+    /// Room for at least `needed` bytes from the returned base, whose first `used` bytes are
+    /// those at `base`; and the room's size.
+    func grow(_ base: UnsafeMutableRawPointer, used: Int, needed: Int) -> (base: UnsafeMutableRawPointer, capacity: Int)
+}
+
+/// Little-endian values stored straight where they go (the journal's mapping, or a
+/// checkpoint's buffer). A struct passed inout: the hot path is a bounds compare and plain
+/// stores, with no reference counting and no dynamic exclusivity check; only running out of
+/// room calls its `StateRoom` (out of line).
+struct StateEncoder {
+    private(set) var base: UnsafeMutableRawPointer
+    private(set) var count = 0
+    private var capacity: Int
+    unowned(unsafe) let room: any StateRoom
+
+    init(base: UnsafeMutableRawPointer, capacity: Int, room: any StateRoom) {
+        self.base = base
+        self.capacity = capacity
+        self.room = room
+    }
+
+    var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
+
+    @inline(__always)
+    mutating func reserve(_ n: Int) {
+        if count + n > capacity { more(n) }
+    }
+
+    @inline(never)
+    private mutating func more(_ n: Int) {
+        (base, capacity) = room.grow(base, used: count, needed: count + n)
+    }
+
+    /// `n` bytes to store into at once (fixed fields: one check of room); they count as written.
+    @inline(__always)
+    mutating func take(_ n: Int) -> UnsafeMutableRawPointer {
+        reserve(n)
+        defer { count += n }
+        return base + count
+    }
+
+    @inline(__always)
+    mutating func u8(_ v: UInt8) {
+        reserve(1)
+        base.storeBytes(of: v, toByteOffset: count, as: UInt8.self)
+        count += 1
+    }
+
+    @inline(__always)
+    mutating func u32(_ v: UInt32) {
+        reserve(4)
+        base.storeBytes(of: v.littleEndian, toByteOffset: count, as: UInt32.self)
+        count += 4
+    }
+
+    @inline(__always)
+    mutating func u64(_ v: UInt64) {
+        reserve(8)
+        base.storeBytes(of: v.littleEndian, toByteOffset: count, as: UInt64.self)
+        count += 8
+    }
+
+    @inline(__always)
+    mutating func i64(_ v: Int64) { u64(UInt64(bitPattern: v)) }
+
+    /// Overwrites a UInt32 written earlier at `offset` (a count known only after its items).
+    @inline(__always)
+    mutating func patch(_ v: UInt32, at offset: Int) {
+        base.storeBytes(of: v.littleEndian, toByteOffset: offset, as: UInt32.self)
+    }
+
+    /// A length (UInt32) and the bytes.
+    mutating func blob(_ v: [UInt8]) {
+        v.withUnsafeBytes { p in blob(p) }
+    }
+
+    mutating func blob(_ p: UnsafeRawBufferPointer) {
+        reserve(4 + p.count)
+        base.storeBytes(of: UInt32(truncatingIfNeeded: p.count).littleEndian, toByteOffset: count, as: UInt32.self)
+        if let src = p.baseAddress { (base + count + 4).copyMemory(from: src, byteCount: p.count) }
+        count += 4 + p.count
+    }
+}
+
+/// Stores into a little-endian record at fixed offsets (`StateEncoder.take`).
+extension UnsafeMutableRawPointer {
+    @inline(__always)
+    func put<T: FixedWidthInteger>(_ v: T, at offset: Int) {
+        storeBytes(of: v.littleEndian, toByteOffset: offset, as: T.self)
+    }
+}
+
+/// Appends little-endian values to a buffer of its own: what a checkpoint is written in (a
+/// journal transaction is encoded straight into the journal's mapping). Kept and reused.
+public final class StateWriter: StateRoom {
     private var base: UnsafeMutableRawPointer
     private var capacity: Int
     public private(set) var count = 0
@@ -21,76 +114,33 @@ public final class StateWriter {
     /// What was written so far (valid until the next write or reset).
     public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
 
-    @inline(__always)
-    private func reserve(_ n: Int) {
-        if count + n > capacity { grow(count + n) }
-    }
-
-    private func grow(_ needed: Int) {
+    func grow(_ old: UnsafeMutableRawPointer, used: Int, needed: Int) -> (base: UnsafeMutableRawPointer, capacity: Int) {
         var size = capacity * 2
         while size < needed { size *= 2 }
         let bigger = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
-        bigger.copyMemory(from: base, byteCount: count)
+        bigger.copyMemory(from: old, byteCount: used)
         base.deallocate()
         base = bigger
         capacity = size
+        return (bigger, size)
     }
 
-    /// Writes up to `maximum` bytes through `body` in one step (one check of room, one update of
-    /// the count: a record's fixed fields then cost plain stores); `body` returns how many it wrote.
-    @inline(__always)
-    public func fixed(_ maximum: Int, _ body: (inout FixedFields) -> Void) {
-        reserve(maximum)
-        var fields = FixedFields(base: base + count)
-        body(&fields)
-        count += min(fields.offset, maximum)
+    /// Appends through an encoder (the fast path: a struct on the caller's stack).
+    func encode<E: Error>(_ body: (inout StateEncoder) throws(E) -> Void) throws(E) {
+        var e = StateEncoder(base: base, capacity: capacity, room: self)
+        // The encoder starts at the buffer's start: what was written so far is kept by
+        // advancing it past those bytes first.
+        _ = e.take(count)
+        defer { count = e.count }
+        try body(&e)
     }
 
-    @inline(__always)
-    public func u8(_ v: UInt8) {
-        reserve(1)
-        base.storeBytes(of: v, toByteOffset: count, as: UInt8.self)
-        count += 1
-    }
-
-    @inline(__always)
-    public func u32(_ v: UInt32) {
-        reserve(4)
-        base.storeBytes(of: v.littleEndian, toByteOffset: count, as: UInt32.self)
-        count += 4
-    }
-
-    @inline(__always)
-    public func u64(_ v: UInt64) {
-        reserve(8)
-        base.storeBytes(of: v.littleEndian, toByteOffset: count, as: UInt64.self)
-        count += 8
-    }
-
-    @inline(__always)
+    public func u8(_ v: UInt8) { encode { $0.u8(v) } }
+    public func u32(_ v: UInt32) { encode { $0.u32(v) } }
+    public func u64(_ v: UInt64) { encode { $0.u64(v) } }
     public func i64(_ v: Int64) { u64(UInt64(bitPattern: v)) }
-
     /// A length (UInt32) and the bytes.
-    public func blob(_ v: [UInt8]) {
-        u32(UInt32(truncatingIfNeeded: v.count))
-        reserve(v.count)
-        v.withUnsafeBytes { p in
-            if let src = p.baseAddress { (base + count).copyMemory(from: src, byteCount: p.count) }
-        }
-        count += v.count
-    }
-}
-
-/// Stores into room `StateWriter.fixed` reserved.
-public struct FixedFields {
-    let base: UnsafeMutableRawPointer
-    public private(set) var offset = 0
-
-    @inline(__always)
-    public mutating func put<T: FixedWidthInteger>(_ v: T) {
-        base.storeBytes(of: v.littleEndian, toByteOffset: offset, as: T.self)
-        offset += MemoryLayout<T>.size
-    }
+    public func blob(_ v: [UInt8]) { encode { $0.blob(v) } }
 }
 
 /// Reads what `StateWriter` wrote. Every read is bounds-checked: state that does not parse is an
@@ -148,22 +198,38 @@ public enum StateError: Error, Equatable, CustomStringConvertible {
 }
 
 /// A checksum that detects a torn or overwritten transaction (not an adversary: the memfd is the
-/// daemon's own). Eight bytes per step, so that a 200-byte record costs a few nanoseconds.
+/// daemon's own). Four independent lanes of 8 bytes (a multiply and a shift each), so the CPU
+/// runs them side by side: about 0.2 cycles a byte, ~25 ns for a 400-byte transaction. Each
+/// step is a bijection of its lane, so any one changed word changes the result.
 public func stateChecksum(_ bytes: UnsafeRawBufferPointer, seed: UInt64 = 0) -> UInt64 {
-    var h: UInt64 = 0x243F_6A88_85A3_08D3 ^ seed ^ UInt64(bytes.count)
+    let k: UInt64 = 0x9E37_79B9_7F4A_7C15
+    let n = bytes.count
+    var a: UInt64 = 0x243F_6A88_85A3_08D3 ^ seed ^ UInt64(n)
+    var b: UInt64 = 0x1319_8A2E_0370_7344 ^ seed
+    var c: UInt64 = 0xA409_3822_299F_31D0
+    var d: UInt64 = 0x082E_FA98_EC4E_6C89
     var i = 0
-    while i + 8 <= bytes.count {
-        h = (h ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0x9E37_79B9_7F4A_7C15
-        h ^= h >> 29
+    while i + 32 <= n {
+        a = (a ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* k; a ^= a >> 29
+        b = (b ^ bytes.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)) &* k; b ^= b >> 29
+        c = (c ^ bytes.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)) &* k; c ^= c >> 29
+        d = (d ^ bytes.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)) &* k; d ^= d >> 29
+        i += 32
+    }
+    while i + 8 <= n {
+        a = (a ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* k; a ^= a >> 29
         i += 8
     }
     var last: UInt64 = 0
     var shift: UInt64 = 0
-    while i < bytes.count {
+    while i < n {
         last |= UInt64(bytes[i]) << shift
         shift += 8
         i += 1
     }
-    h = (h ^ last ^ 0xFF) &* 0xBF58_476D_1CE4_E5B9
-    return h ^ (h >> 31)
+    var h = (a ^ last ^ 0xFF) &* 0xBF58_476D_1CE4_E5B9
+    h = (h ^ (h >> 31) ^ b) &* k
+    h = (h ^ (h >> 29) ^ c) &* 0xBF58_476D_1CE4_E5B9
+    h = (h ^ (h >> 31) ^ d) &* k
+    return h ^ (h >> 32)
 }

@@ -380,6 +380,68 @@ final class TakeoverStateTests: XCTestCase {
                                           request: RequestContext(unique: 1 | RequestContext.resendBit)))
     }
 
+    /// The narrower records (version 3) carry all an operation changes: a directory's link
+    /// count and times when a subdirectory moves between parents or is removed (kind 5), a
+    /// write's mode with setuid and setgid cleared (kind 6), and a write that drops
+    /// security.capability (a whole record: kind 6 would leave the xattr behind). Checked by
+    /// the dump, which shows each directory's nlink and times and each file's xattrs and mode,
+    /// and by the first takeover's own view of the changed fields.
+    func testNarrowRecordsCarryWhatTheOperationChanged() throws {
+        var (fs, keeper) = try makeKept()
+        let a = try fs.mkdir(parent: root, name: n("a"), mode: 0o755, caller: me).ino
+        let b = try fs.mkdir(parent: root, name: n("b"), mode: 0o755, caller: me).ino
+        _ = try fs.mkdir(parent: a, name: n("sub"), mode: 0o755, caller: me)
+        _ = try fs.mkdir(parent: b, name: n("gone"), mode: 0o755, caller: me)
+        try fs.rename(parent: a, name: n("sub"), newParent: b, newName: n("sub"), flags: [])
+        try fs.rmdir(parent: b, name: n("gone"))
+        XCTAssertEqual(try fs.getattr(a).nlink, 2)
+        XCTAssertEqual(try fs.getattr(b).nlink, 3)
+        let caps = try fs.mknod(parent: a, name: n("caps"), mode: 0o100755, rdev: 0, caller: .root).ino
+        try fs.setxattr(caps, name: n("security.capability"), value: [1, 0, 0, 2], flags: [])
+        _ = try write(fs, caps, n("x"), at: 0)
+        let setuid = try fs.mknod(parent: a, name: n("setuid"), mode: 0o104755, rdev: 0, caller: me).ino
+        _ = try n("y").withUnsafeBytes { try fs.write(setuid, offset: 0, data: $0, caller: me, clearSetIDAsked: true) }
+        XCTAssertEqual(try fs.getattr(setuid).mode & 0o7777, 0o755)
+        let before = try dump(fs)
+        fs = try takeOverAfterCrash(&fs, keeper)
+        XCTAssertEqual(try dump(fs), before)
+        XCTAssertEqual(try fs.getattr(a).nlink, 2)
+        XCTAssertEqual(try fs.getattr(b).nlink, 3)
+        XCTAssertEqual(try fs.getattr(setuid).mode & 0o7777, 0o755)
+        XCTAssertThrowsError(try fs.getxattr(caps, name: n("security.capability")))
+        XCTAssertEqual(try read(fs, caps, 0, 10), n("x"))
+    }
+
+    /// State written by an older chargefsd (version 2: whole parent records, the older checksum)
+    /// is refused with `StateError.version`, never read as this version's records; and so is a
+    /// checkpoint of another version.
+    func testAnOlderStateVersionIsRefused() throws {
+        var (fs, keeper) = try makeKept()
+        _ = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me)
+        XCTAssertEqual(StateFiles.version, 3)
+        let journal = try XCTUnwrap(keeper.descriptor(.journal))
+        var old = UInt64(2).littleEndian
+        XCTAssertEqual(pwrite(journal.rawValue, &old, 8, 8), 8)
+        XCTAssertThrowsError(try stateFiles(keeper)) { error in
+            XCTAssertEqual(error as? StateError, .version(2))
+            XCTAssertTrue("\(error)".contains("state version 2"), "\(error)")
+        }
+        var current = StateFiles.version.littleEndian
+        XCTAssertEqual(pwrite(journal.rawValue, &current, 8, 8), 8)
+        XCTAssertNoThrow(try stateFiles(keeper))
+        // The active checkpoint's own version word (its first 8 bytes), checksum kept valid by
+        // rewriting it as the header's descriptor says: rewritten as a whole checkpoint.
+        let state = try stateFiles(keeper)
+        var bytes = try XCTUnwrap(try state.activeCheckpoint()).bytes
+        bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(2).littleEndian, as: UInt64.self) }
+        try bytes.withUnsafeBytes { try state.checkpoint($0) }
+        fs = FileSystem(config: config(), store: try PageStore(capacityPages: 4) { DaemonCharger(arena: $0) })
+        XCTAssertThrowsError(try takeOver(keeper)) { error in
+            XCTAssertEqual(error as? StateError, .version(2))
+        }
+        _ = fs
+    }
+
     func testSavedInit() throws {
         let state = try StateFiles.create()
         XCTAssertNil(state.savedInit)
