@@ -64,6 +64,27 @@ marker_file() {
     > "$1"
 }
 
+# small_marker_files DIR: 64 files f0..f63 in DIR of one marker each, each written by one
+# printf (one write(2), one FUSE_WRITE request carrying the whole marker); checks they read back.
+small_marker_files() {
+  local i ok=0
+  for ((i = 0; i < 64; i++)); do printf 'cfscrash-%s-%d-padding-to-make-it-longer\n' "$RUN" "$i" > "$1/f$i"; done
+  for ((i = 0; i < 64; i++)); do
+    [ "$(cat "$1/f$i")" = "cfscrash-$RUN-$i-padding-to-make-it-longer" ] && ok=$((ok + 1))
+  done
+  check "the 64 files read back ($ok)" [ "$ok" = 64 ]
+}
+
+# large_marker_file FILE: FILE made a 2 MiB file of markers by dd (1 MiB writes), checked whole;
+# the source outside the mount is removed, so only FILE's copy remains.
+large_marker_file() {
+  marker_file "$SCR/source"
+  check "the source is 2 MiB" [ "$(stat -c %s "$SCR/source")" = $((2 * MiB)) ]
+  dd if="$SCR/source" of="$1" bs=1M status=none
+  check "the 2 MiB file reads back whole" cmp -s "$SCR/source" "$1"
+  rm -f "$SCR/source"
+}
+
 daemon_env() {
   ulimit -c unlimited
   export SWIFT_BACKTRACE=enable=no
@@ -73,15 +94,8 @@ t_core_small_files() {
   new_env
   daemon_env
   cfs_mount "$MNT" "size=256m"
-  local dpid=$CFS_PID i ok=0
-  for ((i = 0; i < 64; i++)); do
-    # One printf: one write(2), one FUSE_WRITE request carrying the whole marker.
-    printf 'cfscrash-%s-%d-padding-to-make-it-longer\n' "$RUN" "$i" > "$MNT/f$i"
-  done
-  for ((i = 0; i < 64; i++)); do
-    [ "$(cat "$MNT/f$i")" = "cfscrash-$RUN-$i-padding-to-make-it-longer" ] && ok=$((ok + 1))
-  done
-  check "the 64 files read back ($ok)" [ "$ok" = 64 ]
+  local dpid=$CFS_PID
+  small_marker_files "$MNT"
   # Metadata a core may hold (docs/takeover.md, "Core dumps"): counted and shown, not refused.
   touch "$MNT/cfsmeta-$RUN-name-"
   ln -s "cfsmeta-$RUN-target-" "$MNT/link"
@@ -97,11 +111,7 @@ t_core_large_file() {
   daemon_env
   cfs_mount "$MNT" "size=256m"
   local dpid=$CFS_PID
-  marker_file "$SCR/source"
-  check "the source is 2 MiB" [ "$(stat -c %s "$SCR/source")" = $((2 * MiB)) ]
-  dd if="$SCR/source" of="$MNT/big" bs=1M status=none
-  check "the file reads back whole" cmp -s "$SCR/source" "$MNT/big"
-  rm -f "$SCR/source"
+  large_marker_file "$MNT/big"
   crash_and_grep "$dpid"
   check "a core was written" [ -n "$CORE" ]
   check "the core holds none of the file's markers (found $FOUND)" [ "$FOUND" = 0 ]
@@ -141,19 +151,10 @@ t_core_uring() {
   local old_uring; old_uring=$(cat "$knob")
   set_knob "$knob" Y
   cfs_mount "$MNT" "size=256m,io_uring=on"
-  local dpid=$CFS_PID i ok=0
+  local dpid=$CFS_PID
   check "served over io_uring" grep -q 'transport=io_uring' <(getfattr --only-values -n user.chargefs.status "$MNT" 2>/dev/null)
-  for ((i = 0; i < 64; i++)); do
-    printf 'cfscrash-%s-%d-padding-to-make-it-longer\n' "$RUN" "$i" > "$MNT/f$i"
-  done
-  for ((i = 0; i < 64; i++)); do
-    [ "$(cat "$MNT/f$i")" = "cfscrash-$RUN-$i-padding-to-make-it-longer" ] && ok=$((ok + 1))
-  done
-  check "the 64 files read back ($ok)" [ "$ok" = 64 ]
-  marker_file "$SCR/source"
-  dd if="$SCR/source" of="$MNT/big" bs=1M status=none
-  check "the 2 MiB file reads back whole" cmp -s "$SCR/source" "$MNT/big"
-  rm -f "$SCR/source"
+  small_marker_files "$MNT"
+  large_marker_file "$MNT/big"
   # crash_and_grep puts every knob back (enable_uring too) once the daemon is dead.
   crash_and_grep "$dpid"
   check "a core was written" [ -n "$CORE" ]

@@ -126,6 +126,14 @@ cg_shmem() {
     awk '$1 == "shmem" {print $2; f=1} END {if (!f) print 0}' "$1/memory.stat"
   fi
 }
+# File pages (page cache, mapped or not) charged to a cgroup and its children, in bytes.
+cg_file() {
+  if [ "$(cg_version)" = 1 ]; then
+    awk '$1 == "total_cache" {c=$2} $1 == "total_shmem" {s=$2} END {print c - s}' "$1/memory.stat"
+  else
+    awk '$1 == "file" {f=$2} $1 == "shmem" {s=$2} END {print f - s}' "$1/memory.stat"
+  fi
+}
 # Reclaims what can be reclaimed (page cache) from a cgroup with no tasks; best effort.
 cg_reclaim() {
   if [ "$(cg_version)" = 1 ]; then echo 0 > "$1/memory.force_empty" 2>/dev/null || true
@@ -162,6 +170,19 @@ cg_run_in() {
   local cg=$1; shift
   ( echo "$BASHPID" > "$cg/cgroup.procs" && exec "$@" )
 }
+
+# stage_runtime ROOT FILE...: FILEs and the shared objects they load (ldd: libraries, loader)
+# copied into ROOT at the same paths, contents of symlinks, so that `chroot ROOT FILE` runs.
+stage_runtime() {
+  local root=$1 f lib; shift
+  for f in "$@"; do echo "$f"; ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}'; done |
+    sort -u | while read -r lib; do
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+    done
+}
+# backing_files MNT: the backing files (FUSE passthrough) of the mount at MNT, from its status.
+backing_files() { getfattr --absolute-names --only-values -n user.chargefs.status "$1" | sed -n 's/^backing_files=//p'; }
 
 # --- numbers ---------------------------------------------------------------------------------
 fmt_mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }

@@ -15,7 +15,7 @@ source "$(dirname "$SELF")/lib.sh"
 SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge batching
 # A helper per cgroup that charges (0.11 MiB on v2, 0.25-0.5 MiB on v1), kept until unmount.
 HELPER=$((1 * MiB / 2))
-TESTS=(tejun_example nested_ancestor refusals)
+TESTS=(tejun_example nested_ancestor refusals mapped_files)
 
 # new_env: scratch dir SCR, the scope P (256 MiB) with B (48 MiB) and C (64 MiB) below it, the
 # daemon in D (outside P), and $MNT mounted with memcg=auto,memcg_scope=$P. P0: P's usage before
@@ -128,6 +128,51 @@ t_nested_ancestor() {
   log "  P +$(fmt_mib "$(rise "$P" "$p0")") for the outsider's file"
   check "P charged the outsider's file (±1 MiB)" near "$(rise "$P" "$p0")" $((4 * MiB)) "$SLACK"
   check "shares: P owns 4 MiB" [ "$(shares_of "$P" owned)" = $((4 * MiB)) ]
+}
+
+# Mapped and executed files. On Linux 6.9+ (FUSE passthrough) a program installed from outside P
+# is hosted by P itself, which no share moves again, so its ELF files pass through backing files
+# of P's (FileSystemCore+Shares, staysWithItsHost): a job in B running it is charged no file
+# pages, and P holds it. A copy written by a cgroup below P (B/w) is hosted there (a share could
+# still move it up), stays in the arena, and B/w's job is charged the pages it maps, as before. Before 6.9 (no
+# passthrough: the 6.1 guest of shares-v2.sh) no file gets a backing file, and the job is charged
+# what it maps either way.
+t_mapped_files() {
+  new_env
+  local passthrough=yes; kernel_at_least 6 9 || passthrough=no
+  local p0; p0=$(cg_usage "$P")
+  stage_runtime "$MNT/x" /usr/bin/xz   # by this shell, outside P: hosted by P
+  local bytes; bytes=$(du -sb --apparent-size "$MNT/x" | cut -f1)
+  log "  P +$(fmt_mib "$(rise "$P" "$p0")") for $(fmt_mib "$bytes") staged from outside P"
+  check "P holds the program (-1 MiB, +1.5 MiB: its reserve, charge batches)" \
+    near "$(rise "$P" "$p0")" $((bytes + MiB / 4)) $((5 * MiB / 4))
+  chroot / true   # the host's chroot and its libraries in the page cache before the job runs
+  local bf0; bf0=$(backing_files "$MNT")
+  local R=$B/run; cg_create "$R"
+  check "a job in B runs xz installed by a process outside P" cg_run_in "$R" chroot "$MNT/x" /usr/bin/xz --version
+  local bf1; bf1=$(backing_files "$MNT")
+  log "  job's file pages: $(fmt_mib "$(cg_file "$R")"); backing files $bf0 -> $bf1 (passthrough: $passthrough)"
+  log "  shares:"; shares | sed 's/^/    /' >&2
+  check "shares: P hosts it (written from outside P, used by B)" [ "$(shares_of "$P" hosted)" -ge "$(stat -c %s /usr/bin/xz)" ]
+  if [ "$passthrough" = yes ]; then
+    check "the job was charged no file pages for the loader, xz, liblzma, libc (≤ 64 KiB)" le "$(cg_file "$R")" $((64 * 1024))
+    check "its ELF files have backing files of P's (libc's since it was written: 4 in all)" [ "$bf1" = 4 ]
+  else
+    check "$(uname -r) has no passthrough: the job was charged what it mapped (> 256 KiB)" ge "$(cg_file "$R")" $((256 * 1024))
+    check "and no backing file was made" [ "$bf1" = 0 ]
+  fi
+  # A copy written by a cgroup below P is hosted there (a share could still move it up): it
+  # stays in the arena, and that cgroup's job is charged what it maps. (B/w, not B: on v2 a
+  # cgroup with children holds no process.)
+  local W=$B/w; cg_create "$W"
+  check "a process in B/w copies it" cg_run_in "$W" cp -a "$MNT/x" "$MNT/y"
+  check "shares: B/w owns its copy" [ "$(shares_of "$W" owned)" -ge "$(stat -c %s /usr/bin/xz)" ]
+  local w0; w0=$(cg_file "$W")
+  check "B/w runs its copy" cg_run_in "$W" chroot "$MNT/y" /usr/bin/xz --version
+  log "  its file pages: +$(fmt_mib $(( $(cg_file "$W") - w0 ))); backing files $(backing_files "$MNT")"
+  check "its copy got no backing file" [ "$(backing_files "$MNT")" = "$bf1" ]
+  check "it was charged what it mapped of its copy (> 256 KiB)" ge $(( $(cg_file "$W") - w0 )) $((256 * 1024))
+  check "cmp" cmp /usr/bin/xz "$MNT/y/usr/bin/xz"
 }
 
 # Bad combinations are one-line errors with nothing mounted; directories take no target of their

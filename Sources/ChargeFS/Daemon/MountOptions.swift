@@ -268,8 +268,9 @@ public struct MountOptions: Sendable, Equatable {
         c.rootGid = rootGid ?? getgid()
         c.noatime = noatime
         c.caching = caching
-        // memcg=auto moves files between cgroups, and a backing file's pages cannot move.
-        if !readPassthrough || memcgAuto { c.passthroughMinBytes = nil }
+        // memcg=auto: only files hosted by the scope itself pass through (a backing file's
+        // pages cannot move, and those never move again: FileSystemCore+Shares).
+        if !readPassthrough { c.passthroughMinBytes = nil }
         return c
     }
 

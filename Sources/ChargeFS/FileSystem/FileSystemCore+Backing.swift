@@ -52,7 +52,8 @@ extension FileSystemCore {
     func dueForBackingFile(_ inode: Inode, sizeBefore: Int64, reaching: Int64? = nil, written: Int? = nil) -> [Range<Int>]? {
         // Only the mount's own target's large files move at a change (a directory's target keeps
         // its files in the arena, but for those mapped or executed: FileSystemCore+Mapped).
-        guard inode.isRegular, inode.backing == nil, inode.chargeTarget == 0, let min = config.passthroughMinBytes, sizeBefore < min,
+        guard inode.isRegular, inode.backing == nil, inode.chargeTarget == 0, staysWithItsHost(inode), let min = config.passthroughMinBytes,
+              sizeBefore < min,
               (reaching ?? inode.size) >= min, store.canMakeBackingFiles,
               // What a file below the threshold holds, plus the write that took it past (a file
               // with more, KEEP_SIZE pages past its end, moves at an open as before).
@@ -97,7 +98,8 @@ extension FileSystemCore {
         // A small file passes through too when the open looks like a map or an exec
         // (FileSystemCore+Mapped): its mappings then map the target's pages.
         guard enabled, let min = config.passthroughMinBytes, !flags.mayWrite, !flags.truncates,
-              (inode.size >= min && inode.chargeTarget == 0) || wantsMappedPassthrough(inode, flags: flags), inode.openCount == 1,
+              (inode.size >= min && inode.chargeTarget == 0 && staysWithItsHost(inode)) || wantsMappedPassthrough(inode, flags: flags),
+              inode.openCount == 1,
               isDense(inode) else { return .none }
         if let backing = inode.backing {
             inode.passthroughOpens += 1

@@ -17,6 +17,7 @@ import SystemPackage
 /// Other read-only opens of small files (scripts, .py, .pyc: read, not mapped) stay in the
 /// arena, as before, and cost no backing file.
 ///
+/// Under memcg=auto only for files hosted by the scope itself (`staysWithItsHost`).
 /// Whatever the file's target: below a directory with a target of its own the backing file is
 /// made and charged by that target's charger (`BackingFile.target`), and ELF files of 1 MiB or
 /// more pass through there too (other large files only under the mount's own target). A move to
@@ -35,9 +36,10 @@ extension FileSystemCore {
     /// follow (an exec, or a loader's open of an ELF object). Reads only the file's first bytes, through the daemon's own view of the page
     /// that holds them (no new charge).
     func wantsMappedPassthrough(_ inode: Inode, flags: OpenFlags) -> Bool {
-        // Under memcg=auto a file's pages move between cgroups' arenas as it is shared: it stays
-        // in the arena, and a mapping of it is charged as before.
-        guard config.mappedPassthrough, !sharesCharges, inode.isRegular, !flags.mayWrite, !flags.truncates,
+        // Under memcg=auto only a file hosted by the scope itself, which no share moves again
+        // (staysWithItsHost); one hosted below stays in the arena, and a mapping of it is
+        // charged to the mapper as before.
+        guard config.mappedPassthrough, staysWithItsHost(inode), inode.isRegular, !flags.mayWrite, !flags.truncates,
               inode.size > 0 else { return false }
         if flags.rawValue & Self.execOpenFlag != 0 { return true }
         return startsWithELFMagic(inode)

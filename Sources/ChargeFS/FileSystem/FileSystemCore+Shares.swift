@@ -23,6 +23,19 @@ extension FileSystemCore {
     /// Whether the mount shares charges (memcg=auto).
     var sharesCharges: Bool { store.sharedScopePath != nil }
 
+    /// Whether no share can move `inode` to another target any more, so that it may have a
+    /// backing file (passthrough): always without memcg=auto (a directory's target moves files
+    /// with backing files out of them, FileSystemCore+Mapped); under it, a file hosted by the
+    /// scope P itself once it has a user. Hosts only go up and never above P, a file is never
+    /// unshared, and renames and directories move nothing here: such a file stays put until it
+    /// goes. A file hosted below P stays in the arena: a share would move it up, and a backing
+    /// file held by a live passthrough open cannot move (the kernel reads that very file, its
+    /// pages charged where they were made; a copy at the new host would be charged twice for as
+    /// long as the open lives).
+    func staysWithItsHost(_ inode: Inode) -> Bool {
+        !sharesCharges || (inode.chargeTarget == 0 && !inode.users.isEmpty)
+    }
+
     /// Notes that a process of `cgroup` (inside P) uses `inode`: the first user hosts it; a new
     /// one moves its pages up to the common ancestor. When the ancestor has no room for the
     /// move (pages are charged there before the old ones go), nothing moves and the new user is

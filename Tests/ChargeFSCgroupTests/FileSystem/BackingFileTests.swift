@@ -19,42 +19,10 @@ final class BackingFileTests: XCTestCase {
         try XCTSkipUnless(geteuid() == 0, "needs root: backing files live on the arena's private tmpfs (CAP_SYS_ADMIN)")
     }
 
-    func makeFS(passthrough: Bool = true) throws -> FileSystem {
-        var config = FileSystemConfig()
-        config.maxBytes = 1 << 30
-        config.caching = .direct
-        let fs = FileSystem(config: config, store: try PageStore { DaemonCharger(arena: $0) })
-        fs.resolveCaching(.direct)
-        fs.noteKernelPassthrough(passthrough)
-        return fs
-    }
+    func makeFS(passthrough: Bool = true) throws -> FileSystem { try passthroughFS(passthrough: passthrough) }
 
     func create(_ fs: FileSystem, _ name: String, bytes: [UInt8]) throws -> InodeNumber {
-        let ino = try fs.create(parent: root, name: Array(name.utf8), mode: 0o100644, caller: me).ino
-        if !bytes.isEmpty {
-            let n = try bytes.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
-            XCTAssertEqual(n, bytes.count)
-        }
-        fs.release(ino)
-        return ino
-    }
-
-    func contents(_ fs: FileSystem, _ ino: InodeNumber) throws -> [UInt8] {
-        let size = Int(try fs.getattr(ino).size)
-        var out: [UInt8] = []
-        try fs.read(ino, offset: 0, count: size, noatime: true) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
-    }
-
-    /// What the kernel would read through passthrough: the backing file itself.
-    func backingContents(_ file: PassthroughFile) -> [UInt8] {
-        var st = stat()
-        guard fstat(file.fileDescriptor.rawValue, &st) == 0 else { return [] }
-        var out = [UInt8](repeating: 0, count: Int(st.st_size))
-        let n = out.withUnsafeMutableBytes { pread(file.fileDescriptor.rawValue, $0.baseAddress, $0.count, 0) }
-        return Array(out.prefix(max(0, n)))
+        try fs.createFile(name, bytes: bytes, caller: me)
     }
 
     /// Allocated bytes of the backing file, from the kernel (st_blocks).
@@ -84,7 +52,7 @@ final class BackingFileTests: XCTestCase {
         let outcome = try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false)
         let file = try XCTUnwrap(outcome.passthrough, "a 3 MiB file opened read-only passes through")
         XCTAssertEqual(backingContents(file), data, "the backing file holds the data at the file's offsets")
-        XCTAssertEqual(try contents(fs, ino), data, "the daemon's own reads see the same")
+        XCTAssertEqual(try fs.contents(ino), data, "the daemon's own reads see the same")
         XCTAssertEqual(fs.storedBytes().used, before.used, "stored bytes unchanged by the move")
         XCTAssertEqual(try fs.getattr(ino).blocks * 512, Int64((data.count + page - 1) / page * page))
         // A second read-only open shares the backing file.
@@ -98,7 +66,7 @@ final class BackingFileTests: XCTestCase {
         var expected = data
         expected.replaceSubrange((1 << 20)..<((1 << 20) + patch.count), with: patch)
         XCTAssertEqual(backingContents(file), expected)
-        XCTAssertEqual(try contents(fs, ino), expected)
+        XCTAssertEqual(try fs.contents(ino), expected)
         // Unlinked and closed: every byte goes.
         try fs.unlink(parent: root, name: Array("big".utf8))
         XCTAssertEqual(fs.storedBytes().used, 0)
@@ -195,7 +163,7 @@ final class BackingFileTests: XCTestCase {
             _ = try small.withUnsafeBytes { try fs.write(ino, offset: Int64(model.count), data: $0, caller: me, clearSetIDAsked: false) }
             model += small
         }
-        XCTAssertEqual(try contents(fs, ino), model)
+        XCTAssertEqual(try fs.contents(ino), model)
         let pagesOfSize = (model.count + page - 1) / page
         XCTAssertGreaterThanOrEqual(try fs.getattr(ino).blocks * 512, Int64(pagesOfSize * page))
         fs.release(ino)
@@ -221,7 +189,7 @@ final class BackingFileTests: XCTestCase {
         try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: 0, length: 1 << 20)
         XCTAssertEqual(fs.storedBytes().used, stored, "the pages the kernel kept are still counted")
         XCTAssertEqual(try fs.getattr(ino).blocks, blocks)
-        let after = try contents(fs, ino)
+        let after = try fs.contents(ino)
         XCTAssertEqual(Array(after[..<(1 << 20)]), [UInt8](repeating: 0, count: 1 << 20), "the punched range reads zeros")
         XCTAssertEqual(Array(after[(1 << 20)...]), Array(data[(1 << 20)...]), "the rest is untouched")
 
@@ -231,23 +199,18 @@ final class BackingFileTests: XCTestCase {
         }
         file.backing.syscalls = .kernel
         try fs.fallocate(ino, mode: [.punchHole, .keepSize], offset: (1 << 20) + 100, length: 1000)
-        XCTAssertEqual(Array(try contents(fs, ino)[((1 << 20) + 100)..<((1 << 20) + 1100)]), [UInt8](repeating: 0, count: 1000))
+        XCTAssertEqual(Array(try fs.contents(ino)[((1 << 20) + 100)..<((1 << 20) + 1100)]), [UInt8](repeating: 0, count: 1000))
     }
 
     /// The pages an appending file charged ahead are given back at its last close by a punch;
     /// one the kernel refuses (injected) leaves them counted, not dropped from the books.
     func testRefusedTrimKeepsWhatWasChargedAheadCounted() throws {
-        var config = FileSystemConfig()
-        config.maxBytes = 1 << 30
-        config.caching = .direct
         let store = try PageStore { DaemonCharger(arena: $0) }
         store.backingFileCalls.fallocate = { fd, mode, offset, length in
             if mode & Int32(CFUSE_FALLOC_PUNCH_HOLE) != 0 { errno = EIO; return -1 }
             return cfuse_fallocate(fd, mode, offset, length)
         }
-        let fs = FileSystem(config: config, store: store)
-        fs.resolveCaching(.direct)
-        fs.noteKernelPassthrough(true)
+        let fs = try passthroughFS(store: store)
         let ino = try fs.create(parent: root, name: Array("grow".utf8), mode: 0o100644, caller: me).ino
         var model: [UInt8] = []
         for chunk in [random(1 << 20), random(3000)] {
@@ -259,15 +222,7 @@ final class BackingFileTests: XCTestCase {
         fs.release(ino)
         XCTAssertEqual(try fs.getattr(ino).blocks, blocks, "the refused trim leaves the pages counted")
         XCTAssertEqual(fs.storedBytes().used, blocks * 512)
-        XCTAssertEqual(try contents(fs, ino), model)
-    }
-
-    func backingFiles(_ fs: FileSystem) throws -> Int? {
-        let status = try fs.getxattr(root, name: FileSystem.statusXattr)
-        for line in status.split(separator: 10) where line.starts(with: Array("backing_files=".utf8)) {
-            return Int(String(decoding: line.dropFirst(14), as: UTF8.self))
-        }
-        return nil
+        XCTAssertEqual(try fs.contents(ino), model)
     }
 
     /// Writes `data` in 1 MiB pieces, in the order `order` gives the pieces.
@@ -300,21 +255,21 @@ final class BackingFileTests: XCTestCase {
             try prepare(ino)
             try writePieces(fs, ino, data, order: Array((0..<(size >> 20)).reversed()))
             fs.release(ino)
-            XCTAssertEqual(try backingFiles(fs), number + 1, "\(what): backed before any open")
+            XCTAssertEqual(try fs.backingFileCount(), number + 1, "\(what): backed before any open")
             let stored = fs.storedBytes()
             XCTAssertEqual(stored.used, Int64((number + 1) * size), "\(what): stored what was written, once")
             let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
                                      "\(what): the first read-only open passes through")
-            XCTAssertEqual(try backingFiles(fs), number + 1, "\(what): the open made no backing file")
+            XCTAssertEqual(try fs.backingFileCount(), number + 1, "\(what): the open made no backing file")
             XCTAssertEqual(fs.storedBytes().used, stored.used, "\(what): the open moved nothing")
             XCTAssertEqual(fs.storedBytes().charged, stored.charged, "\(what): nor charged anything")
             XCTAssertEqual(backingContents(file), data, "\(what): the backing file holds every byte")
-            XCTAssertEqual(try contents(fs, ino), data)
+            XCTAssertEqual(try fs.contents(ino), data)
             fs.release(ino, passthrough: true)
         }
         // A small file stays in the arena.
         _ = try create(fs, "small", bytes: random(100_000))
-        XCTAssertEqual(try backingFiles(fs), patterns.count)
+        XCTAssertEqual(try fs.backingFileCount(), patterns.count)
     }
 
     /// Small writes that leave holes keep a file in the arena past the threshold (in a backing
@@ -325,21 +280,21 @@ final class BackingFileTests: XCTestCase {
         let small = try fs.create(parent: root, name: Array("small-writes".utf8), mode: 0o100644, caller: me).ino
         let page4k = random(4096)
         _ = try page4k.withUnsafeBytes { try fs.write(small, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
-        XCTAssertEqual(try backingFiles(fs), 0, "a 4 KiB write at 5 MiB: still in the arena")
+        XCTAssertEqual(try fs.backingFileCount(), 0, "a 4 KiB write at 5 MiB: still in the arena")
         let big = try fs.create(parent: root, name: Array("big-writes".utf8), mode: 0o100644, caller: me).ino
         let quarter = random(256 << 10)
         _ = try quarter.withUnsafeBytes { try fs.write(big, offset: 5 << 20, data: $0, caller: me, clearSetIDAsked: false) }
-        XCTAssertEqual(try backingFiles(fs), 1, "a 256 KiB write at 5 MiB: moved")
+        XCTAssertEqual(try fs.backingFileCount(), 1, "a 256 KiB write at 5 MiB: moved")
         for ino in [small, big] {
             var data = [UInt8](repeating: 7, count: 6 << 20)
             _ = try data.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false) }
-            data = try contents(fs, ino)
+            data = try fs.contents(ino)
             fs.release(ino)
             let file = try XCTUnwrap(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
             XCTAssertEqual(backingContents(file), data)
             fs.release(ino, passthrough: true)
         }
-        XCTAssertEqual(try backingFiles(fs), 2, "the arena file moved at its open")
+        XCTAssertEqual(try fs.backingFileCount(), 2, "the arena file moved at its open")
     }
 
     /// A large file left in the arena (no descriptor for a backing file while it was written)
@@ -347,13 +302,8 @@ final class BackingFileTests: XCTestCase {
     /// the charge): an ordinary open through the daemon, no error, every byte, nothing charged
     /// twice; once there is room, a later open moves it.
     func testNoRoomForTheMoveAtOpenDegradesToTheDaemonPath() throws {
-        var config = FileSystemConfig()
-        config.maxBytes = 1 << 30
-        config.caching = .direct
         let charger = BackingRefusingCharger()
-        let fs = FileSystem(config: config, store: try PageStore { charger.inner = DaemonCharger(arena: $0); return charger })
-        fs.resolveCaching(.direct)
-        fs.noteKernelPassthrough(true)
+        let fs = try passthroughFS(store: try PageStore { charger.inner = DaemonCharger(arena: $0); return charger })
         let data = random(4 << 20)
         let ino = try fs.create(parent: root, name: Array("big".utf8), mode: 0o100644, caller: me).ino
         charger.refuseFiles = true
@@ -361,21 +311,21 @@ final class BackingFileTests: XCTestCase {
         try writePieces(fs, ino, data, order: Array(0..<4))
         fs.release(ino)
         XCTAssertGreaterThan(charger.refusedFiles, 0, "the move was tried while it was written")
-        XCTAssertEqual(try backingFiles(fs), 0)
+        XCTAssertEqual(try fs.backingFileCount(), 0)
         charger.refuseFiles = false
         charger.refuseCharges = true
         let before = fs.storedBytes()
         let outcome = try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false)
         XCTAssertGreaterThan(charger.refusedCharges, 0, "the open tried the move and was refused")
         XCTAssertNil(outcome.passthrough, "an ordinary open, not an error")
-        XCTAssertEqual(try backingFiles(fs), 0)
-        XCTAssertEqual(try contents(fs, ino), data, "read through the daemon")
+        XCTAssertEqual(try fs.backingFileCount(), 0)
+        XCTAssertEqual(try fs.contents(ino), data, "read through the daemon")
         XCTAssertEqual(fs.storedBytes().used, before.used)
         XCTAssertEqual(fs.storedBytes().charged, before.charged, "nothing left charged by the refused move")
         fs.release(ino)
         charger.refuseCharges = false
         XCTAssertNotNil(try fs.open(ino, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough, "room again: it moves")
-        XCTAssertEqual(try contents(fs, ino), data)
+        XCTAssertEqual(try fs.contents(ino), data)
         fs.release(ino, passthrough: true)
     }
 }

@@ -27,44 +27,13 @@ final class MappedFileTests: XCTestCase {
     }
 
     func makeFS(mapped: Bool = true) throws -> FileSystem {
-        var config = FileSystemConfig()
-        config.maxBytes = 1 << 30
-        config.caching = .direct
-        config.mappedPassthrough = mapped
         let store = try PageStore { DaemonCharger(arena: $0) }
         store.targets = DaemonTargets()
-        let fs = FileSystem(config: config, store: store)
-        fs.resolveCaching(.direct)
-        fs.noteKernelPassthrough(true)
-        return fs
+        return try passthroughFS(mapped: mapped, store: store)
     }
 
     func create(_ fs: FileSystem, _ name: String, in dir: InodeNumber? = nil, bytes: [UInt8]) throws -> InodeNumber {
-        let ino = try fs.create(parent: dir ?? root, name: Array(name.utf8), mode: 0o100755, caller: me).ino
-        let n = try bytes.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
-        XCTAssertEqual(n, bytes.count)
-        fs.release(ino)
-        return ino
-    }
-
-    func contents(_ fs: FileSystem, _ ino: InodeNumber) throws -> [UInt8] {
-        let size = Int(try fs.getattr(ino).size)
-        var out: [UInt8] = []
-        try fs.read(ino, offset: 0, count: size, noatime: true) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
-    }
-
-    func backingContents(_ file: PassthroughFile) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: 1 << 20)
-        let n = out.withUnsafeMutableBytes { pread(file.fileDescriptor.rawValue, $0.baseAddress, $0.count, 0) }
-        return Array(out.prefix(max(0, n)))
-    }
-
-    func backingFiles(_ fs: FileSystem) throws -> String? {
-        String(decoding: try fs.getxattr(root, name: FileSystem.statusXattr), as: UTF8.self)
-            .split(separator: "\n").first { $0.hasPrefix("backing_files=") }.map(String.init)
+        try fs.createFile(name, in: dir ?? root, mode: 0o100755, bytes: bytes, caller: me)
     }
 
     /// A small ELF object (a shared library's first bytes) and other small files.
@@ -78,7 +47,7 @@ final class MappedFileTests: XCTestCase {
         let opened = try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false)
         let file = try XCTUnwrap(opened.passthrough, "a loader's open of a 20 KB ELF file passes through")
         XCTAssertEqual(backingContents(file), elf, "the backing file holds the data")
-        XCTAssertEqual(try backingFiles(fs), "backing_files=1")
+        XCTAssertEqual(try fs.backingFileCount(), 1)
         fs.release(lib, passthrough: true)
         XCTAssertNil(try fs.open(text, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
                      "a plain read-only open of a small file that is no ELF object stays in the arena")
@@ -92,7 +61,7 @@ final class MappedFileTests: XCTestCase {
         let again = try XCTUnwrap(try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
         XCTAssertTrue(PassthroughFile.same(again, file))
         fs.release(lib, passthrough: true)
-        XCTAssertEqual(try contents(fs, lib), elf)
+        XCTAssertEqual(try fs.contents(lib), elf)
 
         let off = try makeFS(mapped: false)
         let lib2 = try create(off, "libx.so", bytes: elf)
@@ -123,10 +92,10 @@ final class MappedFileTests: XCTestCase {
         fs.release(lib, passthrough: true)
         // The program ended: the move goes through and takes the file out of its backing file.
         try fs.setxattr(dir, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: me)
-        XCTAssertEqual(try backingFiles(fs), "backing_files=0")
+        XCTAssertEqual(try fs.backingFileCount(), 0)
         XCTAssertEqual(fs.chargeTarget(2).pagesInUse, (elf.count + 4095) / 4096, "its pages are the new target's (index 2: /cg/b took 1)")
         XCTAssertEqual(fs.storedBytes().used, used, "stored bytes unchanged by the move")
-        XCTAssertEqual(try contents(fs, lib), elf)
+        XCTAssertEqual(try fs.contents(lib), elf)
         // Mapped below a directory's own target: a backing file of that target's.
         let underA = try XCTUnwrap(try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough,
                                    "below a directory's own target too")
@@ -137,15 +106,15 @@ final class MappedFileTests: XCTestCase {
         // Back to the mount's target: out of that backing file into the arena; mapped again, a
         // backing file of the mount's target; then a rename into the other target moves it out.
         try fs.removexattr(dir, name: memcg, caller: me)
-        XCTAssertEqual(try backingFiles(fs), "backing_files=0")
+        XCTAssertEqual(try fs.backingFileCount(), 0)
         XCTAssertEqual(fs.chargeTarget(0).pagesInUse, (elf.count + 4095) / 4096)
         XCTAssertEqual(fs.chargeTarget(2).cgroup, "", "the directory's target given back once nothing holds its pages")
         XCTAssertNotNil(try fs.open(lib, flags: readOnly, caller: me, clearSetIDAsked: false).passthrough)
         fs.release(lib, passthrough: true)
-        XCTAssertEqual(try backingFiles(fs), "backing_files=1")
+        XCTAssertEqual(try fs.backingFileCount(), 1)
         try fs.rename(parent: dir, name: Array("libx.so".utf8), newParent: other, newName: Array("libx.so".utf8), flags: [])
-        XCTAssertEqual(try backingFiles(fs), "backing_files=0")
-        XCTAssertEqual(try contents(fs, lib), elf)
+        XCTAssertEqual(try fs.backingFileCount(), 0)
+        XCTAssertEqual(try fs.contents(lib), elf)
         XCTAssertEqual(fs.storedBytes().used, used)
     }
 }

@@ -74,11 +74,7 @@ final class ChargeOutsideLockTests: XCTestCase {
         gate.open()
         XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
         XCTAssertEqual(written.load(ordering: .relaxed), big.count)
-        var back: [UInt8] = []
-        try fs.read(waiting, offset: 0, count: big.count, noatime: true) { vectors in
-            for v in vectors { back += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        XCTAssertEqual(back, big)
+        XCTAssertEqual(try fs.bytes(of: waiting, count: big.count), big)
     }
 
     /// Freed pages scattered over the arena (every other one) are charged again in as many runs
@@ -103,11 +99,7 @@ final class ChargeOutsideLockTests: XCTestCase {
         let ino = try fs.create(parent: InodeNumber.root, name: Array("big".utf8), mode: 0o100644, caller: me).ino
         let written = try big.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: me, clearSetIDAsked: false).written }
         XCTAssertEqual(written, big.count, "stored whole over 236 scattered free pages and fresh ones")
-        var back: [UInt8] = []
-        try fs.read(ino, offset: 0, count: big.count, noatime: true) { vectors in
-            for v in vectors { back += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        XCTAssertEqual(back, big)
+        XCTAssertEqual(try fs.bytes(of: ino, count: big.count), big)
     }
     /// Writers that each find the reserve empty charge a batch each at once (the stress test saw
     /// 112 pages charged with nothing stored): once they are done the reserve is back at its limit.

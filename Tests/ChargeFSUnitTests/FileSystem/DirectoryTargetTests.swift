@@ -11,24 +11,6 @@ final class DirectoryTargetTests: XCTestCase {
     let page = PageSize.bytes
     let memcg = FileSystem.memcgXattr
 
-    /// Cgroups "/cg/NAME" with a budget each; only uid 0 and 1000 may charge them.
-    final class FakeTargets: ChargeTargets, @unchecked Sendable {
-        let budgets: [String: Int]
-        var chargers: [String: FakeCharger] = [:]
-        init(_ budgets: [String: Int]) { self.budgets = budgets }
-        func check(_ path: String, uid: UInt32, gid: UInt32, groups: [UInt32]) throws(Errno) -> String {
-            guard budgets[path] != nil else { throw .noSuchFileOrDirectory }
-            // Group 2000 stands for a delegated cgroup.procs (group-writable).
-            guard uid == 0 || uid == 1000 || groups.contains(2000) else { throw .notPermitted }
-            return path
-        }
-        func charger(for key: String, arena: FileDescriptor) throws(Errno) -> PageCharger {
-            let c = FakeCharger(arena: arena, budget: budgets[key])
-            chargers[key] = c
-            return c
-        }
-    }
-
     func makeFS(_ targets: FakeTargets) throws -> FileSystem {
         let store = try PageStore(capacityPages: 1 << 16) { DaemonCharger(arena: $0) }
         store.targets = targets
@@ -41,22 +23,8 @@ final class DirectoryTargetTests: XCTestCase {
 
     func write(_ fs: FileSystem, in dir: InodeNumber, _ n: String, pages: Int, byte: UInt8 = 7) throws -> InodeNumber {
         let ino = try fs.create(parent: dir, name: Array(n.utf8), mode: 0o100644, caller: owner).ino
-        let bytes = [UInt8](repeating: byte, count: pages * page)
-        let written = try bytes.withUnsafeBytes { try fs.write(ino, offset: 0, data: $0, caller: owner, clearSetIDAsked: false).written }
-        XCTAssertEqual(written, bytes.count)
+        XCTAssertEqual(try fs.write(ino, [UInt8](repeating: byte, count: pages * page), caller: owner), pages * page)
         return ino
-    }
-
-    func read(_ fs: FileSystem, _ ino: InodeNumber, count: Int) throws -> [UInt8] {
-        var out: [UInt8] = []
-        try fs.read(ino, offset: 0, count: count, noatime: true) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
-    }
-
-    func target(_ fs: FileSystem, _ ino: InodeNumber) -> String? {
-        (try? fs.getxattr(ino, name: memcg)).map { String(decoding: $0, as: UTF8.self) }
     }
 
     func testWritesBelowChargeTheDirectorysTargetAndMoveBackOnRemove() throws {
@@ -64,19 +32,19 @@ final class DirectoryTargetTests: XCTestCase {
         let fs = try makeFS(targets)
         let a = try mkdir(fs, "a")
         try fs.setxattr(a, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: owner)
-        XCTAssertEqual(target(fs, a), "/cg/a")
-        XCTAssertNil(target(fs, FileSystem.rootIno), "the daemon's own cgroup: no target to show")
+        XCTAssertEqual(fs.memcgTarget(of: a), "/cg/a")
+        XCTAssertNil(fs.memcgTarget(of: FileSystem.rootIno), "the daemon's own cgroup: no target to show")
         let sub = try mkdir(fs, "sub", in: a)
         let f = try write(fs, in: sub, "f", pages: 100)
-        XCTAssertEqual(target(fs, f), "/cg/a", "inherited")
+        XCTAssertEqual(fs.memcgTarget(of: f), "/cg/a", "inherited")
         let charger = try XCTUnwrap(targets.chargers["/cg/a"])
         XCTAssertLessThanOrEqual(try XCTUnwrap(charger.pagesLeft), 900, "the target paid for the 100 pages")
         XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 100)
         try fs.removexattr(a, name: memcg, caller: owner)
-        XCTAssertNil(target(fs, a))
+        XCTAssertNil(fs.memcgTarget(of: a))
         XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 0)
         XCTAssertEqual(fs.chargeTarget(1).cgroup, "", "given back once nothing is left")
-        XCTAssertEqual(try read(fs, f, count: 100 * page), [UInt8](repeating: 7, count: 100 * page))
+        XCTAssertEqual(try fs.bytes(of: f, count: 100 * page), [UInt8](repeating: 7, count: 100 * page))
     }
 
     func testNoRoomMovesNothing() throws {
@@ -87,9 +55,9 @@ final class DirectoryTargetTests: XCTestCase {
         XCTAssertThrowsError(try fs.setxattr(d, name: memcg, value: Array("/cg/small".utf8), flags: [], caller: owner)) {
             XCTAssertEqual($0 as? Errno, .noSpace)
         }
-        XCTAssertNil(target(fs, d))
+        XCTAssertNil(fs.memcgTarget(of: d))
         XCTAssertEqual(fs.chargeTarget(0).pagesInUse, 80)
-        XCTAssertEqual(try read(fs, f, count: 80 * page), [UInt8](repeating: 7, count: 80 * page))
+        XCTAssertEqual(try fs.bytes(of: f, count: 80 * page), [UInt8](repeating: 7, count: 80 * page))
     }
 
     func testRefusals() throws {
@@ -106,8 +74,8 @@ final class DirectoryTargetTests: XCTestCase {
             XCTAssertEqual($0 as? Errno, .noSuchFileOrDirectory)
         }
         XCTAssertThrowsError(try fs.removexattr(d, name: memcg, caller: owner)) { XCTAssertEqual($0 as? Errno, .noData) }
-        XCTAssertNil(target(fs, d))
-        XCTAssertNil(target(fs, mine))
+        XCTAssertNil(fs.memcgTarget(of: d))
+        XCTAssertNil(fs.memcgTarget(of: mine))
     }
 
     func testRenameCarriesTheCharge() throws {
@@ -118,10 +86,10 @@ final class DirectoryTargetTests: XCTestCase {
         try fs.setxattr(b, name: memcg, value: Array("/cg/b".utf8), flags: [], caller: owner)
         let f = try write(fs, in: a, "f", pages: 30, byte: 9)
         try fs.rename(parent: a, name: Array("f".utf8), newParent: b, newName: Array("f".utf8), flags: [])
-        XCTAssertEqual(target(fs, f), "/cg/b")
+        XCTAssertEqual(fs.memcgTarget(of: f), "/cg/b")
         XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 0)
         XCTAssertEqual(fs.chargeTarget(2).pagesInUse, 30)
-        XCTAssertEqual(try read(fs, f, count: 30 * page), [UInt8](repeating: 9, count: 30 * page))
+        XCTAssertEqual(try fs.bytes(of: f, count: 30 * page), [UInt8](repeating: 9, count: 30 * page))
     }
     /// A caller allowed only through a supplementary group (group 2000 stands for a delegated,
     /// group-writable cgroup.procs) may set a target on a directory it owns.
@@ -133,7 +101,7 @@ final class DirectoryTargetTests: XCTestCase {
             XCTAssertEqual($0 as? Errno, .notPermitted, "not the owner")
         }
         try fs.setxattr(mine, name: memcg, value: Array("/cg/a".utf8), flags: [], caller: member)
-        XCTAssertEqual(target(fs, mine), "/cg/a")
+        XCTAssertEqual(fs.memcgTarget(of: mine), "/cg/a")
     }
 
     /// The status attribute has a line per directory target in use: its cgroup and what it holds.

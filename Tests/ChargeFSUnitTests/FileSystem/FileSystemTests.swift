@@ -31,11 +31,7 @@ final class FileSystemTests: XCTestCase {
     }
 
     func read(_ ino: InodeNumber, _ offset: Int64, _ count: Int) throws -> [UInt8] {
-        var out: [UInt8] = []
-        try fs.read(ino, offset: offset, count: count, noatime: false) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
+        try fs.bytes(of: ino, at: offset, count: count, noatime: false)
     }
 
     func assertErrno(_ expected: Errno, _ body: () throws -> Void, file: StaticString = #filePath, line: UInt = #line) {

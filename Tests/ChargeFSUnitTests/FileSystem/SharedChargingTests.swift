@@ -53,7 +53,8 @@ final class SharedChargingTests: XCTestCase {
         XCTAssertTrue(o.memcgAuto)
         XCTAssertEqual(o.chargeTargetPath, "/sys/fs/cgroup/memory/P")
         XCTAssertTrue(o.fsname.contains("memcg=auto:/sys/fs/cgroup/memory/P"), o.fsname)
-        XCTAssertNil(o.fileSystemConfig.passthroughMinBytes, "files move between cgroups: no backing files")
+        XCTAssertEqual(o.fileSystemConfig.passthroughMinBytes, FileSystemConfig.defaultPassthroughMinBytes,
+                       "passthrough for files hosted by the scope itself, which never move again")
         XCTAssertEqual(try MountOptions.parse(["/m", "-o", "memcg=/sys/fs/cgroup/P"]).chargeTargetPath, "/sys/fs/cgroup/P")
         let cases: [([String], String)] = [
             (["/m", "-o", "memcg_scope=/sys/fs/cgroup/P"], "memcg_scope=/sys/fs/cgroup/P: only with memcg=auto"),

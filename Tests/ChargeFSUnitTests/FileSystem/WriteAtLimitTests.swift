@@ -26,11 +26,7 @@ final class WriteAtLimitTests: XCTestCase {
     }
 
     func read(_ fs: FileSystem, _ ino: InodeNumber, count: Int) throws -> [UInt8] {
-        var out: [UInt8] = []
-        try fs.read(ino, offset: 0, count: count, noatime: true) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
+        try fs.bytes(of: ino, count: count)
     }
 
     /// A write whose leading page exists and whose rest needs pages the limit refuses returns the

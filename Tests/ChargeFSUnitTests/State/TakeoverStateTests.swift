@@ -48,11 +48,7 @@ final class TakeoverStateTests: XCTestCase {
     }
 
     func read(_ fs: FileSystem, _ ino: InodeNumber, _ offset: Int64, _ count: Int) throws -> [UInt8] {
-        var out: [UInt8] = []
-        try fs.read(ino, offset: offset, count: count, noatime: true) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
+        try fs.bytes(of: ino, at: offset, count: count)
     }
 
     func pattern(_ count: Int, seed: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ seed &* 7 &+ $0 >> 9) } }

@@ -40,26 +40,11 @@ final class TakeoverTargetsTests: XCTestCase {
     }
 
     func write(_ fs: FileSystem, _ ino: InodeNumber, pages: Int, at offset: Int = 0, byte: UInt8, caller: Caller? = nil) throws -> Int {
-        let bytes = [UInt8](repeating: byte, count: pages * page)
-        return try bytes.withUnsafeBytes {
-            try fs.write(ino, offset: Int64(offset), data: $0, caller: caller ?? owner, clearSetIDAsked: false).written
-        }
-    }
-
-    func read(_ fs: FileSystem, _ ino: InodeNumber, count: Int) throws -> [UInt8] {
-        var out: [UInt8] = []
-        try fs.read(ino, offset: 0, count: count, noatime: true) { vectors in
-            for v in vectors { out += UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len) }
-        }
-        return out
-    }
-
-    func target(_ fs: FileSystem, _ ino: InodeNumber) -> String? {
-        (try? fs.getxattr(ino, name: memcg)).map { String(decoding: $0, as: UTF8.self) }
+        try fs.write(ino, [UInt8](repeating: byte, count: pages * page), at: Int64(offset), caller: caller ?? owner)
     }
 
     func testDirectoryTargetsAreTakenOverAtTheirIndexes() throws {
-        let targets = DirectoryTargetTests.FakeTargets(["/cg/a": 10_000, "/cg/b": 10_000])
+        let targets = FakeTargets(["/cg/a": 10_000, "/cg/b": 10_000])
         var (fs, keeper) = try makeKept { arena in
             let store = PageStore(arena: arena, charger: DaemonCharger(arena: arena.fileDescriptor))
             store.targets = targets
@@ -84,26 +69,26 @@ final class TakeoverTargetsTests: XCTestCase {
         let mountPages = fs.chargeTarget(0).pagesInUse
         XCTAssertEqual(mountPages, 35)
 
-        let successor = DirectoryTargetTests.FakeTargets(["/cg/a": 10_000, "/cg/b": 10_000])
+        let successor = FakeTargets(["/cg/a": 10_000, "/cg/b": 10_000])
         fs = try takeOver(&fs, keeper) { $0.targets = successor }
         XCTAssertEqual(fs.chargeTarget(2).cgroup, "/cg/b", "the target at the index its files name")
         XCTAssertEqual(fs.chargeTarget(2).pagesInUse, 20, "its pages recounted from the maps")
         XCTAssertEqual(fs.chargeTarget(1).cgroup, "", "a slot given back stays empty")
         XCTAssertEqual(fs.chargeTarget(0).pagesInUse, mountPages)
-        XCTAssertEqual(target(fs, b), "/cg/b")
-        XCTAssertEqual(target(fs, inB), "/cg/b", "inherited, as before")
-        XCTAssertNil(target(fs, a))
+        XCTAssertEqual(fs.memcgTarget(of: b), "/cg/b")
+        XCTAssertEqual(fs.memcgTarget(of: inB), "/cg/b", "inherited, as before")
+        XCTAssertNil(fs.memcgTarget(of: a))
         XCTAssertNil(successor.chargers["/cg/a"], "no charger for a target no one names")
         let charger = try XCTUnwrap(successor.chargers["/cg/b"], "a new charger (helper) for the target")
-        XCTAssertEqual(try read(fs, inB, count: 20 * page), [UInt8](repeating: 2, count: 20 * page))
-        XCTAssertEqual(try read(fs, inA, count: 30 * page), [UInt8](repeating: 1, count: 30 * page))
+        XCTAssertEqual(try fs.bytes(of: inB, count: 20 * page), [UInt8](repeating: 2, count: 20 * page))
+        XCTAssertEqual(try fs.bytes(of: inA, count: 30 * page), [UInt8](repeating: 1, count: 30 * page))
 
         // It goes on charging to the same target, through the new charger.
         XCTAssertEqual(try write(fs, inB, pages: 10, at: 20 * page, byte: 4), 10 * page)
         XCTAssertEqual(fs.chargeTarget(2).pagesInUse, 30)
         XCTAssertLessThanOrEqual(try XCTUnwrap(charger.pagesLeft), 10_000 - 10)
         let newInB = try fs.mkdir(parent: sub, name: n("new"), mode: 0o755, caller: owner).ino
-        XCTAssertEqual(target(fs, newInB), "/cg/b", "a new directory takes its parent's target")
+        XCTAssertEqual(fs.memcgTarget(of: newInB), "/cg/b", "a new directory takes its parent's target")
         // And gives it back when the directory's target goes.
         try fs.removexattr(b, name: memcg, caller: owner)
         XCTAssertEqual(fs.chargeTarget(2).cgroup, "")
@@ -112,14 +97,14 @@ final class TakeoverTargetsTests: XCTestCase {
         // A second takeover after those changes (the table recorded again) and a checkpoint.
         fs.checkpointNow()
         try fs.setxattr(a, name: memcg, value: n("/cg/a"), flags: [], caller: owner)
-        fs = try takeOver(&fs, keeper) { $0.targets = DirectoryTargetTests.FakeTargets(["/cg/a": 10_000]) }
-        XCTAssertEqual(target(fs, inA), "/cg/a")
+        fs = try takeOver(&fs, keeper) { $0.targets = FakeTargets(["/cg/a": 10_000]) }
+        XCTAssertEqual(fs.memcgTarget(of: inA), "/cg/a")
         XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 30)
         XCTAssertEqual(fs.chargeTarget(2).cgroup, "")
     }
 
     func testATargetThatCannotBeOpenedFailsTheTakeover() throws {
-        let targets = DirectoryTargetTests.FakeTargets(["/cg/a": 1000])
+        let targets = FakeTargets(["/cg/a": 1000])
         var (fs, keeper) = try makeKept { arena in
             let store = PageStore(arena: arena, charger: DaemonCharger(arena: arena.fileDescriptor))
             store.targets = targets
@@ -161,7 +146,7 @@ final class TakeoverTargetsTests: XCTestCase {
             XCTAssertEqual(fs.chargeTarget(i).cgroup, was.cgroup, "target \(i)")
             XCTAssertEqual(fs.chargeTarget(i).pagesInUse, was.pagesInUse, "target \(i)")
         }
-        XCTAssertEqual(try read(fs, f, count: 100 * page), [UInt8](repeating: 5, count: 100 * page))
+        XCTAssertEqual(try fs.bytes(of: f, count: 100 * page), [UInt8](repeating: 5, count: 100 * page))
         // B still carries f's 400 KiB as shared: a write that fits B's limit only without them
         // is refused (the shared files were found again).
         successor.counters["/P/B"] = (1536 * 1024, 2 << 20)
