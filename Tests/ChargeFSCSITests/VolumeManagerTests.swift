@@ -326,6 +326,17 @@ final class VolumeManagerTests: XCTestCase {
         }
     }
 
+    /// The real probe on a plain directory: mountinfo says no chargefs mount, and no request is
+    /// sent anywhere (a hung mount is covered by csi.sh takeover, which stops a server).
+    func testRealProbeOfAPlainDirectory() throws {
+        let dir = try node.target("plain")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        guard case .notChargefs(nil) = Chargefsd.probe(dir, timeout: 1) else {
+            return XCTFail("a plain directory probed as \(Chargefsd.probe(dir, timeout: 1))")
+        }
+        XCTAssertEqual(Chargefsd.mountState(dir), .absent)
+    }
+
     func testStatusFieldsKeepSpacedValues() {
         let f = VolumeCondition.statusFields("transport=uring\npid=7 keeper=6 takeovers=2 resent=0\nlast_takeover=exit 3, 40.2 ms\n")
         XCTAssertEqual(f["transport"], "uring")
