@@ -623,9 +623,11 @@ struct TreeRestorer {
         if backingID == 0 {
             inode.backing = nil
             backingIDs[ino] = nil
-        } else if inode.backing?.stateID != backingID {
-            // Made by its inode's target's charger (a directory target's for a mapped file).
-            inode.backing = try backing(backingID, target: inode.chargeTarget)
+        } else if backingIDs[ino] != backingID {
+            // Opened once the whole journal is applied (`resolveBackings`): a backing file
+            // named here may have been freed by a later transaction, and the keeper then no
+            // longer holds it.
+            inode.backing = nil
             backingIDs[ino] = backingID
         }
         try Self.readPages(&r, into: inode)
@@ -646,6 +648,16 @@ struct TreeRestorer {
                 inode.pages.set(page, at: Int(index))
             }
             _ = inode.pages.takeChanged()
+        }
+    }
+
+    /// Gives every inode that is still there the backing file its last record named, from the
+    /// keeper's copy (after the checkpoint and every transaction are applied).
+    mutating func resolveBackings() throws(StateError) {
+        for (ino, id) in backingIDs.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            guard let inode = inodes[ino] else { backingIDs[ino] = nil; continue }
+            // Made by its inode's target's charger (a directory target's for a mapped file).
+            inode.backing = try backing(id, target: inode.chargeTarget)
         }
     }
 
