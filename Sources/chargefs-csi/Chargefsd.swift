@@ -328,7 +328,7 @@ struct HostDaemon: Sendable {
     /// host's root as the ancestor sees it, so no hostPath is needed for it.
     static func install(bundle: String, hostPid: pid_t, hostDir: String) -> Result<HostDaemon, CSIError> {
         let fm = FileManager.default
-        let files = ["chargefsd", "chargefs-charge-helper"] + ((try? fm.contentsOfDirectory(atPath: bundle + "/lib")) ?? []).sorted().map { "lib/" + $0 }
+        let files = ["chargefsd", "chargefs-charge-helper", "chargefs-keeper"] + ((try? fm.contentsOfDirectory(atPath: bundle + "/lib")) ?? []).sorted().map { "lib/" + $0 }
         guard files.contains("lib/chargefsd") else {
             return .failure(CSIError(.failedPrecondition, "--daemon-bundle \(bundle) has no lib/chargefsd (see deploy/build-image.sh)"))
         }

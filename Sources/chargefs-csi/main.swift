@@ -87,12 +87,12 @@ if getpid() == 1 {
     }
 }
 
-// -o takeover needs chargefs-keeper beside the daemon, and a successor the keeper can exec by
-// the daemon's /proc/self/exe: the host bundle runs the daemon through its dynamic loader (the
-// successor would be the loader without its --library-path), so there volumes go without.
+// -o takeover needs chargefs-keeper beside the daemon (the host bundle carries one: its keeper
+// restarts a server by the same loader command line).
 let takeoverProblem: String?
-if hostDaemon != nil {
-    takeoverProblem = "daemons from --daemon-bundle run through the bundle's dynamic loader, which chargefs-keeper cannot restart them by"
+if let hostDaemon {
+    takeoverProblem = FileManager.default.isExecutableFile(atPath: hostDaemon.dir + "/chargefs-keeper") ? nil
+        : "the daemon bundle \(hostDaemon.dir) has no chargefs-keeper (rebuild the image: deploy/build-image.sh)"
 } else if !FileManager.default.isExecutableFile(atPath: URL(fileURLWithPath: chargefsdPath).resolvingSymlinksInPath()
             .deletingLastPathComponent().appendingPathComponent("chargefs-keeper").path) {
     takeoverProblem = "chargefs-keeper is not installed next to \(chargefsdPath)"

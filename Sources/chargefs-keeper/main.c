@@ -11,7 +11,7 @@
 //
 // When the server exits 0 (unmounted, or stopped by a signal it handles), the keeper exits 0.
 // When it dies otherwise (a signal, a non-zero exit) after it handed over /dev/fuse, the keeper
-// logs the cause and starts `chargefsd --takeover ARGS...` with a new socket pair at fd 3, sends
+// logs the cause and starts `chargefsd ARGS... --takeover` with a new socket pair at fd 3, sends
 // it every file and value, and goes on. At most 5 successors in 60 s: past that, or when a
 // successor says it cannot take over (exit 75), it logs why, aborts the connection
 // (/sys/fs/fuse/connections/N/abort: callers get ENOTCONN instead of waiting forever) and exits 1.
@@ -177,16 +177,16 @@ static void describe(int status, char *out, size_t len) {
     else snprintf(out, len, "exited with status %d", WEXITSTATUS(status));
 }
 
-/* Starts `chargefsd --takeover ARGS...` with its end of a new pair at fd 3; returns its pid and
-   our end in *sock, or -1. */
+/* Starts `chargefsd ARGS... --takeover` with its end of a new pair at fd 3; returns its pid and
+   our end in *sock, or -1. The flag goes last: ARGS may begin with a dynamic loader's own
+   options (the CSI host bundle runs LOADER --library-path DIR/lib DIR/lib/chargefsd ARGS). */
 static pid_t start_successor(char **args, int nargs, int *sock) {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return -1;
     char **argv = calloc((size_t)nargs + 2, sizeof *argv);
     if (!argv) { close(sv[0]); close(sv[1]); return -1; }
-    argv[0] = args[0];
-    argv[1] = "--takeover";
-    for (int i = 1; i < nargs; i++) argv[i + 1] = args[i];
+    for (int i = 0; i < nargs; i++) argv[i] = args[i];
+    argv[nargs] = "--takeover";
     pid_t pid = fork();
     if (pid == 0) {
         if (dup2(sv[1], CKEEPER_SUCCESSOR_FD) != CKEEPER_SUCCESSOR_FD) _exit(127);

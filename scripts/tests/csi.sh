@@ -69,15 +69,6 @@ csi_cleanup() {
   cfs_cleanup
 }
 
-# keepers_below DIR: chargefs-keeper processes (-o takeover) of mounts below DIR (their argv
-# carries the server's).
-keepers_below() {
-  local p
-  for p in $(pgrep -x chargefs-keeper || true); do
-    tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$1/" && echo "$p"
-  done
-  return 0
-}
 # status_field MOUNT KEY: a value of the mount's user.chargefs.status (pid, keeper, takeovers).
 status_field() { getfattr --absolute-names --only-values -n user.chargefs.status "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n1; }
 # gone PID: true once PID has exited (a zombie counts: its reaper may be slow).

@@ -36,6 +36,35 @@ enum Takeover {
         return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
+    /// What came between the executable and the program in our command line: empty, unless a
+    /// dynamic loader started us (the CSI host bundle: `DIR/chargefsd --library-path DIR/lib
+    /// DIR/lib/chargefsd ARGS`, where /proc/self/exe is the loader). The loader moves argv past
+    /// its own arguments for the program, while /proc/self/cmdline keeps them all: what
+    /// CommandLine.arguments lacks is the loader's part, which ends with the program's path.
+    static func launcherArguments() -> [String] {
+        guard let data = readWhole("/proc/self/cmdline") else { return [] }
+        let all = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        let given = all.last == "" ? Array(all.dropLast()) : all
+        let own = CommandLine.arguments.count
+        guard given.count > own, Array(given.suffix(own - 1)) == Array(CommandLine.arguments.dropFirst()) else { return [] }
+        return Array(given[1...(given.count - own)])
+    }
+
+    static func readWhole(_ path: String) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { return nil }
+            if n == 0 { return bytes }
+            bytes += chunk[0..<n]
+        }
+    }
+
     /// Splits the daemon: the keeper execs in this process's place (its parent sees no change:
     /// same pid, and it exits when the mount ends), this function returns in the child, the
     /// server, with the keeper's socket. Call before any thread exists.
@@ -47,8 +76,9 @@ enum Takeover {
         var argv = [keeperPath, sock, server, String(options.takeoverMax)]
         if !options.foreground { argv.append("--detached") }
         if adopted { argv.append("--adopted") }
-        // The first server's own arguments: what every successor is started with.
-        argv += ["--", exe] + CommandLine.arguments.dropFirst().filter { $0 != "--takeover" }
+        // The first server's own arguments: what every successor is started with, after the
+        // same launcher (a dynamic loader's own arguments, when one started us).
+        argv += ["--", exe] + launcherArguments() + CommandLine.arguments.dropFirst().filter { $0 != "--takeover" }
         return (keeperPath, argv)
     }
 
