@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <poll.h>
 #include <sys/wait.h>
+#include <sys/prctl.h>
 #include <sys/xattr.h>
 
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd) {
@@ -179,3 +180,5 @@ long ckeeper_read_status(const char *mountpoint, char *buf, unsigned long len) {
     ssize_t n = getxattr(mountpoint, "user.chargefs.status", buf, len);
     return n < 0 ? -errno : (long)n;
 }
+
+void ckeeper_name_server(void) { (void)prctl(PR_SET_NAME, "chargefsd"); }

@@ -50,6 +50,9 @@ enum { CKEEPER_UPGRADE_SIGNAL = SIGUSR1, CKEEPER_HANDOVER_SIGNAL = SIGUSR2,
 /// Installs the server's handler of CKEEPER_HANDOVER_SIGNAL: it records the request and raises
 /// SIGTERM, whose libfuse handler (installed before) ends the session loop.
 int ckeeper_install_handover_handler(void);
+/// Names this process "chargefsd" (comm): a successor the keeper ran from a kept file
+/// (execveat AT_EMPTY_PATH) is otherwise named after the descriptor's number.
+void ckeeper_name_server(void);
 /// 1 once CKEEPER_HANDOVER_SIGNAL came.
 int ckeeper_handover_requested(void);
 /// The mount root's user.chargefs.status (getxattr: <sys/xattr.h> is not in Swift's Glibc):
