@@ -12,6 +12,7 @@
 //   SERVING: this server serves requests now (`value`: its start-to-serving time in µs).
 //   BYE: this server is about to exit 0 (unmounted, or stopped): a keeper that is not its
 //   parent (one the server restarted) cannot read its exit status.
+//   BYE with value CKEEPER_EXIT_HANDED_OVER: it exits that instead (an upgrade's handover).
 // Keeper -> successor, right after it starts: KEEP for every file held, then SET for every value,
 // then END. Nothing in the keeper parses user input: only these fixed-size messages.
 
