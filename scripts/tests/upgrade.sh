@@ -19,6 +19,9 @@
 #               system (/proc), a chargefs mount without -o takeover, a caller who is neither
 #               root nor the mounter (uid 65534): each one line, exit non-zero, the serving pid
 #               unchanged
+#   charge      memcg= target (cgroup v1 here, or v2): its usage unchanged within 1 MiB over 3
+#               upgrades, a write after charged to it, after rm and unmount back near its
+#               baseline, no process and no leaf left
 #   pause_10k   10,000 files, 5 upgrades: the ms the mount did not answer, as --upgrade prints
 #               it (from the keeper's signal to the first status read the new server answered)
 #               and as the keeper logs it (handover to serving), with the successor's CPU time; printed
@@ -29,7 +32,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(live refused bad_input pause_10k)
+TESTS=(live refused bad_input charge pause_10k)
 
 # A staged copy of the build (chargefsd, keeper, helper) in CFS_PUBLIC; the mount runs it.
 new_env() {
@@ -235,6 +238,38 @@ t_bad_input() {
   CFS_PID=$keeper
   check "the takeover mount's file is there" [ "$(cat "$MNT/f")" = kept ]
   after_unmount "$keeper"
+}
+
+t_charge() {
+  new_env
+  cg_create "$T" $((256 * MiB))
+  local base; base=$(cg_usage "$T")
+  cfs_mount "$MNT" "size=512m,takeover,memcg=$T"
+  local keeper=$CFS_PID k i u u0 u1 out
+  for i in $(seq 1 64); do head -c 65536 /dev/urandom > "$MNT/s$i"; done
+  head -c $((8 * MiB)) /dev/urandom > "$MNT/big"
+  u0=$(cg_usage "$T")
+  check "the target is charged for the files ($(fmt_mib $((u0 - base))))" ge $((u0 - base)) $((12 * MiB))
+  local sum0; sum0=$(cd "$MNT" && md5sum s* big | md5sum)
+  for k in 1 2 3; do
+    install_copy >/dev/null
+    out=$("$BIN" --upgrade "$MNT" 2>&1) || log "  upgrade $k failed: $out"
+    u=$(cg_usage "$T")
+    log "  upgrade $k: target usage $(fmt_mib "$u") (before $(fmt_mib "$u0"))"
+    check "upgrade $k: the target's usage unchanged within 1 MiB" near "$u" "$u0" "$MiB"
+  done
+  check "3 upgrades counted" [ "$(status_word upgrades)" = 3 ]
+  check "the files read back" [ "$(cd "$MNT" && md5sum s* big | md5sum)" = "$sum0" ]
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/after"
+  u1=$(cg_usage "$T")
+  check "a 4 MiB write after the upgrades is charged to the target ($(fmt_mib $((u1 - u0))))" near $((u1 - u0)) $((4 * MiB)) "$MiB"
+  rm -f "$MNT"/s* "$MNT/big" "$MNT/after"
+  after_unmount "$keeper"
+  local end; end=$(cg_usage "$T")
+  log "  baseline $(fmt_mib "$base"), after rm and unmount $(fmt_mib "$end")"
+  check "after rm and unmount the charge is back near its baseline" near "$end" "$base" "$MiB"
+  check "no process left in the target" [ -z "$(cat "$T"/cgroup.procs "$T"/*/cgroup.procs 2>/dev/null)" ]
+  check "no leaf left below the target" [ -z "$(find "$T" -mindepth 1 -maxdepth 1 -type d)" ]
 }
 
 t_pause_10k() {
