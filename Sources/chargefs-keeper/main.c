@@ -70,6 +70,9 @@ static volatile sig_atomic_t stop_signal, upgrade_asked;
 static int upgrading;
 static int old_exe = -1;  /* O_PATH of the binary the handing-over server ran */
 static int handed_over;   /* an adopted server said it exits 76 */
+/* The server said SERVING: its handover handler is in place (a SIGUSR2 before would kill it),
+   so an upgrade asked before then waits for it. */
+static int server_serving;
 
 static void say(const char *fmt, ...) {
     char line[512];
@@ -143,6 +146,7 @@ static int handle(int *sock, pid_t server, double started_ms) {
         if (m.value == EXIT_HANDED_OVER) handed_over = 1; else bye = 1;
         break;
     case CKEEPER_SERVING:
+        server_serving = 1;
         if (upgrading >= 2) {
             say("%s %d serves, %.1f ms after its predecessor handed over (its own start: %.1f ms)",
                 upgrading == 2 ? "upgraded server" : "previous binary's server", (int)server,
@@ -271,7 +275,7 @@ int main(int argc, char **argv) {
     max_successors = (unsigned)max;
     int a = 4;
     if (a < argc && !strcmp(argv[a], "--detached")) { use_syslog = 1; a++; }
-    if (a < argc && !strcmp(argv[a], "--adopted")) { adopted = 1; a++; }
+    if (a < argc && !strcmp(argv[a], "--adopted")) { adopted = 1; server_serving = 1; a++; }
     if (a >= argc || strcmp(argv[a], "--")) return 2;
     a++;
     if (a >= argc || sock < 0 || server <= 0) return 2;
@@ -306,7 +310,7 @@ int main(int argc, char **argv) {
             kill(server, stop_signal);
             stop_signal = 0;
         }
-        if (upgrade_asked) {
+        if (upgrade_asked && (server_serving || upgrading)) {
             upgrade_asked = 0;
             char exe[64];
             snprintf(exe, sizeof exe, "/proc/%d/exe", (int)server);
@@ -377,6 +381,7 @@ int main(int argc, char **argv) {
                               (int)server, cause, (int)next);
             else say("upgrade: server %d handed over; %s starts as %d", (int)server, args[0], (int)next);
             upgrading = fallback ? 3 : 2;
+            server_serving = 0;
             int r = hand_over(ssock, takeovers);
             if (r < 0) say("successor %d did not take the files (%s)", (int)next, strerror(-r));
             server = next;
@@ -419,6 +424,7 @@ int main(int argc, char **argv) {
             return 1;
         }
         starts[nstarts++] = died_ms;
+        server_serving = 0;
         takeovers++;
         say("server %d %s; successor %d started (takeover %u)", (int)server, cause, (int)next, takeovers);
         int r = hand_over(ssock, takeovers);

@@ -19,6 +19,10 @@
 #               system (/proc), a chargefs mount without -o takeover, a caller who is neither
 #               root nor the mounter (uid 65534): each one line, exit non-zero, the serving pid
 #               unchanged
+#   counted_apart  takeover_max=1: 3 upgrades, then kill -9 of the server and at once an
+#               upgrade (its status read waits for the crash's successor, which it upgrades):
+#               both succeed, status takeovers=1 upgrades=4, files intact (upgrades do not
+#               count toward the crash-loop bound)
 #   charge      memcg= target (cgroup v1 here, or v2): its usage unchanged within 1 MiB over 3
 #               upgrades, a write after charged to it, after rm and unmount back near its
 #               baseline, no process and no leaf left
@@ -32,7 +36,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(live refused bad_input charge pause_10k)
+TESTS=(live refused bad_input counted_apart charge pause_10k)
 
 # A staged copy of the build (chargefsd, keeper, helper) in CFS_PUBLIC; the mount runs it.
 new_env() {
@@ -237,6 +241,27 @@ t_bad_input() {
   cfs_umount "$SCR/plainmnt" "$plain_pid"
   CFS_PID=$keeper
   check "the takeover mount's file is there" [ "$(cat "$MNT/f")" = kept ]
+  after_unmount "$keeper"
+}
+
+t_counted_apart() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover,takeover_max=1"
+  local keeper=$CFS_PID k out rc pid
+  populate
+  local before; before=$(listing)
+  for k in 1 2 3; do
+    rc=0; out=$("$BIN" --upgrade "$MNT" 2>&1) || rc=$?
+    check "upgrade $k exits 0 ($out)" [ "$rc" = 0 ]
+  done
+  pid=$(server_pid)
+  kill -9 "$pid"
+  rc=0; out=$("$BIN" --upgrade "$MNT" 2>&1) || rc=$?
+  log "  kill -9 of $pid, then at once: $out"
+  check "an upgrade asked right after a crash exits 0" [ "$rc" = 0 ]
+  check "status: takeovers=1 upgrades=4" [ "$(status_word takeovers) $(status_word upgrades)" = "1 4" ]
+  check "the tree is intact" [ "$(listing)" = "$before" ]
+  check "one crash takeover in the keeper's log" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 1 ]
   after_unmount "$keeper"
 }
 
