@@ -24,6 +24,7 @@
 // daemon's path (a path, not /proc/self/exe: a replaced file is picked up) with --takeover. If
 // that one dies before it serves (exit 75: it cannot read this state), the keeper starts the
 // previous binary from the kept O_PATH file (execveat AT_EMPTY_PATH), which takes the state back.
+// Crash successors then run that previous binary too, until an upgrade succeeds.
 // Upgrades are counted apart from crashes (upgrades=, upgrade_failures= in the status) and never
 // count toward the crash-loop bound.
 //
@@ -69,6 +70,9 @@ static volatile sig_atomic_t stop_signal, upgrade_asked;
    was started and has not said SERVING, 3 the previous binary was started again (fallback). */
 static int upgrading;
 static int old_exe = -1;  /* O_PATH of the binary the handing-over server ran */
+/* After a failed upgrade: the previous binary, which crash successors run too (the file at the
+   daemon's path refused the state) until an upgrade succeeds. */
+static int pinned_exe = -1;
 static int handed_over;   /* an adopted server said it exits 76 */
 /* The server said SERVING: its handover handler is in place (a SIGUSR2 before would kill it),
    so an upgrade asked before then waits for it. */
@@ -151,8 +155,15 @@ static int handle(int *sock, pid_t server, double started_ms) {
             say("%s %d serves, %.1f ms after its predecessor handed over (its own start: %.1f ms)",
                 upgrading == 2 ? "upgraded server" : "previous binary's server", (int)server,
                 now_ms() - started_ms, (double)m.value / 1e3);
+            if (upgrading == 3) {
+                if (pinned_exe >= 0) close(pinned_exe);
+                pinned_exe = old_exe;  /* crash successors run the previous binary from here on */
+            } else {
+                if (old_exe >= 0) close(old_exe);
+                if (pinned_exe >= 0) { close(pinned_exe); pinned_exe = -1; }
+            }
+            old_exe = -1;
             upgrading = 0;
-            if (old_exe >= 0) { close(old_exe); old_exe = -1; }
         } else if (started_ms > 0)
             say("successor %d serves, %.1f ms after its predecessor's death (its own start: %.1f ms)",
                 (int)server, now_ms() - started_ms, (double)m.value / 1e3);
@@ -417,7 +428,7 @@ int main(int argc, char **argv) {
         uint64_t before;  // a restarted keeper goes on counting where the server's count was
         if (get_value(CKEEPER_TAKEOVERS, &before) && before > takeovers) takeovers = (unsigned)before;
         int ssock = -1;
-        pid_t next = start_successor(args, nargs, &ssock, -1);
+        pid_t next = start_successor(args, nargs, &ssock, pinned_exe);
         if (next < 0) {
             say("server %d %s; cannot start a successor (%s): giving up", (int)server, cause, strerror(errno));
             abort_connection();

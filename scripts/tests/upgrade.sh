@@ -13,8 +13,9 @@
 #   refused     the daemon's path replaced by a stand-in that exits 75 (cannot take this state
 #               over): --upgrade exits 1 naming the failure; the keeper started the previous
 #               binary again (its /proc/PID/exe is the old inode), the mount serves its files
-#               and takes writes; status upgrade_failures=1 upgrades=0; with the real binary put
-#               back, the next --upgrade succeeds
+#               and takes writes; status upgrade_failures=1 upgrades=0; a kill -9 then is taken
+#               over by the previous binary too (not the refusing file); with the real binary
+#               put back, the next --upgrade succeeds
 #   bad_input   no such directory, a directory that is not a mountpoint, a mount of another file
 #               system (/proc), a chargefs mount without -o takeover, a caller who is neither
 #               root nor the mounter (uid 65534): each one line, exit non-zero, the serving pid
@@ -198,11 +199,17 @@ t_refused() {
   echo after > "$MNT/held"
   check "the mount takes writes" [ "$(cat "$MNT/held")" = after ]
   check "status: upgrades=0 upgrade_failures=1 takeovers=0" [ "$(status_word upgrades) $(status_word upgrade_failures) $(status_word takeovers)" = "0 1 0" ]
+  # A crash now: its successor is the previous binary too, not the refusing file at the path.
+  kill -9 "$new"
+  check "after a kill -9 the mount answers" [ "$(cat "$MNT/held")" = after ]
+  new=$(server_pid)
+  check "the crash's successor runs the previous binary (inode $old_ino)" [ "$(stat -Lc %i "/proc/$new/exe" 2>/dev/null)" = "$old_ino" ]
+  check "status: takeovers=1" [ "$(status_word takeovers)" = 1 ]
   # The real binary put back: the next upgrade works.
   mv -f "$BIN.real" "$BIN"
   rc=0; out=$("$BIN" --upgrade "$MNT" 2>&1) || rc=$?
   check "with the real binary back, --upgrade exits 0 ($out)" [ "$rc" = 0 ]
-  check "status: upgrades=1 upgrade_failures=1" [ "$(status_word upgrades) $(status_word upgrade_failures)" = "1 1" ]
+  check "status: upgrades=1 upgrade_failures=1 takeovers=1" [ "$(status_word upgrades) $(status_word upgrade_failures) $(status_word takeovers)" = "1 1 1" ]
   check "the tree is intact" [ "$(listing)" = "$before" ]
   after_unmount "$keeper"
   sed 's/^/  | /' "$CFS_LOG" | tail -6 >&2
