@@ -42,7 +42,7 @@ let package = Package(
         ),
         // The keeper's protocol, both sides, and the daemon's split into keeper and server (C:
         // fork and exec before the daemon has threads).
-        .target(name: "CKeeper"),
+        .target(name: "CKeeper", dependencies: ["CChargeHelper"]),
         // The keeper (-o takeover): holds a mount's files while its server may die and starts a
         // successor. Static and without the Swift runtime, like the charge helper.
         .executableTarget(

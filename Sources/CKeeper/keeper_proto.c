@@ -1,6 +1,7 @@
 // The keeper's protocol and the daemon's side of starting it (see CKeeper.h).
 #define _GNU_SOURCE
 #include "CKeeper.h"
+#include "CChargeHelper.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -17,25 +18,22 @@
 #include <sys/xattr.h>
 
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd) {
-    struct iovec iov = { .iov_base = (void *)msg, .iov_len = sizeof *msg };
-    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
-    union { struct cmsghdr align; char bytes[CMSG_SPACE(sizeof(int))]; } control;
-    if (fd >= 0) {
-        memset(&control, 0, sizeof control);
-        m.msg_control = control.bytes;
-        m.msg_controllen = sizeof control.bytes;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    }
     for (;;) {
-        ssize_t n = sendmsg(sock, &m, MSG_NOSIGNAL);
+        ssize_t n = chargehelper_send_with_fd(sock, msg, sizeof *msg, fd);
         if (n == (ssize_t)sizeof *msg) return 0;
         if (n < 0 && errno == EINTR) continue;
         return n < 0 ? -errno : -EPROTO;
     }
+}
+
+void ckeeper_reset_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &sa, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
 int ckeeper_recv(int sock, struct ckeeper_msg *msg, int *fd_out) {
@@ -133,13 +131,7 @@ pid_t ckeeper_spawn(const char *path, char *const argv[], int *sock_out) {
         if (syscall(SYS_close_range, CKEEPER_SUCCESSOR_FD + 1, ~0U, 4U /* CLOSE_RANGE_CLOEXEC */) != 0) {
             for (int fd = CKEEPER_SUCCESSOR_FD + 1; fd < 65536; fd++) (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
         }
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = SIG_DFL;
-        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &sa, NULL);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
+        ckeeper_reset_signals();
         execv(path, argv);
         _exit(127);
     }

@@ -238,13 +238,7 @@ static pid_t start_successor(char **args, int nargs, int *sock, int exe) {
         if (high >= 0 && (dup2(high, exe_fd) != exe_fd || fcntl(exe_fd, F_SETFD, FD_CLOEXEC) != 0)) _exit(127);
         // Everything else it needs comes over the socket; nothing of ours leaks into it.
         syscall(SYS_close_range, high >= 0 ? exe_fd + 1 : CKEEPER_SUCCESSOR_FD + 1, ~0U, 0);
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = SIG_DFL;
-        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &sa, NULL);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
+        ckeeper_reset_signals();
         if (high >= 0) {
             extern char **environ;
             syscall(SYS_execveat, exe_fd, "", argv, environ, AT_EMPTY_PATH);

@@ -62,6 +62,8 @@ long ckeeper_read_status(const char *mountpoint, char *buf, unsigned long len);
 
 /// Sends one message, with `fd` attached when >= 0. 0, or -errno.
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd);
+/* In a child between fork and exec (async-signal-safe): every signal to its default, none blocked. */
+void ckeeper_reset_signals(void);
 /// Receives one message; a file that came with it goes to *fd_out (close-on-exec), else -1.
 /// 1 on a message, 0 at EOF, -errno on error (EINTR retried).
 int ckeeper_recv(int sock, struct ckeeper_msg *msg, int *fd_out);
