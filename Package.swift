@@ -7,6 +7,8 @@ let package = Package(
         .executable(name: "chargefsd", targets: ["chargefsd"]),
         // Installed next to chargefsd: the daemon starts it from there (memcg= mounts).
         .executable(name: "chargefs-charge-helper", targets: ["chargefs-charge-helper"]),
+        // Installed next to chargefsd: -o takeover mounts run it (the keeper of a mount's files).
+        .executable(name: "chargefs-keeper", targets: ["chargefs-keeper"]),
         .library(name: "ChargeFS", targets: ["ChargeFS"]),
         .executable(name: "chargefs-csi", targets: ["chargefs-csi"]),
     ],
@@ -38,6 +40,16 @@ let package = Package(
             dependencies: ["CChargeHelper"],
             linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "--gc-sections"])]
         ),
+        // The keeper's protocol, both sides, and the daemon's split into keeper and server (C:
+        // fork and exec before the daemon has threads).
+        .target(name: "CKeeper"),
+        // The keeper (-o takeover): holds a mount's files while its server may die and starts a
+        // successor. Static and without the Swift runtime, like the charge helper.
+        .executableTarget(
+            name: "chargefs-keeper",
+            dependencies: ["CKeeper"],
+            linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "--gc-sections"])]
+        ),
         // Folders by layer, each with a README whose "May call" line the layer check reads:
         // Bridge -> Transport, and Bridge -> FileSystem -> Inodes/Pages -> Charging -> Cgroup ->
         // Support (Daemon on top; API holds the values they all speak).
@@ -47,6 +59,7 @@ let package = Package(
                 "CFuse",
                 "CFuseTransport",
                 "CChargeHelper",
+                "CKeeper",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             exclude: ["API", "Bridge", "Transport", "FileSystem", "Inodes", "Pages", "Charging", "Cgroup", "Daemon", "Support", "State"]

@@ -38,10 +38,13 @@ if let target = options.cleanupTarget {
     }
 }
 
-do throws(UsageError) {
-    try Daemon.checkMountpoint(options.mountpoint)
-} catch {
-    fail(error.description)
+// A successor (started by the keeper) serves a mount that exists already.
+if !options.isSuccessor {
+    do throws(UsageError) {
+        try Daemon.checkMountpoint(options.mountpoint)
+    } catch {
+        fail(error.description)
+    }
 }
 // Resolved once, before anything starts, so a bad target mounts nothing.
 var target: CgroupTarget?
@@ -55,6 +58,6 @@ if let memcg = options.chargeTargetPath {
     }
 }
 
-let readiness = options.foreground ? nil : Daemon.detach()
+let readiness = options.foreground || options.isSuccessor ? nil : Daemon.detach()
 let status = Daemon.run(options: options, target: target, readiness: readiness)
 exit(status)

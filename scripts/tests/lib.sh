@@ -283,7 +283,7 @@ cfs_stage_for_others() {
   CFS_PUBLIC=$(mktemp -d /tmp/chargefs-public.XXXXXX) || die "cannot create a public directory in /tmp"
   CFS_DIRS+=("$CFS_PUBLIC")
   chmod 755 "$CFS_PUBLIC"
-  for f in "$bin" "$(dirname "$bin")"/chargefs-charge-helper "$@"; do
+  for f in "$bin" "$(dirname "$bin")"/chargefs-charge-helper "$(dirname "$bin")"/chargefs-keeper "$@"; do
     [ -e "$f" ] || continue
     cp "$f" "$CFS_PUBLIC/" && chmod a+rX "$CFS_PUBLIC/$(basename "$f")"
   done

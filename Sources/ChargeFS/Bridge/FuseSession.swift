@@ -12,13 +12,22 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
     init(fileSystem: FileSystem) {
         self.fileSystem = fileSystem
     }
+
+    /// -o takeover: servers this one's keeper started before it (0 for the first); nil without
+    /// takeover. Set before serving.
+    var takeovers: UInt64?
+    /// -o takeover: the keeper's pid now (a server restarts a dead one).
+    var keeperPid: (@Sendable () -> Int32)?
     /// The root's read-only attributes that the transport answers: the status (the tree's lines,
     /// then the transport's) and the requests by kind. nil for any other name.
     func transportAttribute(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8]? {
         guard ino == FileSystem.rootIno else { return nil }
         if name == FileSystem.requestsXattr { return Array(requests.text.utf8) }
         if name == FileSystem.statusXattr {
-            return try fileSystem.getxattr(ino, name: name) + Array("transport=\(transport)\n".utf8)
+            var text = "transport=\(transport)\n"
+            // -o takeover: who serves now, its keeper, and how many servers it replaced.
+            if let takeovers { text += "pid=\(getpid()) keeper=\(keeperPid?() ?? getppid()) takeovers=\(takeovers) resent=\(features.resent.load(ordering: .relaxed))\n" }
+            return try fileSystem.getxattr(ino, name: name) + Array(text.utf8)
         }
         return nil
     }
@@ -42,13 +51,18 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
         userdata.map { Unmanaged<FuseSession>.fromOpaque($0).takeUnretainedValue() }
     }
 
+    /// A successor's: the passthrough registrations the kernel still holds for this connection
+    /// (`FileSystem.passthroughRegistrations`); set before the INIT replay.
+    var adoptedPassthrough: [InodeNumber: (id: Int32, opens: UInt32)]?
+
     /// Where backing files are registered for passthrough; nil until INIT took passthrough.
     private(set) var passthrough: PassthroughRegistry?
 
     /// INIT took FUSE passthrough: large read-only opens may now be handed to the kernel.
     override func passthroughNegotiated() {
         guard let handle, let device = PassthroughRegistry.Device(sessionFD: fuse_session_fd(handle)) else { return }
-        passthrough = PassthroughRegistry(device: device)
+        // A successor takes over the backing ids its predecessor registered on this connection.
+        passthrough = adoptedPassthrough.map { PassthroughRegistry(device: device, adopting: $0) } ?? PassthroughRegistry(device: device)
         fileSystem.noteKernelPassthrough(true)
     }
 

@@ -1,5 +1,6 @@
 import CFuse
 import CFuseTransport
+import CKeeper
 import Glibc
 import SystemPackage
 
@@ -103,11 +104,17 @@ public enum Daemon {
 
     /// Mounts and serves until unmounted or signalled; returns the exit status.
     public static func run(options: MountOptions, target: CgroupTarget?, readiness: Int32?) -> Int32 {
+        if options.isSuccessor { return Takeover.serveAsSuccessor(options: options, target: target) }
         do throws(StartFailure) {
+            // First, while this process has no thread: the keeper takes the parent's place.
+            let keeper = options.takeover ? try Takeover.startKeeper(options) : nil
             let transport = try chooseTransport(options)
-            let fs = try makeFileSystem(options, target: target)
+            let (fs, state, arenaBacking) = try makeFileSystem(options, target: target, keeper: keeper)
             defer { fs.stopCharging() }
-            return try serve(fs, options: options, transport: transport, readiness: readiness)
+            let handover = keeper.flatMap { k in state.map { Takeover.Handover(keeper: k, state: $0, arenaBacking: arenaBacking) } }
+            let status = try serve(fs, options: options, transport: transport, readiness: readiness, handover: handover)
+            if status == 0 { keeper?.bye() }
+            return status
         } catch {
             report(readiness, error.message)
             return 1
@@ -129,6 +136,14 @@ public enum Daemon {
     /// Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
     /// the knob opens a kernel interface to every FUSE daemon on the host.
     static func chooseTransport(_ options: MountOptions) throws(StartFailure) -> TransportChoice {
+        if options.takeover || options.isSuccessor {
+            // Requests a dead server took over io_uring are not resent by the kernel (only the
+            // /dev/fuse processing list is): a takeover mount serves /dev/fuse (docs/takeover.md).
+            if options.ioUring == .on && !options.isSuccessor {
+                Log.line("warning: io_uring=on with takeover: serving over /dev/fuse, since requests in flight over io_uring would be lost at a crash")
+            }
+            return TransportChoice(wantsUring: false, devFuseReason: "takeover")
+        }
         let uringSupport = UringTransport.hostSupport()
         if options.ioUring == .on && uringSupport != .enabled {
             throw StartFailure(uringSupport == .absent
@@ -149,7 +164,8 @@ public enum Daemon {
     }
 
     /// The arena, the charger for `target` (the daemon's own cgroup without one), and the tree.
-    static func makeFileSystem(_ options: MountOptions, target: CgroupTarget?) throws(StartFailure) -> FileSystem {
+    static func makeFileSystem(_ options: MountOptions, target: CgroupTarget?, keeper: ProcessKeeper? = nil)
+        throws(StartFailure) -> (FileSystem, StateFiles?, UInt64) {
         let config = options.fileSystemConfig
         let capacity = config.maxBytes.map { Int($0 / Int64(PageSize.bytes)) + PageStore.reserveLimit + 1024 }
         let arena: Arena
@@ -166,7 +182,13 @@ public enum Daemon {
             store.targets = CgroupChargeTargets(limitPolicy: options.memcgLimit)
             // memcg=auto: the mount's target is the scope P, each file charged to its users' cgroups.
             if options.memcgAuto, let target { store.shares = CgroupSharedScope(scope: target) }
-            return FileSystem(config: config, store: store)
+            let backing = Takeover.code(arena.backing)
+            guard let keeper else { return (FileSystem(config: config, store: store), nil, backing) }
+            // -o takeover: the metadata kept in memfds, each descriptor handed to the keeper.
+            let state = try StateFiles.create()
+            return (try FileSystem(config: config, store: store, state: state, keeper: keeper), state, backing)
+        } catch let error as StateError {
+            throw StartFailure("takeover: \(error)")
         } catch {
             // A CgroupError names the target itself.
             throw StartFailure(error is CgroupError ? "\(error)" : "\(options.chargeTargetPath.map { "memcg=\($0): " } ?? "")\(error)")
@@ -175,7 +197,8 @@ public enum Daemon {
 
     /// Mounts `fs`, serves it until unmounted or stopped, and tears down in reverse order;
     /// returns the exit status.
-    static func serve(_ fs: FileSystem, options: MountOptions, transport: TransportChoice, readiness: Int32?) throws(StartFailure) -> Int32 {
+    static func serve(_ fs: FileSystem, options: MountOptions, transport: TransportChoice, readiness: Int32?,
+                      handover: Takeover.Handover? = nil) throws(StartFailure) -> Int32 {
         if !options.debug { cfuse_silence_libfuse() }
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
@@ -197,6 +220,14 @@ public enum Daemon {
         guard FuseKernelFeatures.install(on: fuse) else {
             fuse_session_unmount(session)
             throw StartFailure("cannot set up the FUSE session's I/O")
+        }
+        if let handover {
+            // Before the first request is read: INIT is saved once answered, and the keeper holds
+            // /dev/fuse from here on.
+            guard handover.start(fuse, session: session, options: options) else {
+                fuse_session_unmount(session)
+                throw StartFailure("takeover: cannot hand the mount to the keeper")
+            }
         }
         report(readiness, "ready")
         if !transport.wantsUring { Log.line("serving over /dev/fuse (\(transport.devFuseReason))") }

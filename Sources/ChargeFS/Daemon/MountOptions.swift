@@ -54,6 +54,13 @@ public struct MountOptions: Sendable, Equatable {
     /// passthrough=auto|off: whether large files opened read-only may be read by the kernel
     /// itself (FUSE passthrough, where the kernel offers it).
     public var readPassthrough = true
+    /// takeover: keep the metadata for a successor and run a keeper that starts one when the
+    /// server dies (docs/takeover.md). Off by default: about 1 µs more per create or unlink.
+    public var takeover = false
+    /// takeover_max=N: successors the keeper starts in 60 s before it gives up (a crash loop).
+    public var takeoverMax = 5
+    /// `--takeover`: this process is a successor the keeper started (never typed by a user).
+    public var isSuccessor = false
     /// Options handed to the kernel mount through libfuse, as given.
     public var passthrough: [String] = []
 
@@ -85,6 +92,7 @@ public struct MountOptions: Sendable, Equatable {
                 guard i < arguments.count else { throw UsageError("-o needs a list of options") }
                 try o.apply(arguments[i])
                 i += 1
+            case "--takeover": o.isSuccessor = true
             case "--cleanup":
                 guard i < arguments.count else { throw UsageError("--cleanup needs a cgroup path") }
                 o.cleanupTarget = arguments[i]
@@ -171,6 +179,12 @@ public struct MountOptions: Sendable, Equatable {
                 let v = try required()
                 guard v == "auto" || v == "off" else { throw UsageError("passthrough=\(v): must be auto or off") }
                 readPassthrough = v == "auto"
+            case "takeover" where value == nil:
+                takeover = true
+            case "takeover_max":
+                let v = try required()
+                guard let n = Int(v), (1...1000).contains(n) else { throw UsageError("takeover_max=\(v): must be a number from 1 to 1000") }
+                takeoverMax = n
             case "fsname", "subtype":
                 break  // chargefsd sets these itself
             case _ where Self.fuseFlags.contains(key) && value == nil:
@@ -314,6 +328,11 @@ public struct MountOptions: Sendable, Equatable {
       passthrough=auto  (default) a file of 1 MiB or more, opened read-only while nothing else has it
                         open and holding no hole, is read by the kernel from a file of its own
                         (FUSE passthrough, Linux 6.9+, root), charged like every page; off: never
+      takeover          a keeper (chargefs-keeper) holds the mount's files and starts a new chargefsd
+                        when this one dies (kill -9, a crash): no file is lost and callers wait
+                        instead of failing (docs/takeover.md). Costs about 1 µs per create/unlink
+      takeover_max=N    successors allowed in 60 s (default 5); past that the keeper aborts the
+                        mount (callers get ENOTCONN) instead of looping on a state that crashes
       allow_other, ro, noatime, nosuid, nodev, noexec, ...  as for any FUSE mount
     flags:
       -f  stay in the foreground     -d  foreground with FUSE debug output

@@ -28,6 +28,23 @@ class FuseConnection: @unchecked Sendable {
 
     init() {}
 
+    /// Called once the INIT reply is written, with the INIT request (a mount that keeps state
+    /// saves it for a successor). Set before the first request is read.
+    var initAnswered: (([UInt8]) -> Void)?
+    /// While set, replies are dropped instead of written: a successor replays the saved INIT
+    /// (set and cleared on the one thread that replays, before any worker reads).
+    var dropsReplies = false
+
+    /// A successor's start: feeds the INIT its predecessor answered into this fresh session
+    /// (libfuse answers EIO to everything before INIT), its reply dropped, since the kernel had
+    /// it from the first server. The INIT patch runs as it did then.
+    func replayInit(_ saved: [UInt8]) {
+        var bytes = saved
+        dropsReplies = true
+        bytes.withUnsafeMutableBytes { process(request: $0) }
+        dropsReplies = false
+    }
+
     /// The connection a hook's userdata names.
     static func connection(_ userdata: UnsafeMutableRawPointer?) -> FuseConnection? {
         userdata.map { Unmanaged<FuseConnection>.fromOpaque($0).takeUnretainedValue() }

@@ -1,6 +1,7 @@
 import CFuse
 import CFuseTransport
 import Glibc
+import Synchronization
 
 /// Two features of the kernel's FUSE protocol that libfuse 3.14 (FUSE 7.31 in its own headers)
 /// cannot negotiate, added to the session through its custom I/O hooks on /dev/fuse:
@@ -23,6 +24,13 @@ final class FuseKernelFeatures {
     /// by the one thread that reads INIT, before any other request exists.
     private var initRequest: (unique: UInt64, flags: UInt64)?
     private var initPatched = false
+    private var initReplySeen = false
+    /// The INIT request as the kernel sent it (a successor replays it); nil before INIT.
+    private(set) var initRequestBytes: [UInt8]?
+    /// Requests the kernel resent to this server (FUSE_NOTIFY_RESEND after a takeover: bit 63
+    /// of unique), for the status attribute.
+    let resent = Atomic<Int>(0)
+    static let resentBit: UInt64 = 1 << 63
     /// Whether the kernel took the handover: then all clearing is ours.
     private(set) var granted = false
 
@@ -47,9 +55,17 @@ final class FuseKernelFeatures {
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
             guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
+            // Test hook: the request was applied (and its record published), its answer not sent.
+            if FuseKernelFeatures.killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
+            let answersInit = session.features.isFirstInitReply(iov, Int(count))
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
+            if session.dropsReplies {
+                // A successor's replayed INIT: the kernel had its answer from the first server.
+                return (0..<Int(count)).reduce(0) { $0 + iov[$1].iov_len }
+            }
             let written = Glibc.writev(fd, iov, count)
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
+            if answersInit, written >= 0, let request = session.features.initRequestBytes { session.initAnswered?(request) }
             return written
         }
         return fuse_session_custom_io(handle, &io, fd ?? fuse_session_fd(handle)) == 0
@@ -66,6 +82,7 @@ final class FuseKernelFeatures {
             let header = request.loadUnaligned(as: fuse_in_header.self)
             unique = header.unique
             opcode = header.opcode
+            if unique & Self.resentBit != 0 { resent.add(1, ordering: .relaxed) }
             let arg = UnsafeRawBufferPointer(start: request + headerSize, count: length - headerSize)
             func argument<T>(_ type: T.Type) -> T? {
                 arg.count >= MemoryLayout<T>.size ? arg.loadUnaligned(as: T.self) : nil
@@ -86,16 +103,55 @@ final class FuseKernelFeatures {
                         flags |= UInt64(input.flags2) << 32
                     }
                     initRequest = (header.unique, flags)
+                    initRequestBytes = Array(UnsafeRawBufferPointer(start: request, count: length))
                 }
             default: break
             }
         }
         if let thread = HandlingThread.current {
+            if Self.killBeforeReply != 0 {
+                thread.killBeforeReply = opcode == Self.killBeforeReply || (Self.killBeforeReply == FUSE_RENAME.rawValue && opcode == FUSE_RENAME2.rawValue)
+            }
             thread.clearsSetID = clears
             thread.unique = unique
             thread.opcode = opcode
         }
     }
+
+    /// Whether this reply answers INIT (the first time only): its request is then saved for a
+    /// successor, once the kernel has taken the reply.
+    fileprivate func isFirstInitReply(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
+        guard let initRequest, !initReplySeen, count >= 1, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size,
+              let header = iov[0].iov_base else { return false }
+        let out = header.loadUnaligned(as: fuse_out_header.self)
+        guard out.unique == initRequest.unique, out.error == 0 else { return false }
+        initReplySeen = true
+        return true
+    }
+
+    /// FUSE_HAS_RESEND (7.40, Linux 6.9+), in flags2: the kernel takes FUSE_NOTIFY_RESEND.
+    static let hasResend: UInt64 = 1 << 39
+
+    /// Whether the INIT request offered FUSE_HAS_RESEND.
+    var kernelOffersResend: Bool {
+        let needed = Self.hasResend | UInt64(FUSE_INIT_EXT)
+        return (initRequest?.flags ?? 0) & needed == needed
+    }
+
+    /// Test hook (scripts/tests/takeover.sh, per-opcode kills): CHARGEFS_TEST_KILL_BEFORE_REPLY=
+    /// create|unlink|rename|mkdir makes the server SIGKILL itself after it applied the first such
+    /// request and before its reply is written (rename: RENAME2 too). A successor unsets it.
+    static let killBeforeReplyVariable = "CHARGEFS_TEST_KILL_BEFORE_REPLY"
+    nonisolated(unsafe) static let killBeforeReply: UInt32 = {
+        guard let value = getenv(killBeforeReplyVariable) else { return 0 }
+        switch String(cString: value) {
+        case "create": return FUSE_CREATE.rawValue
+        case "unlink": return FUSE_UNLINK.rawValue
+        case "rename": return FUSE_RENAME.rawValue
+        case "mkdir": return FUSE_MKDIR.rawValue
+        default: return 0
+        }
+    }()
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
     static let addedFlags = UInt64(FUSE_HANDLE_KILLPRIV_V2) | directIOAllowMmap

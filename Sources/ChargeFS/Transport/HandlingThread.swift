@@ -19,6 +19,8 @@ final class HandlingThread {
     /// request already applied gets its saved answer).
     var unique: UInt64 = 0
     var opcode: UInt32 = 0
+    /// Test hook: die before this request's reply (FuseKernelFeatures.killBeforeReply).
+    var killBeforeReply = false
     /// The io_uring worker this thread is; nil on /dev/fuse's threads.
     private(set) var uringWorker: UringWorker?
 

@@ -1,5 +1,6 @@
 import CFuse
 import Glibc
+import Synchronization
 import XCTest
 @testable import ChargeFS
 
@@ -61,5 +62,50 @@ final class InitReplayTests: XCTestCase {
         var missing = request(opcode: FUSE_GETATTR, unique: 4, nodeid: 999, getattrIn)
         missing.withUnsafeMutableBytes { session.process(request: $0) }
         XCTAssertEqual(try XCTUnwrap(reply(from: pair[1])).header.error, -ENOENT)
+    }
+
+    /// A first server's INIT is saved once its reply is written; a successor's replay of it
+    /// writes nothing (the kernel had its answer) and still sets the session up.
+    func testInitIsSavedWhenAnsweredAndItsReplayWritesNothing() throws {
+        var initIn = fuse_init_in()
+        initIn.major = UInt32(FUSE_KERNEL_VERSION)
+        initIn.minor = 38
+        initIn.max_readahead = 1 << 20
+        initIn.flags = UInt32(FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_HANDLE_KILLPRIV_V2 | FUSE_INIT_EXT | FUSE_MAX_PAGES)
+        initIn.flags2 = UInt32(truncatingIfNeeded: FuseKernelFeatures.hasResend >> 32)
+        let initRequest = request(opcode: FUSE_INIT, unique: 2, nodeid: 0, initIn)
+
+        func session() throws -> (FuseSession, Int32, [Int32]) {
+            let store = try PageStore(capacityPages: 1 << 12) { DaemonCharger(arena: $0) }
+            let s = FuseSession(fileSystem: FileSystem(config: FileSystemConfig(), store: store))
+            XCTAssertTrue(s.start(arguments: ["chargefsd"]))
+            var pair: [Int32] = [-1, -1]
+            XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue), 0, &pair), 0)
+            XCTAssertTrue(FuseKernelFeatures.install(on: s, fd: pair[0]))
+            return (s, pair[1], pair)
+        }
+
+        // The first server: INIT read through the hooks (as the transport reads it), answered.
+        let (first, kernel1, _) = try session()
+        defer { close(kernel1); if let h = first.handle { fuse_session_destroy(h) } }
+        let saved = Mutex<[UInt8]?>(nil)
+        first.initAnswered = { bytes in saved.withLock { $0 = bytes } }
+        var bytes = initRequest
+        bytes.withUnsafeMutableBytes { first.process(request: $0) }
+        XCTAssertEqual(try XCTUnwrap(reply(from: kernel1)).header.error, 0)
+        XCTAssertEqual(saved.withLock { $0 }, initRequest, "the INIT request is saved once answered")
+        XCTAssertTrue(first.features.kernelOffersResend)
+
+        // The successor: the saved INIT replayed, nothing written, the session serves.
+        let (successor, kernel2, _) = try session()
+        defer { close(kernel2); if let h = successor.handle { fuse_session_destroy(h) } }
+        successor.replayInit(try XCTUnwrap(saved.withLock { $0 }))
+        XCTAssertNil(reply(from: kernel2), "the replayed INIT's reply is dropped")
+        XCTAssertTrue(successor.features.granted, "the INIT patch ran on the replay")
+        var get = request(opcode: FUSE_GETATTR, unique: 3 | FuseKernelFeatures.resentBit, nodeid: 1, fuse_getattr_in())
+        get.withUnsafeMutableBytes { successor.process(request: $0) }
+        let attr = try XCTUnwrap(reply(from: kernel2), "requests after the replay are answered")
+        XCTAssertEqual(attr.header.error, 0)
+        XCTAssertEqual(successor.features.resent.load(ordering: .relaxed), 1, "a resent request is counted")
     }
 }

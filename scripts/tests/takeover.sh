@@ -1,0 +1,414 @@
+#!/usr/bin/env bash
+# -o takeover: a chargefsd killed with SIGKILL is replaced by a successor its keeper starts, and
+# nothing is lost (issue 21; docs/takeover.md). Root only; Linux 6.9+ for the resend (this host
+# is 6.18). Tests:
+#   kill_loop     10 kills of the serving process: files, modes, owners, times, xattrs,
+#                 symlinks, hard links, a sparse file and a 2 MiB passthrough file identical
+#                 after each (a stat/checksum listing made before); a descriptor opened before
+#                 the kills reads and writes after each; an appending writer running through
+#                 the kills sees no error and loses or repeats no line; after unmount no
+#                 chargefsd or keeper is left and the keeper exited 0
+#   charge        memcg= target (this host: cgroup v1) and a directory with a target of its own:
+#                 both usages unchanged within 1 MiB over 5 kills, writes after charged; after
+#                 rm and unmount back near their baselines, no process left, no leaf left
+#   crash_loop    a test hook (CHARGEFS_TEST_SUCCESSOR_DIES) makes every successor die: the
+#                 keeper stops after 5 successors, aborts the connection, and a stat answers
+#                 ENOTCONN within 30 s instead of hanging; the keeper exits 1 and says why
+#   kill_10k      10,000 files, 5 kills 1.5 s apart: time from each kill to the first answered
+#                 request (a LOOKUP), and the successor's own start as the keeper logs it (printed;
+#                 the first rebuild replays the journal, the others a successor's checkpoint)
+#   sigterm_after_takeover  background mode (no -f): after a takeover, SIGTERM to the keeper (the
+#                 pid that mounted) unmounts: the successor unmounts, both exit, nothing is left
+#   keeper_killed kill -9 of the keeper: the server starts a new one (status keeper=), which
+#                 then takes over after a kill -9 of the server; 3 rounds; files intact; after
+#                 unmount nothing is left
+#   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
+#                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
+#                 after it applied the request and before its reply; the kernel resends it to the
+#                 successor, which answers what the first would have: open(O_CREAT|O_EXCL)
+#                 succeeds (no EEXIST for its own file), rm succeeds (no ENOENT), mv succeeds,
+#                 mkdir succeeds; the tree is as after one application
+# Usage: scripts/tests/takeover.sh [TEST...] | --list     Env: CHARGEFSD, CFS_TEST_TIMEOUT (180)
+# Prints "N passed, N failed"; exit non-zero when any failed.
+set -euo pipefail
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/tests/lib.sh
+source "$(dirname "$SELF")/lib.sh"
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed kill_create_excl kill_unlink kill_rename kill_mkdir)
+
+new_env() {
+  cfs_new_env cfstakeover
+}
+
+# server_pid: the serving chargefsd (the keeper's child; the keeper is the pid we started).
+server_pid() { pgrep -P "$CFS_PID" -x chargefsd | head -1; }
+
+# kill_and_time N: SIGKILL to the server; once it is dead, a LOOKUP of a new name; prints the
+# milliseconds from the kill to its answer (ENOENT), or fails.
+kill_and_time() {
+  local pid; pid=$(server_pid)
+  [ -n "$pid" ] || { log "  no server to kill"; return 1; }
+  "$CFS_PYTHON" - "$pid" "$MNT/.probe-$1" <<'PY'
+import os, select, signal, sys, time
+pid, probe = int(sys.argv[1]), sys.argv[2]
+signal.alarm(20)
+fd = os.pidfd_open(pid)
+t0 = time.monotonic()
+os.kill(pid, signal.SIGKILL)
+select.select([fd], [], [], 10)   # dead: whatever answers next is its successor
+try:
+    os.stat(probe)
+    sys.exit("the probe exists")
+except FileNotFoundError:
+    pass
+print("%.2f" % ((time.monotonic() - t0) * 1e3))
+PY
+}
+
+# listing: what must not change across a kill (atime aside: reads move it).
+listing() {
+  (cd "$MNT" && find . \( -name writer.log -o -name held -o -name '.probe-*' \) -prune -o \
+     -printf '%p %y %m %U %G %s %b %n %T@ %C@ %l\n' | sort
+   cd "$MNT" && find . -type f ! -name writer.log ! -name held -exec md5sum {} + | sort -k2
+   cd "$MNT" && getfattr -R -h -d -m '^user\.t' . 2>/dev/null)
+}
+
+populate() {
+  mkdir -m 0750 "$MNT/dir" "$MNT/dir/sub"
+  chmod 1777 "$MNT/dir/sub"
+  for i in $(seq 1 40); do printf 'file %d %s\n' "$i" "$RANDOM$RANDOM" > "$MNT/dir/f$i"; done
+  chmod 0640 "$MNT/dir/f1"; chmod 2755 "$MNT/dir/f2"; chmod 0400 "$MNT/dir/f3"
+  chown 1234:5678 "$MNT/dir/f4"; chown 65534:65534 "$MNT/dir/sub"
+  touch -m -d '2001-02-03 04:05:06.123456789' "$MNT/dir/f5"
+  setfattr -n user.t.one -v hello "$MNT/dir/f6"
+  setfattr -n user.t.two -v 0x00ff00 "$MNT/dir/f6"
+  setfattr -n user.t.dir -v onadir "$MNT/dir/sub"
+  ln -s f7 "$MNT/dir/link7"; ln -s /nowhere/at/all "$MNT/dir/dangling"
+  ln "$MNT/dir/f8" "$MNT/dir/sub/hard8"
+  truncate -s 64M "$MNT/sparse"
+  printf 'middle' | dd of="$MNT/sparse" bs=1 seek=$((10 * MiB)) conv=notrunc status=none
+  head -c $((2 * MiB)) /dev/urandom > "$SCR/big.src"
+  cp "$SCR/big.src" "$MNT/big"
+  mknod "$MNT/fifo" p
+}
+
+# The writer: appends numbered lines through one O_APPEND descriptor until $SCR/stop exists;
+# any error goes to $SCR/writer.err.
+start_writer() {
+  "$CFS_PYTHON" - "$MNT/writer.log" "$SCR/stop" "$SCR/writer.err" <<'PY' &
+import os, sys, time
+path, stop, err = sys.argv[1:4]
+try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    i = 0
+    while not os.path.exists(stop):
+        line = b"line %d\n" % i
+        if os.write(fd, line) != len(line):
+            raise OSError("short write at line %d" % i)
+        i += 1
+        time.sleep(0.0002)
+    os.close(fd)
+except Exception as e:
+    open(err, "w").write("%s\n" % e)
+    sys.exit(1)
+PY
+  WRITER=$!
+}
+
+# held_check K: through fds 7 (read-write, opened before the kills) and 8 (read-only, the large
+# file: passthrough), a write and a read after kill K.
+held_check() {
+  "$CFS_PYTHON" - "$1" "$SCR/big.src" <<'PY'
+import hashlib, os, sys
+k = int(sys.argv[1])
+data = b"kill %04d\n" % k
+os.pwrite(7, data, k * len(data))
+assert os.pread(7, len(data), k * len(data)) == data, "fd 7 reads back what it wrote"
+want = hashlib.md5(open(sys.argv[2], "rb").read()).hexdigest()
+got = hashlib.md5(b"".join(os.pread(8, 1 << 20, off) for off in range(0, 2 << 20, 1 << 20))).hexdigest()
+assert got == want, "fd 8 (the large file, opened before) reads its bytes"
+PY
+}
+
+t_kill_loop() {
+  new_env
+  # 10 kills in a few seconds: more than the default bound of 5 successors in 60 s.
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20"
+  local keeper=$CFS_PID k ms before after bad=0 held_bad=0
+  populate
+  : > "$MNT/held"
+  exec 7<>"$MNT/held" 8<"$MNT/big"
+  start_writer
+  sleep 0.2
+  before=$(listing)
+  check "the listing has the tree ($(wc -l <<<"$before") lines)" ge "$(wc -l <<<"$before")" 90
+  for k in $(seq 1 10); do
+    ms=$(kill_and_time "$k") || { log "  kill $k: no answer"; bad=$((bad + 1)); continue; }
+    after=$(listing)
+    if [ "$after" != "$before" ]; then
+      bad=$((bad + 1)); log "  kill $k: the tree differs:"; diff <(echo "$before") <(echo "$after") | head -10 >&2 || true
+    fi
+    held_check "$k" || held_bad=$((held_bad + 1))
+    local st; st=$(getfattr --only-values -n user.chargefs.status "$MNT" 2>/dev/null | grep '^pid=' || true)
+    log "  kill $k: answered after $ms ms; $st"
+    [ "${st%% *}" = "pid=$(server_pid)" ] || { log "  the status names another pid than the server's"; bad=$((bad + 1)); }
+    sleep 0.1
+  done
+  touch "$SCR/stop"
+  local wrc=0; wait "$WRITER" || wrc=$?
+  check "the tree identical after each of 10 kills" [ "$bad" = 0 ]
+  check "descriptors opened before the kills read and write after each" [ "$held_bad" = 0 ]
+  check "the writer saw no error ($(cat "$SCR/writer.err" 2>/dev/null || echo none))" [ "$wrc" = 0 ]
+  local lines; lines=$(wc -l < "$MNT/writer.log")
+  check "the writer's $lines lines are each there once, in order" "$CFS_PYTHON" -c "
+import sys
+got = open('$MNT/writer.log', 'rb').read().split(b'\n')[:-1]
+sys.exit(0 if got == [b'line %d' % i for i in range(len(got))] and len(got) > 100 else 1)"
+  check "10 takeovers in the keeper's log" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 10 ]
+  exec 7<&- 8<&-
+  local server; server=$(server_pid)
+  cfs_umount "$MNT" "$keeper"
+  local rc=0; wait "$keeper" 2>/dev/null || rc=$?
+  check "after unmount the keeper is gone" bash -c "! kill -0 $keeper 2>/dev/null"
+  check "and the last server ($server) too" bash -c "! kill -0 ${server:-0} 2>/dev/null"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+  check "no keeper left for this mount" [ -z "$(pgrep -f "chargefs-keeper.*$MNT" || true)" ]
+  sed 's/^/  | /' "$CFS_LOG" | tail -4 >&2
+}
+
+t_charge() {
+  new_env
+  cg_create "$T" $((256 * MiB))
+  local base; base=$(cg_usage "$T")
+  # A directory with a target of its own (user.chargefs.memcg): taken over at its index.
+  local T2=$PARENT/cfstakeover-$$-dir
+  cg_create "$T2" $((256 * MiB))
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20,memcg=$T"
+  local keeper=$CFS_PID k i
+  for i in $(seq 1 64); do head -c 65536 /dev/urandom > "$MNT/s$i"; done
+  head -c $((8 * MiB)) /dev/urandom > "$MNT/big"
+  mkdir "$MNT/own"
+  setfattr -n user.chargefs.memcg -v "$T2" "$MNT/own"
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/own/f"
+  exec 8<"$MNT/big"
+  local u0; u0=$(cg_usage "$T")
+  local d0; d0=$(cg_usage "$T2")
+  check "the directory's target is charged for its file ($(fmt_mib "$d0"))" ge "$d0" $((4 * MiB))
+  check "the target is charged for the files ($(fmt_mib $((u0 - base))))" ge $((u0 - base)) $((12 * MiB))
+  local sum0; sum0=$(cd "$MNT" && md5sum s* big | md5sum)
+  for k in $(seq 1 5); do
+    kill_and_time "$k" >/dev/null || log "  kill $k: no answer"
+    local u; u=$(cg_usage "$T")
+    log "  kill $k: target usage $(fmt_mib "$u") (before the kills $(fmt_mib "$u0"))"
+    check "kill $k: the target's usage unchanged within 1 MiB" near "$u" "$u0" "$MiB"
+    check "kill $k: the directory's target's too ($(fmt_mib "$(cg_usage "$T2")"))" near "$(cg_usage "$T2")" "$d0" "$MiB"
+  done
+  check "the directory still names its target" [ "$(getfattr --only-values -n user.chargefs.memcg "$MNT/own" 2>/dev/null)" = "$T2" ]
+  head -c $((2 * MiB)) /dev/urandom > "$MNT/own/g"
+  check "a write into it after the kills is charged to its target" near "$(cg_usage "$T2")" $((d0 + 2 * MiB)) "$MiB"
+  check "the files read back" [ "$(cd "$MNT" && md5sum s* big | md5sum)" = "$sum0" ]
+  # A write after the takeovers is charged through the successor's helper.
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/after"
+  local u1; u1=$(cg_usage "$T")
+  check "a 4 MiB write after the kills is charged to the target ($(fmt_mib $((u1 - u0))))" near $((u1 - u0)) $((4 * MiB)) "$MiB"
+  exec 8<&-
+  rm -f "$MNT"/s* "$MNT/big" "$MNT/after" "$MNT/own/f" "$MNT/own/g"
+  cfs_umount "$MNT" "$keeper"
+  check "the directory's target back near empty ($(fmt_mib "$(cg_usage "$T2")"))" le "$(cg_usage "$T2")" "$MiB"
+  local end; end=$(cg_usage "$T")
+  log "  baseline $(fmt_mib "$base"), after rm and unmount $(fmt_mib "$end")"
+  check "after rm and unmount the charge is back near its baseline" near "$end" "$base" "$MiB"
+  check "no process left in the target" [ -z "$(cat "$T"/cgroup.procs "$T"/*/cgroup.procs 2>/dev/null)" ]
+  check "no leaf left below the target" [ -z "$(find "$T" -mindepth 1 -maxdepth 1 -type d)" ]
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+}
+
+t_crash_loop() {
+  new_env
+  export CHARGEFS_TEST_SUCCESSOR_DIES=1   # successors only: the first server serves
+  cfs_mount "$MNT" "size=64m,takeover"
+  unset CHARGEFS_TEST_SUCCESSOR_DIES
+  local keeper=$CFS_PID
+  echo data > "$MNT/f"
+  local t0=$SECONDS
+  kill -9 "$(server_pid)"
+  local out rc=0
+  out=$(timeout 60 stat "$MNT/f" 2>&1) || rc=$?
+  local took=$((SECONDS - t0))
+  log "  stat after $took s: $out"
+  check "the stat ended (not a hang): exit $rc" [ "$rc" != 124 ]
+  # The caller that waited through the successors sees the abort (ECONNABORTED); every later
+  # one ENOTCONN.
+  check "with ECONNABORTED or ENOTCONN" grep -Eq 'Software caused connection abort|Transport endpoint is not connected' <<<"$out"
+  check "within 30 s" le "$took" 30
+  out=$(timeout 10 stat "$MNT/f" 2>&1) || true
+  check "a later stat: ENOTCONN ($out)" grep -q 'Transport endpoint is not connected' <<<"$out"
+  local krc=0; wait "$keeper" 2>/dev/null || krc=$?
+  check "the keeper exited 1" [ "$krc" = 1 ]
+  check "its log says it gave up after 5 successors (the default bound)" grep -q '5 successors in the last 60 s died too: giving up' "$CFS_LOG"
+  check "and that it aborted the connection" grep -q 'aborted connection' "$CFS_LOG"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+  sed 's/^/  | /' "$CFS_LOG" | tail -3 >&2
+}
+
+t_kill_10k() {
+  new_env
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20"
+  local keeper=$CFS_PID k ms all=()
+  "$CFS_PYTHON" - "$MNT" <<'PY'
+import os, sys
+root = sys.argv[1]
+for d in range(100):
+    os.mkdir(f"{root}/d{d}")
+    for f in range(100):
+        with open(f"{root}/d{d}/f{f}", "wb") as h:
+            h.write(b"%d/%d\n" % (d, f))
+PY
+  check "10,000 files" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
+  # 1.5 s apart: each successor has taken its checkpoint (1 s after it serves) before it is
+  # killed, so the first rebuild replays the journal and the later ones read a checkpoint.
+  for k in $(seq 1 5); do
+    ms=$(kill_and_time "$k") || { log "  kill $k: no answer"; continue; }
+    all+=("$ms")
+    sleep 1.5
+  done
+  log "  kill to first answer at 10,000 files (ms): ${all[*]}"
+  log "  successors as the keeper saw them:"
+  grep 'serves,' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  grep 'takeover: pid' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  check "5 kills answered" [ "${#all[@]}" = 5 ]
+  check "the files are all there after the kills" [ "$(find "$MNT" -type f | wc -l)" = 10000 ]
+  check "and read back" [ "$(cat "$MNT/d42/f17")" = "42/17" ]
+  cfs_umount "$MNT" "$keeper"
+}
+
+# status_field NAME: a field of the mount's status line pid=... keeper=... takeovers=...
+status_field() {
+  getfattr --only-values -n user.chargefs.status "$MNT" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$1=//p" | head -1
+}
+
+t_keeper_killed() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover,takeover_max=20"
+  echo kept > "$MNT/f"
+  mkdir "$MNT/d"; head -c $((2 * MiB)) /dev/urandom > "$MNT/d/big"
+  local sum; sum=$(md5sum < "$MNT/d/big")
+  local round keeper server i
+  for round in 1 2 3; do
+    keeper=$(status_field keeper); server=$(status_field pid)
+    kill -9 "$keeper"
+    local new=$keeper
+    for ((i = 0; i < 50; i++)); do
+      new=$(status_field keeper)
+      [ "$new" != "$keeper" ] && kill -0 "$new" 2>/dev/null && break
+      sleep 0.1
+    done
+    check "round $round: keeper $keeper killed, server $server started keeper $new" [ "$new" != "$keeper" ]
+    sleep 0.2   # the new keeper has been handed the files
+    kill -9 "$server"
+    local now=$server
+    for ((i = 0; i < 50; i++)); do
+      now=$(status_field pid)
+      [ -n "$now" ] && [ "$now" != "$server" ] && break
+      sleep 0.1
+    done
+    check "round $round: the new keeper's successor ($now) serves" [ -n "$now" -a "$now" != "$server" ]
+    check "round $round: the files are intact" [ "$(cat "$MNT/f")" = kept -a "$(md5sum < "$MNT/d/big")" = "$sum" ]
+    check "round $round: takeovers=$(status_field takeovers)" [ "$(status_field takeovers)" = "$round" ]
+  done
+  keeper=$(status_field keeper); server=$(status_field pid)
+  cfs_umount "$MNT"
+  for ((i = 0; i < 50; i++)); do kill -0 "$keeper" 2>/dev/null || break; sleep 0.1; done
+  check "after unmount the last keeper ($keeper) is gone" bash -c "! kill -0 $keeper 2>/dev/null"
+  check "and the last server ($server)" bash -c "! kill -0 $server 2>/dev/null"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+  check "no keeper left for this mount" [ -z "$(pgrep -f "chargefs-keeper.*$MNT" || true)" ]
+  grep -E 'keeper .* died|died \(how' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+}
+
+t_sigterm_after_takeover() {
+  new_env
+  local bin; bin=$(cfs_daemon_bin)
+  "$bin" "$MNT" -o size=64m,takeover || { log "  the mount failed"; return 1; }
+  CFS_MOUNTS+=("$MNT")
+  local keeper; keeper=$(pgrep -f "chargefs-keeper.*$MNT" | head -1)
+  check "a keeper runs" [ -n "$keeper" ]
+  [ -n "$keeper" ] || return 1
+  CFS_PID=$keeper   # server_pid looks below it
+  echo kept > "$MNT/f"
+  kill -9 "$(server_pid)"
+  check "the file is there after the kill" [ "$(cat "$MNT/f")" = kept ]
+  check "a successor serves" [ -n "$(server_pid)" ]
+  kill -TERM "$keeper"
+  local i; for ((i = 0; i < 100; i++)); do is_mounted "$MNT" || break; sleep 0.1; done
+  check "SIGTERM to the keeper unmounted" bash -c "! awk -v m='$MNT' '\$2 == m {f=1} END {exit !f}' /proc/mounts"
+  for ((i = 0; i < 50; i++)); do kill -0 "$keeper" 2>/dev/null || break; sleep 0.1; done
+  check "the keeper exited" bash -c "! kill -0 $keeper 2>/dev/null"
+  check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+}
+
+# kill_op OP COMMAND...: mounts with the kill hook armed for OP, runs COMMAND (which must
+# succeed although the server died answering it), and checks a takeover happened.
+kill_op() {
+  local op=$1; shift
+  new_env
+  mkdir -p "$MNT"
+  export CHARGEFS_TEST_KILL_BEFORE_REPLY=$op
+  cfs_mount "$MNT" "size=64m,takeover"
+  unset CHARGEFS_TEST_KILL_BEFORE_REPLY
+  KEEPER=$CFS_PID
+  PREP_DONE=1
+}
+
+resent_ok() {
+  check "the server died before answering, and one successor took over" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 1 ]
+  check "the successor asked for the resend" grep -q 'resend asked' "$CFS_LOG"
+  cfs_umount "$MNT" "$KEEPER"
+}
+
+t_kill_create_excl() {
+  kill_op create
+  local out rc=0
+  out=$("$CFS_PYTHON" -c "
+import os, sys
+fd = os.open('$MNT/new', os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o640)
+os.write(fd, b'mine')
+os.close(fd)" 2>&1) || rc=$?
+  check "open(O_CREAT|O_EXCL) succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "the file holds what was written" [ "$(cat "$MNT/new" 2>/dev/null)" = mine ]
+  check "with mode 0640" [ "$(stat -c %a "$MNT/new")" = 640 ]
+  check "one entry" [ "$(ls "$MNT" | wc -l)" = 1 ]
+  resent_ok
+}
+
+t_kill_unlink() {
+  kill_op unlink
+  echo x > "$MNT/gone"; echo y > "$MNT/stays"
+  local out rc=0
+  out=$(rm "$MNT/gone" 2>&1) || rc=$?
+  check "rm succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "the file is gone, the other stays" [ "$(ls "$MNT")" = stays ]
+  resent_ok
+}
+
+t_kill_rename() {
+  kill_op rename
+  echo moved > "$MNT/a"; echo other > "$MNT/c"
+  local out rc=0
+  out=$(mv "$MNT/a" "$MNT/b" 2>&1) || rc=$?
+  check "mv succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "a is gone, b holds its data" [ "$(ls "$MNT" | tr '\n' ' ')" = "b c " ] && [ "$(cat "$MNT/b")" = moved ]
+  resent_ok
+}
+
+t_kill_mkdir() {
+  kill_op mkdir
+  local out rc=0
+  out=$(mkdir -m 0710 "$MNT/dir" 2>&1) || rc=$?
+  check "mkdir succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "the directory is there with its mode" [ "$(stat -c %a "$MNT/dir")" = 710 ]
+  check "and holds nothing" [ -z "$(ls -A "$MNT/dir")" ]
+  resent_ok
+}
+
+test_main "takeover tests" 180 "$@"
