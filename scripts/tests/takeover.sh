@@ -29,6 +29,9 @@
 #                 then two more large files and one of them removed, kill -9 again: the new files
 #                 take ids the journal never used (a reused id replaced a live file's backing
 #                 file in the keeper, and the next takeover found it gone); all files read back
+#   dropped_after_checkpoint  two 4 MiB files, kill -9, 2 s (the successor's checkpoint names both
+#                 backing files), one removed, kill -9 again: the checkpoint names a backing file
+#                 the keeper let go of after it; the next successor takes over, the other reads back
 #   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
 #                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
 #                 after it applied the request and before its reply; the kernel resends it to the
@@ -41,7 +44,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay kill_create_excl kill_unlink kill_rename kill_mkdir)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -388,6 +391,25 @@ $(cd "$MNT" && md5sum c)"
   ms=$(kill_and_time 2) || ms=""
   check "the second kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
   check "a, b and c read back" [ "$(cd "$MNT" && md5sum a b c 2>/dev/null)" = "$sums" ]
+  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
+  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  cfs_umount "$MNT" "$keeper"
+}
+
+t_dropped_after_checkpoint() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover"
+  local keeper=$CFS_PID f ms
+  for f in gone kept; do head -c $((4 * MiB)) /dev/urandom > "$MNT/$f"; done
+  local sum; sum=$(md5sum < "$MNT/kept")
+  ms=$(kill_and_time 1) || ms=""
+  check "the first kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  sleep 2   # the successor takes its checkpoint 1 s after it serves
+  rm "$MNT/gone"
+  ms=$(kill_and_time 2) || ms=""
+  check "the second kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  check "the successor read a checkpoint" grep -q 'after checkpoint [1-9]' "$CFS_LOG"
+  check "the file that kept its backing file reads back" [ "$(md5sum < "$MNT/kept" 2>/dev/null)" = "$sum" ]
   check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
   grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
   cfs_umount "$MNT" "$keeper"

@@ -485,7 +485,7 @@ struct TreeRestorer {
         let count = try r.u64()
         guard count <= slots else { throw StateError.corrupt("\(count) inodes in \(slots) slots") }
         for _ in 0..<count {
-            let inode = try upsert(&r, journal: false)
+            let inode = try upsert(&r)
             if let d = inode.directory {
                 let cookies = try r.u64()
                 let n = try r.u64()
@@ -502,7 +502,7 @@ struct TreeRestorer {
     }
 
     /// After the journal: every inode left naming a backing file has it (one the keeper let go
-    /// of may only be named by records a later one overrode).
+    /// of may only be named by the checkpoint or records that a later record overrode).
     func checkBackingFiles() throws(StateError) {
         for (ino, id) in backingIDs where inodes[ino]?.backing == nil {
             throw StateError.corrupt("backing file \(id) of inode \(ino) is not held by the keeper")
@@ -534,7 +534,7 @@ struct TreeRestorer {
         }
         while !r.atEnd {
             switch try r.u8() {
-            case 1: _ = try upsert(&r, journal: true)
+            case 1: _ = try upsert(&r)
             case 2:
                 let ino = InodeNumber(rawValue: try r.u64())
                 inodes.remove(ino)
@@ -579,7 +579,7 @@ struct TreeRestorer {
     }
 
     /// Reads one inode record and applies it (made, or updated in place).
-    private mutating func upsert(_ r: inout StateReader, journal: Bool) throws(StateError) -> Inode {
+    private mutating func upsert(_ r: inout StateReader) throws(StateError) -> Inode {
         let ino = InodeNumber(rawValue: try r.u64())
         guard ino.rawValue > 0, ino.rawValue < 1 << 40 else { throw StateError.corrupt("inode number \(ino)") }
         let generation = try r.u32(), mode = try r.u32(), uid = try r.u32(), gid = try r.u32(), nlink = try r.u32()
@@ -636,10 +636,11 @@ struct TreeRestorer {
             backingIDs[ino] = nil
         } else if inode.backing?.stateID != backingID {
             // Made by its inode's target's charger (a directory target's for a mapped file).
-            // A journal record may name a file the keeper has already let go of: it forgets one
-            // once the record that drops it is published, and that record comes later. Left
-            // unresolved here; `checkBackingFiles` fails the takeover if the tree still names it.
-            inode.backing = try backing(backingID, target: inode.chargeTarget, journal: journal)
+            // The checkpoint or a journal record may name a file the keeper has already let go
+            // of: it forgets one once the record that drops it is published, and that record
+            // comes later. Left unresolved here; `checkBackingFiles` fails the takeover if the
+            // tree still names it at the end.
+            inode.backing = try backing(backingID, target: inode.chargeTarget)
             backingIDs[ino] = backingID
         }
         try Self.readPages(&r, into: inode)
@@ -663,12 +664,9 @@ struct TreeRestorer {
         }
     }
 
-    private mutating func backing(_ id: UInt64, target: Int, journal: Bool) throws(StateError) -> BackingFile? {
+    private mutating func backing(_ id: UInt64, target: Int) throws(StateError) -> BackingFile? {
         if let found = backings[id] { return found }
-        guard let kept = keeper.descriptor(.backingFile(id)) else {
-            if journal { return nil }
-            throw StateError.corrupt("backing file \(id) is not held by the keeper")
-        }
+        guard let kept = keeper.descriptor(.backingFile(id)) else { return nil }
         let fd = fcntl(kept.rawValue, F_DUPFD_CLOEXEC, 0)
         guard fd >= 0 else { throw StateError.system("dup", errno) }
         let file = BackingFile(FileDescriptor(rawValue: fd), target: target)
