@@ -103,7 +103,8 @@ with open(out, "w") as log:
         select.select([fd], [], [], 10)
         os.close(fd)
         try:
-            os.stat(os.path.join(mnt, ".probe-%d" % k))
+            # a name never looked up before: a cached negative entry would answer without the server
+            os.stat(os.path.join(mnt, ".probe-%d-%d" % (os.getpid(), k)))
             sys.exit("kill %d: the probe exists" % k)
         except FileNotFoundError:
             pass
