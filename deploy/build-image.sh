@@ -57,7 +57,7 @@ fi
 if [ -z "$bin_dir" ]; then
   if [ "$build" = 1 ]; then
     command -v swift >/dev/null || export PATH=$PATH:/opt/swift/usr/bin
-    for p in chargefsd chargefs-charge-helper chargefs-csi; do
+    for p in chargefsd chargefs-charge-helper chargefs-keeper chargefs-csi; do
       echo "build-image.sh: swift build -c release --static-swift-stdlib --product $p"
       (cd "$repo" && swift build -c release --static-swift-stdlib --product "$p" >"$cache/swift-build-$p.log" 2>&1) \
         || { tail -n 20 "$cache/swift-build-$p.log" >&2; exit 1; }
@@ -67,7 +67,7 @@ if [ -z "$bin_dir" ]; then
 fi
 ctx=$cache/context
 rm -rf "$ctx"; mkdir -p "$ctx"
-for p in chargefsd chargefs-charge-helper chargefs-csi; do
+for p in chargefsd chargefs-charge-helper chargefs-keeper chargefs-csi; do
   [ -x "$bin_dir/$p" ] || { echo "build-image.sh: $bin_dir/$p is missing (build it, or drop --no-build)" >&2; exit 1; }
   cp "$bin_dir/$p" "$ctx/"
   # without DWARF (symbols stay, for backtraces): the release chargefs-csi is 160 MB with it
@@ -77,7 +77,7 @@ cp "$repo/deploy/bundle-daemon.sh" "$repo/deploy/Containerfile.prebuilt" "$ctx/"
 # Libraries outside the system's folders (a debug build links the Swift runtime of the
 # toolchain) go into the image at the same paths, where the binaries' RUNPATH looks for them.
 mkdir -p "$ctx/rootfs"
-for p in chargefsd chargefs-charge-helper chargefs-csi; do
+for p in chargefsd chargefs-charge-helper chargefs-keeper chargefs-csi; do
   for l in $(ldd "$ctx/$p" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3}'); do
     case "$l" in /lib/*|/usr/lib/*|/lib64/*) continue ;; esac
     mkdir -p "$ctx/rootfs$(dirname "$l")"; cp -L "$l" "$ctx/rootfs$l"

@@ -13,6 +13,8 @@
 #include <signal.h>
 #include <poll.h>
 #include <sys/wait.h>
+#include <sys/prctl.h>
+#include <sys/xattr.h>
 
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd) {
     struct iovec iov = { .iov_base = (void *)msg, .iov_len = sizeof *msg };
@@ -155,3 +157,28 @@ int ckeeper_wait_for_exit(pid_t pid) {
     (void)waitpid(pid, NULL, WNOHANG);  // reaped if it was our child (a keeper we started)
     return 0;
 }
+
+static volatile sig_atomic_t handover_requested;
+
+static void on_handover(int sig) {
+    (void)sig;
+    handover_requested = 1;
+    raise(SIGTERM);  /* libfuse's handler: the session ends, the pool stops receiving */
+}
+
+int ckeeper_install_handover_handler(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_handover;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(CKEEPER_HANDOVER_SIGNAL, &sa, NULL) == 0 ? 0 : -errno;
+}
+
+int ckeeper_handover_requested(void) { return handover_requested != 0; }
+
+long ckeeper_read_status(const char *mountpoint, char *buf, unsigned long len) {
+    ssize_t n = getxattr(mountpoint, "user.chargefs.status", buf, len);
+    return n < 0 ? -errno : (long)n;
+}
+
+void ckeeper_name_server(void) { (void)prctl(PR_SET_NAME, "chargefsd"); }

@@ -425,12 +425,24 @@ public nonisolated struct Csi_V1_NodeGetVolumeStatsResponse: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// The spec's alpha volume_condition = 2 is left out (no VOLUME_CONDITION capability).
   public var usage: [Csi_V1_VolumeUsage] = []
+
+  /// The spec's alpha field (its alpha_field option dropped, as above): the kubelet reads it when
+  /// the node advertises VOLUME_CONDITION.
+  public var volumeCondition: Csi_V1_VolumeCondition {
+    get {_volumeCondition ?? Csi_V1_VolumeCondition()}
+    set {_volumeCondition = newValue}
+  }
+  /// Returns true if `volumeCondition` has been explicitly set.
+  public var hasVolumeCondition: Bool {self._volumeCondition != nil}
+  /// Clears the value of `volumeCondition`. Subsequent reads from it will return its default value.
+  public mutating func clearVolumeCondition() {self._volumeCondition = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _volumeCondition: Csi_V1_VolumeCondition? = nil
 }
 
 public nonisolated struct Csi_V1_VolumeUsage: Sendable {
@@ -485,6 +497,24 @@ public nonisolated struct Csi_V1_VolumeUsage: Sendable {
     ]
 
   }
+
+  public init() {}
+}
+
+/// VolumeCondition represents the current condition of a volume (the spec's alpha message).
+public nonisolated struct Csi_V1_VolumeCondition: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Normal volumes are available for use and operating optimally. An abnormal volume does not
+  /// meet these criteria.
+  public var abnormal: Bool = false
+
+  /// The message describing the condition of the volume.
+  public var message: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 }
@@ -1221,7 +1251,7 @@ nonisolated extension Csi_V1_NodeGetVolumeStatsRequest: SwiftProtobuf.Message, S
 
 nonisolated extension Csi_V1_NodeGetVolumeStatsResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".NodeGetVolumeStatsResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}usage\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}usage\0\u{3}volume_condition\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1230,20 +1260,29 @@ nonisolated extension Csi_V1_NodeGetVolumeStatsResponse: SwiftProtobuf.Message, 
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.usage) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._volumeCondition) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.usage.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.usage, fieldNumber: 1)
     }
+    try { if let v = self._volumeCondition {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Csi_V1_NodeGetVolumeStatsResponse, rhs: Csi_V1_NodeGetVolumeStatsResponse) -> Bool {
     if lhs.usage != rhs.usage {return false}
+    if lhs._volumeCondition != rhs._volumeCondition {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1296,6 +1335,41 @@ nonisolated extension Csi_V1_VolumeUsage: SwiftProtobuf.Message, SwiftProtobuf._
 
 nonisolated extension Csi_V1_VolumeUsage.Unit: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0UNKNOWN\0\u{1}BYTES\0\u{1}INODES\0")
+}
+
+nonisolated extension Csi_V1_VolumeCondition: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VolumeCondition"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}abnormal\0\u{1}message\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBoolField(value: &self.abnormal) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.message) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.abnormal != false {
+      try visitor.visitSingularBoolField(value: self.abnormal, fieldNumber: 1)
+    }
+    if !self.message.isEmpty {
+      try visitor.visitSingularStringField(value: self.message, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Csi_V1_VolumeCondition, rhs: Csi_V1_VolumeCondition) -> Bool {
+    if lhs.abnormal != rhs.abnormal {return false}
+    if lhs.message != rhs.message {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
 }
 
 nonisolated extension Csi_V1_NodeGetCapabilitiesRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {

@@ -127,13 +127,15 @@ struct Chargefsd: Sendable {
 
     enum MountState: Sendable { case serving, dead, absent }
 
-    /// Whether a chargefsd mount is at `path` and its daemon answers (statfs); a mount whose
-    /// daemon died answers ENOTCONN.
+    /// Whether a chargefsd mount is at `path` and its daemon answers (a bounded probe); a mount
+    /// whose daemon died answers ENOTCONN, one aborted ECONNABORTED. One that does not answer
+    /// in time counts as serving: it is not known dead, and mounting over it would hide it.
     static func mountState(_ path: String) -> MountState {
-        guard isChargefsMount(path) else { return .absent }
-        var s = statvfs()
-        if statvfs(path, &s) != 0 && errno == ENOTCONN { return .dead }
-        return .serving
+        switch probe(path, timeout: 5) {
+        case .notChargefs: return .absent
+        case .failed(let e) where e == ENOTCONN || e == ECONNABORTED: return .dead
+        default: return .serving
+        }
     }
 
     /// The filesystem type mounted at `path` (the last mount there), nil when none.
@@ -326,7 +328,7 @@ struct HostDaemon: Sendable {
     /// host's root as the ancestor sees it, so no hostPath is needed for it.
     static func install(bundle: String, hostPid: pid_t, hostDir: String) -> Result<HostDaemon, CSIError> {
         let fm = FileManager.default
-        let files = ["chargefsd", "chargefs-charge-helper"] + ((try? fm.contentsOfDirectory(atPath: bundle + "/lib")) ?? []).sorted().map { "lib/" + $0 }
+        let files = ["chargefsd", "chargefs-charge-helper", "chargefs-keeper"] + ((try? fm.contentsOfDirectory(atPath: bundle + "/lib")) ?? []).sorted().map { "lib/" + $0 }
         guard files.contains("lib/chargefsd") else {
             return .failure(CSIError(.failedPrecondition, "--daemon-bundle \(bundle) has no lib/chargefsd (see deploy/build-image.sh)"))
         }

@@ -41,12 +41,19 @@ struct NodeService: Csi_V1_Node.SimpleServiceProtocol {
     }
 
     func nodeGetVolumeStats(request: Csi_V1_NodeGetVolumeStatsRequest, context: ServerContext) async throws -> Csi_V1_NodeGetVolumeStatsResponse {
-        let u: Chargefsd.Usage
+        let stats: VolumeStats
         do {
-            u = try await manager.stats(volumeID: request.volumeID, volumePath: request.volumePath)
+            stats = try await manager.stats(volumeID: request.volumeID, volumePath: request.volumePath)
         } catch {
             throw RPCError(error)
         }
+        var r = Csi_V1_NodeGetVolumeStatsResponse()
+        var condition = Csi_V1_VolumeCondition()
+        condition.abnormal = stats.condition.abnormal
+        condition.message = stats.condition.message
+        r.volumeCondition = condition
+        // usage is optional in the spec: an abnormal volume has no figures to give.
+        guard let u = stats.usage else { return r }
         var bytes = Csi_V1_VolumeUsage()
         bytes.unit = .bytes
         bytes.total = u.totalBytes
@@ -57,19 +64,21 @@ struct NodeService: Csi_V1_Node.SimpleServiceProtocol {
         inodes.total = u.totalInodes
         inodes.used = u.usedInodes
         inodes.available = u.availableInodes
-        var r = Csi_V1_NodeGetVolumeStatsResponse()
         r.usage = [bytes, inodes]
         return r
     }
 
-    /// GET_VOLUME_STATS only: no staging (nothing is shared between pods), no expansion.
+    /// GET_VOLUME_STATS and VOLUME_CONDITION: no staging (nothing is shared between pods), no
+    /// expansion.
     func nodeGetCapabilities(request: Csi_V1_NodeGetCapabilitiesRequest, context: ServerContext) async throws -> Csi_V1_NodeGetCapabilitiesResponse {
-        var rpc = Csi_V1_NodeServiceCapability.RPC()
-        rpc.type = .getVolumeStats
-        var cap = Csi_V1_NodeServiceCapability()
-        cap.rpc = rpc
         var r = Csi_V1_NodeGetCapabilitiesResponse()
-        r.capabilities = [cap]
+        r.capabilities = [Csi_V1_NodeServiceCapability.RPC.TypeEnum.getVolumeStats, .volumeCondition].map { type in
+            var rpc = Csi_V1_NodeServiceCapability.RPC()
+            rpc.type = type
+            var cap = Csi_V1_NodeServiceCapability()
+            cap.rpc = rpc
+            return cap
+        }
         return r
     }
 

@@ -21,8 +21,12 @@ struct VolumeAttributes: Codable, Equatable, Sendable {
     /// 6.1); read, write and private mappings work on every kernel. chargefsd's own default is
     /// direct too: the attribute is passed so that the volume does not depend on it.
     var cache: String = "direct"
+    /// chargefsd -o takeover (a keeper restarts a killed or crashed daemon; the volume keeps its
+    /// files): on unless the pod says `takeover: "false"`. nil when the pod does not say, so that
+    /// a record written before the attribute existed still equals a request without it.
+    var takeover: Bool? = nil
 
-    static let known = ["size", "nr_inodes", "mode", "cache"]
+    static let known = ["size", "nr_inodes", "mode", "cache", "takeover"]
     /// Keys the kubelet adds itself (podInfoOnMount, ephemeral); they are not attributes.
     static let kubeletPrefix = "csi.storage.k8s.io/"
 
@@ -54,6 +58,11 @@ struct VolumeAttributes: Codable, Equatable, Sendable {
                     throw CSIError(.invalidArgument, "volume attribute cache: \"\(value)\" is neither direct nor page")
                 }
                 a.cache = value
+            case "takeover":
+                guard value == "true" || value == "false" else {
+                    throw CSIError(.invalidArgument, "volume attribute takeover: \"\(value)\" is neither true nor false")
+                }
+                a.takeover = value == "true"
             default:
                 throw CSIError(.invalidArgument, "unknown volume attribute \"\(key)\" (known: \(known.joined(separator: ", ")))")
             }
@@ -68,6 +77,7 @@ struct VolumeAttributes: Codable, Equatable, Sendable {
         if let n = nrInodes { o.append("nr_inodes=\(n)") }
         o.append("mode=\(mode)")
         o.append("cache=\(cache)")
+        if takeover != false { o.append("takeover") }
         return o
     }
 }

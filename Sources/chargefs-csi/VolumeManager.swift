@@ -1,6 +1,12 @@
 import Dispatch
 import Foundation
 
+/// NodeGetVolumeStats in plain values.
+struct VolumeStats: Sendable {
+    var usage: Chargefsd.Usage?
+    var condition: VolumeCondition
+}
+
 /// A NodePublishVolume request in plain values, so that VolumeManager needs no gRPC types.
 struct PublishRequest: Sendable {
     enum Access: Sendable { case none, unspecified, mount, block }
@@ -25,6 +31,9 @@ actor VolumeManager {
         var state: StateStore
         /// Seconds to wait for a pod's cgroup to appear.
         var podCgroupWait: Double
+        /// Why volumes cannot be mounted with -o takeover here, or nil: volumes that do not ask
+        /// for it then go without, one that asks (takeover "true") is refused.
+        var takeoverProblem: String? = nil
     }
 
     static let ephemeralKey = "csi.storage.k8s.io/ephemeral"
@@ -70,6 +79,9 @@ actor VolumeManager {
         }
         if let problem = config.hostViewProblem {
             throw CSIError(.failedPrecondition, "publishing refused: \(problem)")
+        }
+        if attrs.takeover == true, let problem = config.takeoverProblem {
+            throw CSIError(.failedPrecondition, "volume attribute takeover \"true\" cannot be honoured on this node: \(problem)")
         }
         let podCgroup = try await findPodCgroup(uid: podUID)
         try await mount(target: target, podCgroup: podCgroup, attributes: attrs, readOnly: req.readOnly)
@@ -176,6 +188,7 @@ actor VolumeManager {
         // allow_other: the containers' uids are not the mounter's (FUSE lets in only the mounter
         // otherwise); mode= (1777 by default) then decides, as on a memory emptyDir.
         var opts = ["memcg=\(podCgroup)", "allow_other"] + attributes.mountOptions
+        if config.takeoverProblem != nil { opts.removeAll { $0 == "takeover" } }
         if readOnly { opts.append("ro") }
         let options = opts
         let mounter = config.mounter
@@ -245,7 +258,10 @@ actor VolumeManager {
 
     // MARK: - NodeGetVolumeStats
 
-    func stats(volumeID: String, volumePath: String) async throws(CSIError) -> Chargefsd.Usage {
+    /// The volume's figures (nil when its mount does not answer) and its condition: abnormal
+    /// when nothing serves it any more (ENOTCONN, ECONNABORTED), when it does not answer within
+    /// the probe's deadline, or when the target is no longer a chargefs mount.
+    func stats(volumeID: String, volumePath: String) async throws(CSIError) -> VolumeStats {
         guard !volumeID.isEmpty else { throw CSIError(.invalidArgument, "volume_id is missing") }
         guard !volumePath.isEmpty else { throw CSIError(.invalidArgument, "volume_path is missing") }
         let path = Self.normalise(volumePath)
@@ -256,13 +272,13 @@ actor VolumeManager {
             throw CSIError(.notFound, "volume \(volumeID) is not published at \(path) (it is at \(record.targetPath))")
         }
         let mounter = config.mounter
-        let result = await blocking { () -> Result<Chargefsd.Usage, CSIError> in
-            guard mounter.volumeState(path) != .absent else {
-                return .failure(CSIError(.notFound, "volume \(volumeID): \(path) is no longer mounted"))
-            }
-            return mounter.volumeUsage(path)
+        let probe = await blocking { mounter.probeVolume(path) }
+        let condition = VolumeCondition.of(probe)
+        if case .answered(_, let usage) = probe {
+            // A mount that answered the status but not statvfs (died in between): no figures.
+            return VolumeStats(usage: try? usage.get(), condition: condition)
         }
-        return try result.get()
+        return VolumeStats(usage: nil, condition: condition)
     }
 
     private static func normalise(_ p: String) -> String {

@@ -11,8 +11,8 @@ protocol VolumeMounter: Sendable {
     func volumeState(_ path: String) -> Chargefsd.MountState
     /// Whether anything at all is mounted at `path` (the target may only be removed when not).
     func hasMount(at path: String) -> Bool
-    /// What `df` shows for the mount at `path`.
-    func volumeUsage(_ path: String) -> Result<Chargefsd.Usage, CSIError>
+    /// The mount's type, status attribute and figures, never waiting past a deadline.
+    func probeVolume(_ path: String) -> VolumeProbe
 }
 
 extension Chargefsd: VolumeMounter {
@@ -32,7 +32,7 @@ extension Chargefsd: VolumeMounter {
         Self.mountType(path) != nil
     }
 
-    func volumeUsage(_ path: String) -> Result<Usage, CSIError> {
-        Self.usage(path)
+    func probeVolume(_ path: String) -> VolumeProbe {
+        Self.probe(path)
     }
 }

@@ -87,6 +87,22 @@ if getpid() == 1 {
     }
 }
 
+// -o takeover needs chargefs-keeper beside the daemon (the host bundle carries one: its keeper
+// restarts a server by the same loader command line).
+let takeoverProblem: String?
+if let hostDaemon {
+    takeoverProblem = FileManager.default.isExecutableFile(atPath: hostDaemon.dir + "/chargefs-keeper") ? nil
+        : "the daemon bundle \(hostDaemon.dir) has no chargefs-keeper (rebuild the image: deploy/build-image.sh)"
+} else if !FileManager.default.isExecutableFile(atPath: URL(fileURLWithPath: chargefsdPath).resolvingSymlinksInPath()
+            .deletingLastPathComponent().appendingPathComponent("chargefs-keeper").path) {
+    takeoverProblem = "chargefs-keeper is not installed next to \(chargefsdPath)"
+} else {
+    takeoverProblem = nil
+}
+if let takeoverProblem {
+    log("WARNING: volumes are mounted without -o takeover (a killed chargefsd loses the volume's files): \(takeoverProblem)")
+}
+
 let state: StateStore
 do {
     state = try StateStore(dir: options.stateDir)
@@ -97,7 +113,7 @@ do {
 let manager = VolumeManager(
     config: .init(tree: tree, hostViewProblem: hostViewProblem,
                   mounter: Chargefsd(binary: hostDaemon?.command.last ?? chargefsdPath, daemonCgroupProcs: daemonCgroupProcs, host: hostDaemon),
-                  state: state, podCgroupWait: options.podCgroupWait),
+                  state: state, podCgroupWait: options.podCgroupWait, takeoverProblem: takeoverProblem),
     log: log)
 log("\(IdentityService.driverName) \(IdentityService.version) node=\(options.nodeID) cgroups=\(tree.root) (v\(tree.version == .v2 ? 2 : 1)) daemons=\(daemonCgroupProcs.map { ($0 as NSString).deletingLastPathComponent }.joined(separator: ",")) chargefsd=\(hostDaemon.map { "\($0.dir) in the mount namespace of pid \($0.namespacePid)" } ?? chargefsdPath) state=\(options.stateDir) volumes=\(await manager.publishedCount)")
 

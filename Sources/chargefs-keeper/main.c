@@ -11,10 +11,22 @@
 //
 // When the server exits 0 (unmounted, or stopped by a signal it handles), the keeper exits 0.
 // When it dies otherwise (a signal, a non-zero exit) after it handed over /dev/fuse, the keeper
-// logs the cause and starts `chargefsd --takeover ARGS...` with a new socket pair at fd 3, sends
+// logs the cause and starts `chargefsd ARGS... --takeover` with a new socket pair at fd 3, sends
 // it every file and value, and goes on. At most 5 successors in 60 s: past that, or when a
 // successor says it cannot take over (exit 75), it logs why, aborts the connection
 // (/sys/fs/fuse/connections/N/abort: callers get ENOTCONN instead of waiting forever) and exits 1.
+//
+// Upgrade in place (chargefsd --upgrade; docs/takeover.md, "Upgrade in place"): on SIGUSR1 (the
+// kernel lets only root or our own uid send it) the keeper opens the server's binary
+// (/proc/PID/exe, O_PATH: the file it runs, even once replaced) and sends the server SIGUSR2;
+// the server stops reading requests (callers wait in the kernel's queue), answers those it has,
+// takes a checkpoint and exits 76 (handed over). The keeper then starts the binary now at the
+// daemon's path (a path, not /proc/self/exe: a replaced file is picked up) with --takeover. If
+// that one dies before it serves (exit 75: it cannot read this state), the keeper starts the
+// previous binary from the kept O_PATH file (execveat AT_EMPTY_PATH), which takes the state back.
+// Crash successors then run that previous binary too, until an upgrade succeeds.
+// Upgrades are counted apart from crashes (upgrades=, upgrade_failures= in the status) and never
+// count toward the crash-loop bound.
 //
 // usage (by chargefsd only): chargefs-keeper SOCKFD SERVERPID MAX [--detached] [--adopted] -- CHARGEFSD ARGS...
 // (--adopted: started by a server whose keeper died; that server is not our child)
@@ -37,7 +49,8 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
-enum { MAX_SUCCESSORS_LIMIT = 1000, WINDOW_S = 60, EXIT_CANNOT_TAKE_OVER = 75 };
+enum { MAX_SUCCESSORS_LIMIT = 1000, WINDOW_S = 60, EXIT_CANNOT_TAKE_OVER = 75,
+       EXIT_HANDED_OVER = CKEEPER_EXIT_HANDED_OVER };
 /* Successors allowed in WINDOW_S seconds (-o takeover_max=N, default 5). */
 static unsigned max_successors = 5;
 
@@ -52,7 +65,18 @@ static int use_syslog;
 /* The server is not our child (a server restarted this keeper): its exit status cannot be read;
    its BYE says it exits 0. Cleared once we start a successor (our child). */
 static int adopted, bye;
-static volatile sig_atomic_t stop_signal;
+static volatile sig_atomic_t stop_signal, upgrade_asked;
+/* An upgrade under way: 1 the server was asked to hand over, 2 the binary at the daemon's path
+   was started and has not said SERVING, 3 the previous binary was started again (fallback). */
+static int upgrading;
+static int old_exe = -1;  /* O_PATH of the binary the handing-over server ran */
+/* After a failed upgrade: the previous binary, which crash successors run too (the file at the
+   daemon's path refused the state) until an upgrade succeeds. */
+static int pinned_exe = -1;
+static int handed_over;   /* an adopted server said it exits 76 */
+/* The server said SERVING: its handover handler is in place (a SIGUSR2 before would kill it),
+   so an upgrade asked before then waits for it. */
+static int server_serving;
 
 static void say(const char *fmt, ...) {
     char line[512];
@@ -122,9 +146,25 @@ static int handle(int *sock, pid_t server, double started_ms) {
         return 1;
     case CKEEPER_FORGET: forget(m.kind, m.id); break;
     case CKEEPER_SET: set_value(m.kind, m.value); break;
-    case CKEEPER_BYE: bye = 1; break;
+    case CKEEPER_BYE:
+        if (m.value == EXIT_HANDED_OVER) handed_over = 1; else bye = 1;
+        break;
     case CKEEPER_SERVING:
-        if (started_ms > 0)
+        server_serving = 1;
+        if (upgrading >= 2) {
+            say("%s %d serves, %.1f ms after its predecessor handed over (its own start: %.1f ms)",
+                upgrading == 2 ? "upgraded server" : "previous binary's server", (int)server,
+                now_ms() - started_ms, (double)m.value / 1e3);
+            if (upgrading == 3) {
+                if (pinned_exe >= 0) close(pinned_exe);
+                pinned_exe = old_exe;  /* crash successors run the previous binary from here on */
+            } else {
+                if (old_exe >= 0) close(old_exe);
+                if (pinned_exe >= 0) { close(pinned_exe); pinned_exe = -1; }
+            }
+            old_exe = -1;
+            upgrading = 0;
+        } else if (started_ms > 0)
             say("successor %d serves, %.1f ms after its predecessor's death (its own start: %.1f ms)",
                 (int)server, now_ms() - started_ms, (double)m.value / 1e3);
         break;
@@ -170,6 +210,7 @@ static void abort_connection(void) {
 }
 
 static void on_signal(int sig) { stop_signal = sig; }
+static void on_upgrade(int sig) { (void)sig; upgrade_asked = 1; }
 
 static void describe(int status, char *out, size_t len) {
     if (WIFSIGNALED(status)) snprintf(out, len, "killed by signal %d (%s)%s", WTERMSIG(status), strsignal(WTERMSIG(status)),
@@ -177,21 +218,26 @@ static void describe(int status, char *out, size_t len) {
     else snprintf(out, len, "exited with status %d", WEXITSTATUS(status));
 }
 
-/* Starts `chargefsd --takeover ARGS...` with its end of a new pair at fd 3; returns its pid and
-   our end in *sock, or -1. */
-static pid_t start_successor(char **args, int nargs, int *sock) {
+/* Starts `chargefsd ARGS... --takeover` with its end of a new pair at fd 3; returns its pid and
+   our end in *sock, or -1. The flag goes last: ARGS may begin with a dynamic loader's own
+   options (the CSI host bundle runs LOADER --library-path DIR/lib DIR/lib/chargefsd ARGS).
+   `exe` >= 0: run that file (O_PATH) instead of the path args[0]. */
+static pid_t start_successor(char **args, int nargs, int *sock, int exe) {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return -1;
     char **argv = calloc((size_t)nargs + 2, sizeof *argv);
     if (!argv) { close(sv[0]); close(sv[1]); return -1; }
-    argv[0] = args[0];
-    argv[1] = "--takeover";
-    for (int i = 1; i < nargs; i++) argv[i + 1] = args[i];
+    for (int i = 0; i < nargs; i++) argv[i] = args[i];
+    argv[nargs] = "--takeover";
     pid_t pid = fork();
     if (pid == 0) {
+        int high = exe >= 0 ? fcntl(exe, F_DUPFD, 10) : -1;
+        if (exe >= 0 && high < 0) _exit(127);
         if (dup2(sv[1], CKEEPER_SUCCESSOR_FD) != CKEEPER_SUCCESSOR_FD) _exit(127);
+        int exe_fd = CKEEPER_SUCCESSOR_FD + 1;
+        if (high >= 0 && (dup2(high, exe_fd) != exe_fd || fcntl(exe_fd, F_SETFD, FD_CLOEXEC) != 0)) _exit(127);
         // Everything else it needs comes over the socket; nothing of ours leaks into it.
-        syscall(SYS_close_range, CKEEPER_SUCCESSOR_FD + 1, ~0U, 0);
+        syscall(SYS_close_range, high >= 0 ? exe_fd + 1 : CKEEPER_SUCCESSOR_FD + 1, ~0U, 0);
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = SIG_DFL;
@@ -199,7 +245,12 @@ static pid_t start_successor(char **args, int nargs, int *sock) {
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
-        execv(argv[0], argv);
+        if (high >= 0) {
+            extern char **environ;
+            syscall(SYS_execveat, exe_fd, "", argv, environ, AT_EMPTY_PATH);
+        } else {
+            execv(argv[0], argv);
+        }
         _exit(127);
     }
     free(argv);
@@ -236,7 +287,7 @@ int main(int argc, char **argv) {
     max_successors = (unsigned)max;
     int a = 4;
     if (a < argc && !strcmp(argv[a], "--detached")) { use_syslog = 1; a++; }
-    if (a < argc && !strcmp(argv[a], "--adopted")) { adopted = 1; a++; }
+    if (a < argc && !strcmp(argv[a], "--adopted")) { adopted = 1; server_serving = 1; a++; }
     if (a >= argc || strcmp(argv[a], "--")) return 2;
     a++;
     if (a >= argc || sock < 0 || server <= 0) return 2;
@@ -257,6 +308,8 @@ int main(int argc, char **argv) {
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
+    sa.sa_handler = on_upgrade;
+    sigaction(CKEEPER_UPGRADE_SIGNAL, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     double starts[MAX_SUCCESSORS_LIMIT + 1];
@@ -268,6 +321,23 @@ int main(int argc, char **argv) {
             // Asked to stop: the server unmounts and exits 0, and so do we.
             kill(server, stop_signal);
             stop_signal = 0;
+        }
+        if (upgrade_asked && (server_serving || upgrading)) {
+            upgrade_asked = 0;
+            char exe[64];
+            snprintf(exe, sizeof exe, "/proc/%d/exe", (int)server);
+            if (upgrading) say("an upgrade is under way already: this request is ignored");
+            else if (!find(CKEEPER_DEV_FUSE, 0)) say("upgrade asked before the server mounted: ignored");
+            else if ((old_exe = open(exe, O_PATH | O_CLOEXEC)) < 0)
+                say("upgrade: cannot open the running server's binary (%s): %s; not upgrading", exe, strerror(errno));
+            else if (kill(server, CKEEPER_HANDOVER_SIGNAL) != 0) {
+                say("upgrade: cannot signal server %d: %s", (int)server, strerror(errno));
+                close(old_exe);
+                old_exe = -1;
+            } else {
+                upgrading = 1;
+                say("upgrade: server %d asked to hand over", (int)server);
+            }
         }
         struct pollfd p[2] = { { pidfd, POLLIN, 0 }, { sock, POLLIN, 0 } };
         int n = poll(p, 2, 1000);
@@ -298,7 +368,46 @@ int main(int argc, char **argv) {
         if (unknown) snprintf(cause, sizeof cause, "died (how is not known to a restarted keeper)");
         else describe(status, cause, sizeof cause);
         if (unknown ? bye : WIFEXITED(status) && WEXITSTATUS(status) == 0) return 0;  // unmounted, or stopped on request
-        if (unknown) status = 1 << 8;  // treated as a non-zero exit
+        if (unknown) status = (handed_over ? EXIT_HANDED_OVER : 1) << 8;  // else a non-zero exit
+        handed_over = 0;
+        int handed = WIFEXITED(status) && WEXITSTATUS(status) == EXIT_HANDED_OVER;
+        if ((handed && upgrading == 1) || upgrading == 2) {
+            // An upgrade, not a crash: out of the crash-loop bound and the takeover count.
+            uint64_t ups = 0, fails = 0;
+            (void)get_value(CKEEPER_UPGRADES, &ups);
+            (void)get_value(CKEEPER_UPGRADE_FAILURES, &fails);
+            int fallback = upgrading == 2;  // the new binary died before it served
+            if (fallback) { set_value(CKEEPER_UPGRADES, ups ? ups - 1 : 0); set_value(CKEEPER_UPGRADE_FAILURES, fails + 1); }
+            else set_value(CKEEPER_UPGRADES, ups + 1);
+            uint64_t before;  // a restarted keeper goes on counting where the server's count was
+            if (get_value(CKEEPER_TAKEOVERS, &before) && before > takeovers) takeovers = (unsigned)before;
+            int ssock = -1;
+            pid_t next = start_successor(args, nargs, &ssock, fallback ? old_exe : -1);
+            if (next < 0) {
+                say("server %d %s; cannot start %s (%s): giving up", (int)server, cause,
+                    fallback ? "the previous binary" : args[0], strerror(errno));
+                abort_connection();
+                return 1;
+            }
+            if (fallback) say("upgrade failed: the new server %d %s before it served; the previous binary starts again as %d",
+                              (int)server, cause, (int)next);
+            else say("upgrade: server %d handed over; %s starts as %d", (int)server, args[0], (int)next);
+            upgrading = fallback ? 3 : 2;
+            server_serving = 0;
+            int r = hand_over(ssock, takeovers);
+            if (r < 0) say("successor %d did not take the files (%s)", (int)next, strerror(-r));
+            server = next;
+            sock = ssock;
+            adopted = 0;
+            pidfd = (int)syscall(SYS_pidfd_open, server, 0);
+            continue;
+        }
+        if (upgrading) {
+            // The previous binary could not take its state back either, or a handing-over
+            // server died otherwise: a crash from here on.
+            upgrading = 0;
+            if (old_exe >= 0) { close(old_exe); old_exe = -1; }
+        }
         if (!find(CKEEPER_DEV_FUSE, 0)) {
             // It failed before the mount was handed over: a startup failure, already reported.
             return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
@@ -320,13 +429,14 @@ int main(int argc, char **argv) {
         uint64_t before;  // a restarted keeper goes on counting where the server's count was
         if (get_value(CKEEPER_TAKEOVERS, &before) && before > takeovers) takeovers = (unsigned)before;
         int ssock = -1;
-        pid_t next = start_successor(args, nargs, &ssock);
+        pid_t next = start_successor(args, nargs, &ssock, pinned_exe);
         if (next < 0) {
             say("server %d %s; cannot start a successor (%s): giving up", (int)server, cause, strerror(errno));
             abort_connection();
             return 1;
         }
         starts[nstarts++] = died_ms;
+        server_serving = 0;
         takeovers++;
         say("server %d %s; successor %d started (takeover %u)", (int)server, cause, (int)next, takeovers);
         int r = hand_over(ssock, takeovers);

@@ -24,6 +24,9 @@ if options.showVersion {
     print("chargefsd \(chargefsVersion) (libfuse \(String(cString: fuse_pkgversion())))")
     exit(0)
 }
+if let mountpoint = options.upgradeMountpoint {
+    exit(Upgrade.run(mountpoint: mountpoint))
+}
 if let target = options.cleanupTarget {
     // Removes the leaves dead daemons left below the target; a leaf holding a process (a live
     // daemon's helper, whatever its PID namespace) is kept, and nothing is killed.

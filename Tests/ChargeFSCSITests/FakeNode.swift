@@ -14,6 +14,7 @@ final class FakeMounter: VolumeMounter, @unchecked Sendable {
     private var nextMountError: String?
     private var nextUnmountError: String?
     private var pendingHold: DispatchSemaphore?
+    private var probes: [String: VolumeProbe] = [:]
     private var held: DispatchSemaphore?
 
     private func locked<T>(_ body: () -> T) -> T {
@@ -29,6 +30,8 @@ final class FakeMounter: VolumeMounter, @unchecked Sendable {
     func holdNextMount() { locked { pendingHold = DispatchSemaphore(value: 0) } }
     func releaseHeldMount() { locked { held }?.signal() }
     func setState(_ target: String, _ state: Chargefsd.MountState) { locked { states[target] = state } }
+    /// What the next looks at `target` find (nil: a serving mount's answer, or nothing).
+    func setProbe(_ target: String, _ probe: VolumeProbe?) { locked { probes[target] = probe } }
     /// Forgets every mount, as a reboot does.
     func reboot() { locked { mounts = [:]; states = [:] } }
 
@@ -73,6 +76,12 @@ final class FakeMounter: VolumeMounter, @unchecked Sendable {
 
     func hasMount(at path: String) -> Bool { locked { mounts[path] != nil } }
 
+    func probeVolume(_ path: String) -> VolumeProbe {
+        if let p = locked({ probes[path] }) { return p }
+        guard hasMount(at: path) else { return .notChargefs(nil) }
+        return .answered(status: "transport=dev\n", usage: volumeUsage(path))
+    }
+
     func volumeUsage(_ path: String) -> Result<Chargefsd.Usage, CSIError> {
         locked {
             guard mounts[path] != nil else { return .failure(CSIError(.internal, "no mount at \(path)")) }
@@ -115,13 +124,14 @@ final class FakeNode: @unchecked Sendable {
         return parent + "/mount"
     }
 
-    func manager(hostViewProblem: String? = nil, podCgroupWait: Double = 0.3,
+    func manager(hostViewProblem: String? = nil, podCgroupWait: Double = 0.3, takeoverProblem: String? = nil,
                  unlinkFile: (@Sendable (String) -> Int32)? = nil) throws -> VolumeManager {
         let state = try unlinkFile.map { try StateStore(dir: stateDir, unlinkFile: $0) } ?? StateStore(dir: stateDir)
         let lines = logLines
         return VolumeManager(
             config: .init(tree: CgroupTree(root: cgroupRoot, version: .v2), hostViewProblem: hostViewProblem,
-                          mounter: mounter, state: state, podCgroupWait: podCgroupWait),
+                          mounter: mounter, state: state, podCgroupWait: podCgroupWait,
+                          takeoverProblem: takeoverProblem),
             log: { lines.append($0) })
     }
 

@@ -28,7 +28,7 @@
 #            node-only driver); volume parameters name an ephemeral volume of a pod whose cgroup
 #            exists; the specs that call CreateVolume first cannot pass without a controller
 # Usage: scripts/tests/containers.sh [TEST...] | --list
-# Env: CHARGEFSD (its folder gives chargefs-csi and chargefs-charge-helper for the image),
+# Env: CHARGEFSD (its folder gives chargefs-csi, chargefs-charge-helper and chargefs-keeper for the image),
 #      CFS_CONTAINERS_TIMEOUT (per test, default 420 s)
 set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
@@ -57,7 +57,7 @@ missing() {
   [ "$(cg_version)" = 1 ] || { echo "the pod layout here is cgroup v1's (cgroupfs driver); memory is not on v1 here"; return; }
   "$PY" -c 'import grpc, yaml' 2>/dev/null || { echo "$PY cannot import grpc and yaml (scripts/setup.sh installs them)"; return; }
   local d; d=$(dirname "$(cfs_daemon_bin)")
-  [ -x "$d/chargefs-csi" ] && [ -x "$d/chargefs-charge-helper" ] || { echo "$d has no chargefs-csi and chargefs-charge-helper (swift build)"; return; }
+  [ -x "$d/chargefs-csi" ] && [ -x "$d/chargefs-charge-helper" ] && [ -x "$d/chargefs-keeper" ] || { echo "$d has no chargefs-csi, chargefs-charge-helper and chargefs-keeper (scripts/build.sh)"; return; }
 }
 
 # --- the image ----------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ ensure_image() {
   "${PODMAN[@]}" image exists "$tag" && return 0
   bin=$(dirname "$(cfs_daemon_bin)")
   d=$(cfs_tempdir ctest-bin); CFS_DIRS+=("$d")
-  cp "$bin/chargefsd" "$bin/chargefs-charge-helper" "$bin/chargefs-csi" "$d/"
+  cp "$bin/chargefsd" "$bin/chargefs-charge-helper" "$bin/chargefs-keeper" "$bin/chargefs-csi" "$d/"
   if [ -n "$mark" ]; then  # a section of its own survives build-image.sh's strip
     printf '%s\n' "$mark" > "$d/mark"
     objcopy --add-section .chargefs_build="$d/mark" --set-section-flags .chargefs_build=noload,readonly "$d/chargefsd"
@@ -276,7 +276,8 @@ t_pods() {
     bash -c 'grep -qx -- --privileged "$1" && grep -qx -- --pid=host "$1"' _ "$SCR/plugin-args"
   check "the kubelet dir is rshared, /dev/fuse and /sys/fs/cgroup are there" \
     bash -c 'grep -q "^$2:$2:rshared$" "$1" && grep -q "^/dev/fuse:/dev/fuse:" "$1" && grep -q "^/sys/fs/cgroup:/sys/fs/cgroup:" "$1"' _ "$SCR/plugin-args" "$KDIR"
-  check "the plugin sees the host's cgroup tree (no WARNING)" bash -c '! grep -q WARNING <<<"$1"' _ "$(plugin_log "$PL")"
+  # (and mounts with -o takeover from its bundle: no "volumes are mounted without" WARNING)
+  check "the plugin sees the host's cgroup tree, and can keep its volumes (no WARNING)" bash -c '! grep -q WARNING <<<"$1"' _ "$(plugin_log "$PL")"
   check "it starts daemons in the host's mount namespace" grep -q "in the mount namespace of pid" <<<"$(plugin_log "$PL")"
 
   start_pod1
@@ -306,6 +307,18 @@ t_pods() {
   "${PODMAN[@]}" restart -t 0 "$C1" >/dev/null
   check "podman restart of container 1: the data is still there" [ "$(md5_in "$C1" /data/from-c2)" = "$sum2" ]
   check "  and it writes again" in_ctr "$C1" sh -c 'echo again > /data/again'
+  # The daemon on the host runs from the bundle, through its loader; its keeper restarts it by
+  # the same command line (docs/takeover.md).
+  local status1 server1 status2
+  status1=$(getfattr --only-values -n user.chargefs.status "$T1" 2>/dev/null || true)
+  server1=$(sed -n 's/.*\bpid=\([0-9]*\).*/\1/p' <<<"$status1")
+  log "  pod 1's volume: $status1"
+  check "pod 1's volume is kept (status names its server and keeper)" bash -c '[ -n "$1" ] && grep -q "keeper=[0-9]" <<<"$2"' _ "$server1" "$status1"
+  [ -n "$server1" ] && kill -9 "$server1"
+  check "kill -9 of its server: container 2 still reads container 1's file" [ "$(md5_in "$C2" /data/from-c1)" = "$sum1" ]
+  status2=$(getfattr --only-values -n user.chargefs.status "$T1" 2>/dev/null || true)
+  log "  after the kill: $status2"
+  check "  a successor serves it, from the bundle (takeovers=1)" bash -c 'grep -q "takeovers=1" <<<"$1" && ! grep -q "pid=$2 " <<<"$1 "' _ "$status2" "$server1"
 
   start_pod2
   local base2 before1; base2=$(volume_usage "$P2"); before1=$(volume_usage "$P1")
@@ -330,8 +343,8 @@ t_pods() {
   check "no OOM kill in either pod" [ "$(cg_oom_kills "$P1")/$(cg_oom_kills "$P2")" = 0/0 ]
   check "nothing mounted below the kubelet dir" bash -c '! awk -v d="$1/" "index(\$5, d) == 1" /proc/self/mountinfo | grep -q .' _ "$KDIR"
   check "target dirs removed" bash -c '[ ! -e "$1" ] && [ ! -e "$2" ]' _ "$T1" "$T2"
-  for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$KDIR")" ] && break; sleep 0.1; done
-  check "no chargefsd left running" [ -z "$(cfs_daemons_below "$KDIR")" ]
+  for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$KDIR")$(keepers_below "$KDIR")" ] && break; sleep 0.1; done
+  check "no chargefsd or keeper left running" [ -z "$(cfs_daemons_below "$KDIR")$(keepers_below "$KDIR")" ]
   "${PODMAN[@]}" stop -t 5 "$PL" >/dev/null
   log "  plugin log:"; plugin_log "$PL" | grep -E "publish|chargefsd=" | sed 's/^/    | /' >&2
 }
@@ -414,8 +427,8 @@ t_upgrade() {
   done
   check "nothing mounted below the kubelet dir" bash -c '! awk -v d="$1/pods/" "index(\$5, d) == 1" /proc/self/mountinfo | grep -q .' _ "$KDIR"
   check "target dirs removed" bash -c '[ ! -e "$1" ] && [ ! -e "$2" ] && [ ! -e "$3" ]' _ "$T1" "$T2" "$T3"
-  for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$KDIR")" ] && break; sleep 0.1; done
-  check "no chargefsd left running" [ -z "$(cfs_daemons_below "$KDIR")" ]
+  for ((i = 0; i < 50; i++)); do [ -z "$(cfs_daemons_below "$KDIR")$(keepers_below "$KDIR")" ] && break; sleep 0.1; done
+  check "no chargefsd or keeper left running" [ -z "$(cfs_daemons_below "$KDIR")$(keepers_below "$KDIR")" ]
   check "no OOM kill in any pod" [ "$(cg_oom_kills "$P1")/$(cg_oom_kills "$P2")" = 0/0 ]
   "${PODMAN[@]}" stop -t 5 "$PL" >/dev/null
   log "  plugin log:"; plugin_log "$PL" | grep -E "publish|state:|chargefsd=" | sed 's/^/    | /' >&2

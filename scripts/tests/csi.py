@@ -9,7 +9,8 @@ Usage: csi.py ENDPOINT COMMAND ARGS...
   publish VOLID TARGET POD_UID [K=V...] [--ro] [--not-ephemeral] [--block]
                                          prints OK or the status code name and message
   unpublish VOLID TARGET                 prints OK or CODE message
-  stats VOLID PATH                       prints JSON {"bytes": {...}, "inodes": {...}} or CODE
+  stats VOLID PATH                       prints JSON {"bytes": {...}, "inodes": {...},
+                                         "condition": {"abnormal": B, "message": M}} or CODE
   suite SCRATCH POD_UID MISSING_POD_UID  every RPC and every error code; prints ok/FAIL lines
 Exit status: 0 when the call returned OK (suite: when every check passed), 1 otherwise.
 """
@@ -94,6 +95,9 @@ class Client:
         for u in r.usage:
             name = pb.VolumeUsage.Unit.Name(u.unit).lower()
             out[name] = {"total": u.total, "used": u.used, "available": u.available}
+        if r.HasField("volume_condition"):
+            out["condition"] = {"abnormal": r.volume_condition.abnormal,
+                                "message": r.volume_condition.message}
         return code, msg, out
 
     def info(self):
@@ -159,7 +163,8 @@ def suite(c, scratch, pod_uid, missing_uid):
     check("GetPluginCapabilities: no CONTROLLER_SERVICE", "CONTROLLER_SERVICE" not in info["plugin_capabilities"], info)
     check("Probe ready", info["probe_ready"] is True, info)
     check("NodeGetInfo node_id", info["node_id"] == "test-node", info)
-    check("NodeGetCapabilities = [GET_VOLUME_STATS]", info["node_capabilities"] == ["GET_VOLUME_STATS"], info)
+    check("NodeGetCapabilities = [GET_VOLUME_STATS, VOLUME_CONDITION]",
+          info["node_capabilities"] == ["GET_VOLUME_STATS", "VOLUME_CONDITION"], info)
 
     tgt = os.path.join(scratch, "pods", "vol-a")
     os.makedirs(os.path.dirname(tgt), exist_ok=True)
@@ -208,6 +213,7 @@ def suite(c, scratch, pod_uid, missing_uid):
     # NodeGetVolumeStats
     code, msg, s = c.stats("v1", tgt)
     check("stats OK", code == "OK", "%s %s" % (code, msg))
+    check("stats condition normal, serving", s and s.get("condition") == {"abnormal": False, "message": "serving"}, s)
     if s:
         vfs = os.statvfs(tgt)
         check("stats bytes total = statvfs (%d)" % (vfs.f_blocks * vfs.f_frsize), s["bytes"]["total"] == vfs.f_blocks * vfs.f_frsize, s)
@@ -246,10 +252,12 @@ def suite(c, scratch, pod_uid, missing_uid):
     # INTERNAL: the target's parent does not exist (the CO creates it), so nothing can be mounted
     expect("publish under a missing parent", c.publish("vnp", os.path.join(scratch, "no-such-dir", "t"), pod_uid), "INTERNAL", "no-such-dir")
 
-    # A volume whose chargefsd died (SIGKILL): stats say INTERNAL with the cause; publishing it
-    # again clears the dead mount and serves an empty volume; unpublish works either way.
+    # A volume without takeover whose chargefsd died (SIGKILL): stats say abnormal with the
+    # cause; publishing it again clears the dead mount and serves an empty volume; unpublish
+    # works either way. (With takeover, the default, csi.sh's takeover test kills it.)
     tdead = os.path.join(scratch, "pods", "vol-dead")
-    expect("publish (to be killed)", c.publish("vdead", tdead, pod_uid, {"size": "4Mi"}), "OK")
+    dead_attrs = {"size": "4Mi", "takeover": "false"}
+    expect("publish (to be killed)", c.publish("vdead", tdead, pod_uid, dead_attrs), "OK")
     pids = daemon_pids(tdead)
     check("its chargefsd processes (daemon, charge helper) found", len(pids) >= 1, pids)
     for p in pids:
@@ -258,10 +266,14 @@ def suite(c, scratch, pod_uid, missing_uid):
         if not daemon_pids(tdead):
             break
         time.sleep(0.1)
-    expect("stats of a volume whose daemon was killed", c.stats("vdead", tdead), "INTERNAL", "gone")
-    expect("publish it again: remounted", c.publish("vdead", tdead, pod_uid, {"size": "4Mi"}), "OK")
+    code, msg, s1 = c.stats("vdead", tdead)
+    check("stats of a volume whose daemon was killed: OK, abnormal, ENOTCONN, no usage",
+          code == "OK" and s1.get("condition", {}).get("abnormal") is True
+          and "ENOTCONN" in s1["condition"]["message"] and "bytes" not in s1, (code, msg, s1))
+    expect("publish it again: remounted", c.publish("vdead", tdead, pod_uid, dead_attrs), "OK")
     code, _, s2 = c.stats("vdead", tdead)
-    check("it serves again (stats OK, empty)", code == "OK" and s2["inodes"]["used"] == 1, (code, s2))
+    check("it serves again (stats OK, normal, empty)", code == "OK" and s2["inodes"]["used"] == 1
+          and s2["condition"]["abnormal"] is False, (code, s2))
     expect("unpublish it", c.unpublish("vdead", tdead), "OK")
     check("its target is gone", not os.path.exists(tdead))
 

@@ -17,6 +17,10 @@
 #                OOM kills, a second pod's volume charged to that pod only, kill -9 of the plugin
 #                (the volume keeps serving, data intact), restart (it reloads its state and
 #                unpublishes), charges back to baseline, nothing left mounted or running
+#   takeover     a volume (-o takeover, the default) whose serving chargefsd is killed -9: stats
+#                stay normal counting 1 takeover, a file written before reads back; its server
+#                stopped: stats answer within the probe's bound, abnormal; keeper and server
+#                both killed: stats abnormal naming ENOTCONN, unpublish cleans up
 #   vm_pod       the pod test inside the v2 guest (scripts/vm-run.sh: cgroup v2, systemd layout)
 #   manifests    deploy/kubernetes/*.yaml parse and carry what the kubelet needs (no cluster here)
 # Usage: scripts/tests/csi.sh [TEST...] | --list
@@ -30,7 +34,7 @@ PY=/usr/bin/python3   # Debian's: the one that exists inside the guest too
 CSIPY=$(dirname "$SELF")/csi.py
 # grpcio from PyPI, installed by scripts/setup.sh outside /root and /tmp (fresh tmpfs in the guest)
 export PYTHONPATH=$CFS_REPO/.build-csi-py${PYTHONPATH:+:$PYTHONPATH}
-TESTS=(cli rpcs layouts no_host_view pod vm_pod manifests)
+TESTS=(cli rpcs layouts no_host_view pod takeover vm_pod manifests)
 
 csi_bin() {
   if [ -n "${CHARGEFS_CSI:-}" ]; then echo "$CHARGEFS_CSI"; return; fi
@@ -57,13 +61,18 @@ csi_cleanup() {
     for m in $(awk -v d="$SCR/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
-    for p in $(cfs_daemons_below "$SCR"); do
+    for p in $(cfs_daemons_below "$SCR") $(keepers_below "$SCR"); do
       for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$p" 2>/dev/null || true
     done
   fi
   cfs_cleanup
 }
+
+# status_field MOUNT KEY: a value of the mount's user.chargefs.status (pid, keeper, takeovers).
+status_field() { getfattr --absolute-names --only-values -n user.chargefs.status "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n1; }
+# gone PID: true once PID has exited (a zombie counts: its reaper may be slow).
+gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^[0-9]* (.*) Z' "/proc/$1/stat" 2>/dev/null; }
 
 # start_plugin [EXTRA_ARGS...]: starts chargefs-csi (recorded for cleanup) and waits for its socket.
 start_plugin() {
@@ -375,6 +384,63 @@ t_vm_pod() {
 }
 
 # No cluster and no container engine here: check what can be checked, the manifests' content.
+# A volume that survives kill -9 of its server (the keeper restarts it) and one that does not
+# (keeper and server both killed), as NodeGetVolumeStats reports them.
+t_takeover() {
+  python_ready
+  setup
+  local uid; uid=$(uuid)
+  pod_cgroup "$uid" burstable >/dev/null
+  start_plugin
+  local T=$SCR/kubelet/pods/$uid/volumes/kubernetes.io~csi/scratch/mount V; V=csi-$(sha "$uid"scratch)
+  mkdir -p "$(dirname "$T")"
+  local out; out=$(csi publish "$V" "$T" "$uid" size=64Mi) || true
+  check "publish (no takeover attribute: on by default): $out" [ "$out" = OK ]
+  CFS_MOUNTS+=("$T")
+  local server keeper; server=$(status_field "$T" pid); keeper=$(status_field "$T" keeper)
+  log "    status: $(getfattr --absolute-names --only-values -n user.chargefs.status "$T" 2>&1 | tr '\n' ' ')"
+  [ -n "$server" ] && [ -n "$keeper" ] || { log "  FAIL: no pid= or keeper= in the status attribute"; return 1; }
+  check "status shows a server and its keeper, 0 takeovers" [ "${server:+s}${keeper:+k}/$(status_field "$T" takeovers)" = sk/0 ]
+  # only processes of this mount: both name its target in their arguments
+  check "server $server and keeper $keeper are this volume's" bash -c 'tr "\0" "\n" < /proc/$1/cmdline | grep -qxF "$3" && tr "\0" "\n" < /proc/$2/cmdline | grep -qxF "$3"' _ "$server" "$keeper" "$T"
+  head -c 1048576 /dev/urandom > "$T/before"
+  local sum; sum=$(md5sum < "$T/before")
+
+  kill -9 "$server"
+  local i; for ((i = 0; i < 100; i++)); do gone "$server" && break; sleep 0.05; done
+  out=$(csi stats "$V" "$T") || true
+  log "    stats after kill -9 of the server: $out"
+  check "stats after kill -9 of the server: normal, 1 takeover" \
+    bash -c 'grep -q "\"abnormal\": false, \"message\": \"serving, 1 takeover" <<<"$1" && grep -q "\"bytes\"" <<<"$1"' _ "$out"
+  check "the file written before reads back" [ "$(md5sum < "$T/before")" = "$sum" ]
+  server=$(status_field "$T" pid); keeper=$(status_field "$T" keeper)
+  check "a new server ($server) serves, takeovers=1" [ "$(status_field "$T" takeovers)" = 1 ]
+
+  # a stopped server: the stats call ends within the probe's bound (3 s) and says so
+  kill -STOP "$server"
+  local t0=$SECONDS
+  out=$(csi stats "$V" "$T") || true
+  log "    stats with the server stopped ($((SECONDS - t0)) s): $out"
+  check "stats with the server stopped: abnormal within 5 s" \
+    bash -c '[ "$2" -le 5 ] && grep -q "\"abnormal\": true, \"message\": \"chargefsd did not answer within" <<<"$1"' _ "$out" "$((SECONDS - t0))"
+  kill -CONT "$server"
+  check "it answers again once continued" [ "$(status_field "$T" pid)" = "$server" ]
+
+  # keeper first, then the server: stopped meanwhile, so that it cannot start a new keeper
+  kill -STOP "$server"; kill -9 "$keeper"; kill -9 "$server"
+  for ((i = 0; i < 100; i++)); do gone "$server" && gone "$keeper" && break; sleep 0.05; done
+  check "keeper $keeper and server $server are gone" bash -c '! kill -0 "$1" 2>/dev/null || grep -q " Z " "/proc/$1/stat"' _ "$server"
+  out=$(csi stats "$V" "$T") || true
+  log "    stats with keeper and server killed: $out"
+  check "stats: abnormal, naming ENOTCONN, no usage" \
+    bash -c 'grep -q "\"abnormal\": true, \"message\": \"chargefsd is gone (server and keeper): the mount answers ENOTCONN" <<<"$1" && ! grep -q "\"bytes\"" <<<"$1"' _ "$out"
+  out=$(csi unpublish "$V" "$T") || true
+  check "unpublish: $out" [ "$out" = OK ]
+  check "nothing left mounted below the scratch dir" bash -c '! grep -qF "$1/" /proc/self/mountinfo' _ "$SCR"
+  check "no daemon or keeper left" [ -z "$(cfs_daemons_below "$SCR")$(keepers_below "$SCR")" ]
+  stop_plugin
+}
+
 t_manifests() {
   "$PY" -c 'import yaml' 2>/dev/null || { log "  cannot run: python3-yaml missing (scripts/setup.sh installs it)"; return 1; }
   local out

@@ -265,6 +265,16 @@ cfs_daemons_below() {
   return 0
 }
 
+# keepers_below DIR: pids of chargefs-keeper processes (-o takeover) whose arguments name a path
+# below DIR.
+keepers_below() {
+  local p
+  for p in $(pgrep -x chargefs-keeper || true); do
+    tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$1/" && echo "$p"
+  done
+  return 0
+}
+
 # cfs_tempdir PREFIX: prints a new temp dir. Called as $(...) it runs in a subshell, so the
 # caller must add it to CFS_DIRS itself for cleanup.
 cfs_tempdir() {

@@ -12,9 +12,11 @@
 //   SERVING: this server serves requests now (`value`: its start-to-serving time in µs).
 //   BYE: this server is about to exit 0 (unmounted, or stopped): a keeper that is not its
 //   parent (one the server restarted) cannot read its exit status.
+//   BYE with value CKEEPER_EXIT_HANDED_OVER: it exits that instead (an upgrade's handover).
 // Keeper -> successor, right after it starts: KEEP for every file held, then SET for every value,
 // then END. Nothing in the keeper parses user input: only these fixed-size messages.
 
+#include <signal.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -31,12 +33,32 @@ enum {
     CKEEPER_ARENA_BACKING = 101, // 0 memfd, 1 private tmpfs, 2 private tmpfs with noswap
     CKEEPER_TAKEOVERS = 102,     // set by the keeper: successors started so far
     CKEEPER_KEEPER_PID = 103,    // set by the keeper: its own pid
+    CKEEPER_UPGRADES = 104,      // set by the keeper: upgrades done (chargefsd --upgrade)
+    CKEEPER_UPGRADE_FAILURES = 105, // set by the keeper: upgrades whose new binary could not take over
 };
 
 struct ckeeper_msg { uint32_t op; uint32_t kind; uint64_t id; uint64_t value; };
 
 // Where a successor finds its end of the socket (inherited, not close-on-exec).
 enum { CKEEPER_SUCCESSOR_FD = 3 };
+
+// Upgrade in place (chargefsd --upgrade; docs/takeover.md): the caller sends the keeper
+// CKEEPER_UPGRADE_SIGNAL; the keeper sends its server CKEEPER_HANDOVER_SIGNAL; the server stops
+// reading requests, finishes those it has, takes a checkpoint and exits CKEEPER_EXIT_HANDED_OVER.
+enum { CKEEPER_UPGRADE_SIGNAL = SIGUSR1, CKEEPER_HANDOVER_SIGNAL = SIGUSR2,
+       CKEEPER_EXIT_HANDED_OVER = 76 };
+
+/// Installs the server's handler of CKEEPER_HANDOVER_SIGNAL: it records the request and raises
+/// SIGTERM, whose libfuse handler (installed before) ends the session loop.
+int ckeeper_install_handover_handler(void);
+/// Names this process "chargefsd" (comm): a successor the keeper ran from a kept file
+/// (execveat AT_EMPTY_PATH) is otherwise named after the descriptor's number.
+void ckeeper_name_server(void);
+/// 1 once CKEEPER_HANDOVER_SIGNAL came.
+int ckeeper_handover_requested(void);
+/// The mount root's user.chargefs.status (getxattr: <sys/xattr.h> is not in Swift's Glibc):
+/// its length, or -errno.
+long ckeeper_read_status(const char *mountpoint, char *buf, unsigned long len);
 
 /// Sends one message, with `fd` attached when >= 0. 0, or -errno.
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd);

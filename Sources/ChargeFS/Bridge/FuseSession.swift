@@ -18,6 +18,10 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
     var takeovers: UInt64?
     /// -o takeover: the keeper's pid now (a server restarts a dead one).
     var keeperPid: (@Sendable () -> Int32)?
+    /// -o takeover: upgrades in place (chargefsd --upgrade) done, and those whose new binary
+    /// could not take over (the previous one serves again); not counted in `takeovers`.
+    var upgrades: UInt64 = 0
+    var upgradeFailures: UInt64 = 0
     /// The root's read-only attributes that the transport answers: the status (the tree's lines,
     /// then the transport's) and the requests by kind. nil for any other name.
     func transportAttribute(_ ino: InodeNumber, name: FileName) throws(Errno) -> [UInt8]? {
@@ -26,7 +30,7 @@ final class FuseSession: FuseConnection, @unchecked Sendable {
         if name == FileSystem.statusXattr {
             var text = "transport=\(transport)\n"
             // -o takeover: who serves now, its keeper, and how many servers it replaced.
-            if let takeovers { text += "pid=\(getpid()) keeper=\(keeperPid?() ?? getppid()) takeovers=\(takeovers) resent=\(features.resent.load(ordering: .relaxed))\n" }
+            if let takeovers { text += "pid=\(getpid()) keeper=\(keeperPid?() ?? getppid()) takeovers=\(takeovers) upgrades=\(upgrades) upgrade_failures=\(upgradeFailures) resent=\(features.resent.load(ordering: .relaxed))\n" }
             return try fileSystem.getxattr(ino, name: name) + Array(text.utf8)
         }
         return nil

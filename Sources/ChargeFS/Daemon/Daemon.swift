@@ -212,6 +212,7 @@ public enum Daemon {
         defer { fuse_session_destroy(session) }
         guard fuse_set_signal_handlers(session) == 0 else { throw StartFailure("cannot install signal handlers") }
         defer { fuse_remove_signal_handlers(session) }
+        if handover != nil && ckeeper_install_handover_handler() != 0 { throw StartFailure("cannot install signal handlers") }
         guard fuse_session_mount(session, options.mountpoint) == 0 else {
             throw StartFailure("cannot mount on \(options.mountpoint) (is /dev/fuse available, and may you mount there?)")
         }
@@ -237,6 +238,8 @@ public enum Daemon {
         // busy for `stuckMs` without finishing anything (writes waiting for a frozen target's
         // charge), so that they never leave other requests unserved (cfuse_session_loop_pool).
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Self.maxWorkers, Self.stuckMs)
+        // An upgrade: the keeper asked this server to hand the mount over (no unmount).
+        if let handover, ckeeper_handover_requested() != 0 { Takeover.handOver(fs, keeper: handover.keeper) }
         // Unmounted: the kernel has ended every ring entry; otherwise (a signal) stop the waits.
         fuse.stopUring()
         fuse_session_unmount(session)

@@ -27,6 +27,8 @@ public struct MountOptions: Sendable, Equatable {
     public var showVersion = false
     /// `--cleanup CGROUP`: remove what a killed daemon left in that cgroup, then exit.
     public var cleanupTarget: String?
+    /// `--upgrade MOUNTPOINT`: hand that -o takeover mount to the chargefsd installed now, then exit.
+    public var upgradeMountpoint: String?
 
     /// size=: bytes; 0 means unlimited, as tmpfs. Default: half of RAM.
     public var sizeBytes: Int64?
@@ -93,6 +95,10 @@ public struct MountOptions: Sendable, Equatable {
                 try o.apply(arguments[i])
                 i += 1
             case "--takeover": o.isSuccessor = true
+            case "--upgrade":
+                guard i < arguments.count else { throw UsageError("--upgrade needs a mountpoint") }
+                o.upgradeMountpoint = arguments[i]
+                i += 1
             case "--cleanup":
                 guard i < arguments.count else { throw UsageError("--cleanup needs a cgroup path") }
                 o.cleanupTarget = arguments[i]
@@ -107,7 +113,7 @@ public struct MountOptions: Sendable, Equatable {
                 }
             }
         }
-        if o.showHelp || o.showVersion || o.cleanupTarget != nil { return o }
+        if o.showHelp || o.showVersion || o.cleanupTarget != nil || o.upgradeMountpoint != nil { return o }
         if let scope = o.memcgScope, !o.memcgAuto {
             throw UsageError("memcg_scope=\(scope): only with memcg=auto")
         }
@@ -292,6 +298,7 @@ public struct MountOptions: Sendable, Equatable {
     public static let usage = """
     usage: chargefsd [SOURCE] MOUNTPOINT [-o OPTION[,OPTION...]] [-f] [-d] [-h] [-V]
            chargefsd --cleanup CGROUP_PATH
+           chargefsd --upgrade MOUNTPOINT   (a -o takeover mount: hand it to the chargefsd installed now)
 
     A RAM-backed file system like tmpfs, whose pages can be charged to a chosen memory cgroup.
 

@@ -109,6 +109,11 @@ final class ProcessKeeper: DescriptorKeeper, @unchecked Sendable {
         link.withLock { l in _ = Self.send(l.socket, op: CKEEPER_BYE, kind: 0) }
     }
 
+    /// Tells the keeper this server exits `CKEEPER_EXIT_HANDED_OVER` next (an upgrade).
+    func handedOver() {
+        link.withLock { l in _ = Self.send(l.socket, op: CKEEPER_BYE, kind: 0, value: UInt64(CKEEPER_EXIT_HANDED_OVER)) }
+    }
+
     /// A new keeper in place of a dead one: everything held is sent to it. Returns how many
     /// files it was handed, or -errno.
     func replace(socket: Int32, pid: pid_t) -> Int {

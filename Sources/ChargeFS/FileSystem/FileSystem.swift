@@ -118,7 +118,7 @@ public final class FileSystem: Sendable {
         }
         let (transactions, dropped) = state.transactions(after: checkpointSeq)
         for t in transactions { try restorer.apply(t.payload) }
-        try restorer.checkBackingFiles()
+        try restorer.resolveBackings()
         guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
         var inUse: [UInt32] = []
         var backingPages = 0

@@ -501,14 +501,6 @@ struct TreeRestorer {
         targetKeys = try Self.readTargets(&r)
     }
 
-    /// After the journal: every inode left naming a backing file has it (one the keeper let go
-    /// of may only be named by the checkpoint or records that a later record overrode).
-    func checkBackingFiles() throws(StateError) {
-        for (ino, id) in backingIDs where inodes[ino]?.backing == nil {
-            throw StateError.corrupt("backing file \(id) of inode \(ino) is not held by the keeper")
-        }
-    }
-
     static func readTargets(_ r: inout StateReader) throws(StateError) -> [String?] {
         let count = try r.u32()
         guard count >= 1, count < 1 << 20 else { throw StateError.corrupt("\(count) charge targets") }
@@ -634,13 +626,11 @@ struct TreeRestorer {
         if backingID == 0 {
             inode.backing = nil
             backingIDs[ino] = nil
-        } else if inode.backing?.stateID != backingID {
-            // Made by its inode's target's charger (a directory target's for a mapped file).
-            // The checkpoint or a journal record may name a file the keeper has already let go
-            // of: it forgets one once the record that drops it is published, and that record
-            // comes later. Left unresolved here; `checkBackingFiles` fails the takeover if the
-            // tree still names it at the end.
-            inode.backing = try backing(backingID, target: inode.chargeTarget)
+        } else if backingIDs[ino] != backingID {
+            // Opened once the whole journal is applied (`resolveBackings`): a backing file
+            // named here may have been freed by a later transaction, and the keeper then no
+            // longer holds it.
+            inode.backing = nil
             backingIDs[ino] = backingID
         }
         try Self.readPages(&r, into: inode)
@@ -664,9 +654,21 @@ struct TreeRestorer {
         }
     }
 
-    private mutating func backing(_ id: UInt64, target: Int) throws(StateError) -> BackingFile? {
+    /// Gives every inode that is still there the backing file its last record named, from the
+    /// keeper's copy (after the checkpoint and every transaction are applied).
+    mutating func resolveBackings() throws(StateError) {
+        for (ino, id) in backingIDs.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            guard let inode = inodes[ino] else { backingIDs[ino] = nil; continue }
+            // Made by its inode's target's charger (a directory target's for a mapped file).
+            inode.backing = try backing(id, target: inode.chargeTarget)
+        }
+    }
+
+    private mutating func backing(_ id: UInt64, target: Int) throws(StateError) -> BackingFile {
         if let found = backings[id] { return found }
-        guard let kept = keeper.descriptor(.backingFile(id)) else { return nil }
+        guard let kept = keeper.descriptor(.backingFile(id)) else {
+            throw StateError.corrupt("backing file \(id) is not held by the keeper")
+        }
         let fd = fcntl(kept.rawValue, F_DUPFD_CLOEXEC, 0)
         guard fd >= 0 else { throw StateError.system("dup", errno) }
         let file = BackingFile(FileDescriptor(rawValue: fd), target: target)

@@ -17,6 +17,15 @@ final class MountOptionsTests: XCTestCase {
         XCTAssertTrue(o.fsname.contains("memcg=/sys/fs/cgroup/pod"))
     }
 
+    func testUpgradeCommand() throws {
+        let o = try MountOptions.parse(["--upgrade", "/mnt/x"])
+        XCTAssertEqual(o.upgradeMountpoint, "/mnt/x")
+        XCTAssertThrowsError(try MountOptions.parse(["--upgrade"])) { error in
+            XCTAssertTrue("\(error)".contains("--upgrade needs a mountpoint"))
+        }
+        XCTAssertNil(try MountOptions.parse(["/m"]).upgradeMountpoint)
+    }
+
     func testCacheModes() throws {
         XCTAssertEqual(try MountOptions.parse(["/m"]).fileSystemConfig.caching, .automatic)
         XCTAssertEqual(try MountOptions.parse(["/m", "-o", "cache=page"]).fileSystemConfig.caching, .page)

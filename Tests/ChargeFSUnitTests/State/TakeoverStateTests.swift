@@ -276,6 +276,35 @@ final class TakeoverStateTests: XCTestCase {
         XCTAssertNil(keeper.descriptor(.backingFile(1)), "an unlinked file's backing file is let go")
     }
 
+    /// A large file removed before the crash: the journal still holds the record that gave it
+    /// its backing file, which the keeper has let go; the successor must not look for it (found
+    /// on a mount: every takeover after an `rm` of a large file failed, "backing file 2 is not
+    /// held by the keeper", and the keeper aborted the mount).
+    func testABackedFileRemovedBeforeTheCrash() throws {
+        var c = config()
+        c.caching = .direct
+        var (fs, keeper) = try makeKept(c)
+        fs.noteKernelPassthrough(true)
+        try XCTSkipUnless(keeper.descriptor(.arenaRoot) != nil, "backing files need the arena's private tmpfs (root)")
+        let bytes = pattern(2 << 20, seed: 9)
+        var inos: [InodeNumber] = []
+        for name in ["gone", "kept"] {
+            let ino = try fs.mknod(parent: root, name: n(name), mode: 0o100644, rdev: 0, caller: me).ino
+            for offset in stride(from: 0, to: bytes.count, by: 128 << 10) {
+                _ = try write(fs, ino, Array(bytes[offset..<min(bytes.count, offset + (128 << 10))]), at: Int64(offset))
+            }
+            inos.append(ino)
+        }
+        XCTAssertNotNil(keeper.descriptor(.backingFile(1)))
+        XCTAssertNotNil(keeper.descriptor(.backingFile(2)))
+        try fs.unlink(parent: root, name: n("gone"))
+        XCTAssertNil(keeper.descriptor(.backingFile(1)), "the removed file's backing file is let go")
+        let before = try dump(fs)
+        fs = try takeOverAfterCrash(&fs, keeper, config: c)
+        XCTAssertEqual(try dump(fs), before)
+        XCTAssertEqual(try read(fs, inos[1], 0, 2 << 20), bytes)
+    }
+
     /// What the kernel holds across a takeover: readdir positions (cookies), and inode numbers
     /// with generations, a number freed before the crash coming back with the next generation.
     func testReaddirPositionsAndGenerations() throws {
