@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Concurrent stress of a mounted file system with a full consistency check at the end.
 
-  stress.py ROOT [--workers N] [--seconds S] [--seed X] [--report-every S]
+  stress.py ROOT [--workers N] [--seconds S] [--seed X] [--until FILE] [--keep]
 
 N worker processes (default 4) run mixed data and metadata operations for S seconds (default
 20) on one shared tree (ROOT/shared/d0..d7: everyone creates, renames, links and lists there).
@@ -12,7 +12,9 @@ that directory, stat must match); at the end the whole tree is walked and every 
 with the union of the models (type, size, content, mode, nlink, inode sharing of hard links,
 xattrs, link targets), with nothing missing and nothing extra, and df's used blocks must equal
 the sum of st_blocks. Prints 'ops N errors M ...'; exit 1 on any inconsistency or unexpected
-errno. Also used by scripts/soak.sh and scripts/sanitize.sh.
+errno. --until FILE: the workers stop as soon as FILE exists (--seconds still bounds the run;
+stress.sh kill_loop stops them after its last kill). Also used by scripts/soak.sh and
+scripts/sanitize.sh.
 """
 import argparse
 import ctypes
@@ -243,10 +245,12 @@ class Worker:
            ("stat", 8), ("rename", 8), ("link", 4), ("unlink", 6), ("chmod", 3), ("xattr", 5),
            ("symlink", 3), ("dir", 4), ("readdir", 6)]
 
-    def run(self, seconds):
+    def run(self, seconds, until=None):
         names = [n for n, w in self.OPS for _ in range(w)]
         end = time.monotonic() + seconds
         while time.monotonic() < end and len(self.errors) < 50:
+            if until and self.ops % 16 == 0 and os.path.exists(until):
+                break
             name = self.r.choice(names)
             try:
                 getattr(self, "op_" + name)()
@@ -336,6 +340,7 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--until", help="stop the workers once this file exists (at most --seconds)")
     ap.add_argument("--keep", action="store_true", help="leave the tree (default: remove it after the check)")
     a = ap.parse_args()
     os.umask(0)  # the model holds the modes it asks for
@@ -352,7 +357,7 @@ def main():
             os.close(rfd)
             w = Worker(k, root, a.seed)
             try:
-                w.run(a.seconds)
+                w.run(a.seconds, a.until)
                 out = w.model()
             except Exception as e:  # a bug in the test itself must show, not hang the parent
                 out = {"entries": {}, "ops": w.ops, "errors": ["w%d crashed: %r" % (k, e)]}

@@ -22,6 +22,16 @@
 #   keeper_killed kill -9 of the keeper: the server starts a new one (status keeper=), which
 #                 then takes over after a kill -9 of the server; 3 rounds; files intact; after
 #                 unmount nothing is left
+#   dropped_backing two 4 MiB files (each with a backing file), one removed, then kill -9: the
+#                 successor replays a journal naming a backing file the keeper has let go of (the
+#                 record that dropped it comes later) and takes over; the other file reads back
+#   backing_ids_after_replay  two 4 MiB files, kill -9 (the successor rebuilds from the journal),
+#                 then two more large files and one of them removed, kill -9 again: the new files
+#                 take ids the journal never used (a reused id replaced a live file's backing
+#                 file in the keeper, and the next takeover found it gone); all files read back
+#   dropped_after_checkpoint  two 4 MiB files, kill -9, 2 s (the successor's checkpoint names both
+#                 backing files), one removed, kill -9 again: the checkpoint names a backing file
+#                 the keeper let go of after it; the next successor takes over, the other reads back
 #   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
 #                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
 #                 after it applied the request and before its reply; the kernel resends it to the
@@ -34,7 +44,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed kill_create_excl kill_unlink kill_rename kill_mkdir)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -345,6 +355,64 @@ t_sigterm_after_takeover() {
   for ((i = 0; i < 50; i++)); do kill -0 "$keeper" 2>/dev/null || break; sleep 0.1; done
   check "the keeper exited" bash -c "! kill -0 $keeper 2>/dev/null"
   check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
+}
+
+t_dropped_backing() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover"
+  local keeper=$CFS_PID
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/gone"
+  head -c $((4 * MiB)) /dev/urandom > "$MNT/kept"
+  check "two backing files ($(backing_files "$MNT"))" [ "$(backing_files "$MNT")" = 2 ]
+  local sum; sum=$(md5sum < "$MNT/kept")
+  rm "$MNT/gone"
+  local ms; ms=$(kill_and_time 1) || ms=""
+  check "the kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  check "the file that kept its backing file reads back" [ "$(md5sum < "$MNT/kept" 2>/dev/null)" = "$sum" ]
+  check "the removed one stays removed (ENOENT)" grep -q 'No such file' <<<"$(stat "$MNT/gone" 2>&1)"
+  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
+  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  cfs_umount "$MNT" "$keeper"
+}
+
+t_backing_ids_after_replay() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover"
+  local keeper=$CFS_PID f ms
+  for f in a b; do head -c $((4 * MiB)) /dev/urandom > "$MNT/$f"; done
+  local sums; sums=$(cd "$MNT" && md5sum a b)
+  ms=$(kill_and_time 1) || ms=""
+  check "the first kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  for f in c d; do head -c $((4 * MiB)) /dev/urandom > "$MNT/$f"; done
+  rm "$MNT/d"
+  sums="$sums
+$(cd "$MNT" && md5sum c)"
+  check "three backing files ($(backing_files "$MNT"))" [ "$(backing_files "$MNT")" = 3 ]
+  ms=$(kill_and_time 2) || ms=""
+  check "the second kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  check "a, b and c read back" [ "$(cd "$MNT" && md5sum a b c 2>/dev/null)" = "$sums" ]
+  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
+  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  cfs_umount "$MNT" "$keeper"
+}
+
+t_dropped_after_checkpoint() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover"
+  local keeper=$CFS_PID f ms
+  for f in gone kept; do head -c $((4 * MiB)) /dev/urandom > "$MNT/$f"; done
+  local sum; sum=$(md5sum < "$MNT/kept")
+  ms=$(kill_and_time 1) || ms=""
+  check "the first kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  sleep 2   # the successor takes its checkpoint 1 s after it serves
+  rm "$MNT/gone"
+  ms=$(kill_and_time 2) || ms=""
+  check "the second kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  check "the successor read a checkpoint" grep -q 'after checkpoint [1-9]' "$CFS_LOG"
+  check "the file that kept its backing file reads back" [ "$(md5sum < "$MNT/kept" 2>/dev/null)" = "$sum" ]
+  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
+  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  cfs_umount "$MNT" "$keeper"
 }
 
 # kill_op OP COMMAND...: mounts with the kill hook armed for OP, runs COMMAND (which must

@@ -620,6 +620,9 @@ struct TreeRestorer {
         inode.users = users
         inode.passthroughID = Int32(bitPattern: try r.u32())
         let backingID = try r.u64()
+        // The checkpoint's counter is older than the journal's records: an id a record names is
+        // never handed out again (a reused one would replace a live file's copy in the keeper).
+        if backingID >= nextBackingID { nextBackingID = backingID + 1 }
         if backingID == 0 {
             inode.backing = nil
             backingIDs[ino] = nil
