@@ -63,6 +63,13 @@ static size_t cfuse_request_mapping_size(void) {
     return (cfuse_request_buffer_size() + p - 1) / p * p + p;  /* rounded up, plus the guard */
 }
 
+/* With -o takeover a server may be killed in the middle of a request's copy, and the kernel
+   fails a copy that faults while a fatal signal is pending (fuse_dev_do_read and _write: the
+   caller gets EIO instead of a resend). Buffers written by the kernel are then mapped up front. */
+static int prefault_buffers;
+
+void cfuse_pool_prefault_buffers(int on) { prefault_buffers = on; }
+
 /* NULL when the mapping fails (then libfuse mallocs its own, as before: served, but dumpable). */
 static void *cfuse_request_buffer_new(void) {
     size_t total = cfuse_request_mapping_size();
@@ -75,6 +82,7 @@ static void *cfuse_request_buffer_new(void) {
         munmap(mem, total);
         return NULL;
     }
+    if (prefault_buffers) (void)madvise(mem, total - guard, 23 /* MADV_POPULATE_WRITE, 5.14 */);
     return mem;
 }
 

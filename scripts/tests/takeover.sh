@@ -105,23 +105,7 @@ populate() {
 # The writer: appends numbered lines through one O_APPEND descriptor until $SCR/stop exists;
 # any error goes to $SCR/writer.err.
 start_writer() {
-  "$CFS_PYTHON" - "$MNT/writer.log" "$SCR/stop" "$SCR/writer.err" <<'PY' &
-import os, sys, time
-path, stop, err = sys.argv[1:4]
-try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    i = 0
-    while not os.path.exists(stop):
-        line = b"line %d\n" % i
-        if os.write(fd, line) != len(line):
-            raise OSError("short write at line %d" % i)
-        i += 1
-        time.sleep(0.0002)
-    os.close(fd)
-except Exception as e:
-    open(err, "w").write("%s\n" % e)
-    sys.exit(1)
-PY
+  "$CFS_PYTHON" "$(dirname "$SELF")/appender.py" "$MNT/writer.log" "$SCR/stop" "$SCR/writer.err" &
   WRITER=$!
 }
 

@@ -18,6 +18,8 @@ struct fuse_session;
    only when every worker has been busy without finishing a request for `stuck_ms`. Returns what
    libfuse's loops return (0, the number of the signal that ended it, or -errno). */
 int cfuse_session_loop_pool(struct fuse_session *se, unsigned base, unsigned max, unsigned stuck_ms);
+/* Workers map their request buffers up front (-o takeover: see pool.c). Before the loop starts. */
+void cfuse_pool_prefault_buffers(int on);
 
 /* ---- threads and CPUs (thread.c) ------------------------------------------------------------- */
 

@@ -237,6 +237,7 @@ public enum Daemon {
         // creates 25-35% slower than one). A rescue worker starts only when every worker has been
         // busy for `stuckMs` without finishing anything (writes waiting for a frozen target's
         // charge), so that they never leave other requests unserved (cfuse_session_loop_pool).
+        cfuse_pool_prefault_buffers(options.takeover ? 1 : 0)
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Self.maxWorkers, Self.stuckMs)
         // An upgrade: the keeper asked this server to hand the mount over (no unmount).
         if let handover, ckeeper_handover_requested() != 0 { Takeover.handOver(fs, keeper: handover.keeper) }

@@ -261,6 +261,7 @@ enum Takeover {
             fs.checkpointNow()
         }
         watchKeeper(keeper, options: options)
+        cfuse_pool_prefault_buffers(1)
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Daemon.maxWorkers, Daemon.stuckMs)
         if ckeeper_handover_requested() != 0 { handOver(fs, keeper: keeper) }
         // The loop ends on an unmount (nothing left to do) or a stop signal: then unmount as the

@@ -143,6 +143,15 @@ public final class Arena {
         if let tmpfsRoot { close(tmpfsRoot.rawValue) }
     }
 
+    /// Maps `count` pages from `first` into this process's page tables (their data is there
+    /// already): a successor's reply copied from them then never faults. The kernel fails a
+    /// reply whose copy faults while its server is being killed (EIO to the caller, no resend).
+    /// Only pages files hold: a read fault on a hole would allocate (and charge) a page.
+    public func populate(first: UInt32, count: Int) {
+        guard count > 0 else { return }
+        _ = cfuse_madvise(address(of: first), count &* PageSize.bytes, Int32(CFUSE_MADV_POPULATE_READ))
+    }
+
     @inline(__always)
     public func address(of page: UInt32) -> UnsafeMutableRawPointer {
         base + Int(page) &* PageSize.bytes

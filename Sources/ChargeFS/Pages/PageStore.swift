@@ -169,7 +169,20 @@ public final class PageStore {
         for page in inUse { used[Int(page)] = true }
         nextFresh = highest + 1
         var free: [UInt32] = []
-        if highest >= 1 { for page in 1...highest where !used[page] { free.append(UInt32(page)) } }
+        var run: (first: Int, count: Int) = (0, 0)
+        if highest >= 1 {
+            for page in 1...highest {
+                if used[page] {
+                    if run.count > 0 && run.first + run.count == page { run.count += 1 } else {
+                        arena.populate(first: UInt32(run.first), count: run.count)
+                        run = (page, 1)
+                    }
+                } else {
+                    free.append(UInt32(page))
+                }
+            }
+        }
+        arena.populate(first: UInt32(run.first), count: run.count)
         // Past the highest page in use, nothing is known: punch the rest of what the arena's
         // file may hold (one call; a hole stays a hole).
         let rest = arena.capacityPages + 1 - nextFresh
