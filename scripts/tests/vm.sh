@@ -31,7 +31,7 @@ boots() {  # boots KIND: runs SHOW in guest KIND and checks what came back
 }
 
 t_probe_falls_back() {
-  local dir; dir=$(cfs_tempdir vmprobe)
+  local dir; dir=$(cfs_tempdir vmprobe); CFS_DIRS+=("$dir")  # (a subshell made it: record it here)
   # a linux.uml that dies as the AMX-stricken one does (the probe boot never reports)
   printf '#!/bin/sh\n[ "$1" = --version ] && { echo 6.1.0; exit 0; }\necho "userspace - ptrace set fp regs failed, errno = 14" >&2; exit 1\n' >"$dir/linux.uml"
   chmod +x "$dir/linux.uml"
@@ -46,7 +46,7 @@ t_probe_falls_back() {
 }
 
 t_probe_cached() {
-  local dir first second t0; dir=$(cfs_tempdir vmprobe)
+  local dir first second t0; dir=$(cfs_tempdir vmprobe); CFS_DIRS+=("$dir")
   first=$(env -u CHARGEFS_VM CHARGEFS_VM_CACHE="$dir" bash "$VM" --which)
   t0=$(date +%s%N)
   second=$(env -u CHARGEFS_VM CHARGEFS_VM_CACHE="$dir" bash "$VM" --which)
