@@ -29,15 +29,21 @@ shmem_drains_to_reserve() {
   local i; for i in $(seq 50); do [ "$(cg_shmem "$1")" -le "$RESERVE_BYTES" ] && return 0; sleep 0.1; done; return 1
 }
 
+# with_target PATH: unless STRESS_MEMCG=0 or no memory cgroup is usable, makes the target T=PATH
+# (768 MiB) and adds memcg=T to the caller's opts.
+with_target() {
+  if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$(cg_version)"; then
+    T=$1
+    cg_create "$T" $((768 * MiB))
+    opts="$opts,memcg=$T"
+  fi
+}
+
 t_mixed() {
   local SCR; SCR=$(cfs_tempdir cfsstress); CFS_DIRS+=("$SCR")  # (cfs_tempdir runs in a subshell: record it here)
   CFS_LOGDIR=$SCR
   local MNT=$SCR/mnt opts="size=1g" T=""
-  if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$(cg_version)"; then
-    T=$(cg_parent)/cfsstress-$$-target
-    cg_create "$T" $((768 * MiB))
-    opts="$opts,memcg=$T"
-  fi
+  with_target "$(cg_parent)/cfsstress-$$-target"
   local base=0; [ -z "$T" ] || base=$(cg_usage "$T")
   cfs_mount "$MNT" "$opts"
   local dpid=$CFS_PID
@@ -127,11 +133,7 @@ t_kill_loop() {
   local kills=${STRESS_KILLS:-50} opts T=""
   # takeover_max above the kills: 50 kills in 2 min are not a crash loop (takeover.md).
   opts="size=1g,takeover,takeover_max=$((kills + 10))"
-  if [ "${STRESS_MEMCG:-1}" = 1 ] && cg_available "$(cg_version)"; then
-    T=$PARENT/cfskillstress-$$-target
-    cg_create "$T" $((768 * MiB))
-    opts="$opts,memcg=$T"
-  fi
+  with_target "$PARENT/cfskillstress-$$-target"
   local base=0; [ -z "$T" ] || base=$(cg_usage "$T")
   cfs_mount "$MNT" "$opts"
   local keeper=$CFS_PID

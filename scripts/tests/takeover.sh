@@ -341,6 +341,13 @@ t_sigterm_after_takeover() {
   check "no chargefsd left for this mount" [ -z "$(cfs_daemons_below "$SCR")" ]
 }
 
+# end_clean KEEPER: no takeover found its state corrupt; the takeovers logged; unmounted.
+end_clean() {
+  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
+  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  cfs_umount "$MNT" "$1"
+}
+
 t_dropped_backing() {
   new_env
   cfs_mount "$MNT" "size=64m,takeover"
@@ -354,9 +361,7 @@ t_dropped_backing() {
   check "the kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
   check "the file that kept its backing file reads back" [ "$(md5sum < "$MNT/kept" 2>/dev/null)" = "$sum" ]
   check "the removed one stays removed (ENOENT)" grep -q 'No such file' <<<"$(stat "$MNT/gone" 2>&1)"
-  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
-  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
-  cfs_umount "$MNT" "$keeper"
+  end_clean "$keeper"
 }
 
 t_backing_ids_after_replay() {
@@ -375,9 +380,7 @@ $(cd "$MNT" && md5sum c)"
   ms=$(kill_and_time 2) || ms=""
   check "the second kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
   check "a, b and c read back" [ "$(cd "$MNT" && md5sum a b c 2>/dev/null)" = "$sums" ]
-  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
-  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
-  cfs_umount "$MNT" "$keeper"
+  end_clean "$keeper"
 }
 
 t_dropped_after_checkpoint() {
@@ -394,9 +397,7 @@ t_dropped_after_checkpoint() {
   check "the second kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
   check "the successor read a checkpoint" grep -q 'after checkpoint [1-9]' "$CFS_LOG"
   check "the file that kept its backing file reads back" [ "$(md5sum < "$MNT/kept" 2>/dev/null)" = "$sum" ]
-  check "no corrupt state in the log" bash -c "! grep -q 'corrupt' '$CFS_LOG'"
-  grep -E 'takeover:|keeper:' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
-  cfs_umount "$MNT" "$keeper"
+  end_clean "$keeper"
 }
 
 # kill_op OP COMMAND...: mounts with the kill hook armed for OP, runs COMMAND (which must

@@ -207,25 +207,13 @@ final class StateKeeping: @unchecked Sendable {
         }
         do throws(StateError) {
             try change.forEachInode { (ino: InodeNumber) throws(StateError) in
-                if let inode = core.inodes[ino] {
-                    e.u8(1)
-                    try encode(inode, pages: inode.pages.takeChanged(), into: &e)
-                } else {
-                    e.u8(2)
-                    e.u64(ino.rawValue)
-                    if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
-                }
+                try encodeWhole(ino, core, into: &e)
             }
             if let ino = change.dataOnly {
                 if let inode = core.inodes[ino], inode.xattrs == nil, inode.backing == nil {
                     encodeData(inode, into: &e)
-                } else if let inode = core.inodes[ino] {
-                    e.u8(1)
-                    try encode(inode, pages: inode.pages.takeChanged(), into: &e)
                 } else {
-                    e.u8(2)
-                    e.u64(ino.rawValue)
-                    if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+                    try encodeWhole(ino, core, into: &e)
                 }
             }
             change.forEachParent { ino in
@@ -350,6 +338,19 @@ final class StateKeeping: @unchecked Sendable {
     /// setgid cleared), size and times, and the span of its page map. Only for a file that had
     /// no xattrs before the write (a write may drop security.capability: `FileSystem.write`
     /// names such a file whole) and has no backing file: others get a whole one.
+    /// An inode's whole record (kind 1), or that it is gone (kind 2: its backing file, if any,
+    /// is let go once the transaction is published).
+    private func encodeWhole(_ ino: InodeNumber, _ core: FileSystemCore, into e: inout StateEncoder) throws(StateError) {
+        if let inode = core.inodes[ino] {
+            e.u8(1)
+            try encode(inode, pages: inode.pages.takeChanged(), into: &e)
+        } else {
+            e.u8(2)
+            e.u64(ino.rawValue)
+            if !backingIDs.isEmpty, let id = backingIDs.removeValue(forKey: ino) { forgetAfterPublish.append(id) }
+        }
+    }
+
     private func encodeData(_ inode: Inode, into e: inout StateEncoder) {
         let p = e.take(45)
         p.put(UInt8(6), at: 0)
