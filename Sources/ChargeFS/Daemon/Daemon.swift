@@ -136,7 +136,7 @@ public enum Daemon {
     /// Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
     /// the knob opens a kernel interface to every FUSE daemon on the host.
     static func chooseTransport(_ options: MountOptions) throws(StartFailure) -> TransportChoice {
-        if options.takeover || options.isSuccessor {
+        if (options.takeover || options.isSuccessor) && !Takeover.testUring {
             // Requests a dead server took over io_uring are not resent by the kernel (only the
             // /dev/fuse processing list is): a takeover mount serves /dev/fuse (docs/takeover.md).
             if options.ioUring == .on && !options.isSuccessor {

@@ -16,6 +16,11 @@ enum Takeover {
     /// Test hook (scripts/tests/takeover.sh): every successor dies at its start, to check the
     /// keeper's crash-loop bound.
     static let testSuccessorDies = "CHARGEFS_TEST_SUCCESSOR_DIES"
+    /// Test hook (scripts/tests/uring.sh, takeover_uring_kernel): a takeover mount serves over
+    /// io_uring where the host allows it, and each successor registers new ring entries on the
+    /// live connection; only to measure what the kernel does with a dead server's ring entries
+    /// (docs/takeover.md, "io_uring"). Successors inherit it.
+    static var testUring: Bool { UringWorker.takeoverTestHook }
 
     static func code(_ backing: Arena.Backing) -> UInt64 {
         switch backing {
@@ -212,7 +217,9 @@ enum Takeover {
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
-        fuse.features.wantsIoUring = false
+        // A first server claims io_uring only under the test hook (and the saved INIT request
+        // says whether the kernel offered it): the replay then registers new ring entries.
+        fuse.features.wantsIoUring = testUring
         fuse.features.wantsPassthrough = options.fileSystemConfig.passthroughMinBytes != nil
         fuse.features.offerDirectIOMmap = CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease())
         fuse.adoptedPassthrough = fs.passthroughRegistrations
@@ -264,6 +271,7 @@ enum Takeover {
         cfuse_pool_prefault_buffers(1)
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Daemon.maxWorkers, Daemon.stuckMs)
         if ckeeper_handover_requested() != 0 { handOver(fs, keeper: keeper) }
+        fuse.stopUring()
         // The loop ends on an unmount (nothing left to do) or a stop signal: then unmount as the
         // first server would have (its libfuse knew the mountpoint; this session never mounted).
         // mountinfo, not a stat: nobody serves the mount now.

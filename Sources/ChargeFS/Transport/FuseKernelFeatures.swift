@@ -52,15 +52,18 @@ final class FuseKernelFeatures {
         }
         io.writev = { fd, iov, count, userdata in
             guard let iov else { return Glibc.writev(fd, iov, count) }
+            // Test hook: the request was applied (and its record published), its answer not sent
+            // (on either transport: over io_uring the dead server's ring entry holds it).
+            if FuseKernelFeatures.killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
             guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
-            // Test hook: the request was applied (and its record published), its answer not sent.
-            if FuseKernelFeatures.killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
             let answersInit = session.features.isFirstInitReply(iov, Int(count))
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
             if session.dropsReplies {
                 // A successor's replayed INIT: the kernel had its answer from the first server.
+                // If it claimed io_uring, the connection serves over rings: register new entries.
+                if claimsUring { session.startUring(initReplyWritten: true) }
                 return (0..<Int(count)).reduce(0) { $0 + iov[$1].iov_len }
             }
             let written = Glibc.writev(fd, iov, count)
