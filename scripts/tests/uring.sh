@@ -17,6 +17,8 @@
 #                           CPU's queue is answered; the MKDIR's caller survives SIGKILL (D state)
 #                           until another process commits the entry by its unique with a reply at the
 #                           dead entry's header address (scripts/tests/uring_commit.c): then it ends
+#   takeover_uring_default  without the hooks, io_uring=on,takeover (enable_uring Y) serves /dev/fuse and
+#                           logs the warning that says why (the fact above)
 # /sys/module/fuse/parameters/enable_uring is set only while a mount starts and put back at once
 # (and by the exit trap).
 # Usage: scripts/tests/uring.sh [TEST...] | --list      Env: CHARGEFSD, CFS_TEST_TIMEOUT (90)
@@ -26,7 +28,7 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
 export CHARGEFS_CGROUP_VERSION=${CHARGEFS_CGROUP_VERSION:-1}
-TESTS=(stalled_charge_uring stalled_charge_devfuse takeover_uring_kernel)
+TESTS=(stalled_charge_uring stalled_charge_devfuse takeover_uring_kernel takeover_uring_default)
 KNOB=/sys/module/fuse/parameters/enable_uring
 CPU=0
 
@@ -130,10 +132,19 @@ t_takeover_uring_kernel() {
   out=$("$SCR/uring_commit" "$keeper" "$qid" "$unique" "$header" 116 2>&1) || true
   log "  uring_commit: $out"
   check "another process commits the dead entry by its unique" grep -q '^committed' <<<"$out"
-  local i; for ((i = 0; i < 20; i++)); do alive "$held" || break; sleep 0.1; done
-  check "and the held caller ends" ended "$held"
+  local i; for ((i = 0; i < 200; i++)); do alive "$held" || break; sleep 0.01; done
+  check "and the held caller ends (gone $((i * 10)) ms after uring_commit returned, 200 ms after its commit)" ended "$held"
   check "the directory the dead server made is there" [ -d "$MNT/held" ]
   check "clean unmount" cfs_umount "$MNT" "$keeper"
+}
+
+t_takeover_uring_default() {
+  new_env_uring
+  trap bg_cleanup EXIT
+  mount_uring "$MNT" "size=64m,takeover,io_uring=on"
+  check "a takeover mount serves /dev/fuse although io_uring=on" [ "$(transport_of "$MNT")" = dev-fuse ]
+  check "and says why" grep -q 'io_uring=on with takeover: serving over /dev/fuse.*not resent.*unkillable' "$CFS_LOG"
+  check "clean unmount" cfs_umount "$MNT" "$CFS_PID"
 }
 
 new_env_uring() {
