@@ -16,7 +16,8 @@
 #                           resend the held MKDIR; the queued statfs calls wait until a new request on their
 #                           CPU's queue is answered; the MKDIR's caller survives SIGKILL (D state)
 #                           until another process commits the entry by its unique with a reply at the
-#                           dead entry's header address (scripts/tests/uring_commit.c): then it ends
+#                           dead entry's header address (scripts/tests/uring_commit.c): then it ends;
+#                           a second commit of that unique is refused with ENOENT
 #   takeover_uring_default  without the hooks, io_uring=on,takeover (enable_uring Y) serves /dev/fuse and
 #                           logs the warning that says why (the fact above)
 # /sys/module/fuse/parameters/enable_uring is set only while a mount starts and put back at once
@@ -134,6 +135,9 @@ t_takeover_uring_kernel() {
   check "another process commits the dead entry by its unique" grep -q '^committed' <<<"$out"
   local i; for ((i = 0; i < 200; i++)); do alive "$held" || break; sleep 0.01; done
   check "and the held caller ends (gone $((i * 10)) ms after uring_commit returned, 200 ms after its commit)" ended "$held"
+  out=$("$SCR/uring_commit" "$keeper" "$qid" "$unique" "$header" 116 2>&1) || true
+  log "  uring_commit again: $out"
+  check "a second commit of the same unique is refused (ENOENT: no longer on the list)" grep -q 'refused: No such file or directory' <<<"$out"
   check "the directory the dead server made is there" [ -d "$MNT/held" ]
   check "clean unmount" cfs_umount "$MNT" "$keeper"
 }
