@@ -44,7 +44,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -461,6 +461,67 @@ t_kill_mkdir() {
   check "mkdir succeeded across the kill ($out)" [ "$rc" = 0 ]
   check "the directory is there with its mode" [ "$(stat -c %a "$MNT/dir")" = 710 ]
   check "and holds nothing" [ -z "$(ls -A "$MNT/dir")" ]
+  resent_ok
+}
+
+t_kill_link() {
+  kill_op link
+  echo x > "$MNT/a"
+  local out rc=0
+  out=$(ln "$MNT/a" "$MNT/b" 2>&1) || rc=$?
+  check "ln succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "both names, one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/a")" = "$(stat -c '%i %h' "$MNT/b" 2>/dev/null)" ] && \
+    [ "$(stat -c %h "$MNT/a")" = 2 ]
+  resent_ok
+}
+
+# kill_unlink_linked: a file with names d1/a and d2/b; rm d1/a dies before its reply (the hook),
+# and while no server serves another process lists d2 (a READDIRPLUS queued behind the resend;
+# the successor answers it first, as the resent rm's reply waits 400 ms; the same directory
+# would wait for the rm's lock). The listing carries the file's link count after the rm (1), and
+# the kernel then ends the rm with its own decrement (fuse_entry_unlinked): the cached count was
+# 0 and ln d2/b failed with ENOENT (vfs_link refuses an inode with no links), the stress kill
+# loop's one error. The successor now bumps the attribute version of such inodes before it serves
+# (FUSE_NOTIFY_INVAL_INODE), so the kernel drops that listing's stale-to-be count.
+t_kill_unlink_linked() {
+  export CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=400
+  kill_op unlink
+  unset CHARGEFS_TEST_DELAY_RESENT_REPLY_MS
+  mkdir "$MNT/d1" "$MNT/d2"; echo x > "$MNT/d1/a"; ln "$MNT/d1/a" "$MNT/d2/b"
+  local out rc=0
+  out=$("$CFS_PYTHON" - "$MNT" <<'PY' 2>&1
+import os, select, sys
+mnt = sys.argv[1]
+d = os.path.join(mnt, "d2")
+status = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
+server = os.pidfd_open(int(status["pid"]))
+dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)   # opened now: the listing below is one READDIRPLUS
+child = os.fork()
+if child == 0:
+    try:
+        os.unlink(os.path.join(mnt, "d1", "a"))
+        os._exit(0)
+    except OSError as e:
+        print("rm a:", e)
+        os._exit(1)
+if not select.select([server], [], [], 20)[0]:
+    sys.exit("the server did not die at the rm")
+names = sorted(os.listdir(dirfd))                     # sent while nobody serves
+_, st = os.waitpid(child, 0)
+if st != 0:
+    sys.exit("rm a failed")
+if names != ["b"]:
+    sys.exit("the listing shows %s" % names)
+try:
+    os.link(os.path.join(d, "b"), os.path.join(d, "c"))
+except OSError as e:
+    sys.exit("ln b c: %s" % e)
+print("nlink", os.stat(os.path.join(d, "b")).st_nlink)
+PY
+) || rc=$?
+  check "rm d1/a, a listing of d2 meanwhile, then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
+  check "b and c: one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/d2/b")" = "$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null)" ] && \
+    [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
   resent_ok
 }
 
