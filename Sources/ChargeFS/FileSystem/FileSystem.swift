@@ -94,6 +94,7 @@ public final class FileSystem: Sendable {
         let k = StateKeeping(files: state, keeper: keeper)
         c.keeping = k
         c.store.deferPunches = true
+        c.store.mapsChargedPages = true
         k.checkpointDue.store(true, ordering: .relaxed)
         k.checkpointIfDue(c)
         if let failure = k.failure { throw failure }
@@ -152,6 +153,7 @@ public final class FileSystem: Sendable {
         for (unique, answer) in restorer.applied { k.remember(unique, answer) }
         c.keeping = k
         store.deferPunches = true
+        store.mapsChargedPages = true
         self.config = config
         callerCgroup = store.callerCgroupLookup
         sharedLevels = store.sharedLevelsLookup
