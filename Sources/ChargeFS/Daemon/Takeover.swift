@@ -242,6 +242,11 @@ enum Takeover {
         fuse.replayInit(savedInit)
         let stateFiles = state
         fuse.initAnswered = { request in try? stateFiles.saveInit(request) }
+        // Before anything is answered (resent or not): files that lost a name in the last changes
+        // get their attribute version bumped, so that the kernel ignores the link count in
+        // replies to requests sent before now (FileSystem.attributesToRefresh says why).
+        let refreshed = fs.attributesToRefresh
+        for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) }
         // Requests the dead server read and never answered go back on the pending queue (bit 63
         // of unique set); without FUSE_HAS_RESEND (before 6.9) their callers wait until abort.
         var resent = "no resend (the kernel has no FUSE_HAS_RESEND)"
@@ -258,7 +263,8 @@ enum Takeover {
         let cpuMs = (Int(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1_000_000 + Int(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec)) / 1000
         let report = fs.takeover.map { "\($0.inodes) inodes, \($0.transactions) transactions after checkpoint \($0.checkpointSeq)" } ?? ""
         Log.line("takeover: pid \(getpid()) serves (takeover \(keeper.values[UInt32(CKEEPER_TAKEOVERS)] ?? 0)): \(report); "
-                 + "tree rebuilt in \((rebuilt - started) / 1000) ms, serving \((serving - started) / 1000) ms after start (CPU \(cpuMs) ms); \(resent)")
+                 + "tree rebuilt in \((rebuilt - started) / 1000) ms, serving \((serving - started) / 1000) ms after start (CPU \(cpuMs) ms); \(resent); "
+                 + "\(refreshed.count) inodes' attributes refreshed")
         // The next successor should not replay this one's journal again: a checkpoint, taken
         // while requests are served (under the shared lock: reads go on, changes wait for it),
         // a second after serving starts, so that the requests waiting now are answered first.
