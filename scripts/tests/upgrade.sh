@@ -470,7 +470,10 @@ sys.exit(0 if got == [b'line %d' % i for i in range(len(got))] and len(got) > 10
   log "  after rm and unmount $(fmt_mib "$end")"
   check "after rm and unmount the charge is back near its baseline" near "$end" "$base" "$MiB"
   check "no process left in the target" [ -z "$(cat "$T"/cgroup.procs "$T"/*/cgroup.procs 2>/dev/null)" ]
-  check "no leaf left below the target" [ -z "$(find "$T" -mindepth 1 -maxdepth 1 -type d)" ]
+  local leaves; leaves=$(find "$T" -mindepth 1 -maxdepth 1 -type d -printf '%f ')
+  check "no leaf left below the target (${leaves:-none})" [ -z "$leaves" ]
+  [ -z "$leaves" ] || { log "  the servers were $old (old) and $new (new); the daemon's log on leaves and helpers:"
+    grep -i 'leaf\|helper\|chargefs-[0-9]' "$CFS_LOG" | tail -8 | sed 's/^/  | /' >&2 || true; }
   check "no keeper left for this mount" [ -z "$(keepers_below "$SCR")" ]
   check "daemon log free of fatal errors" bash -c "! grep -q 'Fatal error' \"\$1\"" _ "$CFS_LOG"
   sed 's/^/  | /' "$CFS_LOG" | grep -i upgrade | tail -4 >&2
