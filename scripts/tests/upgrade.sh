@@ -385,6 +385,8 @@ previous_build() {
   done
   touch "$dir/bin/complete"
   rm -rf "$dir/src" "$dir/scratch"
+  # swiftpm's lock files for that scratch path, named after it, in the temp directory
+  rm -f "${TMPDIR:-/tmp}/$(tr / _ <<<"$dir/scratch")"*.lock
   log "  built in $((SECONDS - t0)) s"
   echo "$dir/bin"
 }
