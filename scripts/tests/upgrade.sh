@@ -355,7 +355,8 @@ tmo_previous() {
 # (debug, those products only) once, into .build-previous/<full hash>/bin (kept: a rerun does not
 # rebuild; .gitignore's /.build-*), and prints that directory. The sources come from `git
 # archive` into .build-previous/<hash>/src, built with their own scratch path beside them (both
-# fixed paths, so an interrupted build resumes), both removed once the binaries are copied out.
+# fixed paths, and git archive stamps every file with the commit's time, so a build cut short by
+# the timeout resumes), both removed once the binaries are copied out.
 previous_build() {
   local full dir p swift=swift rc=0
   if ! full=$(git -C "$CFS_REPO" rev-parse --verify -q "$PREVIOUS_COMMIT^{commit}" 2>/dev/null); then
