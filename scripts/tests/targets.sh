@@ -22,8 +22,10 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 # A test named for the other kind of kernel fails there, saying why.
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
+KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published
+            kill_unback_copying kill_unback_published kill_rename_copying kill_rename_unpublished kill_move_timed)
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
-       supplementary_groups status_per_target "${MAPPED_TESTS[@]}")
+       supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
 passthrough_or_fail() {
   kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has no FUSE passthrough (6.9+), which the mapped-file rule needs (its *_before_6_9 tests run here)"; return 1; }
 }
@@ -450,6 +452,166 @@ t_use_case_3_before_6_9() {
   check "job 1 lost them to job 2's maps (≤ 512 KiB left)" le "$m1after" $((512 * 1024))
   log "  T +$(fmt_mib "$(rise "$T" "$t0")") for $(fmt_mib "$bytes")"
   check "T holds the runtime (≥ its size - 1 MiB)" ge "$(rise "$T" "$t0")" $((bytes - MiB))
+}
+
+# --- a kill during a move (-o takeover: docs/design.md, "A kill during a move") ---------------
+BIG_MIB=${CFS_BIG_MIB:-256}   # the moved file
+
+# takeover_env POINT OPTS: a -o takeover mount with memcg=$T (T: 1 GiB) and OPTS, the daemon in D,
+# its first server armed to SIGKILL itself at POINT of its first move of pages between targets
+# (CHARGEFS_TEST_KILL_IN_MOVE; "" for none); T0 is T's usage before the mount.
+takeover_env() {
+  cfs_new_env cfstgt
+  chmod 755 "$SCR" "$MNT"
+  cg_create "$T" $((1024 * MiB))
+  cg_create "$D"
+  T0=$(cg_usage "$T")
+  if [ -n "$1" ]; then export CHARGEFS_TEST_KILL_IN_MOVE=$1; fi
+  cfs_mount "$MNT" "memcg=$T,size=2g,takeover${2:+,$2}" "$D"
+  unset CHARGEFS_TEST_KILL_IN_MOVE
+  KEEPER=$CFS_PID
+  sleep 0.3
+}
+
+status_field() { status_of "$MNT" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
+leaves_in() { find "$1" -mindepth 1 -maxdepth 1 -type d -name 'chargefs-*' | wc -l; }
+
+# big_file PATH: BIG_MIB MiB of random data; sets SUM (its sha256).
+big_file() {
+  dd if=/dev/urandom of="$1" bs=1M count="$BIG_MIB" status=none
+  SUM=$(sha256sum < "$1")
+}
+
+# after_kill WHAT OLD_PID: one takeover happened (the first server died, a successor serves).
+after_kill() {
+  local pid; pid=$(status_field pid)
+  log "  $1; server $2 -> ${pid:-none}, $(status_of "$MNT" | grep -o 'takeovers=[0-9]*')"
+  check "one takeover: a successor serves (takeovers=1)" [ "$(status_field takeovers)" = 1 ]
+  check "the first server is gone" bash -c "! kill -0 $2 2>/dev/null"
+}
+
+# charges_once FILE FROM FROM0 TO TO0: the file's bytes are charged once, to FROM or TO (their
+# rises over FROM0 and TO0 sum to its size, ±1 MiB), the other holding none of it (±1 MiB; TO
+# plus its helper when it took them).
+charges_once() {
+  local file=$1 from=$2 from0=$3 to=$4 to0=$5 bytes=$((BIG_MIB * MiB))
+  local rf rt; rf=$(rise "$from" "$from0"); rt=$(rise "$to" "$to0")
+  log "  from +$(fmt_mib "$rf"), to +$(fmt_mib "$rt"), sum $(fmt_mib $((rf + rt))) for $(fmt_mib "$bytes")"
+  check "the sum of both rises is the file's size once (±1 MiB)" near $((rf + rt)) "$bytes" "$SLACK"
+  if [ "$(target_of "$file")" = "$(realpath "$to")" ]; then
+    check "the new target holds it (±1 MiB, plus its helper)" near "$rt" "$bytes" $((2 * SLACK))
+    check "the old target gave it back (±1 MiB)" le "$rf" "$SLACK"
+  else
+    check "the old target holds it (±1 MiB)" near "$rf" "$bytes" "$SLACK"
+    check "the new target holds none of it (≤ 1 MiB)" le "$rt" "$SLACK"
+  fi
+  check "the file's bytes are intact" [ "$(sha256sum < "$file")" = "$SUM" ]
+}
+
+# nothing_left CGROUP...: after rm and unmount, each cgroup back at its baseline before the mount
+# (±1 MiB: pairs CGROUP BASELINE), no leaf of ours under it, no daemon or keeper left.
+nothing_left() {
+  check "unmounted" cfs_umount "$MNT" "$KEEPER"
+  while [ $# -gt 0 ]; do
+    log "  $(basename "$1"): $(fmt_mib "$(cg_usage "$1")") (baseline $(fmt_mib "$2")), leaves $(leaves_in "$1")"
+    check "$(basename "$1") back at its baseline (±1 MiB)" near "$(cg_usage "$1")" "$2" "$SLACK"
+    check "no chargefs leaf left in $(basename "$1")" [ "$(leaves_in "$1")" = 0 ]
+    shift 2
+  done
+  check "no chargefsd or keeper left" [ -z "$(cfs_daemons_below "$SCR")$(keepers_below "$SCR")" ]
+}
+
+# kill_move POINT KIND: a BIG_MIB file below d (KIND arena: passthrough=off, its pages in the
+# arena; backing: a backing file of T's, as a large file under the mount's target has), then
+# setfattr A on d; the server kills itself at POINT of the move. The setfattr is resent to the
+# successor: it either completed or failed and changed nothing; the bytes are intact and
+# charged once; a move back works; after rm and unmount nothing is left.
+kill_move() {
+  local point=$1 kind=$2 opts=
+  [ "$kind" = arena ] && opts=passthrough=off
+  takeover_env "$point" "$opts"
+  local A; new_cg A a $((1024 * MiB))
+  local a00; a00=$(cg_usage "$A")
+  mkdir "$MNT/d"
+  big_file "$MNT/d/big"
+  local want=0; [ "$kind" = backing ] && want=1
+  check "$kind: backing files $want" [ "$(backing_files "$MNT")" = "$want" ]
+  local t0 a0 pid0; t0=$(cg_usage "$T"); a0=$(cg_usage "$A"); pid0=$(status_field pid)
+  t0=$((t0 - BIG_MIB * MiB))
+  local rc=0 err; err=$(setfattr -n user.chargefs.memcg -v "$A" "$MNT/d" 2>&1) || rc=$?
+  after_kill "setfattr rc=$rc ${err:+($err)}" "$pid0"
+  check "getfattr shows A after a success, T after a failure" \
+    [ "$(target_of "$MNT/d")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
+  check "the file shows its directory's target" [ "$(target_of "$MNT/d/big")" = "$(target_of "$MNT/d")" ]
+  charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
+  # The successor's pools agree with the tree: a move back gives T the whole file again.
+  if [ "$rc" = 0 ]; then
+    check "setfattr -x after the takeover" setfattr -x user.chargefs.memcg "$MNT/d"
+    charges_once "$MNT/d/big" "$A" "$a0" "$T" "$t0"
+  else
+    check "setfattr again after the takeover" setfattr -n user.chargefs.memcg -v "$A" "$MNT/d"
+    charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
+  fi
+  rm "$MNT/d/big"
+  nothing_left "$T" "$T0" "$A" "$a00"
+}
+t_kill_move_charging() { kill_move charging arena; }
+t_kill_move_charged() { kill_move charged arena; }
+t_kill_move_copying() { kill_move copying arena; }
+t_kill_move_unpublished() { kill_move unpublished arena; }
+t_kill_move_published() { kill_move published arena; }
+t_kill_unback_copying() { kill_move copying backing; }
+t_kill_unback_published() { kill_move published backing; }
+
+# kill_rename POINT: a BIG_MIB file in a (target A) renamed into b (target B), the server killed
+# at POINT of the move; the rename is resent: the file is at one of the two names, charged once.
+kill_rename() {
+  takeover_env "$1" ""
+  local A B; new_cg A a $((1024 * MiB)); new_cg B b $((1024 * MiB))
+  local a00 b00; a00=$(cg_usage "$A"); b00=$(cg_usage "$B")
+  mkdir "$MNT/a" "$MNT/b"
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"   # moves no page: no kill
+  setfattr -n user.chargefs.memcg -v "$B" "$MNT/b"
+  big_file "$MNT/a/big"
+  local a0 b0 pid0; a0=$(( $(cg_usage "$A") - BIG_MIB * MiB )); b0=$(cg_usage "$B"); pid0=$(status_field pid)
+  local rc=0 err; err=$("$CFS_PYTHON" -c "import os,sys; os.rename(sys.argv[1], sys.argv[2])" "$MNT/a/big" "$MNT/b/big" 2>&1) || rc=$?
+  after_kill "rename rc=$rc ${err:+($err)}" "$pid0"
+  local names; names=$(cd "$MNT" && find a b -mindepth 1 | sort | tr '\n' ' ')
+  if [ "$rc" = 0 ]; then check "renamed: b/big alone ($names)" [ "$names" = "b/big " ]
+  else check "not renamed: a/big alone ($names)" [ "$names" = "a/big " ]; fi
+  local file; file=$(ls "$MNT"/a/big "$MNT"/b/big 2>/dev/null | head -1)
+  charges_once "$file" "$A" "$a0" "$B" "$b0"
+  rm -f "$MNT/a/big" "$MNT/b/big"
+  nothing_left "$T" "$T0" "$A" "$a00" "$B" "$b00"
+}
+t_kill_rename_copying() { kill_rename copying; }
+t_kill_rename_unpublished() { kill_rename unpublished; }
+
+# No hook: a move timed on the same file first (there and back), then a kill -9 from outside
+# halfway through the next one.
+t_kill_move_timed() {
+  takeover_env "" passthrough=off
+  local A; new_cg A a $((1024 * MiB))
+  local a00; a00=$(cg_usage "$A")
+  mkdir "$MNT/d"
+  big_file "$MNT/d/big"
+  local s e ms
+  s=$(date +%s%N); setfattr -n user.chargefs.memcg -v "$A" "$MNT/d"; e=$(date +%s%N)
+  ms=$(( (e - s) / 1000000 ))
+  setfattr -x user.chargefs.memcg "$MNT/d"
+  local t0 a0 pid0; t0=$(( $(cg_usage "$T") - BIG_MIB * MiB )); a0=$(cg_usage "$A"); pid0=$(status_field pid)
+  log "  a move of $BIG_MIB MiB took $ms ms; kill -9 of $pid0 $((ms / 2)) ms into the next"
+  local rc=0
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/d" 2>"$SCR/err" & local setter=$!
+  sleep "$(awk -v m="$ms" 'BEGIN { printf "%.3f", m / 2000 }')"
+  kill -9 "$pid0"
+  wait "$setter" || rc=$?
+  after_kill "setfattr rc=$rc $(cat "$SCR/err")" "$pid0"
+  check "getfattr shows A after a success, T after a failure" \
+    [ "$(target_of "$MNT/d")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
+  charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
+  rm "$MNT/d/big"
+  nothing_left "$T" "$T0" "$A" "$a00"
 }
 
 test_main "target tests" 180 "$@"
