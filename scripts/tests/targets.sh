@@ -456,18 +456,19 @@ t_use_case_3_before_6_9() {
 
 # --- a kill during a move (-o takeover: docs/design.md, "A kill during a move") ---------------
 BIG_MIB=${CFS_BIG_MIB:-256}   # the moved file
+BIG_LIMIT=$(( (2 * BIG_MIB + 256) * MiB ))   # each target's limit: room for the file and more
 
-# takeover_env POINT OPTS: a -o takeover mount with memcg=$T (T: 1 GiB) and OPTS, the daemon in D,
+# takeover_env POINT OPTS: a -o takeover mount with memcg=$T (T: BIG_LIMIT) and OPTS, the daemon in D,
 # its first server armed to SIGKILL itself at POINT of its first move of pages between targets
 # (CHARGEFS_TEST_KILL_IN_MOVE; "" for none); T0 is T's usage before the mount.
 takeover_env() {
   cfs_new_env cfstgt
   chmod 755 "$SCR" "$MNT"
-  cg_create "$T" $((1024 * MiB))
+  cg_create "$T" "$BIG_LIMIT"
   cg_create "$D"
   T0=$(cg_usage "$T")
   if [ -n "$1" ]; then export CHARGEFS_TEST_KILL_IN_MOVE=$1; fi
-  cfs_mount "$MNT" "memcg=$T,size=2g,takeover${2:+,$2}" "$D"
+  cfs_mount "$MNT" "memcg=$T,size=$((4 * BIG_MIB))m,takeover${2:+,$2}" "$D"
   unset CHARGEFS_TEST_KILL_IN_MOVE
   KEEPER=$CFS_PID
   sleep 0.3
@@ -530,7 +531,7 @@ kill_move() {
   local point=$1 kind=$2 opts=
   [ "$kind" = arena ] && opts=passthrough=off
   takeover_env "$point" "$opts"
-  local A; new_cg A a $((1024 * MiB))
+  local A; new_cg A a "$BIG_LIMIT"
   local a00; a00=$(cg_usage "$A")
   mkdir "$MNT/d"
   big_file "$MNT/d/big"
@@ -567,7 +568,7 @@ t_kill_unback_published() { kill_move published backing; }
 # at POINT of the move; the rename is resent: the file is at one of the two names, charged once.
 kill_rename() {
   takeover_env "$1" ""
-  local A B; new_cg A a $((1024 * MiB)); new_cg B b $((1024 * MiB))
+  local A B; new_cg A a "$BIG_LIMIT"; new_cg B b "$BIG_LIMIT"
   local a00 b00; a00=$(cg_usage "$A"); b00=$(cg_usage "$B")
   mkdir "$MNT/a" "$MNT/b"
   setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"   # moves no page: no kill
@@ -591,7 +592,7 @@ t_kill_rename_unpublished() { kill_rename unpublished; }
 # halfway through the next one.
 t_kill_move_timed() {
   takeover_env "" passthrough=off
-  local A; new_cg A a $((1024 * MiB))
+  local A; new_cg A a "$BIG_LIMIT"
   local a00; a00=$(cg_usage "$A")
   mkdir "$MNT/d"
   big_file "$MNT/d/big"
