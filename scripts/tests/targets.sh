@@ -580,7 +580,7 @@ kill_rename() {
   local names; names=$(cd "$MNT" && find a b -mindepth 1 | sort | tr '\n' ' ')
   if [ "$rc" = 0 ]; then check "renamed: b/big alone ($names)" [ "$names" = "b/big " ]
   else check "not renamed: a/big alone ($names)" [ "$names" = "a/big " ]; fi
-  local file; file=$(ls "$MNT"/a/big "$MNT"/b/big 2>/dev/null | head -1)
+  local file=$MNT/b/big; [ -e "$file" ] || file=$MNT/a/big
   charges_once "$file" "$A" "$a0" "$B" "$b0"
   rm -f "$MNT/a/big" "$MNT/b/big"
   nothing_left "$T" "$T0" "$A" "$a00" "$B" "$b00"
