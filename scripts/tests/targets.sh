@@ -23,7 +23,7 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
 KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published
-            kill_unback_copying kill_unback_published kill_rename_copying kill_rename_unpublished kill_move_timed)
+            kill_unback_copying kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
        supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
 passthrough_or_fail() {
@@ -587,6 +587,42 @@ kill_rename() {
 }
 t_kill_rename_copying() { kill_rename copying; }
 t_kill_rename_unpublished() { kill_rename unpublished; }
+
+# kill_share POINT: memcg=auto (scope P, with B and C below it): B writes a BIG_MIB file, C
+# reads it, which moves it up to P (a share); the server kills itself at POINT of that move. The
+# open is resent: C reads the file intact, and P (hierarchical: B's and C's usage included)
+# holds it once; after rm and unmount P is back at its baseline.
+kill_share() {
+  cfs_new_env cfstgt
+  chmod 755 "$SCR" "$MNT"
+  local P=$PARENT/cfstgt-$$-P
+  cg_create "$P" "$BIG_LIMIT"
+  local B=$P/B C=$P/C; cg_create "$B" "$BIG_LIMIT"; cg_create "$C" "$BIG_LIMIT"
+  cg_create "$D"
+  local p00; p00=$(cg_usage "$P")
+  export CHARGEFS_TEST_KILL_IN_MOVE=$1
+  cfs_mount "$MNT" "memcg=auto,memcg_scope=$P,size=$((4 * BIG_MIB))m,takeover" "$D"
+  unset CHARGEFS_TEST_KILL_IN_MOVE
+  KEEPER=$CFS_PID
+  check "B writes the file" cg_run_in "$B" dd if=/dev/urandom of="$MNT/f" bs=1M count="$BIG_MIB" status=none
+  # Each reader opens the file itself, inside its cgroup (a redirection would open it here).
+  SUM=$(cg_run_in "$B" sha256sum "$MNT/f" | cut -d' ' -f1)
+  local p0 b0 pid0; p0=$(( $(cg_usage "$P") - BIG_MIB * MiB )); b0=$(cg_usage "$B"); pid0=$(status_field pid)
+  log "  before C reads: P $(fmt_mib "$(cg_usage "$P")"), B $(fmt_mib "$b0"), C $(fmt_mib "$(cg_usage "$C")"), $(status_of "$MNT" | grep -E "^(stored_bytes|backing_files)=" | tr "\n" " ")"
+  local got rc=0; got=$(cg_run_in "$C" sha256sum "$MNT/f" | cut -d' ' -f1) || rc=$?
+  after_kill "C's read rc=$rc" "$pid0"
+  check "C read the file intact across the kill" [ "$got" = "$SUM" ]
+  local rp rb; rp=$(rise "$P" "$p0"); rb=$(rise "$B" "$b0")
+  log "  P (B and C included) +$(fmt_mib "$rp") over its usage without the file, B $(fmt_mib "$rb"), C $(fmt_mib "$(cg_usage "$C")"); $(status_of "$MNT" | grep -E "^(stored_bytes|backing_files)=" | tr "\n" " ") shares:"
+  getfattr --absolute-names --only-values -n user.chargefs.shares "$MNT" | sed 's/^/    /' >&2
+  check "P holds the file once (±1 MiB)" near "$rp" $((BIG_MIB * MiB)) "$SLACK"
+  check "B gave it up to P (B's drop is the file, ±1 MiB, and its helper, stopped)" near "$rb" $((-BIG_MIB * MiB)) $((2 * SLACK))
+  check "the bytes are intact" [ "$(sha256sum "$MNT/f" | cut -d' ' -f1)" = "$SUM" ]
+  rm "$MNT/f"
+  nothing_left "$P" "$p00" "$B" 0 "$C" 0
+}
+t_kill_share_copying() { kill_share copying; }
+t_kill_share_published() { kill_share published; }
 
 # No hook: a move timed on the same file first (there and back), then a kill -9 from outside
 # halfway through the next one.
