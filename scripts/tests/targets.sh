@@ -22,7 +22,7 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 # A test named for the other kind of kernel fails there, saying why.
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
-KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published
+KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published kill_root_unpublished
             kill_unback_copying kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
        supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
@@ -522,38 +522,39 @@ nothing_left() {
   check "no chargefsd or keeper left" [ -z "$(cfs_daemons_below "$SCR")$(keepers_below "$SCR")" ]
 }
 
-# kill_move POINT KIND: a BIG_MIB file below d (KIND arena: passthrough=off, its pages in the
+# kill_move POINT KIND [root]: a BIG_MIB file below d, or the mount's root (KIND arena: passthrough=off, its pages in the
 # arena; backing: a backing file of T's, as a large file under the mount's target has), then
-# setfattr A on d; the server kills itself at POINT of the move. The setfattr is resent to the
+# setfattr A on d (a live retarget of the root); the server kills itself at POINT of the move. The setfattr is resent to the
 # successor: it either completed or failed and changed nothing; the bytes are intact and
 # charged once; a move back works; after rm and unmount nothing is left.
 kill_move() {
-  local point=$1 kind=$2 opts=
+  local point=$1 kind=$2 opts= dir
   [ "$kind" = arena ] && opts=passthrough=off
   takeover_env "$point" "$opts"
+  dir=$MNT/d; [ "${3:-}" = root ] && dir=$MNT
   local A; new_cg A a "$BIG_LIMIT"
   local a00; a00=$(cg_usage "$A")
-  mkdir "$MNT/d"
-  big_file "$MNT/d/big"
+  mkdir -p "$dir"
+  big_file "$dir/big"
   local want=0; [ "$kind" = backing ] && want=1
   check "$kind: backing files $want" [ "$(backing_files "$MNT")" = "$want" ]
   local t0 a0 pid0; t0=$(cg_usage "$T"); a0=$(cg_usage "$A"); pid0=$(status_field pid)
   t0=$((t0 - BIG_MIB * MiB))
-  local rc=0 err; err=$(setfattr -n user.chargefs.memcg -v "$A" "$MNT/d" 2>&1) || rc=$?
+  local rc=0 err; err=$(setfattr -n user.chargefs.memcg -v "$A" "$dir" 2>&1) || rc=$?
   after_kill "setfattr rc=$rc ${err:+($err)}" "$pid0"
   check "getfattr shows A after a success, T after a failure" \
-    [ "$(target_of "$MNT/d")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
-  check "the file shows its directory's target" [ "$(target_of "$MNT/d/big")" = "$(target_of "$MNT/d")" ]
-  charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
+    [ "$(target_of "$dir")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
+  check "the file shows its directory's target" [ "$(target_of "$dir/big")" = "$(target_of "$dir")" ]
+  charges_once "$dir/big" "$T" "$t0" "$A" "$a0"
   # The successor's pools agree with the tree: a move back gives T the whole file again.
   if [ "$rc" = 0 ]; then
-    check "setfattr -x after the takeover" setfattr -x user.chargefs.memcg "$MNT/d"
-    charges_once "$MNT/d/big" "$A" "$a0" "$T" "$t0"
+    check "setfattr -x after the takeover" setfattr -x user.chargefs.memcg "$dir"
+    charges_once "$dir/big" "$A" "$a0" "$T" "$t0"
   else
-    check "setfattr again after the takeover" setfattr -n user.chargefs.memcg -v "$A" "$MNT/d"
-    charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
+    check "setfattr again after the takeover" setfattr -n user.chargefs.memcg -v "$A" "$dir"
+    charges_once "$dir/big" "$T" "$t0" "$A" "$a0"
   fi
-  rm "$MNT/d/big"
+  rm "$dir/big"
   nothing_left "$T" "$T0" "$A" "$a00"
 }
 t_kill_move_charging() { kill_move charging arena; }
@@ -561,6 +562,7 @@ t_kill_move_charged() { kill_move charged arena; }
 t_kill_move_copying() { kill_move copying arena; }
 t_kill_move_unpublished() { kill_move unpublished arena; }
 t_kill_move_published() { kill_move published arena; }
+t_kill_root_unpublished() { kill_move unpublished arena root; }
 t_kill_unback_copying() { kill_move copying backing; }
 t_kill_unback_published() { kill_move published backing; }
 
