@@ -23,7 +23,7 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
 KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published kill_root_unpublished
-            kill_unback_copying kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
+            kill_unback_charging kill_unback_copying kill_unback_unpublished kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
        supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
 passthrough_or_fail() {
@@ -564,6 +564,8 @@ t_kill_move_unpublished() { kill_move unpublished arena; }
 t_kill_move_published() { kill_move published arena; }
 t_kill_root_unpublished() { kill_move unpublished arena root; }
 t_kill_unback_copying() { kill_move copying backing; }
+t_kill_unback_charging() { kill_move charging backing; }
+t_kill_unback_unpublished() { kill_move unpublished backing; }
 t_kill_unback_published() { kill_move published backing; }
 
 # kill_rename POINT: a BIG_MIB file in a (target A) renamed into b (target B), the server killed
