@@ -476,6 +476,7 @@ takeover_env() {
 
 status_field() { status_of "$MNT" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
 leaves_in() { find "$1" -mindepth 1 -maxdepth 1 -type d -name 'chargefs-*' | wc -l; }
+leaf_names() { find "$1" -mindepth 1 -maxdepth 1 -type d -name 'chargefs-*' -printf '%f(procs: %s) ' 2>/dev/null; }
 
 # big_file PATH: BIG_MIB MiB of random data; sets SUM (its sha256).
 big_file() {
@@ -489,6 +490,7 @@ after_kill() {
   log "  $1; server $2 -> ${pid:-none}, $(status_of "$MNT" | grep -o 'takeovers=[0-9]*')"
   check "one takeover: a successor serves (takeovers=1)" [ "$(status_field takeovers)" = 1 ]
   check "the first server is gone" bash -c "! kill -0 $2 2>/dev/null"
+  FIRST_SERVER=$2 SUCCESSOR=$pid
 }
 
 # charges_once FILE FROM FROM0 TO TO0: the file's bytes are charged once, to FROM or TO (their
@@ -513,8 +515,9 @@ charges_once() {
 # (±1 MiB: pairs CGROUP BASELINE), no leaf of ours under it, no daemon or keeper left.
 nothing_left() {
   check "unmounted" cfs_umount "$MNT" "$KEEPER"
+  log "  servers: first ${FIRST_SERVER:-?}, successor ${SUCCESSOR:-?}"
   while [ $# -gt 0 ]; do
-    log "  $(basename "$1"): $(fmt_mib "$(cg_usage "$1")") (baseline $(fmt_mib "$2")), leaves $(leaves_in "$1")"
+    log "  $(basename "$1"): $(fmt_mib "$(cg_usage "$1")") (baseline $(fmt_mib "$2")), leaves $(leaves_in "$1") $(leaf_names "$1")"
     check "$(basename "$1") back at its baseline (±1 MiB)" near "$(cg_usage "$1")" "$2" "$SLACK"
     check "no chargefs leaf left in $(basename "$1")" [ "$(leaves_in "$1")" = 0 ]
     shift 2
