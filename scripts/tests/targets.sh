@@ -515,7 +515,9 @@ charges_once() {
 # (±1 MiB: pairs CGROUP BASELINE), no leaf of ours under it, no daemon or keeper left.
 nothing_left() {
   check "unmounted" cfs_umount "$MNT" "$KEEPER"
-  log "  servers: first ${FIRST_SERVER:-?}, successor ${SUCCESSOR:-?}"
+  log "  servers: first ${FIRST_SERVER:-?}, successor ${SUCCESSOR:-?}; the keeper's log:"
+  grep -E 'successor|keeper|takeover:|cannot' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  check "one successor in all (none started at the unmount)" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 1 ]
   while [ $# -gt 0 ]; do
     log "  $(basename "$1"): $(fmt_mib "$(cg_usage "$1")") (baseline $(fmt_mib "$2")), leaves $(leaves_in "$1") $(leaf_names "$1")"
     check "$(basename "$1") back at its baseline (±1 MiB)" near "$(cg_usage "$1")" "$2" "$SLACK"
