@@ -183,6 +183,7 @@ enum Takeover {
         if getenv(testSuccessorDies) != nil { kill(getpid(), SIGKILL) }
         // The per-opcode kill hook kills the first server only (read once, at the first request).
         unsetenv(FuseKernelFeatures.killBeforeReplyVariable)
+        unsetenv(MoveKillPoint.variable)
         if !options.foreground { Log.detach() }
         let keeper: ProcessKeeper
         do throws(StateError) {

@@ -123,6 +123,15 @@ public final class FileSystem: Sendable {
         for t in transactions { try restorer.apply(t.payload) }
         try restorer.resolveBackings()
         guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
+        // Backing files the keeper still holds that no inode names: the dead server dropped
+        // them in a record it published (a file moved out of its backing file into a directory's
+        // target, removed, shrunk into the arena) and died before it told the keeper, which it
+        // does only after the publish. Held on, their pages stayed charged to their target until
+        // unmount (targets.sh kill_unback_published: the 256 MiB file charged twice).
+        let named = Set(restorer.backingIDs.values)
+        let unnamed = keeper.backingFileIDs.filter { !named.contains($0) }
+        for id in unnamed { keeper.forget(.backingFile(id)) }
+        if !unnamed.isEmpty { Log.line("takeover: let go of \(unnamed.count) backing file(s) no inode names any more") }
         var inUse: [UInt32] = []
         var backingPages = 0
         // Pages by charge target (a directory's own, memcg=auto's hosts): recounted from the

@@ -140,6 +140,9 @@ final class StateKeeping: @unchecked Sendable {
     /// Test hook: the next commit writes nothing and does nothing after (a server killed just
     /// before its publish; the test then drops the file system).
     @exclusivity(unchecked) var dropNextRecordForTest = false
+    /// Test hook (MoveKillPoint): the server kills itself just before the next commit's publish
+    /// (`.unpublished`) or just after it, before the punches it allows (`.published`).
+    @exclusivity(unchecked) var killAtPublishForTest: MoveKillPoint?
 
     init(files: StateFiles, keeper: any DescriptorKeeper) {
         self.files = files
@@ -241,7 +244,9 @@ final class StateKeeping: @unchecked Sendable {
                 dropNextRecordForTest = false
                 return  // the server "died" before the publish: nothing after it runs either
             }
+            if killAtPublishForTest == .unpublished { MoveKillPoint.killNow() }
             try files.commitTransaction(kind: 1, e)
+            if killAtPublishForTest == .published { MoveKillPoint.killNow() }
         } catch {
             fail(error)
             core.store.deferPunches = false
