@@ -4,7 +4,7 @@
 #   names     every byte but '/' and NUL as a name, invalid UTF-8, 255-byte names, 256 -> ENAMETOOLONG
 #   deep      nested 200-byte components to PATH_MAX (4095 ok, 4096 -> ENAMETOOLONG)
 #   sizes     pwrite/truncate/fallocate near 2^63 and overflowing offset+length
-#   zero      zero-length writes/reads/truncates, reads past EOF
+#   zero      zero-length writes/reads/truncates, reads past EOF, chown(f, -1, -1) moving ctime
 #   holes     truncate to 1 TiB: no blocks, no df usage, no memcg charge
 #   xattrs    255-byte names, 64 KiB values (and one past each), plus 2000 attributes on one file
 #   links     3000 hard links to one inode
