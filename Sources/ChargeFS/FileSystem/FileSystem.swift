@@ -110,14 +110,17 @@ public final class FileSystem: Sendable {
     /// files hold. Keeps state on from here, in the same files.
     public init(takingOver state: StateFiles, keeper: any DescriptorKeeper, config: FileSystemConfig,
                 store makeStore: (_ inUse: [UInt32], _ backingPages: Int) -> PageStore) throws(StateError) {
+        var steps: [(name: String, at: UInt64)] = []
         var restorer = TreeRestorer(keeper: keeper, backingCalls: .kernel)
         var checkpointSeq: UInt64 = 0
         if let (seq, bytes) = try state.activeCheckpoint() {
             try restorer.applyCheckpoint(bytes)
             checkpointSeq = seq
         }
+        steps.append(("checkpoint applied", TakeoverReport.now()))
         let (transactions, dropped) = state.transactions(after: checkpointSeq)
         for t in transactions { try restorer.apply(t.payload) }
+        steps.append(("journal applied", TakeoverReport.now()))
         try restorer.resolveBackings()
         guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
         var inUse: [UInt32] = []
@@ -138,11 +141,14 @@ public final class FileSystem: Sendable {
             }
         }
         guard Set(inUse).count == inUse.count else { throw .corrupt("a page held by two files") }
+        steps.append(("pages listed", TakeoverReport.now()))
         let store = makeStore(inUse, backingPages)
+        steps.append(("page store made", TakeoverReport.now()))
         guard inUse.allSatisfy({ Int($0) <= store.capacityPages }) else { throw .corrupt("a page past the arena's end") }
         if let (key, error) = store.adoptTargets(keys, pagesInUse: perTarget) {
             throw .unsupported("charge target \(key) cannot be opened again (\(error)): its files' pages stay charged to it")
         }
+        steps.append(("targets reopened", TakeoverReport.now()))
         let c = FileSystemCore(config: config, store: store, restoring: restorer.inodes)
         let k = StateKeeping(files: state, keeper: keeper)
         k.nextBackingID = restorer.nextBackingID
@@ -156,8 +162,9 @@ public final class FileSystem: Sendable {
         core = ReadWriteLock(c)
         resolvedCaching = Atomic(Self.code(config.caching))
         keeping = k
+        steps.append(("tree made", TakeoverReport.now()))
         takeover = TakeoverReport(checkpointSeq: checkpointSeq, transactions: transactions.count, droppedBytes: dropped,
-                                  inodes: restorer.inodes.count)
+                                  inodes: restorer.inodes.count, steps: steps)
     }
 
     /// Whether state is kept for a successor: the Bridge then reads each request's unique and
@@ -188,6 +195,24 @@ public final class FileSystem: Sendable {
     public func checkpointNow() {
         keeping?.checkpointDue.store(true, ordering: .relaxed)
         core.withReadLock { c in c.keeping?.checkpointIfDue(c) }
+    }
+
+    /// The journal's bytes since the last checkpoint and that checkpoint's size (nil without
+    /// state), for `IdleCheckpoints`. Under the shared lock: a checkpoint sets both.
+    public var journalFigures: (tail: Int, lastCheckpointBytes: Int)? {
+        core.withReadLock { c in c.keeping.map { ($0.files.tail, $0.lastCheckpointBytes) } }
+    }
+
+    /// Watches the journal on the caller's thread (a server gives it one of its own) and takes a
+    /// checkpoint when `policy` says so; returns if no state is kept or once `stop` says so
+    /// (tests: a server runs it until it exits).
+    public func watchForIdleCheckpoints(_ policy: IdleCheckpoints = IdleCheckpoints(), stop: () -> Bool = { false }) {
+        var policy = policy
+        while !stop(), let figures = journalFigures {
+            if policy.due(tail: figures.tail, lastCheckpointBytes: figures.lastCheckpointBytes) { checkpointNow() }
+            var pause = timespec(tv_sec: 0, tv_nsec: policy.sampleNanoseconds)
+            nanosleep(&pause, nil)
+        }
     }
 
     /// Records a change when state is kept (one nil check otherwise), in the caller's hold of
