@@ -113,8 +113,10 @@ public final class FileSystem: Sendable {
         var steps: [(name: String, at: UInt64)] = []
         var restorer = TreeRestorer(keeper: keeper, backingCalls: .kernel)
         var checkpointSeq: UInt64 = 0
-        if let (seq, bytes) = try state.activeCheckpoint() {
+        if let seq = try state.withActiveCheckpoint({ (seq, bytes) throws(StateError) -> UInt64 in
             try restorer.applyCheckpoint(bytes)
+            return seq
+        }) {
             checkpointSeq = seq
         }
         steps.append(("checkpoint applied", TakeoverReport.now()))
@@ -127,20 +129,32 @@ public final class FileSystem: Sendable {
         var backingPages = 0
         // Pages by charge target (a directory's own, memcg=auto's hosts): recounted from the
         // maps, as the mount's own target's are.
+        // One pass in place (`forEach`: no array of every inode; at 1M files this step took
+        // 115-183 ms with `all`, a dictionary update per inode and a Set of the pages).
         var perTarget: [Int: Int] = [:]
+        var ownPages = 0
         let keys = restorer.targetKeys
-        for inode in restorer.inodes.all {
+        try restorer.inodes.forEach { (inode: Inode) throws(StateError) in
             guard inode.chargeTarget == 0 || (keys.indices.contains(inode.chargeTarget) && keys[inode.chargeTarget] != nil) else {
                 throw .corrupt("inode \(inode.ino) is charged to target \(inode.chargeTarget), which the state does not name")
             }
-            perTarget[inode.chargeTarget, default: 0] += inode.pages.count
+            let count = inode.pages.count
+            guard count > 0 else { return }
+            if inode.chargeTarget == 0 { ownPages += count } else { perTarget[inode.chargeTarget, default: 0] += count }
             if inode.backing != nil {
-                backingPages += inode.pages.count
+                backingPages += count
             } else {
                 inode.pages.forEach { _, page in inUse.append(page) }
             }
         }
-        guard Set(inUse).count == inUse.count else { throw .corrupt("a page held by two files") }
+        if ownPages > 0 { perTarget[0] = ownPages }
+        if let highest = inUse.max() {
+            var held = [Bool](repeating: false, count: Int(highest) + 1)
+            for page in inUse {
+                guard !held[Int(page)] else { throw .corrupt("a page held by two files") }
+                held[Int(page)] = true
+            }
+        }
         steps.append(("pages listed", TakeoverReport.now()))
         let store = makeStore(inUse, backingPages)
         steps.append(("page store made", TakeoverReport.now()))
@@ -445,7 +459,7 @@ public final class FileSystem: Sendable {
         core.withReadLock { c in
             guard c.keeping != nil else { return [:] }
             var out: [InodeNumber: (id: Int32, opens: UInt32)] = [:]
-            for inode in c.inodes.all where inode.passthroughID != 0 { out[inode.ino] = (inode.passthroughID, inode.passthroughOpens) }
+            c.inodes.forEach { inode in if inode.passthroughID != 0 { out[inode.ino] = (inode.passthroughID, inode.passthroughOpens) } }
             return out
         }
     }

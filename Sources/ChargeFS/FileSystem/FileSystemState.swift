@@ -470,7 +470,7 @@ struct TreeRestorer {
         try outcome.get()
     }
 
-    private mutating func applyCheckpoint(_ raw: UnsafeRawBufferPointer) throws(StateError) {
+    mutating func applyCheckpoint(_ raw: UnsafeRawBufferPointer) throws(StateError) {
         var r = StateReader(raw)
         let version = try r.u64()
         guard version == StateFiles.version else { throw StateError.version(version) }
@@ -577,21 +577,23 @@ struct TreeRestorer {
         guard ino.rawValue > 0, ino.rawValue < 1 << 40 else { throw StateError.corrupt("inode number \(ino)") }
         let generation = try r.u32(), mode = try r.u32(), uid = try r.u32(), gid = try r.u32(), nlink = try r.u32()
         let rdev = try r.u64(), size = try r.i64()
-        var times: [timespec] = []
-        for _ in 0..<3 { times.append(timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))) }
+        // Three locals, not an array: no allocation per inode.
+        let atime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+        let mtime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
+        let ctime = timespec(tv_sec: Int(try r.i64()), tv_nsec: Int(try r.i64()))
         let inode: Inode
         if let existing = inodes[ino] {
             inode = existing
             inode.mode = mode; inode.uid = uid; inode.gid = gid
         } else {
-            inode = Inode(ino: ino, mode: mode, uid: uid, gid: gid, now: times[0])
+            inode = Inode(ino: ino, mode: mode, uid: uid, gid: gid, now: atime)
             inodes.restore(inode)
         }
         inode.generation = generation
         inode.nlink = nlink
         inode.rdev = rdev
         inode.size = size
-        inode.atime = times[0]; inode.mtime = times[1]; inode.ctime = times[2]
+        inode.atime = atime; inode.mtime = mtime; inode.ctime = ctime
         inode.openCount = try r.u32()
         inode.passthroughOpens = try r.u32()
         let target = try r.i64()
@@ -626,7 +628,7 @@ struct TreeRestorer {
         if backingID >= nextBackingID { nextBackingID = backingID + 1 }
         if backingID == 0 {
             inode.backing = nil
-            backingIDs[ino] = nil
+            if !backingIDs.isEmpty { backingIDs[ino] = nil }
         } else if backingIDs[ino] != backingID {
             // Opened once the whole journal is applied (`resolveBackings`): a backing file
             // named here may have been freed by a later transaction, and the keeper then no
