@@ -55,7 +55,8 @@ new_env() {
 server_pid() { pgrep -P "$CFS_PID" -x chargefsd | head -1; }
 
 # kill_and_time N: SIGKILL to the server; once it is dead, a LOOKUP of a new name; prints the
-# milliseconds from the kill to its answer (ENOENT), or fails.
+# milliseconds from the kill to its answer (ENOENT), or fails. KILL_TIMES=FILE: also appends
+# "death answer" (ms after the kill: the server's exit as its pidfd says, the answer) to FILE.
 kill_and_time() {
   local pid; pid=$(server_pid)
   [ -n "$pid" ] || { log "  no server to kill"; return 1; }
@@ -67,12 +68,17 @@ fd = os.pidfd_open(pid)
 t0 = time.monotonic()
 os.kill(pid, signal.SIGKILL)
 select.select([fd], [], [], 10)   # dead: whatever answers next is its successor
+t1 = time.monotonic()
 try:
     os.stat(probe)
     sys.exit("the probe exists")
 except FileNotFoundError:
     pass
-print("%.2f" % ((time.monotonic() - t0) * 1e3))
+t2 = time.monotonic()
+print("%.2f" % ((t2 - t0) * 1e3))
+if os.environ.get("KILL_TIMES"):
+    with open(os.environ["KILL_TIMES"], "a") as f:
+        f.write("%.1f %.1f\n" % ((t1 - t0) * 1e3, (t2 - t0) * 1e3))
 PY
 }
 
@@ -266,11 +272,12 @@ PY
   # 1.5 s apart: each successor has taken its checkpoint (1 s after it serves) before it is
   # killed, so every rebuild reads a checkpoint and a short journal.
   for k in $(seq 1 10); do
-    ms=$(kill_and_time "$k") || { log "  kill $k: no answer"; continue; }
+    ms=$(KILL_TIMES=$SCR/kill-times kill_and_time "$k") || { log "  kill $k: no answer"; continue; }
     all+=("$ms")
     sleep 1.5
   done
   log "  kill to first answer at 10,000 files (ms): ${all[*]}"
+  [ ! -s "$SCR/kill-times" ] || log "  of which the server's own death (ms): $(cut -d' ' -f1 "$SCR/kill-times" | paste -sd' ')"
   log "  successors as the keeper saw them:"
   grep 'serves,' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
   grep 'takeover: pid' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
