@@ -214,9 +214,10 @@ final class TakeoverStateTests: XCTestCase {
         for i in 0..<2000 { _ = try fs.mknod(parent: root, name: n("q\(i)"), mode: 0o100644, rdev: 0, caller: me) }
         let before = try dump(fs)
         XCTAssertEqual(fs.checkpointFigures.count, 1)  // the empty tree's, at the start
-        var policy = IdleCheckpoints()
-        policy.quietBytes = 16 << 10
-        policy.sampleNanoseconds = 10_000_000
+        var quick = IdleCheckpoints()
+        quick.quietBytes = 16 << 10
+        quick.sampleNanoseconds = 10_000_000
+        let policy = quick
         let watched = fs
         let stop = Flag(), stopped = Flag()
         Takeover.runDetached {
