@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds chargefs with ThreadSanitizer and AddressSanitizer (separate scratch paths .build-tsan and
 # .build-asan) and runs, under each, the in-process unit tests and the stress test
-# (scripts/tests/stress.sh) against the sanitized daemon. Any sanitizer report fails the run:
+# (scripts/tests/stress.sh mixed; not its kill loop) against the sanitized daemon. Any sanitizer report fails the run:
 # XCTest under a sanitizer aborts on the first report (halt_on_error), and stress.sh fails when
 # the daemon's log holds one.
 # Usage: scripts/sanitize.sh [thread|address ...]     (default: both; root, for the mount)
@@ -38,7 +38,7 @@ for kind in "${kinds[@]}"; do
   if [ -x "$bin" ]; then
     # the daemon's own threads are what matter here: its log (stderr) is checked by stress.sh
     step "$kind: stress" env CHARGEFSD="$bin" STRESS_SECONDS="${STRESS_SECONDS:-20}" CFS_TEST_TIMEOUT=600 \
-      bash scripts/tests/stress.sh
+      bash scripts/tests/stress.sh mixed
   else
     failed=$((failed + 1)); results+=("FAIL  $kind: stress (no daemon at $bin)")
   fi

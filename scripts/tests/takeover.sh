@@ -33,19 +33,26 @@
 #   dropped_after_checkpoint  two 4 MiB files, kill -9, 2 s (the successor's checkpoint names both
 #                 backing files), one removed, kill -9 again: the checkpoint names a backing file
 #                 the keeper let go of after it; the next successor takes over, the other reads back
-#   kill_create_excl, kill_unlink, kill_rename, kill_mkdir
+#   kill_create_excl, kill_unlink, kill_rename, kill_mkdir, kill_link
 #                 a test hook (CHARGEFS_TEST_KILL_BEFORE_REPLY=OP) makes the server SIGKILL itself
 #                 after it applied the request and before its reply; the kernel resends it to the
 #                 successor, which answers what the first would have: open(O_CREAT|O_EXCL)
 #                 succeeds (no EEXIST for its own file), rm succeeds (no ENOENT), mv succeeds,
-#                 mkdir succeeds; the tree is as after one application
+#                 mkdir succeeds, ln succeeds; the tree is as after one application
+#   kill_unlink_linked  rm d1/a (d2/b the same file) killed before its reply, d2 listed while
+#                 nobody serves and answered first (CHARGEFS_TEST_DELAY_RESENT_REPLY_MS delays
+#                 the resent reply): ln d2/b d2/c then succeeds (was ENOENT: the kernel's cached
+#                 link count went to 0), and b and c show 2 links
+#   replies_mapped  the pages a write stores are mapped in the server once charged (pagemap), and
+#                 in its successor: a READ reply copied from an unmapped page failed with EIO when
+#                 a kill landed during the copy
 # Usage: scripts/tests/takeover.sh [TEST...] | --list     Env: CHARGEFSD, CFS_TEST_TIMEOUT (180)
 # Prints "N passed, N failed"; exit non-zero when any failed.
 set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked replies_mapped)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -477,6 +484,103 @@ t_kill_mkdir() {
   check "the directory is there with its mode" [ "$(stat -c %a "$MNT/dir")" = 710 ]
   check "and holds nothing" [ -z "$(ls -A "$MNT/dir")" ]
   resent_ok
+}
+
+t_kill_link() {
+  kill_op link
+  echo x > "$MNT/a"
+  local out rc=0
+  out=$(ln "$MNT/a" "$MNT/b" 2>&1) || rc=$?
+  check "ln succeeded across the kill ($out)" [ "$rc" = 0 ]
+  check "both names, one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/a")" = "$(stat -c '%i %h' "$MNT/b" 2>/dev/null)" ] && \
+    [ "$(stat -c %h "$MNT/a")" = 2 ]
+  resent_ok
+}
+
+# kill_unlink_linked: a file with names d1/a and d2/b; rm d1/a dies before its reply (the hook),
+# and while no server serves another process lists d2 (a READDIRPLUS queued behind the resend;
+# the successor answers it first, as the resent rm's reply waits 400 ms; the same directory
+# would wait for the rm's lock). The listing carries the file's link count after the rm (1), and
+# the kernel then ends the rm with its own decrement (fuse_entry_unlinked): the cached count was
+# 0 and ln d2/b failed with ENOENT (vfs_link refuses an inode with no links), the stress kill
+# loop's one error. The successor now bumps the attribute version of such inodes before it serves
+# (FUSE_NOTIFY_INVAL_INODE), so the kernel drops that listing's stale-to-be count.
+t_kill_unlink_linked() {
+  export CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=400
+  kill_op unlink
+  unset CHARGEFS_TEST_DELAY_RESENT_REPLY_MS
+  mkdir "$MNT/d1" "$MNT/d2"; echo x > "$MNT/d1/a"; ln "$MNT/d1/a" "$MNT/d2/b"
+  local out rc=0
+  out=$("$CFS_PYTHON" - "$MNT" <<'PY' 2>&1
+import os, select, sys
+mnt = sys.argv[1]
+d = os.path.join(mnt, "d2")
+status = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
+server = os.pidfd_open(int(status["pid"]))
+dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)   # opened now: the listing below is one READDIRPLUS
+child = os.fork()
+if child == 0:
+    try:
+        os.unlink(os.path.join(mnt, "d1", "a"))
+        os._exit(0)
+    except OSError as e:
+        print("rm a:", e)
+        os._exit(1)
+if not select.select([server], [], [], 20)[0]:
+    sys.exit("the server did not die at the rm")
+names = sorted(os.listdir(dirfd))                     # sent while nobody serves
+_, st = os.waitpid(child, 0)
+if st != 0:
+    sys.exit("rm a failed")
+if names != ["b"]:
+    sys.exit("the listing shows %s" % names)
+try:
+    os.link(os.path.join(d, "b"), os.path.join(d, "c"))
+except OSError as e:
+    sys.exit("ln b c: %s" % e)
+print("nlink", os.stat(os.path.join(d, "b")).st_nlink)
+PY
+) || rc=$?
+  check "rm d1/a, a listing of d2 meanwhile, then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
+  check "b and c: one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/d2/b")" = "$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null)" ] && \
+    [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
+  resent_ok
+}
+
+# mapped_pages SERVER: how many pages of the server's arena mapping have a page-table entry
+# (/proc/PID/pagemap bit 63; the arena is the shared mapping that is not a state memfd).
+mapped_pages() {
+  "$CFS_PYTHON" - "$1" <<'PY'
+import struct, sys
+pid, present = int(sys.argv[1]), 0
+for line in open("/proc/%d/maps" % pid):
+    if " rw-s " in line and ("chargefs-arena" in line or "memfd:" not in line):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        with open("/proc/%d/pagemap" % pid, "rb") as f:
+            f.seek(lo // 4096 * 8)
+            present += sum(e >> 63 for (e,) in struct.iter_unpack("<Q", f.read((hi - lo) // 4096 * 8)))
+print(present)
+PY
+}
+
+# replies_mapped: the pages a write stores (pwrite into the arena, which maps nothing) are mapped
+# into the server's page tables when they are charged, before and after a takeover: a READ reply
+# copied from an unmapped page takes the kernel's slow path, which fails the copy with EIO when a
+# kill lands during it (stress.sh kill_loop's `read: EIO`). Before the fix: 0 of 64 mapped
+# after the write (a non-takeover mount still maps none; a read maps them).
+t_replies_mapped() {
+  new_env
+  cfs_mount "$MNT" "size=64m,takeover"
+  local keeper=$CFS_PID n
+  head -c $((256 * 1024)) /dev/urandom > "$MNT/f"
+  n=$(mapped_pages "$(server_pid)")
+  check "the 64 pages just written are mapped in the server ($n mapped)" [ "$n" -ge 64 ]
+  local ms; ms=$(kill_and_time 1) || ms=""
+  check "the kill answered (${ms:-no answer} ms)" [ -n "$ms" ]
+  head -c $((256 * 1024)) /dev/urandom > "$MNT/g"
+  n=$(mapped_pages "$(server_pid)")
+  check "the successor maps the old pages and the 64 new ones ($n mapped)" [ "$n" -ge 128 ]
+  end_clean "$keeper"
 }
 
 test_main "takeover tests" 180 "$@"

@@ -22,8 +22,10 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 # A test named for the other kind of kernel fails there, saying why.
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
+KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published kill_root_unpublished
+            kill_unback_charging kill_unback_copying kill_unback_unpublished kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
-       supplementary_groups status_per_target "${MAPPED_TESTS[@]}")
+       supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
 passthrough_or_fail() {
   kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has no FUSE passthrough (6.9+), which the mapped-file rule needs (its *_before_6_9 tests run here)"; return 1; }
 }
@@ -450,6 +452,219 @@ t_use_case_3_before_6_9() {
   check "job 1 lost them to job 2's maps (≤ 512 KiB left)" le "$m1after" $((512 * 1024))
   log "  T +$(fmt_mib "$(rise "$T" "$t0")") for $(fmt_mib "$bytes")"
   check "T holds the runtime (≥ its size - 1 MiB)" ge "$(rise "$T" "$t0")" $((bytes - MiB))
+}
+
+# --- a kill during a move (-o takeover: docs/design.md, "A kill during a move") ---------------
+BIG_MIB=${CFS_BIG_MIB:-256}   # the moved file
+BIG_LIMIT=$(( (2 * BIG_MIB + 256) * MiB ))   # each target's limit: room for the file and more
+
+# takeover_env POINT OPTS: a -o takeover mount with memcg=$T (T: BIG_LIMIT) and OPTS, the daemon in D,
+# its first server armed to SIGKILL itself at POINT of its first move of pages between targets
+# (CHARGEFS_TEST_KILL_IN_MOVE; "" for none); T0 is T's usage before the mount.
+takeover_env() {
+  cfs_new_env cfstgt
+  chmod 755 "$SCR" "$MNT"
+  cg_create "$T" "$BIG_LIMIT"
+  cg_create "$D"
+  T0=$(cg_usage "$T")
+  if [ -n "$1" ]; then export CHARGEFS_TEST_KILL_IN_MOVE=$1; fi
+  cfs_mount "$MNT" "memcg=$T,size=$((4 * BIG_MIB))m,takeover${2:+,$2}" "$D"
+  unset CHARGEFS_TEST_KILL_IN_MOVE
+  KEEPER=$CFS_PID
+  sleep 0.3
+}
+
+status_field() { status_of "$MNT" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
+leaves_in() { find "$1" -mindepth 1 -maxdepth 1 -type d -name 'chargefs-*' | wc -l; }
+leaf_names() { find "$1" -mindepth 1 -maxdepth 1 -type d -name 'chargefs-*' -printf '%f(procs: %s) ' 2>/dev/null; }
+
+# big_file PATH: BIG_MIB MiB of random data; sets SUM (its sha256).
+big_file() {
+  dd if=/dev/urandom of="$1" bs=1M count="$BIG_MIB" status=none
+  SUM=$(sha256sum < "$1")
+}
+
+# after_kill WHAT OLD_PID: one takeover happened (the first server died, a successor serves).
+after_kill() {
+  local pid; pid=$(status_field pid)
+  log "  $1; server $2 -> ${pid:-none}, $(status_of "$MNT" | grep -o 'takeovers=[0-9]*')"
+  check "one takeover: a successor serves (takeovers=1)" [ "$(status_field takeovers)" = 1 ]
+  check "the first server is gone" bash -c "! kill -0 $2 2>/dev/null"
+  FIRST_SERVER=$2 SUCCESSOR=$pid
+}
+
+# charges_once FILE FROM FROM0 TO TO0: the file's bytes are charged once, to FROM or TO (their
+# rises over FROM0 and TO0 sum to its size, ±1 MiB, within 5 s), the other holding none of it (±1 MiB; TO
+# plus its helper when it took them).
+charges_once() {
+  local file=$1 from=$2 from0=$3 to=$4 to0=$5 bytes=$((BIG_MIB * MiB))
+  # A backing file the move left is freed by the keeper's close of its copy, which the server
+  # asks for after the publish: its pages may still be charged for a moment after the reply.
+  local rf rt i waited=""
+  for ((i = 0; i <= 50; i++)); do
+    rf=$(rise "$from" "$from0"); rt=$(rise "$to" "$to0")
+    near $((rf + rt)) "$bytes" "$SLACK" && break
+    waited=" (after $((i + 1))00 ms)"; sleep 0.1
+  done
+  log "  from +$(fmt_mib "$rf"), to +$(fmt_mib "$rt"), sum $(fmt_mib $((rf + rt))) for $(fmt_mib "$bytes")$waited"
+  check "the sum of both rises is the file's size once (±1 MiB)" near $((rf + rt)) "$bytes" "$SLACK"
+  if [ "$(target_of "$file")" = "$(realpath "$to")" ]; then
+    check "the new target holds it (±1 MiB, plus its helper)" near "$rt" "$bytes" $((2 * SLACK))
+    check "the old target gave it back (±1 MiB)" le "$rf" "$SLACK"
+  else
+    check "the old target holds it (±1 MiB)" near "$rf" "$bytes" "$SLACK"
+    check "the new target holds none of it (≤ 1 MiB)" le "$rt" "$SLACK"
+  fi
+  check "the file's bytes are intact" [ "$(sha256sum < "$file")" = "$SUM" ]
+}
+
+# nothing_left CGROUP...: after rm and unmount, each cgroup back at its baseline before the mount
+# (±1 MiB: pairs CGROUP BASELINE), no leaf of ours under it, no daemon or keeper left.
+nothing_left() {
+  check "unmounted" cfs_umount "$MNT" "$KEEPER"
+  log "  servers: first ${FIRST_SERVER:-?}, successor ${SUCCESSOR:-?}; the keeper's log:"
+  grep -E 'successor|keeper|takeover:|cannot' "$CFS_LOG" | sed 's/^/  | /' >&2 || true
+  check "one successor in all (none started at the unmount)" [ "$(grep -c 'successor .* started' "$CFS_LOG")" = 1 ]
+  while [ $# -gt 0 ]; do
+    log "  $(basename "$1"): $(fmt_mib "$(cg_usage "$1")") (baseline $(fmt_mib "$2")), leaves $(leaves_in "$1") $(leaf_names "$1")"
+    check "$(basename "$1") back at its baseline (±1 MiB)" near "$(cg_usage "$1")" "$2" "$SLACK"
+    check "no chargefs leaf left in $(basename "$1")" [ "$(leaves_in "$1")" = 0 ]
+    shift 2
+  done
+  check "no chargefsd or keeper left" [ -z "$(cfs_daemons_below "$SCR")$(keepers_below "$SCR")" ]
+}
+
+# kill_move POINT KIND [root]: a BIG_MIB file below d, or the mount's root (KIND arena: passthrough=off, its pages in the
+# arena; backing: a backing file of T's, as a large file under the mount's target has), then
+# setfattr A on d (a live retarget of the root); the server kills itself at POINT of the move. The setfattr is resent to the
+# successor: it either completed or failed and changed nothing; the bytes are intact and
+# charged once; a move back works; after rm and unmount nothing is left.
+kill_move() {
+  local point=$1 kind=$2 opts= dir
+  [ "$kind" = arena ] && opts=passthrough=off
+  takeover_env "$point" "$opts"
+  dir=$MNT/d; [ "${3:-}" = root ] && dir=$MNT
+  local A; new_cg A a "$BIG_LIMIT"
+  local a00; a00=$(cg_usage "$A")
+  mkdir -p "$dir"
+  big_file "$dir/big"
+  local want=0; [ "$kind" = backing ] && want=1
+  check "$kind: backing files $want" [ "$(backing_files "$MNT")" = "$want" ]
+  local t0 a0 pid0; t0=$(cg_usage "$T"); a0=$(cg_usage "$A"); pid0=$(status_field pid)
+  t0=$((t0 - BIG_MIB * MiB))
+  local rc=0 err; err=$(setfattr -n user.chargefs.memcg -v "$A" "$dir" 2>&1) || rc=$?
+  after_kill "setfattr rc=$rc ${err:+($err)}" "$pid0"
+  check "getfattr shows A after a success, T after a failure" \
+    [ "$(target_of "$dir")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
+  check "the file shows its directory's target" [ "$(target_of "$dir/big")" = "$(target_of "$dir")" ]
+  charges_once "$dir/big" "$T" "$t0" "$A" "$a0"
+  # The successor's pools agree with the tree: a move back gives T the whole file again.
+  if [ "$rc" = 0 ]; then
+    check "setfattr -x after the takeover" setfattr -x user.chargefs.memcg "$dir"
+    charges_once "$dir/big" "$A" "$a0" "$T" "$t0"
+  else
+    check "setfattr again after the takeover" setfattr -n user.chargefs.memcg -v "$A" "$dir"
+    charges_once "$dir/big" "$T" "$t0" "$A" "$a0"
+  fi
+  rm "$dir/big"
+  nothing_left "$T" "$T0" "$A" "$a00"
+}
+t_kill_move_charging() { kill_move charging arena; }
+t_kill_move_charged() { kill_move charged arena; }
+t_kill_move_copying() { kill_move copying arena; }
+t_kill_move_unpublished() { kill_move unpublished arena; }
+t_kill_move_published() { kill_move published arena; }
+t_kill_root_unpublished() { kill_move unpublished arena root; }
+t_kill_unback_copying() { kill_move copying backing; }
+t_kill_unback_charging() { kill_move charging backing; }
+t_kill_unback_unpublished() { kill_move unpublished backing; }
+t_kill_unback_published() { kill_move published backing; }
+
+# kill_rename POINT: a BIG_MIB file in a (target A) renamed into b (target B), the server killed
+# at POINT of the move; the rename is resent: the file is at one of the two names, charged once.
+kill_rename() {
+  takeover_env "$1" ""
+  local A B; new_cg A a "$BIG_LIMIT"; new_cg B b "$BIG_LIMIT"
+  local a00 b00; a00=$(cg_usage "$A"); b00=$(cg_usage "$B")
+  mkdir "$MNT/a" "$MNT/b"
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/a"   # moves no page: no kill
+  setfattr -n user.chargefs.memcg -v "$B" "$MNT/b"
+  big_file "$MNT/a/big"
+  local a0 b0 pid0; a0=$(( $(cg_usage "$A") - BIG_MIB * MiB )); b0=$(cg_usage "$B"); pid0=$(status_field pid)
+  local rc=0 err; err=$("$CFS_PYTHON" -c "import os,sys; os.rename(sys.argv[1], sys.argv[2])" "$MNT/a/big" "$MNT/b/big" 2>&1) || rc=$?
+  after_kill "rename rc=$rc ${err:+($err)}" "$pid0"
+  local names; names=$(cd "$MNT" && find a b -mindepth 1 | sort | tr '\n' ' ')
+  if [ "$rc" = 0 ]; then check "renamed: b/big alone ($names)" [ "$names" = "b/big " ]
+  else check "not renamed: a/big alone ($names)" [ "$names" = "a/big " ]; fi
+  local file=$MNT/b/big; [ -e "$file" ] || file=$MNT/a/big
+  charges_once "$file" "$A" "$a0" "$B" "$b0"
+  rm -f "$MNT/a/big" "$MNT/b/big"
+  nothing_left "$T" "$T0" "$A" "$a00" "$B" "$b00"
+}
+t_kill_rename_copying() { kill_rename copying; }
+t_kill_rename_unpublished() { kill_rename unpublished; }
+
+# kill_share POINT: memcg=auto (scope P, with B and C below it): B writes a BIG_MIB file, C
+# reads it, which moves it up to P (a share); the server kills itself at POINT of that move. The
+# open is resent: C reads the file intact, and P (hierarchical: B's and C's usage included)
+# holds it once; after rm and unmount P is back at its baseline.
+kill_share() {
+  cfs_new_env cfstgt
+  chmod 755 "$SCR" "$MNT"
+  local P=$PARENT/cfstgt-$$-P
+  cg_create "$P" "$BIG_LIMIT"
+  local B=$P/B C=$P/C; cg_create "$B" "$BIG_LIMIT"; cg_create "$C" "$BIG_LIMIT"
+  cg_create "$D"
+  local p00; p00=$(cg_usage "$P")
+  export CHARGEFS_TEST_KILL_IN_MOVE=$1
+  cfs_mount "$MNT" "memcg=auto,memcg_scope=$P,size=$((4 * BIG_MIB))m,takeover" "$D"
+  unset CHARGEFS_TEST_KILL_IN_MOVE
+  KEEPER=$CFS_PID
+  check "B writes the file" cg_run_in "$B" dd if=/dev/urandom of="$MNT/f" bs=1M count="$BIG_MIB" status=none
+  # Each reader opens the file itself, inside its cgroup (a redirection would open it here).
+  SUM=$(cg_run_in "$B" sha256sum "$MNT/f" | cut -d' ' -f1)
+  local p0 b0 pid0; p0=$(( $(cg_usage "$P") - BIG_MIB * MiB )); b0=$(cg_usage "$B"); pid0=$(status_field pid)
+  log "  before C reads: P $(fmt_mib "$(cg_usage "$P")"), B $(fmt_mib "$b0"), C $(fmt_mib "$(cg_usage "$C")"), $(status_of "$MNT" | grep -E "^(stored_bytes|backing_files)=" | tr "\n" " ")"
+  local got rc=0; got=$(cg_run_in "$C" sha256sum "$MNT/f" | cut -d' ' -f1) || rc=$?
+  after_kill "C's read rc=$rc" "$pid0"
+  check "C read the file intact across the kill" [ "$got" = "$SUM" ]
+  local rp rb; rp=$(rise "$P" "$p0"); rb=$(rise "$B" "$b0")
+  log "  P (B and C included) +$(fmt_mib "$rp") over its usage without the file, B $(fmt_mib "$rb"), C $(fmt_mib "$(cg_usage "$C")"); $(status_of "$MNT" | grep -E "^(stored_bytes|backing_files)=" | tr "\n" " ") shares:"
+  getfattr --absolute-names --only-values -n user.chargefs.shares "$MNT" | sed 's/^/    /' >&2
+  check "P holds the file once (±1 MiB)" near "$rp" $((BIG_MIB * MiB)) "$SLACK"
+  check "B gave it up to P (B's drop is the file, ±1 MiB, and its helper, stopped)" near "$rb" $((-BIG_MIB * MiB)) $((2 * SLACK))
+  check "the bytes are intact" [ "$(sha256sum "$MNT/f" | cut -d' ' -f1)" = "$SUM" ]
+  rm "$MNT/f"
+  nothing_left "$P" "$p00" "$B" 0 "$C" 0
+}
+t_kill_share_copying() { kill_share copying; }
+t_kill_share_published() { kill_share published; }
+
+# No hook: a move timed on the same file first (there and back), then a kill -9 from outside
+# halfway through the next one.
+t_kill_move_timed() {
+  takeover_env "" passthrough=off
+  local A; new_cg A a "$BIG_LIMIT"
+  local a00; a00=$(cg_usage "$A")
+  mkdir "$MNT/d"
+  big_file "$MNT/d/big"
+  local s e ms
+  s=$(date +%s%N); setfattr -n user.chargefs.memcg -v "$A" "$MNT/d"; e=$(date +%s%N)
+  ms=$(( (e - s) / 1000000 ))
+  setfattr -x user.chargefs.memcg "$MNT/d"
+  local t0 a0 pid0; t0=$(( $(cg_usage "$T") - BIG_MIB * MiB )); a0=$(cg_usage "$A"); pid0=$(status_field pid)
+  log "  a move of $BIG_MIB MiB took $ms ms; kill -9 of $pid0 $((ms / 2)) ms into the next"
+  local rc=0
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/d" 2>"$SCR/err" & local setter=$!
+  sleep "$(awk -v m="$ms" 'BEGIN { printf "%.3f", m / 2000 }')"
+  kill -9 "$pid0"
+  wait "$setter" || rc=$?
+  after_kill "setfattr rc=$rc $(cat "$SCR/err")" "$pid0"
+  check "getfattr shows A after a success, T after a failure" \
+    [ "$(target_of "$MNT/d")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
+  charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
+  rm "$MNT/d/big"
+  nothing_left "$T" "$T0" "$A" "$a00"
 }
 
 test_main "target tests" 180 "$@"

@@ -182,6 +182,10 @@ public final class CgroupCharger: PageCharger {
         } catch {
             Log.line("\(error)")
         }
+        // A predecessor's leaf (an upgrade's or a crash's) is removed when this server makes its
+        // own, unless that helper was still in it then (finishing a charge as its server exited):
+        // nothing else removes it, so once more here. Only empty leaves go (rmdir decides).
+        _ = try? StaleLeafCleanup.run(resolved: target.resolvedPath, userPath: target.path)
         close(arenaFD)
         if programFD >= 0 { close(programFD) }
     }

@@ -136,11 +136,14 @@ public enum Daemon {
     /// Whether chargefsd serves over io_uring is the host's choice (enable_uring), never ours:
     /// the knob opens a kernel interface to every FUSE daemon on the host.
     static func chooseTransport(_ options: MountOptions) throws(StartFailure) -> TransportChoice {
-        if options.takeover || options.isSuccessor {
-            // Requests a dead server took over io_uring are not resent by the kernel (only the
-            // /dev/fuse processing list is): a takeover mount serves /dev/fuse (docs/takeover.md).
+        if (options.takeover || options.isSuccessor) && !Takeover.testUring {
+            // Measured on 6.18 (uring.sh takeover_uring_kernel; docs/takeover.md, "io_uring"): a
+            // successor can register new ring entries, but FUSE_NOTIFY_RESEND walks only the
+            // /dev/fuse processing lists, so a request the dead server held in a ring entry is
+            // never resent and its caller hangs, unkillable, until the mount is aborted. A takeover
+            // mount serves /dev/fuse, where every such request is resent.
             if options.ioUring == .on && !options.isSuccessor {
-                Log.line("warning: io_uring=on with takeover: serving over /dev/fuse, since requests in flight over io_uring would be lost at a crash")
+                Log.line("warning: io_uring=on with takeover: serving over /dev/fuse. On this kernel a request a killed server held in an io_uring entry is not resent to its successor (FUSE_NOTIFY_RESEND covers /dev/fuse only): its caller would hang, unkillable, until the mount is aborted")
             }
             return TransportChoice(wantsUring: false, devFuseReason: "takeover")
         }

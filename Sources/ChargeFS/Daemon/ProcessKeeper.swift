@@ -80,6 +80,10 @@ final class ProcessKeeper: DescriptorKeeper, @unchecked Sendable {
         link.withLock { $0.held[what].map { FileDescriptor(rawValue: $0) } }
     }
 
+    var backingFileIDs: [UInt64] {
+        link.withLock { l in l.held.keys.compactMap { if case .backingFile(let id) = $0 { id } else { nil } } }
+    }
+
     /// Hands the keeper the mount's /dev/fuse file (the same open file: never a clone).
     func keepDevFuse(_ fd: Int32) -> Int32 {
         let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)

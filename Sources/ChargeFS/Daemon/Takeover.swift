@@ -24,6 +24,11 @@ enum Takeover {
     /// Test hook (scripts/tests/takeover.sh): every successor dies at its start, to check the
     /// keeper's crash-loop bound.
     static let testSuccessorDies = "CHARGEFS_TEST_SUCCESSOR_DIES"
+    /// Test hook (scripts/tests/uring.sh, takeover_uring_kernel): a takeover mount serves over
+    /// io_uring where the host allows it, and each successor registers new ring entries on the
+    /// live connection; only to measure what the kernel does with a dead server's ring entries
+    /// (docs/takeover.md, "io_uring"). Successors inherit it.
+    static var testUring: Bool { UringWorker.takeoverTestHook }
 
     static func code(_ backing: Arena.Backing) -> UInt64 {
         switch backing {
@@ -212,6 +217,7 @@ enum Takeover {
         if getenv(testSuccessorDies) != nil { kill(getpid(), SIGKILL) }
         // The per-opcode kill hook kills the first server only (read once, at the first request).
         unsetenv(FuseKernelFeatures.killBeforeReplyVariable)
+        unsetenv(MoveKillPoint.variable)
         if !options.foreground { Log.detach() }
         let keeper: ProcessKeeper
         do throws(StateError) {
@@ -252,7 +258,9 @@ enum Takeover {
         var arguments = ["chargefsd", "-o", options.fuseOptionList]
         if options.debug { arguments.append("-d") }
         let fuse = FuseSession(fileSystem: fs)
-        fuse.features.wantsIoUring = false
+        // A first server claims io_uring only under the test hook (and the saved INIT request
+        // says whether the kernel offered it): the replay then registers new ring entries.
+        fuse.features.wantsIoUring = testUring
         fuse.features.wantsPassthrough = options.fileSystemConfig.passthroughMinBytes != nil
         fuse.features.offerDirectIOMmap = CacheModeChoice.mapsDirectIOShared(kernelRelease: CacheModeChoice.runningKernelRelease())
         fuse.adoptedPassthrough = fs.passthroughRegistrations
@@ -278,6 +286,11 @@ enum Takeover {
         phases.mark("INIT replayed")
         let stateFiles = state
         fuse.initAnswered = { request in try? stateFiles.saveInit(request) }
+        // Before anything is answered (resent or not): files that lost a name in the last changes
+        // get their attribute version bumped, so that the kernel ignores the link count in
+        // replies to requests sent before now (FileSystem.attributesToRefresh says why).
+        let refreshed = fs.attributesToRefresh
+        for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) }
         // Requests the dead server read and never answered go back on the pending queue (bit 63
         // of unique set); without FUSE_HAS_RESEND (before 6.9) their callers wait until abort.
         var resent = "no resend (the kernel has no FUSE_HAS_RESEND)"
@@ -305,7 +318,8 @@ enum Takeover {
         let cpuMs = (Int(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1_000_000 + Int(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec)) / 1000
         let report = fs.takeover.map { "\($0.inodes) inodes, \($0.transactions) transactions after checkpoint \($0.checkpointSeq)" } ?? ""
         Log.line("takeover: pid \(getpid()) serves (takeover \(keeper.values[UInt32(CKEEPER_TAKEOVERS)] ?? 0)): \(report); "
-                 + "tree rebuilt in \((rebuilt - started) / 1000) ms, serving \((serving - started) / 1000) ms after start (CPU \(cpuMs) ms); \(resent)")
+                 + "tree rebuilt in \((rebuilt - started) / 1000) ms, serving \((serving - started) / 1000) ms after start (CPU \(cpuMs) ms); \(resent); "
+                 + "\(refreshed.count) inodes' attributes refreshed")
         Log.line("takeover: pid \(getpid()) phases: \(phases.line)")
         // The next successor should not replay this one's journal again: a checkpoint, taken
         // while requests are served (under the shared lock: reads go on, changes wait for it),
@@ -322,6 +336,7 @@ enum Takeover {
         cfuse_pool_prefault_buffers(1)
         let status = cfuse_session_loop_pool(session, min(8, cfuse_affinity_cpu_count()), Daemon.maxWorkers, Daemon.stuckMs)
         if ckeeper_handover_requested() != 0 { handOver(fs, keeper: keeper) }
+        fuse.stopUring()
         // The loop ends on an unmount (nothing left to do) or a stop signal: then unmount as the
         // first server would have (its libfuse knew the mountpoint; this session never mounted).
         // mountinfo, not a stat: nobody serves the mount now.

@@ -76,6 +76,7 @@ public final class FileSystem: Sendable {
         resolvedCaching = Atomic(Self.code(config.caching))
         keeping = nil
         takeover = nil
+        attributesToRefresh = []
     }
 
     /// A file system that keeps its metadata in `state` for a successor (`init(takingOver:)`),
@@ -93,6 +94,7 @@ public final class FileSystem: Sendable {
         let k = StateKeeping(files: state, keeper: keeper)
         c.keeping = k
         c.store.deferPunches = true
+        c.store.mapsChargedPages = true
         k.checkpointDue.store(true, ordering: .relaxed)
         k.checkpointIfDue(c)
         if let failure = k.failure { throw failure }
@@ -100,6 +102,7 @@ public final class FileSystem: Sendable {
         resolvedCaching = Atomic(Self.code(config.caching))
         keeping = k
         takeover = nil
+        attributesToRefresh = []
     }
 
     /// Takes over a tree a dead server kept in `state` (same process or not): its checkpoint,
@@ -125,6 +128,15 @@ public final class FileSystem: Sendable {
         steps.append(("journal applied", TakeoverReport.now()))
         try restorer.resolveBackings()
         guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
+        // Backing files the keeper still holds that no inode names: the dead server dropped
+        // them in a record it published (a file moved out of its backing file into a directory's
+        // target, removed, shrunk into the arena) and died before it told the keeper, which it
+        // does only after the publish. Held on, their pages stayed charged to their target until
+        // unmount (targets.sh kill_unback_published: the 256 MiB file charged twice).
+        let named = Set(restorer.backingIDs.values)
+        let unnamed = keeper.backingFileIDs.filter { !named.contains($0) }
+        for id in unnamed { keeper.forget(.backingFile(id)) }
+        if !unnamed.isEmpty { Log.line("takeover: let go of \(unnamed.count) backing file(s) no inode names any more") }
         var inUse: [UInt32] = []
         var backingPages = 0
         // Pages by charge target (a directory's own, memcg=auto's hosts): recounted from the
@@ -170,12 +182,19 @@ public final class FileSystem: Sendable {
         for (unique, answer) in restorer.applied { k.remember(unique, answer) }
         c.keeping = k
         store.deferPunches = true
+        store.mapsChargedPages = true
         self.config = config
         callerCgroup = store.callerCgroupLookup
         sharedLevels = store.sharedLevelsLookup
         core = ReadWriteLock(c)
         resolvedCaching = Atomic(Self.code(config.caching))
         keeping = k
+        var refresh: [InodeNumber] = []
+        var seen = Set<InodeNumber>()
+        for ino in restorer.recentRemovals.reversed() where seen.insert(ino).inserted {
+            if let inode = restorer.inodes[ino], !inode.isDirectory, inode.nlink > 0 { refresh.append(ino) }
+        }
+        attributesToRefresh = refresh
         steps.append(("tree made", TakeoverReport.now()))
         takeover = TakeoverReport(checkpointSeq: checkpointSeq, transactions: transactions.count, droppedBytes: dropped,
                                   inodes: restorer.inodes.count, steps: steps)
@@ -188,6 +207,17 @@ public final class FileSystem: Sendable {
 
     /// What a takeover found (nil when this file system was not taken over).
     public let takeover: TakeoverReport?
+
+    /// A takeover's files that still have a name and lost one in one of the last changes before
+    /// the crash: their attribute version must be bumped in the kernel (FUSE_NOTIFY_INVAL_INODE)
+    /// before the successor answers anything (docs/takeover.md, "Kill loops"). If that removal
+    /// is resent, the kernel ends it with a decrement of its cached link count of its own
+    /// (fuse_entry_unlinked), and a reply that already carried the count after the removal (a
+    /// READDIRPLUS of another directory, sent while no server served and answered first) would
+    /// make it 0: ln of a remaining name then fails with ENOENT until the attributes are fetched
+    /// again. After the bump the kernel ignores attributes from requests sent before it. Empty
+    /// when not taken over.
+    public let attributesToRefresh: [InodeNumber]
 
     /// Checkpoints taken so far and the last one's duration in nanoseconds (0, 0 without state).
     public var checkpointFigures: (count: Int, lastNanoseconds: UInt64) {

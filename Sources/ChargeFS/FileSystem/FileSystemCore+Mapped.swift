@@ -68,7 +68,7 @@ extension FileSystemCore {
     /// open): each file's pages are copied into arena pages of that target, charged already
     /// (`retarget` charged them with the rest). Nothing changes yet: `commitUnbacking` puts them
     /// in place. EIO, with the copies freed, when a backing file cannot be read.
-    func copyOutOfBacking(_ files: [Inode], to index: Int) throws(Errno) -> [(Inode, [(index: Int, page: UInt32)])] {
+    func copyOutOfBacking(_ files: [Inode], to index: Int, copied: () -> Void = {}) throws(Errno) -> [(Inode, [(index: Int, page: UInt32)])] {
         store.activeTarget = index
         var copies: [(Inode, [(index: Int, page: UInt32)])] = []
         // A page of file data at a time: a mapping out of core dumps (DumpExcluded), as every
@@ -93,6 +93,7 @@ extension FileSystemCore {
                     let n = try backing.read(into: buffer, length: PageSize.bytes, at: offset)
                     if n < PageSize.bytes { memset(buffer + n, 0, PageSize.bytes - n) }
                     try store.store(buffer, length: PageSize.bytes, page: to, inner: 0)
+                    copied()
                 } catch {
                     failed = true
                 }

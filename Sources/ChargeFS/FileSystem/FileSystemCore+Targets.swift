@@ -98,13 +98,22 @@ extension FileSystemCore {
         // executable, a reader's open) cannot be swapped under it: its pages stay.
         if all.contains(where: { $0.backing != nil && $0.passthroughOpens > 0 }) { throw backed }
         let needed = all.reduce(0) { $0 + $1.pages.count }
+        let kill = needed > 0 && keeping != nil ? MoveKillPoint.armed : nil
+        if kill == .charging { MoveKillPoint.killSoon() }
         if needed > 0 { try chargeForMove(needed, to: index) }
+        if kill == .charged { MoveKillPoint.killNow() }
+        // The copying kill comes once half of the pages are copied and swapped in.
+        var copied = 0
+        func copiedOne() {
+            copied += 1
+            if kill == .copying && copied == needed / 2 { MoveKillPoint.killNow() }
+        }
         // Backing files with no passthrough open (a library mapped and closed, a program that
         // ended) move into the arena of the new target: copied first, all of them, so that a
         // failed read changes nothing; put in place with the rest below.
         let unbacking: [(Inode, [(index: Int, page: UInt32)])]
         do throws(Errno) {
-            unbacking = try copyOutOfBacking(all.filter { $0.backing != nil }, to: index)
+            unbacking = try copyOutOfBacking(all.filter { $0.backing != nil }, to: index, copied: copiedOne)
         } catch {
             store.trimReserveToLimit()
             throw error
@@ -122,6 +131,7 @@ extension FileSystemCore {
                 try? store.store(store.address(of: page), length: PageSize.bytes, page: to, inner: 0)
                 file.pages.replace(at: i, with: to)
                 old.append(page)
+                copiedOne()
             }
             store.free(fresh)  // none left unless a zero-fill failed above
             store.activeTarget = file.chargeTarget
@@ -129,6 +139,7 @@ extension FileSystemCore {
         }
         commitUnbacking(unbacking)
         for inode in moving { inode.chargeTarget = index }
+        if kill == .unpublished || kill == .published { keeping?.killAtPublishForTest = kill }
         store.activeTarget = index
         store.trimReserveToLimit()
     }
@@ -146,5 +157,38 @@ extension FileSystemCore {
                 throw failure ?? .noSpace
             }
         }
+    }
+}
+
+/// Test hook (scripts/tests/targets.sh, the kill_move_* tests): CHARGEFS_TEST_KILL_IN_MOVE=POINT
+/// makes the server SIGKILL itself in the first move of pages between targets (a target set or
+/// removed above files, a rename into another target, a memcg=auto share) with state kept for a
+/// successor, at POINT:
+/// - `charging`: 2 ms after the charge of the new target's pages was sent to its helper (which
+///   is then still instantiating them);
+/// - `charged`: all of them charged, nothing copied;
+/// - `copying`: half of the pages copied and swapped into their files' maps;
+/// - `unpublished`: every page moved, the record written but not published;
+/// - `published`: the record published, the old pages not punched yet.
+/// A successor unsets the variable (Takeover.serveAsSuccessor), so it fires once per mount.
+enum MoveKillPoint: String {
+    case charging, charged, copying, unpublished, published
+
+    static let variable = "CHARGEFS_TEST_KILL_IN_MOVE"
+    /// Read at the first move (a successor has unset it by then).
+    static let armed: MoveKillPoint? = getenv(variable).flatMap { MoveKillPoint(rawValue: String(cString: $0)) }
+
+    static func killNow() { kill(getpid(), SIGKILL) }
+
+    /// Kills from another thread 2 ms from now: this one goes on into the charge.
+    static func killSoon() {
+        var thread = pthread_t()
+        let made = pthread_create(&thread, nil, { _ in
+            var pause = timespec(tv_sec: 0, tv_nsec: 2_000_000)
+            nanosleep(&pause, nil)
+            kill(getpid(), SIGKILL)
+            return nil
+        }, nil)
+        if made == 0 { pthread_detach(thread) } else { killNow() }
     }
 }

@@ -140,6 +140,9 @@ final class StateKeeping: @unchecked Sendable {
     /// Test hook: the next commit writes nothing and does nothing after (a server killed just
     /// before its publish; the test then drops the file system).
     @exclusivity(unchecked) var dropNextRecordForTest = false
+    /// Test hook (MoveKillPoint): the server kills itself just before the next commit's publish
+    /// (`.unpublished`) or just after it, before the punches it allows (`.published`).
+    @exclusivity(unchecked) var killAtPublishForTest: MoveKillPoint?
 
     init(files: StateFiles, keeper: any DescriptorKeeper) {
         self.files = files
@@ -241,7 +244,9 @@ final class StateKeeping: @unchecked Sendable {
                 dropNextRecordForTest = false
                 return  // the server "died" before the publish: nothing after it runs either
             }
+            if killAtPublishForTest == .unpublished { MoveKillPoint.killNow() }
             try files.commitTransaction(kind: 1, e)
+            if killAtPublishForTest == .published { MoveKillPoint.killNow() }
         } catch {
             fail(error)
             core.store.deferPunches = false
@@ -448,6 +453,14 @@ struct TreeRestorer {
     var backingIDs: [InodeNumber: UInt64] = [:]
     /// Each charge target's cgroup by index, as last recorded ([""]: the mount's alone).
     var targetKeys: [String?] = [""]
+    /// The inodes recorded by the last transactions that removed a name (unlink, rmdir, rename),
+    /// oldest first, about the last `recentRemovalLimit`: a request in flight at the crash is one
+    /// of the last (`FileSystem.attributesToRefresh` says why they matter).
+    private(set) var recentRemovals: [InodeNumber] = []
+    static let recentRemovalLimit = 1024
+    /// The inodes the transaction being applied records (kept between transactions: no
+    /// allocation per transaction).
+    private var touched: [InodeNumber] = []
     let keeper: any DescriptorKeeper
     /// Backing files opened so far, by id (one object per file, shared by its inode).
     private var backings: [UInt64: BackingFile] = [:]
@@ -525,9 +538,11 @@ struct TreeRestorer {
         } else {
             answer = try AppliedRequest.read(from: &r)
         }
+        touched.removeAll(keepingCapacity: true)
+        var removedName = false
         while !r.atEnd {
             switch try r.u8() {
-            case 1: _ = try upsert(&r)
+            case 1: touched.append(try upsert(&r).ino)
             case 2:
                 let ino = InodeNumber(rawValue: try r.u64())
                 inodes.remove(ino)
@@ -537,7 +552,12 @@ struct TreeRestorer {
                 let name = try r.blob(max: FileSystem.nameMax)
                 let ino = try r.u64(), cookie = try r.u64()
                 guard let d = inodes[dir]?.directory else { throw StateError.corrupt("an entry in \(dir), not a directory") }
-                if ino == 0 { d.remove(name) } else { d.restore(name, ino: InodeNumber(rawValue: ino), cookie: cookie) }
+                if ino == 0 {
+                    d.remove(name)
+                    removedName = true
+                } else {
+                    d.restore(name, ino: InodeNumber(rawValue: ino), cookie: cookie)
+                }
             case 4: targetKeys = try Self.readTargets(&r)
             case 5:
                 // A directory's link count and times (a name made or removed in it).
@@ -562,6 +582,12 @@ struct TreeRestorer {
                 inode.ctime = ctime
                 try Self.readPages(&r, into: inode)
             case let tag: throw StateError.corrupt("record kind \(tag)")
+            }
+        }
+        if removedName, !touched.isEmpty {
+            recentRemovals += touched
+            if recentRemovals.count > 2 * Self.recentRemovalLimit {
+                recentRemovals.removeFirst(recentRemovals.count - Self.recentRemovalLimit)
             }
         }
         if let answerOf {

@@ -86,6 +86,13 @@ public final class PageStore {
     /// A crash in between then leaves the successor's page maps over pages that still hold their
     /// data, not over holes. The pages are charged meanwhile and handed to no one.
     public var deferPunches = false
+    /// Set for a mount that keeps state for a successor (-o takeover): each page a charge adds
+    /// is mapped into this process's page tables at once (`Arena.populate`, one call per charged
+    /// run, not per request). Data is stored with pwrite, which maps nothing, and a reply copied
+    /// from a page with no page-table entry takes the kernel's slow path, which fails the copy
+    /// when a SIGKILL is pending: the caller of a READ answered at that moment got EIO, with no
+    /// resend (stress.sh kill_loop, docs/takeover.md "Kill loops").
+    public var mapsChargedPages = false
     private var deferred: [UInt32] = []
     /// The pages being punched, swapped with `deferred`: both keep their buffers (no
     /// allocation per published record; an unlink with state kept punches after each).
@@ -411,6 +418,7 @@ public final class PageStore {
         for run in pending.runs {
             let taken = min(left, run.count)
             left -= taken
+            if mapsChargedPages && taken > 0 { arena.populate(first: UInt32(run.first), count: taken) }
             for p in run.first..<(run.first + taken) { ready.append(UInt32(p)) }
             for p in (run.first + taken)..<(run.first + run.count) { holes.append(UInt32(p)) }
         }

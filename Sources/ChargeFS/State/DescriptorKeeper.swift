@@ -22,6 +22,8 @@ public protocol DescriptorKeeper: AnyObject, Sendable {
     func forget(_ what: KeptDescriptor)
     /// Its copy, still owned by the keeper (the taker duplicates what it keeps).
     func descriptor(_ what: KeptDescriptor) -> FileDescriptor?
+    /// The ids of the backing files it holds (a successor lets go of those no inode names).
+    var backingFileIDs: [UInt64] { get }
 }
 
 /// A keeper inside this process: duplicates in a table.
@@ -47,6 +49,10 @@ public final class InProcessKeeper: DescriptorKeeper {
 
     public func descriptor(_ what: KeptDescriptor) -> FileDescriptor? {
         table.withLock { t in t[what].map { FileDescriptor(rawValue: $0) } }
+    }
+
+    public var backingFileIDs: [UInt64] {
+        table.withLock { t in t.keys.compactMap { if case .backingFile(let id) = $0 { id } else { nil } } }
     }
 
     /// Descriptors held now (tests: nothing leaks).

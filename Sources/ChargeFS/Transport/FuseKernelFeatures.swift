@@ -52,15 +52,18 @@ final class FuseKernelFeatures {
         }
         io.writev = { fd, iov, count, userdata in
             guard let iov else { return Glibc.writev(fd, iov, count) }
+            // Test hooks (one check when none is armed; on either transport: over io_uring the
+            // dead server's ring entry holds the unanswered request): see `runTestHooks`.
+            if FuseKernelFeatures.testHooksArmed { FuseKernelFeatures.runTestHooks(iov, Int(count)) }
             // A reply to a request taken from an io_uring entry goes back into that entry.
             if let taken = UringWorker.captureReply(iov, Int(count)) { return taken }
             guard let session = FuseConnection.connection(userdata) else { return Glibc.writev(fd, iov, count) }
-            // Test hook: the request was applied (and its record published), its answer not sent.
-            if FuseKernelFeatures.killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
             let answersInit = session.features.isFirstInitReply(iov, Int(count))
             let claimsUring = session.features.patchIfInitReply(iov, Int(count), session: session)
             if session.dropsReplies {
                 // A successor's replayed INIT: the kernel had its answer from the first server.
+                // If it claimed io_uring, the connection serves over rings: register new entries.
+                if claimsUring { session.startUring(initReplyWritten: true) }
                 return (0..<Int(count)).reduce(0) { $0 + iov[$1].iov_len }
             }
             let written = Glibc.writev(fd, iov, count)
@@ -139,8 +142,8 @@ final class FuseKernelFeatures {
     }
 
     /// Test hook (scripts/tests/takeover.sh, per-opcode kills): CHARGEFS_TEST_KILL_BEFORE_REPLY=
-    /// create|unlink|rename|mkdir makes the server SIGKILL itself after it applied the first such
-    /// request and before its reply is written (rename: RENAME2 too). A successor unsets it.
+    /// create|unlink|rename|mkdir|link makes the server SIGKILL itself after it applied the first
+    /// such request and before its reply is written (rename: RENAME2 too). A successor unsets it.
     static let killBeforeReplyVariable = "CHARGEFS_TEST_KILL_BEFORE_REPLY"
     nonisolated(unsafe) static let killBeforeReply: UInt32 = {
         guard let value = getenv(killBeforeReplyVariable) else { return 0 }
@@ -149,9 +152,34 @@ final class FuseKernelFeatures {
         case "unlink": return FUSE_UNLINK.rawValue
         case "rename": return FUSE_RENAME.rawValue
         case "mkdir": return FUSE_MKDIR.rawValue
+        case "link": return FUSE_LINK.rawValue
         default: return 0
         }
     }()
+
+    /// Test hook (takeover.sh kill_unlink_linked): CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=N makes a
+    /// server wait N ms before it writes the reply to a resent request (bit 63 of unique: only a
+    /// successor sees one), so that requests the kernel queued behind it are answered first.
+    static let delayResentReplyVariable = "CHARGEFS_TEST_DELAY_RESENT_REPLY_MS"
+    static let delayResentReplyMs: Int = {
+        guard let value = getenv(delayResentReplyVariable) else { return 0 }
+        return max(0, Int(String(cString: value)) ?? 0)
+    }()
+
+    /// Whether any test hook is armed: the writev hook's one check per reply.
+    static let testHooksArmed = killBeforeReply != 0 || delayResentReplyMs > 0
+
+    /// The armed test hooks, on the thread about to write a reply (`iov[0]` starts with its
+    /// fuse_out_header).
+    static func runTestHooks(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
+        // The request was applied (and its record published), its answer not sent.
+        if killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
+        if delayResentReplyMs > 0, count >= 1, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
+           header.loadUnaligned(as: fuse_out_header.self).unique & resentBit != 0 {
+            var pause = timespec(tv_sec: delayResentReplyMs / 1000, tv_nsec: (delayResentReplyMs % 1000) * 1_000_000)
+            nanosleep(&pause, nil)
+        }
+    }
 
     /// Flags this patch may add to the INIT reply, if the kernel offered them.
     static let addedFlags = UInt64(FUSE_HANDLE_KILLPRIV_V2) | directIOAllowMmap

@@ -110,6 +110,12 @@ final class UringWorker: @unchecked Sendable {
     private var currentUnique: UInt64 = 0
     private var answered = false
 
+    /// Test hook (scripts/tests/uring.sh, takeover_uring_kernel): CHARGEFS_TEST_TAKEOVER_URING
+    /// lets a takeover mount serve over io_uring (Daemon, Takeover), and each request taken from
+    /// a ring entry is logged with the entry's header address, so that the test can answer a
+    /// dead server's entry from another process (the kernel reads the reply at that address).
+    static let takeoverTestHook = getenv("CHARGEFS_TEST_TAKEOVER_URING") != nil
+
     static let inHeaderSize = MemoryLayout<fuse_in_header>.size
     static let outHeaderSize = MemoryLayout<fuse_out_header>.size
     /// Where the request's first argument sits in struct fuse_uring_req_header (asserted in C).
@@ -240,6 +246,9 @@ final class UringWorker: @unchecked Sendable {
         request.copyMemory(from: header, byteCount: Self.inHeaderSize)
         (request + Self.inHeaderSize).copyMemory(from: header + Self.opInOffset, byteCount: opSize)
 
+        if Self.takeoverTestHook {
+            Log.line("io_uring test: queue \(qid) took unique \(inOut.commit_id) opcode \(inHeader.opcode) header 0x\(String(UInt(bitPattern: header), radix: 16))")
+        }
         current = entry
         currentUnique = inHeader.unique
         answered = false
