@@ -16,6 +16,8 @@
 #include <sys/wait.h>
 #include <sys/prctl.h>
 #include <sys/xattr.h>
+#include <sys/resource.h>
+#include <dirent.h>
 
 int ckeeper_send(int sock, const struct ckeeper_msg *msg, int fd) {
     for (;;) {
@@ -174,3 +176,63 @@ long ckeeper_read_status(const char *mountpoint, char *buf, unsigned long len) {
 }
 
 void ckeeper_name_server(void) { (void)prctl(PR_SET_NAME, "chargefsd"); }
+
+/* Sets `id`'s nice to `target`, or (target -100) CKEEPER_SUCCESSOR_BOOST levels lower, at most
+   19. Raising nice needs no privilege. */
+static void lower_priority(id_t id, int target) {
+    if (target == -100) {
+        errno = 0;
+        int now = getpriority(PRIO_PROCESS, id);
+        if (errno != 0) return;
+        target = now + CKEEPER_SUCCESSOR_BOOST > 19 ? 19 : now + CKEEPER_SUCCESSOR_BOOST;
+    }
+    (void)setpriority(PRIO_PROCESS, id, target);
+}
+
+/* The autogroup's nice of `pid` ("/autogroup-19 nice 0"), 0 when unknown. */
+static int autogroup_nice(pid_t pid) {
+    char path[64], line[128];
+    snprintf(path, sizeof path, "/proc/%d/autogroup", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f) return 0;
+    int nice = 0;
+    if (fgets(line, sizeof line, f)) {
+        char *at = strstr(line, " nice ");
+        if (at) nice = atoi(at + 6);
+    }
+    fclose(f);
+    return nice;
+}
+
+int ckeeper_restore_priority(pid_t keeper) {
+    // The session's group (the keeper made one for this successor: autogroup scheduling) at the
+    // keeper's group's nice; raising it needs no privilege.
+    int ag = open("/proc/self/autogroup", O_WRONLY | O_CLOEXEC);
+    if (ag >= 0) {
+        char v[16];
+        int n = snprintf(v, sizeof v, "%d", autogroup_nice(keeper));
+        (void)!write(ag, v, (size_t)n);
+        close(ag);
+    }
+    errno = 0;
+    int target = getpriority(PRIO_PROCESS, (id_t)keeper);
+    if (errno != 0) target = -100;
+    // nice is per thread on Linux: each task, and the children each started.
+    DIR *tasks = opendir("/proc/self/task");
+    if (!tasks) { lower_priority(0, target); return target; }
+    struct dirent *e;
+    while ((e = readdir(tasks)) != NULL) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        id_t tid = (id_t)strtoul(e->d_name, NULL, 10);
+        lower_priority(tid, target);
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/task/%s/children", e->d_name);
+        FILE *f = fopen(path, "re");
+        if (!f) continue;
+        unsigned long child;
+        while (fscanf(f, "%lu", &child) == 1) lower_priority((id_t)child, target);
+        fclose(f);
+    }
+    closedir(tasks);
+    return target;
+}

@@ -2,6 +2,10 @@ import CFuse
 import ChargeFS
 import Glibc
 
+// First: a successor's log line of phases starts its own code here (exec and the runtime's
+// start come before).
+ProcessStart.mark()
+
 // chargefsd: parse, check, (background: fork and wait for readiness), build the store and its
 // charger, mount, serve, then tear down in reverse order.
 

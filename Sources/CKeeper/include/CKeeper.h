@@ -35,12 +35,15 @@ enum {
     CKEEPER_KEEPER_PID = 103,    // set by the keeper: its own pid
     CKEEPER_UPGRADES = 104,      // set by the keeper: upgrades done (chargefsd --upgrade)
     CKEEPER_UPGRADE_FAILURES = 105, // set by the keeper: upgrades whose new binary could not take over
+    CKEEPER_DIED_AT = 106,       // set by the keeper: CLOCK_MONOTONIC µs when it saw its server dead
 };
 
 struct ckeeper_msg { uint32_t op; uint32_t kind; uint64_t id; uint64_t value; };
 
 // Where a successor finds its end of the socket (inherited, not close-on-exec).
 enum { CKEEPER_SUCCESSOR_FD = 3 };
+// Nice levels a successor runs above its keeper from its exec until it serves.
+enum { CKEEPER_SUCCESSOR_BOOST = 20 };
 
 // Upgrade in place (chargefsd --upgrade; docs/takeover.md): the caller sends the keeper
 // CKEEPER_UPGRADE_SIGNAL; the keeper sends its server CKEEPER_HANDOVER_SIGNAL; the server stops
@@ -54,6 +57,11 @@ int ckeeper_install_handover_handler(void);
 /// Names this process "chargefsd" (comm): a successor the keeper ran from a kept file
 /// (execveat AT_EMPTY_PATH) is otherwise named after the descriptor's number.
 void ckeeper_name_server(void);
+/// A successor once it serves: every task of this process, and each child one of them started
+/// (the charge helper), back at `keeper`'s nice (the keeper started it CKEEPER_SUCCESSOR_BOOST
+/// levels higher). Returns the nice set, or -100 when the keeper's could not be read (then each
+/// task goes back CKEEPER_SUCCESSOR_BOOST levels).
+int ckeeper_restore_priority(pid_t keeper);
 /// 1 once CKEEPER_HANDOVER_SIGNAL came.
 int ckeeper_handover_requested(void);
 /// The mount root's user.chargefs.status (getxattr: <sys/xattr.h> is not in Swift's Glibc):

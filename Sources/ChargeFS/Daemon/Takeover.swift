@@ -2,7 +2,15 @@ import CFuse
 import CFuseTransport
 import CKeeper
 import Glibc
+import Synchronization
 import SystemPackage
+
+/// When this process's own code began (main's first statement): a successor's log line of
+/// phases splits its start into exec and runtime start (before) and its own work (after).
+public enum ProcessStart {
+    static let at = Atomic<UInt64>(0)
+    public static func mark() { at.store(Takeover.monotonicMicroseconds(), ordering: .relaxed) }
+}
 
 /// `-o takeover` (issue 21; docs/takeover.md): the daemon splits into the keeper (C,
 /// chargefs-keeper, in the original process) and the server; the keeper holds every file a
@@ -129,6 +137,10 @@ enum Takeover {
             keeper.serving(startMicroseconds: 0)
             fuse.keeperPid = { [keeper] in keeper.pid }
             Takeover.watchKeeper(keeper, options: options)
+            // Checkpoints of its own (IdleCheckpoints): without them the first takeover
+            // replayed every change since the mount.
+            let fs = fuse.fileSystem
+            runDetached { fs.watchForIdleCheckpoints() }
             return true
         }
     }
@@ -176,8 +188,30 @@ enum Takeover {
     /// A successor: takes the files from the keeper, the tree from the state, the connection
     /// from the /dev/fuse file (no new mount), replays INIT, asks the kernel to resend what the
     /// dead server had read and not answered, and serves. Returns the exit status.
+    /// A successor's phases, as CLOCK_MONOTONIC µs, logged in one line once it serves:
+    /// from the keeper's sight of the death (its fork and our exec follow) to serving.
+    struct Phases {
+        var marks: [(name: String, at: UInt64)] = []
+        mutating func mark(_ name: String, _ at: UInt64 = Takeover.monotonicMicroseconds()) { marks.append((name, at)) }
+        /// "name +X.X" per phase, each from the one before, and the total from the first.
+        var line: String {
+            guard let first = marks.first else { return "" }
+            var parts: [String] = []
+            var previous = first.at
+            for m in marks.dropFirst() {
+                let d = m.at >= previous ? m.at - previous : 0
+                parts.append("\(m.name) +\(d / 1000).\(d % 1000 / 100)")
+                previous = max(previous, m.at)
+            }
+            let total = previous - first.at
+            return parts.joined(separator: ", ") + " (ms; \(total / 1000).\(total % 1000 / 100) ms from \(first.name))"
+        }
+    }
+
     static func serveAsSuccessor(options: MountOptions, target: CgroupTarget?) -> Int32 {
         let started = monotonicMicroseconds()
+        var phases = Phases()
+        let mainAt = ProcessStart.at.load(ordering: .relaxed)
         ckeeper_name_server()
         let mountpoint = absolutePath(options.mountpoint) ?? options.mountpoint
         if getenv(testSuccessorDies) != nil { kill(getpid(), SIGKILL) }
@@ -196,10 +230,16 @@ enum Takeover {
             Log.line("takeover: the keeper holds no /dev/fuse file")
             return cannotTakeOver
         }
+        let received = monotonicMicroseconds()
+        if let died = keeper.values[UInt32(CKEEPER_DIED_AT)], died > 0, died <= started { phases.mark("death seen by the keeper", died) }
+        else { phases.mark("start", mainAt > 0 ? mainAt : started) }
+        if mainAt > 0, phases.marks.first?.at ?? 0 < mainAt { phases.mark("exec and runtime start", mainAt) }
+        phases.mark("options parsed", started)
+        phases.mark("files received", received)
         // The tree.
         let built: (FileSystem, StateFiles)
         do throws(Daemon.StartFailure) {
-            built = try takeOverTree(options: options, target: target, keeper: keeper)
+            built = try takeOverTree(options: options, target: target, keeper: keeper, phases: &phases)
         } catch {
             Log.line(error.message)
             return cannotTakeOver
@@ -233,6 +273,7 @@ enum Takeover {
             return 1
         }
         defer { fuse_session_destroy(session) }
+        phases.mark("session made")
         guard fuse_set_signal_handlers(session) == 0 else { return 1 }
         defer { fuse_remove_signal_handlers(session) }
         guard ckeeper_install_handover_handler() == 0 else { return 1 }
@@ -240,7 +281,9 @@ enum Takeover {
             Log.line("takeover: cannot set up the FUSE session's I/O")
             return 1
         }
+        phases.mark("I/O installed")
         fuse.replayInit(savedInit)
+        phases.mark("INIT replayed")
         let stateFiles = state
         fuse.initAnswered = { request in try? stateFiles.saveInit(request) }
         // Before anything is answered (resent or not): files that lost a name in the last changes
@@ -256,7 +299,18 @@ enum Takeover {
             resent = r == 0 ? "resend asked" : "FUSE_NOTIFY_RESEND failed: \(Errno(rawValue: -r))"
         }
         let serving = monotonicMicroseconds()
+        phases.mark("resend asked", serving)
         keeper.serving(startMicroseconds: serving - started)
+        // Started above the keeper's priority (CKEEPER_SUCCESSOR_BOOST: every caller was
+        // waiting): the workers (created next, inheriting this thread's nice) answer the requests
+        // that waited at that priority too, then every task goes back to the keeper's nice
+        // (again a second later, with the checkpoint: a thread made meanwhile).
+        let keeperPid = keeper.pid
+        runDetached {
+            var pause = timespec(tv_sec: 0, tv_nsec: 100_000_000)
+            nanosleep(&pause, nil)
+            _ = ckeeper_restore_priority(keeperPid)
+        }
         // CPU time so far (this process: exec and the runtime's start included), beside the wall
         // time: on a loaded machine the two differ by the waits for a CPU.
         var usage = rusage()
@@ -266,13 +320,17 @@ enum Takeover {
         Log.line("takeover: pid \(getpid()) serves (takeover \(keeper.values[UInt32(CKEEPER_TAKEOVERS)] ?? 0)): \(report); "
                  + "tree rebuilt in \((rebuilt - started) / 1000) ms, serving \((serving - started) / 1000) ms after start (CPU \(cpuMs) ms); \(resent); "
                  + "\(refreshed.count) inodes' attributes refreshed")
+        Log.line("takeover: pid \(getpid()) phases: \(phases.line)")
         // The next successor should not replay this one's journal again: a checkpoint, taken
         // while requests are served (under the shared lock: reads go on, changes wait for it),
         // a second after serving starts, so that the requests waiting now are answered first.
         runDetached {
             var pause = timespec(tv_sec: 1, tv_nsec: 0)
             nanosleep(&pause, nil)
+            _ = ckeeper_restore_priority(keeperPid)
             fs.checkpointNow()
+            // From then on, as the first server: when changes stop, or the journal grows.
+            fs.watchForIdleCheckpoints()
         }
         watchKeeper(keeper, options: options)
         cfuse_pool_prefault_buffers(1)
@@ -356,7 +414,7 @@ enum Takeover {
 
     /// The tree a dead server kept, on its arena, with a new charger (a helper in the target:
     /// the old one died with its server) and the same charge targets.
-    static func takeOverTree(options: MountOptions, target: CgroupTarget?, keeper: ProcessKeeper)
+    static func takeOverTree(options: MountOptions, target: CgroupTarget?, keeper: ProcessKeeper, phases: inout Phases)
         throws(Daemon.StartFailure) -> (FileSystem, StateFiles) {
         guard let journal = keeper.descriptor(.journal), let c0 = keeper.descriptor(.checkpoint(0)),
               let c1 = keeper.descriptor(.checkpoint(1)), let arenaFD = keeper.descriptor(.arena) else {
@@ -366,7 +424,9 @@ enum Takeover {
             let state = try StateFiles.adopt(journal: journal, checkpoints: [c0, c1])
             let backing = backing(keeper.values[UInt32(CKEEPER_ARENA_BACKING)] ?? 0)
             let arena = try Arena(adopting: arenaFD, tmpfsRoot: keeper.descriptor(.arenaRoot), backing: backing)
+            phases.mark("state and arena mapped")
             let charger: PageCharger = try target.map { try CgroupCharger(target: $0, arena: arena.fileDescriptor) } ?? DaemonCharger(arena: arena.fileDescriptor)
+            phases.mark("charger started")
             let key = target?.resolvedPath ?? ""
             let limitPolicy = options.memcgLimit
             let scope = options.memcgAuto ? target : nil
@@ -376,6 +436,7 @@ enum Takeover {
                 if let scope { store.shares = CgroupSharedScope(scope: scope) }
                 return store
             }
+            for step in fs.takeover?.steps ?? [] { phases.mark(step.name, step.at) }
             return (fs, state)
         } catch {
             throw Daemon.StartFailure("takeover: \(error)")

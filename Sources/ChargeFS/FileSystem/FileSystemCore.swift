@@ -46,15 +46,20 @@ final class FileSystemCore {
         maxPages = Self.pageLimit(config)
         inodes = table
         var slots: Int64 = 0
-        for inode in table.all {
+        var backed = 0
+        var shared: [InodeNumber] = []
+        // In place, not through `all` (an array of every inode: at 1M files a pass cost ~60 ms).
+        table.forEach { inode in
             inode.lookups = Self.lookupsAfterTakeover
-            if inode.backing != nil { backingFiles += 1 }
+            if inode.backing != nil { backed += 1 }
             if inode.isDirectory { slots += 1 } else if inode.nlink > 0 { slots += Int64(inode.nlink) } else if inode.openCount > 0 { slots += 1 }
             // memcg=auto: as noteUser marks them (after the store's targets are adopted).
             if let first = inode.users.first, inode.users.count > 1 || store.targetKey(inode.chargeTarget) != first {
-                sharedInodes.insert(inode.ino)
+                shared.append(inode.ino)
             }
         }
+        backingFiles += backed
+        for ino in shared { sharedInodes.insert(ino) }
         inodeSlots = slots
     }
 

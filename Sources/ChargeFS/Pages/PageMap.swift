@@ -63,11 +63,20 @@ struct PageMap {
         chunks[index >> Self.chunkShift]?.slots[index & (Self.chunkSlots - 1)] = page
     }
 
-    /// Every page held, with its index, in no particular order.
+    /// Every page held, with its index, in no particular order. Each chunk only up to its last
+    /// used slot (as `removeAll`): a successor lists every file's pages, and scanning all 512
+    /// slots of a one-page file's chunk was 40% of its CPU at 10,000 files (perf, 2026-12-06).
     func forEach(_ body: (_ index: Int, _ page: UInt32) -> Void) {
         for (key, chunk) in chunks {
-            for slot in 0..<Self.chunkSlots where chunk.slots[slot] != 0 {
-                body((key << Self.chunkShift) + slot, chunk.slots[slot])
+            var left = chunk.used
+            var slot = 0
+            while left > 0 && slot < Self.chunkSlots {
+                let page = chunk.slots[slot]
+                if page != 0 {
+                    body((key << Self.chunkShift) + slot, page)
+                    left -= 1
+                }
+                slot += 1
             }
         }
     }

@@ -287,6 +287,29 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
     // MARK: - Checkpoints
 
     /// The active checkpoint: its seq (the last transaction it holds) and bytes; nil when none.
+    /// The active checkpoint read in place, through a read-only mapping of its slot (no copy:
+    /// at 1M files a checkpoint is over 100 MiB), checked against its checksum; nil if none.
+    public func withActiveCheckpoint<T>(_ body: (_ seq: UInt64, _ bytes: UnsafeRawBufferPointer) throws(StateError) -> T)
+        throws(StateError) -> T? {
+        let active = cfuse_load_acquire_u64(word(24))
+        guard active != 0 else { return nil }
+        let slot = Int(active & 1)
+        let seq = word(32 + slot * 24).pointee
+        let length = Int(word(40 + slot * 24).pointee)
+        let sum = word(48 + slot * 24).pointee
+        guard length >= 0, length < 1 << 40 else { throw .corrupt("a checkpoint of \(length) bytes") }
+        var st = stat()
+        guard fstat(checkpoints[slot].rawValue, &st) == 0 else { throw .system("fstat", errno) }
+        guard Int(st.st_size) >= length else { throw .corrupt("checkpoint \(slot) is shorter than its \(length) bytes") }
+        guard length > 0 else { return try body(seq, UnsafeRawBufferPointer(start: nil, count: 0)) }
+        let mapped = mmap(nil, length, PROT_READ, MAP_SHARED, checkpoints[slot].rawValue, 0)
+        guard let mapped, mapped != MAP_FAILED else { throw .system("mmap", errno) }
+        defer { munmap(mapped, length) }
+        let bytes = UnsafeRawBufferPointer(start: mapped, count: length)
+        guard stateChecksum(bytes) == sum else { throw .corrupt("checkpoint \(slot)'s checksum") }
+        return try body(seq, bytes)
+    }
+
     public func activeCheckpoint() throws(StateError) -> (seq: UInt64, bytes: [UInt8])? {
         let active = cfuse_load_acquire_u64(word(24))
         guard active != 0 else { return nil }

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import SystemPackage
 import XCTest
 @testable import ChargeFS
@@ -181,6 +182,56 @@ final class TakeoverStateTests: XCTestCase {
         let before = try dump(fs)
         fs = try takeOverAfterCrash(&fs, keeper)
         XCTAssertGreaterThan(try XCTUnwrap(fs.takeover).checkpointSeq, 0)
+        XCTAssertEqual(try dump(fs), before)
+    }
+
+    final class Flag: Sendable { let value = Atomic(false) }
+
+    /// IdleCheckpoints: a checkpoint once the journal stops moving (and holds enough to be worth
+    /// one), or once it is past `busyBytes` and the last checkpoint's size with changes going on;
+    /// never for a journal that is still short.
+    func testIdleCheckpointPolicy() {
+        var p = IdleCheckpoints()
+        p.quietBytes = 1000
+        p.busyBytes = 10_000
+        // Short and quiet: nothing to gain.
+        XCTAssertEqual((0..<5).map { _ in p.due(tail: 500, lastCheckpointBytes: 0) }, [false, false, false, false, false])
+        // Growing: not yet (below busyBytes); then unchanged for two samples: due.
+        XCTAssertFalse(p.due(tail: 2000, lastCheckpointBytes: 0))
+        XCTAssertFalse(p.due(tail: 3000, lastCheckpointBytes: 0))
+        XCTAssertFalse(p.due(tail: 3000, lastCheckpointBytes: 0))
+        XCTAssertTrue(p.due(tail: 3000, lastCheckpointBytes: 0))
+        // Busy past busyBytes: due while it moves, unless the last checkpoint was larger.
+        XCTAssertTrue(p.due(tail: 12_000, lastCheckpointBytes: 5000))
+        XCTAssertFalse(p.due(tail: 13_000, lastCheckpointBytes: 50_000))
+        XCTAssertTrue(p.due(tail: 51_000, lastCheckpointBytes: 50_000))
+    }
+
+    /// The watcher (what a server runs on a thread of its own) checkpoints a mount whose changes
+    /// stopped: a successor then reads the checkpoint, not a replay of every change.
+    func testTheWatcherCheckpointsOnceChangesStop() throws {
+        var (fs, keeper) = try makeKept()
+        for i in 0..<2000 { _ = try fs.mknod(parent: root, name: n("q\(i)"), mode: 0o100644, rdev: 0, caller: me) }
+        let before = try dump(fs)
+        XCTAssertEqual(fs.checkpointFigures.count, 1)  // the empty tree's, at the start
+        var quick = IdleCheckpoints()
+        quick.quietBytes = 16 << 10
+        quick.sampleNanoseconds = 10_000_000
+        let policy = quick
+        let watched = fs
+        let stop = Flag(), stopped = Flag()
+        Takeover.runDetached {
+            watched.watchForIdleCheckpoints(policy) { stop.value.load(ordering: .relaxed) }
+            stopped.value.store(true, ordering: .relaxed)
+        }
+        var waited = 0
+        while fs.checkpointFigures.count < 2 && waited < 500 { usleep(10_000); waited += 1 }
+        XCTAssertEqual(fs.checkpointFigures.count, 2, "a checkpoint within 5 s of the last change")
+        // The dead server's watcher must not write into the state its successor adopts.
+        stop.value.store(true, ordering: .relaxed)
+        while !stopped.value.load(ordering: .relaxed) { usleep(1000) }
+        fs = try takeOverAfterCrash(&fs, keeper)
+        XCTAssertEqual(try XCTUnwrap(fs.takeover).transactions, 0)
         XCTAssertEqual(try dump(fs), before)
     }
 
