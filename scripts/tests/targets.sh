@@ -22,8 +22,15 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 # A test named for the other kind of kernel fails there, saying why.
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
-KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published kill_root_unpublished
-            kill_unback_charging kill_unback_copying kill_unback_unpublished kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
+# A kill during a move: the request in flight (setfattr, rename, open) is resent to the successor
+# on 6.9+ (FUSE_NOTIFY_RESEND). Before 6.9 (the 6.1 guest of targets-v2.sh) nothing resends it and
+# its caller waits, unkillable, until the connection ends, so these tests would hang there; they
+# run on 6.9+ only. A 6.1 variant was tried (2026-12-07) and hung before its first check (not
+# diagnosed; a plain kill -9 and takeover in the same guest serves on): docs/design.md.
+if kernel_at_least 6 9; then
+  KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published kill_root_unpublished
+              kill_unback_charging kill_unback_copying kill_unback_unpublished kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
+else KILL_TESTS=(); fi
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
        supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
 passthrough_or_fail() {
