@@ -286,9 +286,9 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
 
     // MARK: - Checkpoints
 
-    /// The active checkpoint: its seq (the last transaction it holds) and bytes; nil when none.
-    /// The active checkpoint read in place, through a read-only mapping of its slot (no copy:
-    /// at 1M files a checkpoint is over 100 MiB), checked against its checksum; nil if none.
+    /// The active checkpoint (its seq: the last transaction it holds) read in place, through a
+    /// read-only mapping of its slot (no copy: at 1M files a checkpoint is over 100 MiB),
+    /// checked against its checksum; nil if none.
     public func withActiveCheckpoint<T>(_ body: (_ seq: UInt64, _ bytes: UnsafeRawBufferPointer) throws(StateError) -> T)
         throws(StateError) -> T? {
         let active = cfuse_load_acquire_u64(word(24))
@@ -310,24 +310,9 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
         return try body(seq, bytes)
     }
 
+    /// The active checkpoint copied out (tests, the state bench); nil when none.
     public func activeCheckpoint() throws(StateError) -> (seq: UInt64, bytes: [UInt8])? {
-        let active = cfuse_load_acquire_u64(word(24))
-        guard active != 0 else { return nil }
-        let slot = Int(active & 1)
-        let seq = word(32 + slot * 24).pointee
-        let length = Int(word(40 + slot * 24).pointee)
-        let sum = word(48 + slot * 24).pointee
-        guard length >= 0, length < 1 << 40 else { throw .corrupt("a checkpoint of \(length) bytes") }
-        var bytes = [UInt8](repeating: 0, count: length)
-        var done = 0
-        while done < length {
-            let n = bytes.withUnsafeMutableBytes { p in p.baseAddress.map { pread(checkpoints[slot].rawValue, $0 + done, length - done, off_t(done)) } ?? 0 }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw .corrupt("checkpoint \(slot) is shorter than its \(length) bytes") }
-            done += n
-        }
-        guard bytes.withUnsafeBytes({ stateChecksum($0) }) == sum else { throw .corrupt("checkpoint \(slot)'s checksum") }
-        return (seq, bytes)
+        try withActiveCheckpoint { seq, bytes in (seq, [UInt8](bytes)) }
     }
 
     /// Writes a checkpoint holding every transaction up to `nextSeq - 1` into the inactive slot,
