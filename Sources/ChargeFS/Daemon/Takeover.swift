@@ -58,27 +58,13 @@ enum Takeover {
     /// its own arguments for the program, while /proc/self/cmdline keeps them all: what
     /// CommandLine.arguments lacks is the loader's part, which ends with the program's path.
     static func launcherArguments() -> [String] {
-        guard let data = readWhole("/proc/self/cmdline") else { return [] }
-        let all = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        guard let text = try? cgReadFile("/proc/self/cmdline") else { return [] }
+        // Split as bytes: a NUL followed by a combining mark would be one Character.
+        let all = text.utf8.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
         let given = all.last == "" ? Array(all.dropLast()) : all
         let own = CommandLine.arguments.count
         guard given.count > own, Array(given.suffix(own - 1)) == Array(CommandLine.arguments.dropFirst()) else { return [] }
         return Array(given[1...(given.count - own)])
-    }
-
-    static func readWhole(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = read(fd, &chunk, chunk.count)
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { return nil }
-            if n == 0 { return bytes }
-            bytes += chunk[0..<n]
-        }
     }
 
     /// Splits the daemon: the keeper execs in this process's place (its parent sees no change:
