@@ -2,7 +2,7 @@
 # Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup (and
 # chargefs over FUSE's io_uring transport where the kernel has it), side by side, same pinning,
 # each workload on each in alternation, medians of 4 runs.
-# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN] [--no-uring] [--no-setup]
+# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN [--ab]] [--no-uring] [--no-setup]
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
 #   --only      runs one group of workloads (seq, rand, first, meta, readdir, par8, real, writes) and no memory probe;
@@ -18,6 +18,9 @@
 #   --no-uring  every chargefs mount says io_uring=off, and no io_uring column
 #   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
 #               options, in the same run, and prints chargefs/baseline per workload
+#   --ab        with --baseline: only tmpfs, chargefs, chargefs memcg= and the baseline (no cache=page,
+#               io_uring, floor or peer column and no real workloads, which have no baseline
+#               column): the A/B of every pinned row and the memory table in about half the time
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
 #      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp),
 #      LIBFUSE_SRC=a libfuse source tree (3.17+), whose example/memfs_ll.cc is built with g++
@@ -31,7 +34,7 @@ repo=$(cd "$here/.." && pwd)
 # 4 repetitions by default: the two chargefs mounts swap order every repetition, and an even
 # count gives each order the same weight in the memcg/no-memcg ratio (whichever ran second lost
 # 5-18% in some 3-repetition runs, on rows where memcg= runs no code at all).
-quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline= uring=1
+quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline= uring=1 ab=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
@@ -42,6 +45,7 @@ while [ $# -gt 0 ]; do
       { echo "bench.sh: --baseline needs an executable chargefsd, not '$baseline'" >&2; exit 2; } ;;
     --no-setup) setup=0 ;;
     --no-uring) uring=0 ;;
+    --ab) ab=1 ;;
     -h|--help) sed -n '2,26s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '5s/^# //p' "$0" >&2; exit 2 ;;
   esac
@@ -50,6 +54,8 @@ done
 case "$only_given:$only" in 0:|1:seq|1:rand|1:first|1:meta|1:readdir|1:par8|1:real|1:writes) ;;
   *) echo "bench.sh: --only needs one of seq, rand, first, meta, readdir, par8, real, writes, not '$only'" >&2; exit 2 ;;
 esac
+[ "$ab" = 0 ] || [ -n "$baseline" ] || { echo "bench.sh: --ab needs --baseline BIN" >&2; exit 2; }
+[ "$ab" = 0 ] || [ "$only" != writes ] || { echo "bench.sh: --ab has no writes group (use --only writes --baseline BIN)" >&2; exit 2; }
 [[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
 unset CHARGEFS_CGROUP_VERSION
@@ -101,12 +107,15 @@ cg_create "$CGW"; cg_create "$CGD"; cg_create "$CGT" "$(numfmt --from=iec "$FSSI
 
 FS=(tmpfs cfs cfsm cfsp)
 [ -z "$baseline" ] || FS+=(base)
+[ "$ab" = 0 ] || FS=(tmpfs cfs cfsm base)
 # chargefs over FUSE's io_uring transport (Linux 6.14+), where the kernel has it: enable_uring is
 # set only while that mount starts (INIT settles the transport) and put back at once, and by the
 # exit trap if anything fails in between.
 URING_KNOB=/sys/module/fuse/parameters/enable_uring
 URING_OLD=
-if [ "$uring" = 0 ]; then
+if [ "$ab" = 1 ]; then
+  echo "no io_uring column (--ab)" >&2
+elif [ "$uring" = 0 ]; then
   echo "no io_uring column (--no-uring); every chargefs mount says io_uring=off" >&2
 elif [ -e "$URING_KNOB" ]; then
   URING_OLD=$(cat "$URING_KNOB")
@@ -123,7 +132,7 @@ mount -t tmpfs -o "size=$FSSIZE" tmpfs "${MNT[tmpfs]}"; CFS_MOUNTS+=("${MNT[tmpf
 CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page"
                  [base]="size=$FSSIZE" [cfsu]="size=$FSSIZE,io_uring=on")
-if [ "$uring" = 0 ]; then for f in cfs cfsm cfsp base; do OPTS[$f]+=,io_uring=off; done; fi
+if [ "$uring" = 0 ] && [ "$ab" = 0 ]; then for f in cfs cfsm cfsp base; do OPTS[$f]+=,io_uring=off; done; fi
 # mount_cfs F: mounts chargefs mount F with its options, from the baseline build for "base".
 mount_cfs() {
   if [ "$1" = base ]; then CHARGEFSD=$baseline cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"
@@ -150,10 +159,12 @@ start_floor() {
   wait_mounted "${MNT[$f]}" 20 "${PID[$f]}" || die "floorfs $* did not mount: $(cat "$W/$f.log")"
   FLOORS+=("$f")
 }
-start_floor floor
-start_floor pass --passthrough
-grep -q "passthrough negotiated" "$W/pass.log" ||
-  { echo "no passthrough floor: $(cat "$W/pass.log")"; FLOORS=(floor); }
+if [ "$ab" = 0 ]; then
+  start_floor floor
+  start_floor pass --passthrough
+  grep -q "passthrough negotiated" "$W/pass.log" ||
+    { echo "no passthrough floor: $(cat "$W/pass.log")"; FLOORS=(floor); }
+fi
 # floorfs --splice (the writes group only): libfuse's splice paths, requests spliced from
 # /dev/fuse into a pipe and a write's data from there into the memfd, reads spliced back out.
 if [ "$only" = writes ]; then
@@ -232,7 +243,7 @@ start_peer() {
   else peer_skip="memfs_ll $opts did not mount: $(cat "$W/$f.log")"; return 1; fi
 }
 PEER_BUILT=0
-if [ "$only_given:$only" = 0: ] || [ "$only" = meta ] || [ "$only" = real ]; then
+if [ "$ab" = 0 ] && { [ "$only_given:$only" = 0: ] || [ "$only" = meta ] || [ "$only" = real ]; }; then
   if build_memfs_ll; then
     PEER_BUILT=1
     if "$PEER_BIN" --help 2>&1 | grep -q no_timeout; then
@@ -377,6 +388,7 @@ for g in ${groups[@]+"${groups[@]}"}; do
     if [ -n "$baseline" ]; then
       order=(tmpfs cfs cfsm cfsp base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs cfsp)
     fi
+    if [ "$ab" = 1 ]; then order=(tmpfs cfs cfsm base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs); fi
     [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     # The peer runs last in one repetition and right after tmpfs in the next.
@@ -441,7 +453,7 @@ fi
 declare -A RT
 REAL_FS=()
 REAL_WL=(untar "git clone" "git fsck" make sqlite "rm -rf")
-if [ -z "$only" ] || [ "$only" = real ]; then
+if { [ -z "$only" ] && [ "$ab" = 0 ]; } || [ "$only" = real ]; then
   if [ "$quick" = 1 ]; then TAR_SRC=/usr/include/linux; SQL_ROWS=20000; SQL_TX=40
   else TAR_SRC=/usr/include; SQL_ROWS=100000; SQL_TX=200; fi
   # Symlinks archived as the files they name (-h): memfs_ll has no symlink.
