@@ -12,8 +12,8 @@ import SystemPackage
 ///    anything that changes the tree, a count or the page store holds it alone. The page store
 ///    has no lock of its own: it is the tree's (only a `PendingCharge` runs outside it).
 /// 2. The charger's channel to its helper (`CgroupCharger`), taken by each charge: with no tree
-///    lock held on the charge path below; under it only for a truncate up of a file read
-///    through passthrough, for the status attribute's headroom, and for a move between targets
+///    lock held on the charge path below but in its last round; under it also for a truncate
+///    up of a file read through passthrough, for the status attribute's headroom, and for a move between targets
 ///    (`FileSystemCore+Targets`: a directory's target set or removed, a rename into another
 ///    target), which charges the new target's pages with the tree held so that nothing changes
 ///    the moving files meanwhile.
@@ -31,7 +31,8 @@ import SystemPackage
 /// 3. Settle and run again (here, `charging`, under the tree lock again): the charged pages join
 ///    the reserve (or the backing file's map) and the operation runs again in the same lock hold
 ///    and takes them; what was refused is a hole again; in the last round the operation stores
-///    what is charged (a short write, or ENOSPC).
+///    what is charged (a short write, or ENOSPC), and charges with the tree lock held so that no
+///    other writer takes the reserve's pages between its charge and its run.
 /// 4. Give back (Pages): freed pages wait in the reserve up to `reserveLimit`, then are punched
 ///    out of the arena in batches, which uncharges them.
 public final class FileSystem: Sendable {
@@ -604,16 +605,22 @@ public final class FileSystem: Sendable {
         }
     }
 
-    /// Rounds of charging before an operation takes what is charged: only an operation whose
-    /// need keeps growing between rounds (its file changed meanwhile) gets that far.
+    /// Rounds of charging with no lock held before the last round, which holds the tree lock
+    /// through its charge: only an operation whose need keeps growing between rounds (other
+    /// writers took the reserve's pages, or its file changed meanwhile) gets that far.
     static let chargeRounds = 8
 
     /// Runs an operation that may need pages charged first (steps 1 to 3 of the charge path in
     /// this type's comment). The charge runs with no lock held:
     /// a target that is frozen (docker pause, cgroup.freeze) or slow stalls only the operations
     /// that need its new pages; stat, reads, deletes and writes into existing pages go on. The
-    /// pages charged join the reserve and the operation runs again in the same lock hold, so no
-    /// other writer takes them first.
+    /// pages charged join the reserve and the operation runs again in the same lock hold.
+    /// Between rounds other writers may take the reserve's pages, so an operation that never
+    /// met a refusal can stay short round after round (fallocates of 1-8 MB by fsstress beside
+    /// fsx: ENOSPC 4-16 times in 1,485, with no limit near). Its last round charges and runs in
+    /// one hold of the tree lock, so that it is short only where the charger refused, as tmpfs
+    /// is; a target frozen just then holds the whole mount until it thaws, where the other
+    /// rounds hold only their own caller.
     /// `caller`: under memcg=auto, whose shares the charge is checked against first
     /// (`admitsShared`); a refusal stores what is already charged, as a charger's refusal does.
     /// `commit` records the change (kept state) in the same hold as the operation's last round.
@@ -624,38 +631,53 @@ public final class FileSystem: Sendable {
             if case .done(let result) = outcome { commit(c, result) }
             return outcome
         }
+        /// `held`: the tree, when the caller holds its lock (the last round).
+        func charge(_ pending: PendingCharge, held: FileSystemCore? = nil) -> (charged: Int, failure: Errno?) {
+            let admitted = caller.map { admitsShared($0, bytes: Int64(pending.wanted * PageSize.bytes), held: held) } ?? true
+            return admitted ? pending.charge() : (0, nil)
+        }
+        /// Settles `pending` and runs again, all in the caller's hold of the tree lock. What the
+        /// run does not take beyond one batch then goes back (other callers' charges may have
+        /// landed in the reserve meanwhile), unless the caller runs again in the same hold.
+        func settleAndRun(_ c: FileSystemCore, _ pending: PendingCharge, _ charged: Int, _ failure: Errno?,
+                          _ supply: PageSupply, trim: Bool = true) throws(Errno) -> NeedingPages<T> {
+            c.settle(pending, charged: charged)
+            defer { if trim { c.store.trimReserveToLimit() } }
+            if let failure, charged == 0 { throw failure }
+            return try run(c, supply)
+        }
         var outcome = try exclusive { c throws(Errno) in try run(c, .askForMore) }
-        for round in 1...Self.chargeRounds {
-            let pending: PendingCharge
-            switch outcome {
-            case .done(let result): return result
-            case .charge(let p): pending = p
-            }
-            let admitted = caller.map { admitsShared($0, bytes: Int64(pending.wanted * PageSize.bytes)) } ?? true
-            let (charged, failure): (Int, Errno?) = admitted ? pending.charge() : (0, nil)
-            // The charger refused part of it (or failed): store what fits; and so in the last round.
-            let supply: PageSupply = charged < pending.wanted || failure != nil || round == Self.chargeRounds
-                ? .useWhatIsCharged : .askForMore
+        for _ in 1..<Self.chargeRounds {
+            guard case .charge(let pending) = outcome else { break }
+            let (charged, failure) = charge(pending)
+            // The charger refused part of it (or failed): store what fits.
+            let supply: PageSupply = charged < pending.wanted || failure != nil ? .useWhatIsCharged : .askForMore
+            outcome = try exclusive { c throws(Errno) in try settleAndRun(c, pending, charged, failure, supply) }
+        }
+        switch outcome {
+        case .done(let result): return result
+        case .charge(let pending):
             outcome = try exclusive { c throws(Errno) in
-                c.settle(pending, charged: charged)
-                // What the rerun does not take beyond one batch goes back (other callers' charges
-                // may have landed in the reserve meanwhile).
                 defer { c.store.trimReserveToLimit() }
-                if let failure, charged == 0 { throw failure }
-                return try run(c, supply)
+                let (charged, failure) = charge(pending, held: c)
+                let supply: PageSupply = charged < pending.wanted || failure != nil ? .useWhatIsCharged : .askForMore
+                let again = try settleAndRun(c, pending, charged, failure, supply, trim: false)
+                guard case .charge(let more) = again else { return again }
+                let (moreCharged, moreFailure) = charge(more, held: c)
+                return try settleAndRun(c, more, moreCharged, moreFailure, .useWhatIsCharged, trim: false)
             }
         }
         if case .done(let result) = outcome { return result }
-        throw .noSpace  // not reached: the last round never asks for a charge
+        throw .noSpace  // not reached: the last run never asks for a charge
     }
     /// memcg=auto: whether `bytes` more fit for `caller`'s cgroup X with its shares counted: at
     /// X and each ancestor up to the scope that carries shared bytes, usage + shared + bytes
     /// must stay within the limit less the margin. Costs nothing while X shares nothing; then
     /// a read of X's counters per charge (one per 256 KiB written at most).
-    private func admitsShared(_ caller: Caller, bytes: Int64) -> Bool {
+    private func admitsShared(_ caller: Caller, bytes: Int64, held: FileSystemCore? = nil) -> Bool {
         guard let callerCgroup, let sharedLevels else { return true }
         let cgroup = callerCgroup(caller.pid)
-        let shared = core.withReadLock { c in c.sharedBytes(from: cgroup) }
+        let shared = held.map { $0.sharedBytes(from: cgroup) } ?? core.withReadLock { c in c.sharedBytes(from: cgroup) }
         if shared.isEmpty { return true }
         for level in sharedLevels(cgroup) {
             guard let limit = level.limit, let carried = shared[level.cgroup] else { continue }

@@ -14,6 +14,8 @@ final class FakeCharger: PageCharger, @unchecked Sendable {
     private let gate: DispatchSemaphore?
     /// Pages it will still charge; nil: no limit.
     var pagesLeft: Int?
+    /// Runs at the start of every charge (what other writers do while a charge is under way).
+    var duringCharge: (() -> Void)?
 
     init(arena: FileDescriptor, budget pages: Int? = nil, gated: Bool = false) {
         inner = DaemonCharger(arena: arena)
@@ -35,6 +37,7 @@ final class FakeCharger: PageCharger, @unchecked Sendable {
 
     func charge(offset: Int64, length: Int64) throws(Errno) {
         calls_.add(1, ordering: .relaxed)
+        duringCharge?()
         if let gate {
             waiting.add(1, ordering: .relaxed)
             gate.wait()
