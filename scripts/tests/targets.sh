@@ -36,8 +36,8 @@ TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_
 passthrough_or_fail() {
   kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has no FUSE passthrough (6.9+), which the mapped-file rule needs (its *_before_6_9 tests run here)"; return 1; }
 }
-before_6_9_or_fail() {
-  ! kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has FUSE passthrough (6.9+): this asserts what a kernel before 6.9 does"; return 1; }
+before_6_9_or_fail() {  # [WHAT 6.9 brought: FUSE passthrough by default]
+  ! kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has ${1:-FUSE passthrough} (6.9+): this asserts what a kernel before 6.9 does"; return 1; }
 }
 
 # new_env: scratch dir SCR (searchable by all: uid 65534 runs commands in it), the mount's target
@@ -718,7 +718,7 @@ ended_within() {
 # runs in the background with a limit, and the connection is aborted by the cleanup and by a
 # watchdog, so a hang fails the test instead of the guest.
 t_kill_move_published_before_6_9() {
-  before_6_9_or_fail
+  before_6_9_or_fail "FUSE_NOTIFY_RESEND"
   local BIG_MIB=${CFS_BIG_MIB:-64}   # (charges_once, big_file read it)
   takeover_env published passthrough=off
   local conn; conn=$(conn_of "$MNT")
