@@ -23,21 +23,21 @@ SLACK=$((1 * MiB))   # the documented slack: charged reserve + per-CPU charge ba
 if kernel_at_least 6 9; then MAPPED_TESTS=(mapped_then_moved use_case_3)
 else MAPPED_TESTS=(mapped_charged_to_job_before_6_9 use_case_3_before_6_9); fi
 # A kill during a move: the request in flight (setfattr, rename, open) is resent to the successor
-# on 6.9+ (FUSE_NOTIFY_RESEND). Before 6.9 (the 6.1 guest of targets-v2.sh) nothing resends it and
-# its caller waits, unkillable, until the connection ends, so these tests would hang there; they
-# run on 6.9+ only. A 6.1 variant was tried (2026-12-07) and hung before its first check (not
-# diagnosed; a plain kill -9 and takeover in the same guest serves on): docs/design.md.
+# on 6.9+ (FUSE_NOTIFY_RESEND), and these tests assert that it completes. Before 6.9 (the 6.1
+# guest of targets-v2.sh) nothing resends it: its caller waits until the connection ends, and
+# holds meanwhile the inode lock its syscall took (a setfattr: the directory's), so they would
+# hang there; kill_move_published_before_6_9 asserts what that kernel does instead.
 if kernel_at_least 6 9; then
   KILL_TESTS=(kill_move_charging kill_move_charged kill_move_copying kill_move_unpublished kill_move_published kill_root_unpublished
               kill_unback_charging kill_unback_copying kill_unback_unpublished kill_unback_published kill_rename_copying kill_rename_unpublished kill_share_copying kill_share_published kill_move_timed)
-else KILL_TESTS=(); fi
+else KILL_TESTS=(kill_move_published_before_6_9); fi
 TESTS=(set_unset_moves enospc_each_target set_without_room_moves_nothing rename_carries refusals use_case_1 root_retarget
        supplementary_groups status_per_target "${MAPPED_TESTS[@]}" "${KILL_TESTS[@]}")
 passthrough_or_fail() {
   kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has no FUSE passthrough (6.9+), which the mapped-file rule needs (its *_before_6_9 tests run here)"; return 1; }
 }
-before_6_9_or_fail() {
-  ! kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has FUSE passthrough (6.9+): this asserts what a kernel before 6.9 does"; return 1; }
+before_6_9_or_fail() {  # [WHAT 6.9 brought: FUSE passthrough by default]
+  ! kernel_at_least 6 9 || { log "  cannot run: $(uname -r) has ${1:-FUSE passthrough} (6.9+): this asserts what a kernel before 6.9 does"; return 1; }
 }
 
 # new_env: scratch dir SCR (searchable by all: uid 65534 runs commands in it), the mount's target
@@ -671,6 +671,143 @@ t_kill_move_timed() {
     [ "$(target_of "$MNT/d")" = "$(realpath "$([ "$rc" = 0 ] && echo "$A" || echo "$T")")" ]
   charges_once "$MNT/d/big" "$T" "$t0" "$A" "$a0"
   rm "$MNT/d/big"
+  nothing_left "$T" "$T0" "$A" "$a00"
+}
+
+# --- the same before 6.9: nothing resends the request in flight ---------------------------------
+# conn_of MNT: the FUSE connection number of the mount at MNT (its device's minor, from mountinfo).
+conn_of() { awk -v m="$1" '$5 == m {split($3, d, ":"); print d[2]; exit}' /proc/self/mountinfo; }
+# conn_abort N: writes 1 to connection N's abort file (/sys/fs/fuse/connections, or a fusectl
+# mounted in a private mount namespace where none is mounted, as in the guest): every request
+# waiting on it ends with ECONNABORTED, later ones get ENOTCONN. Quiet when N is gone.
+conn_abort() {
+  [ -n "$1" ] || return 0
+  if [ -e "/sys/fs/fuse/connections/$1/abort" ]; then echo 1 > "/sys/fs/fuse/connections/$1/abort" 2>/dev/null; return 0; fi
+  local ctl; ctl=$(mktemp -d "${TMPDIR:-/tmp}/cfsctl.XXXXXX")
+  unshare -m --propagation private sh -c "mount -t fusectl fusectl '$ctl' && { [ ! -e '$ctl/$1/abort' ] || echo 1 > '$ctl/$1/abort'; }" || true
+  rmdir "$ctl" 2>/dev/null || true
+}
+# within SECS NAME CMD...: runs CMD in the background (a caller of this mount may wait without
+# end: never in the foreground), up to SECS. Returns its status (output in $SCR/NAME), or 124
+# with CMD left running, its pid in WAITING_NAME.
+within() {
+  local secs=$1 name=$2 p i; shift 2
+  "$@" >"$SCR/$name" 2>&1 & p=$!
+  for ((i = 0; i < secs * 10; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$p" 2>/dev/null; then printf -v "WAITING_$name" %s "$p"; return 124; fi
+  wait "$p"
+}
+out_of() { tr '\n' ' ' < "$SCR/$1"; }
+state_of() { awk '{print $3}' "/proc/$1/stat" 2>/dev/null || echo gone; }
+# ended_within SECS PID: waits for PID (a child) to end, up to SECS; its status in ENDED_RC.
+ended_within() {
+  local i; ENDED_RC=
+  for ((i = 0; i < $1 * 10; i++)); do kill -0 "$2" 2>/dev/null || { ENDED_RC=0; wait "$2" || ENDED_RC=$?; return 0; }; sleep 0.1; done
+  return 1
+}
+
+# Before 6.9 (the 6.1 guest): the kill after the publish of kill_move_published. The setfattr in
+# flight is never resent: its caller waits, and holds the directory's inode lock (vfs_setxattr
+# takes it before it sends SETXATTR) while it waits. The successor serves everything that needs no
+# such lock: the status, stat and getxattr of the directory (A: the published move), the file's
+# bytes through a descriptor opened before and by its cached name, files outside the directory;
+# the charge is the file's once, in A. A lookup that misses the cache in the directory waits on the
+# lock (state D: SIGKILL cannot end it). Ending the connection (its abort file; an unmount cannot:
+# the waiting callers hold the mount) ends them all with an error within seconds; after the
+# unmount every charge is back at its baseline and no process is left. Every step on the mount
+# runs in the background with a limit, and the connection is aborted by the cleanup and by a
+# watchdog, so a hang fails the test instead of the guest.
+t_kill_move_published_before_6_9() {
+  before_6_9_or_fail "FUSE_NOTIFY_RESEND"
+  local BIG_MIB=${CFS_BIG_MIB:-64}   # (charges_once, big_file read it)
+  takeover_env published passthrough=off
+  local conn; conn=$(conn_of "$MNT")
+  CFS_UNDO+=("conn_abort '$conn'")   # first in the cleanup: no caller left waiting
+  ( trap 'kill $s 2>/dev/null; exit 0' TERM; sleep $((${CFS_THIS_TEST_TIMEOUT:-180} - 30)) & s=$!; wait $s
+    log "  watchdog: aborting connection $conn"; conn_abort "$conn" ) &
+  CFS_UNDO+=("kill $! 2>/dev/null")
+  local A; new_cg A a "$BIG_LIMIT"
+  local a00; a00=$(cg_usage "$A")
+  mkdir "$MNT/d" "$MNT/o"
+  echo outside > "$MNT/o/f"
+  big_file "$MNT/d/big"
+  local fd; exec {fd}<"$MNT/d/big"
+  local t0 a0 pid0; t0=$(( $(cg_usage "$T") - BIG_MIB * MiB )); a0=$(cg_usage "$A"); pid0=$(status_field pid)
+  log "  connection $conn, server $pid0, a ${BIG_MIB} MiB file in d"
+  setfattr -n user.chargefs.memcg -v "$A" "$MNT/d" 2>"$SCR/setter.err" & local setter=$!
+  local i; for ((i = 0; i < 300; i++)); do kill -0 "$pid0" 2>/dev/null || break; sleep 0.1; done
+  check "the server killed itself after the publish" bash -c "! kill -0 $pid0 2>/dev/null"
+  check "a successor answers the status within 30 s" within 30 status status_of "$MNT"
+  sleep 2
+  log "  setfattr $setter: state $(state_of "$setter"), wchan $(cat "/proc/$setter/wchan" 2>/dev/null)"
+  check "the setfattr still waits, 2 s after the successor answered (nothing resends it)" \
+    grep -qx '[SD]' <<<"$(state_of "$setter")"
+  within 10 status status_of "$MNT"
+  local succ; succ=$(tr ' ' '\n' < "$SCR/status" | sed -n 's/^pid=//p' | head -1)
+  log "  server $pid0 -> ${succ:-none}, $(grep -o 'takeovers=[0-9]*' "$SCR/status")"
+  check "one takeover: takeovers=1" grep -qw 'takeovers=1' "$SCR/status"
+  FIRST_SERVER=$pid0 SUCCESSOR=$succ
+  check "stat of d answered" within 10 stat_d stat -c %i "$MNT/d"
+  within 10 getfattr_d target_of "$MNT/d" || true
+  check "getfattr of d: A, the published move ($(out_of getfattr_d))" [ "$(cat "$SCR/getfattr_d")" = "$(realpath "$A")" ]
+  within 10 getfattr_big target_of "$MNT/d/big" || true
+  check "the file shows A too ($(out_of getfattr_big))" [ "$(cat "$SCR/getfattr_big")" = "$(realpath "$A")" ]
+  within 30 read_fd bash -c "sha256sum <&$fd" || true
+  check "its bytes through a descriptor opened before the kill" [ "$(cat "$SCR/read_fd")" = "$SUM" ]
+  within 30 read_path bash -c "sha256sum < '$MNT/d/big'" || true
+  check "its bytes by its name (a cached entry)" [ "$(cat "$SCR/read_path")" = "$SUM" ]
+  within 10 outside cat "$MNT/o/f" || true
+  check "a file outside d read ($(out_of outside))" [ "$(out_of outside)" = "outside " ]
+  check "a file created outside d" within 10 create_o bash -c "echo new > '$MNT/o/new'"
+  within 10 ls_root ls "$MNT" || true
+  check "the root listed ($(out_of ls_root))" [ "$(out_of ls_root)" = "d o " ]
+  # The charge: the published move's, once (A has the file, T none of it).
+  local ra rt
+  for ((i = 0; i <= 50; i++)); do   # (the successor punches the old pages as it starts)
+    ra=$(rise "$A" "$a0"); rt=$(rise "$T" "$t0")
+    near $((ra + rt)) $((BIG_MIB * MiB)) "$SLACK" && break
+    sleep 0.1
+  done
+  log "  T +$(fmt_mib "$rt"), A +$(fmt_mib "$ra"), sum $(fmt_mib $((ra + rt))) for $(fmt_mib $((BIG_MIB * MiB)))"
+  check "A holds the file (±1 MiB, plus its helper)" near "$ra" $((BIG_MIB * MiB)) $((2 * SLACK))
+  check "T gave it back (≤ 1 MiB)" le "$rt" "$SLACK"
+  check "the sum of both rises is the file's size once (±1 MiB)" near $((ra + rt)) $((BIG_MIB * MiB)) "$SLACK"
+  # The lock the setfattr holds: a lookup in d that misses the cache waits on it.
+  local rc=0; within 5 lookup stat "$MNT/d/nothere" || rc=$?
+  local looker=${WAITING_lookup:-}
+  check "a lookup of a new name in d waits too (rc $rc: $(out_of lookup))" [ "$rc" = 124 ]
+  if [ -n "$looker" ]; then
+    log "  the lookup $looker: state $(state_of "$looker"), wchan $(cat "/proc/$looker/wchan" 2>/dev/null); its stack:"
+    sed 's/^/    /' "/proc/$looker/stack" >&2 2>/dev/null || true
+    check "in D state (an inode lock, not a request)" [ "$(state_of "$looker")" = D ]
+    kill -9 "$looker" 2>/dev/null; sleep 1
+    check "SIGKILL does not end it" [ "$(state_of "$looker")" = D ]
+  fi
+  rc=0; within 3 ls_d ls "$MNT/d" || rc=$?
+  check "a listing of d waits (rc $rc: $(out_of ls_d))" [ "$rc" = 124 ]
+  rc=0; within 3 create_d bash -c "echo new > '$MNT/d/new'" || rc=$?
+  check "a create in d waits (rc $rc: $(out_of create_d))" [ "$rc" = 124 ]
+  log "  setfattr $setter: state $(state_of "$setter"), wchan $(cat "/proc/$setter/wchan" 2>/dev/null); its stack:"
+  sed 's/^/    /' "/proc/$setter/stack" >&2 2>/dev/null || true
+  check "the setfattr still waits ($(state_of "$setter"))" grep -qx '[SD]' <<<"$(state_of "$setter")"
+  # Ending the connection ends the waiting callers, with an error.
+  local s; s=$(date +%s%N)
+  conn_abort "$conn"
+  local ok=0; ended_within 10 "$setter" && ok=1
+  log "  after the abort: the setfattr ended in $(( ($(date +%s%N) - s) / 1000000 )) ms, rc ${ENDED_RC:-none}: $(tr '\n' ' ' < "$SCR/setter.err")"
+  check "the abort ends the setfattr within 10 s" [ "$ok" = 1 ]
+  check "with an error (ECONNABORTED)" grep -q "Software caused connection abort" "$SCR/setter.err"
+  if [ -n "$looker" ]; then
+    ok=0; ended_within 10 "$looker" && ok=1
+    check "and the waiting lookup (rc ${ENDED_RC:-none})" [ "$ok" = 1 ]
+  fi
+  local w
+  for w in ls_d create_d; do
+    local v=WAITING_$w; [ -n "${!v:-}" ] || continue
+    ok=0; ended_within 10 "${!v}" && ok=1
+    check "and the waiting $w (rc ${ENDED_RC:-none}: $(out_of "$w"))" [ "$ok" = 1 ]
+  done
+  exec {fd}<&-
   nothing_left "$T" "$T0" "$A" "$a00"
 }
 
