@@ -15,6 +15,8 @@ final class Inode {
     var generation: UInt32 = 1
     /// Open handles; an unlinked file's data is freed when the last one closes.
     var openCount: UInt32 = 0
+    /// `chargeTarget`'s storage, 32 bits beside the other 32-bit fields (every inode has one).
+    private var chargeTargetIndex: Int32 = 0
     var size: Int64 = 0
     var atime: timespec
     var mtime: timespec
@@ -43,14 +45,38 @@ final class Inode {
         case symlink([UInt8])
     }
     var payload = Payload.none
+    /// What few inodes have, in one box that an inode without any pays one pointer for.
+    private final class Rare {
+        var xattrs: [[UInt8]: [UInt8]]?
+        var users: [String] = []
+    }
+    private var rare: Rare?
+    private var rareBox: Rare {
+        if let rare { return rare }
+        let box = Rare()
+        rare = box
+        return box
+    }
     /// Extended attributes; nil until the first one is set.
-    var xattrs: [[UInt8]: [UInt8]]?
-    /// The page store's target this inode's pages are charged to (0: the mount's): a directory's
-    /// own (user.chargefs.memcg) or inherited from its parent when it was made or moved.
-    var chargeTarget = 0
+    var xattrs: [[UInt8]: [UInt8]]? {
+        get { rare?.xattrs }
+        set { if newValue != nil || rare != nil { rareBox.xattrs = newValue } }
+        _modify { let box = rareBox; yield &box.xattrs }
+    }
     /// memcg=auto: the cgroups (inside the scope) that have opened this file, first the one
     /// that created it; they only grow (FileSystemCore+Shares: never unshared).
-    var users: [String] = []
+    var users: [String] {
+        get { rare?.users ?? [] }
+        set { if !newValue.isEmpty || rare != nil { rareBox.users = newValue } }
+        _modify { let box = rareBox; yield &box.users }
+    }
+    /// The page store's target this inode's pages are charged to (0: the mount's): a directory's
+    /// own (user.chargefs.memcg) or inherited from its parent when it was made or moved. An
+    /// index into the store's table of targets, far below 2^31.
+    var chargeTarget: Int {
+        get { Int(chargeTargetIndex) }
+        set { chargeTargetIndex = Int32(truncatingIfNeeded: newValue) }
+    }
     /// A directory whose target is its own rather than its parent's.
     var ownsTarget = false
 

@@ -19,12 +19,15 @@ struct PageMap {
     /// Pages held, for st_blocks.
     private(set) var count = 0
     /// The span of indexes changed since `takeChanged` (the kept state records it; two compares
-    /// per change when no state is kept).
-    private var changedFrom = Int.max
-    private var changedTo = 0
+    /// per change when no state is kept). 32 bits each, as a page number: every inode carries
+    /// them. An index past them widens the span to the end (`UInt32.max`), which records more,
+    /// never less.
+    private var changedFrom = UInt32.max
+    private var changedTo: UInt32 = 0
 
     @inline(__always)
     private mutating func noteChanged(_ from: Int, _ to: Int) {
+        let from = UInt32(clamping: min(from, Int(UInt32.max) - 1)), to = UInt32(clamping: to)
         if from < changedFrom { changedFrom = from }
         if to > changedTo { changedTo = to }
     }
@@ -32,7 +35,8 @@ struct PageMap {
     /// The span changed since the last call, nil when none; starts a new span.
     mutating func takeChanged() -> Range<Int>? {
         defer { changedFrom = .max; changedTo = 0 }
-        return changedFrom < changedTo ? changedFrom..<changedTo : nil
+        guard changedFrom < changedTo else { return nil }
+        return Int(changedFrom)..<(changedTo == .max ? Int.max >> 1 : Int(changedTo))
     }
 
     @inline(__always)
