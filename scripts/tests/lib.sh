@@ -189,6 +189,19 @@ fmt_mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
 abs() { local v=$1; echo $(( v < 0 ? -v : v )); }
 
 # --- mounts ----------------------------------------------------------------------------------
+# cfs_conn_of MNT: the FUSE connection number of the mount at MNT (its device's minor).
+cfs_conn_of() { awk -v m="$1" '$5 == m {split($3, d, ":"); print d[2]; exit}' /proc/self/mountinfo; }
+# cfs_abort_conn N: writes 1 to FUSE connection N's abort file (/sys/fs/fuse/connections, or a
+# fusectl mounted in a private mount namespace where none is mounted; the host's mounts are not
+# changed): every request waiting on it ends with ECONNABORTED, later ones get ENOTCONN. Quiet
+# when N is empty or gone.
+cfs_abort_conn() {
+  [ -n "$1" ] || return 0
+  if [ -e "/sys/fs/fuse/connections/$1/abort" ]; then echo 1 > "/sys/fs/fuse/connections/$1/abort" 2>/dev/null; return 0; fi
+  local ctl; ctl=$(mktemp -d "${TMPDIR:-/tmp}/cfsctl.XXXXXX")
+  unshare -m --propagation private sh -c "mount -t fusectl fusectl '$ctl' && { [ ! -e '$ctl/$1/abort' ] || echo 1 > '$ctl/$1/abort'; }" || true
+  rmdir "$ctl" 2>/dev/null || true
+}
 is_mounted() { awk -v m="$1" '$2 == m {f=1} END {exit !f}' /proc/mounts; }
 mount_type() { awk -v m="$1" '$2 == m {print $3; exit}' /proc/mounts; }
 

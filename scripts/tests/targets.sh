@@ -676,18 +676,6 @@ t_kill_move_timed() {
 }
 
 # --- the same before 6.9: nothing resends the request in flight ---------------------------------
-# conn_of MNT: the FUSE connection number of the mount at MNT (its device's minor, from mountinfo).
-conn_of() { awk -v m="$1" '$5 == m {split($3, d, ":"); print d[2]; exit}' /proc/self/mountinfo; }
-# conn_abort N: writes 1 to connection N's abort file (/sys/fs/fuse/connections, or a fusectl
-# mounted in a private mount namespace where none is mounted, as in the guest): every request
-# waiting on it ends with ECONNABORTED, later ones get ENOTCONN. Quiet when N is gone.
-conn_abort() {
-  [ -n "$1" ] || return 0
-  if [ -e "/sys/fs/fuse/connections/$1/abort" ]; then echo 1 > "/sys/fs/fuse/connections/$1/abort" 2>/dev/null; return 0; fi
-  local ctl; ctl=$(mktemp -d "${TMPDIR:-/tmp}/cfsctl.XXXXXX")
-  unshare -m --propagation private sh -c "mount -t fusectl fusectl '$ctl' && { [ ! -e '$ctl/$1/abort' ] || echo 1 > '$ctl/$1/abort'; }" || true
-  rmdir "$ctl" 2>/dev/null || true
-}
 # within SECS NAME CMD...: runs CMD in the background (a caller of this mount may wait without
 # end: never in the foreground), up to SECS. Returns its status (output in $SCR/NAME), or 124
 # with CMD left running, its pid in WAITING_NAME.
@@ -722,10 +710,10 @@ t_kill_move_published_before_6_9() {
   before_6_9_or_fail "FUSE_NOTIFY_RESEND"
   local BIG_MIB=${CFS_BIG_MIB:-64}   # (charges_once, big_file read it)
   takeover_env published passthrough=off
-  local conn; conn=$(conn_of "$MNT")
-  CFS_UNDO+=("conn_abort '$conn'")   # first in the cleanup: no caller left waiting
+  local conn; conn=$(cfs_conn_of "$MNT")
+  CFS_UNDO+=("cfs_abort_conn '$conn'")   # first in the cleanup: no caller left waiting
   ( trap 'kill $s 2>/dev/null; exit 0' TERM; sleep $((${CFS_THIS_TEST_TIMEOUT:-180} - 30)) & s=$!; wait $s
-    log "  watchdog: aborting connection $conn"; conn_abort "$conn" ) &
+    log "  watchdog: aborting connection $conn"; cfs_abort_conn "$conn" ) &
   CFS_UNDO+=("kill $! 2>/dev/null")
   local A; new_cg A a "$BIG_LIMIT"
   local a00; a00=$(cg_usage "$A")
@@ -793,7 +781,7 @@ t_kill_move_published_before_6_9() {
   check "the setfattr still waits ($(state_of "$setter"))" grep -qx '[SD]' <<<"$(state_of "$setter")"
   # Ending the connection ends the waiting callers, with an error.
   local s; s=$(date +%s%N)
-  conn_abort "$conn"
+  cfs_abort_conn "$conn"
   local ok=0; ended_within 10 "$setter" && ok=1
   log "  after the abort: the setfattr ended in $(( ($(date +%s%N) - s) / 1000000 )) ms, rc ${ENDED_RC:-none}: $(tr '\n' ' ' < "$SCR/setter.err")"
   check "the abort ends the setfattr within 10 s" [ "$ok" = 1 ]

@@ -81,17 +81,6 @@ stalled_charge() {  # stalled_charge io_uring=on|off TRANSPORT
 t_stalled_charge_uring() { stalled_charge io_uring=on io_uring; }
 t_stalled_charge_devfuse() { stalled_charge io_uring=off dev-fuse; }
 
-# abort_conn MNT: aborts MNT's FUSE connection through a fusectl mounted in a private mount
-# namespace (this host has none mounted; the host's mounts are not changed): every caller still
-# waiting on it gets ECONNABORTED. The last resort of takeover_uring_kernel's cleanup.
-abort_conn() {
-  local dev; dev=$(awk -v m="$1" '$5 == m {print $3; exit}' /proc/self/mountinfo)
-  [ -n "$dev" ] || return 0
-  local ctl; ctl=$(mktemp -d /tmp/cfsuring-ctl.XXXXXX)
-  unshare -m --propagation private sh -c "mount -t fusectl fusectl '$ctl' && echo 1 > '$ctl/${dev#*:}/abort'" || true
-  rmdir "$ctl" 2>/dev/null || true
-}
-
 # field NAME: the value the driver printed for NAME (uring_takeover.py's "name=value" lines).
 field() { sed -n "s/^$1=//p" "$SCR/facts" | head -1; }
 alive() { [ -e "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
@@ -99,7 +88,8 @@ ended() { ! alive "$1"; }
 
 t_takeover_uring_kernel() {
   new_env_uring
-  trap 'restore_knobs; abort_conn "$MNT"; bg_cleanup' EXIT
+  # The connection's abort (every caller still waiting gets ECONNABORTED): cleanup's last resort.
+  trap 'restore_knobs; cfs_abort_conn "$(cfs_conn_of "$MNT")"; bg_cleanup' EXIT
   gcc -O2 -Wall -o "$SCR/uring_commit" "$(dirname "$SELF")/uring_commit.c" || die "cannot build uring_commit"
   [ -e "$KNOB" ] || die "$KNOB is missing: $(uname -r) has no FUSE over io_uring (Linux 6.14+ with CONFIG_FUSE_IO_URING)"
   set_knob "$KNOB" Y

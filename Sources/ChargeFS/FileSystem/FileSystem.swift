@@ -631,10 +631,12 @@ public final class FileSystem: Sendable {
             if case .done(let result) = outcome { commit(c, result) }
             return outcome
         }
-        /// `held`: the tree, when the caller holds its lock (the last round).
-        func charge(_ pending: PendingCharge, held: FileSystemCore? = nil) -> (charged: Int, failure: Errno?) {
+        /// Charges `pending`; `held`: the tree, when the caller holds its lock (the last round).
+        /// A refusal of part of it (or a failure) means the run stores what fits.
+        func charge(_ pending: PendingCharge, held: FileSystemCore? = nil) -> (charged: Int, failure: Errno?, supply: PageSupply) {
             let admitted = caller.map { admitsShared($0, bytes: Int64(pending.wanted * PageSize.bytes), held: held) } ?? true
-            return admitted ? pending.charge() : (0, nil)
+            let (charged, failure): (Int, Errno?) = admitted ? pending.charge() : (0, nil)
+            return (charged, failure, charged < pending.wanted || failure != nil ? .useWhatIsCharged : .askForMore)
         }
         /// Settles `pending` and runs again, all in the caller's hold of the tree lock. What the
         /// run does not take beyond one batch then goes back (other callers' charges may have
@@ -649,9 +651,7 @@ public final class FileSystem: Sendable {
         var outcome = try exclusive { c throws(Errno) in try run(c, .askForMore) }
         for _ in 1..<Self.chargeRounds {
             guard case .charge(let pending) = outcome else { break }
-            let (charged, failure) = charge(pending)
-            // The charger refused part of it (or failed): store what fits.
-            let supply: PageSupply = charged < pending.wanted || failure != nil ? .useWhatIsCharged : .askForMore
+            let (charged, failure, supply) = charge(pending)
             outcome = try exclusive { c throws(Errno) in try settleAndRun(c, pending, charged, failure, supply) }
         }
         switch outcome {
@@ -659,11 +659,10 @@ public final class FileSystem: Sendable {
         case .charge(let pending):
             outcome = try exclusive { c throws(Errno) in
                 defer { c.store.trimReserveToLimit() }
-                let (charged, failure) = charge(pending, held: c)
-                let supply: PageSupply = charged < pending.wanted || failure != nil ? .useWhatIsCharged : .askForMore
+                let (charged, failure, supply) = charge(pending, held: c)
                 let again = try settleAndRun(c, pending, charged, failure, supply, trim: false)
                 guard case .charge(let more) = again else { return again }
-                let (moreCharged, moreFailure) = charge(more, held: c)
+                let (moreCharged, moreFailure, _) = charge(more, held: c)
                 return try settleAndRun(c, more, moreCharged, moreFailure, .useWhatIsCharged, trim: false)
             }
         }
