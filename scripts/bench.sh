@@ -384,11 +384,9 @@ for g in ${groups[@]+"${groups[@]}"}; do
     # The two chargefs mounts swap places every repetition, so neither always runs right after
     # the other's workload (the memcg/no-memcg ratio was skewed by that order).
     # The baseline build takes the default mount's place in the other order.
-    order=(tmpfs cfs cfsm cfsp); [ $((r % 2)) = 0 ] && order=(tmpfs cfsm cfs cfsp)
-    if [ -n "$baseline" ]; then
-      order=(tmpfs cfs cfsm cfsp base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs cfsp)
-    fi
-    if [ "$ab" = 1 ]; then order=(tmpfs cfs cfsm base); [ $((r % 2)) = 0 ] && order=(tmpfs base cfsm cfs); fi
+    extra=(); for f in "${FS[@]:3}"; do case $f in base|cfsu) ;; *) extra+=("$f") ;; esac; done
+    if [ $((r % 2)) = 1 ]; then order=(tmpfs cfs cfsm "${extra[@]}" ${baseline:+base})
+    else order=(tmpfs ${baseline:+base} cfsm cfs "${extra[@]}"); fi
     [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     # The peer runs last in one repetition and right after tmpfs in the next.
