@@ -342,7 +342,7 @@ import sys; v = sys.argv[1:]; sys.exit(0 if len(v) == 5 and all(x.isdigit() and 
 # The commit whose chargefsd `previous` upgrades from: the last landed main. Each landing on main
 # updates it to the commit main was at before that landing, so the suite upgrades from the last
 # landed binaries to the ones being landed.
-PREVIOUS_COMMIT=e9c7b8c
+PREVIOUS_COMMIT=ee58950
 # By hand, any other landed commit: UPGRADE_FROM=COMMIT scripts/tests/upgrade.sh previous
 PREVIOUS_COMMIT=${UPGRADE_FROM:-$PREVIOUS_COMMIT}
 
