@@ -291,9 +291,14 @@ extension FileSystemCore {
             // An append charges a batch ahead (as the arena's reserve does), so that small
             // appends do not each cost a charge round trip; what the file has not grown into by
             // its last close is given back (`trimAhead`).
+            // Not past pages of the file's own beyond its end (a KEEP_SIZE allocation before a
+            // gap): the range runs from the end, so it would take them for ahead pages (given
+            // back by the next round's gap, or at the close).
             let aheadFrom = lastIndex + 1
-            if aheadFrom >= Self.pagesCovering(inode.size), pagesAllowed >= missing + PageStore.chargeBatch,
-               inode.pages.nextData(from: aheadFrom) == nil {
+            let end = Self.pagesCovering(inode.size)
+            if aheadFrom >= end, pagesAllowed >= missing + PageStore.chargeBatch,
+               inode.pages.nextData(from: aheadFrom) == nil,
+               firstIndex <= end || (inode.pages.nextData(from: end) ?? Int.max) >= firstIndex {
                 if let tail = runs.last, tail.first + tail.count == aheadFrom {
                     runs[runs.count - 1].count += PageStore.chargeBatch
                 } else {

@@ -153,19 +153,23 @@ final class AppendAheadTests: XCTestCase {
         fs.release(big)
         XCTAssertEqual(try blocks(fs, big), 772 * perPage, "the allocation outlives the close")
         XCTAssertEqual(try backingBlocks(keeper), 772 * perPage)
-        // A write past the allocation (a batch ahead of it again; the allocated pages now below
-        // the end), then an allocation below the end: that leaves the batch alone, given back
-        // at the close.
+        // A write past the allocation, after a gap: no batch beyond the allocated pages (the
+        // range runs from the end: it would take them for its own); they are below the end now.
         _ = try fs.open(big, flags: .readWrite, caller: me, clearSetIDAsked: false)
         XCTAssertEqual(try fs.write(big, [UInt8](repeating: 2, count: page), at: Int64(774 * page), caller: me), page)
         XCTAssertEqual(try blocks(fs, big), 773 * perPage)
-        XCTAssertGreaterThan(try backingBlocks(keeper), 773 * perPage, "a batch ahead")
+        XCTAssertEqual(try backingBlocks(keeper), 773 * perPage, "the allocated pages kept")
+        // An append charges a batch again; an allocation below the end leaves it alone, and it
+        // goes back at the close.
+        XCTAssertEqual(try fs.write(big, [UInt8](repeating: 2, count: page), at: Int64(775 * page), caller: me), page)
+        XCTAssertEqual(try blocks(fs, big), 774 * perPage)
+        XCTAssertGreaterThan(try backingBlocks(keeper), 774 * perPage, "a batch ahead")
         try fs.fallocate(big, mode: .keepSize, offset: 0, length: Int64(page))
-        XCTAssertEqual(try blocks(fs, big), 773 * perPage)
-        XCTAssertGreaterThan(try backingBlocks(keeper), 773 * perPage, "still ahead")
+        XCTAssertEqual(try blocks(fs, big), 774 * perPage)
+        XCTAssertGreaterThan(try backingBlocks(keeper), 774 * perPage, "still ahead")
         fs.release(big)
-        XCTAssertEqual(try blocks(fs, big), 773 * perPage)
-        XCTAssertEqual(try backingBlocks(keeper), 773 * perPage)
+        XCTAssertEqual(try blocks(fs, big), 774 * perPage)
+        XCTAssertEqual(try backingBlocks(keeper), 774 * perPage)
     }
 
     /// A truncate up over the batch leaves a hole, as tmpfs's does; a truncate down and an
