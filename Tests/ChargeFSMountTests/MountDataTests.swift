@@ -134,6 +134,48 @@ final class MountDataTests: MountTestCase {
         }
     }
 
+    /// A file of 1 MiB or more has a backing file, and its appends charge a 64-page batch ahead
+    /// until the last close: st_blocks must show only what tmpfs shows, before the close and
+    /// after it, whether or not a stat came between (fsstress's sizes, docs/takeover.md: a stat
+    /// between the writev and the close kept the batch, 704 blocks against 192), and around a
+    /// gap, a truncate up and a fallocate past the end over the batch.
+    func testAppendsToALargeFileShowTmpfsBlocks() throws {
+        try assertSameAsTmpfs("st_blocks around an append's batch") { dir, t in
+            func blocks(_ label: String, _ fd: Int32) {
+                let st = (try? FS.fstatOf(fd)) ?? StatBuf()
+                t.append("  \(label): size=\(st.st_size) blocks=\(st.st_blocks)")
+            }
+            for statBetween in [false, true] {
+                let f = dir + "/fsstress-\(statBetween)"
+                let fd = try FS.open(f, O_CREAT | O_RDWR)
+                _ = try FS.write(fd, pattern(876_333), at: 2 << 20)
+                try sys("ftruncate", ftruncate(fd, 113_855))
+                _ = try FS.write(fd, pattern(94_234, seed: 3), at: 359_249)
+                if statBetween { blocks("stat between", fd) }
+                close(fd)
+                let st = try FS.statOf(f)
+                t.append("  after close (stat between: \(statBetween)): size=\(st.st_size) blocks=\(st.st_blocks)")
+            }
+            let fd = try FS.open(dir + "/big", O_CREAT | O_RDWR)
+            defer { close(fd) }
+            for i in 0..<24 { _ = try FS.write(fd, pattern(128 << 10, seed: UInt8(i)), at: Int64(i) * (128 << 10)) }
+            blocks("3 MiB appended", fd)
+            _ = try FS.write(fd, [1, 2, 3, 4], at: 3 << 20)
+            blocks("4 bytes appended", fd)
+            _ = try FS.write(fd, pattern(4096), at: (3 << 20) + 10 * 4096)
+            blocks("a page past a gap", fd)
+            try sys("ftruncate", ftruncate(fd, (3 << 20) + 40 * 4096))
+            blocks("truncated up", fd)
+            _ = try FS.write(fd, pattern(4096), at: (3 << 20) + 40 * 4096)
+            blocks("appended again", fd)
+            record(&t, "KEEP_SIZE past the end", Sys.fallocate(fd, LinuxConst.FALLOC_FL_KEEP_SIZE, (3 << 20) + 43 * 4096, 3 * 4096))
+            blocks("allocated past the end", fd)
+            let again = try FS.open(dir + "/big", O_RDONLY)
+            close(again)
+            blocks("another open closed", fd)
+        }
+    }
+
     /// Found by the exerciser: a punch that runs past EOF must free the page holding EOF when it
     /// covers that page's in-file part entirely (tmpfs does).
     func testPunchHolePastEOFFreesTailPageLikeTmpfs() throws {

@@ -184,6 +184,16 @@ public final class FileSystem: Sendable {
         c.keeping = k
         store.deferPunches = true
         store.mapsChargedPages = true
+        // An ahead range of a file no one has open has no last close left to give it back (a
+        // release is recorded with its trim, so only a record torn between them leaves one).
+        var trimmed = StateChange(), anyTrimmed = false
+        for ino in c.filesAhead.sorted(by: { $0.rawValue < $1.rawValue }) {
+            guard let inode = c.inodes[ino], inode.openCount == 0 else { continue }
+            c.trimAhead(inode)
+            trimmed.inode(ino)
+            anyTrimmed = true
+        }
+        if anyTrimmed { k.commit(c, nil, .done, trimmed) }
         self.config = config
         callerCgroup = store.callerCgroupLookup
         sharedLevels = store.sharedLevelsLookup

@@ -155,21 +155,37 @@ extension FileSystemCore {
     }
 
     /// Gives back the pages charged ahead of appends that the file did not grow into (at its
-    /// last close).
+    /// last close, and before a change that would make them the file's where tmpfs would have
+    /// holes or nothing: see `storeBacked`, `truncateBacked`, `allocateBacked`).
     func trimAhead(_ inode: Inode) {
         guard let backing = inode.backing, backing.aheadEnd > 0 else { return }
-        let from = Self.pagesCovering(inode.size)
-        // A punch the kernel refuses leaves the pages where they are, past the end: they stay in
-        // the file's map (as a KEEP_SIZE allocation's would), so stored and charged bytes still
-        // count them, and the file may grow into them later.
-        if backing.aheadEnd > from, (inode.pages.nextData(from: from) ?? Int.max) < backing.aheadEnd,
-           backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(backing.aheadEnd - from) * Int64(PageSize.bytes)) {
-            var marks: [UInt32] = []
-            inode.pages.remove(from: from, to: backing.aheadEnd, into: &marks)
-            store.noteBackingPages(-marks.count, of: backing)
-            backing.shrinks += 1
-        }
+        giveBackAhead(inode, backing, from: Self.pagesCovering(inode.size), to: backing.aheadEnd)
+        endAhead(inode, backing)
+    }
+
+    /// Punches the ahead pages of [from, to) out of the backing file (their memory and charge).
+    /// A punch the kernel refuses leaves the pages where they are, past the end: they stay in
+    /// the file's map (as a KEEP_SIZE allocation's would), so stored and charged bytes still
+    /// count them, and the file may grow into them later.
+    private func giveBackAhead(_ inode: Inode, _ backing: BackingFile, from: Int, to: Int) {
+        guard to > from, (inode.pages.nextData(from: from) ?? Int.max) < to,
+              backing.punch(offset: Int64(from) * Int64(PageSize.bytes), length: Int64(to - from) * Int64(PageSize.bytes)) else { return }
+        var marks: [UInt32] = []
+        inode.pages.remove(from: from, to: to, into: &marks)
+        store.noteBackingPages(-marks.count, of: backing)
+        backing.shrinks += 1
+    }
+
+    /// The file has no ahead range any more (pages left past its end, if any, are its own).
+    func endAhead(_ inode: Inode, _ backing: BackingFile) {
         backing.aheadEnd = 0
+        if !filesAhead.isEmpty { filesAhead.remove(inode.ino) }
+    }
+
+    /// Pages charged ahead that no file holds as its own, over every file with an ahead range:
+    /// left out of statfs's used blocks, as st_blocks leaves them out (`Inode.pagesAhead`).
+    var pagesAhead: Int {
+        filesAhead.reduce(0) { $0 + (inodes[$1]?.pagesAhead ?? 0) }
     }
 
     /// A passthrough open closed, or the kernel refused to serve one (it is an ordinary open then).
@@ -187,6 +203,7 @@ extension FileSystemCore {
         inode.pages.remove(from: 0, to: Int.max >> 1, into: &marks)
         if let backing = inode.backing { store.noteBackingPages(-held, of: backing) }
         inode.backing?.shrinks += 1
+        if let backing = inode.backing { endAhead(inode, backing) }
         inode.backing = nil  // closed: its pages go now, or with the last mapping of it
         backingFiles -= 1
     }
@@ -258,6 +275,14 @@ extension FileSystemCore {
         let firstIndex = Int(offset / pageSize)
         let lastIndex = Int((end - 1) / pageSize)
         let gapFrom = inode.passthroughOpens > 0 && offset > inode.size ? Int(inode.size / pageSize) : firstIndex
+        // A write past the end that leaves a gap: ahead pages in the gap would end up below the
+        // size, the file's own, where tmpfs has holes. They go back first (with passthrough
+        // opens the gap is filled anyway: they serve as its pages).
+        if backing.aheadEnd > 0, inode.passthroughOpens == 0 {
+            let end = Self.pagesCovering(inode.size)
+            if firstIndex > end { giveBackAhead(inode, backing, from: end, to: min(firstIndex, backing.aheadEnd)) }
+            if firstIndex >= backing.aheadEnd { endAhead(inode, backing) }
+        }
         let holes = try holeRuns(inode, from: gapFrom, through: lastIndex, limit: Int.max)
         let missing = holes.reduce(0) { $0 + $1.count }
         if wholeOrNothing && missing > pagesAllowed { throw .noSpace }
@@ -266,15 +291,21 @@ extension FileSystemCore {
             // An append charges a batch ahead (as the arena's reserve does), so that small
             // appends do not each cost a charge round trip; what the file has not grown into by
             // its last close is given back (`trimAhead`).
+            // Not past pages of the file's own beyond its end (a KEEP_SIZE allocation before a
+            // gap): the range runs from the end, so it would take them for ahead pages (given
+            // back by the next round's gap, or at the close).
             let aheadFrom = lastIndex + 1
-            if aheadFrom >= Self.pagesCovering(inode.size), pagesAllowed >= missing + PageStore.chargeBatch,
-               inode.pages.nextData(from: aheadFrom) == nil {
+            let end = Self.pagesCovering(inode.size)
+            if aheadFrom >= end, pagesAllowed >= missing + PageStore.chargeBatch,
+               inode.pages.nextData(from: aheadFrom) == nil,
+               firstIndex <= end || (inode.pages.nextData(from: end) ?? Int.max) >= firstIndex {
                 if let tail = runs.last, tail.first + tail.count == aheadFrom {
                     runs[runs.count - 1].count += PageStore.chargeBatch
                 } else {
                     runs.append((aheadFrom, PageStore.chargeBatch))
                 }
                 backing.aheadEnd = max(backing.aheadEnd, aheadFrom + PageStore.chargeBatch)
+                filesAhead.insert(inode.ino)
             }
             let pending = store.pendingCharge(of: backing, runs: runs, wanted: min(missing, pagesAllowed),
                                               owner: inode.ino.rawValue, shrinks: backing.shrinks)
@@ -321,6 +352,9 @@ extension FileSystemCore {
     /// rest of the last page, as tmpfs does); growing with passthrough opens charges the new pages.
     func truncateBacked(_ inode: Inode, _ backing: BackingFile, to size: Int64) throws(Errno) {
         let pageSize = Int64(PageSize.bytes)
+        // Growing over ahead pages would make them the file's, where tmpfs's truncate leaves a
+        // hole; shrinking frees them with the rest past the end (below).
+        if size > inode.size { trimAhead(inode) }
         if size > inode.size, inode.passthroughOpens > 0 {
             let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pagesCovering(size) - 1, limit: pagesAllowed)
             // Charged here, under the lock: only a truncate up of a file being read through
@@ -338,6 +372,7 @@ extension FileSystemCore {
             inode.pages.remove(from: Self.pagesCovering(size), to: Int.max >> 1, into: &marks)
             store.noteBackingPages(-marks.count, of: backing)
             backing.shrinks += 1
+            endAhead(inode, backing)
         }
         inode.size = size
     }
@@ -370,8 +405,11 @@ extension FileSystemCore {
                         supply: PageSupply) throws(Errno) -> PendingCharge? {
         let pageSize = Int64(PageSize.bytes)
         let firstIndex = Int(offset / pageSize), lastIndex = Int((end - 1) / pageSize)
-        // Pages the caller allocates past the end are theirs to keep: no trimming from here on.
-        backing.aheadEnd = 0
+        // An allocation that reaches past the end: ahead pages there go back first (charged
+        // again below where the range needs them), so that pages past the end are the caller's
+        // allocation alone, as on tmpfs (ending the range instead made the whole batch the
+        // file's, kept for good); one below the end leaves the range alone.
+        if backing.aheadEnd > 0, lastIndex >= Self.pagesCovering(inode.size) { trimAhead(inode) }
         let holes = try holeRuns(inode, from: firstIndex, through: lastIndex, limit: pagesAllowed)
         if holes.reduce(0, { $0 + $1.count }) > pagesAllowed { throw .noSpace }
         if supply == .askForMore, let pending = charge(inode, backing, holes) { return pending }

@@ -116,6 +116,7 @@ extension FileSystemCore {
             if let backing = file.backing { store.noteBackingPages(-marks.count, of: backing) }
             for pair in pairs { file.pages.set(pair.page, at: pair.index) }
             file.backing?.shrinks += 1
+            if let backing = file.backing { endAhead(file, backing) }
             file.backing = nil
             backingFiles -= 1
         }

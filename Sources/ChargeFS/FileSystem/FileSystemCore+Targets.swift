@@ -97,6 +97,9 @@ extension FileSystemCore {
         // A backing file the kernel reads for a live passthrough open (a running program's
         // executable, a reader's open) cannot be swapped under it: its pages stay.
         if all.contains(where: { $0.backing != nil && $0.passthroughOpens > 0 }) { throw backed }
+        // Pages charged ahead of an append are not copied into the arena, where they would be
+        // the file's for good, past its end: they go back now (the next append charges again).
+        for file in all where file.backing != nil { trimAhead(file) }
         let needed = all.reduce(0) { $0 + $1.pages.count }
         let kill = needed > 0 && keeping != nil ? MoveKillPoint.armed : nil
         if kill == .charging { MoveKillPoint.killSoon() }

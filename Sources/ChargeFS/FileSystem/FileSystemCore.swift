@@ -18,6 +18,9 @@ final class FileSystemCore {
     /// memcg=auto: files used by more than one cgroup, or hosted above their one user (the
     /// shared-charge check walks these only).
     var sharedInodes = Set<InodeNumber>()
+    /// Files whose backing file has an ahead range (`BackingFile.aheadEnd`): few (appended to
+    /// since their last close), walked by statfs to leave those pages out of the used blocks.
+    var filesAhead = Set<InodeNumber>()
 
     /// size= in pages, rounded up (nil: no size=).
     private static func pageLimit(_ config: FileSystemConfig) -> Int? {
@@ -48,10 +51,12 @@ final class FileSystemCore {
         var slots: Int64 = 0
         var backed = 0
         var shared: [InodeNumber] = []
+        var ahead: [InodeNumber] = []
         // In place, not through `all` (an array of every inode: at 1M files a pass cost ~60 ms).
         table.forEach { inode in
             inode.lookups = Self.lookupsAfterTakeover
             if inode.backing != nil { backed += 1 }
+            if (inode.backing?.aheadEnd ?? 0) > 0 { ahead.append(inode.ino) }
             if inode.isDirectory { slots += 1 } else if inode.nlink > 0 { slots += Int64(inode.nlink) } else if inode.openCount > 0 { slots += 1 }
             // memcg=auto: as noteUser marks them (after the store's targets are adopted).
             if let first = inode.users.first, inode.users.count > 1 || store.targetKey(inode.chargeTarget) != first {
@@ -60,6 +65,7 @@ final class FileSystemCore {
         }
         backingFiles += backed
         for ino in shared { sharedInodes.insert(ino) }
+        for ino in ahead { filesAhead.insert(ino) }
         inodeSlots = slots
     }
 
@@ -143,7 +149,7 @@ final class FileSystemCore {
 
     /// Bytes of data held by files, and bytes charged (data plus the store's reserve).
     func storedBytes() -> (used: Int64, charged: Int64) {
-        (Int64(store.pagesInUse * PageSize.bytes), Int64(store.pagesCharged * PageSize.bytes))
+        (Int64((store.pagesInUse - pagesAhead) * PageSize.bytes), Int64(store.pagesCharged * PageSize.bytes))
     }
 
     func destroy() {
@@ -486,8 +492,10 @@ final class FileSystemCore {
 
     /// statfs's figures, as tmpfs gives them: no totals where nothing limits (size=0,
     /// nr_inodes=0); with memcg=, what can still be stored is bounded by the cgroup's headroom.
+    /// Pages charged ahead of appends are not used blocks (tmpfs has none); size= still counts
+    /// them (`pagesAllowed`): they are stored, and a write into them takes no room check.
     func usage() -> FileSystemUsage {
-        let used = Int64(store.pagesInUse)
+        let used = Int64(store.pagesInUse - pagesAhead)
         var total = maxPages.map { Int64($0) }
         if let headroom = store.availableBytes() {
             total = min(total ?? .max, used + max(0, headroom) / Int64(PageSize.bytes))

@@ -349,6 +349,14 @@ final class StateKeeping: @unchecked Sendable {
         if let inode = core.inodes[ino] {
             e.u8(1)
             try encode(inode, pages: inode.pages.takeChanged(), into: &e)
+            // Its ahead range, if any (kind 7, version 4): a whole record with none after it
+            // says there is none. A successor that did not know it never gave those pages back.
+            if let backing = inode.backing, backing.aheadEnd > 0 {
+                files.raiseVersion()
+                e.u8(7)
+                e.u64(ino.rawValue)
+                e.u64(UInt64(backing.aheadEnd))
+            }
         } else {
             e.u8(2)
             e.u64(ino.rawValue)
@@ -442,6 +450,13 @@ final class StateKeeping: @unchecked Sendable {
         }
         Self.writeTargets(core.store.targetKeys, into: &e)
         recordedTargetsGeneration = core.store.targetsGeneration
+        // Version 4: the ahead ranges, {count, (inode, end)...}.
+        let ahead = core.filesAhead.compactMap { ino -> (InodeNumber, Int)? in
+            guard let end = core.inodes[ino]?.backing?.aheadEnd, end > 0 else { return nil }
+            return (ino, end)
+        }
+        e.u64(UInt64(ahead.count))
+        for (ino, end) in ahead { e.u64(ino.rawValue); e.u64(UInt64(end)) }
     }
 }
 
@@ -453,6 +468,9 @@ struct TreeRestorer {
     var backingIDs: [InodeNumber: UInt64] = [:]
     /// Each charge target's cgroup by index, as last recorded ([""]: the mount's alone).
     var targetKeys: [String?] = [""]
+    /// Backing files' ahead ranges by inode (`BackingFile.aheadEnd`), set on them by
+    /// `resolveBackings`; none in a version-3 state.
+    var aheadEnds: [InodeNumber: Int] = [:]
     /// The inodes recorded by the last transactions that removed a name (unlink, rmdir, rename),
     /// oldest first, about the last `recentRemovalLimit`: a request in flight at the crash is one
     /// of the last (`FileSystem.attributesToRefresh` says why they matter).
@@ -486,7 +504,7 @@ struct TreeRestorer {
     mutating func applyCheckpoint(_ raw: UnsafeRawBufferPointer) throws(StateError) {
         var r = StateReader(raw)
         let version = try r.u64()
-        guard version == StateFiles.version else { throw StateError.version(version) }
+        guard StateFiles.readableVersions.contains(version) else { throw StateError.version(version) }
         let slots = try r.u64()
         guard slots < 1 << 40 else { throw StateError.corrupt("an inode table of \(slots) slots") }
         inodes.reserveSlots(Int(slots))
@@ -513,6 +531,19 @@ struct TreeRestorer {
         let answers = try r.u64()
         for _ in 0..<answers { applied.append((try r.u64(), try AppliedRequest.read(from: &r))) }
         targetKeys = try Self.readTargets(&r)
+        if version >= 4 {
+            let count = try r.u64()
+            guard count <= slots else { throw StateError.corrupt("\(count) ahead ranges in \(slots) slots") }
+            for _ in 0..<count { try readAhead(&r) }
+        }
+    }
+
+    /// An ahead range: {inode, end}, of an inode already there.
+    private mutating func readAhead(_ r: inout StateReader) throws(StateError) {
+        let ino = InodeNumber(rawValue: try r.u64())
+        let end = try r.u64()
+        guard inodes[ino] != nil, end <= UInt64(Int.max >> 1) else { throw StateError.corrupt("ahead range \(end) of inode \(ino)") }
+        aheadEnds[ino] = end == 0 ? nil : Int(end)
     }
 
     static func readTargets(_ r: inout StateReader) throws(StateError) -> [String?] {
@@ -547,6 +578,7 @@ struct TreeRestorer {
                 let ino = InodeNumber(rawValue: try r.u64())
                 inodes.remove(ino)
                 backingIDs[ino] = nil
+                if !aheadEnds.isEmpty { aheadEnds[ino] = nil }
             case 3:
                 let dir = InodeNumber(rawValue: try r.u64())
                 let name = try r.blob(max: FileSystem.nameMax)
@@ -559,6 +591,7 @@ struct TreeRestorer {
                     d.restore(name, ino: InodeNumber(rawValue: ino), cookie: cookie)
                 }
             case 4: targetKeys = try Self.readTargets(&r)
+            case 7: try readAhead(&r)
             case 5:
                 // A directory's link count and times (a name made or removed in it).
                 let ino = InodeNumber(rawValue: try r.u64())
@@ -615,6 +648,8 @@ struct TreeRestorer {
             inode = Inode(ino: ino, mode: mode, uid: uid, gid: gid, now: atime)
             inodes.restore(inode)
         }
+        // A whole record says the inode has no ahead range unless a kind 7 follows it.
+        if !aheadEnds.isEmpty { aheadEnds[ino] = nil }
         inode.generation = generation
         inode.nlink = nlink
         inode.rdev = rdev
@@ -689,7 +724,9 @@ struct TreeRestorer {
         for (ino, id) in backingIDs.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
             guard let inode = inodes[ino] else { backingIDs[ino] = nil; continue }
             // Made by its inode's target's charger (a directory target's for a mapped file).
-            inode.backing = try backing(id, target: inode.chargeTarget)
+            let file = try backing(id, target: inode.chargeTarget)
+            file.aheadEnd = aheadEnds[ino] ?? 0
+            inode.backing = file
         }
     }
 

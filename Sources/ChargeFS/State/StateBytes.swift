@@ -199,7 +199,7 @@ public enum StateError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .system(let call, let err): "state: \(call): \(String(cString: strerror(err)))"
         case .corrupt(let what): "state is corrupt: \(what)"
-        case .version(let v): "state version \(v) is not one this chargefsd reads (it reads \(StateFiles.version))"
+        case .version(let v): "state version \(v) is not one this chargefsd reads (it reads \(StateFiles.readableVersions.lowerBound) to \(StateFiles.version))"
         case .unsupported(let what): "state cannot be taken over: \(what)"
         }
     }

@@ -24,8 +24,14 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
     /// 2: inode records carry memcg=auto users and the passthrough backing id; transactions and
     /// checkpoints carry the charge-target table. 3: a parent directory's times and link count
     /// as a record of their own, an answer that names an inode recorded in its transaction, and
-    /// a four-lane checksum.
-    public static let version: UInt64 = 3
+    /// a four-lane checksum. 4: the ahead range of a backing file (a record of its own after
+    /// the inode's in a transaction, a table at a checkpoint's end): additions only, so a
+    /// version-3 state reads as one with no ahead ranges and is still taken over; the header
+    /// says 4 once the files hold anything of 4 (`raiseVersion`), so that an older chargefsd
+    /// refuses them instead of stopping at a record it does not know.
+    public static let version: UInt64 = 4
+    /// The versions this chargefsd takes over.
+    public static let readableVersions: ClosedRange<UInt64> = 3...version
     static let headerBytes = 4096
     static let transactionHeaderBytes = 24
     public static let initMaxBytes = 2048
@@ -116,7 +122,7 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
             let base = try map(fds[0])
             let v = base.load(fromByteOffset: 8, as: UInt64.self)
             let m = base.load(as: UInt64.self)
-            guard m == magic, v == version else {
+            guard m == magic, readableVersions.contains(v) else {
                 // The words are read before the unmap (reading them after was a SIGSEGV: an
                 // older state crashed the successor instead of being refused).
                 munmap(base, journalReserve)
@@ -147,6 +153,16 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
 
     /// Bytes of published transactions.
     public var tail: Int { Int(cfuse_load_acquire_u64(word(16))) }
+
+    /// The version the header says (an older readable one for state taken over from an older
+    /// chargefsd, until `raiseVersion`).
+    public var headerVersion: UInt64 { word(8).pointee }
+
+    /// Says this version in the header, before the first record or checkpoint only it can read
+    /// is published (a no-op once it does: one compare).
+    func raiseVersion() {
+        if word(8).pointee != Self.version { word(8).pointee = Self.version }
+    }
 
     // MARK: - INIT
 
@@ -367,6 +383,7 @@ public final class StateFiles: StateRoom, @unchecked Sendable {
         var e = StateEncoder(base: room.base, capacity: room.allocated, room: room)
         try body(&e)
         if let failure = room.failure { throw failure }
+        raiseVersion()  // the checkpoint is this version's
         publishCheckpoint(slot: slot, active: active, e.bytes)
         return e.count
     }

@@ -527,7 +527,8 @@ final class TakeoverStateTests: XCTestCase {
     func testAnOlderStateVersionIsRefused() throws {
         var (fs, keeper) = try makeKept()
         _ = try fs.mknod(parent: root, name: n("a"), mode: 0o100644, rdev: 0, caller: me)
-        XCTAssertEqual(StateFiles.version, 3)
+        XCTAssertEqual(StateFiles.version, 4)
+        XCTAssertEqual(StateFiles.readableVersions, 3...4)
         let journal = try XCTUnwrap(keeper.descriptor(.journal))
         var old = UInt64(2).littleEndian
         XCTAssertEqual(pwrite(journal.rawValue, &old, 8, 8), 8)
