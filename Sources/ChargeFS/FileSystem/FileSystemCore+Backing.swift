@@ -34,7 +34,7 @@ extension FileSystemCore {
     /// as many pages as the size needs and none past the end settles it without a walk (a look
     /// at each 2 MiB chunk); only pages past the end (KEEP_SIZE, an append's batch) need the walk.
     private func isDense(_ inode: Inode) -> Bool {
-        let n = Self.pagesCovering(inode.size)
+        let n = PageSize.covering(inode.size)
         let held = inode.pages.count
         if held < n { return false }
         if held == n && inode.pages.nextData(from: n) == nil { return true }
@@ -57,7 +57,7 @@ extension FileSystemCore {
               (reaching ?? inode.size) >= min, store.canMakeBackingFiles,
               // What a file below the threshold holds, plus the write that took it past (a file
               // with more, KEEP_SIZE pages past its end, moves at an open as before).
-              inode.pages.count <= 2 * Self.pagesCovering(min) + PageStore.chargeBatch else { return nil }
+              inode.pages.count <= 2 * PageSize.covering(min) + PageStore.chargeBatch else { return nil }
         if let written, written < PageStore.chargeBatch * PageSize.bytes, !isDense(inode) { return nil }
         return heldRuns(inode)
     }
@@ -65,7 +65,7 @@ extension FileSystemCore {
     /// The file's pages, as runs of indexes, those past its end (KEEP_SIZE allocations) too: a
     /// dense file's at a glance, others by a walk (only files that hold little get that far).
     private func heldRuns(_ inode: Inode) -> [Range<Int>] {
-        let n = Self.pagesCovering(inode.size)
+        let n = PageSize.covering(inode.size)
         if inode.pages.count == n, inode.pages.nextData(from: n) == nil { return n == 0 ? [] : [0..<n] }
         var runs: [Range<Int>] = []
         var next = inode.pages.nextData(from: 0)
@@ -118,7 +118,7 @@ extension FileSystemCore {
         guard let inode = inodes[ino], inode.isRegular, inode.backing == nil, inode.chargeTarget == file.target,
               !forOpen || (inode.openCount == 1 && inode.passthroughOpens == 0 && isDense(inode)),
               heldRuns(inode) == charged else { return .none }
-        let n = Self.pagesCovering(inode.size)
+        let n = PageSize.covering(inode.size)
         // Copy in runs of consecutive arena pages: one pwrite each, none past the size (the
         // backing file never shrinks here: that would free its pages past the end).
         var index = inode.pages.nextData(from: 0) ?? n
@@ -159,7 +159,7 @@ extension FileSystemCore {
     /// holes or nothing: see `storeBacked`, `truncateBacked`, `allocateBacked`).
     func trimAhead(_ inode: Inode) {
         guard let backing = inode.backing, backing.aheadEnd > 0 else { return }
-        giveBackAhead(inode, backing, from: Self.pagesCovering(inode.size), to: backing.aheadEnd)
+        giveBackAhead(inode, backing, from: PageSize.covering(inode.size), to: backing.aheadEnd)
         endAhead(inode, backing)
     }
 
@@ -279,7 +279,7 @@ extension FileSystemCore {
         // size, the file's own, where tmpfs has holes. They go back first (with passthrough
         // opens the gap is filled anyway: they serve as its pages).
         if backing.aheadEnd > 0, inode.passthroughOpens == 0 {
-            let end = Self.pagesCovering(inode.size)
+            let end = PageSize.covering(inode.size)
             if firstIndex > end { giveBackAhead(inode, backing, from: end, to: min(firstIndex, backing.aheadEnd)) }
             if firstIndex >= backing.aheadEnd { endAhead(inode, backing) }
         }
@@ -295,7 +295,7 @@ extension FileSystemCore {
             // gap): the range runs from the end, so it would take them for ahead pages (given
             // back by the next round's gap, or at the close).
             let aheadFrom = lastIndex + 1
-            let end = Self.pagesCovering(inode.size)
+            let end = PageSize.covering(inode.size)
             if aheadFrom >= end, pagesAllowed >= missing + PageStore.chargeBatch,
                inode.pages.nextData(from: aheadFrom) == nil,
                firstIndex <= end || (inode.pages.nextData(from: end) ?? Int.max) >= firstIndex {
@@ -356,7 +356,7 @@ extension FileSystemCore {
         // hole; shrinking frees them with the rest past the end (below).
         if size > inode.size { trimAhead(inode) }
         if size > inode.size, inode.passthroughOpens > 0 {
-            let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: Self.pagesCovering(size) - 1, limit: pagesAllowed)
+            let holes = try holeRuns(inode, from: Int(inode.size / pageSize), through: PageSize.covering(size) - 1, limit: pagesAllowed)
             // Charged here, under the lock: only a truncate up of a file being read through
             // passthrough waits for the target.
             if let pending = charge(inode, backing, holes) {
@@ -369,7 +369,7 @@ extension FileSystemCore {
         try backing.setSize(size)
         if size < inode.size {
             var marks: [UInt32] = []
-            inode.pages.remove(from: Self.pagesCovering(size), to: Int.max >> 1, into: &marks)
+            inode.pages.remove(from: PageSize.covering(size), to: Int.max >> 1, into: &marks)
             store.noteBackingPages(-marks.count, of: backing)
             backing.shrinks += 1
             endAhead(inode, backing)
@@ -380,7 +380,7 @@ extension FileSystemCore {
     /// Whole pages inside the range are freed, unless passthrough opens exist: then zeroed.
     func punchBacked(_ inode: Inode, _ backing: BackingFile, from offset: Int64, to end: Int64) throws(Errno) {
         let pageSize = Int64(PageSize.bytes)
-        let firstFull = Self.pagesCovering(offset)
+        let firstFull = PageSize.covering(offset)
         let lastFull = Int(end / pageSize)  // exclusive
         guard inode.passthroughOpens == 0, firstFull < lastFull else {
             return try zero(inode, from: offset, to: end)
@@ -409,7 +409,7 @@ extension FileSystemCore {
         // again below where the range needs them), so that pages past the end are the caller's
         // allocation alone, as on tmpfs (ending the range instead made the whole batch the
         // file's, kept for good); one below the end leaves the range alone.
-        if backing.aheadEnd > 0, lastIndex >= Self.pagesCovering(inode.size) { trimAhead(inode) }
+        if backing.aheadEnd > 0, lastIndex >= PageSize.covering(inode.size) { trimAhead(inode) }
         let holes = try holeRuns(inode, from: firstIndex, through: lastIndex, limit: pagesAllowed)
         if holes.reduce(0, { $0 + $1.count }) > pagesAllowed { throw .noSpace }
         if supply == .askForMore, let pending = charge(inode, backing, holes) { return pending }

@@ -9,12 +9,6 @@ extension FileSystemCore {
 
     static let physicalPages = Int(cfuse_physical_memory()) / PageSize.bytes
 
-    /// Pages that hold `bytes` from offset 0 (the page index just past them), rounding up; a
-    /// value near 2^63 (tmpfs's size limit) must not overflow on the way.
-    static func pagesCovering(_ bytes: Int64) -> Int {
-        Int(bytes / Int64(PageSize.bytes)) + (bytes % Int64(PageSize.bytes) == 0 ? 0 : 1)
-    }
-
     /// Splits the byte range [from, to) at page boundaries and calls `body` with each piece's
     /// page index, offset inside the page and length, until it returns false.
     @inline(__always)
@@ -246,7 +240,7 @@ extension FileSystemCore {
         }
         let pageSize = Int64(PageSize.bytes)
         if size < inode.size {
-            let keepPages = Self.pagesCovering(size)
+            let keepPages = PageSize.covering(size)
             var freed: [UInt32] = []
             // To the end of the map: pages fallocated with KEEP_SIZE lie past the old size.
             inode.pages.remove(from: keepPages, to: Int.max >> 1, into: &freed)
@@ -299,7 +293,7 @@ extension FileSystemCore {
     /// allocations live there); the partial pages at its ends are zeroed.
     private func punchArena(_ inode: Inode, from offset: Int64, to end: Int64) throws(Errno) {
         let pageSize = Int64(PageSize.bytes)
-        let firstFull = Self.pagesCovering(offset)
+        let firstFull = PageSize.covering(offset)
         let lastFull = Int(end / pageSize)  // exclusive
         try zero(inode, from: offset, to: min(end, Int64(firstFull) * pageSize))
         if firstFull < lastFull {

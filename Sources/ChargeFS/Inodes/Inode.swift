@@ -125,7 +125,7 @@ final class Inode {
     /// visit every chunk of the map).
     var pagesAhead: Int {
         guard let backing, backing.aheadEnd > 0 else { return 0 }
-        let from = FileSystemCore.pagesCovering(size)
+        let from = PageSize.covering(size)
         guard backing.aheadEnd > from else { return 0 }
         var held = 0
         for index in from..<backing.aheadEnd where pages.page(at: index) != 0 { held += 1 }
