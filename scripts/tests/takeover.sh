@@ -43,6 +43,10 @@
 #                 nobody serves and answered first (CHARGEFS_TEST_DELAY_RESENT_REPLY_MS delays
 #                 the resent reply): ln d2/b d2/c then succeeds (was ENOENT: the kernel's cached
 #                 link count went to 0), and b and c show 2 links
+#   kill_unlink_listed_late  the same, but d2 is listed after the successor serves (its first
+#                 bump done) and before the resent reply: the successor answers resent requests
+#                 first, then bumps again, so the listing's link count cannot undo the kernel's
+#                 own decrement either (was ENOENT: the kill loop's one `link: ENOENT` in 50 kills)
 #   replies_mapped  the pages a write stores are mapped in the server once charged (pagemap), and
 #                 in its successor: a READ reply copied from an unmapped page failed with EIO when
 #                 a kill landed during the copy
@@ -52,7 +56,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked replies_mapped)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked kill_unlink_listed_late replies_mapped)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -544,6 +548,62 @@ PY
   check "rm d1/a, a listing of d2 meanwhile, then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
   check "b and c: one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/d2/b")" = "$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null)" ] && \
     [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
+  resent_ok
+}
+
+# kill_unlink_listed_late: as kill_unlink_linked, but d2 is listed once the successor logged that
+# it serves (100 ms later), while the resent UNLINK's reply waits 600 ms: answered at once, the
+# listing brought the count after the unlink and the kernel's decrement at the late reply took it
+# to 0 (`ln` ENOENT); the successor now holds the listing until every resent request is
+# answered, then bumps the attribute versions again.
+t_kill_unlink_listed_late() {
+  export CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=600
+  kill_op unlink
+  unset CHARGEFS_TEST_DELAY_RESENT_REPLY_MS
+  mkdir "$MNT/d1" "$MNT/d2"; echo x > "$MNT/d1/a"; ln "$MNT/d1/a" "$MNT/d2/b"
+  local out rc=0
+  out=$("$CFS_PYTHON" - "$MNT" "$CFS_LOG" <<'PY' 2>&1
+import os, select, sys, time
+mnt, log = sys.argv[1], sys.argv[2]
+d = os.path.join(mnt, "d2")
+status = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
+server = os.pidfd_open(int(status["pid"]))
+dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+child = os.fork()
+if child == 0:
+    try:
+        os.unlink(os.path.join(mnt, "d1", "a"))
+        os._exit(0)
+    except OSError as e:
+        print("rm a:", e)
+        os._exit(1)
+if not select.select([server], [], [], 20)[0]:
+    sys.exit("the server did not die at the rm")
+deadline = time.monotonic() + 20
+while " serves (takeover" not in open(log, errors="replace").read():
+    if time.monotonic() > deadline:
+        sys.exit("no successor served within 20 s")
+    time.sleep(0.01)
+time.sleep(0.1)
+t0 = time.monotonic()
+names = sorted(os.listdir(dirfd))                     # sent after the successor's first bump
+listed_ms = (time.monotonic() - t0) * 1e3
+_, st = os.waitpid(child, 0)
+if st != 0:
+    sys.exit("rm a failed")
+if names != ["b"]:
+    sys.exit("the listing shows %s" % names)
+try:
+    os.link(os.path.join(d, "b"), os.path.join(d, "c"))
+except OSError as e:
+    sys.exit("ln b c: %s (the listing answered in %.0f ms)" % (e, listed_ms))
+print("listing answered in %.0f ms; nlink %d" % (listed_ms, os.stat(os.path.join(d, "b")).st_nlink))
+PY
+) || rc=$?
+  check "rm d1/a, a listing of d2 once the successor serves, then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
+  check "b and c: one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/d2/b")" = "$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null)" ] && \
+    [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
+  check "the successor answered the resent UNLINK before any other request" grep -q 'answered 1 resent requests before any other' "$CFS_LOG"
   resent_ok
 }
 

@@ -279,10 +279,22 @@ enum Takeover {
         for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) }
         // Requests the dead server read and never answered go back on the pending queue (bit 63
         // of unique set); without FUSE_HAS_RESEND (before 6.9) their callers wait until abort.
+        // Those are answered before any other request, then the same files get a second bump:
+        // a reply to a request sent meanwhile cannot undo the kernel's own decrement at a resent
+        // UNLINK's reply either (ResentFirst says why).
         var resent = "no resend (the kernel has no FUSE_HAS_RESEND)"
         if fuse.features.kernelOffersResend {
+            let drain = fuse.features.resentFirst
+            drain.arm { [fuse] in
+                for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) }
+                Log.line("takeover: pid \(getpid()) answered \(drain.answeredFirst.load(ordering: .relaxed)) resent requests before any other, "
+                         + "waited \(drain.waitedMicroseconds.load(ordering: .relaxed) / 1000) ms for their replies"
+                         + (drain.gaveUp.load(ordering: .relaxed) ? " (gave up: one is still being handled)" : "")
+                         + "; \(refreshed.count) inodes' attributes refreshed again")
+            }
             let r = ckeeper_notify_resend(devFD)
             resent = r == 0 ? "resend asked" : "FUSE_NOTIFY_RESEND failed: \(Errno(rawValue: -r))"
+            if r != 0 { drain.disarm() }
         }
         let serving = monotonicMicroseconds()
         phases.mark("resend asked", serving)

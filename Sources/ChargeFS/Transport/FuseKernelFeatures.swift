@@ -31,6 +31,8 @@ final class FuseKernelFeatures {
     /// of unique), for the status attribute.
     let resent = Atomic<Int>(0)
     static let resentBit: UInt64 = 1 << 63
+    /// A successor answers resent requests before any other (ResentFirst says why).
+    let resentFirst = ResentFirst()
     /// Whether the kernel took the handover: then all clearing is ours.
     private(set) var granted = false
 
@@ -43,11 +45,10 @@ final class FuseKernelFeatures {
         guard HandlingThread.available, let handle = session.handle else { return false }
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
-            let n = Glibc.read(fd, buf, len)
-            if let session = FuseConnection.connection(userdata) {
-                session.requests.count(request: buf, length: n)
-                session.features.note(request: buf, length: n)
-            }
+            guard let session = FuseConnection.connection(userdata) else { return Glibc.read(fd, buf, len) }
+            let n = session.features.resentFirst.read(into: buf, thread: HandlingThread.current) { Glibc.read(fd, buf, len) }
+            session.requests.count(request: buf, length: n)
+            session.features.note(request: buf, length: n)
             return n
         }
         io.writev = { fd, iov, count, userdata in
@@ -67,6 +68,10 @@ final class FuseKernelFeatures {
                 return (0..<Int(count)).reduce(0) { $0 + iov[$1].iov_len }
             }
             let written = Glibc.writev(fd, iov, count)
+            if let thread = HandlingThread.existing, thread.awaitsResentReply, count >= 1,
+               iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base {
+                session.features.resentFirst.replied(unique: header.loadUnaligned(as: fuse_out_header.self).unique, thread: thread)
+            }
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
             if answersInit, written >= 0, let request = session.features.initRequestBytes { session.initAnswered?(request) }
             return written
@@ -145,7 +150,7 @@ final class FuseKernelFeatures {
     /// create|unlink|rename|mkdir|link makes the server SIGKILL itself after it applied the first
     /// such request and before its reply is written (rename: RENAME2 too). A successor unsets it.
     static let killBeforeReplyVariable = "CHARGEFS_TEST_KILL_BEFORE_REPLY"
-    nonisolated(unsafe) static let killBeforeReply: UInt32 = {
+    static let killBeforeReply: UInt32 = {
         guard let value = getenv(killBeforeReplyVariable) else { return 0 }
         switch String(cString: value) {
         case "create": return FUSE_CREATE.rawValue

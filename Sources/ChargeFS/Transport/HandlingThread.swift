@@ -19,6 +19,9 @@ final class HandlingThread {
     /// request already applied gets its saved answer).
     var unique: UInt64 = 0
     var opcode: UInt32 = 0
+    /// The request being handled here was resent and its reply is not written yet
+    /// (ResentFirst counts such requests while a successor drains them).
+    var awaitsResentReply = false
     /// Test hook: die before this request's reply (FuseKernelFeatures.killBeforeReply).
     var killBeforeReply = false
     /// The io_uring worker this thread is; nil on /dev/fuse's threads.
