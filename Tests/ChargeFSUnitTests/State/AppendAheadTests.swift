@@ -27,10 +27,11 @@ final class AppendAheadTests: XCTestCase {
         return c
     }
 
-    func makeKept() throws -> (FileSystem, InProcessKeeper) {
+    func makeKept(targets: FakeTargets? = nil) throws -> (FileSystem, InProcessKeeper) {
         let keeper = InProcessKeeper()
         let arena = try Arena(capacityPages: 1 << 20)
         let store = PageStore(arena: arena, charger: DaemonCharger(arena: arena.fileDescriptor))
+        if let targets { store.targets = targets }
         let fs = try FileSystem(config: config(), store: store, state: try StateFiles.create(), keeper: keeper)
         fs.noteKernelPassthrough(true)
         try XCTSkipUnless(keeper.descriptor(.arenaRoot) != nil, "backing files need the arena's private tmpfs (root)")
@@ -60,8 +61,8 @@ final class AppendAheadTests: XCTestCase {
     /// A file written in 128 KiB appends to `pages` pages, opened for writing first when
     /// `open` (and left open): it moves into a backing file once past 1 MiB, and appends after
     /// that charge a batch ahead.
-    func appended(_ fs: FileSystem, _ name: String, pages: Int, open: Bool = true) throws -> InodeNumber {
-        let ino = try fs.mknod(parent: root, name: n(name), mode: 0o100644, rdev: 0, caller: me).ino
+    func appended(_ fs: FileSystem, _ name: String, pages: Int, open: Bool = true, in parent: InodeNumber? = nil) throws -> InodeNumber {
+        let ino = try fs.mknod(parent: parent ?? root, name: n(name), mode: 0o100644, rdev: 0, caller: me).ino
         if open { _ = try fs.open(ino, flags: .readWrite, caller: me, clearSetIDAsked: false) }
         let chunk = [UInt8](repeating: 7, count: 128 << 10)
         var offset = 0
@@ -122,6 +123,27 @@ final class AppendAheadTests: XCTestCase {
         fs = try takeOver(&fs, keeper)
         XCTAssertEqual(try blocks(fs, big), 769 * perPage)
         XCTAssertEqual(usedPages(fs), 769)
+    }
+
+    /// A target move (user.chargefs.memcg on the file's directory) copies a file out of its
+    /// backing file into the new target's arena: the batch goes back first, so the new target
+    /// pays for the file's own pages only, and they are all st_blocks shows, then and after the
+    /// last close.
+    func testATargetMoveGivesTheBatchBackFirst() throws {
+        let targets = FakeTargets(["/cg/t": 10_000])
+        let (fs, keeper) = try makeKept(targets: targets)
+        let dir = try fs.mkdir(parent: root, name: n("d"), mode: 0o755, caller: me).ino
+        let big = try appended(fs, "big", pages: 768, in: dir)
+        XCTAssertGreaterThan(try backingBlocks(keeper), 768 * perPage, "a batch is charged ahead")
+        try fs.setxattr(dir, name: FileSystem.memcgXattr, value: Array("/cg/t".utf8), flags: [], caller: me)
+        XCTAssertEqual(fs.memcgTarget(of: big), "/cg/t")
+        XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 768, "the new target holds the file's pages, not the batch")
+        XCTAssertEqual(try blocks(fs, big), 768 * perPage)
+        XCTAssertEqual(usedPages(fs), 768)
+        XCTAssertEqual(try fs.bytes(of: big, count: 768 * page), [UInt8](repeating: 7, count: 768 * page))
+        XCTAssertTrue(fs.release(big))
+        XCTAssertEqual(try blocks(fs, big), 768 * perPage, "nothing past the end at the last close")
+        XCTAssertEqual(fs.chargeTarget(1).pagesInUse, 768)
     }
 
     /// A write past the end that leaves a gap over the batch: the gap is a hole on tmpfs, so
