@@ -363,6 +363,7 @@ check() {  # check "description" COMMAND...
 near() { [ "$(abs $(($1 - $2)))" -le "$3" ]; }
 ge() { [ "$1" -ge "$2" ]; }
 le() { [ "$1" -le "$2" ]; }
+gt() { [ "$1" -gt "$2" ]; }
 
 # run_tests FILE TIMEOUT NAME...: runs each test in a fresh process, prints the summary line.
 # A file may define tmo_NAME (given TIMEOUT, prints the test's own limit); the test sees its limit

@@ -47,6 +47,11 @@
 #                 bump done) and before the resent reply: the successor answers resent requests
 #                 first, then bumps again, so the listing's link count cannot undo the kernel's
 #                 own decrement either (was ENOENT: the kill loop's one `link: ENOENT` in 50 kills)
+#   ahead_across_kill  a file appended past 1 MiB (a backing file, a batch charged ahead past its
+#                 end) and kept open across a kill -9: st_blocks and df show what tmpfs shows
+#                 before the kill, after it, after more appends through the same descriptor and
+#                 after its last close; the contents read back; the target's shmem holds a batch
+#                 ahead while the file is open, and the successor's last close gives it back
 #   replies_mapped  the pages a write stores are mapped in the server once charged (pagemap), and
 #                 in its successor: a READ reply copied from an unmapped page failed with EIO when
 #                 a kill landed during the copy
@@ -56,7 +61,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked kill_unlink_listed_late replies_mapped)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked kill_unlink_listed_late ahead_across_kill replies_mapped)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -605,6 +610,73 @@ PY
     [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
   check "the successor answered the resent UNLINK before any other request" grep -q 'answered 1 resent requests before any other' "$CFS_LOG"
   resent_ok
+}
+
+t_ahead_across_kill() {
+  new_env
+  cg_create "$T" $((256 * MiB))
+  cfs_mount "$MNT" "size=512m,takeover,takeover_max=20,memcg=$T"
+  local keeper=$CFS_PID out rc=0
+  out=$("$CFS_PYTHON" - "$MNT" "$T/memory.stat" <<'PY' 2>&1
+import hashlib, os, select, signal, sys
+mnt, memory_stat = sys.argv[1], sys.argv[2]
+path = os.path.join(mnt, "grow")
+def shmem():
+    fields = dict(line.split() for line in open(memory_stat))
+    return int(fields.get("total_shmem", fields.get("shmem", 0)))
+h, size = hashlib.sha256(), 0
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def append(data):
+    global size
+    os.write(fd, data); h.update(data); size += len(data)
+def expect(where):
+    pages = (size + 4095) // 4096
+    blocks = os.stat(path).st_blocks
+    st = os.statvfs(mnt)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    if blocks != pages * 8 or used != pages * 4096:
+        sys.exit("%s: st_blocks %d and df used %d bytes; tmpfs shows %d and %d" % (where, blocks, used, pages * 8, pages * 4096))
+for _ in range(24):
+    append(os.urandom(128 << 10))       # 3 MiB: a backing file since 1 MiB, a batch ahead
+expect("before the kill")
+status = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
+signal.alarm(30)
+server = os.pidfd_open(int(status["pid"]))
+os.kill(int(status["pid"]), signal.SIGKILL)
+select.select([server], [], [], 10)
+try:
+    os.stat(os.path.join(mnt, ".probe"))
+    sys.exit("the probe exists")
+except FileNotFoundError:
+    pass
+signal.alarm(0)
+after = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
+if after["pid"] == status["pid"]:
+    sys.exit("no successor serves")
+expect("after the kill")
+for _ in range(8):
+    append(os.urandom(128 << 10))
+append(os.urandom(3000))
+expect("appended after the kill")
+open_shmem = shmem()
+os.close(fd)
+expect("after the last close")
+with open(path, "rb") as f:
+    if hashlib.sha256(f.read()).hexdigest() != h.hexdigest():
+        sys.exit("the file does not read back")
+print(size, open_shmem)
+PY
+) || rc=$?
+  check "st_blocks and df as on tmpfs across the kill, the appends and the close; the file reads back ($out)" [ "$rc" = 0 ]
+  local file=$(( (4 * MiB + 3000 + 4095) / 4096 * 4096 )) shm; shm=$(cg_shmem "$T")
+  local open_shm=${out#* }; [[ "$open_shm" =~ ^[0-9]+$ ]] || open_shm=0
+  check "while it was open, a batch was charged ahead of its end (shmem $open_shm bytes, file $file)" gt "$open_shm" "$file"
+  check "its last close, in the successor, gave the batch back (shmem $open_shm -> $shm bytes)" ge $((open_shm - shm)) $((32 * 4096))
+  check "the target's shmem holds the file and at most the reserve ($(fmt_mib "$shm"), file $(fmt_mib "$file"))" \
+    le "$shm" $((file + 64 * 4096))
+  rm -f "$MNT/grow"
+  cfs_umount "$MNT" "$keeper"
+  check "no leaf left below the target" [ -z "$(find "$T" -mindepth 1 -maxdepth 1 -type d)" ]
 }
 
 # mapped_pages SERVER: how many pages of the server's arena mapping have a page-table entry
