@@ -15,8 +15,9 @@ final class Inode {
     var generation: UInt32 = 1
     /// Open handles; an unlinked file's data is freed when the last one closes.
     var openCount: UInt32 = 0
-    /// `chargeTarget`'s storage, 32 bits beside the other 32-bit fields (every inode has one).
-    private var chargeTargetIndex: Int32 = 0
+    /// `chargeTarget` (the low 31 bits) and `ownsTarget` (the top bit), 32 bits beside the other
+    /// 32-bit fields (every inode has them).
+    private var targetBits: UInt32 = 0
     var size: Int64 = 0
     var atime: timespec
     var mtime: timespec
@@ -27,17 +28,13 @@ final class Inode {
     /// Data pages of a regular file: arena pages, or, for a large file with a backing file of
     /// its own, `PageMap.inBackingFile` marks.
     var pages = PageMap()
+    /// Opens the kernel reads through `backing` itself (FOPEN_PASSTHROUGH). While there are any,
+    /// the backing file never has a hole below its size: a reader's page fault on a hole would
+    /// allocate a page charged to the reader. (Right after `pages`, whose 20 bytes it fills to 24.)
+    var passthroughOpens: UInt32 = 0
     /// A large file's own backing file (FUSE passthrough reads it); nil while its data is in
     /// the arena.
     var backing: BackingFile?
-    /// Opens the kernel reads through `backing` itself (FOPEN_PASSTHROUGH). While there are any,
-    /// the backing file never has a hole below its size: a reader's page fault on a hole would
-    /// allocate a page charged to the reader.
-    var passthroughOpens: UInt32 = 0
-    /// The kernel's backing id (FUSE_DEV_IOC_BACKING_OPEN) those opens name, 0 when none is
-    /// registered or state is not kept: the Bridge's registry owns the registration; this copy
-    /// is kept for a successor, since ids belong to the connection and outlive the server.
-    var passthroughID: Int32 = 0
     /// What only some kinds of inode have; one field, since an inode is at most one kind.
     enum Payload {
         case none
@@ -45,10 +42,13 @@ final class Inode {
         case symlink([UInt8])
     }
     var payload = Payload.none
-    /// What few inodes have, in one box that an inode without any pays one pointer for.
+    /// What few inodes have, in one box that an inode without any pays one pointer for. (An
+    /// inode is 168 bytes, a 176-byte heap block, as before the fields for takeover and targets
+    /// came: `InodeLayoutTests`.)
     private final class Rare {
         var xattrs: [[UInt8]: [UInt8]]?
         var users: [String] = []
+        var passthroughID: Int32 = 0
     }
     private var rare: Rare?
     private var rareBox: Rare {
@@ -63,6 +63,13 @@ final class Inode {
         set { if newValue != nil || rare != nil { rareBox.xattrs = newValue } }
         _modify { let box = rareBox; yield &box.xattrs }
     }
+    /// The kernel's backing id (FUSE_DEV_IOC_BACKING_OPEN) the passthrough opens name, 0 when
+    /// none is registered or state is not kept: the Bridge's registry owns the registration; this
+    /// copy is kept for a successor, since ids belong to the connection and outlive the server.
+    var passthroughID: Int32 {
+        get { rare?.passthroughID ?? 0 }
+        set { if newValue != 0 || rare != nil { rareBox.passthroughID = newValue } }
+    }
     /// memcg=auto: the cgroups (inside the scope) that have opened this file, first the one
     /// that created it; they only grow (FileSystemCore+Shares: never unshared).
     var users: [String] {
@@ -74,11 +81,15 @@ final class Inode {
     /// own (user.chargefs.memcg) or inherited from its parent when it was made or moved. An
     /// index into the store's table of targets, far below 2^31.
     var chargeTarget: Int {
-        get { Int(chargeTargetIndex) }
-        set { chargeTargetIndex = Int32(truncatingIfNeeded: newValue) }
+        get { Int(targetBits & Self.indexBits) }
+        set { targetBits = (targetBits & ~Self.indexBits) | (UInt32(truncatingIfNeeded: newValue) & Self.indexBits) }
     }
     /// A directory whose target is its own rather than its parent's.
-    var ownsTarget = false
+    var ownsTarget: Bool {
+        get { targetBits & ~Self.indexBits != 0 }
+        set { targetBits = newValue ? targetBits | ~Self.indexBits : targetBits & Self.indexBits }
+    }
+    private static let indexBits: UInt32 = 0x7fff_ffff
 
     init(ino: InodeNumber, mode: UInt32, uid: UInt32, gid: UInt32, now: timespec) {
         self.ino = ino

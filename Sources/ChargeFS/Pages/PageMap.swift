@@ -16,8 +16,10 @@ struct PageMap {
     }
 
     private(set) var chunks: [Int: Chunk] = [:]
-    /// Pages held, for st_blocks.
-    private(set) var count = 0
+    /// Pages held, for st_blocks. 32 bits, as a page number (every inode carries a map: with the
+    /// span below, 20 bytes, so that the inode's next 32-bit field fills the last 4 of 24).
+    private var held: UInt32 = 0
+    var count: Int { Int(held) }
     /// The span of indexes changed since `takeChanged` (the kept state records it; two compares
     /// per change when no state is kept). 32 bits each, as a page number: every inode carries
     /// them. An index past them widens the span to the end (`UInt32.max`), which records more,
@@ -57,7 +59,7 @@ struct PageMap {
         }
         chunk.slots[index & (Self.chunkSlots - 1)] = page
         chunk.used += 1
-        count += 1
+        held += 1
         noteChanged(index, index + 1)
     }
 
@@ -104,7 +106,7 @@ struct PageMap {
                 freed.append(chunk.slots[slot])
                 chunk.slots[slot] = 0
                 chunk.used -= 1
-                count -= 1
+                held -= 1
             }
             if chunk.used == 0 { chunks[key] = nil }
         }
@@ -129,7 +131,7 @@ struct PageMap {
             }
         }
         chunks.removeAll()
-        count = 0
+        held = 0
     }
 
     /// First page index >= `index` that holds data, if any.
