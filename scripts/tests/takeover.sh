@@ -513,16 +513,21 @@ t_kill_link() {
 # the kernel then ends the rm with its own decrement (fuse_entry_unlinked): the cached count was
 # 0 and ln d2/b failed with ENOENT (vfs_link refuses an inode with no links), the stress kill
 # loop's one error. The successor now bumps the attribute version of such inodes before it serves
-# (FUSE_NOTIFY_INVAL_INODE), so the kernel drops that listing's stale-to-be count.
-t_kill_unlink_linked() {
-  export CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=400
+# (FUSE_NOTIFY_INVAL_INODE), so the kernel drops that listing's stale-to-be count; and since
+# resent requests are answered first (ResentFirst), the listing now waits for the rm's reply.
+
+# unlink_linked_case DELAY_MS WHEN: d1/a and d2/b one file; rm d1/a dies before its reply (the
+# hook), the successor's resent reply waits DELAY_MS; d2 is listed WHEN=early (while nobody
+# serves) or late (100 ms after the successor logged that it serves); then ln d2/b d2/c.
+unlink_linked_case() {
+  export CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=$1
   kill_op unlink
   unset CHARGEFS_TEST_DELAY_RESENT_REPLY_MS
   mkdir "$MNT/d1" "$MNT/d2"; echo x > "$MNT/d1/a"; ln "$MNT/d1/a" "$MNT/d2/b"
   local out rc=0
-  out=$("$CFS_PYTHON" - "$MNT" <<'PY' 2>&1
-import os, select, sys
-mnt = sys.argv[1]
+  out=$("$CFS_PYTHON" - "$MNT" "$CFS_LOG" "$2" <<'PY' 2>&1
+import os, select, sys, time
+mnt, log, when = sys.argv[1], sys.argv[2], sys.argv[3]
 d = os.path.join(mnt, "d2")
 status = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
 server = os.pidfd_open(int(status["pid"]))
@@ -537,61 +542,15 @@ if child == 0:
         os._exit(1)
 if not select.select([server], [], [], 20)[0]:
     sys.exit("the server did not die at the rm")
-names = sorted(os.listdir(dirfd))                     # sent while nobody serves
-_, st = os.waitpid(child, 0)
-if st != 0:
-    sys.exit("rm a failed")
-if names != ["b"]:
-    sys.exit("the listing shows %s" % names)
-try:
-    os.link(os.path.join(d, "b"), os.path.join(d, "c"))
-except OSError as e:
-    sys.exit("ln b c: %s" % e)
-print("nlink", os.stat(os.path.join(d, "b")).st_nlink)
-PY
-) || rc=$?
-  check "rm d1/a, a listing of d2 meanwhile, then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
-  check "b and c: one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/d2/b")" = "$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null)" ] && \
-    [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
-  resent_ok
-}
-
-# kill_unlink_listed_late: as kill_unlink_linked, but d2 is listed once the successor logged that
-# it serves (100 ms later), while the resent UNLINK's reply waits 600 ms: answered at once, the
-# listing brought the count after the unlink and the kernel's decrement at the late reply took it
-# to 0 (`ln` ENOENT); the successor now holds the listing until every resent request is
-# answered, then bumps the attribute versions again.
-t_kill_unlink_listed_late() {
-  export CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=600
-  kill_op unlink
-  unset CHARGEFS_TEST_DELAY_RESENT_REPLY_MS
-  mkdir "$MNT/d1" "$MNT/d2"; echo x > "$MNT/d1/a"; ln "$MNT/d1/a" "$MNT/d2/b"
-  local out rc=0
-  out=$("$CFS_PYTHON" - "$MNT" "$CFS_LOG" <<'PY' 2>&1
-import os, select, sys, time
-mnt, log = sys.argv[1], sys.argv[2]
-d = os.path.join(mnt, "d2")
-status = dict(kv.split("=", 1) for kv in os.getxattr(mnt, "user.chargefs.status").decode().split() if "=" in kv)
-server = os.pidfd_open(int(status["pid"]))
-dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-child = os.fork()
-if child == 0:
-    try:
-        os.unlink(os.path.join(mnt, "d1", "a"))
-        os._exit(0)
-    except OSError as e:
-        print("rm a:", e)
-        os._exit(1)
-if not select.select([server], [], [], 20)[0]:
-    sys.exit("the server did not die at the rm")
-deadline = time.monotonic() + 20
-while " serves (takeover" not in open(log, errors="replace").read():
-    if time.monotonic() > deadline:
-        sys.exit("no successor served within 20 s")
-    time.sleep(0.01)
-time.sleep(0.1)
+if when == "late":
+    deadline = time.monotonic() + 20
+    while " serves (takeover" not in open(log, errors="replace").read():
+        if time.monotonic() > deadline:
+            sys.exit("no successor served within 20 s")
+        time.sleep(0.01)
+    time.sleep(0.1)
 t0 = time.monotonic()
-names = sorted(os.listdir(dirfd))                     # sent after the successor's first bump
+names = sorted(os.listdir(dirfd))
 listed_ms = (time.monotonic() - t0) * 1e3
 _, st = os.waitpid(child, 0)
 if st != 0:
@@ -605,9 +564,23 @@ except OSError as e:
 print("listing answered in %.0f ms; nlink %d" % (listed_ms, os.stat(os.path.join(d, "b")).st_nlink))
 PY
 ) || rc=$?
-  check "rm d1/a, a listing of d2 once the successor serves, then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
+  check "rm d1/a, a listing of d2 ($2), then ln d2/b d2/c succeed ($out)" [ "$rc" = 0 ]
   check "b and c: one inode with 2 links" [ "$(stat -c '%i %h' "$MNT/d2/b")" = "$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null)" ] && \
     [ "$(stat -c %h "$MNT/d2/b")" = 2 ]
+}
+
+t_kill_unlink_linked() {
+  unlink_linked_case 400 early
+  resent_ok
+}
+
+# kill_unlink_listed_late: as kill_unlink_linked, but d2 is listed once the successor logged that
+# it serves (100 ms later), while the resent UNLINK's reply waits 600 ms: answered at once, the
+# listing brought the count after the unlink and the kernel's decrement at the late reply took it
+# to 0 (`ln` ENOENT); the successor now holds the listing until every resent request is
+# answered, then bumps the attribute versions again.
+t_kill_unlink_listed_late() {
+  unlink_linked_case 600 late
   check "the successor answered the resent UNLINK before any other request" grep -q 'answered 1 resent requests before any other' "$CFS_LOG"
   resent_ok
 }
