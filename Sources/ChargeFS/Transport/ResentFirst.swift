@@ -20,8 +20,9 @@ import Synchronization
 /// do not end the drain). While draining, reads are taken one at a time (a semaphore, which a
 /// cancelled worker may hold without blocking the others' cancellation), so that the reader of
 /// the first other request knows every resent one was counted; it waits for their replies, at
-/// most `longestWait` (a resent write waiting for a frozen cgroup must not stall the mount), runs
-/// `drained`, and ends the drain.
+/// most `longestWait`, runs `drained`, and ends the drain. The bound is for a resent request
+/// that cannot finish before a later one: a write waiting for a frozen cgroup's charge, or a
+/// page-cache notification waiting on a page lock that a queued READ holds.
 final class ResentFirst: @unchecked Sendable {
     private let draining = Atomic<Bool>(false)
     private let unanswered = Atomic<Int>(0)
