@@ -164,7 +164,8 @@ final class FuseKernelFeatures {
 
     /// Test hook (takeover.sh kill_unlink_linked): CHARGEFS_TEST_DELAY_RESENT_REPLY_MS=N makes a
     /// server wait N ms before it writes the reply to a resent request (bit 63 of unique: only a
-    /// successor sees one), so that requests the kernel queued behind it are answered first.
+    /// successor sees one): requests the kernel queued behind it would be answered first, but
+    /// for `ResentFirst`, which makes them wait.
     static let delayResentReplyVariable = "CHARGEFS_TEST_DELAY_RESENT_REPLY_MS"
     static let delayResentReplyMs: Int = {
         guard let value = getenv(delayResentReplyVariable) else { return 0 }
