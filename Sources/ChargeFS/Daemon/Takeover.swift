@@ -276,7 +276,8 @@ enum Takeover {
         // get their attribute version bumped, so that the kernel ignores the link count in
         // replies to requests sent before now (FileSystem.attributesToRefresh says why).
         let refreshed = fs.attributesToRefresh
-        for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) }
+        let bump = { [fuse] in for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) } }
+        bump()
         // Requests the dead server read and never answered go back on the pending queue (bit 63
         // of unique set); without FUSE_HAS_RESEND (before 6.9) their callers wait until abort.
         // Those are answered before any other request, then the same files get a second bump:
@@ -285,8 +286,8 @@ enum Takeover {
         var resent = "no resend (the kernel has no FUSE_HAS_RESEND)"
         if fuse.features.kernelOffersResend {
             let drain = fuse.features.resentFirst
-            drain.arm { [fuse] in
-                for ino in refreshed { fuse.invalidateAttributes(fuse_ino_t(ino.rawValue)) }
+            drain.arm {
+                bump()
                 Log.line("takeover: pid \(getpid()) answered \(drain.answeredFirst.load(ordering: .relaxed)) resent requests before any other, "
                          + "waited \(drain.waitedMicroseconds.load(ordering: .relaxed) / 1000) ms for their replies"
                          + (drain.gaveUp.load(ordering: .relaxed) ? " (gave up: one is still being handled)" : "")

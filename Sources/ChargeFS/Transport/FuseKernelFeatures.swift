@@ -46,7 +46,7 @@ final class FuseKernelFeatures {
         var io = fuse_custom_io()
         io.read = { fd, buf, len, userdata in
             guard let session = FuseConnection.connection(userdata) else { return Glibc.read(fd, buf, len) }
-            let n = session.features.resentFirst.read(into: buf, thread: HandlingThread.current) { Glibc.read(fd, buf, len) }
+            let n = session.features.resentFirst.read(into: buf) { Glibc.read(fd, buf, len) }
             session.requests.count(request: buf, length: n)
             session.features.note(request: buf, length: n)
             return n
@@ -68,10 +68,7 @@ final class FuseKernelFeatures {
                 return (0..<Int(count)).reduce(0) { $0 + iov[$1].iov_len }
             }
             let written = Glibc.writev(fd, iov, count)
-            if let thread = HandlingThread.existing, thread.awaitsResentReply, count >= 1,
-               iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base {
-                session.features.resentFirst.replied(unique: header.loadUnaligned(as: fuse_out_header.self).unique, thread: thread)
-            }
+            session.features.resentFirst.replied(iov, Int(count))
             if claimsUring { session.startUring(initReplyWritten: written >= 0) }
             if answersInit, written >= 0, let request = session.features.initRequestBytes { session.initAnswered?(request) }
             return written

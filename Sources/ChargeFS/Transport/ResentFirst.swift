@@ -54,10 +54,11 @@ final class ResentFirst: @unchecked Sendable {
     /// The resend was not asked after all: serve as usual.
     func disarm() { draining.store(false, ordering: .releasing) }
 
-    var isDraining: Bool { draining.load(ordering: .acquiring) }
-
     /// Wraps the read hook: `perform` reads one request into `buffer` and returns its length.
-    func read(into buffer: UnsafeMutableRawPointer?, thread: HandlingThread?, _ perform: () -> Int) -> Int {
+    /// Outside a drain, with no resent request unanswered, two loads and nothing else.
+    func read(into buffer: UnsafeMutableRawPointer?, _ perform: () -> Int) -> Int {
+        guard draining.load(ordering: .acquiring) || unanswered.load(ordering: .relaxed) > 0 else { return perform() }
+        let thread = HandlingThread.current
         settle(thread)  // a resent request this thread handled without a reply (none should)
         guard draining.load(ordering: .acquiring) else { return perform() }
         while sem_wait(readToken) != 0 { if errno != EINTR { return perform() } }
@@ -89,9 +90,12 @@ final class ResentFirst: @unchecked Sendable {
         return length
     }
 
-    /// From the writev hook, once a reply is written: a resent request is answered.
-    func replied(unique: UInt64, thread: HandlingThread?) {
-        guard unique & FuseKernelFeatures.resentBit != 0 else { return }
+    /// From the writev hook, once a reply is written (`iov[0]` starts with its fuse_out_header):
+    /// a resent request is answered. Nothing to look at while none is unanswered.
+    func replied(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
+        guard unanswered.load(ordering: .relaxed) > 0, let thread = HandlingThread.existing, thread.awaitsResentReply,
+              count >= 1, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
+              header.loadUnaligned(as: fuse_out_header.self).unique & FuseKernelFeatures.resentBit != 0 else { return }
         settle(thread)
     }
 
