@@ -11,11 +11,7 @@ import ChargeFS
 import Glibc
 import SystemPackage
 
-func now() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
+func now() -> Double { MonotonicClock.milliseconds() / 1e3 }
 
 /// This thread's CPU time: the per-operation figures leave out the time the thread waited for a
 /// CPU (the machine this ran on is shared and loaded; wall time moved 1.7x between runs).

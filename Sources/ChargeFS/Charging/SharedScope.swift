@@ -40,9 +40,7 @@ public final class CgroupSharedScope: SharedScope {
     static let recentMax = 4096
 
     public func cgroupPath(ofProcess pid: Int32) -> String {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        let nanoseconds = UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
+        let nanoseconds = MonotonicClock.nanoseconds()
         if let hit = recent.withLock({ $0[pid] }), hit.until > nanoseconds { return hit.path }
         let found = CgroupMembership.memoryCgroup(ofProcess: pid, root: root, version: version)
         let path = found.map { $0 == scopePath || $0.hasPrefix(scopePath + "/") ? $0 : scopePath } ?? scopePath

@@ -9,7 +9,7 @@ import SystemPackage
 /// phases splits its start into exec and runtime start (before) and its own work (after).
 public enum ProcessStart {
     static let at = Atomic<UInt64>(0)
-    public static func mark() { at.store(Takeover.monotonicMicroseconds(), ordering: .relaxed) }
+    public static func mark() { at.store(MonotonicClock.microseconds(), ordering: .relaxed) }
 }
 
 /// `-o takeover` (issue 21; docs/takeover.md): the daemon splits into the keeper (C,
@@ -165,12 +165,6 @@ enum Takeover {
         return base == "/" ? "/" + name : base + "/" + name
     }
 
-    static func monotonicMicroseconds() -> UInt64 {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return UInt64(t.tv_sec) * 1_000_000 + UInt64(t.tv_nsec) / 1000
-    }
-
     /// A successor: takes the files from the keeper, the tree from the state, the connection
     /// from the /dev/fuse file (no new mount), replays INIT, asks the kernel to resend what the
     /// dead server had read and not answered, and serves. Returns the exit status.
@@ -178,7 +172,7 @@ enum Takeover {
     /// from the keeper's sight of the death (its fork and our exec follow) to serving.
     struct Phases {
         var marks: [(name: String, at: UInt64)] = []
-        mutating func mark(_ name: String, _ at: UInt64 = Takeover.monotonicMicroseconds()) { marks.append((name, at)) }
+        mutating func mark(_ name: String, _ at: UInt64 = MonotonicClock.microseconds()) { marks.append((name, at)) }
         /// "name +X.X" per phase, each from the one before, and the total from the first.
         var line: String {
             guard let first = marks.first else { return "" }
@@ -195,7 +189,7 @@ enum Takeover {
     }
 
     static func serveAsSuccessor(options: MountOptions, target: CgroupTarget?) -> Int32 {
-        let started = monotonicMicroseconds()
+        let started = MonotonicClock.microseconds()
         var phases = Phases()
         let mainAt = ProcessStart.at.load(ordering: .relaxed)
         ckeeper_name_server()
@@ -216,7 +210,7 @@ enum Takeover {
             Log.line("takeover: the keeper holds no /dev/fuse file")
             return cannotTakeOver
         }
-        let received = monotonicMicroseconds()
+        let received = MonotonicClock.microseconds()
         if let died = keeper.values[UInt32(CKEEPER_DIED_AT)], died > 0, died <= started { phases.mark("death seen by the keeper", died) }
         else { phases.mark("start", mainAt > 0 ? mainAt : started) }
         if mainAt > 0, phases.marks.first?.at ?? 0 < mainAt { phases.mark("exec and runtime start", mainAt) }
@@ -232,7 +226,7 @@ enum Takeover {
         }
         let (fs, state) = built
         defer { fs.stopCharging() }
-        let rebuilt = monotonicMicroseconds()
+        let rebuilt = MonotonicClock.microseconds()
         guard let savedInit = state.savedInit else {
             Log.line("takeover: no INIT was saved (the first server died before it answered INIT)")
             return cannotTakeOver
@@ -297,7 +291,7 @@ enum Takeover {
             resent = r == 0 ? "resend asked" : "FUSE_NOTIFY_RESEND failed: \(Errno(rawValue: -r))"
             if r != 0 { drain.disarm() }
         }
-        let serving = monotonicMicroseconds()
+        let serving = MonotonicClock.microseconds()
         phases.mark("resend asked", serving)
         keeper.serving(startMicroseconds: serving - started)
         // Started above the keeper's priority (CKEEPER_SUCCESSOR_BOOST: every caller was

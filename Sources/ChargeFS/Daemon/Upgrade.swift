@@ -57,12 +57,6 @@ public enum Upgrade {
         return String(decoding: bytes, as: UTF8.self).trimmingSuffix("\n")
     }
 
-    static func milliseconds() -> Double {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return Double(t.tv_sec) * 1e3 + Double(t.tv_nsec) / 1e6
-    }
-
     /// Runs the command; returns the exit status (0: upgraded; 1: refused or failed).
     public static func run(mountpoint: String) -> Int32 {
         do throws(Failure) {
@@ -107,14 +101,14 @@ public enum Upgrade {
         guard upgrades != nil else {
             throw Failure("--upgrade \(mountpoint): its keeper is too old to upgrade in place (no upgrades= in its status); remount it")
         }
-        let asked = milliseconds()
+        let asked = MonotonicClock.milliseconds()
         guard kill(keeper, Int32(CKEEPER_UPGRADE_SIGNAL)) == 0 else {
             throw Failure("--upgrade \(mountpoint): cannot signal keeper \(keeper): \(Errno(rawValue: errno))")
         }
         // Each status read waits while nobody serves: the last wait is the pause callers saw.
-        while milliseconds() - asked < waitSeconds * 1e3 {
+        while MonotonicClock.milliseconds() - asked < waitSeconds * 1e3 {
             if let now = status(path), let pidText = now["pid"], let pid = Int32(pidText), pid != oldPid {
-                let pause = milliseconds() - asked
+                let pause = MonotonicClock.milliseconds() - asked
                 let nowFailures = now["upgrade_failures"].flatMap { UInt64($0) } ?? 0
                 if nowFailures > failures {
                     throw Failure("--upgrade \(mountpoint): the installed chargefsd could not take the mount over (its log says why); the previous binary serves it again: pid \(oldPid) -> \(pid), \(Int(pause.rounded())) ms without answers")

@@ -123,10 +123,10 @@ public final class FileSystem: Sendable {
         }) {
             checkpointSeq = seq
         }
-        steps.append(("checkpoint applied", TakeoverReport.now()))
+        steps.append(("checkpoint applied", MonotonicClock.microseconds()))
         let (transactions, dropped) = state.transactions(after: checkpointSeq)
         for t in transactions { try restorer.apply(t.payload) }
-        steps.append(("journal applied", TakeoverReport.now()))
+        steps.append(("journal applied", MonotonicClock.microseconds()))
         try restorer.resolveBackings()
         guard restorer.inodes[.root]?.directory != nil else { throw .corrupt("no root directory") }
         // Backing files the keeper still holds that no inode names: the dead server dropped
@@ -168,14 +168,14 @@ public final class FileSystem: Sendable {
                 held[Int(page)] = true
             }
         }
-        steps.append(("pages listed", TakeoverReport.now()))
+        steps.append(("pages listed", MonotonicClock.microseconds()))
         let store = makeStore(inUse, backingPages)
-        steps.append(("page store made", TakeoverReport.now()))
+        steps.append(("page store made", MonotonicClock.microseconds()))
         guard inUse.allSatisfy({ Int($0) <= store.capacityPages }) else { throw .corrupt("a page past the arena's end") }
         if let (key, error) = store.adoptTargets(keys, pagesInUse: perTarget) {
             throw .unsupported("charge target \(key) cannot be opened again (\(error)): its files' pages stay charged to it")
         }
-        steps.append(("targets reopened", TakeoverReport.now()))
+        steps.append(("targets reopened", MonotonicClock.microseconds()))
         let c = FileSystemCore(config: config, store: store, restoring: restorer.inodes)
         let k = StateKeeping(files: state, keeper: keeper)
         k.nextBackingID = restorer.nextBackingID
@@ -206,7 +206,7 @@ public final class FileSystem: Sendable {
             if let inode = restorer.inodes[ino], !inode.isDirectory, inode.nlink > 0 { refresh.append(ino) }
         }
         attributesToRefresh = refresh
-        steps.append(("tree made", TakeoverReport.now()))
+        steps.append(("tree made", MonotonicClock.microseconds()))
         takeover = TakeoverReport(checkpointSeq: checkpointSeq, transactions: transactions.count, droppedBytes: dropped,
                                   inodes: restorer.inodes.count, steps: steps)
     }

@@ -796,12 +796,6 @@ public struct TakeoverReport: Sendable, Equatable {
             && a.inodes == b.inodes
     }
 
-    /// CLOCK_MONOTONIC in µs.
-    public static func now() -> UInt64 {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return UInt64(t.tv_sec) &* 1_000_000 &+ UInt64(t.tv_nsec) / 1000
-    }
 }
 
 extension FileSystemCore {

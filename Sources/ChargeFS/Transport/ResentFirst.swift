@@ -31,9 +31,9 @@ final class ResentFirst: @unchecked Sendable {
     private var drained: (() -> Void)?
     /// What the drain did, for the successor's log: resent requests answered first, and the wait.
     let answeredFirst = Atomic<Int>(0)
-    let waitedMicroseconds = Atomic<Int>(0)
+    let waitedMicroseconds = Atomic<UInt64>(0)
     let gaveUp = Atomic<Bool>(false)
-    static let longestWait = 2_000_000  // µs
+    static let longestWait: UInt64 = 2_000_000  // µs
 
     init() {
         readToken = .allocate(capacity: 1)
@@ -78,13 +78,13 @@ final class ResentFirst: @unchecked Sendable {
         default: break
         }
         // The first request queued after every resent one: their replies first.
-        let start = monotonicMicroseconds()
+        let start = MonotonicClock.microseconds()
         var pause = timespec(tv_sec: 0, tv_nsec: 200_000)
         while unanswered.load(ordering: .acquiring) > 0 {
-            if monotonicMicroseconds() - start > Self.longestWait { gaveUp.store(true, ordering: .relaxed); break }
+            if MonotonicClock.microseconds() - start > Self.longestWait { gaveUp.store(true, ordering: .relaxed); break }
             nanosleep(&pause, nil)
         }
-        waitedMicroseconds.store(monotonicMicroseconds() - start, ordering: .relaxed)
+        waitedMicroseconds.store(MonotonicClock.microseconds() - start, ordering: .relaxed)
         drained?()
         draining.store(false, ordering: .releasing)
         return length
@@ -103,11 +103,5 @@ final class ResentFirst: @unchecked Sendable {
         guard let thread, thread.awaitsResentReply else { return }
         thread.awaitsResentReply = false
         unanswered.subtract(1, ordering: .acquiringAndReleasing)
-    }
-
-    private func monotonicMicroseconds() -> Int {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return now.tv_sec * 1_000_000 + now.tv_nsec / 1000
     }
 }
