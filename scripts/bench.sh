@@ -20,7 +20,10 @@
 #               options, in the same run, and prints chargefs/baseline per workload
 #   --ab        with --baseline: only tmpfs, chargefs, chargefs memcg= and the baseline (no cache=page,
 #               io_uring, floor or peer column and no real workloads, which have no baseline
-#               column): the A/B of every pinned row and the memory table in about half the time
+#               column): the A/B of every pinned row and the memory table in about half the time.
+#               chargefs and the baseline run side by side after chargefs memcg=, swapping places
+#               every repetition (so the memcg/no-memcg ratio is not fair there: memcg= always
+#               runs right after tmpfs); the table adds the median of the paired ratios
 # Env: BENCH_DAEMON_CPU (default 0), BENCH_CLIENT_CPU (default 0), CHARGEFSD=a built daemon
 #      (default: release build in .build-bench), BENCH_DIR=work dir (default /tmp),
 #      LIBFUSE_SRC=a libfuse source tree (3.17+), whose example/memfs_ll.cc is built with g++
@@ -387,6 +390,11 @@ for g in ${groups[@]+"${groups[@]}"}; do
     extra=(); for f in "${FS[@]:3}"; do case $f in base|cfsu) ;; *) extra+=("$f") ;; esac; done
     if [ $((r % 2)) = 1 ]; then order=(tmpfs cfs cfsm "${extra[@]}" ${baseline:+base})
     else order=(tmpfs ${baseline:+base} cfsm cfs "${extra[@]}"); fi
+    # --ab compares this build with the baseline: the two run side by side, neither right after
+    # tmpfs (whatever ran right after tmpfs ran 5-25% slower on some rows), swapping places.
+    if [ "$ab" = 1 ]; then
+      if [ $((r % 2)) = 1 ]; then order=(tmpfs cfsm cfs base); else order=(tmpfs cfsm base cfs); fi
+    fi
     [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
     # The peer runs last in one repetition and right after tmpfs in the next.
@@ -589,6 +597,14 @@ fi
 # --- report --------------------------------------------------------------------------------------
 median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b}'; }
+# paired_ratio "A1 A2 .." "B1 B2 ..": the median of Ai/Bi (repetition by repetition).
+paired_ratio() {
+  local -a a b; local i out=
+  read -ra a <<<"$1"; read -ra b <<<"$2"
+  [ ${#a[@]} -gt 0 ] && [ ${#a[@]} = ${#b[@]} ] || { echo -; return; }
+  for i in "${!a[@]}"; do out+=" $(awk -v x="${a[$i]}" -v y="${b[$i]}" 'BEGIN {if (y + 0 == 0) print ""; else printf "%.4f", x / y}')"; done
+  printf '%.2f' "$(median <<<"$out")"
+}
 if [ "$only" = writes ]; then
   echo
   echo "Writes, medians of $reps run(s); higher is better. same CPU: daemons on CPU $DCPU, fio on CPU $CCPU;"
@@ -704,11 +720,13 @@ fi
 if [ -n "$baseline" ] && [ "$only" != writes ]; then
   echo
   echo "This build against the baseline build ($baseline), both with the default options, same run:"
-  printf '| %-10s | %-9s | %12s | %12s | %17s |\n' workload unit baseline chargefs chargefs/baseline
-  printf '|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- -------------------
+  echo "(paired: the median of each repetition's chargefs/baseline, the two run side by side with --ab)"
+  printf '| %-10s | %-9s | %12s | %12s | %17s | %6s |\n' workload unit baseline chargefs chargefs/baseline paired
+  printf '|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ------------------- --------
   for w in "${WLS[@]}"; do
     b=$(median <<<"${R["$w|base"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}")
-    printf '| %-10s | %-9s | %12s | %12s | %17s |\n' "$w" "${UNIT[$w]}" "$b" "$c" "$(ratio "$c" "$b")"
+    printf '| %-10s | %-9s | %12s | %12s | %17s | %6s |\n' "$w" "${UNIT[$w]}" "$b" "$c" "$(ratio "$c" "$b")" \
+      "$(paired_ratio "${R["$w|cfs"]:-}" "${R["$w|base"]:-}")"
   done
 fi
 if [ -z "$only" ]; then
