@@ -2,10 +2,10 @@
 # Benchmark: kernel tmpfs vs chargefs (no memcg) vs chargefs with memcg= on a real cgroup (and
 # chargefs over FUSE's io_uring transport where the kernel has it), side by side, same pinning,
 # each workload on each in alternation, medians of 4 runs.
-# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN [--ab]] [--no-uring] [--no-setup]
+# Usage: bash scripts/bench.sh [--quick] [--scale] [--reps N] [--only GROUP] [--baseline BIN [--ab]] [--cfs-opts OPTS] [--no-uring] [--no-setup]
 #   --quick     small sizes and one repetition (a smoke run of a minute or two)
 #   --scale     adds per-op cost at 1k/100k/1M files and 16 GiB stored (needs ~18 GiB free RAM)
-#   --only      runs one group of workloads (seq, rand, first, meta, readdir, par8, real, writes) and no memory probe;
+#   --only      runs one group of workloads (seq, rand, first, meta, readdir, par8, real, writes, retarget) and no memory probe;
 #               first: the first sequential read of a file just written by each pattern (fallocate
 #               then write, dense append, random 1 MiB fill, mmap, O_DIRECT, cp, dd);
 #               real: untar, git clone, git fsck, make, SQLite and rm -rf as a user runs them
@@ -14,8 +14,15 @@
 #               writes (only with --only): 1 MiB sequential writes, the read of that file and 4 KiB
 #               random overwrites of a laid-out file, with the daemons and fio on one CPU and then
 #               on two (daemons on BENCH_CROSS_CPU, default 1), on tmpfs, chargefs, floorfs and
-#               floorfs --splice
+#               floorfs --splice;
+#               retarget (only with --only): what moving a tree's charge to another cgroup costs:
+#               1 GiB of 256 KiB files under a directory of chargefs memcg=, setfattr
+#               user.chargefs.memcg to another cgroup and back (-x), against tmpfs's way (cp -r by a
+#               process of the other cgroup, then rm -rf of the old tree)
 #   --no-uring  every chargefs mount says io_uring=off, and no io_uring column
+#   --cfs-opts  more mount options for this build's mounts (not the baseline's): with --ab and
+#               --baseline set to this same build, `--cfs-opts takeover` measures what -o takeover
+#               costs, row by row
 #   --baseline  also mounts another build of chargefsd (e.g. an older commit's) with the default
 #               options, in the same run, and prints chargefs/baseline per workload
 #   --ab        with --baseline: only tmpfs, chargefs, chargefs memcg= and the baseline (no cache=page,
@@ -37,7 +44,7 @@ repo=$(cd "$here/.." && pwd)
 # 4 repetitions by default: the two chargefs mounts swap order every repetition, and an even
 # count gives each order the same weight in the memcg/no-memcg ratio (whichever ran second lost
 # 5-18% in some 3-repetition runs, on rows where memcg= runs no code at all).
-quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline= uring=1 ab=0
+quick=0 scale=0 reps=4 setup=1 only= only_given=0 baseline= uring=1 ab=0 cfs_opts=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; reps=1 ;;
@@ -49,16 +56,19 @@ while [ $# -gt 0 ]; do
     --no-setup) setup=0 ;;
     --no-uring) uring=0 ;;
     --ab) ab=1 ;;
-    -h|--help) sed -n '2,26s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    --cfs-opts) cfs_opts=${2:-}; shift $(($# > 1)); [[ $cfs_opts =~ ^[a-z_]+(=[A-Za-z0-9_./-]+)?(,[a-z_]+(=[A-Za-z0-9_./-]+)?)*$ ]] ||
+      { echo "bench.sh: --cfs-opts needs mount options like takeover or takeover,takeover_max=3, not '$cfs_opts'" >&2; exit 2; } ;;
+    -h|--help) sed -n '2,/^# Root only/s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) sed -n '5s/^# //p' "$0" >&2; exit 2 ;;
   esac
   shift
 done
-case "$only_given:$only" in 0:|1:seq|1:rand|1:first|1:meta|1:readdir|1:par8|1:real|1:writes) ;;
-  *) echo "bench.sh: --only needs one of seq, rand, first, meta, readdir, par8, real, writes, not '$only'" >&2; exit 2 ;;
+case "$only_given:$only" in 0:|1:seq|1:rand|1:first|1:meta|1:readdir|1:par8|1:real|1:writes|1:retarget) ;;
+  *) echo "bench.sh: --only needs one of seq, rand, first, meta, readdir, par8, real, writes, retarget, not '$only'" >&2; exit 2 ;;
 esac
 [ "$ab" = 0 ] || [ -n "$baseline" ] || { echo "bench.sh: --ab needs --baseline BIN" >&2; exit 2; }
 [ "$ab" = 0 ] || [ "$only" != writes ] || { echo "bench.sh: --ab has no writes group (use --only writes --baseline BIN)" >&2; exit 2; }
+[ "$ab" = 0 ] || [ "$only" != retarget ] || { echo "bench.sh: --ab has no retarget group (the baseline has no per-directory target)" >&2; exit 2; }
 [[ $reps =~ ^[1-9][0-9]{0,2}$ ]] || { echo "bench.sh: --reps needs a whole number from 1 to 999, not '$reps'" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
 unset CHARGEFS_CGROUP_VERSION
@@ -136,6 +146,7 @@ CFS_WRAP="taskset -c $DCPU"
 declare -A OPTS=([cfs]="size=$FSSIZE" [cfsm]="size=$FSSIZE,memcg=$CGT" [cfsp]="size=$FSSIZE,cache=page"
                  [base]="size=$FSSIZE" [cfsu]="size=$FSSIZE,io_uring=on")
 if [ "$uring" = 0 ] && [ "$ab" = 0 ]; then for f in cfs cfsm cfsp base; do OPTS[$f]+=,io_uring=off; done; fi
+if [ -n "$cfs_opts" ]; then for f in cfs cfsm cfsp cfsu; do OPTS[$f]+=,$cfs_opts; done; fi
 # mount_cfs F: mounts chargefs mount F with its options, from the baseline build for "base".
 mount_cfs() {
   if [ "$1" = base ]; then CHARGEFSD=$baseline cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"
@@ -146,7 +157,9 @@ mount_cfs() {
     [ "$(getfattr -n user.chargefs.status --only-values "${MNT[$1]}" 2>/dev/null | sed -n 's/^transport=//p')" = io_uring ] ||
       die "chargefs io_uring=on at ${MNT[$1]} does not serve over io_uring"
   else cfs_mount "${MNT[$1]}" "${OPTS[$1]}" "$CGD"; fi
-  PID[$1]=$CFS_PID
+  # The process serving requests (with -o takeover that is not the one started: the keeper).
+  PID[$1]=$(getfattr -n user.chargefs.status --only-values "${MNT[$1]}" 2>/dev/null | tr ' ' '\n' | sed -n 's/^pid=\([0-9]*\)$/\1/p' | head -1)
+  [ -n "${PID[$1]}" ] || PID[$1]=$CFS_PID
 }
 for f in "${CFS[@]}"; do mount_cfs "$f"; done
 PID[tmpfs]=
@@ -259,7 +272,7 @@ if [ "$ab" = 0 ] && { [ "$only_given:$only" = 0: ] || [ "$only" = meta ] || [ "$
 fi
 
 echo "chargefs benchmark: $(date -u +%F) $(uname -r), $ncpu CPUs, cgroup v$(cg_version), $reps repetition(s)$([ "$quick" = 1 ] && echo ", quick sizes")"
-echo "daemon: $CHARGEFSD"
+echo "daemon: $CHARGEFSD${cfs_opts:+ (its mounts with -o $cfs_opts too)}"
 [ -z "$baseline" ] || echo "baseline daemon (mount base, default options): $baseline"
 grep -q page_reporting /proc/cmdline && echo "free page reporting is on: $PREFAULT_MIB MiB of memory touched before every run"
 echo "pinning: daemons on CPU $DCPU (taskset -c $DCPU), fio/metabench on CPU $CCPU (taskset -c $CCPU), same for every filesystem"
@@ -378,7 +391,7 @@ case "$only" in
   first) groups=("$FIRSTS") ;;
   meta) groups=("create stat unlink") ;;
   readdir|par8) groups=("$only") ;;
-  writes) groups=() ;;
+  writes|retarget) groups=() ;;
 esac
 # cp's and dd's source for the first-read rows, written once (random: nothing compresses or dedups)
 case " ${groups[*]+"${groups[*]}"} " in *" 1st-cp "*) head -c "$SEQ_B" /dev/urandom > "$W/first.src" ;; esac
@@ -447,6 +460,55 @@ if [ "$only" = writes ]; then
     done
   done
   repin "$DCPU"
+fi
+
+# --- retarget: what moving a tree's charge to another cgroup costs -------------------------------
+# chargefs: SEQ bytes in 256 KiB files under a directory of the memcg= mount (charged to CGT),
+# then `setfattr -n user.chargefs.memcg -v CGT2 DIR` (every page charged to CGT2, copied, the old
+# one freed, under the tree lock) and `setfattr -x` (back to CGT). tmpfs has no such call: its
+# way to move a charge is a copy by a process of the other cgroup and rm -rf of the original
+# (what the copy's process writes first is charged to its cgroup). Seconds per GiB, and what
+# CGT2's usage rose by meanwhile (the kernel's own counter).
+declare -A RTG
+if [ "$only" = retarget ]; then
+  CGT2=$PARENT/cfsbench-$$-target2
+  cg_create "$CGT2" "$(numfmt --from=iec "$FSSIZE")"
+  head -c "$SEQ_B" /dev/urandom > "$W/retarget.src"
+  now_ns() { date +%s%N; }
+  per_gib() { awk -v ns="$1" -v b="$SEQ_B" 'BEGIN {printf "%.3f", ns / 1e9 / (b / 1073741824)}'; }
+  for ((r = 1; r <= reps; r++)); do
+    for f in tmpfs cfsm; do
+      m=${MNT[$f]}
+      rm -rf "$m/rt" "$m/rt2"; mkdir "$m/rt"
+      prefault
+      run split -a 4 -b 256K "$W/retarget.src" "$m/rt/f."
+      u0=$(cg_usage "$CGT2")
+      if [ "$f" = tmpfs ]; then
+        t0=$(now_ns)
+        cg_run_in "$CGT2" taskset -c "$CCPU" cp -r "$m/rt" "$m/rt2"
+        run rm -rf "$m/rt"
+        t1=$(now_ns)
+        u1=$(cg_usage "$CGT2")
+        t2=$(now_ns)
+        cg_run_in "$CGW" taskset -c "$CCPU" cp -r "$m/rt2" "$m/rt"
+        run rm -rf "$m/rt2"
+        t3=$(now_ns)
+      else
+        t0=$(now_ns)
+        setfattr -n user.chargefs.memcg -v "$CGT2" "$m/rt"
+        t1=$(now_ns)
+        u1=$(cg_usage "$CGT2")
+        t2=$(now_ns)
+        setfattr -x user.chargefs.memcg "$m/rt"
+        t3=$(now_ns)
+      fi
+      RTG["to|$f"]+=" $(per_gib $((t1 - t0)))"; RTG["back|$f"]+=" $(per_gib $((t3 - t2)))"
+      RTG["moved|$f"]+=" $(( (u1 - u0) / 1048576 ))"
+      cmp -s <(cat "$m"/rt/f.*) "$W/retarget.src" || die "$f: the moved tree does not read back as written"
+      rm -rf "$m/rt"
+    done
+    echo "  [retarget] repetition $r done: tmpfs $(awk '{print $NF}' <<<"${RTG[to|tmpfs]}") s/GiB, chargefs $(awk '{print $NF}' <<<"${RTG[to|cfsm]}") s/GiB" >&2
+  done
 fi
 
 # --- real workloads: what a pod does on its scratch volume, unpinned -----------------------------
@@ -627,7 +689,21 @@ if [ "$only" = writes ]; then
   done
   echo "chargefs WRITE requests during each repetition's overwrite run (fio's 4 KiB layout of $RAND included): same CPU${WREQ[same]:-}; cross CPU${WREQ[cross]:-}"
 fi
-if [ "$only" != real ] && [ "$only" != writes ]; then
+if [ "$only" = retarget ]; then
+  echo
+  echo "Moving the charge of $SEQ in 256 KiB files to another cgroup and back; medians of $reps run(s),"
+  echo "seconds per GiB (lower is better). chargefs: setfattr user.chargefs.memcg on the directory,"
+  echo "then setfattr -x; tmpfs: cp -r by a process of the other cgroup, then rm -rf of the original."
+  printf '| %-18s | %10s | %10s | %17s |\n' move tmpfs chargefs chargefs/tmpfs
+  printf '|%s|%s|%s|%s|\n' -------------------- ------------ ------------ -------------------
+  for d in to back; do
+    t=$(median <<<"${RTG["$d|tmpfs"]}"); c=$(median <<<"${RTG["$d|cfsm"]}")
+    printf '| %-18s | %10s | %10s | %17s |\n' "$([ $d = to ] && echo "to the other" || echo back)" "$t" "$c" "$(ratio "$c" "$t")"
+  done
+  echo "The other cgroup's usage rose by (MiB, each repetition): tmpfs${RTG[moved|tmpfs]}; chargefs${RTG[moved|cfsm]}"
+  echo "Each repetition, s/GiB: tmpfs to${RTG[to|tmpfs]}, back${RTG[back|tmpfs]}; chargefs to${RTG[to|cfsm]}, back${RTG[back|cfsm]}"
+fi
+if [ "$only" != real ] && [ "$only" != writes ] && [ "$only" != retarget ]; then
 echo
 echo "Medians of $reps run(s); higher is better; ratios: chargefs/tmpfs and memcg/no-memcg."
 echo "chargefs = the default (cache=direct); cache=page = chargefs -o cache=page, without memcg=."
@@ -717,9 +793,10 @@ if [ ${#PEERS[@]} -gt 0 ]; then
     echo
   done
 fi
-if [ -n "$baseline" ] && [ "$only" != writes ]; then
+if [ -n "$baseline" ] && [ "$only" != writes ] && [ "$only" != retarget ]; then
   echo
-  echo "This build against the baseline build ($baseline), both with the default options, same run:"
+  if [ -n "$cfs_opts" ]; then echo "This build with -o $cfs_opts against the baseline build ($baseline) with the default options, same run:"
+  else echo "This build against the baseline build ($baseline), both with the default options, same run:"; fi
   echo "(paired: the median of each repetition's chargefs/baseline, the two run side by side with --ab)"
   printf '| %-10s | %-9s | %12s | %12s | %17s | %6s |\n' workload unit baseline chargefs chargefs/baseline paired
   printf '|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ------------------- --------
