@@ -397,16 +397,17 @@ esac
 case " ${groups[*]+"${groups[*]}"} " in *" 1st-cp "*) head -c "$SEQ_B" /dev/urandom > "$W/first.src" ;; esac
 for g in ${groups[@]+"${groups[@]}"}; do
   for ((r = 1; r <= reps; r++)); do
-    # The two chargefs mounts swap places every repetition, so neither always runs right after
-    # the other's workload (the memcg/no-memcg ratio was skewed by that order).
-    # The baseline build takes the default mount's place in the other order.
-    extra=(); for f in "${FS[@]:3}"; do case $f in base|cfsu) ;; *) extra+=("$f") ;; esac; done
-    if [ $((r % 2)) = 1 ]; then order=(tmpfs cfs cfsm "${extra[@]}" ${baseline:+base})
-    else order=(tmpfs ${baseline:+base} cfsm cfs "${extra[@]}"); fi
-    # --ab compares this build with the baseline: the two run side by side, neither right after
-    # tmpfs (whatever ran right after tmpfs ran 5-25% slower on some rows), swapping places.
     if [ "$ab" = 1 ]; then
+      # --ab compares this build with the baseline: the two run side by side, neither right
+      # after tmpfs (whatever ran right after tmpfs ran 5-25% slower on some rows), swapping places.
       if [ $((r % 2)) = 1 ]; then order=(tmpfs cfsm cfs base); else order=(tmpfs cfsm base cfs); fi
+    else
+      # The two chargefs mounts swap places every repetition, so neither always runs right after
+      # the other's workload (the memcg/no-memcg ratio was skewed by that order).
+      # The baseline build takes the default mount's place in the other order.
+      extra=(); for f in "${FS[@]:3}"; do case $f in base|cfsu) ;; *) extra+=("$f") ;; esac; done
+      if [ $((r % 2)) = 1 ]; then order=(tmpfs cfs cfsm "${extra[@]}" ${baseline:+base})
+      else order=(tmpfs ${baseline:+base} cfsm cfs "${extra[@]}"); fi
     fi
     [ -z "$URING_OLD" ] || order+=(cfsu)
     case "$g" in seqwrite*|randwrite*) order+=("${FLOORS[@]}") ;; esac
@@ -712,7 +713,9 @@ printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- ---
 for w in "${WLS[@]}"; do
   t=$(median <<<"${R["$w|tmpfs"]:-}"); c=$(median <<<"${R["$w|cfs"]:-}"); cm=$(median <<<"${R["$w|cfsm"]:-}")
   cp=$(median <<<"${R["$w|cfsp"]:-}"); fl=$(median <<<"${R["$w|floor"]:-}"); pa=$(median <<<"${R["$w|pass"]:-}")
-  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$(ratio "$cm" "$c")" "$cp" "$(ratio "$cp" "$t")" "$fl" "$(ratio "$fl" "$t")" "$pa" "$(ratio "$pa" "$t")"
+  # --ab always runs memcg= right after tmpfs, so memcg/no-memcg would not be a fair ratio there.
+  mr=$(ratio "$cm" "$c"); [ "$ab" = 0 ] || mr=-
+  printf '| %-10s | %-9s | %12s | %12s | %14s | %13s | %15s | %12s | %11s | %12s | %12s | %12s | %12s |\n' "$w" "${UNIT[$w]}" "$t" "$c" "$cm" "$(ratio "$c" "$t")" "$mr" "$cp" "$(ratio "$cp" "$t")" "$fl" "$(ratio "$fl" "$t")" "$pa" "$(ratio "$pa" "$t")"
 done
 echo "* floor: scripts/bench/floorfs.c, a minimal single-threaded C FUSE file system (one memfd, no"
 echo "  inodes, locks, permissions, xattrs or charging, direct I/O like chargefs), pinned like chargefs:"
@@ -797,7 +800,8 @@ if [ -n "$baseline" ] && [ "$only" != writes ] && [ "$only" != retarget ]; then
   echo
   if [ -n "$cfs_opts" ]; then echo "This build with -o $cfs_opts against the baseline build ($baseline) with the default options, same run:"
   else echo "This build against the baseline build ($baseline), both with the default options, same run:"; fi
-  echo "(paired: the median of each repetition's chargefs/baseline, the two run side by side with --ab)"
+  if [ "$ab" = 1 ]; then echo "(paired: the median of each repetition's chargefs/baseline; the two ran side by side)"
+  else echo "(paired: the median of each repetition's chargefs/baseline; not side by side without --ab)"; fi
   printf '| %-10s | %-9s | %12s | %12s | %17s | %6s |\n' workload unit baseline chargefs chargefs/baseline paired
   printf '|%s|%s|%s|%s|%s|%s|\n' ------------ ----------- -------------- -------------- ------------------- --------
   for w in "${WLS[@]}"; do

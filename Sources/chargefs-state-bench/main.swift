@@ -11,7 +11,7 @@ import ChargeFS
 import Glibc
 import SystemPackage
 
-func now() -> Double { MonotonicClock.milliseconds() / 1e3 }
+func now() -> Double { Double(MonotonicClock.nanoseconds()) / 1e9 }
 
 /// This thread's CPU time: the per-operation figures leave out the time the thread waited for a
 /// CPU (the machine this ran on is shared and loaded; wall time moved 1.7x between runs).

@@ -795,7 +795,6 @@ public struct TakeoverReport: Sendable, Equatable {
         a.checkpointSeq == b.checkpointSeq && a.transactions == b.transactions && a.droppedBytes == b.droppedBytes
             && a.inodes == b.inodes
     }
-
 }
 
 extension FileSystemCore {
