@@ -130,18 +130,19 @@ t_nested_ancestor() {
   check "shares: P owns 4 MiB" [ "$(shares_of "$P" owned)" = $((4 * MiB)) ]
 }
 
-# Mapped and executed files. On Linux 6.9+ (FUSE passthrough) a program installed from outside P
-# is hosted by P itself, which no share moves again, so its ELF files pass through backing files
-# of P's (FileSystemCore+Shares, staysWithItsHost): a job in B running it is charged no file
-# pages, and P holds it. A copy written by a cgroup below P (B/w) is hosted there (a share could
-# still move it up), stays in the arena, and B/w's job is charged the pages it maps, as before. Before 6.9 (no
-# passthrough: the 6.1 guest of shares-v2.sh) no file gets a backing file, and the job is charged
-# what it maps either way.
+# Mapped and executed files. On Linux 6.9+ (FUSE passthrough) their ELF files pass through
+# backing files of their host's (FileSystemCore+Mapped), so a job is charged no file pages for
+# what it maps: a program installed from outside P is hosted by P; a copy written by B/w is
+# hosted by B/w. When B/v runs B/w's copy while B/w's program runs, the share (host: B) waits for
+# that program's end (its executable is a live passthrough open: FileSystemCore+Shares,
+# settleHost); B/v maps B/w's backing files meanwhile, and B hosts them once both ended. Before
+# 6.9 (no passthrough: the 6.1 guest of shares-v2.sh) no file gets a backing file, and a job is
+# charged what it maps.
 t_mapped_files() {
   new_env
   local passthrough=yes; kernel_at_least 6 9 || passthrough=no
   local p0; p0=$(cg_usage "$P")
-  stage_runtime "$MNT/x" /usr/bin/xz   # by this shell, outside P: hosted by P
+  stage_runtime "$MNT/x" /usr/bin/xz /usr/bin/sleep   # by this shell, outside P: hosted by P
   local bytes; bytes=$(du -sb --apparent-size "$MNT/x" | cut -f1)
   log "  P +$(fmt_mib "$(rise "$P" "$p0")") for $(fmt_mib "$bytes") staged from outside P"
   check "P holds the program (-1 MiB, +1.5 MiB: its reserve, charge batches)" \
@@ -161,18 +162,43 @@ t_mapped_files() {
     check "$(uname -r) has no passthrough: the job was charged what it mapped (> 256 KiB)" ge "$(cg_file "$R")" $((256 * 1024))
     check "and no backing file was made" [ "$bf1" = 0 ]
   fi
-  # A copy written by a cgroup below P is hosted there (a share could still move it up): it
-  # stays in the arena, and that cgroup's job is charged what it maps. (B/w, not B: on v2 a
-  # cgroup with children holds no process.)
-  local W=$B/w; cg_create "$W"
+  # A copy written by a cgroup below P is hosted there. (B/w, not B: on v2 a cgroup with
+  # children holds no process.)
+  local W=$B/w V=$B/v; cg_create "$W"; cg_create "$V"
   check "a process in B/w copies it" cg_run_in "$W" cp -a "$MNT/x" "$MNT/y"
   check "shares: B/w owns its copy" [ "$(shares_of "$W" owned)" -ge "$(stat -c %s /usr/bin/xz)" ]
-  local w0; w0=$(cg_file "$W")
+  # (cp's read-only opens of ELF files pass through too: x's sleep got a backing file of P's.)
+  local w0 bfc; w0=$(cg_file "$W"); bfc=$(backing_files "$MNT")
   check "B/w runs its copy" cg_run_in "$W" chroot "$MNT/y" /usr/bin/xz --version
-  log "  its file pages: +$(fmt_mib $(( $(cg_file "$W") - w0 ))); backing files $(backing_files "$MNT")"
-  check "its copy got no backing file" [ "$(backing_files "$MNT")" = "$bf1" ]
-  check "it was charged what it mapped of its copy (> 256 KiB)" ge $(( $(cg_file "$W") - w0 )) $((256 * 1024))
+  local bf2; bf2=$(backing_files "$MNT")
+  log "  its file pages: +$(fmt_mib $(( $(cg_file "$W") - w0 ))); backing files $bf1 -> $bfc (cp) -> $bf2"
   check "cmp" cmp /usr/bin/xz "$MNT/y/usr/bin/xz"
+  if [ "$passthrough" = no ]; then
+    check "its copy got no backing file" [ "$bf2" = 0 ]
+    check "it was charged what it mapped of its copy (> 256 KiB)" ge $(( $(cg_file "$W") - w0 )) $((256 * 1024))
+    return 0
+  fi
+  check "its copy's ELF files got backing files of B/w's (4 more)" [ "$bf2" = $((bfc + 4)) ]
+  check "it was charged no file pages for its copy (≤ 64 KiB)" le $(( $(cg_file "$W") - w0 )) $((64 * 1024))
+  # B/v runs B/w's copy of sleep while B/w's runs: the share waits for B/w's program to end.
+  local slp; slp=$(stat -c %s /usr/bin/sleep)
+  cg_run_in "$W" chroot "$MNT/y" /usr/bin/sleep 3 &
+  local spid=$!
+  sleep 0.5
+  local v0; v0=$(cg_file "$V")
+  check "B/v runs the same sleep meanwhile" cg_run_in "$V" chroot "$MNT/y" /usr/bin/sleep 0.1
+  log "  B/v's file pages: +$(fmt_mib $(( $(cg_file "$V") - v0 ))); shares while B/w's sleep runs:"; shares | sed 's/^/    /' >&2
+  check "B/v was charged no file pages (≤ 64 KiB)" le $(( $(cg_file "$V") - v0 )) $((64 * 1024))
+  check "shares: B/w still hosts sleep for B/v too while its sleep runs" [ "$(shares_of "$W" hosted)" -ge "$slp" ]
+  check "shares: B/v carries it as shared" [ "$(shares_of "$V" shared)" -ge "$slp" ]
+  check "B/w's sleep ends well" wait "$spid"
+  sleep 0.3
+  log "  shares once both ended:"; shares | sed 's/^/    /' >&2
+  check "shares: B hosts what both ran (sleep at least)" [ "$(shares_of "$B" hosted)" -ge "$slp" ]
+  check "shares: B/w hosts nothing for others now" [ "$(shares_of "$W" hosted)" = 0 ]
+  check "cmp sleep" cmp /usr/bin/sleep "$MNT/y/usr/bin/sleep"
+  check "B/v runs it again, from B's pages" cg_run_in "$V" chroot "$MNT/y" /usr/bin/sleep 0.1
+  check "B/v still charged no file pages (≤ 64 KiB)" le $(( $(cg_file "$V") - v0 )) $((64 * 1024))
 }
 
 # Bad combinations are one-line errors with nothing mounted; directories take no target of their

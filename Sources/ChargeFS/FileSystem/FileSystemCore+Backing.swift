@@ -193,7 +193,11 @@ extension FileSystemCore {
         guard let inode = inodes[ino], inode.passthroughOpens > 0 else { return }
         inode.passthroughOpens -= 1
         // The registry closes the registration with the last of them.
-        if inode.passthroughOpens == 0 { inode.passthroughID = 0 }
+        if inode.passthroughOpens == 0 {
+            inode.passthroughID = 0
+            // memcg=auto: a share's move that waited for this (FileSystemCore+Shares).
+            if sharesCharges { settleHost(inode) }
+        }
     }
 
     /// Frees a backing file with all its pages (the file's last close after its unlink).

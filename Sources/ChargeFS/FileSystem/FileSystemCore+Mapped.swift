@@ -17,7 +17,9 @@ import SystemPackage
 /// Other read-only opens of small files (scripts, .py, .pyc: read, not mapped) stay in the
 /// arena, as before, and cost no backing file.
 ///
-/// Under memcg=auto only for files hosted by the scope itself (`staysWithItsHost`).
+/// Under memcg=auto for every file with a host, charged by that host's charger: a share that
+/// would move it up while a passthrough open lives is noted and waits for the last one to close
+/// (`noteUser`, `settleHost`), so that the kernel never reads a backing file being swapped.
 /// Whatever the file's target: below a directory with a target of its own the backing file is
 /// made and charged by that target's charger (`BackingFile.target`), and ELF files of 1 MiB or
 /// more pass through there too (other large files only under the mount's own target). A move to
@@ -36,10 +38,10 @@ extension FileSystemCore {
     /// follow (an exec, or a loader's open of an ELF object). Reads only the file's first bytes, through the daemon's own view of the page
     /// that holds them (no new charge).
     func wantsMappedPassthrough(_ inode: Inode, flags: OpenFlags) -> Bool {
-        // Under memcg=auto only a file hosted by the scope itself, which no share moves again
-        // (staysWithItsHost); one hosted below stays in the arena, and a mapping of it is
-        // charged to the mapper as before.
-        guard config.mappedPassthrough, staysWithItsHost(inode), inode.isRegular, !flags.mayWrite, !flags.truncates,
+        // Under memcg=auto any file with a host (its first user's cgroup, or the common ancestor
+        // of its users): a share that would move it while a passthrough open lives waits for
+        // the last one to close (FileSystemCore+Shares, `settleHost`).
+        guard config.mappedPassthrough, !sharesCharges || !inode.users.isEmpty, inode.isRegular, !flags.mayWrite, !flags.truncates,
               inode.size > 0 else { return false }
         if flags.rawValue & Self.execOpenFlag != 0 { return true }
         return startsWithELFMagic(inode)

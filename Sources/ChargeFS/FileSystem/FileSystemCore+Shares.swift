@@ -28,10 +28,11 @@ extension FileSystemCore {
     /// with backing files out of them, FileSystemCore+Mapped); under it, a file hosted by the
     /// scope P itself once it has a user. Hosts only go up and never above P, a file is never
     /// unshared, and renames and directories move nothing here: such a file stays put until it
-    /// goes. A file hosted below P stays in the arena: a share would move it up, and a backing
-    /// file held by a live passthrough open cannot move (the kernel reads that very file, its
-    /// pages charged where they were made; a copy at the new host would be charged twice for as
-    /// long as the open lives).
+    /// goes. A large file hosted below P stays in the arena: a share would move it up, and a
+    /// backing file held by a live passthrough open cannot move (the kernel reads that very file),
+    /// so its share would wait for a reader's close, which for a large file may never come.
+    /// (Mapped and executed files pass through under any host: their opens end with the program,
+    /// and the share waits for that: `noteUser`, `settleHost`.)
     func staysWithItsHost(_ inode: Inode) -> Bool {
         !sharesCharges || (inode.chargeTarget == 0 && !inode.users.isEmpty)
     }
@@ -39,7 +40,10 @@ extension FileSystemCore {
     /// Notes that a process of `cgroup` (inside P) uses `inode`: the first user hosts it; a new
     /// one moves its pages up to the common ancestor. When the ancestor has no room for the
     /// move (pages are charged there before the old ones go), nothing moves and the new user is
-    /// not noted: the next open tries again.
+    /// not noted: the next open tries again. When a live passthrough open reads the file's
+    /// backing file (a program of the host's running it, a reader), the user is noted and the
+    /// move waits for the last such open to close (`settleHost`): meanwhile the old host keeps
+    /// the pages and the new user carries them as shared, so nobody gains by it.
     func noteUser(_ inode: Inode, cgroup: String) {
         guard let scope = store.sharedScopePath, inode.isRegular, !inode.users.contains(cgroup) else { return }
         let users = inode.users + [cgroup]
@@ -51,13 +55,35 @@ extension FileSystemCore {
                 try retarget(inode, to: index)
                 // A cgroup left with no file stops its helper, so that its cgroup can be removed.
                 if old != index { releaseIfUnused(old) }
+            } catch .resourceBusy {
+                Log.line("memcg=auto: inode \(inode.ino.rawValue) moves to \(host) once its passthrough opens close")
+                releaseIfUnused(index)
             } catch {
                 Log.line("memcg=auto: the pages of inode \(inode.ino.rawValue) stay with \(store.targetKey(inode.chargeTarget)): \(host) has no room to host them (\(error))")
+                releaseIfUnused(index)
                 return
             }
         }
         inode.users = users
-        if users.count > 1 || store.targetKey(index) != cgroup { sharedInodes.insert(inode.ino) }
+        if users.count > 1 || store.targetKey(inode.chargeTarget) != cgroup { sharedInodes.insert(inode.ino) }
+    }
+
+    /// A file whose move to the common ancestor of its users waited for its passthrough opens
+    /// (`noteUser`) moves once the last one closes; without room there it stays, as when noted.
+    /// A mapping made before keeps the old backing file's pages until unmapped, as at any move.
+    func settleHost(_ inode: Inode) {
+        guard let scope = store.sharedScopePath, inode.users.count > 1, inode.nlink > 0, inode.passthroughOpens == 0 else { return }
+        let host = SharedCharging.host(of: inode.users, scope: scope)
+        guard store.targetKey(inode.chargeTarget) != host else { return }
+        let index = store.openSharedTarget(host)
+        let old = inode.chargeTarget
+        do throws(Errno) {
+            try retarget(inode, to: index)
+            releaseIfUnused(old)
+        } catch {
+            Log.line("memcg=auto: the pages of inode \(inode.ino.rawValue) stay with \(store.targetKey(old)): \(host) has no room to host them (\(error))")
+            releaseIfUnused(index)
+        }
     }
 
     /// What each file shared (or hosted away from its one user) holds, for the checks.
