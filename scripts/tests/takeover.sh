@@ -47,6 +47,11 @@
 #                 bump done) and before the resent reply: the successor answers resent requests
 #                 first, then bumps again, so the listing's link count cannot undo the kernel's
 #                 own decrement either (was ENOENT: the kill loop's one `link: ENOENT` in 50 kills)
+#   kill_unlink_listed_held  the same with the window held open: the rm's CPU taken by a bounded
+#                 SCHED_FIFO spinner before the resent reply goes (CHARGEFS_TEST_RESENT_REPLY_GATE),
+#                 until a READDIRPLUS (then, on a second mount, a GETATTR) queued behind it was
+#                 answered: the second bump makes the kernel ignore that answer's link count (was
+#                 ENOENT without it: the kernel's cached count 1 before the rm's own decrement)
 #   ahead_across_kill  a file appended past 1 MiB (a backing file, a batch charged ahead past its
 #                 end) and kept open across a kill -9: st_blocks and df show what tmpfs shows
 #                 before the kill, after it, after more appends through the same descriptor and
@@ -61,7 +66,7 @@ set -euo pipefail
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/tests/lib.sh
 source "$(dirname "$SELF")/lib.sh"
-TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked kill_unlink_listed_late ahead_across_kill replies_mapped)
+TESTS=(kill_loop charge crash_loop kill_10k sigterm_after_takeover keeper_killed dropped_backing backing_ids_after_replay dropped_after_checkpoint kill_create_excl kill_unlink kill_rename kill_mkdir kill_link kill_unlink_linked kill_unlink_listed_late kill_unlink_listed_held ahead_across_kill replies_mapped)
 
 new_env() {
   cfs_new_env cfstakeover
@@ -583,6 +588,57 @@ t_kill_unlink_listed_late() {
   unlink_linked_case 600 late
   check "the successor answered the resent UNLINK before any other request" grep -q 'answered 1 resent requests before any other' "$CFS_LOG"
   resent_ok
+}
+
+# kill_unlink_listed_held: the window kill_unlink_listed_late leaves to chance. The successor's
+# second bump (after the resent requests are answered) is for a request sent after its first bump
+# and answered after the resent UNLINK's reply but before the unlinking caller has run its end of
+# the UNLINK: the kernel's decrement (fuse_entry_unlinked) runs in the caller once it wakes, and
+# the caller usually wakes first. Here it cannot: the rm is pinned to one CPU, the daemon and the
+# rest to another, and a SCHED_FIFO spinner (scripts/tests/unlink_held.py: at most 300 ms, its own
+# RLIMIT_RTTIME past that) takes the rm's CPU before CHARGEFS_TEST_RESENT_REPLY_GATE lets the
+# resent reply go; it is killed once the request queued meanwhile (a READDIRPLUS of d2, then on a
+# second mount a GETATTR of d2/b) was answered. Without the second bump the kernel took that
+# answer's count (1), its own decrement left 0 and ln d2/b d2/c failed with ENOENT.
+held_case() {
+  local how=$1 cpus cpu_a cpu_b rt out rc=0
+  cpus=$("$CFS_PYTHON" -c 'import os; c = sorted(os.sched_getaffinity(0)); print(c[0], c[-1])')
+  read -r cpu_a cpu_b <<<"$cpus"
+  rt=$(cat /proc/sys/kernel/sched_rt_runtime_us)
+  if [ "$cpu_a" = "$cpu_b" ] || { [ "$rt" != -1 ] && [ "$rt" -lt 350000 ]; }; then
+    check "two CPUs ($cpus) and SCHED_FIFO for 350 ms a period (sched_rt_runtime_us=$rt)" false
+    return 0
+  fi
+  new_env
+  CFS_UNDO+=("kill_spinner '$SCR/spinner.pid'")
+  export CHARGEFS_TEST_KILL_BEFORE_REPLY=unlink CHARGEFS_TEST_RESENT_REPLY_GATE=$SCR/gate
+  CFS_WRAP="taskset -c $cpu_a" cfs_mount "$MNT" "size=64m,takeover"
+  unset CHARGEFS_TEST_KILL_BEFORE_REPLY CHARGEFS_TEST_RESENT_REPLY_GATE
+  KEEPER=$CFS_PID
+  mkdir "$MNT/d1" "$MNT/d2"; echo x > "$MNT/d1/a"; ln "$MNT/d1/a" "$MNT/d2/b"
+  out=$("$CFS_PYTHON" "$(dirname "$SELF")/unlink_held.py" "$MNT" "$CFS_LOG" "$SCR/gate" "$SCR/spinner.pid" "$how" "$cpu_a" "$cpu_b" 2>&1) || rc=$?
+  check "rm d1/a held on CPU $cpu_b past the answer to a $how queued behind its resent reply, then ln d2/b d2/c ($out)" [ "$rc" = 0 ]
+  local sb sc
+  sb=$(stat -c '%i %h' "$MNT/d2/b" 2>/dev/null) || sb=none
+  sc=$(stat -c '%i %h' "$MNT/d2/c" 2>/dev/null) || sc=none
+  check "b and c: one inode with 2 links (inode and links: b $sb, c $sc)" [ "$sb" = "$sc" -a "${sb#* }" = 2 ]
+  check "the successor answered the resent UNLINK before any other request" grep -q 'answered 1 resent requests before any other' "$CFS_LOG"
+  resent_ok
+}
+
+# kill_spinner PIDFILE: SIGKILL to unlink_held.py's spinner if it is still there (by its pid, and
+# only if that pid is still named cfs-rt-spinner).
+kill_spinner() {
+  local pid; pid=$(cat "$1" 2>/dev/null) || return 0
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != cfs-rt-spinner ] || kill -9 "$pid" 2>/dev/null || true
+}
+
+# Two mounts of about a second each; 90 s at most (the spinner is bounded on its own).
+tmo_kill_unlink_listed_held() { echo $(($1 < 90 ? $1 : 90)); }
+
+t_kill_unlink_listed_held() {
+  held_case list
+  held_case stat
 }
 
 t_ahead_across_kill() {

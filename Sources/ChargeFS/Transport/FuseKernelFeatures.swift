@@ -169,18 +169,40 @@ final class FuseKernelFeatures {
         return max(0, Int(String(cString: value)) ?? 0)
     }()
 
+    /// Test hook (takeover.sh kill_unlink_listed_held): CHARGEFS_TEST_RESENT_REPLY_GATE=PATH makes
+    /// a server hold the reply to a resent request until PATH exists (looked for every 1 ms, at
+    /// most 10 s; logged when it starts waiting), after any CHARGEFS_TEST_DELAY_RESENT_REPLY_MS:
+    /// the test opens the gate once the unlinking caller's CPU is taken, so that the caller,
+    /// woken by that reply, runs only after what the successor answers next.
+    static let resentReplyGateVariable = "CHARGEFS_TEST_RESENT_REPLY_GATE"
+    static let resentReplyGate: String? = {
+        guard let value = getenv(resentReplyGateVariable), value.pointee != 0 else { return nil }
+        return String(cString: value)
+    }()
+    static let resentReplyGateLongestWait: UInt64 = 10_000_000  // µs
+
     /// Whether any test hook is armed: the writev hook's one check per reply.
-    static let testHooksArmed = killBeforeReply != 0 || delayResentReplyMs > 0
+    static let testHooksArmed = killBeforeReply != 0 || delayResentReplyMs > 0 || resentReplyGate != nil
 
     /// The armed test hooks, on the thread about to write a reply (`iov[0]` starts with its
     /// fuse_out_header).
     static func runTestHooks(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) {
         // The request was applied (and its record published), its answer not sent.
         if killBeforeReply != 0, HandlingThread.existing?.killBeforeReply == true { kill(getpid(), SIGKILL) }
-        if delayResentReplyMs > 0, count >= 1, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size, let header = iov[0].iov_base,
-           header.loadUnaligned(as: fuse_out_header.self).unique & resentBit != 0 {
+        guard delayResentReplyMs > 0 || resentReplyGate != nil, count >= 1, iov[0].iov_len >= MemoryLayout<fuse_out_header>.size,
+              let header = iov[0].iov_base else { return }
+        let out = header.loadUnaligned(as: fuse_out_header.self)
+        guard out.unique & resentBit != 0 else { return }
+        if delayResentReplyMs > 0 {
             var pause = timespec(tv_sec: delayResentReplyMs / 1000, tv_nsec: (delayResentReplyMs % 1000) * 1_000_000)
             nanosleep(&pause, nil)
+        }
+        if let gate = resentReplyGate {
+            Log.line("test hook: the reply to resent request \(out.unique & ~resentBit) waits for \(gate)")
+            let start = MonotonicClock.microseconds()
+            var pause = timespec(tv_sec: 0, tv_nsec: 1_000_000)
+            while access(gate, F_OK) != 0, MonotonicClock.microseconds() - start < resentReplyGateLongestWait { nanosleep(&pause, nil) }
+            Log.line("test hook: the reply to resent request \(out.unique & ~resentBit) goes after \((MonotonicClock.microseconds() - start) / 1000) ms")
         }
     }
 
