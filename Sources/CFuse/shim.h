@@ -128,5 +128,8 @@ enum {
 // (Swift's Atomic cannot be placed over mapped memory).
 static inline void cfuse_store_release_u64(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 static inline uint64_t cfuse_load_acquire_u64(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
+// Bits of a word that threads holding a shared lock set together (PageStore's mapped pages).
+static inline void cfuse_or_release_u64(uint64_t *word, uint64_t bits) { (void)__atomic_fetch_or(word, bits, __ATOMIC_RELEASE); }
+static inline void cfuse_and_release_u64(uint64_t *word, uint64_t bits) { (void)__atomic_fetch_and(word, bits, __ATOMIC_RELEASE); }
 
 #endif

@@ -62,6 +62,8 @@ extension FileSystemCore {
                 }
                 return true
             }
+            // -o takeover: no reply from a page this process has not mapped (PageStore.mapsChargedPages).
+            if store.mapsChargedPages { for v in vectors[0..<count] { store.mapForReply(v) } }
             body(UnsafeBufferPointer(rebasing: vectors[0..<count]))
         }
         return nil
